@@ -1,0 +1,118 @@
+/*
+ * colo_native: the few Linux file calls that Node's fs module lacks.
+ *
+ * - punchHole / zeroRange: fallocate(2) with FALLOC_FL_PUNCH_HOLE or
+ *   FALLOC_FL_ZERO_RANGE, so TRIM and WRITE_ZEROES deallocate or zero a range
+ *   without writing it.
+ * - seekData / seekHole: lseek(2) with SEEK_DATA / SEEK_HOLE, so block status
+ *   reports the holes of a sparse image.
+ *
+ * Every function is synchronous and takes (fd, offset[, length]) as numbers.
+ * Errors become JS Errors whose `code` is the errno name ("EOPNOTSUPP", ...),
+ * so the TypeScript side can fall back when a filesystem lacks the feature.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <node_api.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char *errno_name(int e) {
+  switch (e) {
+  case EOPNOTSUPP: return "EOPNOTSUPP";
+  case ENOSPC: return "ENOSPC";
+  case EIO: return "EIO";
+  case EINVAL: return "EINVAL";
+  case ENXIO: return "ENXIO";
+  case EBADF: return "EBADF";
+  case EPERM: return "EPERM";
+  case EROFS: return "EROFS";
+  case EFBIG: return "EFBIG";
+  case EINTR: return "EINTR";
+  case ENODEV: return "ENODEV";
+  default: return "EIO";
+  }
+}
+
+static napi_value throw_errno(napi_env env, int e, const char *what) {
+  char msg[256];
+  snprintf(msg, sizeof msg, "%s: %s", what, strerror(e));
+  napi_throw_error(env, errno_name(e), msg);
+  return NULL;
+}
+
+static int get_args(napi_env env, napi_callback_info info, size_t want, int64_t *out) {
+  napi_value argv[3];
+  size_t argc = 3;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) {
+    napi_throw_type_error(env, "EINVAL", "wrong number of arguments");
+    return -1;
+  }
+  for (size_t i = 0; i < want; i++) {
+    if (napi_get_value_int64(env, argv[i], &out[i]) != napi_ok) {
+      napi_throw_type_error(env, "EINVAL", "arguments must be numbers");
+      return -1;
+    }
+  }
+  return 0;
+}
+
+static napi_value do_fallocate(napi_env env, napi_callback_info info, int mode, const char *what) {
+  int64_t a[3];
+  if (get_args(env, info, 3, a) < 0) return NULL;
+  int r;
+  do {
+    r = fallocate((int)a[0], mode, (off_t)a[1], (off_t)a[2]);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) return throw_errno(env, errno, what);
+  return NULL;
+}
+
+static napi_value punch_hole(napi_env env, napi_callback_info info) {
+  return do_fallocate(env, info, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, "fallocate(PUNCH_HOLE)");
+}
+
+static napi_value zero_range(napi_env env, napi_callback_info info) {
+  return do_fallocate(env, info, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, "fallocate(ZERO_RANGE)");
+}
+
+static napi_value allocate_range(napi_env env, napi_callback_info info) {
+  return do_fallocate(env, info, FALLOC_FL_KEEP_SIZE, "fallocate");
+}
+
+/* lseek with SEEK_DATA/SEEK_HOLE; returns -1 for ENXIO (no more data past offset). */
+static napi_value do_seek(napi_env env, napi_callback_info info, int whence, const char *what) {
+  int64_t a[2];
+  if (get_args(env, info, 2, a) < 0) return NULL;
+  off_t r = lseek((int)a[0], (off_t)a[1], whence);
+  if (r < 0 && errno != ENXIO) return throw_errno(env, errno, what);
+  napi_value out;
+  napi_create_int64(env, r < 0 ? -1 : (int64_t)r, &out);
+  return out;
+}
+
+static napi_value seek_data(napi_env env, napi_callback_info info) {
+  return do_seek(env, info, SEEK_DATA, "lseek(SEEK_DATA)");
+}
+
+static napi_value seek_hole(napi_env env, napi_callback_info info) {
+  return do_seek(env, info, SEEK_HOLE, "lseek(SEEK_HOLE)");
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+      {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
+      {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_default, NULL},
+      {"allocateRange", NULL, allocate_range, NULL, NULL, NULL, napi_default, NULL},
+      {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
+      {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

@@ -1,0 +1,101 @@
+/**
+ * The block-device interface: what every storage backend and every layer in
+ * the write path implements (in the spirit of nbdkit's plugin/filter API).
+ *
+ * Notes on the design:
+ * - The NBD server knows nothing of storage; it validates a client's request at
+ *   the edge (range, flags, read-only) and then calls exactly one of these
+ *   methods. Devices may therefore assume in-range arguments; they assert it.
+ * - Capabilities are explicit so the server can advertise the right
+ *   transmission flags: 'native' means the device does it efficiently,
+ *   'emulate' means it works but costs what a plain write would, 'none' means
+ *   it is not offered.
+ * - Durability is explicit at every call: `fua` on a mutation means "durable
+ *   before the promise resolves"; `flush()` makes every completed mutation
+ *   durable (NBD semantics, invariant 10).
+ * - Every mutating method is listed in MUTATING_OPS. A layer that wraps a
+ *   device (journal, mirror, overlay) is tested against that list so that no
+ *   mutation can slip past it.
+ */
+import { ColoError } from '../errors.js';
+
+export type Support = 'none' | 'emulate' | 'native';
+
+export interface Capabilities {
+  /** Writes allowed at all (false for read-only backends). */
+  write: boolean;
+  flush: boolean;
+  fua: Support;
+  trim: Support;
+  zero: Support;
+  /** Write-zeroes that can promise to be faster than writing zeroes. */
+  fastZero: boolean;
+  /** Extent (allocation) information beyond "all data". */
+  extents: boolean;
+  cache: Support;
+  /** Safe for several connections at once with flush semantics shared across them. */
+  multiConn: boolean;
+}
+
+export interface WriteOptions {
+  fua?: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  /** The range may be deallocated (punched) rather than written. NBD: !NO_HOLE. */
+  mayTrim?: boolean;
+  /** Fail with ENOTSUP at once unless zeroing is fast. NBD: FAST_ZERO. */
+  fast?: boolean;
+}
+
+/** base:allocation semantics: HOLE = unallocated, ZERO = reads as zero. */
+export const ExtentFlag = { HOLE: 1, ZERO: 2 } as const;
+
+export interface Extent {
+  offset: number;
+  length: number;
+  flags: number;
+}
+
+export interface BlockDevice {
+  readonly size: number;
+  readonly caps: Capabilities;
+  /** Fill `buf` with the bytes at [offset, offset + buf.length). */
+  pread(buf: Buffer, offset: number): Promise<void>;
+  pwrite(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void>;
+  flush(): Promise<void>;
+  trim(offset: number, length: number, opts?: WriteOptions): Promise<void>;
+  zero(offset: number, length: number, opts?: ZeroOptions): Promise<void>;
+  /**
+   * Allocation status of a range: contiguous extents starting at `offset`,
+   * covering at least one byte and at most `length` bytes.
+   */
+  extents(offset: number, length: number): Promise<Extent[]>;
+  /** A hint that the range will be read soon. */
+  cache(offset: number, length: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Every method that changes the device's contents or durability. */
+export const MUTATING_OPS = ['pwrite', 'trim', 'zero', 'flush'] as const;
+export type MutatingOp = (typeof MUTATING_OPS)[number];
+
+/** Assert that a range lies within a device: broken internal invariants, not client errors. */
+export function assertRange(dev: { size: number }, offset: number, length: number): void {
+  if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0))
+    throw new ColoError('EINVAL', `bad range offset=${offset} length=${length}`);
+  if (offset + length > dev.size)
+    throw new ColoError('EINVAL', `range ${offset}+${length} beyond device size ${dev.size}`);
+}
+
+/** Merge adjacent extents with equal flags. */
+export function coalesceExtents(extents: Extent[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of extents) {
+    if (e.length === 0) continue;
+    const last = out[out.length - 1];
+    if (last && last.flags === e.flags && last.offset + last.length === e.offset) last.length += e.length;
+    else out.push({ ...e });
+  }
+  return out;
+}

@@ -1,0 +1,35 @@
+/**
+ * Loader for the optional native helpers (native/colo_native.c): fallocate
+ * (punch hole, zero range) and lseek (SEEK_DATA / SEEK_HOLE). If the addon is
+ * missing, `native` is null and the file device falls back to portable code:
+ * trims become no-ops (allowed by NBD), zeroes are written, every byte is data.
+ */
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export interface NativeHelpers {
+  punchHole(fd: number, offset: number, length: number): void;
+  zeroRange(fd: number, offset: number, length: number): void;
+  allocateRange(fd: number, offset: number, length: number): void;
+  /** Next data offset at or after `offset`, or -1 if none. */
+  seekData(fd: number, offset: number): number;
+  /** Next hole offset at or after `offset` (EOF counts as a hole), or -1. */
+  seekHole(fd: number, offset: number): number;
+}
+
+function load(): NativeHelpers | null {
+  const require = createRequire(import.meta.url);
+  // dist/src/block/native.js and src/block/native.ts both sit below the package root.
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 4; i++) {
+    try {
+      return require(join(dir, 'build', 'Release', 'colo_native.node')) as NativeHelpers;
+    } catch {
+      dir = dirname(dir);
+    }
+  }
+  return null;
+}
+
+export const native: NativeHelpers | null = process.env.COLO_BLK_NO_NATIVE ? null : load();

@@ -1,0 +1,79 @@
+/** `colo-blk serve`: a plain NBD server (no replication). */
+import { ColoError } from '../errors.js';
+import type { IoMode } from '../block/file.js';
+import { NbdServer } from '../net/server.js';
+import { parseHostPort } from '../util/address.js';
+import { formatBytes } from '../util/size.js';
+import { openExport, parseExportSpec } from './exports.js';
+import { stderrLogger, type LogLevel } from './log.js';
+
+export interface ServeOptions {
+  listen: string;
+  export: string[];
+  io: string;
+  maxConnections?: string;
+  handshakeTimeout?: string;
+  verbose?: boolean;
+  quiet?: boolean;
+  json?: boolean;
+}
+
+export async function serve(opts: ServeOptions): Promise<void> {
+  const level: LogLevel = opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info';
+  const logger = stderrLogger(level);
+  if (!opts.export || opts.export.length === 0)
+    throw new ColoError('EUSAGE', 'no --export given; e.g. --export disk0=./disk.img,size=1G');
+  if (opts.io !== 'sync' && opts.io !== 'async') throw new ColoError('EUSAGE', `--io must be sync or async, not '${opts.io}'`);
+  const { host, port } = parseHostPort(opts.listen, '--listen');
+  const specs = opts.export.map(parseExportSpec);
+  const exports = [];
+  try {
+    for (const spec of specs) exports.push(await openExport(spec, opts.io as IoMode));
+  } catch (err) {
+    await Promise.all(exports.map((e) => e.device.close()));
+    throw err;
+  }
+  const server = new NbdServer(exports, {
+    logger,
+    maxConnections: opts.maxConnections ? Number(opts.maxConnections) : undefined,
+    handshakeTimeoutMs: opts.handshakeTimeout ? Number(opts.handshakeTimeout) : undefined,
+  });
+  let addr;
+  try {
+    addr = await server.listen(port, host);
+  } catch (err) {
+    await Promise.all(exports.map((e) => e.device.close()));
+    const code = (err as { code?: string }).code;
+    if (code === 'EADDRINUSE')
+      throw new ColoError('EUSAGE', `${host}:${port} is already in use; pick another --listen port or stop the other server`);
+    throw err;
+  }
+  const url = (name: string) => `nbd://${addr.address}:${addr.port}/${name}`;
+  if (opts.json) {
+    process.stdout.write(
+      JSON.stringify({
+        event: 'listening',
+        host: addr.address,
+        port: addr.port,
+        exports: exports.map((e) => ({ name: e.name, size: e.device.size, readOnly: !!e.readOnly, url: url(e.name) })),
+      }) + '\n',
+    );
+  } else {
+    process.stdout.write(`listening on ${addr.address}:${addr.port}\n`);
+    for (const e of exports)
+      process.stdout.write(
+        `  ${url(e.name)}  ${formatBytes(e.device.size)}${e.readOnly ? ' read-only' : ''}  ${e.description ?? ''}\n`,
+      );
+  }
+  await new Promise<void>((resolve) => {
+    const stop = (sig: string) => {
+      logger.info(`${sig}: shutting down (finishing in-flight requests)`);
+      resolve();
+    };
+    process.once('SIGINT', () => stop('SIGINT'));
+    process.once('SIGTERM', () => stop('SIGTERM'));
+  });
+  await server.close();
+  await Promise.all(exports.map((e) => e.device.close()));
+  logger.info('stopped');
+}

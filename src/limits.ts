@@ -1,0 +1,42 @@
+/**
+ * Every fixed limit of colo-blk, in one place (TigerBeetle style): queues,
+ * buffers, strings and loops are bounded by a number defined here, and the
+ * validation code refers to these names rather than to literals.
+ */
+
+export const KiB = 1024;
+export const MiB = 1024 * KiB;
+export const GiB = 1024 * MiB;
+
+export const limits = {
+  /** Largest NBD request payload (WRITE) or simple READ reply; the spec's portable bound. */
+  maxPayloadBytes: 32 * MiB,
+  /** Largest effect length for payload-less commands (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS). */
+  maxEffectBytes: Number.MAX_SAFE_INTEGER,
+  /** Longest export name, description or metadata context name. */
+  maxStringBytes: 4096,
+  /** Largest option payload accepted during negotiation; larger is a hard disconnect. */
+  maxOptionBytes: 64 * KiB,
+  /** Options a client may send before it must pick an export. */
+  maxOptionsPerHandshake: 512,
+  /** Metadata-context queries in one option. */
+  maxMetaQueries: 128,
+  /** Simultaneous client connections per server (default; configurable). */
+  maxConnections: 4096,
+  /** A client that has not finished the handshake after this is disconnected. */
+  handshakeTimeoutMs: 10_000,
+  /** Requests read but not yet answered, per connection, before reading pauses. */
+  maxInflightRequests: 128,
+  /** Bytes of payload held for requests in flight, per connection, before reading pauses. */
+  maxInflightBytes: 64 * MiB,
+  /** Descriptors in one BLOCK_STATUS reply chunk (the spec says SHOULD NOT exceed 2^20). */
+  maxExtentsPerReply: 4096,
+  /** Granularity of the memory device's pages. */
+  memoryPageBytes: 64 * KiB,
+  /** Scratch buffer for emulated write-zeroes. */
+  zeroChunkBytes: 1 * MiB,
+  /** How long a graceful shutdown waits for in-flight requests. */
+  shutdownGraceMs: 5_000,
+} as const;
+
+export type Limits = typeof limits;

@@ -1,0 +1,610 @@
+/**
+ * One NBD client connection: the handshake, option negotiation and the
+ * transmission phase, driving the pure codec over a socket.
+ *
+ * Notes on the design:
+ * - Input is a ByteQueue fed by 'data' events; `pump()` consumes as many whole
+ *   messages as are there and returns when it needs more bytes. Nothing is
+ *   allocated for a length the client claims until that length is checked
+ *   against the limits.
+ * - Every client mistake is validated here and answered per the spec (option
+ *   errors, NBD errno replies); devices see only in-range requests. Only an
+ *   unrecoverable stream (bad magic, oversized payload, unknown export on
+ *   EXPORT_NAME) ends in a hard disconnect, and the server lives on.
+ * - Requests run concurrently and are answered as soon as each is ready.
+ *   Reading pauses (TCP backpressure) when too many requests or too many
+ *   payload bytes are in flight, or when the socket's write buffer is full.
+ * - Replies produced in the same turn of the event loop are corked into one
+ *   writev; the socket is uncorked from setImmediate, which runs right after
+ *   the I/O poll phase, so batching adds no timer latency.
+ */
+import type net from 'node:net';
+import { nbdErrnoName, nbdErrnoOf, NbdErrno, toColoError } from '../errors.js';
+import { limits } from '../limits.js';
+import { ExtentFlag } from '../block/device.js';
+import { ByteQueue } from './bytequeue.js';
+import {
+  allocReadReply,
+  decodeOptionHeader,
+  decodeRequest,
+  encodeBlockStatusReply,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfoBlockSize,
+  encodeInfoExport,
+  encodeInfoString,
+  encodeMetaContextReplyData,
+  encodeOptionReply,
+  encodeServerReplyData,
+  encodeStatusReply,
+  OPTION_HEADER_BYTES,
+  OptionPayloadError,
+  parseInfoRequest,
+  parseMetaContextRequest,
+  ProtocolError,
+  requestHeaderBytes,
+  type ReplyMode,
+  type Request,
+  type StatusExtent,
+} from './codec.js';
+import {
+  BASE_ALLOCATION,
+  BASE_ALLOCATION_ID,
+  ClientFlag,
+  Cmd,
+  CmdFlag,
+  cmdName,
+  HandshakeFlag,
+  Info,
+  Opt,
+  optName,
+  Rep,
+  StateFlag,
+  TxFlag,
+} from './protocol.js';
+import type { NbdServer, ServedExport } from './server.js';
+
+type Phase = 'flags' | 'options' | 'transmission' | 'closed';
+
+/** Flags each command accepts (PAYLOAD_LEN is handled separately). */
+const allowedFlags: Record<number, number> = {
+  [Cmd.READ]: CmdFlag.DF,
+  [Cmd.WRITE]: CmdFlag.FUA,
+  [Cmd.DISC]: 0,
+  [Cmd.FLUSH]: 0,
+  [Cmd.TRIM]: CmdFlag.FUA,
+  [Cmd.CACHE]: 0,
+  [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+  [Cmd.BLOCK_STATUS]: CmdFlag.REQ_ONE,
+};
+
+/** Largest block-status query in compact mode, so every descriptor length fits 32 bits. */
+const MAX_STATUS_QUERY_COMPACT = 2 ** 31;
+
+class RequestError extends Error {
+  constructor(
+    readonly errno: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export class Connection {
+  private phase: Phase = 'flags';
+  private readonly queue = new ByteQueue();
+  private readonly peer: string;
+  private handshakeTimer: NodeJS.Timeout | null;
+  private noZeroes = false;
+  private structured = false;
+  private extended = false;
+  private optionsSeen = 0;
+  /** Metadata contexts selected by SET_META_CONTEXT, and the export they were selected for. */
+  private meta: { exportName: string; ids: number[] } | null = null;
+  private exp: ServedExport | null = null;
+  private mode: ReplyMode = 'simple';
+  /** A request header whose payload has not fully arrived. */
+  private pendingPayload: { req: Request; length: number } | null = null;
+  private inflight = 0;
+  private inflightBytes = 0;
+  private readPaused = false;
+  private writeBlocked = false;
+  private corked = false;
+  private disconnecting = false;
+  private shuttingDown = false;
+
+  constructor(
+    private readonly server: NbdServer,
+    private readonly socket: net.Socket,
+    readonly id: number,
+  ) {
+    this.peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => {
+      this.queue.push(chunk);
+      this.pump();
+    });
+    socket.on('error', (err) => this.log('debug', `socket error: ${err.message}`));
+    socket.on('close', () => this.onClose());
+    socket.on('drain', () => {
+      this.writeBlocked = false;
+      this.maybeResume();
+    });
+    this.handshakeTimer = setTimeout(() => {
+      this.log('warn', `handshake not finished after ${server.options.handshakeTimeoutMs} ms; disconnecting`);
+      this.destroy();
+    }, server.options.handshakeTimeoutMs);
+    this.handshakeTimer.unref();
+    socket.write(encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES));
+  }
+
+  private log(level: 'info' | 'warn' | 'debug', msg: string): void {
+    this.server.options.logger[level](`conn ${this.id} (${this.peer}): ${msg}`);
+  }
+
+  /** Hard disconnect. */
+  destroy(): void {
+    if (this.phase === 'closed') return;
+    this.phase = 'closed';
+    this.socket.destroy();
+  }
+
+  /** Server shutdown: finish what is in flight, refuse the rest. */
+  shutdown(): void {
+    this.shuttingDown = true;
+    if (this.phase !== 'transmission' || this.inflight === 0) this.endGracefully();
+  }
+
+  private endGracefully(): void {
+    if (this.phase === 'closed') return;
+    this.phase = 'closed';
+    this.uncork();
+    this.socket.end();
+  }
+
+  private onClose(): void {
+    this.phase = 'closed';
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.queue.clear();
+  }
+
+  // -------------------------------------------------------------------------
+  // Input
+
+  private pump(): void {
+    try {
+      while (this.phase !== 'closed' && !this.readPaused) {
+        if (this.phase === 'flags') {
+          if (!this.readClientFlags()) return;
+        } else if (this.phase === 'options') {
+          if (!this.readOption()) return;
+        } else if (!this.readRequest()) return;
+      }
+    } catch (err) {
+      if (err instanceof ProtocolError) {
+        this.log('warn', `protocol error, disconnecting: ${err.message}`);
+        this.destroy();
+        return;
+      }
+      // A bug of ours: log it, drop this client, keep the server alive.
+      this.log('warn', `internal error, disconnecting: ${(err as Error).stack ?? err}`);
+      this.destroy();
+    }
+  }
+
+  private readClientFlags(): boolean {
+    if (this.queue.length < 4) return false;
+    const flags = this.queue.take(4).readUInt32BE(0);
+    const known = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES;
+    if (flags & ~known) throw new ProtocolError(`unknown client flags 0x${flags.toString(16)}`);
+    this.noZeroes = (flags & ClientFlag.NO_ZEROES) !== 0;
+    this.phase = 'options';
+    return true;
+  }
+
+  private readOption(): boolean {
+    if (this.queue.length < OPTION_HEADER_BYTES) return false;
+    const hdr = decodeOptionHeader(this.queue.peek(OPTION_HEADER_BYTES), 0)!;
+    if (hdr.length > limits.maxOptionBytes)
+      throw new ProtocolError(
+        `option ${optName(hdr.option)} claims ${hdr.length} bytes, more than the limit of ${limits.maxOptionBytes}`,
+      );
+    if (this.queue.length < OPTION_HEADER_BYTES + hdr.length) return false;
+    this.queue.skip(OPTION_HEADER_BYTES);
+    const payload = this.queue.take(hdr.length);
+    if (++this.optionsSeen > limits.maxOptionsPerHandshake)
+      throw new ProtocolError(`more than ${limits.maxOptionsPerHandshake} options`);
+    this.handleOption(hdr.option, payload);
+    return true;
+  }
+
+  private readRequest(): boolean {
+    if (this.inflight >= this.server.options.maxInflightRequests) return this.pauseReading();
+    if (this.inflightBytes >= this.server.options.maxInflightBytes) return this.pauseReading();
+    if (this.pendingPayload) {
+      const { req, length } = this.pendingPayload;
+      if (this.queue.length < length) return false;
+      this.pendingPayload = null;
+      this.dispatch(req, this.queue.take(length));
+      return true;
+    }
+    const hdrBytes = requestHeaderBytes(this.extended);
+    if (this.queue.length < hdrBytes) return false;
+    const req = decodeRequest(this.queue.peek(hdrBytes), 0, this.extended)!;
+    this.queue.skip(hdrBytes);
+    const payloadLength = this.payloadLengthOf(req);
+    if (payloadLength > 0) {
+      if (payloadLength > limits.maxPayloadBytes)
+        throw new ProtocolError(
+          `${cmdName(req.type)} payload of ${payloadLength} bytes exceeds the limit of ${limits.maxPayloadBytes}`,
+        );
+      if (this.queue.length < payloadLength) {
+        this.pendingPayload = { req, length: payloadLength };
+        return false;
+      }
+      this.dispatch(req, this.queue.take(payloadLength));
+      return true;
+    }
+    this.dispatch(req, null);
+    return true;
+  }
+
+  /** Bytes of payload that follow a request header. */
+  private payloadLengthOf(req: Request): number {
+    if (this.extended) return req.flags & CmdFlag.PAYLOAD_LEN ? req.length : 0;
+    return req.type === Cmd.WRITE ? req.length : 0;
+  }
+
+  private pauseReading(): boolean {
+    if (!this.readPaused) {
+      this.readPaused = true;
+      this.socket.pause();
+    }
+    return false;
+  }
+
+  private maybeResume(): void {
+    if (!this.readPaused || this.writeBlocked || this.phase === 'closed') return;
+    if (this.inflight >= this.server.options.maxInflightRequests) return;
+    if (this.inflightBytes >= this.server.options.maxInflightBytes) return;
+    if (this.disconnecting) return;
+    this.readPaused = false;
+    this.socket.resume();
+    this.pump();
+  }
+
+  // -------------------------------------------------------------------------
+  // Output
+
+  private send(buf: Buffer): void {
+    if (this.phase === 'closed') return;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(() => this.uncork());
+    }
+    if (!this.socket.write(buf)) {
+      this.writeBlocked = true;
+      this.pauseReading();
+    }
+  }
+
+  private uncork(): void {
+    if (!this.corked) return;
+    this.corked = false;
+    this.socket.uncork();
+  }
+
+  // -------------------------------------------------------------------------
+  // Negotiation
+
+  private optionReply(option: number, type: number, data?: Buffer): void {
+    this.socket.write(encodeOptionReply(option, type, data));
+  }
+
+  private optionError(option: number, type: number, message: string): void {
+    this.log('debug', `option ${optName(option)} refused: ${message}`);
+    this.optionReply(option, type, Buffer.from(message, 'utf8'));
+  }
+
+  private findExport(name: string): ServedExport | undefined {
+    return name === '' ? this.server.defaultExport : this.server.exports.get(name);
+  }
+
+  private unknownExportMessage(name: string): string {
+    return `unknown export '${name}'; this server has: ${[...this.server.exports.keys()].join(', ')}`;
+  }
+
+  private handleOption(option: number, payload: Buffer): void {
+    if (this.shuttingDown) {
+      this.optionError(option, Rep.ERR_SHUTDOWN, 'server is shutting down');
+      return;
+    }
+    switch (option) {
+      case Opt.EXPORT_NAME: {
+        const name = payload.toString('utf8');
+        const exp = this.findExport(name);
+        if (!exp || this.extended) {
+          // The spec leaves no way to answer EXPORT_NAME with an error: disconnect.
+          this.log(
+            'warn',
+            exp ? 'EXPORT_NAME after extended headers; disconnecting' : this.unknownExportMessage(name),
+          );
+          this.destroy();
+          return;
+        }
+        this.socket.write(encodeExportNameReply(exp.device.size, this.txFlags(exp), this.noZeroes));
+        this.enterTransmission(exp);
+        return;
+      }
+      case Opt.ABORT:
+        this.optionReply(option, Rep.ACK);
+        this.endGracefully();
+        return;
+      case Opt.LIST: {
+        if (payload.length !== 0) return this.optionError(option, Rep.ERR_INVALID, 'LIST takes no data');
+        for (const e of this.server.exports.values())
+          this.optionReply(option, Rep.SERVER, encodeServerReplyData(e.name, e.description));
+        this.optionReply(option, Rep.ACK);
+        return;
+      }
+      case Opt.INFO:
+      case Opt.GO:
+        return this.handleInfoOrGo(option, payload);
+      case Opt.STRUCTURED_REPLY:
+        if (payload.length !== 0)
+          return this.optionError(option, Rep.ERR_INVALID, 'STRUCTURED_REPLY takes no data');
+        if (this.extended)
+          return this.optionError(option, Rep.ERR_EXT_HEADER_REQD, 'extended headers are already negotiated');
+        this.structured = true;
+        this.optionReply(option, Rep.ACK);
+        return;
+      case Opt.EXTENDED_HEADERS:
+        if (payload.length !== 0)
+          return this.optionError(option, Rep.ERR_INVALID, 'EXTENDED_HEADERS takes no data');
+        this.extended = true;
+        this.structured = true;
+        this.optionReply(option, Rep.ACK);
+        return;
+      case Opt.LIST_META_CONTEXT:
+      case Opt.SET_META_CONTEXT:
+        return this.handleMetaContext(option, payload);
+      case Opt.STARTTLS:
+        return this.optionError(option, Rep.ERR_UNSUP, 'TLS is not supported by this server');
+      default:
+        return this.optionError(option, Rep.ERR_UNSUP, `option ${option} is not supported`);
+    }
+  }
+
+  private handleInfoOrGo(option: number, payload: Buffer): void {
+    let req;
+    try {
+      req = parseInfoRequest(payload, limits.maxStringBytes);
+    } catch (err) {
+      if (err instanceof OptionPayloadError) return this.optionError(option, Rep.ERR_INVALID, err.message);
+      throw err;
+    }
+    const exp = this.findExport(req.name);
+    if (!exp) return this.optionError(option, Rep.ERR_UNKNOWN, this.unknownExportMessage(req.name));
+    this.optionReply(option, Rep.INFO, encodeInfoExport(exp.device.size, this.txFlags(exp)));
+    for (const info of new Set(req.infos)) {
+      if (info === Info.NAME) this.optionReply(option, Rep.INFO, encodeInfoString(Info.NAME, exp.name));
+      else if (info === Info.DESCRIPTION && exp.description)
+        this.optionReply(option, Rep.INFO, encodeInfoString(Info.DESCRIPTION, exp.description));
+    }
+    // Always safe to send: our minimum block size is 1, so no client is constrained by it.
+    this.optionReply(option, Rep.INFO, encodeInfoBlockSize(1, 4096, limits.maxPayloadBytes));
+    this.optionReply(option, Rep.ACK);
+    if (option === Opt.GO) this.enterTransmission(exp);
+  }
+
+  private handleMetaContext(option: number, payload: Buffer): void {
+    if (!this.structured)
+      return this.optionError(option, Rep.ERR_INVALID, 'negotiate structured replies before metadata contexts');
+    let req;
+    try {
+      req = parseMetaContextRequest(payload, limits.maxStringBytes, limits.maxMetaQueries);
+    } catch (err) {
+      if (err instanceof OptionPayloadError) return this.optionError(option, Rep.ERR_INVALID, err.message);
+      throw err;
+    }
+    if (!this.findExport(req.exportName))
+      return this.optionError(option, Rep.ERR_UNKNOWN, this.unknownExportMessage(req.exportName));
+    const listing = option === Opt.LIST_META_CONTEXT;
+    // We offer one context, base:allocation. "base:" names the whole namespace.
+    const matches =
+      (listing && req.queries.length === 0) || req.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
+    if (matches)
+      this.optionReply(
+        option,
+        Rep.META_CONTEXT,
+        encodeMetaContextReplyData(listing ? 0 : BASE_ALLOCATION_ID, BASE_ALLOCATION),
+      );
+    if (!listing) this.meta = { exportName: req.exportName, ids: matches ? [BASE_ALLOCATION_ID] : [] };
+    this.optionReply(option, Rep.ACK);
+  }
+
+  private txFlags(exp: ServedExport): number {
+    const caps = exp.device.caps;
+    let flags = TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_CACHE;
+    if (caps.multiConn) flags |= TxFlag.CAN_MULTI_CONN;
+    if (this.structured) flags |= TxFlag.SEND_DF;
+    if (exp.readOnly) return flags | TxFlag.READ_ONLY;
+    flags |= TxFlag.SEND_FUA;
+    if (caps.trim !== 'none') flags |= TxFlag.SEND_TRIM;
+    if (caps.zero !== 'none') flags |= TxFlag.SEND_WRITE_ZEROES | TxFlag.SEND_FAST_ZERO;
+    return flags;
+  }
+
+  private enterTransmission(exp: ServedExport): void {
+    this.exp = exp;
+    this.mode = this.extended ? 'extended' : this.structured ? 'structured' : 'simple';
+    this.phase = 'transmission';
+    if (this.meta && this.findExport(this.meta.exportName) !== exp) this.meta = null;
+    if (this.handshakeTimer) {
+      clearTimeout(this.handshakeTimer);
+      this.handshakeTimer = null;
+    }
+    this.log('debug', `serving export '${exp.name}' with ${this.mode} replies`);
+  }
+
+  // -------------------------------------------------------------------------
+  // Transmission
+
+  private dispatch(req: Request, payload: Buffer | null): void {
+    const exp = this.exp!;
+    if (req.type === Cmd.DISC) {
+      this.disconnecting = true;
+      this.pauseReading();
+      if (this.inflight === 0) this.endGracefully();
+      return;
+    }
+    const bytes = payload?.length ?? 0;
+    this.inflight++;
+    this.inflightBytes += bytes;
+    let work: Promise<Buffer>;
+    try {
+      if (this.shuttingDown) throw new RequestError(NbdErrno.ESHUTDOWN, 'server is shutting down');
+      this.validate(req, payload, exp);
+      work = this.execute(req, payload, exp);
+    } catch (err) {
+      work = Promise.reject(err);
+    }
+    work.then(
+      (reply) => this.complete(reply, bytes),
+      (err) => {
+        exp.stats.errors++;
+        const errno = err instanceof RequestError ? err.errno : nbdErrnoOf(err);
+        const message = err instanceof RequestError ? err.message : toColoError(err).message;
+        this.log('debug', `${cmdName(req.type)} failed with ${nbdErrnoName(errno)}: ${message}`);
+        this.complete(encodeStatusReply(this.mode, req, errno, message), bytes);
+      },
+    );
+  }
+
+  private complete(reply: Buffer, bytes: number): void {
+    this.send(reply);
+    this.inflight--;
+    this.inflightBytes -= bytes;
+    if (this.inflight === 0 && (this.disconnecting || this.shuttingDown)) this.endGracefully();
+    else this.maybeResume();
+  }
+
+  /** Client mistakes become NBD errors here; devices only see valid requests. */
+  private validate(req: Request, payload: Buffer | null, exp: ServedExport): void {
+    const allowed = allowedFlags[req.type];
+    if (allowed === undefined) throw new RequestError(NbdErrno.EINVAL, `unknown command ${req.type}`);
+    let flags = req.flags;
+    if (this.extended && flags & CmdFlag.PAYLOAD_LEN) {
+      if (req.type !== Cmd.WRITE)
+        throw new RequestError(NbdErrno.EINVAL, `${cmdName(req.type)} does not take a payload`);
+      flags &= ~CmdFlag.PAYLOAD_LEN;
+    } else if (this.extended && req.type === Cmd.WRITE) {
+      throw new RequestError(NbdErrno.EINVAL, 'WRITE with extended headers needs the PAYLOAD_LEN flag');
+    }
+    if (flags & ~allowed)
+      throw new RequestError(NbdErrno.EINVAL, `flags 0x${flags.toString(16)} not valid for ${cmdName(req.type)}`);
+    if (flags & CmdFlag.DF && !this.structured)
+      throw new RequestError(NbdErrno.EINVAL, 'DF flag without structured replies');
+    const caps = exp.device.caps;
+    const size = exp.device.size;
+    const length = payload ? payload.length : req.length;
+    const beyond = req.offset + length > size;
+    const where = `offset ${req.offset} + length ${length} > size ${size}`;
+    switch (req.type) {
+      case Cmd.READ:
+        if (beyond) throw new RequestError(NbdErrno.EINVAL, `read beyond the end of the export (${where})`);
+        if (length > limits.maxPayloadBytes)
+          throw new RequestError(
+            this.structured ? NbdErrno.EOVERFLOW : NbdErrno.EINVAL,
+            `read of ${length} bytes exceeds the maximum payload of ${limits.maxPayloadBytes}`,
+          );
+        return;
+      case Cmd.WRITE:
+      case Cmd.WRITE_ZEROES:
+        if (exp.readOnly) throw new RequestError(NbdErrno.EPERM, `export '${exp.name}' is read-only`);
+        if (req.type === Cmd.WRITE_ZEROES && caps.zero === 'none')
+          throw new RequestError(NbdErrno.EINVAL, 'WRITE_ZEROES is not supported by this export');
+        if (beyond) throw new RequestError(NbdErrno.ENOSPC, `write beyond the end of the export (${where})`);
+        return;
+      case Cmd.TRIM:
+        if (exp.readOnly) throw new RequestError(NbdErrno.EPERM, `export '${exp.name}' is read-only`);
+        if (caps.trim === 'none') throw new RequestError(NbdErrno.EINVAL, 'TRIM is not supported by this export');
+        if (beyond) throw new RequestError(NbdErrno.EINVAL, `trim beyond the end of the export (${where})`);
+        return;
+      case Cmd.CACHE:
+        if (beyond) throw new RequestError(NbdErrno.EINVAL, `cache beyond the end of the export (${where})`);
+        return;
+      case Cmd.BLOCK_STATUS:
+        if (!this.meta || this.meta.ids.length === 0)
+          throw new RequestError(NbdErrno.EINVAL, 'BLOCK_STATUS without a negotiated metadata context');
+        if (length === 0) throw new RequestError(NbdErrno.EINVAL, 'BLOCK_STATUS of length 0');
+        if (beyond) throw new RequestError(NbdErrno.EINVAL, `block status beyond the end of the export (${where})`);
+        return;
+      case Cmd.FLUSH:
+        return;
+    }
+  }
+
+  private async execute(req: Request, payload: Buffer | null, exp: ServedExport): Promise<Buffer> {
+    const dev = exp.device;
+    const stats = exp.stats;
+    const fua = (req.flags & CmdFlag.FUA) !== 0;
+    switch (req.type) {
+      case Cmd.READ: {
+        stats.reads++;
+        stats.bytesRead += req.length;
+        if (req.length === 0) return encodeStatusReply(this.mode, req, 0);
+        const { buf, dataOffset } = allocReadReply(this.mode, req, req.length);
+        await dev.pread(buf.subarray(dataOffset), req.offset);
+        return buf;
+      }
+      case Cmd.WRITE:
+        stats.writes++;
+        stats.bytesWritten += payload!.length;
+        if (payload!.length > 0) await dev.pwrite(payload!, req.offset, { fua });
+        return encodeStatusReply(this.mode, req, 0);
+      case Cmd.FLUSH:
+        stats.flushes++;
+        await dev.flush();
+        return encodeStatusReply(this.mode, req, 0);
+      case Cmd.TRIM:
+        stats.trims++;
+        await dev.trim(req.offset, req.length, { fua });
+        return encodeStatusReply(this.mode, req, 0);
+      case Cmd.WRITE_ZEROES:
+        stats.zeroes++;
+        await dev.zero(req.offset, req.length, {
+          fua,
+          mayTrim: (req.flags & CmdFlag.NO_HOLE) === 0,
+          fast: (req.flags & CmdFlag.FAST_ZERO) !== 0,
+        });
+        return encodeStatusReply(this.mode, req, 0);
+      case Cmd.CACHE:
+        stats.caches++;
+        await dev.cache(req.offset, req.length);
+        return encodeStatusReply(this.mode, req, 0);
+      case Cmd.BLOCK_STATUS:
+        stats.blockStatus++;
+        return this.blockStatus(req, exp);
+    }
+    throw new RequestError(NbdErrno.EINVAL, `unknown command ${req.type}`);
+  }
+
+  private async blockStatus(req: Request, exp: ServedExport): Promise<Buffer> {
+    const dev = exp.device;
+    const queryLength = this.extended ? req.length : Math.min(req.length, MAX_STATUS_QUERY_COMPACT);
+    const extents = dev.caps.extents
+      ? await dev.extents(req.offset, queryLength)
+      : [{ offset: req.offset, length: queryLength, flags: 0 }];
+    const reqOne = (req.flags & CmdFlag.REQ_ONE) !== 0;
+    const out: StatusExtent[] = [];
+    for (const e of reqOne ? extents.slice(0, 1) : extents) {
+      let flags = 0;
+      if (e.flags & ExtentFlag.HOLE) flags |= StateFlag.HOLE;
+      if (e.flags & ExtentFlag.ZERO) flags |= StateFlag.ZERO;
+      out.push({ length: e.length, flags });
+    }
+    return encodeBlockStatusReply(this.mode as 'structured' | 'extended', req, BASE_ALLOCATION_ID, out);
+  }
+}
