@@ -26,7 +26,9 @@ function run<A extends any[]>(action: (...args: A) => Promise<void>) {
 const program = new Command();
 program
   .name('colo-blk')
-  .description('Disk replication for COLO fault-tolerant VMs: an NBD server with epoch journaling and checkpoints.')
+  .description(
+    'Disk replication for COLO fault-tolerant VMs: an NBD server with epoch journaling and checkpoints.',
+  )
   .showHelpAfterError('(run with --help for usage)')
   .configureOutput({ outputError: (str, write) => write(`colo-blk: ${str.replace(/^error: /, '')}`) });
 
@@ -35,7 +37,11 @@ program
   .description('serve disk images over NBD (no replication)')
   .option('--listen <host:port>', 'address to listen on', '127.0.0.1:10809')
   .requiredOption('--export <spec>', `an export, repeatable: ${EXPORT_SPEC_HELP}`, collect)
-  .addOption(new Option('--io <mode>', 'file I/O: sync (page-cache fast path) or async (thread pool)').choices(['sync', 'async']).default('sync'))
+  .addOption(
+    new Option('--io <mode>', 'file I/O: sync (page-cache fast path) or async (thread pool)')
+      .choices(['sync', 'async'])
+      .default('sync'),
+  )
   .option('--max-connections <n>', 'refuse connections beyond this many')
   .option('--handshake-timeout <ms>', 'drop clients that have not finished the handshake after this long')
   .option('--json', 'print the listening address as one JSON line')

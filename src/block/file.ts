@@ -97,7 +97,8 @@ export class FileDevice implements BlockDevice {
     const readOnly = opts.readOnly ?? false;
     let created = false;
     if (opts.size !== undefined && !fs.existsSync(path)) {
-      if (readOnly) throw new ColoError('ENOENT', `${path} does not exist (a read-only export cannot create it)`);
+      if (readOnly)
+        throw new ColoError('ENOENT', `${path} does not exist (a read-only export cannot create it)`);
       if (!Number.isSafeInteger(opts.size) || opts.size <= 0)
         throw new ColoError('EUSAGE', `bad size ${opts.size} for ${path}`);
       const fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o644);

@@ -118,7 +118,11 @@ export class MemoryDevice implements BlockDevice {
       const index = Math.floor(pos / this.pageBytes);
       const inPage = pos - index * this.pageBytes;
       const n = Math.min(this.pageBytes - inPage, length - done);
-      out.push({ offset: pos, length: n, flags: this.pages.has(index) ? 0 : ExtentFlag.HOLE | ExtentFlag.ZERO });
+      out.push({
+        offset: pos,
+        length: n,
+        flags: this.pages.has(index) ? 0 : ExtentFlag.HOLE | ExtentFlag.ZERO,
+      });
       done += n;
     }
     return coalesceExtents(out);

@@ -23,7 +23,8 @@ export async function serve(opts: ServeOptions): Promise<void> {
   const logger = stderrLogger(level);
   if (!opts.export || opts.export.length === 0)
     throw new ColoError('EUSAGE', 'no --export given; e.g. --export disk0=./disk.img,size=1G');
-  if (opts.io !== 'sync' && opts.io !== 'async') throw new ColoError('EUSAGE', `--io must be sync or async, not '${opts.io}'`);
+  if (opts.io !== 'sync' && opts.io !== 'async')
+    throw new ColoError('EUSAGE', `--io must be sync or async, not '${opts.io}'`);
   const { host, port } = parseHostPort(opts.listen, '--listen');
   const specs = opts.export.map(parseExportSpec);
   const exports = [];
@@ -45,7 +46,10 @@ export async function serve(opts: ServeOptions): Promise<void> {
     await Promise.all(exports.map((e) => e.device.close()));
     const code = (err as { code?: string }).code;
     if (code === 'EADDRINUSE')
-      throw new ColoError('EUSAGE', `${host}:${port} is already in use; pick another --listen port or stop the other server`);
+      throw new ColoError(
+        'EUSAGE',
+        `${host}:${port} is already in use; pick another --listen port or stop the other server`,
+      );
     throw err;
   }
   const url = (name: string) => `nbd://${addr.address}:${addr.port}/${name}`;
@@ -55,7 +59,12 @@ export async function serve(opts: ServeOptions): Promise<void> {
         event: 'listening',
         host: addr.address,
         port: addr.port,
-        exports: exports.map((e) => ({ name: e.name, size: e.device.size, readOnly: !!e.readOnly, url: url(e.name) })),
+        exports: exports.map((e) => ({
+          name: e.name,
+          size: e.device.size,
+          readOnly: !!e.readOnly,
+          url: url(e.name),
+        })),
       }) + '\n',
     );
   } else {

@@ -225,7 +225,11 @@ export class NbdClient {
     if (hdr.option !== option)
       throw new ProtocolError(`reply for option ${hdr.option} while waiting for ${option}`);
     if (hdr.type & 0x80000000)
-      throw new NbdOptionError(option, hdr.type, data.toString('utf8') || `option ${option} refused (${hdr.type})`);
+      throw new NbdOptionError(
+        option,
+        hdr.type,
+        data.toString('utf8') || `option ${option} refused (${hdr.type})`,
+      );
     return { type: hdr.type, data };
   }
 
@@ -245,7 +249,8 @@ export class NbdClient {
     await this.greet();
     const name = opts.exportName ?? '';
     if (opts.extended !== false && (await this.simpleOption(Opt.EXTENDED_HEADERS))) this.mode = 'extended';
-    else if (opts.structured !== false && (await this.simpleOption(Opt.STRUCTURED_REPLY))) this.mode = 'structured';
+    else if (opts.structured !== false && (await this.simpleOption(Opt.STRUCTURED_REPLY)))
+      this.mode = 'structured';
     const wanted = opts.metaContexts ?? (this.mode === 'simple' ? [] : [BASE_ALLOCATION]);
     if (wanted.length > 0 && this.mode !== 'simple') {
       this.socket.write(encodeOption(Opt.SET_META_CONTEXT, encodeMetaContextRequest(name, wanted)));
@@ -314,7 +319,8 @@ export class NbdClient {
     payload: Buffer | null,
     extra: Partial<Pending> = {},
   ): Promise<unknown> {
-    if (this.closed) return Promise.reject(this.closeError ?? new ColoError('ECONNECT', 'connection is closed'));
+    if (this.closed)
+      return Promise.reject(this.closeError ?? new ColoError('ECONNECT', 'connection is closed'));
     const cookie = this.nextCookie;
     this.nextCookie = (this.nextCookie + 1) >>> 0 || 1;
     const extended = this.mode === 'extended';
@@ -345,7 +351,13 @@ export class NbdClient {
   }
 
   /** Send a raw request (tests use this for deliberately odd flags or lengths). */
-  async raw(type: number, flags: number, offset: number, length: number, payload: Buffer | null = null): Promise<void> {
+  async raw(
+    type: number,
+    flags: number,
+    offset: number,
+    length: number,
+    payload: Buffer | null = null,
+  ): Promise<void> {
     await this.request(type, flags, offset, length, payload);
   }
 
@@ -380,10 +392,18 @@ export class NbdClient {
     opts: { reqOne?: boolean; context?: string } = {},
   ): Promise<ClientExtent[]> {
     const id = this.contexts.get(opts.context ?? BASE_ALLOCATION);
-    if (id === undefined) throw new ColoError('EINVAL', `metadata context ${opts.context ?? BASE_ALLOCATION} not negotiated`);
-    const all = (await this.request(Cmd.BLOCK_STATUS, opts.reqOne ? CmdFlag.REQ_ONE : 0, offset, length, null, {
-      extents: new Map(),
-    })) as Map<number, ClientExtent[]>;
+    if (id === undefined)
+      throw new ColoError('EINVAL', `metadata context ${opts.context ?? BASE_ALLOCATION} not negotiated`);
+    const all = (await this.request(
+      Cmd.BLOCK_STATUS,
+      opts.reqOne ? CmdFlag.REQ_ONE : 0,
+      offset,
+      length,
+      null,
+      {
+        extents: new Map(),
+      },
+    )) as Map<number, ClientExtent[]>;
     return all.get(id) ?? [];
   }
 
@@ -463,7 +483,8 @@ export class NbdClient {
       case ReplyType.OFFSET_DATA: {
         const off = readU64(payload, 0) - p.offset;
         const len = payload.length - 8;
-        if (p.type !== Cmd.READ || off < 0 || off + len > p.length) throw new ProtocolError('bad OFFSET_DATA chunk');
+        if (p.type !== Cmd.READ || off < 0 || off + len > p.length)
+          throw new ProtocolError('bad OFFSET_DATA chunk');
         payload.copy(p.data!, off, 8);
         p.covered! += len;
         break;
@@ -471,7 +492,8 @@ export class NbdClient {
       case ReplyType.OFFSET_HOLE: {
         const off = readU64(payload, 0) - p.offset;
         const len = payload.readUInt32BE(8);
-        if (p.type !== Cmd.READ || off < 0 || off + len > p.length) throw new ProtocolError('bad OFFSET_HOLE chunk');
+        if (p.type !== Cmd.READ || off < 0 || off + len > p.length)
+          throw new ProtocolError('bad OFFSET_HOLE chunk');
         p.data!.fill(0, off, off + len);
         p.covered! += len;
         break;

@@ -220,9 +220,12 @@ class PayloadReader {
   }
   string32(what: string): string {
     const len = this.u32(`${what} length`);
-    if (len > this.maxString) throw new OptionPayloadError(`${what} is ${len} bytes, longer than ${this.maxString}`);
+    if (len > this.maxString)
+      throw new OptionPayloadError(`${what} is ${len} bytes, longer than ${this.maxString}`);
     if (len > this.remaining())
-      throw new OptionPayloadError(`${what} length ${len} exceeds the ${this.remaining()} bytes left in the option`);
+      throw new OptionPayloadError(
+        `${what} length ${len} exceeds the ${this.remaining()} bytes left in the option`,
+      );
     const s = this.buf.toString('utf8', this.pos, this.pos + len);
     this.pos += len;
     return s;
@@ -271,7 +274,8 @@ export function parseMetaContextRequest(
   const r = new PayloadReader(payload, maxString);
   const exportName = r.string32('export name');
   const count = r.u32('query count');
-  if (count > maxQueries) throw new OptionPayloadError(`${count} queries, more than the limit of ${maxQueries}`);
+  if (count > maxQueries)
+    throw new OptionPayloadError(`${count} queries, more than the limit of ${maxQueries}`);
   // Each query needs at least its 4-byte length: reject impossible counts before looping.
   if (count * 4 > r.remaining())
     throw new OptionPayloadError(`query count ${count} exceeds what the option payload can hold`);
@@ -427,7 +431,17 @@ export function encodeStatusReply(
   const hdr = chunkHeaderBytes(extended);
   if (error === 0) {
     const buf = Buffer.allocUnsafe(hdr);
-    writeChunkHeader(buf, 0, extended, ReplyFlag.DONE, ReplyType.NONE, req.cookieHi, req.cookieLo, req.offset, 0);
+    writeChunkHeader(
+      buf,
+      0,
+      extended,
+      ReplyFlag.DONE,
+      ReplyType.NONE,
+      req.cookieHi,
+      req.cookieLo,
+      req.offset,
+      0,
+    );
     return buf;
   }
   const msg = Buffer.from(message, 'utf8').subarray(0, 4096);
@@ -548,7 +562,17 @@ export function encodeBlockStatusReply(
   }
   const payload = 4 + 8 * extents.length;
   const buf = Buffer.allocUnsafe(hdr + payload);
-  writeChunkHeader(buf, 0, false, flags, ReplyType.BLOCK_STATUS, req.cookieHi, req.cookieLo, req.offset, payload);
+  writeChunkHeader(
+    buf,
+    0,
+    false,
+    flags,
+    ReplyType.BLOCK_STATUS,
+    req.cookieHi,
+    req.cookieLo,
+    req.offset,
+    payload,
+  );
   buf.writeUInt32BE(contextId, hdr);
   let p = hdr + 4;
   for (const e of extents) {

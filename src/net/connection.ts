@@ -400,7 +400,11 @@ export class Connection {
 
   private handleMetaContext(option: number, payload: Buffer): void {
     if (!this.structured)
-      return this.optionError(option, Rep.ERR_INVALID, 'negotiate structured replies before metadata contexts');
+      return this.optionError(
+        option,
+        Rep.ERR_INVALID,
+        'negotiate structured replies before metadata contexts',
+      );
     let req;
     try {
       req = parseMetaContextRequest(payload, limits.maxStringBytes, limits.maxMetaQueries);
@@ -413,7 +417,8 @@ export class Connection {
     const listing = option === Opt.LIST_META_CONTEXT;
     // We offer one context, base:allocation. "base:" names the whole namespace.
     const matches =
-      (listing && req.queries.length === 0) || req.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
+      (listing && req.queries.length === 0) ||
+      req.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
     if (matches)
       this.optionReply(
         option,
@@ -503,7 +508,10 @@ export class Connection {
       throw new RequestError(NbdErrno.EINVAL, 'WRITE with extended headers needs the PAYLOAD_LEN flag');
     }
     if (flags & ~allowed)
-      throw new RequestError(NbdErrno.EINVAL, `flags 0x${flags.toString(16)} not valid for ${cmdName(req.type)}`);
+      throw new RequestError(
+        NbdErrno.EINVAL,
+        `flags 0x${flags.toString(16)} not valid for ${cmdName(req.type)}`,
+      );
     if (flags & CmdFlag.DF && !this.structured)
       throw new RequestError(NbdErrno.EINVAL, 'DF flag without structured replies');
     const caps = exp.device.caps;
@@ -529,7 +537,8 @@ export class Connection {
         return;
       case Cmd.TRIM:
         if (exp.readOnly) throw new RequestError(NbdErrno.EPERM, `export '${exp.name}' is read-only`);
-        if (caps.trim === 'none') throw new RequestError(NbdErrno.EINVAL, 'TRIM is not supported by this export');
+        if (caps.trim === 'none')
+          throw new RequestError(NbdErrno.EINVAL, 'TRIM is not supported by this export');
         if (beyond) throw new RequestError(NbdErrno.EINVAL, `trim beyond the end of the export (${where})`);
         return;
       case Cmd.CACHE:
@@ -539,7 +548,8 @@ export class Connection {
         if (!this.meta || this.meta.ids.length === 0)
           throw new RequestError(NbdErrno.EINVAL, 'BLOCK_STATUS without a negotiated metadata context');
         if (length === 0) throw new RequestError(NbdErrno.EINVAL, 'BLOCK_STATUS of length 0');
-        if (beyond) throw new RequestError(NbdErrno.EINVAL, `block status beyond the end of the export (${where})`);
+        if (beyond)
+          throw new RequestError(NbdErrno.EINVAL, `block status beyond the end of the export (${where})`);
         return;
       case Cmd.FLUSH:
         return;

@@ -1,0 +1,107 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { FileDevice } from '../src/block/file.js';
+import { MemoryDevice } from '../src/block/memory.js';
+import { native } from '../src/block/native.js';
+import { deviceSuite } from './device-suite.js';
+import { rmDir, tmpDir } from './helpers.js';
+
+const dir = tmpDir();
+afterAll(() => rmDir(dir));
+let n = 0;
+
+deviceSuite('MemoryDevice', async (size) => ({ device: new MemoryDevice(size) }));
+deviceSuite('MemoryDevice (small pages)', async (size) => ({
+  device: new MemoryDevice(size, { pageBytes: 4096 }),
+}));
+deviceSuite('FileDevice (sync I/O)', async (size) => {
+  const p = path.join(dir, `sync-${n++}.img`);
+  return { device: await FileDevice.open(p, { size }), cleanup: () => fs.rmSync(p) };
+});
+deviceSuite('FileDevice (async I/O)', async (size) => {
+  const p = path.join(dir, `async-${n++}.img`);
+  return { device: await FileDevice.open(p, { size, io: 'async' }), cleanup: () => fs.rmSync(p) };
+});
+
+describe('FileDevice specifics', () => {
+  it('loads the native helpers (fallocate, SEEK_DATA) on this machine', () => {
+    expect(native).not.toBeNull();
+  });
+
+  it('creates a sparse image of the given size', async () => {
+    const p = path.join(dir, 'sparse.img');
+    const dev = await FileDevice.open(p, { size: 64 * 1024 * 1024 });
+    expect(fs.statSync(p).size).toBe(64 * 1024 * 1024);
+    expect(fs.statSync(p).blocks).toBe(0);
+    expect(await dev.extents(0, dev.size)).toEqual([{ offset: 0, length: dev.size, flags: 3 }]);
+    await dev.close();
+  });
+
+  it('punches holes on trim (allocated blocks go down)', async () => {
+    const p = path.join(dir, 'punch.img');
+    const dev = await FileDevice.open(p, { size: 8 * 1024 * 1024 });
+    await dev.pwrite(Buffer.alloc(8 * 1024 * 1024, 1), 0);
+    const before = fs.statSync(p).blocks;
+    await dev.trim(0, 4 * 1024 * 1024);
+    expect(fs.statSync(p).blocks).toBeLessThan(before);
+    await dev.close();
+  });
+
+  it('provisions the range on zero without holes (NO_HOLE)', async () => {
+    const p = path.join(dir, 'nohole.img');
+    const dev = await FileDevice.open(p, { size: 8 * 1024 * 1024 });
+    expect(fs.statSync(p).blocks).toBe(0);
+    await dev.zero(0, 4 * 1024 * 1024, { mayTrim: false });
+    expect(fs.statSync(p).blocks * 512).toBeGreaterThanOrEqual(4 * 1024 * 1024);
+    await dev.close();
+  });
+
+  it('memory device keeps NO_HOLE zeroes allocated', async () => {
+    const dev = new MemoryDevice(1024 * 1024);
+    await dev.zero(0, 262144, { mayTrim: false });
+    expect((await dev.extents(0, 262144)).every((e) => e.flags === 0)).toBe(true);
+    await dev.zero(0, 262144, { mayTrim: true });
+    expect((await dev.extents(0, 262144)).every((e) => e.flags === 3)).toBe(true);
+  });
+
+  it('keeps data across close and reopen', async () => {
+    const p = path.join(dir, 'persist.img');
+    const dev = await FileDevice.open(p, { size: 1024 * 1024 });
+    await dev.pwrite(Buffer.from('hello colo'), 1000, { fua: true });
+    await dev.close();
+    const again = await FileDevice.open(p);
+    const buf = Buffer.alloc(10);
+    await again.pread(buf, 1000);
+    expect(buf.toString()).toBe('hello colo');
+    await again.close();
+  });
+
+  it('refuses a size that does not match an existing file, saying what to do', async () => {
+    const p = path.join(dir, 'mismatch.img');
+    fs.writeFileSync(p, Buffer.alloc(4096));
+    await expect(FileDevice.open(p, { size: 8192 })).rejects.toThrow(
+      /already exists with 4096 bytes.*resize/,
+    );
+  });
+
+  it('explains a missing file and an empty file', async () => {
+    await expect(FileDevice.open(path.join(dir, 'nope.img'))).rejects.toThrow(/does not exist; give a size/);
+    const p = path.join(dir, 'empty.img');
+    fs.writeFileSync(p, '');
+    await expect(FileDevice.open(p)).rejects.toThrow(/is empty/);
+  });
+
+  it('read-only devices refuse writes with EPERM and advertise no write caps', async () => {
+    const p = path.join(dir, 'ro.img');
+    fs.writeFileSync(p, Buffer.alloc(65536, 9));
+    const dev = await FileDevice.open(p, { readOnly: true });
+    expect(dev.caps.write).toBe(false);
+    expect(dev.caps.trim).toBe('none');
+    await expect(dev.pwrite(Buffer.alloc(1), 0)).rejects.toMatchObject({ code: 'EPERM' });
+    const buf = Buffer.alloc(4);
+    await dev.pread(buf, 0);
+    expect([...buf]).toEqual([9, 9, 9, 9]);
+    await dev.close();
+  });
+});

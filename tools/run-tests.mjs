@@ -1,0 +1,31 @@
+#!/usr/bin/env node
+// Runs the vitest suite and ends with the plain line "N passed, M failed" that CI reads.
+// Extra arguments are passed to vitest (e.g. a file filter).
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+
+const report = '.vitest-report.json';
+fs.rmSync(report, { force: true });
+const args = [
+  'vitest',
+  'run',
+  '--reporter=default',
+  '--reporter=json',
+  `--outputFile.json=${report}`,
+  ...process.argv.slice(2),
+];
+const r = spawnSync('npx', args, { stdio: 'inherit' });
+let passed = 0;
+let failed = 0;
+let skipped = 0;
+try {
+  const json = JSON.parse(fs.readFileSync(report, 'utf8'));
+  passed = json.numPassedTests ?? 0;
+  failed = (json.numFailedTests ?? 0) + (json.numFailedTestSuites ?? 0);
+  skipped = (json.numPendingTests ?? 0) + (json.numTodoTests ?? 0);
+} catch {
+  failed = Math.max(failed, 1);
+  console.error('run-tests: vitest wrote no report; counting the run as failed');
+}
+console.log(`${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}`);
+process.exit(r.status === 0 && failed === 0 ? 0 : 1);
