@@ -3,7 +3,10 @@
  * wires them to commander and turns errors into messages and exit codes
  * (0 ok, 1 operation failed, 2 usage, 3 cannot connect).
  */
-import { Command, Option } from 'commander';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Command, CommanderError, Option } from 'commander';
 import { ColoError, exitCodeOf, toColoError } from '../src/errors.js';
 import { EXPORT_SPEC_HELP } from '../src/cli/exports.js';
 import { serve } from '../src/cli/serve.js';
@@ -23,9 +26,17 @@ function run<A extends any[]>(action: (...args: A) => Promise<void>) {
   };
 }
 
+const pkg = JSON.parse(
+  fs.readFileSync(
+    path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'package.json'),
+    'utf8',
+  ),
+) as { version: string };
+
 const program = new Command();
 program
   .name('colo-blk')
+  .version(pkg.version)
   .description(
     'Disk replication for COLO fault-tolerant VMs: an NBD server with epoch journaling and checkpoints.',
   )
@@ -57,7 +68,19 @@ Examples:
   )
   .action(run(serve));
 
+// Commander's own errors (unknown option, missing argument) are usage errors: exit 2.
+program.exitOverride();
+for (const cmd of program.commands) cmd.exitOverride();
+
 program.parseAsync(process.argv).catch((err) => {
+  if (err instanceof CommanderError) {
+    const ok =
+      err.code === 'commander.helpDisplayed' ||
+      err.code === 'commander.version' ||
+      err.code === 'commander.help';
+    process.exitCode = ok ? 0 : 2;
+    return;
+  }
   process.stderr.write(`colo-blk: ${err instanceof ColoError ? err.message : String(err)}\n`);
   process.exitCode = exitCodeOf(err);
 });

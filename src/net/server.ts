@@ -122,7 +122,11 @@ export class NbdServer extends EventEmitter {
       logger: opts.logger ?? silentLogger,
     };
     this.server = net.createServer({ noDelay: true }, (socket) => this.admit(socket));
-    this.server.on('error', (err) => this.emit('error', err));
+    // Listen errors are returned by listen(); later ones go to 'error' listeners, if any.
+    this.server.on('error', (err) => {
+      if (this.listenerCount('error') > 0) this.emit('error', err);
+      else this.options.logger.warn(`server socket error: ${err.message}`);
+    });
   }
 
   /** The export a client gets when it asks for the empty name. */
