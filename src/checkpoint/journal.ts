@@ -1,0 +1,262 @@
+/**
+ * Journal files: append-only sequences of frames (see frame.ts).
+ *
+ * Notes on the design:
+ * - A journal is written with positional writev at a tracked end offset, so
+ *   a record's data position is known the moment it is appended, and the
+ *   data can later be read back by (file, position) — which is what the
+ *   extent indexes store.
+ * - Appends go to the page cache; `sync()` makes everything appended so far
+ *   durable (fdatasync) and is what "durable" means for an epoch. Syncs are
+ *   coalesced: callers that arrive while a sync runs share the next one.
+ * - `scanJournal` reads a journal back, verifying every frame. A bad or
+ *   incomplete frame at the very end is a torn tail (an append interrupted
+ *   by a crash): it is reported with its offset so the caller can truncate.
+ *   A bad frame followed by more data is corruption in the middle: it is
+ *   reported as such and must never be applied.
+ */
+import fs from 'node:fs';
+import { ColoError, toColoError } from '../errors.js';
+import {
+  decodeFrame,
+  encodeFrame,
+  FRAME_HEADER_BYTES,
+  FrameError,
+  peekFrameBytes,
+  type Frame,
+} from './frame.js';
+
+export interface AppendResult {
+  /** File offset of the frame. */
+  offset: number;
+  /** File offset of the frame's data bytes. */
+  dataPos: number;
+  /** Total bytes appended. */
+  bytes: number;
+  /** The encoded frame (header+meta, data), for forwarding without re-encoding. */
+  parts: [Buffer, Buffer];
+}
+
+function fdatasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+export class JournalWriter {
+  private end: number;
+  private syncedEnd: number;
+  private syncing: Promise<void> | null = null;
+  private syncAgain = false;
+  private closed = false;
+
+  private constructor(
+    readonly path: string,
+    private readonly fd: number,
+    size: number,
+  ) {
+    this.end = size;
+    this.syncedEnd = size;
+  }
+
+  /** Open (creating if needed) for appending at `validEnd` (default: the file's size; the tail beyond is cut). */
+  static open(path: string, validEnd?: number): JournalWriter {
+    const fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+    const size = fs.fstatSync(fd).size;
+    const end = validEnd ?? size;
+    if (end < size) fs.ftruncateSync(fd, end);
+    return new JournalWriter(path, fd, end);
+  }
+
+  get size(): number {
+    return this.end;
+  }
+
+  /** Bytes appended but not yet covered by a completed sync. */
+  get unsyncedBytes(): number {
+    return this.end - this.syncedEnd;
+  }
+
+  append(meta: object, data?: Buffer): AppendResult {
+    return this.appendEncoded(encodeFrame(meta, data));
+  }
+
+  /** Append an already-encoded frame (e.g. as received from the link). */
+  appendEncoded(parts: [Buffer, Buffer]): AppendResult {
+    if (this.closed) throw new ColoError('ESHUTDOWN', `journal ${this.path} is closed`);
+    const [head, data] = parts;
+    const offset = this.end;
+    const total = head.length + data.length;
+    let written = fs.writevSync(this.fd, data.length ? [head, data] : [head], offset);
+    while (written < total) {
+      // Short write: finish it piece by piece.
+      const whole = Buffer.concat([head, data]);
+      written += fs.writeSync(this.fd, whole, written, total - written, offset + written);
+    }
+    this.end += total;
+    return { offset, dataPos: offset + head.length, bytes: total, parts };
+  }
+
+  /** Make every append so far durable. Concurrent callers share syncs. */
+  async sync(): Promise<void> {
+    const target = this.end;
+    while (this.syncedEnd < target) {
+      if (this.syncing) {
+        await this.syncing;
+        continue;
+      }
+      const upTo = this.end;
+      this.syncing = fdatasync(this.fd)
+        .then(() => {
+          this.syncedEnd = Math.max(this.syncedEnd, upTo);
+        })
+        .finally(() => {
+          this.syncing = null;
+        });
+      await this.syncing;
+    }
+  }
+
+  /** Read `length` bytes at `pos` (data previously appended). */
+  read(buf: Buffer, pos: number): void {
+    readFully(this.fd, buf, pos);
+  }
+
+  get descriptor(): number {
+    return this.fd;
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    fs.closeSync(this.fd);
+  }
+}
+
+export function readFully(fd: number, buf: Buffer, pos: number): void {
+  let done = 0;
+  while (done < buf.length) {
+    const n = fs.readSync(fd, buf, done, buf.length - done, pos + done);
+    if (n === 0) throw new ColoError('EIO', `unexpected end of file reading ${buf.length} bytes at ${pos}`);
+    done += n;
+  }
+}
+
+export interface ScannedRecord<M> {
+  meta: M;
+  /** File offset of the frame. */
+  offset: number;
+  /** File offset and length of the data. */
+  dataPos: number;
+  dataLength: number;
+  /** The data, only when `withData` was asked for (valid during the callback only). */
+  data?: Buffer;
+}
+
+export interface ScanResult {
+  records: number;
+  /** End of the last valid frame: where appending must continue. */
+  validEnd: number;
+  fileSize: number;
+  /** Set when the file ends in a partial or damaged frame (safe to truncate at validEnd). */
+  tornTail: { offset: number; reason: string } | null;
+  /** Set when a damaged frame is followed by more data: never apply past it. */
+  corruption: { offset: number; reason: string } | null;
+}
+
+const SCAN_CHUNK = 4 * 1024 * 1024;
+
+/**
+ * Read every valid frame of a journal in order. `onRecord` may be async only
+ * if the caller awaits; it is called with frames in file order.
+ */
+export function scanJournal<M = Record<string, unknown>>(
+  path: string,
+  onRecord: (rec: ScannedRecord<M>) => void,
+  opts: { withData?: boolean } = {},
+): ScanResult {
+  let fd: number;
+  try {
+    fd = fs.openSync(path, 'r');
+  } catch (err) {
+    throw toColoError(err);
+  }
+  try {
+    const fileSize = fs.fstatSync(fd).size;
+    let pos = 0;
+    let records = 0;
+    let buf = Buffer.allocUnsafe(Math.min(SCAN_CHUNK, Math.max(fileSize, FRAME_HEADER_BYTES)));
+    while (pos < fileSize) {
+      const head = Buffer.allocUnsafe(Math.min(FRAME_HEADER_BYTES, fileSize - pos));
+      readFully(fd, head, pos);
+      let total: number | null;
+      try {
+        total = peekFrameBytes(head);
+      } catch (err) {
+        return damaged(pos, fileSize, records, (err as Error).message, fd);
+      }
+      if (total === null || pos + total > fileSize)
+        return {
+          records,
+          validEnd: pos,
+          fileSize,
+          tornTail: { offset: pos, reason: 'incomplete frame' },
+          corruption: null,
+        };
+      if (buf.length < total) buf = Buffer.allocUnsafe(total);
+      const view = buf.subarray(0, total);
+      readFully(fd, view, pos);
+      let frame: Frame<M> | null;
+      try {
+        frame = decodeFrame<M>(view);
+      } catch (err) {
+        if (!(err instanceof FrameError)) throw err;
+        return damaged(pos, fileSize, records, err.message, fd, total);
+      }
+      const dataLength = frame!.data.length;
+      onRecord({
+        meta: frame!.meta,
+        offset: pos,
+        dataPos: pos + total - dataLength,
+        dataLength,
+        data: opts.withData ? frame!.data : undefined,
+      });
+      records++;
+      pos += total;
+    }
+    return { records, validEnd: pos, fileSize, tornTail: null, corruption: null };
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** A bad frame at `pos`: a torn tail if nothing valid could follow it, corruption otherwise. */
+function damaged(
+  pos: number,
+  fileSize: number,
+  records: number,
+  reason: string,
+  fd: number,
+  claimed?: number,
+): ScanResult {
+  // If the damaged frame (as claimed) reaches the end of the file, or no frame
+  // magic can be found after it, it is the last append: a torn tail.
+  const after = claimed !== undefined ? pos + claimed : pos + FRAME_HEADER_BYTES;
+  if (after >= fileSize || !hasFrameAfter(fd, after, fileSize))
+    return { records, validEnd: pos, fileSize, tornTail: { offset: pos, reason }, corruption: null };
+  return { records, validEnd: pos, fileSize, tornTail: null, corruption: { offset: pos, reason } };
+}
+
+/** Is there a decodable frame starting at `pos`? */
+function hasFrameAfter(fd: number, pos: number, fileSize: number): boolean {
+  if (fileSize - pos < FRAME_HEADER_BYTES) return false;
+  const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+  readFully(fd, head, pos);
+  try {
+    const total = peekFrameBytes(head);
+    if (total === null || pos + total > fileSize) return false;
+    const buf = Buffer.allocUnsafe(total);
+    readFully(fd, buf, pos);
+    return decodeFrame(buf) !== null;
+  } catch {
+    return false;
+  }
+}
