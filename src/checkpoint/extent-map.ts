@@ -14,8 +14,11 @@
 export interface Extent {
   start: number;
   end: number;
-  /** 'data': bytes at `pos` in `file`; 'zero': the range reads as zeroes. */
-  kind: 'data' | 'zero';
+  /**
+   * 'data': bytes at `pos` in `file`; 'zero': reads as zeroes, provisioned;
+   * 'hole': reads as zeroes, deallocated (trim, or write-zeroes that may punch).
+   */
+  kind: 'data' | 'zero' | 'hole';
   file: number;
   pos: number;
 }
@@ -169,7 +172,7 @@ export class ExtentMap {
 /** `b` starts where `a` ends and continues it in the same place. */
 function continues(a: Extent, b: Extent): boolean {
   if (a.end !== b.start || a.kind !== b.kind || a.file !== b.file) return false;
-  return a.kind === 'zero' || a.pos + (a.end - a.start) === b.pos;
+  return a.kind !== 'data' || a.pos + (a.end - a.start) === b.pos;
 }
 
 function mergeHoles(segs: Segment[]): Segment[] {

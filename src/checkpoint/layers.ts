@@ -1,0 +1,118 @@
+/**
+ * Journal-backed layers over a disk: a journal file plus an extent index.
+ *
+ * Notes on the design: the secondary keeps two kinds of layer, and both are
+ * this class.
+ * - An *epoch buffer* holds the PVM's mutations of one epoch as received from
+ *   the primary (invisible to the SVM until committed).
+ * - The *overlay* holds the SVM's own writes since the last checkpoint.
+ * A layer appends every mutation as a frame to its journal (so it can be
+ * rebuilt after a crash by scanning) and records in its ExtentMap where the
+ * newest bytes of each range are. Reads resolve a range against the map and
+ * read data from the journal. Discarding a layer is O(1): close and unlink.
+ */
+import fs from 'node:fs';
+import { ExtentMap, type Segment } from './extent-map.js';
+import { JournalWriter, scanJournal, type ScanResult } from './journal.js';
+import { isMutation, mutationLength, type MutationRecord } from './records.js';
+
+export class Layer {
+  readonly index = new ExtentMap();
+  /** Mutation records held and bytes of write data. */
+  records = 0;
+  dataBytes = 0;
+
+  private constructor(
+    readonly id: number,
+    readonly journal: JournalWriter,
+  ) {}
+
+  /** A new, empty layer (the file must not hold anything we need). */
+  static create(id: number, path: string): Layer {
+    if (fs.existsSync(path)) fs.rmSync(path);
+    return new Layer(id, JournalWriter.open(path));
+  }
+
+  /**
+   * Open an existing layer by scanning its journal. A torn tail is cut;
+   * corruption in the middle is returned for the caller to refuse.
+   */
+  static recover(
+    id: number,
+    path: string,
+  ): { layer: Layer; scan: ScanResult; others: Record<string, unknown>[] } {
+    const others: Record<string, unknown>[] = [];
+    const pending: { rec: MutationRecord; dataPos: number; dataLength: number }[] = [];
+    const scan = scanJournal<Record<string, unknown>>(path, (r) => {
+      if (isMutation(r.meta as { t: string }))
+        pending.push({
+          rec: r.meta as unknown as MutationRecord,
+          dataPos: r.dataPos,
+          dataLength: r.dataLength,
+        });
+      else others.push(r.meta);
+    });
+    const layer = new Layer(id, JournalWriter.open(path, scan.corruption ? undefined : scan.validEnd));
+    for (const p of pending) layer.index_(p.rec, p.dataPos, p.dataLength);
+    return { layer, scan, others };
+  }
+
+  get path(): string {
+    return this.journal.path;
+  }
+
+  /** Append a mutation (data for writes) and index it. Returns the bytes appended. */
+  append(rec: MutationRecord, data?: Buffer): number {
+    const r = this.journal.append(rec, data);
+    this.index_(rec, r.dataPos, data?.length ?? 0);
+    return r.bytes;
+  }
+
+  /** Append an already-encoded frame carrying `rec` (forwarded from the link as is). */
+  appendEncoded(rec: MutationRecord, parts: [Buffer, Buffer]): number {
+    const r = this.journal.appendEncoded(parts);
+    this.index_(rec, r.dataPos, parts[1].length);
+    return r.bytes;
+  }
+
+  /** Append a non-mutation record (seal markers and the like). */
+  appendMarker(meta: object): void {
+    this.journal.append(meta);
+  }
+
+  private index_(rec: MutationRecord, dataPos: number, dataLength: number): void {
+    const length = mutationLength(rec, dataLength);
+    if (length === 0) return;
+    if (rec.t === 'w') {
+      this.index.set(rec.o, length, 'data', this.id, dataPos);
+      this.dataBytes += length;
+    } else this.index.set(rec.o, length, rec.t === 't' || (rec.t === 'z' && rec.h) ? 'hole' : 'zero');
+    this.records++;
+  }
+
+  lookup(offset: number, length: number): Segment[] {
+    return this.index.lookup(offset, length);
+  }
+
+  /** Copy held data for a 'data' segment into `buf` at `bufOffset`. */
+  readSegment(seg: Segment, buf: Buffer, bufOffset: number): void {
+    const e = seg.extent!;
+    const view = buf.subarray(bufOffset, bufOffset + (seg.end - seg.start));
+    if (e.kind !== 'data') view.fill(0);
+    else this.journal.read(view, e.pos + (seg.start - e.start));
+  }
+
+  sync(): Promise<void> {
+    return this.journal.sync();
+  }
+
+  close(): void {
+    this.journal.close();
+  }
+
+  /** Close and delete the journal. */
+  destroy(): void {
+    this.journal.close();
+    fs.rmSync(this.journal.path, { force: true });
+  }
+}

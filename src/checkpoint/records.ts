@@ -1,0 +1,83 @@
+/**
+ * The records of an epoch: what the primary logs for every mutation, what the
+ * replication link carries and what the secondary's epoch journals hold.
+ *
+ * Every mutating NBD command maps to exactly one record kind; FLUSH is not a
+ * content change and is kept local (durability on the secondary is the
+ * checkpoint's business: a commit is a flush barrier). `MUTATION_KINDS` is
+ * checked by a test against the NBD command list so that no mutation can slip
+ * past the log.
+ */
+import { Cmd } from '../net/protocol.js';
+
+export type MutationKind = 'w' | 'z' | 't';
+
+/** A write: data follows in the frame. */
+export interface WriteRecord {
+  t: 'w';
+  /** Epoch and sequence number (global, strictly increasing). */
+  e: number;
+  s: number;
+  /** Disk offset. */
+  o: number;
+  /** FUA on the primary (informational). */
+  f?: boolean;
+}
+
+/** Write-zeroes; `h` true if the primary allowed holes (no NO_HOLE flag). */
+export interface ZeroRecord {
+  t: 'z';
+  e: number;
+  s: number;
+  o: number;
+  l: number;
+  h?: boolean;
+  f?: boolean;
+}
+
+/** Trim: the secondary zeroes (a trimmed range reads back as zeroes on our devices). */
+export interface TrimRecord {
+  t: 't';
+  e: number;
+  s: number;
+  o: number;
+  l: number;
+  f?: boolean;
+}
+
+export type MutationRecord = WriteRecord | ZeroRecord | TrimRecord;
+
+/** End of epoch `e`: `n` mutation records and `b` bytes of write data were in it. */
+export interface SealRecord {
+  t: 'seal';
+  e: number;
+  n: number;
+  b: number;
+}
+
+export type EpochRecord = MutationRecord | SealRecord;
+
+/** NBD commands that change the disk's contents, and the record that carries each. */
+export const MUTATION_KINDS: Record<number, MutationKind> = {
+  [Cmd.WRITE]: 'w',
+  [Cmd.WRITE_ZEROES]: 'z',
+  [Cmd.TRIM]: 't',
+};
+
+/** NBD commands that do not change contents (and why they need no record). */
+export const NON_MUTATING_COMMANDS: Record<number, string> = {
+  [Cmd.READ]: 'reads nothing back into the disk',
+  [Cmd.DISC]: 'ends a connection',
+  [Cmd.FLUSH]: 'local durability only; the secondary is made durable at each checkpoint',
+  [Cmd.CACHE]: 'a prefetch hint',
+  [Cmd.BLOCK_STATUS]: 'a query',
+};
+
+export function isMutation(rec: { t: string }): rec is MutationRecord {
+  return rec.t === 'w' || rec.t === 'z' || rec.t === 't';
+}
+
+/** Length of the disk range a mutation covers (writes: their data length). */
+export function mutationLength(rec: MutationRecord, dataLength: number): number {
+  return rec.t === 'w' ? dataLength : rec.l;
+}

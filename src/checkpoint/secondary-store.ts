@@ -1,0 +1,485 @@
+/**
+ * The secondary's disk state: the checkpoint image, the PVM's buffered epochs
+ * and the SVM's overlay, with a durable commit protocol.
+ *
+ * Notes on the design:
+ * - State directory layout:
+ *     meta/                LevelDB (classic-level): generation, epoch states,
+ *                          the commit record, the current overlay id
+ *     epochs/<N>.journal   the PVM's mutations of epoch N, as received
+ *     overlay/<K>.journal  the SVM's own writes since the last commit
+ *   The checkpoint image itself (svm.img) lives wherever the operator put it.
+ * - Epoch lifecycle: receiving → sealed (seal marker arrived, counts checked)
+ *   → durable (journal fdatasync'd, then the epoch record written to LevelDB
+ *   with sync) → committed (the commit record, sync) → applied (the epoch's
+ *   final bytes written into the image and fdatasync'd; journal deleted).
+ * - Commit is O(1): one synced LevelDB batch and a switch to a fresh overlay.
+ *   The SVM's reads consult committed-but-unapplied epochs (newest first)
+ *   until the background apply has written them into the image, so the
+ *   checkpoint never waits for the apply.
+ * - Apply writes each epoch's *merged* final state (from its extent index), so
+ *   applying twice equals applying once (invariant 7), and a crash mid-apply
+ *   is repaired by applying again on start.
+ * - The SVM view (svmDevice) reads overlay > committed epochs > image and
+ *   writes only to the overlay; its FLUSH/FUA make the overlay durable.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { ClassicLevel } from 'classic-level';
+import { ColoError } from '../errors.js';
+import { limits } from '../limits.js';
+import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
+import { assertRange, coalesceExtents } from '../block/device.js';
+import type { FileDevice } from '../block/file.js';
+import { Layer } from './layers.js';
+import type { MutationRecord, SealRecord } from './records.js';
+
+export type EpochState = 'receiving' | 'sealed' | 'durable' | 'committed';
+
+export interface EpochMeta {
+  epoch: number;
+  state: EpochState;
+  records: number;
+  bytes: number;
+  durableAt?: number;
+  committedAt?: number;
+}
+
+interface EpochEntry {
+  epoch: number;
+  layer: Layer;
+  state: EpochState;
+  seal?: SealRecord;
+}
+
+const pad = (n: number) => String(n).padStart(12, '0');
+const epochKey = (n: number) => `epoch!${pad(n)}`;
+
+export interface SecondaryStoreOptions {
+  /** Called when the background apply fails (the store stops applying). */
+  onApplyError?: (err: Error) => void;
+  log?: (msg: string) => void;
+}
+
+export class SecondaryStore {
+  private readonly epochs = new Map<number, EpochEntry>();
+  private overlay!: Layer;
+  private overlayId = 0;
+  lastCommitted = 0;
+  lastApplied = 0;
+  highestSeq = 0;
+  private applying: Promise<void> | null = null;
+  private applyError: Error | null = null;
+  private closed = false;
+  readonly svmDevice: SvmDevice;
+
+  private constructor(
+    readonly dir: string,
+    readonly image: FileDevice,
+    readonly db: ClassicLevel<string, string>,
+    private readonly opts: SecondaryStoreOptions,
+  ) {
+    this.svmDevice = new SvmDevice(this);
+  }
+
+  get size(): number {
+    return this.image.size;
+  }
+
+  static async open(
+    dir: string,
+    image: FileDevice,
+    opts: SecondaryStoreOptions = {},
+  ): Promise<SecondaryStore> {
+    for (const sub of ['epochs', 'overlay']) fs.mkdirSync(path.join(dir, sub), { recursive: true });
+    const db = new ClassicLevel<string, string>(path.join(dir, 'meta'), { valueEncoding: 'utf8' });
+    try {
+      await db.open();
+    } catch (err) {
+      const cause = (err as { cause?: { message?: string } }).cause?.message ?? (err as Error).message;
+      throw new ColoError(
+        'EUSAGE',
+        `cannot open ${path.join(dir, 'meta')}: ${cause} (is another colo-blk using this state directory?)`,
+      );
+    }
+    const store = new SecondaryStore(dir, image, db, opts);
+    await store.recover();
+    return store;
+  }
+
+  private log(msg: string): void {
+    this.opts.log?.(msg);
+  }
+
+  private async getJson<T>(key: string): Promise<T | undefined> {
+    const v = await this.db.get(key);
+    return v === undefined ? undefined : (JSON.parse(v) as T);
+  }
+
+  /** Rebuild in-memory state from LevelDB and the journals; finish interrupted applies. */
+  private async recover(): Promise<void> {
+    const size = await this.getJson<number>('size');
+    if (size !== undefined && size !== this.image.size)
+      throw new ColoError(
+        'EUSAGE',
+        `state directory ${this.dir} belongs to a ${size}-byte disk, but the image is ${this.image.size} bytes`,
+      );
+    if (size === undefined) await this.db.put('size', String(this.image.size), { sync: true });
+    this.lastCommitted = (await this.getJson<number>('committed')) ?? 0;
+    this.lastApplied = (await this.getJson<number>('applied')) ?? 0;
+    this.highestSeq = (await this.getJson<number>('seq')) ?? 0;
+    this.overlayId = (await this.getJson<number>('overlay')) ?? 1;
+    const metas = new Map<number, EpochMeta>();
+    for await (const [, v] of this.db.iterator({ gte: 'epoch!', lt: 'epoch"' })) {
+      const m = JSON.parse(v) as EpochMeta;
+      metas.set(m.epoch, m);
+    }
+    // Epoch journals: committed ones are applied again (idempotent); others are kept as they are.
+    for (const name of fs.readdirSync(path.join(this.dir, 'epochs')).sort()) {
+      const m = /^(\d+)\.journal$/.exec(name);
+      if (!m) continue;
+      const n = Number(m[1]);
+      const file = path.join(this.dir, 'epochs', name);
+      if (n <= this.lastApplied) {
+        fs.rmSync(file); // applied before the crash, journal not yet deleted
+        continue;
+      }
+      const { layer, scan, others } = Layer.recover(n, file);
+      if (scan.corruption) {
+        layer.close();
+        throw new ColoError(
+          'EIO',
+          `epoch journal ${file} is corrupt at offset ${scan.corruption.offset} (${scan.corruption.reason}); ` +
+            `refusing to use it. Run 'colo-blk recover' to inspect, or resynchronise this node.`,
+        );
+      }
+      if (scan.tornTail) this.log(`epoch ${n}: cut a torn tail at offset ${scan.tornTail.offset}`);
+      const meta = metas.get(n);
+      const seal = others.find((o) => o.t === 'seal') as SealRecord | undefined;
+      const state: EpochState =
+        n <= this.lastCommitted ? 'committed' : (meta?.state ?? (seal ? 'sealed' : 'receiving'));
+      this.epochs.set(n, { epoch: n, layer, state, seal });
+    }
+    // The overlay: the current one is kept (the SVM's flushed writes survive a restart);
+    // older ones were discarded by a commit and are deleted.
+    for (const name of fs.readdirSync(path.join(this.dir, 'overlay'))) {
+      const m = /^(\d+)\.journal$/.exec(name);
+      if (m && Number(m[1]) !== this.overlayId) fs.rmSync(path.join(this.dir, 'overlay', name));
+    }
+    const overlayPath = this.overlayPath(this.overlayId);
+    if (fs.existsSync(overlayPath)) {
+      const { layer, scan } = Layer.recover(this.overlayId, overlayPath);
+      if (scan.corruption) {
+        layer.close();
+        throw new ColoError('EIO', `overlay ${overlayPath} is corrupt at offset ${scan.corruption.offset}`);
+      }
+      this.overlay = layer;
+    } else this.overlay = Layer.create(this.overlayId, overlayPath);
+    await this.db.put('overlay', String(this.overlayId), { sync: true });
+    this.kickApply();
+  }
+
+  private overlayPath(id: number): string {
+    return path.join(this.dir, 'overlay', `${id}.journal`);
+  }
+
+  private epochPath(n: number): string {
+    return path.join(this.dir, 'epochs', `${n}.journal`);
+  }
+
+  // ---------------------------------------------------------------------------
+  // The PVM's stream
+
+  private entry(n: number): EpochEntry {
+    let e = this.epochs.get(n);
+    if (!e) {
+      if (n <= this.lastCommitted)
+        throw new ColoError(
+          'EINVAL',
+          `epoch ${n} is already committed (last committed ${this.lastCommitted})`,
+        );
+      e = { epoch: n, layer: Layer.create(n, this.epochPath(n)), state: 'receiving' };
+      this.epochs.set(n, e);
+    }
+    return e;
+  }
+
+  /**
+   * Store one PVM mutation. Records at or below the highest sequence number
+   * already held are duplicates from a resend and are ignored (returns false).
+   */
+  receive(rec: MutationRecord, parts: [Buffer, Buffer]): boolean {
+    if (rec.s <= this.highestSeq) return false;
+    const e = this.entry(rec.e);
+    if (e.state !== 'receiving')
+      throw new ColoError('EPROTO', `mutation for epoch ${rec.e}, which is already ${e.state}`);
+    if (rec.o + (rec.t === 'w' ? parts[1].length : rec.l) > this.size)
+      throw new ColoError('EPROTO', `mutation beyond the end of the disk at ${rec.o}`);
+    e.layer.appendEncoded(rec, parts);
+    this.highestSeq = rec.s;
+    return true;
+  }
+
+  /** The seal marker of epoch N: check the counts, make N durable, record it. */
+  async seal(seal: SealRecord): Promise<EpochMeta> {
+    const e = this.entry(seal.e);
+    if (e.state === 'durable' || e.state === 'committed') return this.epochMeta(e);
+    if (e.layer.records !== seal.n || e.layer.dataBytes !== seal.b)
+      throw new ColoError(
+        'EIO',
+        `epoch ${seal.e} is incomplete: the primary sent ${seal.n} mutations (${seal.b} bytes), ` +
+          `this node holds ${e.layer.records} (${e.layer.dataBytes} bytes)`,
+      );
+    if (!e.seal) {
+      e.layer.appendMarker(seal);
+      e.seal = seal;
+    }
+    e.state = 'sealed';
+    await e.layer.sync();
+    e.state = 'durable';
+    const meta: EpochMeta = { ...this.epochMeta(e), durableAt: Date.now() };
+    await this.db.batch(
+      [
+        { type: 'put', key: epochKey(e.epoch), value: JSON.stringify(meta) },
+        { type: 'put', key: 'seq', value: String(this.highestSeq) },
+      ],
+      { sync: true },
+    );
+    return meta;
+  }
+
+  /**
+   * Commit every durable epoch up to N: one durable record, then the SVM's
+   * overlay is discarded. The image is updated in the background.
+   */
+  async commit(
+    n: number,
+  ): Promise<{ epochs: number[]; overlayDiscarded: { records: number; bytes: number } }> {
+    if (n <= this.lastCommitted) return { epochs: [], overlayDiscarded: { records: 0, bytes: 0 } };
+    const toCommit = [...this.epochs.values()].filter((e) => e.epoch <= n && e.state !== 'committed');
+    const notDurable = toCommit.filter((e) => e.state !== 'durable');
+    if (notDurable.length > 0)
+      throw new ColoError(
+        'EIO',
+        `cannot commit epoch ${n}: epoch ${notDurable.map((e) => e.epoch).join(', ')} is not durable on this node`,
+      );
+    const nextOverlay = this.overlayId + 1;
+    const now = Date.now();
+    const ops: { type: 'put'; key: string; value: string }[] = [
+      { type: 'put', key: 'committed', value: String(n) },
+      { type: 'put', key: 'overlay', value: String(nextOverlay) },
+    ];
+    for (const e of toCommit)
+      ops.push({
+        type: 'put',
+        key: epochKey(e.epoch),
+        value: JSON.stringify({ ...this.epochMeta(e), state: 'committed', committedAt: now }),
+      });
+    await this.db.batch(ops, { sync: true });
+    // The commit record is durable: from here on N counts, whatever happens.
+    for (const e of toCommit) e.state = 'committed';
+    this.lastCommitted = n;
+    const old = this.overlay;
+    const discarded = { records: old.records, bytes: old.dataBytes };
+    this.overlay = Layer.create(nextOverlay, this.overlayPath(nextOverlay));
+    this.overlayId = nextOverlay;
+    old.destroy();
+    this.kickApply();
+    return { epochs: toCommit.map((e) => e.epoch), overlayDiscarded: discarded };
+  }
+
+  private epochMeta(e: EpochEntry): EpochMeta {
+    return { epoch: e.epoch, state: e.state, records: e.layer.records, bytes: e.layer.dataBytes };
+  }
+
+  // ---------------------------------------------------------------------------
+  // Background apply
+
+  private kickApply(): void {
+    if (this.applying || this.closed || this.applyError) return;
+    const next = [...this.epochs.values()]
+      .filter((e) => e.state === 'committed')
+      .sort((a, b) => a.epoch - b.epoch)[0];
+    if (!next) return;
+    this.applying = this.applyEpoch(next)
+      .catch((err: Error) => {
+        this.applyError = err;
+        this.opts.onApplyError?.(err);
+      })
+      .finally(() => {
+        this.applying = null;
+        this.kickApply();
+      });
+  }
+
+  /** Write an epoch's merged final state into the image, make it durable, then forget the epoch. */
+  private async applyEpoch(e: EpochEntry): Promise<void> {
+    const chunk = Buffer.allocUnsafe(limits.zeroChunkBytes);
+    for (const ext of [...e.layer.index.extents()]) {
+      if (this.closed) return;
+      if (ext.kind !== 'data') {
+        await this.image.zero(ext.start, ext.end - ext.start, { mayTrim: ext.kind === 'hole' });
+        continue;
+      }
+      for (let off = ext.start; off < ext.end; off += chunk.length) {
+        const len = Math.min(chunk.length, ext.end - off);
+        const view = chunk.subarray(0, len);
+        e.layer.journal.read(view, ext.pos + (off - ext.start));
+        await this.image.pwrite(view, off);
+      }
+    }
+    await this.image.flush();
+    await this.db.batch(
+      [
+        { type: 'put', key: 'applied', value: String(e.epoch) },
+        { type: 'del', key: epochKey(e.epoch) },
+      ],
+      { sync: true },
+    );
+    this.lastApplied = e.epoch;
+    this.epochs.delete(e.epoch);
+    e.layer.destroy();
+  }
+
+  /** Wait until every committed epoch is in the image. */
+  async drainApply(): Promise<void> {
+    while (this.applying) await this.applying;
+    if (this.applyError) throw this.applyError;
+  }
+
+  // ---------------------------------------------------------------------------
+  // Reads for the SVM view
+
+  /** Committed, not yet applied epochs, newest first. */
+  committedLayers(): Layer[] {
+    return [...this.epochs.values()]
+      .filter((e) => e.state === 'committed')
+      .sort((a, b) => b.epoch - a.epoch)
+      .map((e) => e.layer);
+  }
+
+  get overlayLayer(): Layer {
+    return this.overlay;
+  }
+
+  /** Per-epoch view for status and inspect. */
+  pendingEpochs(): EpochMeta[] {
+    return [...this.epochs.values()].sort((a, b) => a.epoch - b.epoch).map((e) => this.epochMeta(e));
+  }
+
+  epochLayer(n: number): Layer | undefined {
+    return this.epochs.get(n)?.layer;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.applying) await this.applying;
+    for (const e of this.epochs.values()) e.layer.close();
+    await this.overlay.sync().catch(() => {});
+    this.overlay.close();
+    await this.db.close();
+  }
+}
+
+/**
+ * The SVM's disk: overlay > committed-unapplied epochs > image. Writes land in
+ * the overlay only; FLUSH and FUA make the overlay durable.
+ */
+export class SvmDevice implements BlockDevice {
+  readonly caps: Capabilities = {
+    write: true,
+    flush: true,
+    fua: 'emulate',
+    trim: 'native',
+    zero: 'native',
+    fastZero: true,
+    extents: true,
+    cache: 'emulate',
+    multiConn: true,
+  };
+  private seq = 0;
+
+  constructor(private readonly store: SecondaryStore) {}
+
+  get size(): number {
+    return this.store.size;
+  }
+
+  async pread(buf: Buffer, offset: number): Promise<void> {
+    assertRange(this, offset, buf.length);
+    const layers = [this.store.overlayLayer, ...this.store.committedLayers()];
+    await this.readFrom(layers, 0, buf, offset);
+  }
+
+  /** Resolve [offset, offset+buf.length) through layers[i...], falling back to the image. */
+  private async readFrom(layers: Layer[], i: number, buf: Buffer, offset: number): Promise<void> {
+    if (i === layers.length) return this.store.image.pread(buf, offset);
+    const layer = layers[i];
+    if (layer.index.size === 0) return this.readFrom(layers, i + 1, buf, offset);
+    for (const seg of layer.lookup(offset, buf.length)) {
+      const at = seg.start - offset;
+      if (seg.extent) layer.readSegment(seg, buf, at);
+      else await this.readFrom(layers, i + 1, buf.subarray(at, at + (seg.end - seg.start)), seg.start);
+    }
+  }
+
+  async pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
+    assertRange(this, offset, buf.length);
+    if (buf.length === 0) return;
+    const overlay = this.store.overlayLayer;
+    overlay.append({ t: 'w', e: 0, s: ++this.seq, o: offset }, buf);
+    if (opts.fua) await overlay.sync();
+  }
+
+  async flush(): Promise<void> {
+    await this.store.overlayLayer.sync();
+  }
+
+  async trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
+    assertRange(this, offset, length);
+    if (length === 0) return;
+    const overlay = this.store.overlayLayer;
+    overlay.append({ t: 't', e: 0, s: ++this.seq, o: offset, l: length });
+    if (opts.fua) await overlay.sync();
+  }
+
+  async zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    assertRange(this, offset, length);
+    if (length === 0) return;
+    const overlay = this.store.overlayLayer;
+    overlay.append({ t: 'z', e: 0, s: ++this.seq, o: offset, l: length, h: opts.mayTrim !== false });
+    if (opts.fua) await overlay.sync();
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    assertRange(this, offset, length);
+    // Start from the image's map, then mark what the layers hold as data (or zero).
+    const base = await this.store.image.extents(offset, length);
+    const end = base.length ? base[base.length - 1].offset + base[base.length - 1].length : offset;
+    const layers = [...this.store.committedLayers().reverse(), this.store.overlayLayer];
+    const out: Extent[] = [];
+    for (const b of base) {
+      let pieces: Extent[] = [{ ...b }];
+      for (const layer of layers) {
+        const next: Extent[] = [];
+        for (const p of pieces)
+          for (const seg of layer.lookup(p.offset, p.length))
+            next.push({
+              offset: seg.start,
+              length: seg.end - seg.start,
+              flags: seg.extent ? { data: 0, zero: 2, hole: 3 }[seg.extent.kind] : p.flags,
+            });
+        pieces = next;
+      }
+      out.push(...pieces);
+    }
+    return coalesceExtents(out).filter((e) => e.offset < end);
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    assertRange(this, offset, length);
+  }
+
+  async close(): Promise<void> {}
+}

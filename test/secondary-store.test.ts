@@ -1,0 +1,158 @@
+// The secondary's store: epochs invisible until committed, overlay discarded
+// at commit, apply idempotent, state survives a restart at every stage.
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { FileDevice } from '../src/block/file.js';
+import { encodeFrame } from '../src/checkpoint/frame.js';
+import type { MutationRecord } from '../src/checkpoint/records.js';
+import { SecondaryStore } from '../src/checkpoint/secondary-store.js';
+import { deviceSuite } from './device-suite.js';
+import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
+
+const root = tmpDir();
+afterAll(() => rmDir(root));
+let n = 0;
+const SIZE = 4 * 1024 * 1024;
+
+async function openStore(dir?: string, image?: string) {
+  dir ??= path.join(root, `s${n++}`);
+  image ??= path.join(dir + '.img');
+  const dev = await FileDevice.open(image, { size: SIZE });
+  const store = await SecondaryStore.open(dir, dev);
+  return { store, dev, dir, image };
+}
+
+/** Feed a mutation the way the link does. */
+function feed(store: SecondaryStore, rec: MutationRecord, data?: Buffer) {
+  return store.receive(rec, encodeFrame(rec, data));
+}
+
+async function readSvm(store: SecondaryStore, off: number, len: number) {
+  const buf = Buffer.alloc(len);
+  await store.svmDevice.pread(buf, off);
+  return buf;
+}
+
+describe('SecondaryStore', () => {
+  it('keeps PVM writes invisible until commit, then shows them and drops the overlay', async () => {
+    const { store, dev } = await openStore();
+    const pvm = Buffer.alloc(8192, 0xaa);
+    const svm = Buffer.alloc(4096, 0x55);
+    await store.svmDevice.pwrite(svm, 100_000);
+    feed(store, { t: 'w', e: 1, s: 1, o: 0 }, pvm);
+    feed(store, { t: 'z', e: 1, s: 2, o: 4096, l: 1024 });
+    expect((await readSvm(store, 0, 8192)).equals(Buffer.alloc(8192))).toBe(true);
+    expect((await readSvm(store, 100_000, 4096)).equals(svm)).toBe(true);
+    await store.seal({ t: 'seal', e: 1, n: 2, b: 8192 });
+    expect((await readSvm(store, 0, 4)).equals(Buffer.alloc(4))).toBe(true); // durable is not committed
+    const r = await store.commit(1);
+    expect(r.epochs).toEqual([1]);
+    expect(r.overlayDiscarded.records).toBe(1);
+    const want = Buffer.from(pvm);
+    want.fill(0, 4096, 5120);
+    expect((await readSvm(store, 0, 8192)).equals(want)).toBe(true);
+    expect((await readSvm(store, 100_000, 4096)).equals(Buffer.alloc(4096))).toBe(true);
+    await store.drainApply();
+    const img = Buffer.alloc(8192);
+    await dev.pread(img, 0);
+    expect(img.equals(want)).toBe(true);
+    expect(store.pendingEpochs()).toEqual([]);
+    await store.close();
+    await dev.close();
+  });
+
+  it('refuses to make an incomplete epoch durable, and a commit of a non-durable epoch', async () => {
+    const { store, dev } = await openStore();
+    feed(store, { t: 'w', e: 1, s: 1, o: 0 }, Buffer.alloc(512, 1));
+    await expect(store.seal({ t: 'seal', e: 1, n: 2, b: 1024 })).rejects.toThrow(
+      /incomplete.*sent 2 mutations/,
+    );
+    await expect(store.commit(1)).rejects.toThrow(/not durable/);
+    await store.close();
+    await dev.close();
+  });
+
+  it('ignores resent duplicates by sequence number', async () => {
+    const { store, dev } = await openStore();
+    expect(feed(store, { t: 'w', e: 1, s: 1, o: 0 }, Buffer.alloc(512, 1))).toBe(true);
+    expect(feed(store, { t: 'w', e: 1, s: 1, o: 0 }, Buffer.alloc(512, 1))).toBe(false);
+    await store.seal({ t: 'seal', e: 1, n: 1, b: 512 });
+    await store.close();
+    await dev.close();
+  });
+
+  it('survives a restart between durable and commit, and after commit before apply', async () => {
+    const { store, dev, dir, image } = await openStore();
+    const rand = prng(3);
+    const model = Buffer.alloc(SIZE);
+    let s = 0;
+    for (let e = 1; e <= 3; e++) {
+      let bytes = 0;
+      const count = 20;
+      for (let i = 0; i < count; i++) {
+        const off = rand() % (SIZE - 70_000);
+        const data = randomBytes(1 + (rand() % 65_536), rand);
+        feed(store, { t: 'w', e, s: ++s, o: off }, data);
+        data.copy(model, off);
+        bytes += data.length;
+      }
+      await store.seal({ t: 'seal', e, n: count, b: bytes });
+      if (e === 1) await store.commit(1);
+    }
+    await store.close();
+    await dev.close();
+    // Restart: epoch 1 committed (applied or not), 2 and 3 durable.
+    const again = await openStore(dir, image);
+    expect(again.store.lastCommitted).toBe(1);
+    expect(again.store.pendingEpochs().map((m) => [m.epoch, m.state])).toEqual([
+      [2, 'durable'],
+      [3, 'durable'],
+    ]);
+    await again.store.commit(3);
+    expect((await readSvm(again.store, 0, SIZE)).equals(model)).toBe(true);
+    await again.store.drainApply();
+    const img = Buffer.alloc(SIZE);
+    await again.dev.pread(img, 0);
+    expect(img.equals(model)).toBe(true);
+    await again.store.close();
+    await again.dev.close();
+  });
+
+  it('keeps the SVM overlay across a restart (flushed writes are real data after a failover)', async () => {
+    const { store, dev, dir, image } = await openStore();
+    await store.svmDevice.pwrite(Buffer.from('svm data'), 5000, { fua: true });
+    await store.close();
+    await dev.close();
+    const again = await openStore(dir, image);
+    expect((await readSvm(again.store, 5000, 8)).toString()).toBe('svm data');
+    await again.store.close();
+    await again.dev.close();
+  });
+
+  it('refuses a state directory made for another disk size', async () => {
+    const { store, dev, dir } = await openStore();
+    await store.close();
+    await dev.close();
+    const other = path.join(root, 'other.img');
+    const dev2 = await FileDevice.open(other, { size: SIZE * 2 });
+    await expect(SecondaryStore.open(dir, dev2)).rejects.toThrow(/belongs to a 4194304-byte disk/);
+    await dev2.close();
+  });
+});
+
+// The SVM view is a BlockDevice like any other: it runs the conformance suite.
+deviceSuite('SvmDevice (overlay over committed epochs over image)', async (size) => {
+  const dir = path.join(root, `suite${n++}`);
+  const image = dir + '.img';
+  const dev = await FileDevice.open(image, { size });
+  const store = await SecondaryStore.open(dir, dev);
+  return {
+    device: store.svmDevice,
+    cleanup: async () => {
+      await store.close();
+      await dev.close();
+      fs.rmSync(image);
+    },
+  };
+});
