@@ -11,7 +11,6 @@
 import { limits } from '../limits.js';
 import {
   assertRange,
-  coalesceExtents,
   ExtentFlag,
   type BlockDevice,
   type Capabilities,
@@ -111,21 +110,22 @@ export class MemoryDevice implements BlockDevice {
 
   async extents(offset: number, length: number): Promise<Extent[]> {
     assertRange(this, offset, length);
+    // Merge while walking, so the limit counts extents (not pages) and a large
+    // sparse range comes back in one answer.
     const out: Extent[] = [];
     let done = 0;
-    while (done < length && out.length < limits.maxExtentsPerReply) {
+    while (done < length) {
       const pos = offset + done;
       const index = Math.floor(pos / this.pageBytes);
-      const inPage = pos - index * this.pageBytes;
-      const n = Math.min(this.pageBytes - inPage, length - done);
-      out.push({
-        offset: pos,
-        length: n,
-        flags: this.pages.has(index) ? 0 : ExtentFlag.HOLE | ExtentFlag.ZERO,
-      });
+      const n = Math.min(this.pageBytes - (pos - index * this.pageBytes), length - done);
+      const flags = this.pages.has(index) ? 0 : ExtentFlag.HOLE | ExtentFlag.ZERO;
+      const last = out[out.length - 1];
+      if (last && last.flags === flags) last.length += n;
+      else if (out.length === limits.maxExtentsPerReply) break;
+      else out.push({ offset: pos, length: n, flags });
       done += n;
     }
-    return coalesceExtents(out);
+    return out;
   }
 
   async cache(offset: number, length: number): Promise<void> {
