@@ -57,10 +57,13 @@ describe('FileDevice specifics', () => {
     await dev.close();
   });
 
-  it('memory device keeps NO_HOLE zeroes allocated', async () => {
-    const dev = new MemoryDevice(1024 * 1024);
+  it('memory device keeps NO_HOLE zeroes allocated, without allocating fresh pages', async () => {
+    const dev = new MemoryDevice(1024 * 1024 * 1024 * 1024);
+    await dev.pwrite(Buffer.alloc(262144, 1), 0);
     await dev.zero(0, 262144, { mayTrim: false });
     expect((await dev.extents(0, 262144)).every((e) => e.flags === 0)).toBe(true);
+    await dev.zero(0, dev.size, { mayTrim: false }); // 1 TiB: must not allocate it
+    expect(dev.allocatedBytes).toBe(262144);
     await dev.zero(0, 262144, { mayTrim: true });
     expect((await dev.extents(0, 262144)).every((e) => e.flags === 3)).toBe(true);
   });

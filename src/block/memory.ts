@@ -101,9 +101,11 @@ export class MemoryDevice implements BlockDevice {
       const inPage = pos - index * this.pageBytes;
       const n = Math.min(this.pageBytes - inPage, length - done);
       const page = this.pages.get(index);
+      // NO_HOLE keeps written pages allocated; an absent page already reads as
+      // zero and is not allocated (RAM has no provisioning to promise, and a
+      // huge NO_HOLE request must not allocate the whole device).
       if (n === this.pageBytes && mayFree) this.pages.delete(index);
       else if (page) page.fill(0, inPage, inPage + n);
-      else if (!mayFree) this.pages.set(index, Buffer.alloc(this.pageBytes));
       done += n;
     }
   }

@@ -81,18 +81,25 @@ export class JournalWriter {
 
   /** Append an already-encoded frame (e.g. as received from the link). */
   appendEncoded(parts: [Buffer, Buffer]): AppendResult {
+    const r = this.appendRaw(parts[1].length ? parts : [parts[0]], parts[1].length);
+    return { ...r, parts };
+  }
+
+  /** Append whole frame bytes whose last `dataLength` bytes are the frame's data. */
+  appendRaw(buffers: Buffer[], dataLength: number): Omit<AppendResult, 'parts'> {
     if (this.closed) throw new ColoError('ESHUTDOWN', `journal ${this.path} is closed`);
-    const [head, data] = parts;
     const offset = this.end;
-    const total = head.length + data.length;
-    let written = fs.writevSync(this.fd, data.length ? [head, data] : [head], offset);
-    while (written < total) {
-      // Short write: finish it piece by piece.
-      const whole = Buffer.concat([head, data]);
-      written += fs.writeSync(this.fd, whole, written, total - written, offset + written);
+    let total = 0;
+    for (const b of buffers) total += b.length;
+    let written = fs.writevSync(this.fd, buffers, offset);
+    if (written < total) {
+      // Short write: finish it from one contiguous copy.
+      const whole = Buffer.concat(buffers);
+      while (written < total)
+        written += fs.writeSync(this.fd, whole, written, total - written, offset + written);
     }
     this.end += total;
-    return { offset, dataPos: offset + head.length, bytes: total, parts };
+    return { offset, dataPos: offset + total - dataLength, bytes: total };
   }
 
   /** Make every append so far durable. Concurrent callers share syncs. */

@@ -68,10 +68,10 @@ export class Layer {
     return r.bytes;
   }
 
-  /** Append an already-encoded frame carrying `rec` (forwarded from the link as is). */
-  appendEncoded(rec: MutationRecord, parts: [Buffer, Buffer]): number {
-    const r = this.journal.appendEncoded(parts);
-    this.index_(rec, r.dataPos, parts[1].length);
+  /** Append the raw bytes of a frame carrying `rec` (forwarded from the link as is). */
+  appendFrame(rec: MutationRecord, frame: Buffer, dataLength: number): number {
+    const r = this.journal.appendRaw([frame], dataLength);
+    this.index_(rec, r.dataPos, dataLength);
     return r.bytes;
   }
 

@@ -67,7 +67,9 @@ export class SecondaryStore {
   private overlayId = 0;
   lastCommitted = 0;
   lastApplied = 0;
+  /** Highest sequence number held from the current primary session. */
   highestSeq = 0;
+  session: string | null = null;
   private applying: Promise<void> | null = null;
   private applyError: Error | null = null;
   private closed = false;
@@ -127,7 +129,6 @@ export class SecondaryStore {
     if (size === undefined) await this.db.put('size', String(this.image.size), { sync: true });
     this.lastCommitted = (await this.getJson<number>('committed')) ?? 0;
     this.lastApplied = (await this.getJson<number>('applied')) ?? 0;
-    this.highestSeq = (await this.getJson<number>('seq')) ?? 0;
     this.overlayId = (await this.getJson<number>('overlay')) ?? 1;
     const metas = new Map<number, EpochMeta>();
     for await (const [, v] of this.db.iterator({ gte: 'epoch!', lt: 'epoch"' })) {
@@ -190,6 +191,39 @@ export class SecondaryStore {
   // ---------------------------------------------------------------------------
   // The PVM's stream
 
+  /** Highest epoch this node holds durably (or has committed). */
+  get durableEpoch(): number {
+    let n = this.lastCommitted;
+    for (const e of this.epochs.values())
+      if (e.state === 'durable' || e.state === 'committed') n = Math.max(n, e.epoch);
+    return n;
+  }
+
+  /**
+   * A primary (re)connected. The same session resumes where it was (resent
+   * records are dropped by sequence); a new session means the old primary run
+   * is gone, so epochs it never made durable here can never complete: drop them.
+   */
+  startSession(session: string, primaryEpoch: number): { dropped: number[] } {
+    if (primaryEpoch <= this.durableEpoch)
+      throw new ColoError(
+        'EUSAGE',
+        `the primary is at epoch ${primaryEpoch}, but this secondary already holds epoch ${this.durableEpoch} durably: ` +
+          `the primary's state is older than this node's (a stale primary, or another primary's secondary)`,
+      );
+    if (session === this.session) return { dropped: [] };
+    const dropped: number[] = [];
+    for (const e of [...this.epochs.values()])
+      if (e.state === 'receiving' || e.state === 'sealed') {
+        e.layer.destroy();
+        this.epochs.delete(e.epoch);
+        dropped.push(e.epoch);
+      }
+    this.session = session;
+    this.highestSeq = 0;
+    return { dropped };
+  }
+
   private entry(n: number): EpochEntry {
     let e = this.epochs.get(n);
     if (!e) {
@@ -208,14 +242,14 @@ export class SecondaryStore {
    * Store one PVM mutation. Records at or below the highest sequence number
    * already held are duplicates from a resend and are ignored (returns false).
    */
-  receive(rec: MutationRecord, parts: [Buffer, Buffer]): boolean {
+  receive(rec: MutationRecord, frame: Buffer, dataLength: number): boolean {
     if (rec.s <= this.highestSeq) return false;
     const e = this.entry(rec.e);
     if (e.state !== 'receiving')
       throw new ColoError('EPROTO', `mutation for epoch ${rec.e}, which is already ${e.state}`);
-    if (rec.o + (rec.t === 'w' ? parts[1].length : rec.l) > this.size)
+    if (rec.o + (rec.t === 'w' ? dataLength : rec.l) > this.size)
       throw new ColoError('EPROTO', `mutation beyond the end of the disk at ${rec.o}`);
-    e.layer.appendEncoded(rec, parts);
+    e.layer.appendFrame(rec, frame, dataLength);
     this.highestSeq = rec.s;
     return true;
   }
@@ -238,13 +272,9 @@ export class SecondaryStore {
     await e.layer.sync();
     e.state = 'durable';
     const meta: EpochMeta = { ...this.epochMeta(e), durableAt: Date.now() };
-    await this.db.batch(
-      [
-        { type: 'put', key: epochKey(e.epoch), value: JSON.stringify(meta) },
-        { type: 'put', key: 'seq', value: String(this.highestSeq) },
-      ],
-      { sync: true },
-    );
+    await this.db.batch([{ type: 'put', key: epochKey(e.epoch), value: JSON.stringify(meta) }], {
+      sync: true,
+    });
     return meta;
   }
 

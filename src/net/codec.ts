@@ -303,6 +303,8 @@ export interface Request {
   offset: number;
   /** Effect length, or payload length for WRITE (and PAYLOAD_LEN in extended mode). */
   length: number;
+  /** The wire offset's two halves, kept only when `offset` had to be clamped (extended replies echo it). */
+  offsetRaw?: [number, number];
 }
 
 export function requestHeaderBytes(extended: boolean): number {
@@ -320,7 +322,7 @@ export function decodeRequest(buf: Buffer, off: number, extended: boolean): Requ
           ? 'compact request header after extended headers were negotiated'
           : `bad request magic 0x${magic.toString(16)}`,
       );
-    return {
+    const req: Request = {
       flags: buf.readUInt16BE(off + 4),
       type: buf.readUInt16BE(off + 6),
       cookieHi: buf.readUInt32BE(off + 8),
@@ -328,6 +330,8 @@ export function decodeRequest(buf: Buffer, off: number, extended: boolean): Requ
       offset: readU64(buf, off + 16),
       length: readU64(buf, off + 24),
     };
+    if (req.offset === WIRE_TOO_BIG) req.offsetRaw = [buf.readUInt32BE(off + 16), buf.readUInt32BE(off + 20)];
+    return req;
   }
   if (buf.length - off < REQUEST_HEADER_BYTES) return null;
   const magic = buf.readUInt32BE(off);
@@ -391,6 +395,7 @@ export function writeChunkHeader(
   cookieLo: number,
   reqOffset: number,
   payloadLength: number,
+  reqOffsetRaw?: [number, number],
 ): number {
   if (extended) {
     buf.writeUInt32BE(EXTENDED_REPLY_MAGIC, off);
@@ -398,7 +403,10 @@ export function writeChunkHeader(
     buf.writeUInt16BE(type, off + 6);
     buf.writeUInt32BE(cookieHi, off + 8);
     buf.writeUInt32BE(cookieLo, off + 12);
-    writeU64(buf, Math.min(reqOffset, WIRE_TOO_BIG - 1), off + 16);
+    if (reqOffsetRaw) {
+      buf.writeUInt32BE(reqOffsetRaw[0], off + 16);
+      buf.writeUInt32BE(reqOffsetRaw[1], off + 20);
+    } else writeU64(buf, Math.min(reqOffset, WIRE_TOO_BIG - 1), off + 16);
     writeU64(buf, payloadLength, off + 24);
     return EXTENDED_REPLY_HEADER_BYTES;
   }
@@ -418,7 +426,7 @@ export function chunkHeaderBytes(extended: boolean): number {
 /** A complete reply without payload: simple reply, or a final NONE / ERROR chunk. */
 export function encodeStatusReply(
   mode: ReplyMode,
-  req: Pick<Request, 'cookieHi' | 'cookieLo' | 'offset'>,
+  req: Pick<Request, 'cookieHi' | 'cookieLo' | 'offset' | 'offsetRaw'>,
   error: number,
   message = '',
 ): Buffer {
@@ -456,6 +464,7 @@ export function encodeStatusReply(
     req.cookieLo,
     req.offset,
     6 + msg.length,
+    req.offsetRaw,
   );
   buf.writeUInt32BE(error, hdr);
   buf.writeUInt16BE(msg.length, hdr + 4);

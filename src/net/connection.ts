@@ -231,8 +231,14 @@ export class Connection {
     const hdrBytes = requestHeaderBytes(this.extended);
     if (this.queue.length < hdrBytes) return false;
     const req = decodeRequest(this.queue.peek(hdrBytes), 0, this.extended)!;
-    this.queue.skip(hdrBytes);
     const payloadLength = this.payloadLengthOf(req);
+    // Memory bound: a request's payload or read reply counts against the
+    // in-flight budget before anything is allocated for it (one request may
+    // always run alone, so a single large request never deadlocks).
+    const cost = this.costOf(req, payloadLength);
+    if (this.inflight > 0 && this.inflightBytes + cost > this.server.options.maxInflightBytes)
+      return this.pauseReading();
+    this.queue.skip(hdrBytes);
     if (payloadLength > 0) {
       if (payloadLength > limits.maxPayloadBytes)
         throw new ProtocolError(
@@ -247,6 +253,12 @@ export class Connection {
     }
     this.dispatch(req, null);
     return true;
+  }
+
+  /** Bytes a request holds while in flight: its payload, or its read reply. */
+  private costOf(req: Request, payloadLength: number): number {
+    if (payloadLength > 0) return payloadLength;
+    return req.type === Cmd.READ && req.length <= limits.maxPayloadBytes ? req.length : 0;
   }
 
   /** Bytes of payload that follow a request header. */
@@ -265,6 +277,7 @@ export class Connection {
 
   private maybeResume(): void {
     if (!this.readPaused || this.writeBlocked || this.phase === 'closed') return;
+    if (this.socket.writableLength >= this.server.options.maxInflightBytes) return;
     if (this.inflight >= this.server.options.maxInflightRequests) return;
     if (this.inflightBytes >= this.server.options.maxInflightBytes) return;
     if (this.disconnecting) return;
@@ -399,6 +412,8 @@ export class Connection {
   }
 
   private handleMetaContext(option: number, payload: Buffer): void {
+    // SET replaces the previous selection even when it fails (spec).
+    if (option === Opt.SET_META_CONTEXT) this.meta = null;
     if (!this.structured)
       return this.optionError(
         option,
@@ -464,7 +479,7 @@ export class Connection {
       if (this.inflight === 0) this.endGracefully();
       return;
     }
-    const bytes = payload?.length ?? 0;
+    const bytes = this.costOf(req, payload?.length ?? 0);
     this.inflight++;
     this.inflightBytes += bytes;
     let work: Promise<Buffer>;
@@ -507,6 +522,9 @@ export class Connection {
     } else if (this.extended && req.type === Cmd.WRITE) {
       throw new RequestError(NbdErrno.EINVAL, 'WRITE with extended headers needs the PAYLOAD_LEN flag');
     }
+    // FUA is valid on every command once SEND_FUA is advertised (writable exports);
+    // on commands that write nothing it has nothing to make durable.
+    if (!exp.readOnly) flags &= ~CmdFlag.FUA;
     if (flags & ~allowed)
       throw new RequestError(
         NbdErrno.EINVAL,
@@ -571,8 +589,10 @@ export class Connection {
       }
       case Cmd.WRITE:
         stats.writes++;
-        stats.bytesWritten += payload!.length;
-        if (payload!.length > 0) await dev.pwrite(payload!, req.offset, { fua });
+        if (payload && payload.length > 0) {
+          stats.bytesWritten += payload.length;
+          await dev.pwrite(payload, req.offset, { fua });
+        }
         return encodeStatusReply(this.mode, req, 0);
       case Cmd.FLUSH:
         stats.flushes++;

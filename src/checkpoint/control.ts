@@ -1,0 +1,155 @@
+/**
+ * The control API: HTTP/JSON on a node's --control address. It is the
+ * checkpoint coordinator's interface (two-phase: seal, durable, commit) and
+ * the CLI's transport (status, inspect, metrics).
+ *
+ * Errors are JSON `{ error: { code, message } }` with an HTTP status derived
+ * from the error code, so a script can tell a usage error from a failed
+ * checkpoint from an unreachable peer.
+ */
+import http from 'node:http';
+import type net from 'node:net';
+import { ColoError, toColoError, type ErrorCode } from '../errors.js';
+
+export type Handler = (query: URLSearchParams, body: Record<string, unknown>) => Promise<unknown>;
+
+export interface Route {
+  method: 'GET' | 'POST';
+  path: string;
+  handler: Handler;
+  /** Plain-text responses (Prometheus metrics). */
+  text?: boolean;
+}
+
+const statusOf: Partial<Record<ErrorCode, number>> = {
+  EINVAL: 400,
+  EUSAGE: 400,
+  ENOENT: 404,
+  ECONNECT: 503,
+  ESHUTDOWN: 503,
+};
+
+const MAX_BODY = 64 * 1024;
+
+export class ControlServer {
+  private readonly server: http.Server;
+  private readonly routes = new Map<string, Route>();
+
+  constructor(routes: Route[]) {
+    for (const r of routes) this.routes.set(`${r.method} ${r.path}`, r);
+    this.server = http.createServer((req, res) => void this.handle(req, res));
+    this.server.keepAliveTimeout = 5000;
+  }
+
+  async listen(port: number, host: string): Promise<net.AddressInfo> {
+    await new Promise<void>((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(port, host, () => {
+        this.server.off('error', reject);
+        resolve();
+      });
+    });
+    return this.server.address() as net.AddressInfo;
+  }
+
+  private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const url = new URL(req.url ?? '/', 'http://control');
+    const route = this.routes.get(`${req.method} ${url.pathname}`);
+    try {
+      if (!route) {
+        const known = [...this.routes.keys()].join(', ');
+        throw new ColoError('ENOENT', `no route ${req.method} ${url.pathname}; known: ${known}`);
+      }
+      let body: Record<string, unknown> = {};
+      if (req.method === 'POST') {
+        const chunks: Buffer[] = [];
+        let size = 0;
+        for await (const c of req) {
+          size += (c as Buffer).length;
+          if (size > MAX_BODY) throw new ColoError('EINVAL', `request body over ${MAX_BODY} bytes`);
+          chunks.push(c as Buffer);
+        }
+        const text = Buffer.concat(chunks).toString('utf8');
+        if (text.trim()) {
+          try {
+            body = JSON.parse(text) as Record<string, unknown>;
+          } catch {
+            throw new ColoError('EINVAL', 'request body is not JSON');
+          }
+        }
+      }
+      const result = await route.handler(url.searchParams, body);
+      if (route.text) {
+        res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' });
+        res.end(String(result));
+      } else {
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify(result));
+      }
+    } catch (err) {
+      const e = toColoError(err);
+      res.writeHead(statusOf[e.code] ?? 500, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ error: { code: e.code, message: e.message } }));
+    }
+  }
+
+  async close(): Promise<void> {
+    this.server.closeAllConnections();
+    await new Promise<void>((r) => this.server.close(() => r()));
+  }
+}
+
+/** Call a control endpoint; errors come back as ColoErrors with the server's code. */
+export async function controlCall<T = Record<string, unknown>>(
+  address: { host: string; port: number },
+  method: 'GET' | 'POST',
+  path: string,
+  body?: object,
+  timeoutMs = 30_000,
+): Promise<T> {
+  const payload = body ? JSON.stringify(body) : undefined;
+  return new Promise<T>((resolve, reject) => {
+    const req = http.request(
+      {
+        host: address.host,
+        port: address.port,
+        method,
+        path,
+        headers: payload
+          ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) }
+          : {},
+        timeout: timeoutMs,
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => {
+          const text = Buffer.concat(chunks).toString('utf8');
+          const json = (() => {
+            try {
+              return JSON.parse(text);
+            } catch {
+              return undefined;
+            }
+          })();
+          if ((res.statusCode ?? 500) >= 400) {
+            const e = json?.error;
+            reject(new ColoError(e?.code ?? 'EIO', e?.message ?? `HTTP ${res.statusCode}: ${text}`));
+          } else resolve((json ?? text) as T);
+        });
+      },
+    );
+    req.on('timeout', () =>
+      req.destroy(new Error(`no answer from ${address.host}:${address.port} in ${timeoutMs} ms`)),
+    );
+    req.on('error', (err) =>
+      reject(
+        new ColoError(
+          'ECONNECT',
+          `cannot reach the control API at ${address.host}:${address.port}: ${err.message} (is the node running?)`,
+        ),
+      ),
+    );
+    req.end(payload);
+  });
+}

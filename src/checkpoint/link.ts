@@ -1,0 +1,553 @@
+/**
+ * The replication link between primary and secondary.
+ *
+ * Notes on the design:
+ * - The primary connects (and reconnects, with backoff) to the secondary.
+ *   Both sides speak frames (frame.ts). After a hello exchange in which the
+ *   two check that their disks have the same size, the primary streams the
+ *   bytes of its epoch journals in order: that byte stream *is* a sequence
+ *   of frames, so nothing is re-encoded, and a resend after a reconnect is a
+ *   replay of the files from the oldest epoch the secondary has not yet made
+ *   durable. The secondary drops records it already holds (by sequence).
+ * - Live fast path: when the sender has caught up, a new record's frame goes
+ *   straight to the socket as it is appended; otherwise the sender reads the
+ *   journals from disk at its own pace (socket backpressure via 'drain'), so
+ *   memory stays bounded however far behind the secondary is.
+ * - The secondary handles frames strictly in order; a seal makes the epoch
+ *   durable before 'durable' is answered, a commit answers 'committed' after
+ *   the commit record is durable. Every failure is answered with an 'error'
+ *   frame naming the epoch, never swallowed (invariant 6).
+ */
+import { EventEmitter } from 'node:events';
+import net from 'node:net';
+import { ColoError, toColoError, type ErrorCode } from '../errors.js';
+import { ByteQueue } from '../net/bytequeue.js';
+import { decodeFrame, encodeFrameBuffer, FRAME_HEADER_BYTES, FrameError, peekFrameBytes } from './frame.js';
+import type { PrimaryLog } from './primary-log.js';
+import { isMutation, type MutationRecord, type SealRecord } from './records.js';
+import type { SecondaryStore } from './secondary-store.js';
+
+export const LINK_PROTOCOL = 1;
+const READ_CHUNK = 1024 * 1024;
+
+type Meta = Record<string, unknown> & { t: string };
+
+/** Parses frames from a socket and hands them, in order, to an async handler. */
+class FrameReader {
+  private readonly queue = new ByteQueue();
+  private busy = false;
+  private stopped = false;
+
+  constructor(
+    private readonly socket: net.Socket,
+    private readonly handle: (meta: Meta, frame: Buffer, dataLength: number) => void | Promise<void>,
+    private readonly fail: (err: Error) => void,
+  ) {
+    socket.on('data', (chunk: Buffer) => {
+      this.queue.push(chunk);
+      void this.pump();
+    });
+  }
+
+  stop(): void {
+    this.stopped = true;
+  }
+
+  private async pump(): Promise<void> {
+    if (this.busy) return;
+    this.busy = true;
+    try {
+      while (!this.stopped && this.queue.length >= FRAME_HEADER_BYTES) {
+        const total = peekFrameBytes(this.queue.peek(FRAME_HEADER_BYTES))!;
+        if (this.queue.length < total) break;
+        const frame = this.queue.take(total);
+        const f = decodeFrame<Meta>(frame)!;
+        const r = this.handle(f.meta, frame, f.data.length);
+        if (r) {
+          this.socket.pause();
+          await r;
+          this.socket.resume();
+        }
+      }
+    } catch (err) {
+      this.stopped = true;
+      this.fail(err as Error);
+    } finally {
+      this.busy = false;
+    }
+  }
+}
+
+function send(socket: net.Socket, meta: object): void {
+  if (!socket.destroyed) socket.write(encodeFrameBuffer(meta));
+}
+
+// -----------------------------------------------------------------------------
+// Primary side
+
+export type LinkState = 'connecting' | 'connected' | 'down';
+
+interface Waiter {
+  epoch: number;
+  resolve: (meta: Meta) => void;
+  reject: (err: Error) => void;
+}
+
+export interface PrimaryLinkOptions {
+  host: string;
+  port: number;
+  size: number;
+  reconnectMinMs?: number;
+  reconnectMaxMs?: number;
+  log?: (msg: string) => void;
+}
+
+export class PrimaryLink extends EventEmitter {
+  state: LinkState = 'connecting';
+  lastError: string | null = null;
+  connectedSince: number | null = null;
+  downSince: number | null = Date.now();
+  /** Highest epoch the secondary reported durable / committed. */
+  durableEpoch = 0;
+  committedEpoch = 0;
+  bytesSent = 0;
+  reconnects = 0;
+  private socket: net.Socket | null = null;
+  private reader: FrameReader | null = null;
+  private ready = false;
+  private blocked = false;
+  private cursor = { epoch: 0, offset: 0 };
+  private durableWaiters: Waiter[] = [];
+  private commitWaiters: Waiter[] = [];
+  private retryTimer: NodeJS.Timeout | null = null;
+  private retryMs: number;
+  private closed = false;
+
+  constructor(
+    private readonly plog: PrimaryLog,
+    private readonly opts: PrimaryLinkOptions,
+  ) {
+    super();
+    this.retryMs = opts.reconnectMinMs ?? 100;
+    plog.onAppend = (epoch, parts, bytes) => this.onAppend(epoch, parts, bytes);
+  }
+
+  start(): void {
+    this.connect();
+  }
+
+  private log(msg: string): void {
+    this.opts.log?.(msg);
+  }
+
+  private connect(): void {
+    if (this.closed) return;
+    this.state = 'connecting';
+    const socket = net.connect({ host: this.opts.host, port: this.opts.port });
+    socket.setNoDelay(true);
+    this.socket = socket;
+    socket.once('connect', () => {
+      send(socket, {
+        t: 'hello',
+        proto: LINK_PROTOCOL,
+        size: this.opts.size,
+        epoch: this.plog.current,
+        session: this.plog.session,
+      });
+    });
+    this.reader = new FrameReader(
+      socket,
+      (meta) => this.onFrame(meta),
+      (err) => {
+        this.lastError = `bad frame from the secondary: ${err.message}`;
+        socket.destroy();
+      },
+    );
+    socket.on('drain', () => {
+      this.blocked = false;
+      this.pump();
+    });
+    socket.on('error', (err) => {
+      this.lastError = err.message;
+    });
+    socket.on('close', () => this.onClose(socket));
+  }
+
+  private onClose(socket: net.Socket): void {
+    if (this.socket !== socket) return;
+    this.reader?.stop();
+    this.socket = null;
+    const wasReady = this.ready;
+    this.ready = false;
+    this.blocked = false;
+    if (this.state === 'connected' || wasReady)
+      this.log(`link down: ${this.lastError ?? 'connection closed'}`);
+    this.state = 'down';
+    this.connectedSince = null;
+    this.downSince ??= Date.now();
+    const err = new ColoError('ECONNECT', `replication link lost: ${this.lastError ?? 'connection closed'}`);
+    this.rejectAll(err);
+    if (this.closed) return;
+    this.retryTimer = setTimeout(() => {
+      this.reconnects++;
+      this.connect();
+    }, this.retryMs);
+    this.retryMs = Math.min(this.retryMs * 2, this.opts.reconnectMaxMs ?? 2000);
+  }
+
+  private rejectAll(err: Error): void {
+    for (const w of [...this.durableWaiters, ...this.commitWaiters]) w.reject(err);
+    this.durableWaiters = [];
+    this.commitWaiters = [];
+  }
+
+  private onFrame(meta: Meta): void {
+    switch (meta.t) {
+      case 'hello': {
+        if (meta.size !== this.opts.size) {
+          this.lastError =
+            `the secondary's disk is ${meta.size} bytes but the primary's is ${this.opts.size}: ` +
+            `both images must have the same size`;
+          this.log(this.lastError);
+          this.socket?.destroy();
+          return;
+        }
+        this.ready = true;
+        this.state = 'connected';
+        this.connectedSince = Date.now();
+        this.downSince = null;
+        this.lastError = null;
+        this.retryMs = this.opts.reconnectMinMs ?? 100;
+        this.durableEpoch = Math.max(this.durableEpoch, Number(meta.durable ?? 0));
+        this.committedEpoch = Math.max(this.committedEpoch, Number(meta.committed ?? 0));
+        this.plog.releaseThrough(this.durableEpoch);
+        // Replay from the oldest epoch still held.
+        const oldest = this.plog.heldEpochs()[0];
+        this.cursor = { epoch: oldest?.epoch ?? this.plog.current, offset: 0 };
+        this.log(
+          `link up: secondary at seq ${meta.seq}, durable epoch ${meta.durable}, resending from epoch ${this.cursor.epoch}`,
+        );
+        this.pump();
+        return;
+      }
+      case 'durable': {
+        const e = Number(meta.e);
+        this.durableEpoch = Math.max(this.durableEpoch, e);
+        this.plog.releaseThrough(e);
+        this.settle(this.durableWaiters, e, meta);
+        return;
+      }
+      case 'committed': {
+        const e = Number(meta.e);
+        this.committedEpoch = Math.max(this.committedEpoch, e);
+        this.settle(this.commitWaiters, e, meta);
+        return;
+      }
+      case 'error': {
+        const err = new ColoError(
+          (meta.code as ErrorCode) ?? 'EIO',
+          `secondary: ${String(meta.message)}${meta.e !== undefined ? ` (epoch ${meta.e})` : ''}`,
+        );
+        this.lastError = err.message;
+        this.log(err.message);
+        const e = meta.e === undefined ? Infinity : Number(meta.e);
+        for (const list of [this.durableWaiters, this.commitWaiters])
+          for (const w of [...list])
+            if (w.epoch >= e || e === Infinity) {
+              list.splice(list.indexOf(w), 1);
+              w.reject(err);
+            }
+        return;
+      }
+    }
+  }
+
+  private settle(list: Waiter[], epoch: number, meta: Meta): void {
+    for (const w of [...list])
+      if (w.epoch <= epoch) {
+        list.splice(list.indexOf(w), 1);
+        w.resolve(meta);
+      }
+  }
+
+  private onAppend(epoch: number, parts: [Buffer, Buffer], bytes: number): void {
+    if (!this.ready || this.blocked || !this.socket) return;
+    const e = this.plog.epochs.get(epoch)!;
+    // Live fast path: the sender is exactly at the end of this epoch's journal.
+    if (this.cursor.epoch === epoch && this.cursor.offset + bytes === e.journal.size) {
+      this.write(parts[0]);
+      if (parts[1].length) this.write(parts[1]);
+      this.cursor.offset += bytes;
+      this.bytesSent += bytes;
+    } else this.pump();
+  }
+
+  private write(buf: Buffer): void {
+    if (!this.socket!.write(buf)) this.blocked = true;
+  }
+
+  /** Stream journal bytes from the cursor until caught up or the socket pushes back. */
+  private pump(): void {
+    while (this.ready && !this.blocked && this.socket && !this.plog.outOfSync) {
+      const e = this.plog.epochs.get(this.cursor.epoch);
+      if (!e) {
+        const next = this.plog.heldEpochs().find((h) => h.epoch > this.cursor.epoch);
+        if (!next) return;
+        this.cursor = { epoch: next.epoch, offset: 0 };
+        continue;
+      }
+      const size = e.journal.size;
+      if (this.cursor.offset < size) {
+        const n = Math.min(READ_CHUNK, size - this.cursor.offset);
+        const buf = Buffer.allocUnsafe(n);
+        e.journal.read(buf, this.cursor.offset);
+        this.write(buf);
+        this.cursor.offset += n;
+        this.bytesSent += n;
+        continue;
+      }
+      if (e.sealed) {
+        this.cursor = { epoch: e.epoch + 1, offset: 0 };
+        continue;
+      }
+      return; // caught up: live from here
+    }
+  }
+
+  get connected(): boolean {
+    return this.ready;
+  }
+
+  /** Bytes appended to the log that have not been sent yet. */
+  get unsentBytes(): number {
+    let n = 0;
+    for (const e of this.plog.heldEpochs()) {
+      if (e.epoch < this.cursor.epoch) continue;
+      n += e.journal.size - (e.epoch === this.cursor.epoch ? this.cursor.offset : 0);
+    }
+    return n;
+  }
+
+  private wait(list: Waiter[], epoch: number, timeoutMs: number, what: string): Promise<Meta> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        const i = list.indexOf(w);
+        if (i >= 0) list.splice(i, 1);
+        reject(
+          new ColoError(
+            'EIO',
+            `timed out after ${timeoutMs} ms waiting for the secondary to ${what} epoch ${epoch}`,
+          ),
+        );
+      }, timeoutMs);
+      const w: Waiter = {
+        epoch,
+        resolve: (m) => {
+          clearTimeout(timer);
+          resolve(m);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      };
+      list.push(w);
+    });
+  }
+
+  private requireUsable(): void {
+    if (this.plog.outOfSync)
+      throw new ColoError(
+        'EIO',
+        `the secondary is out of sync since ${new Date(this.plog.outOfSync.since).toISOString()} ` +
+          `(${this.plog.outOfSync.reason}); a resync is required`,
+      );
+    if (!this.ready)
+      throw new ColoError(
+        'ECONNECT',
+        `the secondary is not connected (${this.lastError ?? this.state}); epoch data is kept and resent on reconnect`,
+      );
+  }
+
+  /** Resolve once the secondary holds epoch N durably. */
+  async waitDurable(epoch: number, timeoutMs: number): Promise<Meta> {
+    if (this.durableEpoch >= epoch) return { t: 'durable', e: epoch };
+    this.requireUsable();
+    return this.wait(this.durableWaiters, epoch, timeoutMs, 'make durable');
+  }
+
+  /** Ask the secondary to commit through epoch N; resolve when the commit record is durable. */
+  async commit(epoch: number, timeoutMs: number): Promise<Meta> {
+    if (this.committedEpoch >= epoch) return { t: 'committed', e: epoch };
+    this.requireUsable();
+    const p = this.wait(this.commitWaiters, epoch, timeoutMs, 'commit');
+    send(this.socket!, { t: 'commit', e: epoch });
+    return p;
+  }
+
+  close(): void {
+    this.closed = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.rejectAll(new ColoError('ESHUTDOWN', 'the primary is shutting down'));
+    this.socket?.destroy();
+  }
+}
+
+// -----------------------------------------------------------------------------
+// Secondary side
+
+export interface SecondaryLinkOptions {
+  log?: (msg: string) => void;
+}
+
+export class SecondaryLink extends EventEmitter {
+  private readonly server: net.Server;
+  private current: net.Socket | null = null;
+  connectedSince: number | null = null;
+  lastError: string | null = null;
+  bytesReceived = 0;
+  records = 0;
+  duplicates = 0;
+  peer: string | null = null;
+
+  constructor(
+    private readonly store: SecondaryStore,
+    private readonly opts: SecondaryLinkOptions = {},
+  ) {
+    super();
+    this.server = net.createServer({ noDelay: true }, (s) => this.accept(s));
+    this.server.on('error', (err) => this.log(`replication listener: ${err.message}`));
+  }
+
+  private log(msg: string): void {
+    this.opts.log?.(msg);
+  }
+
+  async listen(port: number, host: string): Promise<net.AddressInfo> {
+    await new Promise<void>((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(port, host, () => {
+        this.server.off('error', reject);
+        resolve();
+      });
+    });
+    return this.server.address() as net.AddressInfo;
+  }
+
+  get connected(): boolean {
+    return this.current !== null && this.connectedSince !== null;
+  }
+
+  private accept(socket: net.Socket): void {
+    // The newest connection from the primary wins: an old one is a half-dead leftover.
+    if (this.current) {
+      this.log('a new replication connection replaces the old one');
+      this.current.destroy();
+    }
+    this.current = socket;
+    this.peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    socket.on('data', (d: Buffer) => (this.bytesReceived += d.length));
+    const reader = new FrameReader(
+      socket,
+      (meta, frame, dataLength) => this.onFrame(socket, meta, frame, dataLength),
+      (err) => {
+        this.lastError =
+          err instanceof FrameError ? `bad frame from the primary: ${err.message}` : err.message;
+        this.log(this.lastError);
+        socket.destroy();
+      },
+    );
+    socket.on('error', (err) => (this.lastError = err.message));
+    socket.on('close', () => {
+      reader.stop();
+      if (this.current === socket) {
+        this.current = null;
+        this.connectedSince = null;
+        this.log('replication link closed');
+      }
+    });
+  }
+
+  private onFrame(socket: net.Socket, meta: Meta, frame: Buffer, dataLength: number): void | Promise<void> {
+    if (meta.t === 'hello') {
+      if (meta.proto !== LINK_PROTOCOL) {
+        send(socket, {
+          t: 'error',
+          code: 'EPROTO',
+          message: `link protocol ${meta.proto} is not ${LINK_PROTOCOL}`,
+        });
+        socket.end();
+        return;
+      }
+      if (meta.size !== this.store.size) {
+        const message =
+          `the primary's disk is ${meta.size} bytes but this secondary's image is ${this.store.size}: ` +
+          `both images must have the same size`;
+        this.lastError = message;
+        this.log(message);
+        send(socket, { t: 'hello', proto: LINK_PROTOCOL, size: this.store.size });
+        send(socket, { t: 'error', code: 'EUSAGE', message });
+        socket.end();
+        return;
+      }
+      this.connectedSince = Date.now();
+      this.lastError = null;
+      const durable = Math.max(
+        this.store.lastCommitted,
+        ...this.store
+          .pendingEpochs()
+          .filter((e) => e.state !== 'receiving' && e.state !== 'sealed')
+          .map((e) => e.epoch),
+      );
+      send(socket, {
+        t: 'hello',
+        proto: LINK_PROTOCOL,
+        size: this.store.size,
+        seq: this.store.highestSeq,
+        durable,
+        committed: this.store.lastCommitted,
+      });
+      this.log(`primary connected from ${this.peer}`);
+      return;
+    }
+    if (isMutation(meta as { t: string })) {
+      try {
+        if (this.store.receive(meta as unknown as MutationRecord, frame, dataLength)) this.records++;
+        else this.duplicates++;
+      } catch (err) {
+        const e = toColoError(err);
+        this.lastError = e.message;
+        send(socket, { t: 'error', code: e.code, message: e.message, e: (meta as { e?: number }).e });
+        // A record we could not store makes the rest of the epoch useless: drop the link,
+        // the primary will resend from its journal once the cause is fixed.
+        socket.destroy();
+      }
+      return;
+    }
+    if (meta.t === 'seal')
+      return this.reply(socket, meta, () => this.store.seal(meta as unknown as SealRecord), 'durable');
+    if (meta.t === 'commit')
+      return this.reply(socket, meta, () => this.store.commit(Number(meta.e)), 'committed');
+    if (meta.t === 'ping') return void send(socket, { t: 'pong', ts: meta.ts });
+    send(socket, { t: 'error', code: 'EPROTO', message: `unknown frame type '${meta.t}'` });
+  }
+
+  private async reply(socket: net.Socket, meta: Meta, run: () => Promise<object>, t: string): Promise<void> {
+    const started = process.hrtime.bigint();
+    try {
+      const result = await run();
+      const ms = Number(process.hrtime.bigint() - started) / 1e6;
+      send(socket, { ...result, t, e: meta.e, ms });
+    } catch (err) {
+      const e = toColoError(err);
+      this.lastError = e.message;
+      this.log(`${meta.t} of epoch ${meta.e} failed: ${e.message}`);
+      send(socket, { t: 'error', code: e.code, message: e.message, e: meta.e });
+    }
+  }
+
+  async close(): Promise<void> {
+    this.current?.destroy();
+    await new Promise<void>((r) => this.server.close(() => r()));
+  }
+}

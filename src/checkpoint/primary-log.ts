@@ -1,0 +1,155 @@
+/**
+ * The primary's epoch log: every mutation of the current epoch, on disk, until
+ * the secondary holds it durably.
+ *
+ * Notes on the design:
+ * - One journal per epoch (`<state>/epochs/<N>.journal`), made of the same
+ *   frames the link carries. The replication stream *is* the concatenation of
+ *   these journals, so the sender can resend after a disconnect by streaming
+ *   file bytes, and the heap never holds an epoch (RSS stays flat whatever the
+ *   epoch size).
+ * - Sequence numbers increase strictly within a session (one run of the
+ *   primary); the secondary drops any record of the session it already holds,
+ *   which makes resends idempotent. A new session makes the secondary drop
+ *   what it holds of epochs that were never sealed durable.
+ * - A journal is deleted once the secondary reports its epoch durable.
+ * - Budget: if the bytes held for a secondary that is not keeping up exceed
+ *   `budgetBytes`, the log stops holding data, and the peer is marked out of
+ *   sync (a resync is then required; checkpoints fail until it is done).
+ */
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { ColoError } from '../errors.js';
+import { JournalWriter } from './journal.js';
+import type { MutationRecord, SealRecord } from './records.js';
+
+export interface LogEpoch {
+  epoch: number;
+  journal: JournalWriter;
+  records: number;
+  bytes: number;
+  sealed: boolean;
+  sealedAt?: number;
+  openedAt: number;
+}
+
+export type NewMutation =
+  | { t: 'w'; o: number; f?: boolean }
+  | { t: 'z'; o: number; l: number; h?: boolean; f?: boolean }
+  | { t: 't'; o: number; l: number; f?: boolean };
+
+export class PrimaryLog {
+  readonly epochs = new Map<number, LogEpoch>();
+  current: number;
+  /** Sequence numbers count per session; a session is one run of the primary. */
+  seq = 0;
+  readonly session = randomBytes(8).toString('hex');
+  outOfSync: { since: number; reason: string } | null = null;
+  /** Bytes of journals not yet durable at the secondary. */
+  heldBytes = 0;
+  /** Called after every append, so the link can send it. */
+  onAppend: (epoch: number, parts: [Buffer, Buffer], bytes: number) => void = () => {};
+
+  constructor(
+    readonly dir: string,
+    firstEpoch: number,
+    readonly budgetBytes: number,
+  ) {
+    fs.mkdirSync(dir, { recursive: true });
+    // Journals from an earlier run describe writes that run cannot vouch for; the
+    // peer is resynchronised instead (see docs/ARCHITECTURE.md, restarts).
+    for (const name of fs.readdirSync(dir)) if (name.endsWith('.journal')) fs.rmSync(path.join(dir, name));
+    this.current = firstEpoch;
+    this.open(firstEpoch);
+  }
+
+  private open(n: number): LogEpoch {
+    const e: LogEpoch = {
+      epoch: n,
+      journal: JournalWriter.open(path.join(this.dir, `${n}.journal`), 0),
+      records: 0,
+      bytes: 0,
+      sealed: false,
+      openedAt: Date.now(),
+    };
+    this.epochs.set(n, e);
+    return e;
+  }
+
+  get currentEpoch(): LogEpoch {
+    return this.epochs.get(this.current)!;
+  }
+
+  /** Log a mutation in the current epoch; returns its full record. */
+  append(m: NewMutation, data?: Buffer): MutationRecord {
+    const e = this.currentEpoch;
+    const rec = { ...m, e: e.epoch, s: ++this.seq } as MutationRecord;
+    e.records++;
+    if (rec.t === 'w') e.bytes += data!.length;
+    if (this.outOfSync) return rec; // counted, not held: a resync will carry it
+    const r = e.journal.append(rec, data);
+    this.heldBytes += r.bytes;
+    this.onAppend(e.epoch, r.parts, r.bytes);
+    if (this.heldBytes > this.budgetBytes)
+      this.markOutOfSync(
+        `the secondary fell ${this.heldBytes} bytes behind, more than the budget of ${this.budgetBytes} bytes`,
+      );
+    return rec;
+  }
+
+  /** Close the current epoch with its seal marker and open the next. */
+  seal(): SealRecord {
+    const e = this.currentEpoch;
+    const seal: SealRecord = { t: 'seal', e: e.epoch, n: e.records, b: e.bytes };
+    if (!this.outOfSync) {
+      const r = e.journal.append(seal);
+      this.heldBytes += r.bytes;
+      this.onAppend(e.epoch, r.parts, r.bytes);
+    }
+    e.sealed = true;
+    e.sealedAt = Date.now();
+    this.current = e.epoch + 1;
+    this.open(this.current);
+    return seal;
+  }
+
+  /** The secondary holds epoch N durably: its journal (and older ones) can go. */
+  releaseThrough(n: number): void {
+    for (const e of [...this.epochs.values()]) {
+      if (e.epoch > n || !e.sealed) continue;
+      this.heldBytes -= e.journal.size;
+      e.journal.close();
+      fs.rmSync(e.journal.path, { force: true });
+      this.epochs.delete(e.epoch);
+    }
+  }
+
+  markOutOfSync(reason: string): void {
+    if (this.outOfSync) return;
+    this.outOfSync = { since: Date.now(), reason };
+    // Stop holding data: the journals are useless to a peer that needs a resync.
+    for (const e of this.epochs.values()) {
+      this.heldBytes -= e.journal.size;
+      e.journal.close();
+      fs.rmSync(e.journal.path, { force: true });
+      e.journal = JournalWriter.open(e.journal.path, 0);
+    }
+    this.heldBytes = 0;
+  }
+
+  /** Sealed epochs still held (not yet durable at the secondary), oldest first. */
+  heldEpochs(): LogEpoch[] {
+    return [...this.epochs.values()].sort((a, b) => a.epoch - b.epoch);
+  }
+
+  epoch(n: number): LogEpoch {
+    const e = this.epochs.get(n);
+    if (!e) throw new ColoError('EINVAL', `epoch ${n} is not held by this primary`);
+    return e;
+  }
+
+  close(): void {
+    for (const e of this.epochs.values()) e.journal.close();
+  }
+}

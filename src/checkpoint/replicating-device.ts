@@ -1,0 +1,146 @@
+/**
+ * The PVM's disk on the primary: the local image plus the epoch log.
+ *
+ * Notes on the design:
+ * - Every mutating method (write, write-zeroes, trim) runs on the local disk
+ *   first and, once it succeeded, is logged (and so streamed to the
+ *   secondary) *before* it is acknowledged. "Acknowledged before the seal"
+ *   therefore implies "logged in epoch ≤ N" (invariant 2).
+ * - Overlapping mutations are executed in arrival order (a small range lock),
+ *   so the order in the log is the order in which they hit the local disk;
+ *   otherwise two overlapping writes in flight could land in one order here
+ *   and in the other order on the secondary.
+ * - TRIM is made deterministic: the range is zeroed (punched where the file
+ *   system can), so both sides read zeroes afterwards. NBD allows any content
+ *   after a trim, but replicas must agree byte for byte (invariant 1).
+ * - FLUSH and FUA keep their full local meaning (invariant 10); they are not
+ *   logged, because the secondary is made durable at each checkpoint.
+ * - `seal()` closes the gate for new mutations, waits until the in-flight ones
+ *   are logged, writes the seal marker and opens epoch N+1.
+ */
+import { ColoError } from '../errors.js';
+import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
+import type { PrimaryLog } from './primary-log.js';
+import type { SealRecord } from './records.js';
+
+interface Inflight {
+  start: number;
+  end: number;
+  done: Promise<void>;
+}
+
+export class ReplicatingDevice implements BlockDevice {
+  readonly caps: Capabilities;
+  private inflight: Inflight[] = [];
+  private gate: Promise<void> | null = null;
+
+  constructor(
+    readonly local: BlockDevice,
+    readonly log: PrimaryLog,
+  ) {
+    // Trim is always offered: it is implemented as a zeroing that may punch holes.
+    this.caps = { ...local.caps, trim: local.caps.zero === 'none' ? 'none' : 'native' };
+  }
+
+  get size(): number {
+    return this.local.size;
+  }
+
+  pread(buf: Buffer, offset: number): Promise<void> {
+    return this.local.pread(buf, offset);
+  }
+
+  /** Run a mutation under the seal gate and the range lock. */
+  private async mutate(start: number, length: number, run: () => Promise<void>): Promise<void> {
+    while (this.gate) await this.gate;
+    const end = start + length;
+    const before = this.inflight.filter((f) => f.start < end && start < f.end).map((f) => f.done);
+    let finish!: () => void;
+    const me: Inflight = { start, end, done: new Promise<void>((r) => (finish = r)) };
+    this.inflight.push(me);
+    try {
+      if (before.length) await Promise.all(before);
+      await run();
+    } finally {
+      this.inflight.splice(this.inflight.indexOf(me), 1);
+      finish();
+    }
+  }
+
+  pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
+    return this.mutate(offset, buf.length, async () => {
+      await this.local.pwrite(buf, offset, opts);
+      if (buf.length > 0) this.log.append({ t: 'w', o: offset, f: opts.fua || undefined }, buf);
+    });
+  }
+
+  zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    return this.mutate(offset, length, async () => {
+      await this.local.zero(offset, length, opts);
+      if (length > 0)
+        this.log.append({
+          t: 'z',
+          o: offset,
+          l: length,
+          h: opts.mayTrim !== false || undefined,
+          f: opts.fua || undefined,
+        });
+    });
+  }
+
+  trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
+    return this.mutate(offset, length, async () => {
+      await this.local.zero(offset, length, { mayTrim: true, fua: opts.fua });
+      if (length > 0) this.log.append({ t: 't', o: offset, l: length, f: opts.fua || undefined });
+    });
+  }
+
+  flush(): Promise<void> {
+    return this.local.flush();
+  }
+
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return this.local.extents(offset, length);
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.local.cache(offset, length);
+  }
+
+  /** Mutations started but not yet logged. */
+  get inflightCount(): number {
+    return this.inflight.length;
+  }
+
+  /**
+   * Close the current epoch: new mutations wait; the ones in flight finish and
+   * are logged in it; then the seal marker is written and epoch N+1 opens.
+   */
+  async seal(drainTimeoutMs = 10_000): Promise<SealRecord> {
+    if (this.gate) throw new ColoError('EINVAL', 'a seal is already in progress');
+    let open!: () => void;
+    this.gate = new Promise<void>((r) => (open = r));
+    try {
+      const deadline = Date.now() + drainTimeoutMs;
+      while (this.inflight.length > 0) {
+        if (Date.now() > deadline)
+          throw new ColoError(
+            'EIO',
+            `seal: ${this.inflight.length} writes still in flight after ${drainTimeoutMs} ms; the epoch stays open`,
+          );
+        await Promise.race([
+          Promise.all(this.inflight.map((f) => f.done)),
+          new Promise((r) => setTimeout(r, 50)),
+        ]);
+      }
+      return this.log.seal();
+    } finally {
+      this.gate = null;
+      open();
+    }
+  }
+
+  close(): Promise<void> {
+    return this.local.close();
+  }
+}

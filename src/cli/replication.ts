@@ -1,0 +1,279 @@
+/**
+ * CLI commands of the replication pair: `primary`, `secondary`, `checkpoint`,
+ * `status` and `inspect`. Every command that reports has --json.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { ClassicLevel } from 'classic-level';
+import { ColoError } from '../errors.js';
+import type { IoMode } from '../block/file.js';
+import { controlCall } from '../checkpoint/control.js';
+import { inspectJournal, type JournalReport } from '../checkpoint/inspect.js';
+import { PrimaryNode } from '../checkpoint/primary-node.js';
+import { SecondaryNode } from '../checkpoint/secondary-node.js';
+import { parseHostPort } from '../util/address.js';
+import { formatBytes, parseSize } from '../util/size.js';
+import { parseExportSpec } from './exports.js';
+import { stderrLogger } from './log.js';
+
+export interface NodeCliOptions {
+  listen: string;
+  export: string;
+  state: string;
+  control: string;
+  io: string;
+  json?: boolean;
+  verbose?: boolean;
+  quiet?: boolean;
+}
+
+function singleExport(spec: string) {
+  const e = parseExportSpec(spec);
+  if (e.path === ':memory:')
+    throw new ColoError('EUSAGE', 'a replicated export needs an image file (not :memory:): the state must survive');
+  if (e.readOnly) throw new ColoError('EUSAGE', 'a replicated export cannot be read-only');
+  return e;
+}
+
+async function waitForSignal(logger: ReturnType<typeof stderrLogger>): Promise<void> {
+  await new Promise<void>((resolve) => {
+    const stop = (sig: string) => {
+      logger.info(`${sig}: shutting down`);
+      resolve();
+    };
+    process.once('SIGINT', () => stop('SIGINT'));
+    process.once('SIGTERM', () => stop('SIGTERM'));
+  });
+}
+
+function announce(json: boolean | undefined, info: Record<string, unknown>, lines: string[]): void {
+  if (json) process.stdout.write(JSON.stringify({ event: 'listening', ...info }) + '\n');
+  else process.stdout.write(lines.join('\n') + '\n');
+}
+
+export async function primaryCommand(opts: NodeCliOptions & { peer: string; budget: string }): Promise<void> {
+  const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
+  const e = singleExport(opts.export);
+  const node = await PrimaryNode.start({
+    listen: parseHostPort(opts.listen, '--listen'),
+    exportName: e.name,
+    image: e.path,
+    size: e.size,
+    stateDir: opts.state,
+    peer: parseHostPort(opts.peer, '--peer'),
+    control: parseHostPort(opts.control, '--control'),
+    io: opts.io as IoMode,
+    budgetBytes: parseSize(opts.budget),
+    logger,
+  });
+  const a = node.addresses;
+  announce(
+    opts.json,
+    { role: 'primary', port: a.nbd.port, controlPort: a.control.port, export: e.name, size: node.image.size },
+    [
+      `primary: serving nbd://${a.nbd.host}:${a.nbd.port}/${e.name} (${formatBytes(node.image.size)}, ${e.path})`,
+      `  replicating to ${opts.peer}; control API on http://${a.control.host}:${a.control.port}`,
+    ],
+  );
+  await waitForSignal(logger);
+  await node.close();
+}
+
+export async function secondaryCommand(opts: NodeCliOptions & { replicationListen: string }): Promise<void> {
+  const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
+  const e = singleExport(opts.export);
+  const node = await SecondaryNode.start({
+    listen: parseHostPort(opts.listen, '--listen'),
+    exportName: e.name,
+    image: e.path,
+    size: e.size,
+    stateDir: opts.state,
+    replicationListen: parseHostPort(opts.replicationListen, '--replication-listen'),
+    control: parseHostPort(opts.control, '--control'),
+    io: opts.io as IoMode,
+    logger,
+  });
+  const a = node.addresses;
+  announce(
+    opts.json,
+    {
+      role: 'secondary',
+      port: a.nbd.port,
+      replicationPort: a.replication.port,
+      controlPort: a.control.port,
+      export: e.name,
+      size: node.image.size,
+    },
+    [
+      `secondary: serving the SVM disk on nbd://${a.nbd.host}:${a.nbd.port}/${e.name} (${formatBytes(node.image.size)}, ${e.path})`,
+      `  replication on ${a.replication.host}:${a.replication.port}; control API on http://${a.control.host}:${a.control.port}`,
+    ],
+  );
+  await waitForSignal(logger);
+  await node.close();
+}
+
+const fmtMs = (v: unknown) => `${Number(v).toFixed(2)} ms`;
+
+export async function checkpointCommand(opts: { control: string; json?: boolean; timeout: string }): Promise<void> {
+  const addr = parseHostPort(opts.control, '--control');
+  const r = await controlCall<Record<string, number>>(addr, 'POST', '/checkpoint', { timeoutMs: Number(opts.timeout) });
+  if (opts.json) process.stdout.write(JSON.stringify(r) + '\n');
+  else
+    process.stdout.write(
+      `checkpoint: epoch ${r.epoch} committed — ${r.writes} writes, ${formatBytes(r.bytes)}; ` +
+        `seal ${fmtMs(r.sealMs)}, durable ${fmtMs(r.durableMs)}, commit ${fmtMs(r.commitMs)}, total ${fmtMs(r.totalMs)}\n`,
+    );
+}
+
+function ago(ts: unknown): string {
+  if (typeof ts !== 'number') return '';
+  const s = (Date.now() - ts) / 1000;
+  return `${new Date(ts).toISOString()} (${s < 60 ? `${s.toFixed(1)} s` : `${(s / 60).toFixed(1)} min`} ago)`;
+}
+
+export async function statusCommand(opts: { control: string; json?: boolean }): Promise<void> {
+  const addr = parseHostPort(opts.control, '--control');
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  const s = await controlCall<any>(addr, 'GET', '/status');
+  if (opts.json) {
+    process.stdout.write(JSON.stringify(s) + '\n');
+    return;
+  }
+  const out: string[] = [];
+  out.push(`role          ${s.role} (generation ${s.generation})`);
+  out.push(`export        ${s.export}  ${formatBytes(s.size)}  ${s.image}`);
+  if (s.role === 'primary') {
+    out.push(`epoch         ${s.epoch} open`);
+    out.push(
+      `link          ${s.link.state} ${s.link.state === 'connected' ? 'to' : 'from'} ${s.link.peer} ${s.link.since ? `since ${ago(s.link.since)}` : ''}`,
+    );
+    if (s.link.lastError) out.push(`  last error  ${s.link.lastError}`);
+    out.push(`mirrored      ${formatBytes(s.link.bytesSent)} sent; durable epoch ${s.link.durableEpoch}, committed ${s.link.committedEpoch}`);
+    out.push(`lag           ${formatBytes(s.lag.unsentBytes)} unsent, ${formatBytes(s.lag.heldBytes)} held, ${s.lag.epochs} epoch(s) uncommitted`);
+    if (s.outOfSync) out.push(`OUT OF SYNC   since ${ago(s.outOfSync.since)}: ${s.outOfSync.reason}`);
+    if (s.lastCheckpoint)
+      out.push(
+        `last ckpt     epoch ${s.lastCheckpoint.epoch} ${ago(s.lastCheckpoint.at)}: total ${fmtMs(s.lastCheckpoint.totalMs)}` +
+          ` (seal ${fmtMs(s.lastCheckpoint.sealMs)}, durable ${fmtMs(s.lastCheckpoint.durableMs)}, commit ${fmtMs(s.lastCheckpoint.commitMs)})`,
+      );
+    if (s.lastFailure) out.push(`last failure  ${ago(s.lastFailure.at)}: ${s.lastFailure.message}`);
+    out.push(`checkpoints   ${s.checkpoints} done, ${s.checkpointFailures} failed`);
+  } else {
+    out.push(`epochs        committed ${s.committedEpoch}, applied ${s.appliedEpoch}, durable ${s.durableEpoch}`);
+    out.push(`link          ${s.link.state}${s.link.peer ? ` (primary ${s.link.peer})` : ''}, ${formatBytes(s.link.bytesReceived)} received`);
+    if (s.link.lastError) out.push(`  last error  ${s.link.lastError}`);
+    out.push(`overlay       ${s.overlay.writes} SVM writes, ${formatBytes(s.overlay.bytes)} (discarded at the next commit)`);
+    out.push(`lag           ${formatBytes(s.lag.uncommittedBytes)} uncommitted, ${formatBytes(s.lag.unappliedBytes)} committed but not yet applied`);
+    if (s.applyError) out.push(`APPLY FAILED  ${s.applyError}`);
+  }
+  out.push(`pending       ${s.pending.length === 0 ? 'none' : ''}`);
+  for (const p of s.pending)
+    out.push(`  epoch ${String(p.epoch).padEnd(8)} ${p.state.padEnd(10)} ${String(p.writes).padStart(8)} writes  ${formatBytes(p.bytes)}`);
+  out.push(`nbd clients   ${s.connections}`);
+  process.stdout.write(out.join('\n') + '\n');
+}
+
+interface EpochReport extends JournalReport {
+  epoch: number;
+  state: string;
+}
+
+/** Read the pending write sets of a stopped node from its state directory. */
+async function inspectStateDir(dir: string, limit: number): Promise<{ role: string; epochs: EpochReport[]; overlay?: JournalReport }> {
+  const nodeFile = path.join(dir, 'node.json');
+  if (!fs.existsSync(nodeFile))
+    throw new ColoError('ENOENT', `${dir} is not a colo-blk state directory (no node.json)`);
+  const node = JSON.parse(fs.readFileSync(nodeFile, 'utf8')) as { role: string };
+  const states = new Map<number, string>();
+  let committed = 0;
+  if (node.role === 'secondary') {
+    const db = new ClassicLevel<string, string>(path.join(dir, 'meta'), { valueEncoding: 'utf8' });
+    try {
+      await db.open();
+    } catch {
+      throw new ColoError('EUSAGE', `${dir} is in use by a running node; inspect it through its control API: --control HOST:PORT`);
+    }
+    try {
+      committed = Number((await db.get('committed')) ?? 0);
+      for await (const [, v] of db.iterator({ gte: 'epoch!', lt: 'epoch"' })) {
+        const m = JSON.parse(v) as { epoch: number; state: string };
+        states.set(m.epoch, m.state);
+      }
+    } finally {
+      await db.close();
+    }
+  }
+  const epochs: EpochReport[] = [];
+  const epochDir = path.join(dir, 'epochs');
+  const files = fs.existsSync(epochDir) ? fs.readdirSync(epochDir) : [];
+  for (const name of files.sort((a, b) => parseInt(a) - parseInt(b))) {
+    const m = /^(\d+)\.journal$/.exec(name);
+    if (!m) continue;
+    const n = Number(m[1]);
+    const report = inspectJournal(path.join(epochDir, name), limit);
+    let state = states.get(n) ?? (report.sealed ? 'sealed' : 'open');
+    if (n <= committed) state = 'committed-not-yet-applied';
+    if (node.role === 'secondary' && state === 'open') state = 'receiving';
+    epochs.push({ epoch: n, state, ...report });
+  }
+  let overlay: JournalReport | undefined;
+  if (node.role === 'secondary') {
+    const ovDir = path.join(dir, 'overlay');
+    const cur = fs.existsSync(ovDir) ? fs.readdirSync(ovDir).filter((f) => f.endsWith('.journal')) : [];
+    if (cur.length) overlay = inspectJournal(path.join(ovDir, cur.sort((a, b) => parseInt(b) - parseInt(a))[0]), limit);
+  }
+  return { role: node.role, epochs, overlay };
+}
+
+export async function inspectCommand(opts: {
+  state?: string;
+  control?: string;
+  epoch?: string;
+  limit: string;
+  merged?: boolean;
+  json?: boolean;
+}): Promise<void> {
+  if (!opts.state === !opts.control)
+    throw new ColoError('EUSAGE', 'give exactly one of --state DIR (a stopped node) or --control HOST:PORT (a running one)');
+  const limit = Number(opts.limit);
+  if (!Number.isSafeInteger(limit) || limit < 0) throw new ColoError('EUSAGE', `--limit must be a whole number, not '${opts.limit}'`);
+  const epoch = opts.epoch === undefined ? undefined : Number(opts.epoch);
+  let r: { role: string; epochs: EpochReport[]; overlay?: JournalReport };
+  if (opts.control) {
+    const q = new URLSearchParams({ limit: String(opts.json ? 10_000 : limit) });
+    if (epoch !== undefined) q.set('epoch', String(epoch));
+    r = await controlCall(parseHostPort(opts.control, '--control'), 'GET', `/inspect?${q}`);
+  } else {
+    r = await inspectStateDir(opts.state!, opts.json ? 10_000 : limit);
+    if (epoch !== undefined) {
+      r.epochs = r.epochs.filter((e) => e.epoch === epoch);
+      if (r.epochs.length === 0) throw new ColoError('ENOENT', `epoch ${epoch} is not pending in ${opts.state}`);
+    }
+  }
+  if (opts.json) {
+    process.stdout.write(JSON.stringify(r) + '\n');
+    return;
+  }
+  const out: string[] = [`${r.role}: ${r.epochs.length} pending epoch(s)`];
+  const table = (title: string, rep: JournalReport) => {
+    out.push(`  ${title}: ${rep.records} writes, ${formatBytes(rep.bytes)}${rep.sealed ? ', sealed' : ''}`);
+    if (rep.tornTail) out.push(`    torn tail at offset ${rep.tornTail.offset} (${rep.tornTail.reason}): will be cut on start`);
+    if (rep.corruption) out.push(`    CORRUPT at offset ${rep.corruption.offset}: ${rep.corruption.reason}`);
+    const rows = opts.merged ? rep.merged : rep.logged;
+    out.push(`    ${opts.merged ? 'merged extents' : 'as logged'} (${Math.min(rows.length, limit)} of ${opts.merged ? rep.merged.length : rep.records}):`);
+    if (opts.merged) {
+      out.push(`      ${'offset'.padStart(14)} ${'length'.padStart(10)}  kind  crc32`);
+      for (const x of rep.merged.slice(0, limit))
+        out.push(`      ${String(x.offset).padStart(14)} ${String(x.length).padStart(10)}  ${x.kind.padEnd(5)} ${x.crc ?? ''}`);
+    } else {
+      out.push(`      ${'seq'.padStart(8)}  op     ${'offset'.padStart(14)} ${'length'.padStart(10)}  crc32`);
+      for (const x of rep.logged.slice(0, limit))
+        out.push(`      ${String(x.seq).padStart(8)}  ${x.op.padEnd(6)} ${String(x.offset).padStart(14)} ${String(x.length).padStart(10)}  ${x.crc ?? ''}`);
+    }
+  };
+  for (const e of r.epochs) table(`epoch ${e.epoch} [${e.state}]`, e);
+  if (r.overlay) table('SVM overlay', r.overlay);
+  if (!opts.merged) out.push('(--merged shows the final state of each range; --json gives everything)');
+  process.stdout.write(out.join('\n') + '\n');
+}
