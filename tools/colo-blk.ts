@@ -10,6 +10,13 @@ import { Command, CommanderError, Option } from 'commander';
 import { ColoError, exitCodeOf, toColoError } from '../src/errors.js';
 import { EXPORT_SPEC_HELP } from '../src/cli/exports.js';
 import { serve } from '../src/cli/serve.js';
+import {
+  checkpointCommand,
+  inspectCommand,
+  primaryCommand,
+  secondaryCommand,
+  statusCommand,
+} from '../src/cli/replication.js';
 
 const collect = (value: string, previous: string[] = []) => [...previous, value];
 
@@ -67,6 +74,80 @@ Examples:
   qemu-img info nbd://127.0.0.1:10809/disk0`,
   )
   .action(run(serve));
+
+const ioOption = () =>
+  new Option('--io <mode>', 'file I/O: sync (page-cache fast path) or async (thread pool)')
+    .choices(['sync', 'async'])
+    .default('sync');
+
+program
+  .command('primary')
+  .description("serve the PVM's disk and replicate every write to a secondary, epoch by epoch")
+  .option('--listen <host:port>', 'NBD address for the PVM', '127.0.0.1:10809')
+  .requiredOption('--export <spec>', 'the PVM disk: NAME=PATH[,size=SIZE]')
+  .requiredOption('--state <dir>', 'state directory (epoch log, metadata)')
+  .requiredOption('--peer <host:port>', "the secondary's --replication-listen address")
+  .option('--control <host:port>', 'control API (checkpoint, status, metrics)', '127.0.0.1:10950')
+  .option('--budget <size>', 'log held for a lagging secondary before it is marked out of sync', '1G')
+  .addOption(ioOption())
+  .option('--json', 'print the listening addresses as one JSON line')
+  .option('-v, --verbose', 'log every connection and error')
+  .option('-q, --quiet', 'log warnings only')
+  .addHelpText(
+    'after',
+    `
+Example:
+  colo-blk primary --listen 127.0.0.1:10809 --export disk0=./pvm.img,size=1G --state ./pvm-state \\
+                   --peer 127.0.0.1:10900 --control 127.0.0.1:10950`,
+  )
+  .action(run(primaryCommand));
+
+program
+  .command('secondary')
+  .description("buffer the PVM's writes until each checkpoint, and serve the SVM its own disk")
+  .option('--listen <host:port>', 'NBD address for the SVM', '127.0.0.1:10810')
+  .requiredOption('--export <spec>', 'the checkpoint image: NAME=PATH[,size=SIZE] (same size as the primary)')
+  .requiredOption('--state <dir>', 'state directory (epoch buffer, overlay, metadata)')
+  .option('--replication-listen <host:port>', 'where the primary connects', '127.0.0.1:10900')
+  .option('--control <host:port>', 'control API (status, inspect, metrics)', '127.0.0.1:10951')
+  .addOption(ioOption())
+  .option('--json', 'print the listening addresses as one JSON line')
+  .option('-v, --verbose', 'log every connection and error')
+  .option('-q, --quiet', 'log warnings only')
+  .addHelpText(
+    'after',
+    `
+Example:
+  colo-blk secondary --listen 127.0.0.1:10810 --export disk0=./svm.img,size=1G --state ./svm-state \\
+                     --replication-listen 127.0.0.1:10900 --control 127.0.0.1:10951`,
+  )
+  .action(run(secondaryCommand));
+
+program
+  .command('checkpoint')
+  .description('seal the current epoch, wait until the secondary holds it durably, then commit it')
+  .requiredOption('--control <host:port>', "the primary's control address")
+  .option('--timeout <ms>', 'how long to wait for each phase', '10000')
+  .option('--json', 'print {"epoch": N, ...} as JSON')
+  .action(run(checkpointCommand));
+
+program
+  .command('status')
+  .description("a node's role, epoch, pending epochs, link state and lag")
+  .requiredOption('--control <host:port>', "the node's control address")
+  .option('--json', 'print JSON')
+  .action(run(statusCommand));
+
+program
+  .command('inspect')
+  .description('show the pending write sets: per epoch its state, writes, bytes and extents')
+  .option('--state <dir>', 'a stopped node: read its state directory')
+  .option('--control <host:port>', 'a running node: ask its control API')
+  .option('--epoch <n>', 'only this epoch')
+  .option('--merged', 'show the final state of each range instead of the records as logged')
+  .option('--limit <n>', 'extents listed per epoch (text output)', '20')
+  .option('--json', 'print everything as JSON')
+  .action(run(inspectCommand));
 
 // Commander's own errors (unknown option, missing argument) are usage errors: exit 2.
 program.exitOverride();

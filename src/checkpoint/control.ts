@@ -35,10 +35,14 @@ export class ControlServer {
   private readonly server: http.Server;
   private readonly routes = new Map<string, Route>();
 
-  constructor(routes: Route[]) {
-    for (const r of routes) this.routes.set(`${r.method} ${r.path}`, r);
+  constructor(routes: Route[] = []) {
+    this.add(routes);
     this.server = http.createServer((req, res) => void this.handle(req, res));
     this.server.keepAliveTimeout = 5000;
+  }
+
+  add(routes: Route[]): void {
+    for (const r of routes) this.routes.set(`${r.method} ${r.path}`, r);
   }
 
   async listen(port: number, host: string): Promise<net.AddressInfo> {

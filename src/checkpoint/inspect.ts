@@ -65,7 +65,7 @@ export function inspectJournal(path: string, limit = 10_000): JournalReport {
           op: m.t === 'w' ? 'write' : m.t === 'z' ? 'zero' : 'trim',
           offset: m.o,
           length,
-          crc: r.data ? hex(crc32(r.data)) : undefined,
+          crc: m.t === 'w' && r.data ? hex(crc32(r.data)) : undefined,
         });
       else truncated = true;
     },

@@ -120,11 +120,9 @@ export class PrimaryNode {
     const nbd = new NbdServer([{ name: opts.exportName, device, description: `PVM disk ${opts.image}` }], {
       logger: opts.logger,
     });
-    // Routes are bound after construction; the node object is needed first.
-    const routes: ConstructorParameters<typeof ControlServer>[0] = [];
-    const control = new ControlServer(routes);
+    const control = new ControlServer();
     const node = new PrimaryNode(opts, db, image, plog, device, link, nbd, control);
-    routes.push(...node.routes());
+    control.add(node.routes());
     const nbdAddr = await nbd.listen(opts.listen.port, opts.listen.host);
     const ctlAddr = await control.listen(opts.control.port, opts.control.host);
     node.addresses = {

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { ColoError } from '../errors.js';
 import { FileDevice, type IoMode } from '../block/file.js';
 import { NbdServer, type Logger } from '../net/server.js';
-import { ControlServer, type Route } from './control.js';
+import { ControlServer } from './control.js';
 import { inspectJournal } from './inspect.js';
 import { SecondaryLink } from './link.js';
 import { renderPrometheus } from './metrics.js';
@@ -59,22 +59,29 @@ export class SecondaryNode {
     }
     fs.writeFileSync(
       path.join(opts.stateDir, 'node.json'),
-      JSON.stringify({ role: 'secondary', export: opts.exportName, image: path.resolve(opts.image), size: image.size }, null, 2),
+      JSON.stringify(
+        { role: 'secondary', export: opts.exportName, image: path.resolve(opts.image), size: image.size },
+        null,
+        2,
+      ),
     );
     const link = new SecondaryLink(store, { log: (m) => opts.logger.info(`link: ${m}`) });
-    const nbd = new NbdServer([{ name: opts.exportName, device: store.svmDevice, description: `SVM disk ${opts.image}` }], {
-      logger: opts.logger,
-    });
-    const routes: Route[] = [];
-    const control = new ControlServer(routes);
+    const nbd = new NbdServer(
+      [{ name: opts.exportName, device: store.svmDevice, description: `SVM disk ${opts.image}` }],
+      {
+        logger: opts.logger,
+      },
+    );
+    const control = new ControlServer();
     const node = new SecondaryNode(opts, image, store, link, nbd, control);
     holder.node = node;
-    routes.push(
+    control.add([
       { method: 'GET', path: '/status', handler: async () => node.status() },
       {
         method: 'GET',
         path: '/inspect',
-        handler: async (q) => node.inspect(q.get('epoch') ? Number(q.get('epoch')) : undefined, Number(q.get('limit') ?? 10_000)),
+        handler: async (q) =>
+          node.inspect(q.get('epoch') ? Number(q.get('epoch')) : undefined, Number(q.get('limit') ?? 10_000)),
       },
       { method: 'GET', path: '/metrics', handler: async () => node.prometheus(), text: true },
       {
@@ -85,7 +92,7 @@ export class SecondaryNode {
           return { applied: store.lastApplied };
         },
       },
-    );
+    ]);
     try {
       const nbdAddr = await nbd.listen(opts.listen.port, opts.listen.host);
       const replAddr = await link.listen(opts.replicationListen.port, opts.replicationListen.host);
@@ -153,12 +160,42 @@ export class SecondaryNode {
     const s = this.status();
     return renderPrometheus([
       { name: 'colo_committed_epoch', help: 'Last committed epoch', type: 'gauge', value: s.committedEpoch },
-      { name: 'colo_applied_epoch', help: 'Last epoch applied to the image', type: 'gauge', value: s.appliedEpoch },
-      { name: 'colo_pending_bytes', help: 'Buffered PVM bytes not yet committed', type: 'gauge', value: s.lag.uncommittedBytes },
-      { name: 'colo_unapplied_bytes', help: 'Committed bytes not yet in the image', type: 'gauge', value: s.lag.unappliedBytes },
-      { name: 'colo_overlay_bytes', help: "SVM's own writes since the last checkpoint", type: 'gauge', value: s.overlay.bytes },
-      { name: 'colo_bytes_received_total', help: 'Bytes received on the replication link', type: 'counter', value: s.link.bytesReceived },
-      { name: 'colo_link_up', help: '1 if the primary is connected', type: 'gauge', value: s.link.state === 'connected' ? 1 : 0 },
+      {
+        name: 'colo_applied_epoch',
+        help: 'Last epoch applied to the image',
+        type: 'gauge',
+        value: s.appliedEpoch,
+      },
+      {
+        name: 'colo_pending_bytes',
+        help: 'Buffered PVM bytes not yet committed',
+        type: 'gauge',
+        value: s.lag.uncommittedBytes,
+      },
+      {
+        name: 'colo_unapplied_bytes',
+        help: 'Committed bytes not yet in the image',
+        type: 'gauge',
+        value: s.lag.unappliedBytes,
+      },
+      {
+        name: 'colo_overlay_bytes',
+        help: "SVM's own writes since the last checkpoint",
+        type: 'gauge',
+        value: s.overlay.bytes,
+      },
+      {
+        name: 'colo_bytes_received_total',
+        help: 'Bytes received on the replication link',
+        type: 'counter',
+        value: s.link.bytesReceived,
+      },
+      {
+        name: 'colo_link_up',
+        help: '1 if the primary is connected',
+        type: 'gauge',
+        value: s.link.state === 'connected' ? 1 : 0,
+      },
       { name: 'colo_nbd_connections', help: 'Open NBD connections', type: 'gauge', value: s.connections },
     ]);
   }

@@ -30,7 +30,10 @@ export interface NodeCliOptions {
 function singleExport(spec: string) {
   const e = parseExportSpec(spec);
   if (e.path === ':memory:')
-    throw new ColoError('EUSAGE', 'a replicated export needs an image file (not :memory:): the state must survive');
+    throw new ColoError(
+      'EUSAGE',
+      'a replicated export needs an image file (not :memory:): the state must survive',
+    );
   if (e.readOnly) throw new ColoError('EUSAGE', 'a replicated export cannot be read-only');
   return e;
 }
@@ -115,9 +118,15 @@ export async function secondaryCommand(opts: NodeCliOptions & { replicationListe
 
 const fmtMs = (v: unknown) => `${Number(v).toFixed(2)} ms`;
 
-export async function checkpointCommand(opts: { control: string; json?: boolean; timeout: string }): Promise<void> {
+export async function checkpointCommand(opts: {
+  control: string;
+  json?: boolean;
+  timeout: string;
+}): Promise<void> {
   const addr = parseHostPort(opts.control, '--control');
-  const r = await controlCall<Record<string, number>>(addr, 'POST', '/checkpoint', { timeoutMs: Number(opts.timeout) });
+  const r = await controlCall<Record<string, number>>(addr, 'POST', '/checkpoint', {
+    timeoutMs: Number(opts.timeout),
+  });
   if (opts.json) process.stdout.write(JSON.stringify(r) + '\n');
   else
     process.stdout.write(
@@ -149,8 +158,12 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
       `link          ${s.link.state} ${s.link.state === 'connected' ? 'to' : 'from'} ${s.link.peer} ${s.link.since ? `since ${ago(s.link.since)}` : ''}`,
     );
     if (s.link.lastError) out.push(`  last error  ${s.link.lastError}`);
-    out.push(`mirrored      ${formatBytes(s.link.bytesSent)} sent; durable epoch ${s.link.durableEpoch}, committed ${s.link.committedEpoch}`);
-    out.push(`lag           ${formatBytes(s.lag.unsentBytes)} unsent, ${formatBytes(s.lag.heldBytes)} held, ${s.lag.epochs} epoch(s) uncommitted`);
+    out.push(
+      `mirrored      ${formatBytes(s.link.bytesSent)} sent; durable epoch ${s.link.durableEpoch}, committed ${s.link.committedEpoch}`,
+    );
+    out.push(
+      `lag           ${formatBytes(s.lag.unsentBytes)} unsent, ${formatBytes(s.lag.heldBytes)} held, ${s.lag.epochs} epoch(s) uncommitted`,
+    );
     if (s.outOfSync) out.push(`OUT OF SYNC   since ${ago(s.outOfSync.since)}: ${s.outOfSync.reason}`);
     if (s.lastCheckpoint)
       out.push(
@@ -160,16 +173,26 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
     if (s.lastFailure) out.push(`last failure  ${ago(s.lastFailure.at)}: ${s.lastFailure.message}`);
     out.push(`checkpoints   ${s.checkpoints} done, ${s.checkpointFailures} failed`);
   } else {
-    out.push(`epochs        committed ${s.committedEpoch}, applied ${s.appliedEpoch}, durable ${s.durableEpoch}`);
-    out.push(`link          ${s.link.state}${s.link.peer ? ` (primary ${s.link.peer})` : ''}, ${formatBytes(s.link.bytesReceived)} received`);
+    out.push(
+      `epochs        committed ${s.committedEpoch}, applied ${s.appliedEpoch}, durable ${s.durableEpoch}`,
+    );
+    out.push(
+      `link          ${s.link.state}${s.link.peer ? ` (primary ${s.link.peer})` : ''}, ${formatBytes(s.link.bytesReceived)} received`,
+    );
     if (s.link.lastError) out.push(`  last error  ${s.link.lastError}`);
-    out.push(`overlay       ${s.overlay.writes} SVM writes, ${formatBytes(s.overlay.bytes)} (discarded at the next commit)`);
-    out.push(`lag           ${formatBytes(s.lag.uncommittedBytes)} uncommitted, ${formatBytes(s.lag.unappliedBytes)} committed but not yet applied`);
+    out.push(
+      `overlay       ${s.overlay.writes} SVM writes, ${formatBytes(s.overlay.bytes)} (discarded at the next commit)`,
+    );
+    out.push(
+      `lag           ${formatBytes(s.lag.uncommittedBytes)} uncommitted, ${formatBytes(s.lag.unappliedBytes)} committed but not yet applied`,
+    );
     if (s.applyError) out.push(`APPLY FAILED  ${s.applyError}`);
   }
-  out.push(`pending       ${s.pending.length === 0 ? 'none' : ''}`);
+  out.push(`pending       ${s.pending.length === 0 ? 'none' : `${s.pending.length} epoch(s)`}`);
   for (const p of s.pending)
-    out.push(`  epoch ${String(p.epoch).padEnd(8)} ${p.state.padEnd(10)} ${String(p.writes).padStart(8)} writes  ${formatBytes(p.bytes)}`);
+    out.push(
+      `  epoch ${String(p.epoch).padEnd(8)} ${p.state.padEnd(10)} ${String(p.writes).padStart(8)} writes  ${formatBytes(p.bytes)}`,
+    );
   out.push(`nbd clients   ${s.connections}`);
   process.stdout.write(out.join('\n') + '\n');
 }
@@ -180,7 +203,10 @@ interface EpochReport extends JournalReport {
 }
 
 /** Read the pending write sets of a stopped node from its state directory. */
-async function inspectStateDir(dir: string, limit: number): Promise<{ role: string; epochs: EpochReport[]; overlay?: JournalReport }> {
+async function inspectStateDir(
+  dir: string,
+  limit: number,
+): Promise<{ role: string; epochs: EpochReport[]; overlay?: JournalReport }> {
   const nodeFile = path.join(dir, 'node.json');
   if (!fs.existsSync(nodeFile))
     throw new ColoError('ENOENT', `${dir} is not a colo-blk state directory (no node.json)`);
@@ -192,7 +218,10 @@ async function inspectStateDir(dir: string, limit: number): Promise<{ role: stri
     try {
       await db.open();
     } catch {
-      throw new ColoError('EUSAGE', `${dir} is in use by a running node; inspect it through its control API: --control HOST:PORT`);
+      throw new ColoError(
+        'EUSAGE',
+        `${dir} is in use by a running node; inspect it through its control API: --control HOST:PORT`,
+      );
     }
     try {
       committed = Number((await db.get('committed')) ?? 0);
@@ -221,7 +250,8 @@ async function inspectStateDir(dir: string, limit: number): Promise<{ role: stri
   if (node.role === 'secondary') {
     const ovDir = path.join(dir, 'overlay');
     const cur = fs.existsSync(ovDir) ? fs.readdirSync(ovDir).filter((f) => f.endsWith('.journal')) : [];
-    if (cur.length) overlay = inspectJournal(path.join(ovDir, cur.sort((a, b) => parseInt(b) - parseInt(a))[0]), limit);
+    if (cur.length)
+      overlay = inspectJournal(path.join(ovDir, cur.sort((a, b) => parseInt(b) - parseInt(a))[0]), limit);
   }
   return { role: node.role, epochs, overlay };
 }
@@ -235,9 +265,13 @@ export async function inspectCommand(opts: {
   json?: boolean;
 }): Promise<void> {
   if (!opts.state === !opts.control)
-    throw new ColoError('EUSAGE', 'give exactly one of --state DIR (a stopped node) or --control HOST:PORT (a running one)');
+    throw new ColoError(
+      'EUSAGE',
+      'give exactly one of --state DIR (a stopped node) or --control HOST:PORT (a running one)',
+    );
   const limit = Number(opts.limit);
-  if (!Number.isSafeInteger(limit) || limit < 0) throw new ColoError('EUSAGE', `--limit must be a whole number, not '${opts.limit}'`);
+  if (!Number.isSafeInteger(limit) || limit < 0)
+    throw new ColoError('EUSAGE', `--limit must be a whole number, not '${opts.limit}'`);
   const epoch = opts.epoch === undefined ? undefined : Number(opts.epoch);
   let r: { role: string; epochs: EpochReport[]; overlay?: JournalReport };
   if (opts.control) {
@@ -248,7 +282,8 @@ export async function inspectCommand(opts: {
     r = await inspectStateDir(opts.state!, opts.json ? 10_000 : limit);
     if (epoch !== undefined) {
       r.epochs = r.epochs.filter((e) => e.epoch === epoch);
-      if (r.epochs.length === 0) throw new ColoError('ENOENT', `epoch ${epoch} is not pending in ${opts.state}`);
+      if (r.epochs.length === 0)
+        throw new ColoError('ENOENT', `epoch ${epoch} is not pending in ${opts.state}`);
     }
   }
   if (opts.json) {
@@ -258,18 +293,27 @@ export async function inspectCommand(opts: {
   const out: string[] = [`${r.role}: ${r.epochs.length} pending epoch(s)`];
   const table = (title: string, rep: JournalReport) => {
     out.push(`  ${title}: ${rep.records} writes, ${formatBytes(rep.bytes)}${rep.sealed ? ', sealed' : ''}`);
-    if (rep.tornTail) out.push(`    torn tail at offset ${rep.tornTail.offset} (${rep.tornTail.reason}): will be cut on start`);
+    if (rep.tornTail)
+      out.push(
+        `    torn tail at offset ${rep.tornTail.offset} (${rep.tornTail.reason}): will be cut on start`,
+      );
     if (rep.corruption) out.push(`    CORRUPT at offset ${rep.corruption.offset}: ${rep.corruption.reason}`);
     const rows = opts.merged ? rep.merged : rep.logged;
-    out.push(`    ${opts.merged ? 'merged extents' : 'as logged'} (${Math.min(rows.length, limit)} of ${opts.merged ? rep.merged.length : rep.records}):`);
+    out.push(
+      `    ${opts.merged ? 'merged extents' : 'as logged'} (${Math.min(rows.length, limit)} of ${opts.merged ? rep.merged.length : rep.records}):`,
+    );
     if (opts.merged) {
       out.push(`      ${'offset'.padStart(14)} ${'length'.padStart(10)}  kind  crc32`);
       for (const x of rep.merged.slice(0, limit))
-        out.push(`      ${String(x.offset).padStart(14)} ${String(x.length).padStart(10)}  ${x.kind.padEnd(5)} ${x.crc ?? ''}`);
+        out.push(
+          `      ${String(x.offset).padStart(14)} ${String(x.length).padStart(10)}  ${x.kind.padEnd(5)} ${x.crc ?? ''}`,
+        );
     } else {
       out.push(`      ${'seq'.padStart(8)}  op     ${'offset'.padStart(14)} ${'length'.padStart(10)}  crc32`);
       for (const x of rep.logged.slice(0, limit))
-        out.push(`      ${String(x.seq).padStart(8)}  ${x.op.padEnd(6)} ${String(x.offset).padStart(14)} ${String(x.length).padStart(10)}  ${x.crc ?? ''}`);
+        out.push(
+          `      ${String(x.seq).padStart(8)}  ${x.op.padEnd(6)} ${String(x.offset).padStart(14)} ${String(x.length).padStart(10)}  ${x.crc ?? ''}`,
+        );
     }
   };
   for (const e of r.epochs) table(`epoch ${e.epoch} [${e.state}]`, e);
