@@ -31,6 +31,7 @@ import { limits } from '../limits.js';
 import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
 import { assertRange, coalesceExtents } from '../block/device.js';
 import type { FileDevice } from '../block/file.js';
+import { crashPoint } from '../crash.js';
 import { Layer } from './layers.js';
 import type { MutationRecord, SealRecord } from './records.js';
 
@@ -269,6 +270,7 @@ export class SecondaryStore {
       e.seal = seal;
     }
     e.state = 'sealed';
+    crashPoint('secondary-before-durable-sync');
     await e.layer.sync();
     e.state = 'durable';
     const meta: EpochMeta = { ...this.epochMeta(e), durableAt: Date.now() };
@@ -305,7 +307,9 @@ export class SecondaryStore {
         key: epochKey(e.epoch),
         value: JSON.stringify({ ...this.epochMeta(e), state: 'committed', committedAt: now }),
       });
+    crashPoint('secondary-before-commit-record');
     await this.db.batch(ops, { sync: true });
+    crashPoint('secondary-after-commit-record');
     // The commit record is durable: from here on N counts, whatever happens.
     for (const e of toCommit) e.state = 'committed';
     this.lastCommitted = n;
@@ -356,9 +360,11 @@ export class SecondaryStore {
         const view = chunk.subarray(0, len);
         e.layer.journal.read(view, ext.pos + (off - ext.start));
         await this.image.pwrite(view, off);
+        crashPoint('secondary-mid-apply');
       }
     }
     await this.image.flush();
+    crashPoint('secondary-before-applied-record');
     await this.db.batch(
       [
         { type: 'put', key: 'applied', value: String(e.epoch) },

@@ -1,0 +1,318 @@
+// Replication end to end with real processes, real sockets and real LevelDB:
+// invariant 1 (epoch equality), SVM isolation, crashes of the secondary at
+// named points, a cut link, real clients while checkpoints run.
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { controlCall } from '../src/checkpoint/control.js';
+import { MUTATION_KINDS, NON_MUTATING_COMMANDS } from '../src/checkpoint/records.js';
+import { NbdClient } from '../src/net/client.js';
+import { Cmd } from '../src/net/protocol.js';
+import { CLI, killAll, prng, randomBytes, rmDir, run, runOk, tmpDir } from './helpers.js';
+import { FaultProxy, hashExport, startPair, waitLinkUp, type Pair } from './replication-helpers.js';
+
+const root = tmpDir('colo-blk-repl-');
+let n = 0;
+const fresh = () => {
+  const d = path.join(root, `t${n++}`);
+  fs.mkdirSync(d);
+  return d;
+};
+let pair: Pair | null = null;
+afterEach(async () => {
+  await pair?.stop();
+  pair = null;
+  await killAll();
+});
+afterAll(() => rmDir(root));
+
+const SIZE = 16 * 1024 * 1024;
+
+/** A random guest-like workload over every mutating command; returns the number of ops. */
+async function workload(c: NbdClient, seed: number, ops: number): Promise<void> {
+  const rand = prng(seed);
+  const pending: Promise<unknown>[] = [];
+  for (let i = 0; i < ops; i++) {
+    // Non-overlapping batches would hide ordering bugs: let them overlap freely.
+    const off = rand() % (SIZE - 300_000);
+    const len = 1 + (rand() % 262_144);
+    const op = rand() % 12;
+    if (op < 5) pending.push(c.write(randomBytes(len, rand), off));
+    else if (op === 5) pending.push(c.write(randomBytes(len, rand), off, { fua: true }));
+    else if (op === 6) pending.push(c.zero(off, len, { noHole: true }));
+    else if (op === 7) pending.push(c.zero(off, len));
+    else if (op === 8) pending.push(c.trim(off, len));
+    else if (op === 9) pending.push(c.flush());
+    else pending.push(c.read(off, len));
+    if (pending.length >= 8) await Promise.all(pending.splice(0));
+  }
+  await Promise.all(pending);
+}
+
+describe('replication', () => {
+  it('logs every mutating NBD command (the list of commands is closed)', () => {
+    for (const [name, value] of Object.entries(Cmd)) {
+      if (name === 'RESIZE') continue; // not offered: answered with EINVAL
+      const covered = value in MUTATION_KINDS || value in NON_MUTATING_COMMANDS;
+      expect(covered, `NBD command ${name} is neither logged nor declared non-mutating`).toBe(true);
+    }
+    expect(Object.values(MUTATION_KINDS).sort()).toEqual(['t', 'w', 'z']);
+  });
+
+  it('after every commit the SVM disk equals the PVM disk at the cut (invariant 1)', async () => {
+    pair = await startPair(fresh());
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    const svm = await NbdClient.connect({ port: pair.secondary.nbdPort, exportName: 'disk0' });
+    for (let round = 0; round < 8; round++) {
+      // The PVM and the SVM diverge during the epoch...
+      await Promise.all([workload(pvm, 100 + round, 120), workload(svm, 900 + round, 40)]);
+      const r = await pair.checkpoint();
+      expect(r.epoch).toBe(round + 1);
+      // ...and are byte-for-byte equal after the commit (no PVM write after the seal).
+      const [a, b] = await Promise.all([
+        hashExport(pair.primary.nbdPort),
+        hashExport(pair.secondary.nbdPort),
+      ]);
+      expect(b, `round ${round}: SVM differs from PVM after commit of epoch ${r.epoch}`).toBe(a);
+    }
+    await pvm.close();
+    await svm.close();
+  });
+
+  it('keeps PVM writes invisible to the SVM until commit, and drops the SVM writes at commit', async () => {
+    pair = await startPair(fresh());
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    const svm = await NbdClient.connect({ port: pair.secondary.nbdPort, exportName: 'disk0' });
+    await pvm.write(Buffer.alloc(65536, 0xaa), 0);
+    await svm.write(Buffer.alloc(4096, 0x55), 1_000_000);
+    // Sealed and durable, not yet committed: still invisible.
+    const seal = await controlCall<{ epoch: number }>(pair.primary.control, 'POST', '/seal');
+    await controlCall(pair.primary.control, 'POST', '/durable', { epoch: seal.epoch });
+    expect((await svm.read(0, 65536)).equals(Buffer.alloc(65536))).toBe(true);
+    expect((await svm.read(1_000_000, 4096)).equals(Buffer.alloc(4096, 0x55))).toBe(true);
+    // A PVM write after the seal belongs to the next epoch.
+    await pvm.write(Buffer.alloc(4096, 0xbb), 2_000_000);
+    await controlCall(pair.primary.control, 'POST', '/commit', { epoch: seal.epoch });
+    expect((await svm.read(0, 65536)).equals(Buffer.alloc(65536, 0xaa))).toBe(true);
+    expect((await svm.read(1_000_000, 4096)).equals(Buffer.alloc(4096))).toBe(true);
+    expect((await svm.read(2_000_000, 4096)).equals(Buffer.alloc(4096))).toBe(true);
+    await pair.checkpoint();
+    expect((await svm.read(2_000_000, 4096)).equals(Buffer.alloc(4096, 0xbb))).toBe(true);
+    await pvm.close();
+    await svm.close();
+  });
+
+  for (const point of [
+    'secondary-after-commit-record',
+    'secondary-mid-apply',
+    'secondary-before-applied-record',
+  ]) {
+    it(`recovers when the secondary is killed at ${point}`, async () => {
+      pair = await startPair(fresh(), '16M', { secondaryEnv: { COLO_BLK_CRASH_AT: point } });
+      await waitLinkUp(pair.primary);
+      const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+      await workload(pvm, 7, 150);
+      // The commit (or the apply right after it) kills the secondary.
+      await pair.checkpoint().catch(() => {});
+      const died = await pair.secondary.exit;
+      expect(died.signal).toBe('SIGKILL');
+      await pair.startSecondary();
+      await waitLinkUp(pair.primary);
+      await workload(pvm, 8, 50);
+      await pair.checkpoint();
+      const [a, b] = await Promise.all([
+        hashExport(pair.primary.nbdPort),
+        hashExport(pair.secondary.nbdPort),
+      ]);
+      expect(b).toBe(a);
+      await pvm.close();
+    });
+  }
+
+  it('survives a secondary killed between durable and commit', async () => {
+    pair = await startPair(fresh());
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    await workload(pvm, 11, 100);
+    const seal = await controlCall<{ epoch: number }>(pair.primary.control, 'POST', '/seal');
+    await controlCall(pair.primary.control, 'POST', '/durable', { epoch: seal.epoch });
+    pair.secondary.child.kill('SIGKILL');
+    await pair.secondary.exit;
+    await pair.startSecondary();
+    await waitLinkUp(pair.primary);
+    await controlCall(pair.primary.control, 'POST', '/commit', { epoch: seal.epoch });
+    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    expect(b).toBe(a);
+    await pvm.close();
+  });
+
+  it('a link cut mid-frame fails the checkpoint with a clear error and loses nothing', async () => {
+    const dir = fresh();
+    let proxy!: FaultProxy;
+    pair = await startPair(dir, '16M', {
+      proxy: async (target) => {
+        proxy = new FaultProxy(target);
+        return proxy.listen();
+      },
+    });
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    await workload(pvm, 21, 60);
+    await pair.checkpoint();
+    // Cut the stream in the middle of a frame and keep the link down.
+    proxy.cutAfterBytes = proxy.forwarded + 70_000;
+    proxy.refuse = true;
+    await pvm.write(randomBytes(1024 * 1024, prng(5)), 4096);
+    await new Promise((r) => setTimeout(r, 200));
+    const failed = await controlCall(pair.primary.control, 'POST', '/checkpoint', { timeoutMs: 2000 }).then(
+      () => null,
+      (err: Error & { code?: string }) => err,
+    );
+    expect(failed, 'a checkpoint must not succeed while the link is cut').not.toBeNull();
+    expect(failed!.message).toMatch(/not connected|link lost|timed out/);
+    const status = await controlCall<{ pending: { epoch: number }[] }>(
+      pair.primary.control,
+      'GET',
+      '/status',
+    );
+    expect(status.pending.length).toBeGreaterThan(0); // the epoch is kept for resending
+    // Heal the link: the primary reconnects and resends; the next checkpoint covers everything.
+    proxy.cutAfterBytes = Infinity;
+    proxy.refuse = false;
+    await waitLinkUp(pair.primary, 15_000);
+    await workload(pvm, 22, 40);
+    await pair.checkpoint();
+    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    expect(b).toBe(a);
+    await pvm.close();
+    await proxy.close();
+  });
+
+  it('refuses to pair images of different sizes, saying so', async () => {
+    pair = await startPair(fresh(), '16M', { secondarySize: '8M' });
+    await new Promise((r) => setTimeout(r, 500));
+    const s = await controlCall<{ link: { state: string; lastError: string } }>(
+      pair.primary.control,
+      'GET',
+      '/status',
+    );
+    expect(s.link.state).not.toBe('connected');
+    expect(s.link.lastError).toMatch(/same size/);
+    const r = await run(process.execPath, [
+      CLI,
+      'checkpoint',
+      '--control',
+      `127.0.0.1:${pair.primary.control.port}`,
+    ]);
+    expect(r.code).toBe(3);
+    expect(r.stderr).toMatch(/same size/);
+  });
+
+  it('qemu-io and fio on the PVM while checkpoints run in a loop', async () => {
+    pair = await startPair(fresh(), '32M');
+    await waitLinkUp(pair.primary);
+    const uri = `nbd://127.0.0.1:${pair.primary.nbdPort}/disk0`;
+    let stop = false;
+    let checkpoints = 0;
+    const loop = (async () => {
+      while (!stop) {
+        await pair!.checkpoint();
+        checkpoints++;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    })();
+    await runOk('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      'write -P 0x3c 0 4M',
+      '-c',
+      'aio_write -P 0x4d 8M 1M',
+      '-c',
+      'aio_flush',
+      '-c',
+      'write -z 4M 1M',
+      uri,
+    ]);
+    const fio = await run('fio', [
+      '--name=ckpt',
+      '--ioengine=nbd',
+      `--uri=${uri}`,
+      '--rw=randwrite',
+      '--bs=4k',
+      '--iodepth=16',
+      '--size=16M',
+      '--offset=16M',
+      '--verify=crc32c',
+      '--do_verify=1',
+      '--runtime=3',
+      '--time_based=0',
+      '--verify_state_save=0',
+    ]);
+    expect(fio.code, fio.stderr).toBe(0);
+    expect(fio.stdout).toMatch(/err= 0/);
+    stop = true;
+    await loop;
+    expect(checkpoints).toBeGreaterThan(3);
+    await pair.checkpoint();
+    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    expect(b).toBe(a);
+    await runOk('qemu-io', [
+      '-f',
+      'raw',
+      '-r',
+      '-c',
+      'read -P 0x3c 0 4M',
+      '-c',
+      'read -P 0 4M 1M',
+      '-c',
+      'read -P 0x4d 8M 1M',
+      `nbd://127.0.0.1:${pair.secondary.nbdPort}/disk0`,
+    ]);
+  });
+
+  it('status, checkpoint --json and inspect (running and stopped) report the pending write sets', async () => {
+    const dir = fresh();
+    pair = await startPair(dir);
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    await pvm.write(Buffer.alloc(8192, 1), 0);
+    await pvm.zero(65536, 4096);
+    const ctl = `127.0.0.1:${pair.primary.control.port}`;
+    const status = JSON.parse(
+      (await runOk(process.execPath, [CLI, 'status', '--control', ctl, '--json'])).stdout,
+    );
+    expect(status).toMatchObject({ role: 'primary', epoch: 1, link: { state: 'connected' } });
+    expect(status.pending[0]).toMatchObject({ epoch: 1, state: 'open', writes: 2, bytes: 8192 });
+    const insp = JSON.parse(
+      (await runOk(process.execPath, [CLI, 'inspect', '--control', ctl, '--json'])).stdout,
+    );
+    expect(insp.epochs[0].logged.map((l: { op: string }) => l.op)).toEqual(['write', 'zero']);
+    const ck = JSON.parse(
+      (await runOk(process.execPath, [CLI, 'checkpoint', '--control', ctl, '--json'])).stdout,
+    );
+    expect(ck).toMatchObject({ epoch: 1, writes: 2, bytes: 8192 });
+    for (const k of ['sealMs', 'durableMs', 'commitMs', 'totalMs']) expect(ck[k]).toBeGreaterThan(0);
+    const text = (
+      await runOk(process.execPath, [CLI, 'status', '--control', `127.0.0.1:${pair.secondary.control.port}`])
+    ).stdout;
+    expect(text).toMatch(/role +secondary/);
+    expect(text).toMatch(/committed 1/);
+    // A pending epoch on a stopped primary, read from its state directory.
+    await pvm.write(Buffer.alloc(512, 2), 1_000_000);
+    await pvm.close();
+    await pair.stop();
+    const offline = JSON.parse(
+      (await runOk(process.execPath, [CLI, 'inspect', '--state', path.join(dir, 'pvm-state'), '--json']))
+        .stdout,
+    );
+    expect(offline.role).toBe('primary');
+    expect(offline.epochs.some((e: { records: number }) => e.records === 1)).toBe(true);
+    const bad = await run(process.execPath, [CLI, 'inspect', '--state', dir]);
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toMatch(/not a colo-blk state directory/);
+    pair = null;
+  });
+});
