@@ -134,7 +134,9 @@ export class JournalWriter {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    fs.closeSync(this.fd);
+    // A sync in flight keeps the descriptor until it finishes (its caller gets its answer).
+    if (this.syncing) void this.syncing.finally(() => fs.closeSync(this.fd)).catch(() => {});
+    else fs.closeSync(this.fd);
   }
 }
 

@@ -317,7 +317,9 @@ export class SecondaryStore {
     const discarded = { records: old.records, bytes: old.dataBytes };
     this.overlay = Layer.create(nextOverlay, this.overlayPath(nextOverlay));
     this.overlayId = nextOverlay;
-    old.destroy();
+    // Deleting the old overlay's file can take a while for a big one: off the commit path.
+    old.close();
+    setImmediate(() => fs.rm(old.path, { force: true }, () => {}));
     this.kickApply();
     return { epochs: toCommit.map((e) => e.epoch), overlayDiscarded: discarded };
   }
@@ -361,6 +363,9 @@ export class SecondaryStore {
         e.layer.journal.read(view, ext.pos + (off - ext.start));
         await this.image.pwrite(view, off);
         crashPoint('secondary-mid-apply');
+        // Yield to the event loop: the apply is background work and must not
+        // delay the link (the next epoch) or the SVM's I/O.
+        await new Promise<void>((r) => setImmediate(r));
       }
     }
     await this.image.flush();
