@@ -8,6 +8,7 @@
  * a memory device has no durability to offer, and says so by being 'native'
  * (the operation completes with its full meaning, which is "nothing to do").
  */
+import { ColoError } from '../errors.js';
 import { limits } from '../limits.js';
 import {
   assertRange,
@@ -89,6 +90,13 @@ export class MemoryDevice implements BlockDevice {
   }
 
   async zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    // Provisioning (NO_HOLE) allocates RAM for every page: refuse requests too big
+    // to be worth that, as the NBD spec allows, instead of exhausting memory.
+    if (opts.mayTrim === false && length > limits.maxPayloadBytes)
+      throw new ColoError(
+        'EOVERFLOW',
+        `write-zeroes without holes of ${length} bytes on a memory disk (the limit is ${limits.maxPayloadBytes})`,
+      );
     this.zeroRange(offset, length, opts.mayTrim !== false);
   }
 
@@ -101,11 +109,9 @@ export class MemoryDevice implements BlockDevice {
       const inPage = pos - index * this.pageBytes;
       const n = Math.min(this.pageBytes - inPage, length - done);
       const page = this.pages.get(index);
-      // NO_HOLE keeps written pages allocated; an absent page already reads as
-      // zero and is not allocated (RAM has no provisioning to promise, and a
-      // huge NO_HOLE request must not allocate the whole device).
       if (n === this.pageBytes && mayFree) this.pages.delete(index);
       else if (page) page.fill(0, inPage, inPage + n);
+      else if (!mayFree) this.pages.set(index, Buffer.alloc(this.pageBytes)); // NO_HOLE: provision
       done += n;
     }
   }
