@@ -1,0 +1,85 @@
+/**
+ * The shapes the benchmark is built from: a server definition knows how to
+ * start one NBD server on the shared image, a workload definition knows how
+ * to measure one figure against a running server. run.ts crosses the two lists.
+ *
+ * To add a server (say colo-blk replicating to a live secondary), add a
+ * ServerDef to servers.ts whose start() brings up every process it needs and
+ * whose stop() takes them all down. To add a workload, add a WorkloadDef to
+ * workloads.ts.
+ */
+
+export interface BenchContext {
+  /** The repository root (where package.json is). */
+  root: string;
+  /** Raw image every server serves, on tmpfs. */
+  image: string;
+  imageSize: number;
+  /** The export name clients ask for. */
+  exportName: string;
+  /** A tmpfs directory private to this run (image, configs, scratch files); removed at the end. */
+  workDir: string;
+  /** Shorter runs, for a smoke check. */
+  quick: boolean;
+  /** A progress line on stderr. */
+  log(message: string): void;
+}
+
+/** A server that is up and verified. */
+export interface RunningServer {
+  host: string;
+  port: number;
+  /** nbd://host:port/export */
+  uri: string;
+  /** The server's main process. */
+  pid: number;
+  /** null while it runs; otherwise why it is gone. */
+  exited(): string | null;
+  /** Stop every process of this server (SIGTERM, then SIGKILL) and wait for them. */
+  stop(): Promise<void>;
+}
+
+export interface ServerDef {
+  /** Short name used in tables and on the command line (--servers). */
+  name: string;
+  /**
+   * 'subject': a colo-blk variant, compared with the peers (variants are not peers of each other).
+   * 'peer': a reference server.
+   */
+  role: 'subject' | 'peer';
+  /** One line on what this is, for the report. */
+  summary: string;
+  /** The version string of the server program. */
+  version(ctx: BenchContext): Promise<string>;
+  /** The exact command(s) that start it, for the report. */
+  commandLine(ctx: BenchContext, port: number | string): string;
+  /** Start it on 127.0.0.1:port and return once it accepts connections. */
+  start(ctx: BenchContext, port: number): Promise<RunningServer>;
+}
+
+export type Unit = 'MB/s' | 'IOPS';
+
+export interface Measurement {
+  /** The figure, in the workload's unit; higher is better. */
+  value: number;
+  /** Secondary facts (latency, repetitions, …), kept in the JSON output. */
+  detail?: Record<string, unknown>;
+}
+
+export interface WorkloadDef {
+  /** Name used on the command line (--only) and in JSON. */
+  id: string;
+  /** Groups (fio, nbdcopy, qemu-img) can be selected as a whole with --only. */
+  group: string;
+  title: string;
+  unit: Unit;
+  /** The client program, for versions in the report. */
+  tool: string;
+  /** The exact command with placeholders for the URI, for the report. */
+  commandLine(ctx: BenchContext, uri: string): string;
+  /** Prepare shared inputs once per run (e.g. a source file); optional. */
+  prepare?(ctx: BenchContext): Promise<void>;
+  run(ctx: BenchContext, server: RunningServer): Promise<Measurement>;
+}
+
+export type Outcome = ({ ok: true } & Measurement) | { ok: false; error: string };
