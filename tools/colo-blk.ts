@@ -56,9 +56,12 @@ program
   .option('--listen <host:port>', 'address to listen on', '127.0.0.1:10809')
   .requiredOption('--export <spec>', `an export, repeatable: ${EXPORT_SPEC_HELP}`, collect)
   .addOption(
-    new Option('--io <mode>', 'file I/O: sync (page-cache fast path) or async (thread pool)')
-      .choices(['sync', 'async'])
-      .default('sync'),
+    new Option(
+      '--io <mode>',
+      'file I/O: auto (small requests on the event loop, large ones in the thread pool), sync or async',
+    )
+      .choices(['sync', 'async', 'auto'])
+      .default('auto'),
   )
   .option('--max-connections <n>', 'refuse connections beyond this many')
   .option('--handshake-timeout <ms>', 'drop clients that have not finished the handshake after this long')
@@ -76,9 +79,12 @@ Examples:
   .action(run(serve));
 
 const ioOption = () =>
-  new Option('--io <mode>', 'file I/O: sync (page-cache fast path) or async (thread pool)')
-    .choices(['sync', 'async'])
-    .default('sync');
+  new Option(
+    '--io <mode>',
+    'file I/O: auto (small requests on the event loop, large ones in the thread pool), sync or async',
+  )
+    .choices(['sync', 'async', 'auto'])
+    .default('auto');
 
 program
   .command('primary')

@@ -5,12 +5,14 @@
  * - Two descriptors on the same file: a plain one for ordinary I/O and one
  *   opened with O_DSYNC for FUA writes, so a FUA write is durable when the
  *   write call returns (native FUA) instead of write + fdatasync.
- * - I/O mode 'sync' (default) issues pread/pwrite directly on the event loop.
- *   For images in the page cache (the normal case for a VM disk under COLO, and
+ * - I/O mode 'sync' issues pread/pwrite directly on the event loop. For
+ *   images in the page cache (the normal case for a VM disk under COLO, and
  *   always for tmpfs) a direct syscall costs a few microseconds, while a hop to
  *   libuv's thread pool costs tens; 'async' uses the thread pool and keeps the
- *   loop free when the image is on a slow disk with a cold cache. Flushes always
- *   go to the thread pool: fdatasync can take milliseconds on real disks.
+ *   loop free when the image is on a slow disk with a cold cache. 'auto' (the
+ *   default) does small requests directly and large ones (≥ 256 KiB) in the
+ *   pool, so the loop receives the next request while a big copy runs.
+ *   Flushes always go to the thread pool: fdatasync can take milliseconds.
  * - Short reads and writes are looped; reads past the end of the file (a file
  *   shorter than the device) return zeroes.
  * - TRIM punches holes, WRITE_ZEROES uses fallocate (punch, or zero-range when
@@ -32,7 +34,7 @@ import {
 } from './device.js';
 import { native } from './native.js';
 
-export type IoMode = 'sync' | 'async';
+export type IoMode = 'sync' | 'async' | 'auto';
 
 export interface FileDeviceOptions {
   readOnly?: boolean;
@@ -42,6 +44,8 @@ export interface FileDeviceOptions {
 }
 
 const zeroChunk = Buffer.alloc(limits.zeroChunkBytes);
+/** In 'auto' I/O mode, requests of at least this size use the thread pool. */
+const AUTO_ASYNC_BYTES = 256 * 1024;
 
 function readAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) =>
@@ -137,7 +141,18 @@ export class FileDevice implements BlockDevice {
       throw new ColoError('EUSAGE', `${path} is empty; give a size (size=1G) to create an image`);
     }
     const fdSync = readOnly ? fd : fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_DSYNC);
-    return new FileDevice(path, size, fd, fdSync, readOnly, opts.io ?? 'sync');
+    return new FileDevice(path, size, fd, fdSync, readOnly, opts.io ?? 'auto');
+  }
+
+  /**
+   * Whether an I/O of this size runs on the event loop. 'auto' keeps small
+   * requests on the loop (a thread-pool hop costs more than the copy) and
+   * sends large ones to the thread pool, so the loop keeps receiving the
+   * next request while the page cache absorbs this one.
+   */
+  private syncFor(length: number): boolean {
+    if (this.io === 'auto') return length < AUTO_ASYNC_BYTES;
+    return this.io === 'sync';
   }
 
   private checkWritable(): void {
@@ -147,12 +162,12 @@ export class FileDevice implements BlockDevice {
 
   async pread(buf: Buffer, offset: number): Promise<void> {
     assertRange(this, offset, buf.length);
+    const sync = this.syncFor(buf.length);
     let done = 0;
     while (done < buf.length) {
-      const n =
-        this.io === 'sync'
-          ? fs.readSync(this.fd, buf, done, buf.length - done, offset + done)
-          : await readAsync(this.fd, buf, done, buf.length - done, offset + done);
+      const n = sync
+        ? fs.readSync(this.fd, buf, done, buf.length - done, offset + done)
+        : await readAsync(this.fd, buf, done, buf.length - done, offset + done);
       if (n === 0) {
         buf.fill(0, done); // past the end of a short file
         return;
@@ -165,12 +180,12 @@ export class FileDevice implements BlockDevice {
     assertRange(this, offset, buf.length);
     this.checkWritable();
     const fd = opts.fua ? this.fdSync : this.fd;
+    const sync = this.syncFor(buf.length);
     let done = 0;
     while (done < buf.length) {
-      const n =
-        this.io === 'sync'
-          ? fs.writeSync(fd, buf, done, buf.length - done, offset + done)
-          : await writeAsync(fd, buf, done, buf.length - done, offset + done);
+      const n = sync
+        ? fs.writeSync(fd, buf, done, buf.length - done, offset + done)
+        : await writeAsync(fd, buf, done, buf.length - done, offset + done);
       if (n <= 0) throw new ColoError('EIO', `short write at ${offset + done} on ${this.path}`);
       done += n;
     }

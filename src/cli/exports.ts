@@ -48,7 +48,7 @@ export function parseExportSpec(text: string): ExportSpec {
   return spec;
 }
 
-export async function openExport(spec: ExportSpec, io: IoMode = 'sync'): Promise<ExportConfig> {
+export async function openExport(spec: ExportSpec, io: IoMode = 'auto'): Promise<ExportConfig> {
   let device: BlockDevice;
   if (spec.path === ':memory:') device = new MemoryDevice(spec.size!);
   else device = await FileDevice.open(spec.path, { readOnly: spec.readOnly, size: spec.size, io });

@@ -23,8 +23,8 @@ export async function serve(opts: ServeOptions): Promise<void> {
   const logger = stderrLogger(level);
   if (!opts.export || opts.export.length === 0)
     throw new ColoError('EUSAGE', 'no --export given; e.g. --export disk0=./disk.img,size=1G');
-  if (opts.io !== 'sync' && opts.io !== 'async')
-    throw new ColoError('EUSAGE', `--io must be sync or async, not '${opts.io}'`);
+  if (!['sync', 'async', 'auto'].includes(opts.io))
+    throw new ColoError('EUSAGE', `--io must be sync, async or auto, not '${opts.io}'`);
   const { host, port } = parseHostPort(opts.listen, '--listen');
   const specs = opts.export.map(parseExportSpec);
   const exports = [];

@@ -291,7 +291,7 @@ export class Connection {
 
   private send(buf: Buffer): void {
     if (this.phase === 'closed') return;
-    if (!this.corked) {
+    if (!this.corked && process.env.COLO_CORK !== '0') {
       this.corked = true;
       this.socket.cork();
       setImmediate(() => this.uncork());
