@@ -117,6 +117,7 @@ export async function startPair(
     `127.0.0.1:${peerPort}`,
     '--control',
     '127.0.0.1:0',
+    ...(opts.primaryArgs ?? []),
   ]);
   const pair: Pair = {
     dir,

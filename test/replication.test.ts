@@ -190,6 +190,48 @@ describe('replication', () => {
     await proxy.close();
   });
 
+  it('past the log budget the peer is marked out of sync, said in status, and checkpoints fail', async () => {
+    let proxy!: FaultProxy;
+    pair = await startPair(fresh(), '16M', {
+      primaryArgs: ['--budget', '1M'],
+      proxy: async (target) => {
+        proxy = new FaultProxy(target);
+        proxy.refuse = true; // the secondary is unreachable from the start
+        return proxy.listen();
+      },
+    });
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    await pvm.write(randomBytes(512 * 1024, prng(1)), 0);
+    let s = await controlCall<{ outOfSync: unknown }>(pair.primary.control, 'GET', '/status');
+    expect(s.outOfSync).toBeNull();
+    await pvm.write(randomBytes(1024 * 1024, prng(2)), 1024 * 1024); // past 1 MiB held
+    s = await controlCall<{ outOfSync: { reason: string } | null }>(pair.primary.control, 'GET', '/status');
+    expect(s.outOfSync?.reason).toMatch(/more than the budget/);
+    const text = (
+      await runOk(process.execPath, [CLI, 'status', '--control', `127.0.0.1:${pair.primary.control.port}`])
+    ).stdout;
+    expect(text).toMatch(/OUT OF SYNC/);
+    const metrics = await controlCall<string>(pair.primary.control, 'GET', '/metrics');
+    expect(metrics).toMatch(/^colo_out_of_sync 1$/m);
+    // Even with the link back, checkpoints fail until a resync.
+    proxy.refuse = false;
+    await waitLinkUp(pair.primary, 15_000);
+    const r = await run(process.execPath, [
+      CLI,
+      'checkpoint',
+      '--control',
+      `127.0.0.1:${pair.primary.control.port}`,
+    ]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/out of sync.*resync is required/);
+    // The PVM keeps being served all along.
+    expect((await pvm.read(1024 * 1024, 16)).equals(randomBytes(1024 * 1024, prng(2)).subarray(0, 16))).toBe(
+      true,
+    );
+    await pvm.close();
+    await proxy.close();
+  });
+
   it('refuses to pair images of different sizes, saying so', async () => {
     pair = await startPair(fresh(), '16M', { secondarySize: '8M' });
     await new Promise((r) => setTimeout(r, 500));
