@@ -81,6 +81,7 @@ export async function startPair(
     secondarySize?: string;
     proxy?: (secondaryReplPort: number) => Promise<number>;
     secondaryEnv?: NodeJS.ProcessEnv;
+    primaryArgs?: string[];
   } = {},
 ): Promise<Pair> {
   let replicationPort = 0;

@@ -202,7 +202,11 @@ describe('replication', () => {
     });
     const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
     await pvm.write(randomBytes(512 * 1024, prng(1)), 0);
-    let s = await controlCall<{ outOfSync: unknown }>(pair.primary.control, 'GET', '/status');
+    let s = await controlCall<{ outOfSync: { reason: string } | null }>(
+      pair.primary.control,
+      'GET',
+      '/status',
+    );
     expect(s.outOfSync).toBeNull();
     await pvm.write(randomBytes(1024 * 1024, prng(2)), 1024 * 1024); // past 1 MiB held
     s = await controlCall<{ outOfSync: { reason: string } | null }>(pair.primary.control, 'GET', '/status');

@@ -4,16 +4,19 @@
  *
  * Notes on the design:
  * - State directory layout:
- *     meta/                LevelDB (classic-level): generation, epoch states,
- *                          the commit record, the current overlay id
- *     epochs/<N>.journal   the PVM's mutations of epoch N, as received
+ *     commits.journal      the commit records (the truth: fdatasync'd)
+ *     epochs/<N>.journal   the PVM's mutations of epoch N, as received, then its seal
  *     overlay/<K>.journal  the SVM's own writes since the last commit
+ *     meta/                LevelDB (classic-level): an index of the above (epoch
+ *                          states, last committed/applied, overlay id), rebuilt
+ *                          from the journals whenever it is missing or stale
  *   The checkpoint image itself (svm.img) lives wherever the operator put it.
  * - Epoch lifecycle: receiving → sealed (seal marker arrived, counts checked)
- *   → durable (journal fdatasync'd, then the epoch record written to LevelDB
- *   with sync) → committed (the commit record, sync) → applied (the epoch's
- *   final bytes written into the image and fdatasync'd; journal deleted).
- * - Commit is O(1): one synced LevelDB batch and a switch to a fresh overlay.
+ *   → durable (the journal, seal marker included, fdatasync'd) → committed (a
+ *   commit record appended to commits.journal and fdatasync'd) → applied (the
+ *   epoch's final bytes written into the image and fdatasync'd; journal
+ *   deleted). Every state can be re-derived from the files alone.
+ * - Commit is O(1): one small synced append and a switch to a fresh overlay.
  *   The SVM's reads consult committed-but-unapplied epochs (newest first)
  *   until the background apply has written them into the image, so the
  *   checkpoint never waits for the apply.
@@ -32,6 +35,7 @@ import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } fro
 import { assertRange, coalesceExtents } from '../block/device.js';
 import type { FileDevice } from '../block/file.js';
 import { crashPoint } from '../crash.js';
+import { JournalWriter, scanJournal } from './journal.js';
 import { Layer } from './layers.js';
 import type { MutationRecord, SealRecord } from './records.js';
 
@@ -56,9 +60,19 @@ interface EpochEntry {
 const pad = (n: number) => String(n).padStart(12, '0');
 const epochKey = (n: number) => `epoch!${pad(n)}`;
 
+export interface RecoveryReport {
+  tornTails: { file: string; offset: number; reason: string }[];
+  indexRebuilt: boolean;
+  /** Committed epochs found not yet applied (applied again, idempotently). */
+  reapplied: number[];
+  droppedOverlays: number[];
+}
+
 export interface SecondaryStoreOptions {
   /** Called when the background apply fails (the store stops applying). */
   onApplyError?: (err: Error) => void;
+  /** Progress of the background apply: bytes done of the epoch's total. */
+  onApplyProgress?: (epoch: number, doneBytes: number, totalBytes: number) => void;
   log?: (msg: string) => void;
 }
 
@@ -71,6 +85,14 @@ export class SecondaryStore {
   /** Highest sequence number held from the current primary session. */
   highestSeq = 0;
   session: string | null = null;
+  private commits!: JournalWriter;
+  /** What the last open() had to repair (for `colo-blk recover` and the logs). */
+  readonly recovery: RecoveryReport = {
+    tornTails: [],
+    indexRebuilt: false,
+    reapplied: [],
+    droppedOverlays: [],
+  };
   private applying: Promise<void> | null = null;
   private applyError: Error | null = null;
   private closed = false;
@@ -119,7 +141,19 @@ export class SecondaryStore {
     return v === undefined ? undefined : (JSON.parse(v) as T);
   }
 
-  /** Rebuild in-memory state from LevelDB and the journals; finish interrupted applies. */
+  private refuseCorrupt(file: string, offset: number, reason: string): never {
+    throw new ColoError(
+      'EIO',
+      `${file} is corrupt at offset ${offset} (${reason}); refusing to use it. Nothing was applied from it. ` +
+        `Resynchronise this node from its peer, or move the file away if you accept losing what it holds.`,
+    );
+  }
+
+  /**
+   * Rebuild the state from the journals (the truth), check the LevelDB index
+   * against it and rewrite the index if it is missing or stale, and schedule
+   * the apply of committed epochs that are not yet in the image.
+   */
   private async recover(): Promise<void> {
     const size = await this.getJson<number>('size');
     if (size !== undefined && size !== this.image.size)
@@ -127,16 +161,28 @@ export class SecondaryStore {
         'EUSAGE',
         `state directory ${this.dir} belongs to a ${size}-byte disk, but the image is ${this.image.size} bytes`,
       );
-    if (size === undefined) await this.db.put('size', String(this.image.size), { sync: true });
-    this.lastCommitted = (await this.getJson<number>('committed')) ?? 0;
-    this.lastApplied = (await this.getJson<number>('applied')) ?? 0;
-    this.overlayId = (await this.getJson<number>('overlay')) ?? 1;
-    const metas = new Map<number, EpochMeta>();
-    for await (const [, v] of this.db.iterator({ gte: 'epoch!', lt: 'epoch"' })) {
-      const m = JSON.parse(v) as EpochMeta;
-      metas.set(m.epoch, m);
+    // Commit records.
+    const commitsPath = path.join(this.dir, 'commits.journal');
+    let commitsEnd = 0;
+    if (fs.existsSync(commitsPath)) {
+      const scan = scanJournal<{ t: string; e: number; overlay: number }>(commitsPath, (r) => {
+        if (r.meta.t !== 'commit') return;
+        this.lastCommitted = Math.max(this.lastCommitted, r.meta.e);
+        this.overlayId = Math.max(this.overlayId, r.meta.overlay);
+      });
+      if (scan.corruption) this.refuseCorrupt(commitsPath, scan.corruption.offset, scan.corruption.reason);
+      if (scan.tornTail) this.recovery.tornTails.push({ file: commitsPath, ...scan.tornTail });
+      commitsEnd = scan.validEnd;
     }
-    // Epoch journals: committed ones are applied again (idempotent); others are kept as they are.
+    this.overlayId = Math.max(this.overlayId, 1);
+    this.commits = JournalWriter.open(commitsPath, commitsEnd);
+    this.lastApplied = Math.min((await this.getJson<number>('applied')) ?? 0, this.lastCommitted);
+    const indexed = {
+      committed: (await this.getJson<number>('committed')) ?? 0,
+      overlay: (await this.getJson<number>('overlay')) ?? 1,
+    };
+    // Epoch journals: committed ones are applied again (idempotent, in order);
+    // sealed ones with matching counts are durable; the rest are incomplete.
     for (const name of fs.readdirSync(path.join(this.dir, 'epochs')).sort()) {
       const m = /^(\d+)\.journal$/.exec(name);
       if (!m) continue;
@@ -149,36 +195,61 @@ export class SecondaryStore {
       const { layer, scan, others } = Layer.recover(n, file);
       if (scan.corruption) {
         layer.close();
-        throw new ColoError(
-          'EIO',
-          `epoch journal ${file} is corrupt at offset ${scan.corruption.offset} (${scan.corruption.reason}); ` +
-            `refusing to use it. Run 'colo-blk recover' to inspect, or resynchronise this node.`,
-        );
+        this.refuseCorrupt(file, scan.corruption.offset, scan.corruption.reason);
       }
-      if (scan.tornTail) this.log(`epoch ${n}: cut a torn tail at offset ${scan.tornTail.offset}`);
-      const meta = metas.get(n);
+      if (scan.tornTail) {
+        this.recovery.tornTails.push({ file, ...scan.tornTail });
+        this.log(`epoch ${n}: cut a torn tail at offset ${scan.tornTail.offset}`);
+      }
       const seal = others.find((o) => o.t === 'seal') as SealRecord | undefined;
-      const state: EpochState =
-        n <= this.lastCommitted ? 'committed' : (meta?.state ?? (seal ? 'sealed' : 'receiving'));
-      this.epochs.set(n, { epoch: n, layer, state, seal });
+      const complete = seal !== undefined && seal.n === layer.records && seal.b === layer.dataBytes;
+      const state: EpochState = n <= this.lastCommitted ? 'committed' : complete ? 'durable' : 'receiving';
+      if (state === 'committed') this.recovery.reapplied.push(n);
+      this.epochs.set(n, { epoch: n, layer, state, seal: complete ? seal : undefined });
     }
     // The overlay: the current one is kept (the SVM's flushed writes survive a restart);
     // older ones were discarded by a commit and are deleted.
     for (const name of fs.readdirSync(path.join(this.dir, 'overlay'))) {
       const m = /^(\d+)\.journal$/.exec(name);
-      if (m && Number(m[1]) !== this.overlayId) fs.rmSync(path.join(this.dir, 'overlay', name));
+      if (m && Number(m[1]) !== this.overlayId) {
+        fs.rmSync(path.join(this.dir, 'overlay', name));
+        this.recovery.droppedOverlays.push(Number(m[1]));
+      }
     }
     const overlayPath = this.overlayPath(this.overlayId);
     if (fs.existsSync(overlayPath)) {
       const { layer, scan } = Layer.recover(this.overlayId, overlayPath);
       if (scan.corruption) {
         layer.close();
-        throw new ColoError('EIO', `overlay ${overlayPath} is corrupt at offset ${scan.corruption.offset}`);
+        this.refuseCorrupt(overlayPath, scan.corruption.offset, scan.corruption.reason);
       }
+      if (scan.tornTail) this.recovery.tornTails.push({ file: overlayPath, ...scan.tornTail });
       this.overlay = layer;
     } else this.overlay = Layer.create(this.overlayId, overlayPath);
-    await this.db.put('overlay', String(this.overlayId), { sync: true });
+    // The index must agree with the journals; rewrite it whole if it does not.
+    const stale =
+      size === undefined || indexed.committed !== this.lastCommitted || indexed.overlay !== this.overlayId;
+    if (stale && (size !== undefined || this.lastCommitted > 0)) {
+      this.recovery.indexRebuilt = true;
+      this.log('the metadata index was missing or stale: rebuilt it from the journals');
+    }
+    await this.rewriteIndex();
     this.kickApply();
+  }
+
+  /** Write the LevelDB index from the in-memory state (derived from the journals). */
+  private async rewriteIndex(): Promise<void> {
+    const ops: { type: 'put' | 'del'; key: string; value?: string }[] = [];
+    for await (const key of this.db.keys({ gte: 'epoch!', lt: 'epoch"' })) ops.push({ type: 'del', key });
+    ops.push(
+      { type: 'put', key: 'size', value: String(this.image.size) },
+      { type: 'put', key: 'committed', value: String(this.lastCommitted) },
+      { type: 'put', key: 'applied', value: String(this.lastApplied) },
+      { type: 'put', key: 'overlay', value: String(this.overlayId) },
+    );
+    for (const e of this.epochs.values())
+      ops.push({ type: 'put', key: epochKey(e.epoch), value: JSON.stringify(this.epochMeta(e)) });
+    await this.db.batch(ops as never, { sync: true });
   }
 
   private overlayPath(id: number): string {
@@ -273,16 +344,16 @@ export class SecondaryStore {
     crashPoint('secondary-before-durable-sync');
     await e.layer.sync();
     e.state = 'durable';
+    // The synced journal (with its seal marker) is the durable record; this is its index.
     const meta: EpochMeta = { ...this.epochMeta(e), durableAt: Date.now() };
-    await this.db.batch([{ type: 'put', key: epochKey(e.epoch), value: JSON.stringify(meta) }], {
-      sync: true,
-    });
+    await this.db.put(epochKey(e.epoch), JSON.stringify(meta));
     return meta;
   }
 
   /**
-   * Commit every durable epoch up to N: one durable record, then the SVM's
-   * overlay is discarded. The image is updated in the background.
+   * Commit every durable epoch up to N: one durable record (appended to
+   * commits.journal and fdatasync'd), then the SVM's overlay is discarded.
+   * The image is updated in the background.
    */
   async commit(
     n: number,
@@ -308,8 +379,10 @@ export class SecondaryStore {
         value: JSON.stringify({ ...this.epochMeta(e), state: 'committed', committedAt: now }),
       });
     crashPoint('secondary-before-commit-record');
-    await this.db.batch(ops, { sync: true });
+    this.commits.append({ t: 'commit', e: n, overlay: nextOverlay, at: now });
+    await this.commits.sync();
     crashPoint('secondary-after-commit-record');
+    await this.db.batch(ops); // the index; the journal above is the record
     // The commit record is durable: from here on N counts, whatever happens.
     for (const e of toCommit) e.state = 'committed';
     this.lastCommitted = n;
@@ -351,7 +424,12 @@ export class SecondaryStore {
   /** Write an epoch's merged final state into the image, make it durable, then forget the epoch. */
   private async applyEpoch(e: EpochEntry): Promise<void> {
     const chunk = Buffer.allocUnsafe(limits.zeroChunkBytes);
-    for (const ext of [...e.layer.index.extents()]) {
+    const extents = [...e.layer.index.extents()];
+    const total = extents.reduce((a, x) => a + (x.end - x.start), 0);
+    let done = 0;
+    for (const ext of extents) {
+      this.opts.onApplyProgress?.(e.epoch, done, total);
+      done += ext.end - ext.start;
       if (this.closed) return;
       if (ext.kind !== 'data') {
         await this.image.zero(ext.start, ext.end - ext.start, { mayTrim: ext.kind === 'hole' });
@@ -370,13 +448,13 @@ export class SecondaryStore {
     }
     await this.image.flush();
     crashPoint('secondary-before-applied-record');
-    await this.db.batch(
-      [
-        { type: 'put', key: 'applied', value: String(e.epoch) },
-        { type: 'del', key: epochKey(e.epoch) },
-      ],
-      { sync: true },
-    );
+    // The image is durable; the journal can go. (The index entry needs no sync:
+    // if it is lost, the journal is gone too, or it is applied again, harmlessly.)
+    await this.db.batch([
+      { type: 'put', key: 'applied', value: String(e.epoch) },
+      { type: 'del', key: epochKey(e.epoch) },
+    ]);
+    this.opts.onApplyProgress?.(e.epoch, total, total);
     this.lastApplied = e.epoch;
     this.epochs.delete(e.epoch);
     e.layer.destroy();
@@ -419,6 +497,7 @@ export class SecondaryStore {
     for (const e of this.epochs.values()) e.layer.close();
     await this.overlay.sync().catch(() => {});
     this.overlay.close();
+    this.commits.close();
     await this.db.close();
   }
 }
@@ -449,19 +528,42 @@ export class SvmDevice implements BlockDevice {
 
   async pread(buf: Buffer, offset: number): Promise<void> {
     assertRange(this, offset, buf.length);
-    const layers = [this.store.overlayLayer, ...this.store.committedLayers()];
-    await this.readFrom(layers, 0, buf, offset);
+    // Resolve every layer synchronously (journal reads are synchronous), so no
+    // layer can be applied and deleted in the middle; then read what no layer
+    // holds from the image, which the apply never touches for those ranges.
+    const gaps: { at: number; length: number; offset: number }[] = [];
+    this.resolve(
+      [this.store.overlayLayer, ...this.store.committedLayers()],
+      0,
+      buf,
+      0,
+      offset,
+      buf.length,
+      gaps,
+    );
+    for (const g of gaps) await this.store.image.pread(buf.subarray(g.at, g.at + g.length), g.offset);
   }
 
-  /** Resolve [offset, offset+buf.length) through layers[i...], falling back to the image. */
-  private async readFrom(layers: Layer[], i: number, buf: Buffer, offset: number): Promise<void> {
-    if (i === layers.length) return this.store.image.pread(buf, offset);
+  /** Fill buf[at, at+length) for disk range [offset, ...) from layers[i...]; collect image gaps. */
+  private resolve(
+    layers: Layer[],
+    i: number,
+    buf: Buffer,
+    at: number,
+    offset: number,
+    length: number,
+    gaps: { at: number; length: number; offset: number }[],
+  ): void {
+    if (i === layers.length) {
+      gaps.push({ at, length, offset });
+      return;
+    }
     const layer = layers[i];
-    if (layer.index.size === 0) return this.readFrom(layers, i + 1, buf, offset);
-    for (const seg of layer.lookup(offset, buf.length)) {
-      const at = seg.start - offset;
-      if (seg.extent) layer.readSegment(seg, buf, at);
-      else await this.readFrom(layers, i + 1, buf.subarray(at, at + (seg.end - seg.start)), seg.start);
+    if (layer.index.size === 0) return this.resolve(layers, i + 1, buf, at, offset, length, gaps);
+    for (const seg of layer.lookup(offset, length)) {
+      const segAt = at + (seg.start - offset);
+      if (seg.extent) layer.readSegment(seg, buf, segAt);
+      else this.resolve(layers, i + 1, buf, segAt, seg.start, seg.end - seg.start, gaps);
     }
   }
 
