@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, Option } from 'commander';
 import { ColoError, exitCodeOf, toColoError } from '../src/errors.js';
 import { EXPORT_SPEC_HELP } from '../src/cli/exports.js';
+import { recoverCommand } from '../src/cli/recover.js';
 import { serve } from '../src/cli/serve.js';
 import {
   checkpointCommand,
@@ -154,6 +155,21 @@ program
   .option('--limit <n>', 'extents listed per epoch (text output)', '20')
   .option('--json', 'print everything as JSON')
   .action(run(inspectCommand));
+
+program
+  .command('recover')
+  .description("bring a stopped node's state back to a consistent checkpoint, and report what was done")
+  .requiredOption('--state <dir>', 'the state directory of the stopped node')
+  .option('--json', 'print the report as JSON')
+  .addHelpText(
+    'after',
+    `
+Verifies every journal by checksum, cuts torn tails, refuses corruption in the
+middle (exit 1, naming the file and offset), rebuilds the metadata index if it
+is missing or stale, and applies committed epochs not yet in the image.
+Running it twice equals running it once.`,
+  )
+  .action(run(recoverCommand));
 
 // Commander's own errors (unknown option, missing argument) are usage errors: exit 2.
 program.exitOverride();
