@@ -134,8 +134,13 @@ export async function startPair(
     checkpoint: () => controlCall(primary.control, 'POST', '/checkpoint', { timeoutMs: 15_000 }),
     stop: async () => {
       for (const n of [pair.primary, pair.secondary]) {
-        if (n.child.exitCode === null && n.child.signalCode === null) n.child.kill('SIGTERM');
-        await n.exit;
+        if (n.child.exitCode === null && n.child.signalCode === null) {
+          n.child.kill('SIGCONT'); // a test may have frozen it
+          n.child.kill('SIGTERM');
+          const timer = setTimeout(() => n.child.kill('SIGKILL'), 5000);
+          await n.exit;
+          clearTimeout(timer);
+        }
       }
     },
   };

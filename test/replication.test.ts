@@ -236,6 +236,48 @@ describe('replication', () => {
     await proxy.close();
   });
 
+  it('detects a frozen secondary and a frozen primary by heartbeat, and recovers when they thaw', async () => {
+    pair = await startPair(fresh());
+    await waitLinkUp(pair.primary);
+    type PStatus = { link: { state: string; lastError: string | null } };
+    type SStatus = { link: { state: string; primaryLost: { reason: string } | null } };
+    const waitFor = async <T>(what: () => Promise<T>, ok: (v: T) => boolean, label: string): Promise<T> => {
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const v = await what();
+        if (ok(v)) return v;
+        if (Date.now() > deadline) throw new Error(`${label}: ${JSON.stringify(v)}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    };
+    // A frozen secondary keeps its TCP connection open: only the heartbeat can tell.
+    pair.secondary.child.kill('SIGSTOP');
+    const p = await waitFor(
+      () => controlCall<PStatus>(pair!.primary.control, 'GET', '/status'),
+      (s) => s.link.state !== 'connected',
+      'the primary never noticed the frozen secondary',
+    );
+    expect(p.link.lastError).toMatch(/heartbeat timeout: nothing from the secondary for \d+ ms/);
+    pair.secondary.child.kill('SIGCONT');
+    await waitLinkUp(pair.primary, 15_000);
+    await pair.checkpoint();
+    // Now the other way round.
+    pair.primary.child.kill('SIGSTOP');
+    const s = await waitFor(
+      () => controlCall<SStatus>(pair!.secondary.control, 'GET', '/status'),
+      (v) => v.link.primaryLost !== null,
+      'the secondary never noticed the frozen primary',
+    );
+    expect(s.link.primaryLost!.reason).toMatch(/heartbeat timeout: nothing from the primary/);
+    const text = (
+      await runOk(process.execPath, [CLI, 'status', '--control', `127.0.0.1:${pair.secondary.control.port}`])
+    ).stdout;
+    expect(text).toMatch(/PRIMARY LOST/);
+    pair.primary.child.kill('SIGCONT');
+    await waitLinkUp(pair.primary, 15_000);
+    await pair.checkpoint();
+  });
+
   it('refuses to pair images of different sizes, saying so', async () => {
     pair = await startPair(fresh(), '16M', { secondarySize: '8M' });
     await new Promise((r) => setTimeout(r, 500));

@@ -79,6 +79,11 @@ Examples:
   )
   .action(run(serve));
 
+const heartbeatOptions = (cmd: Command) =>
+  cmd
+    .option('--heartbeat-interval <ms>', 'send a beat on the replication link this often', '200')
+    .option('--heartbeat-timeout <ms>', 'declare the peer lost after this much silence', '800');
+
 const ioOption = () =>
   new Option(
     '--io <mode>',
@@ -87,48 +92,53 @@ const ioOption = () =>
     .choices(['sync', 'async', 'auto'])
     .default('auto');
 
-program
-  .command('primary')
-  .description("serve the PVM's disk and replicate every write to a secondary, epoch by epoch")
-  .option('--listen <host:port>', 'NBD address for the PVM', '127.0.0.1:10809')
-  .requiredOption('--export <spec>', 'the PVM disk: NAME=PATH[,size=SIZE]')
-  .requiredOption('--state <dir>', 'state directory (epoch log, metadata)')
-  .requiredOption('--peer <host:port>', "the secondary's --replication-listen address")
-  .option('--control <host:port>', 'control API (checkpoint, status, metrics)', '127.0.0.1:10950')
-  .option('--budget <size>', 'log held for a lagging secondary before it is marked out of sync', '1G')
-  .addOption(ioOption())
-  .option('--json', 'print the listening addresses as one JSON line')
-  .option('-v, --verbose', 'log every connection and error')
-  .option('-q, --quiet', 'log warnings only')
-  .addHelpText(
-    'after',
-    `
+heartbeatOptions(
+  program
+    .command('primary')
+    .description("serve the PVM's disk and replicate every write to a secondary, epoch by epoch")
+    .option('--listen <host:port>', 'NBD address for the PVM', '127.0.0.1:10809')
+    .requiredOption('--export <spec>', 'the PVM disk: NAME=PATH[,size=SIZE]')
+    .requiredOption('--state <dir>', 'state directory (epoch log, metadata)')
+    .requiredOption('--peer <host:port>', "the secondary's --replication-listen address")
+    .option('--control <host:port>', 'control API (checkpoint, status, metrics)', '127.0.0.1:10950')
+    .option('--budget <size>', 'log held for a lagging secondary before it is marked out of sync', '1G')
+    .addOption(ioOption())
+    .option('--json', 'print the listening addresses as one JSON line')
+    .option('-v, --verbose', 'log every connection and error')
+    .option('-q, --quiet', 'log warnings only')
+    .addHelpText(
+      'after',
+      `
 Example:
   colo-blk primary --listen 127.0.0.1:10809 --export disk0=./pvm.img,size=1G --state ./pvm-state \\
                    --peer 127.0.0.1:10900 --control 127.0.0.1:10950`,
-  )
-  .action(run(primaryCommand));
+    ),
+).action(run(primaryCommand));
 
-program
-  .command('secondary')
-  .description("buffer the PVM's writes until each checkpoint, and serve the SVM its own disk")
-  .option('--listen <host:port>', 'NBD address for the SVM', '127.0.0.1:10810')
-  .requiredOption('--export <spec>', 'the checkpoint image: NAME=PATH[,size=SIZE] (same size as the primary)')
-  .requiredOption('--state <dir>', 'state directory (epoch buffer, overlay, metadata)')
-  .option('--replication-listen <host:port>', 'where the primary connects', '127.0.0.1:10900')
-  .option('--control <host:port>', 'control API (status, inspect, metrics)', '127.0.0.1:10951')
-  .addOption(ioOption())
-  .option('--json', 'print the listening addresses as one JSON line')
-  .option('-v, --verbose', 'log every connection and error')
-  .option('-q, --quiet', 'log warnings only')
-  .addHelpText(
-    'after',
-    `
+heartbeatOptions(
+  program
+    .command('secondary')
+    .description("buffer the PVM's writes until each checkpoint, and serve the SVM its own disk")
+    .option('--listen <host:port>', 'NBD address for the SVM', '127.0.0.1:10810')
+    .requiredOption(
+      '--export <spec>',
+      'the checkpoint image: NAME=PATH[,size=SIZE] (same size as the primary)',
+    )
+    .requiredOption('--state <dir>', 'state directory (epoch buffer, overlay, metadata)')
+    .option('--replication-listen <host:port>', 'where the primary connects', '127.0.0.1:10900')
+    .option('--control <host:port>', 'control API (status, inspect, metrics)', '127.0.0.1:10951')
+    .addOption(ioOption())
+    .option('--json', 'print the listening addresses as one JSON line')
+    .option('-v, --verbose', 'log every connection and error')
+    .option('-q, --quiet', 'log warnings only')
+    .addHelpText(
+      'after',
+      `
 Example:
   colo-blk secondary --listen 127.0.0.1:10810 --export disk0=./svm.img,size=1G --state ./svm-state \\
                      --replication-listen 127.0.0.1:10900 --control 127.0.0.1:10951`,
-  )
-  .action(run(secondaryCommand));
+    ),
+).action(run(secondaryCommand));
 
 program
   .command('checkpoint')

@@ -28,6 +28,46 @@ import { isMutation, type MutationRecord, type SealRecord } from './records.js';
 import type { SecondaryStore } from './secondary-store.js';
 
 export const LINK_PROTOCOL = 1;
+
+export interface HeartbeatOptions {
+  /** How often each side sends a beat when it has nothing else to send. */
+  intervalMs: number;
+  /** Silence after which the peer is declared lost. */
+  timeoutMs: number;
+}
+
+/** Defaults that detect a dead peer within a second. */
+export const DEFAULT_HEARTBEAT: HeartbeatOptions = { intervalMs: 200, timeoutMs: 800 };
+
+/**
+ * Liveness of a link: each side sends a small 'beat' frame every interval, and
+ * any bytes received count as a sign of life (so a long resend is never
+ * mistaken for silence). Silence longer than the timeout, measured on the
+ * monotonic clock, ends the connection with the reason.
+ */
+class Heartbeat {
+  private lastRx = performance.now();
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    socket: net.Socket,
+    opts: HeartbeatOptions,
+    beat: () => void,
+    onTimeout: (silentMs: number) => void,
+  ) {
+    socket.on('data', () => (this.lastRx = performance.now()));
+    this.timer = setInterval(() => {
+      const silentMs = performance.now() - this.lastRx;
+      if (silentMs > opts.timeoutMs) {
+        clearInterval(this.timer);
+        onTimeout(Math.round(silentMs));
+        return;
+      }
+      beat();
+    }, opts.intervalMs);
+    socket.once('close', () => clearInterval(this.timer));
+  }
+}
 const READ_CHUNK = 1024 * 1024;
 
 type Meta = Record<string, unknown> & { t: string };
@@ -99,6 +139,7 @@ export interface PrimaryLinkOptions {
   size: number;
   reconnectMinMs?: number;
   reconnectMaxMs?: number;
+  heartbeat?: HeartbeatOptions;
   log?: (msg: string) => void;
 }
 
@@ -147,6 +188,18 @@ export class PrimaryLink extends EventEmitter {
     socket.setNoDelay(true);
     this.socket = socket;
     socket.once('connect', () => {
+      new Heartbeat(
+        socket,
+        this.opts.heartbeat ?? DEFAULT_HEARTBEAT,
+        () => {
+          // Beats go between frames only; while a resend streams, the data itself shows life.
+          if (this.ready && !this.blocked && this.atFrameBoundary()) send(socket, { t: 'beat' });
+        },
+        (silentMs) => {
+          this.lastError = `heartbeat timeout: nothing from the secondary for ${silentMs} ms`;
+          socket.destroy();
+        },
+      );
       send(socket, {
         t: 'hello',
         proto: LINK_PROTOCOL,
@@ -203,6 +256,8 @@ export class PrimaryLink extends EventEmitter {
 
   private onFrame(meta: Meta): void {
     switch (meta.t) {
+      case 'beat':
+        return;
       case 'hello': {
         if (meta.size !== this.opts.size) {
           this.lastError =
@@ -280,6 +335,13 @@ export class PrimaryLink extends EventEmitter {
       this.cursor.offset += bytes;
       this.bytesSent += bytes;
     } else this.pump();
+  }
+
+  /** True when the sender is between two frames of the stream. */
+  private atFrameBoundary(): boolean {
+    if (this.plog.outOfSync || this.cursor.offset === 0) return true;
+    const e = this.plog.epochs.get(this.cursor.epoch);
+    return !e || this.cursor.offset === e.journal.size;
   }
 
   private write(buf: Buffer): void {
@@ -397,6 +459,7 @@ export class PrimaryLink extends EventEmitter {
 // Secondary side
 
 export interface SecondaryLinkOptions {
+  heartbeat?: HeartbeatOptions;
   log?: (msg: string) => void;
 }
 
@@ -409,6 +472,8 @@ export class SecondaryLink extends EventEmitter {
   records = 0;
   duplicates = 0;
   peer: string | null = null;
+  /** Set when the primary went silent (heartbeat timeout) or its link dropped, until it is back. */
+  primaryLost: { at: number; reason: string } | null = null;
 
   constructor(
     private readonly store: SecondaryStore,
@@ -447,6 +512,15 @@ export class SecondaryLink extends EventEmitter {
     this.current = socket;
     this.peer = `${socket.remoteAddress}:${socket.remotePort}`;
     socket.on('data', (d: Buffer) => (this.bytesReceived += d.length));
+    new Heartbeat(
+      socket,
+      this.opts.heartbeat ?? DEFAULT_HEARTBEAT,
+      () => send(socket, { t: 'beat' }),
+      (silentMs) => {
+        this.lastError = `heartbeat timeout: nothing from the primary for ${silentMs} ms`;
+        socket.destroy();
+      },
+    );
     const reader = new FrameReader(
       socket,
       (meta, frame, dataLength) => this.onFrame(socket, meta, frame, dataLength),
@@ -461,9 +535,14 @@ export class SecondaryLink extends EventEmitter {
     socket.on('close', () => {
       reader.stop();
       if (this.current === socket) {
+        const wasUp = this.connectedSince !== null;
         this.current = null;
         this.connectedSince = null;
-        this.log('replication link closed');
+        if (wasUp) {
+          this.primaryLost = { at: Date.now(), reason: this.lastError ?? 'connection closed' };
+          this.log(`primary lost: ${this.primaryLost.reason}`);
+          this.emit('primary-lost', this.primaryLost);
+        }
       }
     });
   }
@@ -528,7 +607,7 @@ export class SecondaryLink extends EventEmitter {
       return this.reply(socket, meta, () => this.store.seal(meta as unknown as SealRecord), 'durable');
     if (meta.t === 'commit')
       return this.reply(socket, meta, () => this.store.commit(Number(meta.e)), 'committed');
-    if (meta.t === 'ping') return void send(socket, { t: 'pong', ts: meta.ts });
+    if (meta.t === 'beat') return;
     send(socket, { t: 'error', code: 'EPROTO', message: `unknown frame type '${meta.t}'` });
   }
 

@@ -19,7 +19,7 @@ import { FileDevice, type IoMode } from '../block/file.js';
 import { NbdServer, type Logger } from '../net/server.js';
 import { ControlServer } from './control.js';
 import { inspectJournal } from './inspect.js';
-import { PrimaryLink } from './link.js';
+import { PrimaryLink, type HeartbeatOptions } from './link.js';
 import { renderPrometheus, Summary } from './metrics.js';
 import { PrimaryLog } from './primary-log.js';
 import { ReplicatingDevice } from './replicating-device.js';
@@ -40,6 +40,7 @@ export interface PrimaryNodeOptions {
   io?: IoMode;
   /** Bytes the log may hold for a lagging secondary before it is marked out of sync. */
   budgetBytes?: number;
+  heartbeat?: HeartbeatOptions;
   logger: Logger;
 }
 
@@ -115,6 +116,7 @@ export class PrimaryNode {
       host: opts.peer.host,
       port: opts.peer.port,
       size: image.size,
+      heartbeat: opts.heartbeat,
       log: (m) => opts.logger.info(`link: ${m}`),
     });
     const nbd = new NbdServer([{ name: opts.exportName, device, description: `PVM disk ${opts.image}` }], {

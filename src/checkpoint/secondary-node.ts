@@ -10,7 +10,7 @@ import { FileDevice, type IoMode } from '../block/file.js';
 import { NbdServer, type Logger } from '../net/server.js';
 import { ControlServer } from './control.js';
 import { inspectJournal } from './inspect.js';
-import { SecondaryLink } from './link.js';
+import { SecondaryLink, type HeartbeatOptions } from './link.js';
 import { renderPrometheus } from './metrics.js';
 import type { Endpoint } from './primary-node.js';
 import { SecondaryStore } from './secondary-store.js';
@@ -24,6 +24,7 @@ export interface SecondaryNodeOptions {
   replicationListen: Endpoint;
   control: Endpoint;
   io?: IoMode;
+  heartbeat?: HeartbeatOptions;
   logger: Logger;
 }
 
@@ -65,7 +66,10 @@ export class SecondaryNode {
         2,
       ),
     );
-    const link = new SecondaryLink(store, { log: (m) => opts.logger.info(`link: ${m}`) });
+    const link = new SecondaryLink(store, {
+      heartbeat: opts.heartbeat,
+      log: (m) => opts.logger.info(`link: ${m}`),
+    });
     const nbd = new NbdServer(
       [{ name: opts.exportName, device: store.svmDevice, description: `SVM disk ${opts.image}` }],
       {
@@ -131,6 +135,7 @@ export class SecondaryNode {
         bytesReceived: this.link.bytesReceived,
         records: this.link.records,
         duplicates: this.link.duplicates,
+        primaryLost: this.link.primaryLost,
       },
       lag: {
         uncommittedBytes: pending.filter((e) => e.state !== 'committed').reduce((a, e) => a + e.bytes, 0),

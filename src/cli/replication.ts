@@ -17,6 +17,8 @@ import { parseExportSpec } from './exports.js';
 import { stderrLogger } from './log.js';
 
 export interface NodeCliOptions {
+  heartbeatInterval: string;
+  heartbeatTimeout: string;
   listen: string;
   export: string;
   state: string;
@@ -49,6 +51,18 @@ async function waitForSignal(logger: ReturnType<typeof stderrLogger>): Promise<v
   });
 }
 
+function heartbeatOf(opts: NodeCliOptions) {
+  const intervalMs = Number(opts.heartbeatInterval);
+  const timeoutMs = Number(opts.heartbeatTimeout);
+  if (!(intervalMs >= 10) || !(timeoutMs > intervalMs))
+    throw new ColoError(
+      'EUSAGE',
+      `--heartbeat-interval must be at least 10 ms and --heartbeat-timeout larger than it ` +
+        `(got ${opts.heartbeatInterval} and ${opts.heartbeatTimeout})`,
+    );
+  return { intervalMs, timeoutMs };
+}
+
 function announce(json: boolean | undefined, info: Record<string, unknown>, lines: string[]): void {
   if (json) process.stdout.write(JSON.stringify({ event: 'listening', ...info }) + '\n');
   else process.stdout.write(lines.join('\n') + '\n');
@@ -67,6 +81,7 @@ export async function primaryCommand(opts: NodeCliOptions & { peer: string; budg
     control: parseHostPort(opts.control, '--control'),
     io: opts.io as IoMode,
     budgetBytes: parseSize(opts.budget),
+    heartbeat: heartbeatOf(opts),
     logger,
   });
   const a = node.addresses;
@@ -94,6 +109,7 @@ export async function secondaryCommand(opts: NodeCliOptions & { replicationListe
     replicationListen: parseHostPort(opts.replicationListen, '--replication-listen'),
     control: parseHostPort(opts.control, '--control'),
     io: opts.io as IoMode,
+    heartbeat: heartbeatOf(opts),
     logger,
   });
   const a = node.addresses;
@@ -179,7 +195,9 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
     out.push(
       `link          ${s.link.state}${s.link.peer ? ` (primary ${s.link.peer})` : ''}, ${formatBytes(s.link.bytesReceived)} received`,
     );
-    if (s.link.lastError) out.push(`  last error  ${s.link.lastError}`);
+    if (s.link.primaryLost)
+      out.push(`PRIMARY LOST  ${ago(s.link.primaryLost.at)}: ${s.link.primaryLost.reason}`);
+    else if (s.link.lastError) out.push(`  last error  ${s.link.lastError}`);
     out.push(
       `overlay       ${s.overlay.writes} SVM writes, ${formatBytes(s.overlay.bytes)} (discarded at the next commit)`,
     );
