@@ -157,6 +157,7 @@ export class PrimaryLink extends EventEmitter {
   private reader: FrameReader | null = null;
   private ready = false;
   private blocked = false;
+  private corked = false;
   private cursor = { epoch: 0, offset: 0 };
   private durableWaiters: Waiter[] = [];
   private commitWaiters: Waiter[] = [];
@@ -344,8 +345,18 @@ export class PrimaryLink extends EventEmitter {
     return !e || this.cursor.offset === e.journal.size;
   }
 
+  /** Frames produced in one turn of the event loop leave in one writev. */
   private write(buf: Buffer): void {
-    if (!this.socket!.write(buf)) this.blocked = true;
+    const socket = this.socket!;
+    if (!this.corked) {
+      this.corked = true;
+      socket.cork();
+      setImmediate(() => {
+        this.corked = false;
+        socket.uncork();
+      });
+    }
+    if (!socket.write(buf)) this.blocked = true;
   }
 
   /** Stream journal bytes from the cursor until caught up or the socket pushes back. */

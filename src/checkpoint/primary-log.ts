@@ -88,7 +88,14 @@ export class PrimaryLog {
     e.records++;
     if (rec.t === 'w') e.bytes += data!.length;
     if (this.outOfSync) return rec; // counted, not held: a resync will carry it
-    const r = e.journal.append(rec, data);
+    let r;
+    try {
+      r = e.journal.append(rec, data);
+    } catch (err) {
+      // The resend buffer failed (disk full?): the PVM keeps being served; the peer needs a resync.
+      this.markOutOfSync(`the epoch log could not be written: ${(err as Error).message}`);
+      return rec;
+    }
     this.heldBytes += r.bytes;
     this.onAppend(e.epoch, r.parts, r.bytes);
     if (this.heldBytes > this.budgetBytes)

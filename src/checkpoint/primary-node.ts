@@ -290,6 +290,7 @@ export class PrimaryNode {
 
   inspect(epoch?: number, limit = 10_000) {
     const held = this.plog.heldEpochs().filter((e) => epoch === undefined || e.epoch === epoch);
+    for (const e of held) e.journal.flush(); // the file must hold every append before it is read
     if (epoch !== undefined && held.length === 0)
       throw new ColoError(
         'ENOENT',

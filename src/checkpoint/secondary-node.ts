@@ -150,6 +150,8 @@ export class SecondaryNode {
     const pending = this.store.pendingEpochs().filter((e) => epoch === undefined || e.epoch === epoch);
     if (epoch !== undefined && pending.length === 0)
       throw new ColoError('ENOENT', `epoch ${epoch} is not pending on this secondary`);
+    for (const e of pending) this.store.epochLayer(e.epoch)!.journal.flush();
+    this.store.overlayLayer.journal.flush();
     return {
       role: 'secondary',
       epochs: pending.map((e) => ({
