@@ -10,6 +10,7 @@
 import http from 'node:http';
 import type net from 'node:net';
 import { ColoError, toColoError, type ErrorCode } from '../errors.js';
+import { listenOn } from '../util/listen.js';
 
 export type Handler = (query: URLSearchParams, body: Record<string, unknown>) => Promise<unknown>;
 
@@ -46,14 +47,7 @@ export class ControlServer {
   }
 
   async listen(port: number, host: string): Promise<net.AddressInfo> {
-    await new Promise<void>((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(port, host, () => {
-        this.server.off('error', reject);
-        resolve();
-      });
-    });
-    return this.server.address() as net.AddressInfo;
+    return listenOn(this.server, port, host);
   }
 
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {

@@ -67,21 +67,11 @@ export function encodeFrameBuffer(meta: object, data: Buffer = EMPTY): Buffer {
   return body.length ? Buffer.concat([head, body]) : head;
 }
 
-/** Bytes a frame with this meta and data length will occupy. */
-export function frameBytes(head: Buffer, dataLength: number): number {
-  return head.length + dataLength;
-}
-
 /** Decode one frame at `off`; null if incomplete. */
 export function decodeFrame<M = Record<string, unknown>>(buf: Buffer, off = 0): Frame<M> | null {
-  if (buf.length - off < FRAME_HEADER_BYTES) return null;
-  const magic = buf.readUInt32BE(off);
-  if (magic !== FRAME_MAGIC)
-    throw new FrameError('magic', `bad frame magic 0x${magic.toString(16)} at ${off}`);
-  const bodyLength = buf.readUInt32BE(off + 4);
-  if (bodyLength < 2 || bodyLength > MAX_FRAME_BODY)
-    throw new FrameError('length', `frame body length ${bodyLength} at ${off} is out of bounds`);
-  if (buf.length - off < FRAME_HEADER_BYTES + bodyLength) return null;
+  const total = peekFrameBytes(buf, off);
+  if (total === null || buf.length - off < total) return null;
+  const bodyLength = total - FRAME_HEADER_BYTES;
   const body = buf.subarray(off + FRAME_HEADER_BYTES, off + FRAME_HEADER_BYTES + bodyLength);
   const want = buf.readUInt32BE(off + 8);
   if (crc32(body) !== want) throw new FrameError('crc', `frame checksum mismatch at ${off}`);

@@ -26,6 +26,7 @@ import { decodeFrame, encodeFrameBuffer, FRAME_HEADER_BYTES, FrameError, peekFra
 import type { PrimaryLog } from './primary-log.js';
 import { isMutation, type MutationRecord, type SealRecord } from './records.js';
 import type { SecondaryStore } from './secondary-store.js';
+import { listenOn } from '../util/listen.js';
 
 export const LINK_PROTOCOL = 1;
 
@@ -500,14 +501,7 @@ export class SecondaryLink extends EventEmitter {
   }
 
   async listen(port: number, host: string): Promise<net.AddressInfo> {
-    await new Promise<void>((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(port, host, () => {
-        this.server.off('error', reject);
-        resolve();
-      });
-    });
-    return this.server.address() as net.AddressInfo;
+    return listenOn(this.server, port, host);
   }
 
   get connected(): boolean {

@@ -19,6 +19,7 @@ import { ColoError } from '../errors.js';
 import { limits } from '../limits.js';
 import type { BlockDevice } from '../block/device.js';
 import { Connection } from './connection.js';
+import { listenOn } from '../util/listen.js';
 
 export interface ExportConfig {
   name: string;
@@ -139,15 +140,7 @@ export class NbdServer extends EventEmitter {
   }
 
   async listen(port: number, host = '127.0.0.1'): Promise<net.AddressInfo> {
-    await new Promise<void>((resolve, reject) => {
-      const onError = (err: Error) => reject(err);
-      this.server.once('error', onError);
-      this.server.listen({ port, host, backlog: 1024 }, () => {
-        this.server.off('error', onError);
-        resolve();
-      });
-    });
-    return this.server.address() as net.AddressInfo;
+    return listenOn(this.server, port, host);
   }
 
   address(): net.AddressInfo {
