@@ -190,6 +190,45 @@ describe('replication', () => {
     await proxy.close();
   });
 
+  it('a commit sent while a backlog streams never lands in the middle of a frame', async () => {
+    let proxy!: FaultProxy;
+    pair = await startPair(fresh(), '64M', {
+      proxy: async (target) => {
+        proxy = new FaultProxy(target);
+        return proxy.listen();
+      },
+    });
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    await pvm.write(randomBytes(1024 * 1024, prng(3)), 0);
+    await pair.checkpoint();
+    // Link down: epoch 2 (small, sealed) and epoch 3 (a large backlog) pile up in the log.
+    proxy.refuse = true;
+    proxy.cutAll();
+    for (let i = 0; i < 4; i++) await pvm.write(randomBytes(1024 * 1024, prng(10 + i)), i * 1024 * 1024);
+    const seal = await controlCall<{ epoch: number }>(pair.primary.control, 'POST', '/seal');
+    const rand = prng(99);
+    for (let i = 0; i < 40; i++)
+      await pvm.write(randomBytes(1024 * 1024 + 3, rand), 8 * 1024 * 1024 + i * 1_100_000);
+    type S = { link: { reconnects: number } };
+    const before = await controlCall<S>(pair.primary.control, 'GET', '/status');
+    // Link back: while epoch 3 streams from the journal, epoch 2 is made durable and committed.
+    proxy.refuse = false;
+    await waitLinkUp(pair.primary, 15_000);
+    await controlCall(pair.primary.control, 'POST', '/durable', { epoch: seal.epoch, timeoutMs: 15_000 });
+    await controlCall(pair.primary.control, 'POST', '/commit', { epoch: seal.epoch });
+    await pair.checkpoint();
+    const after = await controlCall<S>(pair.primary.control, 'GET', '/status');
+    expect(after.link.reconnects - before.link.reconnects, 'the link had to reconnect').toBeLessThanOrEqual(
+      1,
+    );
+    expect(pair.secondary.stderr()).not.toMatch(/bad frame|checksum/);
+    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    expect(b).toBe(a);
+    await pvm.close();
+    await proxy.close();
+  });
+
   it('past the log budget the peer is marked out of sync, said in status, and checkpoints fail', async () => {
     let proxy!: FaultProxy;
     pair = await startPair(fresh(), '16M', {

@@ -110,9 +110,9 @@ export class Layer {
     this.journal.close();
   }
 
-  /** Close and delete the journal. */
+  /** Close and delete the journal (the deletion runs in the background: it can take milliseconds). */
   destroy(): void {
     this.journal.close();
-    fs.rmSync(this.journal.path, { force: true });
+    fs.rm(this.journal.path, { force: true }, () => {});
   }
 }

@@ -23,6 +23,7 @@ import net from 'node:net';
 import { ColoError, toColoError, type ErrorCode } from '../errors.js';
 import { ByteQueue } from '../net/bytequeue.js';
 import { decodeFrame, encodeFrameBuffer, FRAME_HEADER_BYTES, FrameError, peekFrameBytes } from './frame.js';
+import type { JournalWriter } from './journal.js';
 import type { PrimaryLog } from './primary-log.js';
 import { isMutation, type MutationRecord, type SealRecord } from './records.js';
 import type { SecondaryStore } from './secondary-store.js';
@@ -173,6 +174,8 @@ export class PrimaryLink extends EventEmitter {
     super();
     this.retryMs = opts.reconnectMinMs ?? 100;
     plog.onAppend = (epoch, parts, bytes) => this.onAppend(epoch, parts, bytes);
+    plog.onOutOfSync = (reason) =>
+      this.rejectAll(new ColoError('EIO', `the secondary is out of sync (${reason}); a resync is required`));
   }
 
   start(): void {
@@ -372,12 +375,10 @@ export class PrimaryLink extends EventEmitter {
       }
       const size = e.journal.size;
       if (this.cursor.offset < size) {
-        const n = Math.min(READ_CHUNK, size - this.cursor.offset);
-        const buf = Buffer.allocUnsafe(n);
-        e.journal.read(buf, this.cursor.offset);
+        const buf = this.readWholeFrames(e.journal, this.cursor.offset, size);
         this.write(buf);
-        this.cursor.offset += n;
-        this.bytesSent += n;
+        this.cursor.offset += buf.length;
+        this.bytesSent += buf.length;
         continue;
       }
       if (e.sealed) {
@@ -388,18 +389,38 @@ export class PrimaryLink extends EventEmitter {
     }
   }
 
+  /**
+   * Read up to READ_CHUNK bytes of whole frames from `offset` (at least one
+   * frame, however large). Every write of the sender therefore ends on a frame
+   * boundary, so control frames (commit, beat) can always go in between.
+   */
+  private readWholeFrames(journal: JournalWriter, offset: number, size: number): Buffer {
+    const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
+    let end = offset;
+    while (end < size) {
+      journal.read(head, end);
+      const frame = peekFrameBytes(head)!;
+      if (end > offset && end + frame - offset > READ_CHUNK) break;
+      end += frame;
+    }
+    const buf = Buffer.allocUnsafe(end - offset);
+    journal.read(buf, offset);
+    return buf;
+  }
+
   get connected(): boolean {
     return this.ready;
   }
 
   /** Bytes appended to the log that have not been sent yet. */
   get unsentBytes(): number {
+    if (this.plog.outOfSync) return 0; // nothing is held, nothing will be sent
     let n = 0;
     for (const e of this.plog.heldEpochs()) {
       if (e.epoch < this.cursor.epoch) continue;
       n += e.journal.size - (e.epoch === this.cursor.epoch ? this.cursor.offset : 0);
     }
-    return n;
+    return Math.max(0, n);
   }
 
   private wait(list: Waiter[], epoch: number, timeoutMs: number, what: string): Promise<Meta> {

@@ -39,6 +39,11 @@ export type NewMutation =
   | { t: 'z'; o: number; l: number; h?: boolean; f?: boolean }
   | { t: 't'; o: number; l: number; f?: boolean };
 
+/** Delete a file in the background (unlink of a large file can take tens of milliseconds). */
+function removeLater(file: string): void {
+  fs.rm(file, { force: true }, () => {});
+}
+
 export class PrimaryLog {
   readonly epochs = new Map<number, LogEpoch>();
   current: number;
@@ -50,6 +55,8 @@ export class PrimaryLog {
   heldBytes = 0;
   /** Called after every append, so the link can send it. */
   onAppend: (epoch: number, parts: [Buffer, Buffer], bytes: number) => void = () => {};
+  /** Called once when the peer is marked out of sync. */
+  onOutOfSync: (reason: string) => void = () => {};
 
   constructor(
     readonly dir: string,
@@ -127,7 +134,8 @@ export class PrimaryLog {
       if (e.epoch > n || !e.sealed) continue;
       this.heldBytes -= e.journal.size;
       e.journal.close();
-      fs.rmSync(e.journal.path, { force: true });
+      // Off the acknowledgement path: deleting a big file takes milliseconds.
+      removeLater(e.journal.path);
       this.epochs.delete(e.epoch);
     }
   }
@@ -137,12 +145,12 @@ export class PrimaryLog {
     this.outOfSync = { since: Date.now(), reason };
     // Stop holding data: the journals are useless to a peer that needs a resync.
     for (const e of this.epochs.values()) {
-      this.heldBytes -= e.journal.size;
       e.journal.close();
-      fs.rmSync(e.journal.path, { force: true });
-      e.journal = JournalWriter.open(e.journal.path, 0);
+      removeLater(e.journal.path);
+      e.journal = JournalWriter.open(e.journal.path.replace(/\.journal$/, '.oos.journal'), 0);
     }
     this.heldBytes = 0;
+    this.onOutOfSync(reason);
   }
 
   /** Sealed epochs still held (not yet durable at the secondary), oldest first. */
