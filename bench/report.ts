@@ -5,7 +5,7 @@
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
-import type { Outcome, Unit } from './types.js';
+import type { Outcome, ScenarioOutcome, Table, Target, Unit } from './types.js';
 
 export const ANALYSIS_START = '<!-- analysis:start -->';
 export const ANALYSIS_END = '<!-- analysis:end -->';
@@ -32,6 +32,49 @@ export interface ServerRecord {
   multiConn?: boolean;
   /** Seconds from spawn to verified. */
   startS?: number;
+  /** The workloads that apply to it (all when absent); the others show "—". */
+  workloads?: string[];
+}
+
+export interface ScenarioRecord {
+  id: string;
+  title: string;
+  method: string;
+  durationS?: number;
+  outcome: ScenarioOutcome;
+}
+
+/** colo-blk-replicated ÷ colo-blk (same run) on one write workload. */
+export interface OverheadRow {
+  workload: string;
+  title: string;
+  unit: Unit;
+  replicated: number | null;
+  plain: number | null;
+  ratio: number | null;
+  /** Why there is no ratio, when there is none. */
+  missing?: string;
+  /** Set when replication broke during the workload: the figure is not that of a replicating pair. */
+  problem?: string;
+}
+
+/** What went wrong with replication during a colo-blk-replicated workload, from its tally; null if nothing. */
+export function replicationProblem(o: Outcome | undefined): string | null {
+  if (!o?.ok) return null;
+  const t = o.detail?.server as Record<string, unknown> | undefined;
+  if (!t || t.checkpoints === undefined) return null;
+  const parts: string[] = [];
+  const failed = Number(t.checkpointFailures ?? 0);
+  const done = Number(t.checkpoints ?? 0);
+  if (failed > 0)
+    parts.push(`${failed} of ${failed + done} checkpoints failed (first: ${String(t.firstFailure)})`);
+  else if (done === 0) parts.push('no checkpoint completed');
+  if (Number(t.linkReconnects ?? 0) > 0) parts.push(`the link reconnected ${String(t.linkReconnects)}×`);
+  if (t.outOfSync)
+    parts.push(
+      `the primary marked the secondary out of sync (${String((t.outOfSync as { reason?: string }).reason ?? '')})`,
+    );
+  return parts.length ? parts.join('; ') : null;
 }
 
 export interface WorkloadRecord {
@@ -62,8 +105,81 @@ export interface BenchResult {
   workloads: WorkloadRecord[];
   results: Record<string, Record<string, Outcome>>;
   comparison: Record<string, Comparison>;
+  /** colo-blk-replicated ÷ colo-blk; empty when either was not run. */
+  replicationOverhead: OverheadRow[];
+  scenarios: ScenarioRecord[];
+  /** Every target of the run with PASS/MISS (pass null: not measured). */
+  targets: (Target & { section: string })[];
   notes: string[];
 }
+
+export const REPLICATION_TARGET = 0.8;
+
+/** Whether a workload applies to a server (a server def may list the ones it runs). */
+export const applies = (s: { workloads?: string[] }, workloadId: string) =>
+  !s.workloads || s.workloads.includes(workloadId);
+
+export function replicationOverhead(
+  results: Record<string, Record<string, Outcome>>,
+  servers: ServerRecord[],
+  workloads: WorkloadRecord[],
+  replicated = 'colo-blk-replicated',
+  plain = 'colo-blk',
+): OverheadRow[] {
+  const rep = servers.find((s) => s.name === replicated);
+  if (!rep || !servers.some((s) => s.name === plain)) return [];
+  return workloads
+    .filter((w) => applies(rep, w.id))
+    .map((w) => {
+      const a = results[w.id]?.[replicated];
+      const b = results[w.id]?.[plain];
+      const row: OverheadRow = {
+        workload: w.id,
+        title: w.title,
+        unit: w.unit,
+        replicated: a?.ok ? a.value : null,
+        plain: b?.ok ? b.value : null,
+        ratio: a?.ok && b?.ok ? a.value / b.value : null,
+      };
+      const problem = replicationProblem(a);
+      if (problem) row.problem = problem;
+      if (row.ratio === null)
+        row.missing = !a?.ok
+          ? `${replicated}: ${a ? (a as { error: string }).error : 'not run'}`
+          : `${plain}: ${b ? (b as { error: string }).error : 'not run'}`;
+      return row;
+    });
+}
+
+/** The verdict of one overhead row: a pair whose replication broke does not meet the target. */
+export const overheadPass = (row: OverheadRow): boolean | null =>
+  row.ratio === null ? null : !row.problem && row.ratio >= REPLICATION_TARGET;
+
+export function overheadTargets(rows: OverheadRow[]): Target[] {
+  return rows.map((row) => ({
+    what: `replication overhead, ${row.workload} (colo-blk-replicated ÷ colo-blk)`,
+    target: `≥ ${REPLICATION_TARGET}×, replicating throughout`,
+    measured:
+      row.ratio === null
+        ? null
+        : formatRatio(row.ratio) + (row.problem ? ` but replication broke: ${row.problem}` : ''),
+    pass: overheadPass(row),
+  }));
+}
+
+/** "1.2 + 0.8 in 6.1 s (0.9)": CPU seconds of the pair during a workload, and of plain colo-blk. */
+function cpuCell(t: Record<string, unknown>, plain: Outcome | undefined): string {
+  if (typeof t.primaryCpuS !== 'number') return '—';
+  const alone = plain?.ok
+    ? (plain.detail?.server as Record<string, unknown> | undefined)?.serverCpuS
+    : undefined;
+  return (
+    `${t.primaryCpuS} + ${String(t.secondaryCpuS ?? '?')} in ${String(t.wallS)} s` +
+    (typeof alone === 'number' ? ` (${alone})` : '')
+  );
+}
+
+export const verdict = (pass: boolean | null) => (pass === null ? 'not measured' : pass ? 'PASS' : 'MISS');
 
 export function describeMachine(): Machine {
   let cpuinfo = '';
@@ -140,7 +256,8 @@ export function textTables(r: BenchResult): string {
     for (const s of r.servers) {
       const o = r.results[w.id]?.[s.name];
       let line = `  ${s.name.padEnd(width)}  `;
-      if (!o) line += 'not run';
+      if (!applies(s, w.id)) line += '—'.padStart(10);
+      else if (!o) line += 'not run';
       else if (!o.ok) line += failureText(o, 100);
       else {
         line += formatValue(o.value, w.unit).padStart(10);
@@ -156,7 +273,69 @@ export function textTables(r: BenchResult): string {
     }
     out.push('');
   }
+  if (r.replicationOverhead.length) {
+    out.push(
+      `Replication overhead: colo-blk-replicated ÷ colo-blk (same run)  [target ≥ ${REPLICATION_TARGET}×]`,
+    );
+    for (const row of r.replicationOverhead)
+      out.push(
+        `  ${row.workload.padEnd(16)}  ` +
+          (row.ratio === null
+            ? `not measured (${row.missing})`
+            : `${formatValue(row.replicated!, row.unit)} ÷ ${formatValue(row.plain!, row.unit)} ${row.unit} = ` +
+              `${formatRatio(row.ratio)}   ${verdict(overheadPass(row))}` +
+              (row.problem ? `  (replication broke: ${row.problem})` : '')),
+      );
+    out.push('');
+  }
+  for (const sc of r.scenarios) {
+    out.push(`${sc.title}  (--only ${sc.id})`);
+    if (!sc.outcome.ok) {
+      out.push(`  failed: ${sc.outcome.error}`, '');
+      continue;
+    }
+    for (const t of sc.outcome.tables) {
+      if (t.caption) out.push(`  ${t.caption}`);
+      out.push(...textTable(t.table).map((l) => `  ${l}`));
+    }
+    for (const t of sc.outcome.targets)
+      out.push(`  target: ${t.what} ${t.target}: ${t.measured ?? '—'}   ${verdict(t.pass)}`);
+    for (const n of sc.outcome.notes) out.push(`  - ${n}`);
+    out.push('');
+  }
   return out.join('\n');
+}
+
+/** A table as aligned plain-text lines (first column left-aligned, the others right-aligned). */
+function textTable(t: Table): string[] {
+  const widths = t.columns.map((c, i) => Math.max(c.length, ...t.rows.map((r) => r[i].length)));
+  const align = (i: number) => t.align?.[i] ?? (i === 0 ? 'l' : 'r');
+  const line = (cells: string[]) =>
+    cells
+      .map((c, i) => (align(i) === 'l' ? c.padEnd(widths[i]) : c.padStart(widths[i])))
+      .join('  ')
+      .trimEnd();
+  return [line(t.columns), ...t.rows.map(line)];
+}
+
+function markdownGrid(t: Table): string {
+  const align = (i: number) => t.align?.[i] ?? (i === 0 ? 'l' : 'r');
+  const rows = [t.columns, t.columns.map((_, i) => (align(i) === 'l' ? '---' : '---:')), ...t.rows];
+  return rows.map((cells) => `| ${cells.map(mdEscape).join(' | ')} |`).join('\n');
+}
+
+function targetsTable(targets: (Target & { section?: string })[], withSection: boolean): string {
+  return markdownGrid({
+    columns: [...(withSection ? ['Section'] : []), 'Target', 'Wanted', 'Measured', 'Verdict'],
+    align: [...(withSection ? ['l' as const] : []), 'l', 'l', 'r', 'l'],
+    rows: targets.map((t) => [
+      ...(withSection ? [t.section ?? ''] : []),
+      t.what,
+      t.target,
+      t.measured ?? '—',
+      t.pass === null ? 'not measured' : t.pass ? '**PASS**' : '**MISS**',
+    ]),
+  });
 }
 
 const mdEscape = (s: string) => s.replace(/\|/g, '\\|').replace(/\n/g, ' ');
@@ -176,7 +355,8 @@ export function markdownTable(r: BenchResult): string {
     const cells = [w.title, w.unit];
     for (const s of r.servers) {
       const o = r.results[w.id]?.[s.name];
-      if (!o) cells.push('not run');
+      if (!applies(s, w.id)) cells.push('—');
+      else if (!o) cells.push('not run');
       else if (!o.ok) cells.push(failureText(o, 80));
       else {
         const v = formatValue(o.value, w.unit);
@@ -235,14 +415,108 @@ export function markdownReport(r: BenchResult, analysis: string | null): string 
         : '') +
       `; took ${Math.round(r.durationS)} s.`,
     '',
-    '## Results',
-    '',
-    'Higher is better everywhere. MB/s is 10^6 bytes per second. The fastest figure per row is in bold;',
-    'the ratio columns divide each colo-blk variant by the best of the peers (nbdkit, qemu-nbd, nbd-server),',
-    'named in parentheses. The two colo-blk variants are not compared with each other.',
-    '',
-    markdownTable(r),
-    '',
+  );
+  if (r.targets.length)
+    push(
+      '## Targets',
+      '',
+      'The targets of the project’s issue, measured in this run (MISS is a finding to act on, not a failed run).',
+      '',
+      targetsTable(r.targets, true),
+      '',
+    );
+  if (r.workloads.length)
+    push(
+      '## Results',
+      '',
+      'Higher is better everywhere. MB/s is 10^6 bytes per second. The fastest figure per row is in bold;',
+      'the ratio columns divide each colo-blk variant by the best of the peers (nbdkit, qemu-nbd, nbd-server),',
+      'named in parentheses. The colo-blk variants are not compared with each other there. A dash marks a',
+      'workload that does not apply to a server (colo-blk-replicated runs the write workloads only).',
+      '',
+      markdownTable(r),
+      '',
+    );
+  if (r.replicationOverhead.length) {
+    push(
+      '### Replication overhead',
+      '',
+      'colo-blk-replicated ÷ colo-blk in this run (both in the default I/O mode): what mirroring every write to',
+      `a live secondary, with a checkpoint every 100 ms, costs. Target ≥ ${REPLICATION_TARGET}×, with the pair`,
+      'replicating throughout: a workload during which checkpoints failed, the link reconnected or the',
+      'primary marked the secondary out of sync does not meet it, whatever its ratio.',
+      '',
+      markdownGrid({
+        columns: ['Workload', 'Unit', 'colo-blk-replicated', 'colo-blk', 'Ratio', 'Verdict'],
+        align: ['l', 'l', 'r', 'r', 'r', 'l'],
+        rows: r.replicationOverhead.map((row) => [
+          row.title,
+          row.unit,
+          row.replicated === null ? '—' : formatValue(row.replicated, row.unit),
+          row.plain === null ? '—' : formatValue(row.plain, row.unit),
+          row.ratio === null ? `— (${row.missing})` : formatRatio(row.ratio),
+          row.ratio === null
+            ? 'not measured'
+            : overheadPass(row)
+              ? '**PASS**'
+              : row.problem
+                ? `**MISS**: replication broke — ${row.problem}`
+                : '**MISS**',
+        ]),
+      }),
+      '',
+    );
+    const tallies = r.replicationOverhead.flatMap((row) => {
+      const o = r.results[row.workload]?.['colo-blk-replicated'];
+      const t = o?.ok ? (o.detail?.server as Record<string, unknown> | undefined) : undefined;
+      return t && t.checkpoints !== undefined ? [{ row, t }] : [];
+    });
+    if (tallies.length)
+      push(
+        'Checkpoints run by the benchmark’s coordinator loop while each workload ran (from fio’s start to its end):',
+        '',
+        markdownGrid({
+          columns: [
+            'Workload',
+            'Checkpoints',
+            'Failed',
+            'p50 (ms)',
+            'p99 (ms)',
+            'Max (ms)',
+            'Data checkpointed',
+            'CPU s: primary + secondary (colo-blk alone)',
+          ],
+          rows: tallies.map(({ row, t }) => [
+            row.title,
+            String(t.checkpoints ?? '—'),
+            String(t.checkpointFailures ?? '—') +
+              (t.firstFailure ? ` (first: ${String(t.firstFailure)})` : ''),
+            t.checkpointP50Ms === undefined ? '—' : String(t.checkpointP50Ms),
+            t.checkpointP99Ms === undefined ? '—' : String(t.checkpointP99Ms),
+            t.checkpointMaxMs === undefined ? '—' : String(t.checkpointMaxMs),
+            typeof t.checkpointedBytes === 'number'
+              ? `${Math.round(t.checkpointedBytes / 2 ** 20)} MiB`
+              : '—',
+            cpuCell(t, r.results[row.workload]?.['colo-blk']),
+          ]),
+        }),
+        '',
+      );
+  }
+  for (const sc of r.scenarios) {
+    push(`## ${sc.title}`, '', `Selected with \`--only ${sc.id}\`. ${sc.method}`, '');
+    if (!sc.outcome.ok) {
+      push(`**Failed:** ${mdEscape(sc.outcome.error)}`, '');
+      continue;
+    }
+    for (const t of sc.outcome.tables) {
+      if (t.caption) push(t.caption, '');
+      push(markdownGrid(t.table), '');
+    }
+    if (sc.outcome.targets.length) push(targetsTable(sc.outcome.targets, false), '');
+    if (sc.outcome.notes.length) push(...sc.outcome.notes.map((n) => `- ${n}`), '');
+  }
+  push(
     '## Machine',
     '',
     '| | |',
@@ -266,8 +540,10 @@ export function markdownReport(r: BenchResult, analysis: string | null): string 
     '',
     'Servers are started one at a time, each on its own free port on 127.0.0.1, checked with',
     '`nbdinfo --size` (it must report the image size) before any workload runs, and stopped by PID',
-    '(SIGTERM, then SIGKILL after 5 s) before the next one starts. Every workload runs against every',
-    'server, in the order of the table; writes go to the same image, which stays fully allocated.',
+    '(SIGTERM, then SIGKILL after 5 s) before the next one starts. Every workload that applies runs',
+    'against every server, in the order of the table; writes go to the same image, which stays fully',
+    'allocated. The scenarios (checkpoint latency, memory) run after the servers, each on a fresh pair of',
+    'its own, and stop both nodes by PID as well.',
     '',
     '### Servers',
     '',

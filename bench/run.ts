@@ -1,11 +1,14 @@
 /**
  * `npm run bench`: colo-blk side by side with nbdkit, qemu-nbd and nbd-server,
  * every server serving the same raw image on tmpfs, every client workload run
- * against every server. Prints a table per workload (or --json) and rewrites
- * docs/BENCHMARKS.md, keeping its hand-written Analysis section.
+ * against every server it applies to; then the replication scenarios
+ * (checkpoint latency, memory), each on a fresh pair. Prints a table per
+ * workload and per scenario (or --json) and rewrites docs/BENCHMARKS.md,
+ * keeping its hand-written Analysis section.
  *
- * Servers are in servers.ts and workloads in workloads.ts; this file only
- * crosses the two lists, records failures as results and writes the report.
+ * Servers are in servers.ts, workloads in workloads.ts and scenarios in
+ * scenarios.ts; this file only crosses the lists, records failures as results
+ * and writes the report.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -22,29 +25,38 @@ import {
   formatRatio,
   formatValue,
   markdownReport,
+  overheadTargets,
+  replicationOverhead,
   textTables,
+  verdict,
+  applies,
   type BenchResult,
+  type ScenarioRecord,
   type ServerRecord,
 } from './report.js';
+import { SCENARIOS } from './scenarios.js';
 import { SERVERS, versionOf } from './servers.js';
-import type { BenchContext, Outcome, RunningServer, ServerDef, WorkloadDef } from './types.js';
+import type { BenchContext, Outcome, RunningServer, ScenarioDef, ServerDef, WorkloadDef } from './types.js';
 import { WORKLOADS } from './workloads.js';
 
 const USAGE = `usage: npm run bench -- [options]      (or: node dist/bench/run.js [options])
 
-Benchmarks colo-blk against nbdkit, qemu-nbd and nbd-server on a tmpfs image
-and writes docs/BENCHMARKS.md.
+Benchmarks colo-blk against nbdkit, qemu-nbd and nbd-server on a tmpfs image,
+measures a replicated pair (checkpoint latency, memory) and writes
+docs/BENCHMARKS.md.
 
 options:
-  --quick              short runs and a 256 MiB image (smoke check; takes about a minute)
-  --only LIST          workloads to run, comma-separated ids or groups
-  --servers LIST       servers to run, comma-separated
+  --quick              short runs, a 256 MiB image and fewer checkpoints (smoke check)
+  --only LIST          workloads and scenarios to run, comma-separated ids or groups
+  --servers LIST       servers to run, comma-separated (with --servers, scenarios run
+                       only when --only names them; they start a pair of their own)
   --json               print the whole result as JSON on stdout instead of tables
   --no-write           do not rewrite docs/BENCHMARKS.md
   -h, --help           this help
 
 workloads: ${WORKLOADS.map((w) => w.id).join(', ')}
 groups:    ${[...new Set(WORKLOADS.map((w) => w.group))].join(', ')}
+scenarios: ${SCENARIOS.map((x) => x.id).join(', ')}
 servers:   ${SERVERS.map((s) => s.name).join(', ')}
 `;
 
@@ -61,6 +73,7 @@ interface Options {
   write: boolean;
   servers: ServerDef[];
   workloads: WorkloadDef[];
+  scenarios: ScenarioDef[];
   subset: BenchResult['subset'];
 }
 
@@ -95,16 +108,21 @@ function parseOptions(argv: string[]): Options | 'help' {
   if (values.help) return 'help';
 
   let workloads = WORKLOADS;
+  let scenarios = SCENARIOS;
   let onlyNames: string[] | null = null;
   if (values.only !== undefined) {
     onlyNames = splitList(values.only, '--only');
-    const unknown = onlyNames.filter((n) => !WORKLOADS.some((w) => w.id === n || w.group === n));
+    const unknown = onlyNames.filter(
+      (n) => !WORKLOADS.some((w) => w.id === n || w.group === n) && !SCENARIOS.some((x) => x.id === n),
+    );
     if (unknown.length)
       throw new UsageError(
         `unknown workload ${unknown.map((u) => `'${u}'`).join(', ')} in --only; ` +
-          `known: ${WORKLOADS.map((w) => w.id).join(', ')} (or a group: ${[...new Set(WORKLOADS.map((w) => w.group))].join(', ')})`,
+          `known: ${WORKLOADS.map((w) => w.id).join(', ')} (or a group: ${[...new Set(WORKLOADS.map((w) => w.group))].join(', ')}; ` +
+          `or a scenario: ${SCENARIOS.map((x) => x.id).join(', ')})`,
       );
     workloads = WORKLOADS.filter((w) => onlyNames!.includes(w.id) || onlyNames!.includes(w.group));
+    scenarios = SCENARIOS.filter((x) => onlyNames!.includes(x.id));
   }
   let servers = SERVERS;
   let serverNames: string[] | null = null;
@@ -116,13 +134,18 @@ function parseOptions(argv: string[]): Options | 'help' {
         `unknown server ${unknown.map((u) => `'${u}'`).join(', ')} in --servers; known: ${SERVERS.map((s) => s.name).join(', ')}`,
       );
     servers = SERVERS.filter((s) => serverNames!.includes(s.name));
+    // --servers alone measures servers; scenarios run only when --only names them.
+    if (onlyNames === null) scenarios = [];
   }
+  // A server none of whose workloads was selected is not started at all.
+  servers = servers.filter((s) => workloads.some((w) => applies(s, w.id)));
   return {
     json: !!values.json,
     quick: !!values.quick,
     write: !values['no-write'],
     servers,
     workloads,
+    scenarios,
     subset: { servers: serverNames, workloads: onlyNames },
   };
 }
@@ -193,15 +216,45 @@ function buildNotes(r: BenchResult, ctx: BenchContext): string[] {
           : '; never below 0.8×.'),
     );
   }
-  const sync = r.servers.find((s) => s.name === 'colo-blk');
-  const async = r.servers.find((s) => s.name === 'colo-blk-async');
-  if (sync && async) {
+  const byName = (name: string) => r.servers.find((s) => s.name === name);
+  const sync = byName('colo-blk-sync');
+  for (const [other, label] of [
+    ['colo-blk', 'the default mode (auto)'],
+    ['colo-blk-async', '`--io async`'],
+  ] as const) {
+    const o = byName(other);
+    if (!sync || !o) continue;
     const parts = r.workloads.flatMap((w) => {
-      const a = r.results[w.id]?.[async.name];
+      const a = r.results[w.id]?.[o.name];
       const b = r.results[w.id]?.[sync.name];
       return a?.ok && b?.ok ? [`${w.id} ${formatRatio(a.value / b.value)}`] : [];
     });
-    if (parts.length) notes.push(`I/O modes, \`--io async\` ÷ \`--io sync\`: ${parts.join(', ')}.`);
+    if (parts.length) notes.push(`I/O modes, ${label} ÷ \`--io sync\`: ${parts.join(', ')}.`);
+  }
+  const rep = byName('colo-blk-replicated');
+  if (rep && !rep.startError) {
+    const parts = r.workloads.flatMap((w) => {
+      const o = r.results[w.id]?.[rep.name];
+      const t = o?.ok ? (o.detail?.server as Record<string, unknown> | undefined) : undefined;
+      if (!t || t.checkpoints === undefined) return [];
+      return [
+        `${w.id}: ${t.checkpoints} checkpoints, ${t.checkpointFailures} failed` +
+          (t.checkpointP50Ms !== undefined
+            ? ` (p50 ${t.checkpointP50Ms} ms, p99 ${t.checkpointP99Ms} ms, max ${t.checkpointMaxMs} ms)`
+            : '') +
+          (t.firstFailure ? `, first failure: ${String(t.firstFailure)}` : '') +
+          (t.outOfSync
+            ? `; the primary marked the secondary out of sync: ${JSON.stringify(t.outOfSync)}`
+            : ''),
+      ];
+    });
+    notes.push(
+      `colo-blk-replicated: the benchmark's coordinator loop ran \`POST /checkpoint\` every 100 ms (start to ` +
+        `start; back to back when one took longer) for as long as the pair was up. During the workloads — ` +
+        (parts.length ? parts.join('; ') : 'no figures') +
+        '. Its ratio to the best peer is in the table for reference; the figure that matters for it is the ' +
+        'replication overhead (÷ colo-blk).',
+    );
   }
   const fastest = r.workloads.flatMap((w) =>
     r.comparison[w.id].fastest ? [`${w.id}: ${r.comparison[w.id].fastest}`] : [],
@@ -256,6 +309,44 @@ function buildNotes(r: BenchResult, ctx: BenchContext): string[] {
   return notes;
 }
 
+/** One workload against a running server; failures become results. */
+async function runWorkload(
+  ctx: BenchContext,
+  def: ServerDef,
+  server: RunningServer,
+  w: WorkloadDef,
+): Promise<Outcome> {
+  const gone = server.exited();
+  if (gone) return { ok: false, error: gone };
+  log(`  ${def.name}: ${w.id} (${w.title})`);
+  const t = performance.now();
+  try {
+    const tally = server.tally?.();
+    const m = await w.run(ctx, server);
+    if (tally) {
+      const extra = await tally();
+      m.detail = { ...m.detail, server: extra };
+      if (extra.checkpoints !== undefined)
+        log(
+          `    checkpoints during it: ${extra.checkpoints}, failed ${extra.checkpointFailures}` +
+            (extra.checkpointP50Ms !== undefined
+              ? ` (p50 ${extra.checkpointP50Ms} ms, max ${extra.checkpointMaxMs} ms)`
+              : '') +
+            (extra.firstFailure ? `; first failure: ${extra.firstFailure}` : '') +
+            `; CPU primary ${extra.primaryCpuS} s, secondary ${extra.secondaryCpuS} s in ${extra.wallS} s` +
+            (extra.outOfSync ? '; the primary marked the secondary OUT OF SYNC' : ''),
+        );
+      for (const line of (extra.nodeLog as string[] | undefined) ?? []) log(`      ${line}`);
+    }
+    log(`    ${formatValue(m.value, w.unit)} ${w.unit}  (${sec(performance.now() - t)})`);
+    return { ok: true, ...m };
+  } catch (err) {
+    const why = server.exited() ?? (err as Error).message;
+    log(`    failed: ${why}`);
+    return { ok: false, error: why };
+  }
+}
+
 async function main(): Promise<number> {
   let opts: Options | 'help';
   try {
@@ -273,8 +364,19 @@ async function main(): Promise<number> {
   const started = new Date().toISOString();
   const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
   const imageSize = opts.quick ? QUICK_IMAGE : FULL_IMAGE;
-  const needsSource = opts.workloads.some((w) => w.prepare);
-  const needed = imageSize * (needsSource ? 2 : 1) + 64 * 2 ** 20;
+  const needsImage = opts.servers.length > 0;
+  const needsSource = needsImage && opts.workloads.some((w) => w.prepare);
+  const replicated = opts.servers.some((s) => s.name === 'colo-blk-replicated');
+  const scenarioBytes = Math.max(
+    0,
+    ...opts.scenarios.map((x) => x.tmpfsBytes({ quick: opts.quick } as BenchContext)),
+  );
+  const needed =
+    (needsImage ? imageSize * (needsSource ? 2 : 1) : 0) +
+    // the replicated server's secondary image and both state directories
+    (replicated ? imageSize + 512 * 2 ** 20 : 0) +
+    scenarioBytes +
+    64 * 2 ** 20;
   if (!fs.existsSync(TMPFS)) {
     log(`${TMPFS} does not exist; the benchmark needs a tmpfs there`);
     return 1;
@@ -304,10 +406,11 @@ async function main(): Promise<number> {
     if (!fs.existsSync(path.join(root, 'dist/tools/colo-blk.js')))
       log('warning: dist/tools/colo-blk.js is missing (run `npm run build`); colo-blk will fail to start');
     log(
-      `${opts.quick ? 'quick' : 'full'} run: ${opts.servers.length} servers × ${opts.workloads.length} workloads, ` +
-        `${imageSize / 2 ** 20} MiB image in ${workDir}`,
+      `${opts.quick ? 'quick' : 'full'} run: ${opts.servers.length} servers × ${opts.workloads.length} workloads` +
+        (needsImage ? `, ${imageSize / 2 ** 20} MiB image` : '') +
+        `${opts.scenarios.length ? `, scenarios ${opts.scenarios.map((x) => x.id).join(', ')}` : ''} in ${workDir}`,
     );
-    const toolNames = [...new Set(['nbdinfo', ...opts.workloads.map((w) => w.tool)])];
+    const toolNames = needsImage ? [...new Set(['nbdinfo', ...opts.workloads.map((w) => w.tool)])] : [];
     const [serverVersions, toolVersions] = await Promise.all([
       Promise.all(opts.servers.map((s) => s.version(ctx))),
       Promise.all(toolNames.map((t) => versionOf(t, ['--version']))),
@@ -315,9 +418,13 @@ async function main(): Promise<number> {
     const tools = Object.fromEntries(toolNames.map((t, i) => [t, toolVersions[i]]));
 
     let t = performance.now();
-    fillRandom(ctx.image, imageSize);
-    log(`created ${ctx.image} (${imageSize / 2 ** 20} MiB of random data) in ${sec(performance.now() - t)}`);
-    for (const w of opts.workloads) await w.prepare?.(ctx);
+    if (needsImage) {
+      fillRandom(ctx.image, imageSize);
+      log(
+        `created ${ctx.image} (${imageSize / 2 ** 20} MiB of random data) in ${sec(performance.now() - t)}`,
+      );
+      for (const w of opts.workloads) await w.prepare?.(ctx);
+    }
 
     const results: BenchResult['results'] = Object.fromEntries(opts.workloads.map((w) => [w.id, {}]));
     const records: ServerRecord[] = opts.servers.map((s, i) => ({
@@ -326,59 +433,79 @@ async function main(): Promise<number> {
       summary: s.summary,
       version: serverVersions[i],
       command: s.commandLine(ctx, 'PORT'),
+      ...(s.workloads ? { workloads: s.workloads } : {}),
     }));
 
     for (const [si, def] of opts.servers.entries()) {
       if (interrupted) return 130;
       const rec = records[si];
-      currentName = def.name;
-      log(`[${si + 1}/${opts.servers.length}] ${def.name}: starting`);
-      let server: RunningServer | null = null;
-      t = performance.now();
-      try {
-        const port = await freePort();
-        server = await def.start(ctx, port);
-        const info = await verify(ctx, server);
-        rec.multiConn = info.multiConn;
-        rec.startS = Math.round(performance.now() - t) / 1000;
-        log(
-          `  ${def.name} up on port ${port} (pid ${server.pid}, ${sec(performance.now() - t)}, multi-conn ${info.multiConn ? 'yes' : 'no'})`,
-        );
-      } catch (err) {
-        rec.startError = (err as Error).message;
-        log(`  ${def.name} failed to start: ${rec.startError}`);
-        for (const w of opts.workloads)
-          results[w.id][def.name] = { ok: false, error: `server did not start: ${rec.startError}` };
-        if (server) await server.stop();
-        currentName = null;
-        continue;
-      }
-      try {
-        for (const w of opts.workloads) {
-          if (interrupted) break;
-          const gone = server.exited();
-          let outcome: Outcome;
-          if (gone) outcome = { ok: false, error: gone };
-          else {
-            log(`  ${def.name}: ${w.id} (${w.title})`);
-            t = performance.now();
-            try {
-              const m = await w.run(ctx, server);
-              outcome = { ok: true, ...m };
-              log(`    ${formatValue(m.value, w.unit)} ${w.unit}  (${sec(performance.now() - t)})`);
-            } catch (err) {
-              const why = server.exited() ?? (err as Error).message;
-              outcome = { ok: false, error: why };
-              log(`    failed: ${why}`);
-            }
-          }
-          results[w.id][def.name] = outcome;
+      const mine = opts.workloads.filter((w) => applies(def, w.id));
+      // A server that asks for it is started afresh for each workload (one session each).
+      const sessions = def.freshPerWorkload ? mine.map((w) => [w]) : [mine];
+      for (const [k, session] of sessions.entries()) {
+        if (interrupted) return 130;
+        currentName = def.name;
+        const again = sessions.length > 1 ? ` (fresh for ${session[0].id}, ${k + 1}/${sessions.length})` : '';
+        log(`[${si + 1}/${opts.servers.length}] ${def.name}: starting${again}`);
+        let server: RunningServer | null = null;
+        t = performance.now();
+        try {
+          const port = await freePort();
+          server = await def.start(ctx, port);
+          const info = await verify(ctx, server);
+          rec.multiConn = info.multiConn;
+          rec.startS ??= Math.round(performance.now() - t) / 1000;
+          log(
+            `  ${def.name} up on port ${port} (pid ${server.pid}, ${sec(performance.now() - t)}, multi-conn ${info.multiConn ? 'yes' : 'no'})`,
+          );
+        } catch (err) {
+          const why = (err as Error).message;
+          rec.startError ??= why;
+          log(`  ${def.name} failed to start: ${why}`);
+          for (const w of session)
+            results[w.id][def.name] = { ok: false, error: `server did not start: ${why}` };
+          if (server) await server.stop();
+          currentName = null;
+          continue;
         }
-      } finally {
-        log(`  ${def.name}: stopping`);
-        await server.stop();
-        currentName = null;
+        try {
+          for (const w of session) {
+            if (interrupted) break;
+            results[w.id][def.name] = await runWorkload(ctx, def, server, w);
+          }
+        } finally {
+          log(`  ${def.name}: stopping`);
+          await server.stop();
+          currentName = null;
+        }
       }
+    }
+
+    const scenarios: ScenarioRecord[] = [];
+    for (const [i, sc] of opts.scenarios.entries()) {
+      if (interrupted) return 130;
+      log(`[scenario ${i + 1}/${opts.scenarios.length}] ${sc.id}: ${sc.title}`);
+      t = performance.now();
+      const rec: ScenarioRecord = {
+        id: sc.id,
+        title: sc.title,
+        method: sc.method(ctx),
+        outcome: { ok: false, error: 'not run' },
+      };
+      try {
+        rec.outcome = { ok: true, ...(await sc.run(ctx)) };
+        for (const target of rec.outcome.targets)
+          log(
+            `    target: ${target.what} ${target.target}: ${target.measured ?? '—'}  ${verdict(target.pass)}`,
+          );
+      } catch (err) {
+        if (interrupted) return 130;
+        rec.outcome = { ok: false, error: (err as Error).message };
+        log(`    failed: ${rec.outcome.error}`);
+      }
+      rec.durationS = Math.round(performance.now() - t) / 1000;
+      log(`  ${sc.id}: done in ${sec(performance.now() - t)}`);
+      scenarios.push(rec);
     }
 
     if (interrupted) return 130;
@@ -392,12 +519,14 @@ async function main(): Promise<number> {
       tools,
       image: {
         path: ctx.image,
-        sizeBytes: imageSize,
-        setup:
-          `a ${imageSize / 2 ** 20} MiB raw file on tmpfs, \`${ctx.image}\`, filled once per run with random ` +
-          'data (bench/image.ts, crypto.randomFillSync in 16 MiB chunks — like `head -c ' +
-          `${imageSize / 2 ** 20}M /dev/urandom > IMG\`) and deleted at the end. All servers serve this same file` +
-          ' as export `disk0`.',
+        sizeBytes: needsImage ? imageSize : 0,
+        setup: needsImage
+          ? `a ${imageSize / 2 ** 20} MiB raw file on tmpfs, \`${ctx.image}\`, filled once per run with random ` +
+            'data (bench/image.ts, crypto.randomFillSync in 16 MiB chunks — like `head -c ' +
+            `${imageSize / 2 ** 20}M /dev/urandom > IMG\`) and deleted at the end. All servers serve this same file` +
+            ' as export `disk0` (colo-blk-replicated: its primary does; its secondary has a fresh sparse image of' +
+            ' the same size next to it).'
+          : 'none in this run (no server workloads); the scenarios create their own images.',
       },
       servers: records,
       workloads: opts.workloads.map((w) => ({
@@ -410,8 +539,28 @@ async function main(): Promise<number> {
       })),
       results,
       comparison: Object.fromEntries(opts.workloads.map((w) => [w.id, compare(results[w.id], records)])),
+      replicationOverhead: [],
+      scenarios,
+      targets: [],
       notes: [],
     };
+    result.replicationOverhead = replicationOverhead(results, records, result.workloads);
+    result.targets = [
+      ...overheadTargets(result.replicationOverhead).map((x) => ({ ...x, section: 'Replication overhead' })),
+      ...scenarios.flatMap((sc) =>
+        sc.outcome.ok
+          ? sc.outcome.targets.map((x) => ({ ...x, section: sc.title }))
+          : [
+              {
+                what: `failed: ${sc.outcome.error}`,
+                target: '',
+                measured: null,
+                pass: null,
+                section: sc.title,
+              },
+            ],
+      ),
+    ];
     result.notes = buildNotes(result, ctx);
 
     if (opts.json) process.stdout.write(JSON.stringify(result, null, 2) + '\n');
@@ -427,7 +576,9 @@ async function main(): Promise<number> {
       );
     }
     log(`done in ${sec(performance.now() - t0)}`);
-    const anyOk = Object.values(results).some((byServer) => Object.values(byServer).some((o) => o.ok));
+    const anyOk =
+      Object.values(results).some((byServer) => Object.values(byServer).some((o) => o.ok)) ||
+      scenarios.some((sc) => sc.outcome.ok);
     return anyOk ? 0 : 1;
   } finally {
     cleanupWorkDir();

@@ -18,9 +18,19 @@ import {
   TailBuffer,
   waitForPort,
 } from './proc.js';
+import {
+  checkpoint,
+  cpuSecondsOrNaN,
+  nodeArgs,
+  pairArgs,
+  startPair,
+  status,
+  type PairOptions,
+} from './pair.js';
 import type { BenchContext, RunningServer, ServerDef } from './types.js';
 
 const HOST = '127.0.0.1';
+const round2 = (x: number) => Math.round(x * 100) / 100;
 const START_TIMEOUT_MS = 15_000;
 
 /** First line of `cmd args` output (stdout, else stderr), or why it could not be run. */
@@ -89,11 +99,27 @@ async function startForeground(
     uri: uriOf(ctx, port),
     pid: child.pid!,
     exited,
+    tally: () => cpuTally({ server: child.pid! }),
     stop: async () => {
       const how = await stopProcess(child, 5000);
       liveServers.delete(child);
       if (how === 'killed') ctx.log(`  ${name} ignored SIGTERM for 5 s; killed`);
     },
+  };
+}
+
+/** Start counting the CPU time of some processes; the function returned reports seconds used since. */
+function cpuTally(pids: Record<string, number>): () => Promise<Record<string, unknown>> {
+  const t0 = performance.now();
+  const before = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpuSecondsOrNaN(pid)]));
+  return async () => {
+    const wall = (performance.now() - t0) / 1000;
+    const out: Record<string, unknown> = { wallS: round2(wall) };
+    for (const [k, pid] of Object.entries(pids)) {
+      const used = cpuSecondsOrNaN(pid) - before[k];
+      if (Number.isFinite(used)) out[`${k}CpuS`] = round2(used);
+    }
+    return out;
   };
 }
 
@@ -121,7 +147,31 @@ function coloReady(port: number, ctx: BenchContext) {
   };
 }
 
-function coloBlk(io: 'sync' | 'async', name: string): ServerDef {
+async function coloVersion(ctx: BenchContext): Promise<string> {
+  const pkg = JSON.parse(fs.readFileSync(path.join(ctx.root, 'package.json'), 'utf8')) as {
+    version: string;
+  };
+  let rev = '';
+  try {
+    const r = await runCommand('git', ['describe', '--always', '--dirty'], {
+      timeoutMs: 5000,
+      cwd: ctx.root,
+    });
+    rev = ` (git ${r.stdout.trim()})`;
+  } catch {
+    // not a git checkout; the package version alone will do
+  }
+  return `colo-blk ${pkg.version}${rev}, Node ${process.version}`;
+}
+
+const IO_SUMMARY = {
+  auto: "the default I/O mode, auto: small requests with pread/pwrite on the event loop, large ones in libuv's thread pool",
+  sync: '--io sync (pread/pwrite on the event loop)',
+  async: "--io async (libuv's thread pool)",
+};
+
+/** `colo-blk serve`; io undefined = the default mode (no --io option). */
+function coloBlk(io: 'sync' | 'async' | undefined, name: string): ServerDef {
   const args = (ctx: BenchContext, port: number | string) => [
     path.join(ctx.root, 'bin/colo-blk.js'),
     'serve',
@@ -129,36 +179,174 @@ function coloBlk(io: 'sync' | 'async', name: string): ServerDef {
     `${HOST}:${port}`,
     '--export',
     `${ctx.exportName}=${ctx.image}`,
-    '--io',
-    io,
+    ...(io ? ['--io', io] : []),
     '--json',
     '--quiet',
   ];
   return {
     name,
     role: 'subject',
-    summary: `colo-blk serve, --io ${io} (${io === 'sync' ? 'pread/pwrite on the event loop' : "libuv's thread pool"})`,
-    async version(ctx) {
-      const pkg = JSON.parse(fs.readFileSync(path.join(ctx.root, 'package.json'), 'utf8')) as {
-        version: string;
-      };
-      let rev = '';
-      try {
-        const r = await runCommand('git', ['describe', '--always', '--dirty'], {
-          timeoutMs: 5000,
-          cwd: ctx.root,
-        });
-        rev = ` (git ${r.stdout.trim()})`;
-      } catch {
-        // not a git checkout; the package version alone will do
-      }
-      return `colo-blk ${pkg.version}${rev}, Node ${process.version}`;
-    },
+    summary: `colo-blk serve, ${IO_SUMMARY[io ?? 'auto']}`,
+    version: coloVersion,
     commandLine: (ctx, port) => shellQuote(['node', ...args(ctx, port)]).replace(ctx.root + '/', ''),
     start: (ctx, port) =>
       startForeground(name, process.execPath, args(ctx, port), ctx, port, coloReady(port, ctx)),
   };
 }
+
+// ---------------------------------------------------------------- colo-blk-replicated
+
+/** Checkpoint period of the replicated server's coordinator loop (start to start). */
+export const CHECKPOINT_INTERVAL_MS = 100;
+const CHECKPOINT_TIMEOUT_MS = 10_000;
+/** The write workloads: the only ones the replicated server runs. */
+export const REPLICATED_WORKLOADS = ['fio-rand-write', 'fio-seq-write'];
+
+const replicatedDir = (ctx: BenchContext) => path.join(ctx.workDir, 'replicated');
+const replicatedOpts = (ctx: BenchContext, port: number | string): PairOptions => ({
+  dir: replicatedDir(ctx),
+  primaryImage: ctx.image,
+  size: ctx.imageSize,
+  exportName: ctx.exportName,
+  port,
+});
+
+function percentile(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))];
+}
+
+/**
+ * A COLO pair under steady divergence: a primary serving the bench image, mirroring every write
+ * to a live secondary (its own fresh sparse image of the same size), and a checkpoint coordinator
+ * in this process that runs POST /checkpoint every 100 ms for as long as the server is up.
+ */
+const coloBlkReplicated: ServerDef = {
+  name: 'colo-blk-replicated',
+  role: 'subject',
+  summary:
+    'colo-blk primary (default I/O mode) replicating every write to a live colo-blk secondary on the same ' +
+    `machine, with a checkpoint (seal → durable → commit) every ${CHECKPOINT_INTERVAL_MS} ms run by the ` +
+    'benchmark; the secondary has its own fresh sparse image of the same size, and both state directories ' +
+    'are on tmpfs. A fresh pair (new state, new secondary image) for each workload',
+  workloads: REPLICATED_WORKLOADS,
+  // A fresh pair per workload: a pair that fell out of sync in one workload would make the
+  // next one measure an unreplicated primary.
+  freshPerWorkload: true,
+  version: coloVersion,
+  commandLine(ctx, port) {
+    const a = pairArgs(replicatedOpts(ctx, port), 'REPL_PORT');
+    const show = (role: 'primary' | 'secondary', args: string[]) =>
+      shellQuote(['node', ...nodeArgs(ctx, role, args)]).replaceAll(ctx.root + '/', '');
+    return [
+      show('secondary', a.secondary) + '   # prints its replicationPort and controlPort',
+      show('primary', a.primary),
+      `# then, in the benchmark process, every ${CHECKPOINT_INTERVAL_MS} ms (start to start) while the server is up:`,
+      `#   POST http://127.0.0.1:CONTROL_PORT/checkpoint {"timeoutMs":${CHECKPOINT_TIMEOUT_MS}}`,
+    ].join('\n');
+  },
+  async start(ctx, port) {
+    const pair = await startPair(ctx, replicatedOpts(ctx, port));
+    const totals: number[] = [];
+    const failures: { at: number; message: string }[] = [];
+    let bytes = 0;
+    let stopping = false;
+    let wake: () => void = () => {};
+    const loop = (async () => {
+      let next = performance.now();
+      while (!stopping) {
+        const wait = next - performance.now();
+        if (wait > 0)
+          await new Promise<void>((resolve) => {
+            const t = setTimeout(resolve, wait);
+            wake = () => {
+              clearTimeout(t);
+              resolve();
+            };
+          });
+        if (stopping) break;
+        next = performance.now() + CHECKPOINT_INTERVAL_MS;
+        try {
+          const r = await checkpoint(pair.primary, CHECKPOINT_TIMEOUT_MS);
+          totals.push(r.totalMs);
+          bytes += r.bytes;
+        } catch (err) {
+          failures.push({ at: totals.length + failures.length, message: (err as Error).message });
+          // A node that is gone fails every checkpoint at once; do not spin.
+          if (pair.exited()) break;
+        }
+      }
+    })();
+    const stats = (from: number, failFrom: number) => {
+      const t = totals.slice(from).sort((a, b) => a - b);
+      const f = failures.slice(failFrom);
+      return {
+        checkpoints: t.length,
+        checkpointFailures: f.length,
+        ...(t.length
+          ? {
+              checkpointP50Ms: round2(percentile(t, 0.5)),
+              checkpointP99Ms: round2(percentile(t, 0.99)),
+              checkpointMaxMs: round2(t[t.length - 1]),
+            }
+          : {}),
+        ...(f.length ? { firstFailure: f[0].message } : {}),
+      };
+    };
+    return {
+      host: HOST,
+      port: pair.primary.nbdPort,
+      uri: uriOf(ctx, pair.primary.nbdPort),
+      pid: pair.primary.pid,
+      exited: () => pair.exited(),
+      tally() {
+        const from = totals.length;
+        const failFrom = failures.length;
+        const bytesFrom = bytes;
+        const cpu = cpuTally({ primary: pair.primary.pid, secondary: pair.secondary.pid });
+        const logFrom = { primary: pair.primary.logLines.length, secondary: pair.secondary.logLines.length };
+        return async () => {
+          const out: Record<string, unknown> = {
+            ...stats(from, failFrom),
+            checkpointedBytes: bytes - bytesFrom,
+            ...(await cpu()),
+          };
+          try {
+            const s = await status(pair.primary);
+            out.lagUnsentBytes = s.lag.unsentBytes;
+            out.lagHeldBytes = s.lag.heldBytes;
+            out.linkState = s.link.state;
+            out.linkReconnects = s.link.reconnects;
+            if (s.outOfSync) out.outOfSync = s.outOfSync;
+          } catch (err) {
+            out.statusError = (err as Error).message;
+          }
+          // What the nodes logged meanwhile (link down/up and why, warnings).
+          const logged = (['primary', 'secondary'] as const).flatMap((role) =>
+            pair[role].logLines.slice(logFrom[role]).map((l) => ({ ...l, role })),
+          );
+          if (logged.length)
+            out.nodeLog = logged
+              .sort((a, b) => a.at - b.at)
+              .slice(0, 20)
+              .map((l) => `${l.role}: ${l.line}`);
+          return out;
+        };
+      },
+      stop: async () => {
+        stopping = true;
+        wake();
+        await loop;
+        const s = stats(0, 0);
+        ctx.log(
+          `  colo-blk-replicated: ${s.checkpoints} checkpoints, ${s.checkpointFailures} failed` +
+            (s.firstFailure ? ` (first: ${s.firstFailure})` : ''),
+        );
+        await pair.stop();
+        fs.rmSync(replicatedDir(ctx), { recursive: true, force: true });
+      },
+    };
+  },
+};
 
 const nbdkitArgs = (ctx: BenchContext, port: number | string) => [
   '--foreground',
@@ -262,8 +450,10 @@ const nbdServer: ServerDef = {
 };
 
 export const SERVERS: ServerDef[] = [
-  coloBlk('sync', 'colo-blk'),
+  coloBlk(undefined, 'colo-blk'),
+  coloBlk('sync', 'colo-blk-sync'),
   coloBlk('async', 'colo-blk-async'),
+  coloBlkReplicated,
   {
     name: 'nbdkit',
     role: 'peer',

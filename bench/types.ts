@@ -3,10 +3,11 @@
  * start one NBD server on the shared image, a workload definition knows how
  * to measure one figure against a running server. run.ts crosses the two lists.
  *
- * To add a server (say colo-blk replicating to a live secondary), add a
- * ServerDef to servers.ts whose start() brings up every process it needs and
- * whose stop() takes them all down. To add a workload, add a WorkloadDef to
- * workloads.ts.
+ * To add a server, add a ServerDef to servers.ts whose start() brings up every
+ * process it needs and whose stop() takes them all down (colo-blk-replicated
+ * is one: a primary, a secondary and a checkpoint loop). To add a workload,
+ * add a WorkloadDef to workloads.ts. Measurements that are not "a server × a
+ * client workload" (checkpoint latency, memory) are scenarios: scenarios.ts.
  */
 
 export interface BenchContext {
@@ -37,6 +38,12 @@ export interface RunningServer {
   exited(): string | null;
   /** Stop every process of this server (SIGTERM, then SIGKILL) and wait for them. */
   stop(): Promise<void>;
+  /**
+   * Start tallying what the server does besides serving (e.g. the checkpoints a replicated
+   * server runs); the function returned reports the tally since then. run.ts calls it around
+   * each workload and keeps the tally in the measurement's detail.
+   */
+  tally?(): () => Promise<Record<string, unknown>>;
 }
 
 export interface ServerDef {
@@ -49,6 +56,10 @@ export interface ServerDef {
   role: 'subject' | 'peer';
   /** One line on what this is, for the report. */
   summary: string;
+  /** The ids of the workloads that apply to this server; all of them when absent. */
+  workloads?: string[];
+  /** Start it afresh for each workload (state built up by one workload must not carry over). */
+  freshPerWorkload?: boolean;
   /** The version string of the server program. */
   version(ctx: BenchContext): Promise<string>;
   /** The exact command(s) that start it, for the report. */
@@ -83,3 +94,45 @@ export interface WorkloadDef {
 }
 
 export type Outcome = ({ ok: true } & Measurement) | { ok: false; error: string };
+
+/** A target of the project's issue, checked against a measured figure. */
+export interface Target {
+  /** What is measured, e.g. "p50 total at 64 MiB". */
+  what: string;
+  /** The target as text, e.g. "≤ 5 ms". */
+  target: string;
+  /** The measured figure as text; null when it could not be measured. */
+  measured: string | null;
+  pass: boolean | null;
+}
+
+/** A table of a scenario's figures, rendered in text and Markdown. */
+export interface Table {
+  columns: string[];
+  rows: string[][];
+  /** Per column: 'l' (text) or 'r' (figures); default: the first left, the rest right. */
+  align?: ('l' | 'r')[];
+}
+
+export interface ScenarioReport {
+  tables: { caption?: string; table: Table }[];
+  targets: Target[];
+  /** Facts worth a sentence in the report (where the time goes, …). */
+  notes: string[];
+  /** Everything measured, for --json. */
+  data: Record<string, unknown>;
+}
+
+/** A measurement that is not "a client workload against a server": it starts its own processes. */
+export interface ScenarioDef {
+  /** Name used with --only and in JSON. */
+  id: string;
+  title: string;
+  /** How it is set up and measured (Markdown), for the report. */
+  method(ctx: BenchContext): string;
+  /** tmpfs bytes it needs at most. */
+  tmpfsBytes(ctx: BenchContext): number;
+  run(ctx: BenchContext): Promise<ScenarioReport>;
+}
+
+export type ScenarioOutcome = ({ ok: true } & ScenarioReport) | { ok: false; error: string };
