@@ -94,6 +94,8 @@ export class SecondaryStore {
     droppedOverlays: [],
   };
   private applying: Promise<void> | null = null;
+  /** Index updates, in order. */
+  private indexWrites: Promise<void> = Promise.resolve();
   private applyError: Error | null = null;
   private closed = false;
   readonly svmDevice: SvmDevice;
@@ -237,6 +239,19 @@ export class SecondaryStore {
     this.kickApply();
   }
 
+  /**
+   * Update the index without waiting: it is derived from the journals, which
+   * are the durable record, so the checkpoint path does not wait for it. A
+   * failure is logged; the next start rebuilds the index.
+   */
+  private updateIndex(ops: { type: 'put' | 'del'; key: string; value?: string }[]): void {
+    this.indexWrites = this.indexWrites
+      .then(() => this.db.batch(ops as never))
+      .catch((err: Error) =>
+        this.log(`metadata index update failed (rebuilt on the next start): ${err.message}`),
+      );
+  }
+
   /** Write the LevelDB index from the in-memory state (derived from the journals). */
   private async rewriteIndex(): Promise<void> {
     const ops: { type: 'put' | 'del'; key: string; value?: string }[] = [];
@@ -346,7 +361,7 @@ export class SecondaryStore {
     e.state = 'durable';
     // The synced journal (with its seal marker) is the durable record; this is its index.
     const meta: EpochMeta = { ...this.epochMeta(e), durableAt: Date.now() };
-    await this.db.put(epochKey(e.epoch), JSON.stringify(meta));
+    this.updateIndex([{ type: 'put', key: epochKey(e.epoch), value: JSON.stringify(meta) }]);
     return meta;
   }
 
@@ -382,7 +397,7 @@ export class SecondaryStore {
     this.commits.append({ t: 'commit', e: n, overlay: nextOverlay, at: now });
     await this.commits.sync();
     crashPoint('secondary-after-commit-record');
-    await this.db.batch(ops); // the index; the journal above is the record
+    this.updateIndex(ops); // the index; the journal above is the record
     // The commit record is durable: from here on N counts, whatever happens.
     for (const e of toCommit) e.state = 'committed';
     this.lastCommitted = n;
@@ -393,7 +408,7 @@ export class SecondaryStore {
     // Deleting the old overlay's file can take a while for a big one: off the commit path.
     old.close();
     setImmediate(() => fs.rm(old.path, { force: true }, () => {}));
-    this.kickApply();
+    setImmediate(() => this.kickApply()); // after the answer has gone out
     return { epochs: toCommit.map((e) => e.epoch), overlayDiscarded: discarded };
   }
 
@@ -450,7 +465,7 @@ export class SecondaryStore {
     crashPoint('secondary-before-applied-record');
     // The image is durable; the journal can go. (The index entry needs no sync:
     // if it is lost, the journal is gone too, or it is applied again, harmlessly.)
-    await this.db.batch([
+    this.updateIndex([
       { type: 'put', key: 'applied', value: String(e.epoch) },
       { type: 'del', key: epochKey(e.epoch) },
     ]);
@@ -462,8 +477,12 @@ export class SecondaryStore {
 
   /** Wait until every committed epoch is in the image. */
   async drainApply(): Promise<void> {
-    while (this.applying) await this.applying;
-    if (this.applyError) throw this.applyError;
+    for (;;) {
+      if (this.applyError) throw this.applyError;
+      if (!this.applying) this.kickApply(); // the commit may have deferred it
+      if (!this.applying) return;
+      await this.applying;
+    }
   }
 
   // ---------------------------------------------------------------------------
@@ -495,6 +514,7 @@ export class SecondaryStore {
     this.closed = true;
     if (this.applying) await this.applying;
     for (const e of this.epochs.values()) e.layer.close();
+    await this.indexWrites;
     await this.overlay.sync().catch(() => {});
     this.overlay.close();
     this.commits.close();
