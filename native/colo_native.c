@@ -7,6 +7,9 @@
  * - seekData / seekHole: lseek(2) with SEEK_DATA / SEEK_HOLE, so block status
  *   reports the holes of a sparse image.
  *
+ * - copyRange: copy_file_range(2), so the secondary applies an epoch's
+ *   journal to its image inside the kernel (one copy, no trip through JS).
+ *
  * Every function is synchronous and takes (fd, offset[, length]) as numbers.
  * Errors become JS Errors whose `code` is the errno name ("EOPNOTSUPP", ...),
  * so the TypeScript side can fall back when a filesystem lacks the feature.
@@ -103,6 +106,37 @@ static napi_value seek_hole(napi_env env, napi_callback_info info) {
   return do_seek(env, info, SEEK_HOLE, "lseek(SEEK_HOLE)");
 }
 
+/* copy_file_range(fdIn, offIn, fdOut, offOut, length): copy inside the kernel; returns bytes copied. */
+static napi_value copy_range(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  size_t argc = 5;
+  int64_t a[5];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) {
+    napi_throw_type_error(env, "EINVAL", "wrong number of arguments");
+    return NULL;
+  }
+  for (int i = 0; i < 5; i++) {
+    if (napi_get_value_int64(env, argv[i], &a[i]) != napi_ok) {
+      napi_throw_type_error(env, "EINVAL", "arguments must be numbers");
+      return NULL;
+    }
+  }
+  off64_t in = (off64_t)a[1], out = (off64_t)a[3];
+  int64_t done = 0;
+  while (done < a[4]) {
+    ssize_t r = copy_file_range((int)a[0], &in, (int)a[2], &out, (size_t)(a[4] - done), 0);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return throw_errno(env, errno, "copy_file_range");
+    }
+    if (r == 0) break;
+    done += r;
+  }
+  napi_value result;
+  napi_create_int64(env, done, &result);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
@@ -110,6 +144,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"allocateRange", NULL, allocate_range, NULL, NULL, NULL, napi_default, NULL},
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
+      {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -68,6 +68,21 @@ describe('FileDevice specifics', () => {
     expect((await dev.extents(0, 262144)).every((e) => e.flags === 3)).toBe(true);
   });
 
+  it('copies from another file inside the kernel (copy_file_range)', async () => {
+    const src = path.join(dir, 'copy-src.bin');
+    fs.writeFileSync(src, Buffer.concat([Buffer.alloc(100, 1), Buffer.alloc(70_000, 0xcd)]));
+    const dev = await FileDevice.open(path.join(dir, 'copy-dst.img'), { size: 1024 * 1024 });
+    const fd = fs.openSync(src, 'r');
+    expect(dev.copyFromFile(fd, 100, 5000, 70_000)).toBe(true);
+    fs.closeSync(fd);
+    const buf = Buffer.alloc(70_002);
+    await dev.pread(buf, 4999);
+    expect(buf[0]).toBe(0);
+    expect(buf.subarray(1, 70_001).equals(Buffer.alloc(70_000, 0xcd))).toBe(true);
+    expect(buf[70_001]).toBe(0);
+    await dev.close();
+  });
+
   it('keeps data across close and reopen', async () => {
     const p = path.join(dir, 'persist.img');
     const dev = await FileDevice.open(p, { size: 1024 * 1024 });

@@ -75,6 +75,7 @@ export class FileDevice implements BlockDevice {
   private canPunch = native !== null;
   private canZeroRange = native !== null;
   private canSeek = native !== null;
+  private canCopyRange = native !== null;
 
   private constructor(
     readonly path: string,
@@ -262,6 +263,31 @@ export class FileDevice implements BlockDevice {
       const n = Math.min(zeroChunk.length, length - done);
       await this.pwrite(zeroChunk.subarray(0, n), offset + done);
       done += n;
+    }
+  }
+
+  /**
+   * Copy `length` bytes from another file (at `srcPos`) into this image at
+   * `offset` inside the kernel (copy_file_range), without a trip through the
+   * JS heap. Returns false if the kernel or filesystem cannot, so the caller
+   * copies by hand; never a partial copy reported as done.
+   */
+  copyFromFile(srcFd: number, srcPos: number, offset: number, length: number): boolean {
+    assertRange(this, offset, length);
+    this.checkWritable();
+    if (!this.canCopyRange || !native) return false;
+    try {
+      const n = native.copyRange(srcFd, srcPos, this.fd, offset, length);
+      if (n !== length)
+        throw new ColoError('EIO', `copied ${n} of ${length} bytes into ${this.path} at ${offset}`);
+      return true;
+    } catch (err) {
+      const code = (err as { code?: string }).code;
+      if (isUnsupported(err) || code === 'EXDEV' || code === 'ENOSYS') {
+        this.canCopyRange = false;
+        return false;
+      }
+      throw toColoError(err);
     }
   }
 

@@ -16,6 +16,8 @@ export interface NativeHelpers {
   seekData(fd: number, offset: number): number;
   /** Next hole offset at or after `offset` (EOF counts as a hole), or -1. */
   seekHole(fd: number, offset: number): number;
+  /** copy_file_range: bytes copied (may be short at end of file). */
+  copyRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
 }
 
 function load(): NativeHelpers | null {

@@ -452,9 +452,13 @@ export class SecondaryStore {
       }
       for (let off = ext.start; off < ext.end; off += chunk.length) {
         const len = Math.min(chunk.length, ext.end - off);
-        const view = chunk.subarray(0, len);
-        e.layer.journal.read(view, ext.pos + (off - ext.start));
-        await this.image.pwrite(view, off);
+        const src = ext.pos + (off - ext.start);
+        e.layer.journal.flush();
+        if (!this.image.copyFromFile(e.layer.journal.descriptor, src, off, len)) {
+          const view = chunk.subarray(0, len);
+          e.layer.journal.read(view, src);
+          await this.image.pwrite(view, off);
+        }
         crashPoint('secondary-mid-apply');
         // Yield to the event loop: the apply is background work and must not
         // delay the link (the next epoch) or the SVM's I/O.
