@@ -293,7 +293,6 @@ export class PrimaryLink extends EventEmitter {
       case 'durable': {
         const e = Number(meta.e);
         this.durableEpoch = Math.max(this.durableEpoch, e);
-        this.plog.releaseThrough(e);
         this.settle(this.durableWaiters, e, meta);
         return;
       }
@@ -301,6 +300,9 @@ export class PrimaryLink extends EventEmitter {
         const e = Number(meta.e);
         this.committedEpoch = Math.max(this.committedEpoch, e);
         this.settle(this.commitWaiters, e, meta);
+        // Only now drop the journals: freeing their pages costs milliseconds of
+        // kernel time, which must not fall inside the checkpoint's phases.
+        this.plog.releaseThrough(e);
         return;
       }
       case 'error': {

@@ -12,7 +12,8 @@
  *   primary); the secondary drops any record of the session it already holds,
  *   which makes resends idempotent. A new session makes the secondary drop
  *   what it holds of epochs that were never sealed durable.
- * - A journal is deleted once the secondary reports its epoch durable.
+ * - A journal is deleted once the secondary has committed its epoch (or, after
+ *   a reconnect, reports it durable): never inside a checkpoint's phases.
  * - Budget: if the bytes held for a secondary that is not keeping up exceed
  *   `budgetBytes`, the log stops holding data, and the peer is marked out of
  *   sync (a resync is then required; checkpoints fail until it is done).
