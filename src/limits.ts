@@ -35,6 +35,13 @@ export const limits = {
   memoryPageBytes: 64 * KiB,
   /** Scratch buffer for emulated write-zeroes. */
   zeroChunkBytes: 1 * MiB,
+  /**
+   * Replication flow control: when the primary has this many bytes of log not
+   * yet sent to a connected secondary, new PVM writes wait ...
+   */
+  replicationHighWaterBytes: 64 * MiB,
+  /** ... until the backlog is down to this. */
+  replicationLowWaterBytes: 16 * MiB,
   /** How long a graceful shutdown waits for in-flight requests. */
   shutdownGraceMs: 5_000,
 } as const;

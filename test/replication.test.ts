@@ -317,6 +317,33 @@ describe('replication', () => {
     await pair.checkpoint();
   });
 
+  it('flow control holds PVM writes while a connected secondary lags, and releases them when it is lost', async () => {
+    pair = await startPair(fresh(), '160M', { primaryArgs: ['--budget', '4G'] });
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    // A frozen secondary reads nothing: the backlog passes the high-water mark and
+    // writes wait, until the heartbeat declares the secondary lost.
+    pair.secondary.child.kill('SIGSTOP');
+    const chunk = randomBytes(4 * 1024 * 1024, prng(8));
+    const writes: Promise<void>[] = [];
+    for (let i = 0; i < 32; i++) writes.push(pvm.write(chunk, i * chunk.length));
+    await Promise.all(writes); // all complete: a lost secondary never stalls the PVM
+    const s = await controlCall<{ link: { state: string; throttled: number; lastError: string } }>(
+      pair.primary.control,
+      'GET',
+      '/status',
+    );
+    expect(s.link.throttled).toBeGreaterThan(0);
+    expect(s.link.state).not.toBe('connected');
+    expect(s.link.lastError).toMatch(/heartbeat timeout/);
+    pair.secondary.child.kill('SIGCONT');
+    await waitLinkUp(pair.primary, 15_000);
+    await pair.checkpoint();
+    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    expect(b).toBe(a);
+    await pvm.close();
+  });
+
   it('refuses to pair images of different sizes, saying so', async () => {
     pair = await startPair(fresh(), '16M', { secondarySize: '8M' });
     await new Promise((r) => setTimeout(r, 500));

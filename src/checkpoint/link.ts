@@ -21,6 +21,7 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { ColoError, toColoError, type ErrorCode } from '../errors.js';
+import { limits } from '../limits.js';
 import { ByteQueue } from '../net/bytequeue.js';
 import { decodeFrame, encodeFrameBuffer, FRAME_HEADER_BYTES, FrameError, peekFrameBytes } from './frame.js';
 import type { JournalWriter } from './journal.js';
@@ -164,6 +165,10 @@ export class PrimaryLink extends EventEmitter {
   private durableWaiters: Waiter[] = [];
   private commitWaiters: Waiter[] = [];
   private retryTimer: NodeJS.Timeout | null = null;
+  /** PVM writes waiting for the backlog to shrink (flow control). */
+  private roomWaiters: (() => void)[] = [];
+  /** Times flow control made PVM writes wait. */
+  throttled = 0;
   private retryMs: number;
   private closed = false;
 
@@ -245,6 +250,7 @@ export class PrimaryLink extends EventEmitter {
     this.downSince ??= Date.now();
     const err = new ColoError('ECONNECT', `replication link lost: ${this.lastError ?? 'connection closed'}`);
     this.rejectAll(err);
+    this.releaseRoom(); // a lost secondary must not stall the PVM
     if (this.closed) return;
     this.retryTimer = setTimeout(() => {
       this.reconnects++;
@@ -365,8 +371,37 @@ export class PrimaryLink extends EventEmitter {
     if (!socket.write(buf)) this.blocked = true;
   }
 
+  /**
+   * Flow control for the PVM's writes: resolves at once unless a connected
+   * secondary is more than the high-water mark behind, then once the backlog
+   * is back under the low-water mark (or the link is lost). This keeps a slow
+   * secondary from falling behind until the log budget runs out.
+   */
+  waitForRoom(): Promise<void> | null {
+    if (!this.ready || this.plog.outOfSync || this.unsentBytes < limits.replicationHighWaterBytes)
+      return null;
+    this.throttled++;
+    return new Promise((resolve) => this.roomWaiters.push(resolve));
+  }
+
+  private releaseRoom(): void {
+    if (this.roomWaiters.length === 0) return;
+    if (this.ready && !this.plog.outOfSync && this.unsentBytes > limits.replicationLowWaterBytes) return;
+    const waiters = this.roomWaiters;
+    this.roomWaiters = [];
+    for (const w of waiters) w();
+  }
+
   /** Stream journal bytes from the cursor until caught up or the socket pushes back. */
   private pump(): void {
+    try {
+      this.pumpFrames();
+    } finally {
+      this.releaseRoom();
+    }
+  }
+
+  private pumpFrames(): void {
     while (this.ready && !this.blocked && this.socket && !this.plog.outOfSync) {
       const e = this.plog.epochs.get(this.cursor.epoch);
       if (!e) {

@@ -119,6 +119,7 @@ export class PrimaryNode {
       heartbeat: opts.heartbeat,
       log: (m) => opts.logger.info(`link: ${m}`),
     });
+    device.throttle = () => link.waitForRoom();
     const nbd = new NbdServer([{ name: opts.exportName, device, description: `PVM disk ${opts.image}` }], {
       logger: opts.logger,
     });
@@ -271,6 +272,7 @@ export class PrimaryNode {
         lastError: this.link.lastError,
         bytesSent: this.link.bytesSent,
         reconnects: this.link.reconnects,
+        throttled: this.link.throttled,
         durableEpoch: this.link.durableEpoch,
         committedEpoch: this.link.committedEpoch,
       },

@@ -33,6 +33,8 @@ export class ReplicatingDevice implements BlockDevice {
   readonly caps: Capabilities;
   private inflight: Inflight[] = [];
   private gate: Promise<void> | null = null;
+  /** Flow control: returns a promise to wait on when the secondary is too far behind. */
+  throttle: () => Promise<void> | null = () => null;
 
   constructor(
     readonly local: BlockDevice,
@@ -52,6 +54,8 @@ export class ReplicatingDevice implements BlockDevice {
 
   /** Run a mutation under the seal gate and the range lock. */
   private async mutate(start: number, length: number, run: () => Promise<void>): Promise<void> {
+    const room = this.throttle();
+    if (room) await room;
     while (this.gate) await this.gate;
     const end = start + length;
     const before = this.inflight.filter((f) => f.start < end && start < f.end).map((f) => f.done);
