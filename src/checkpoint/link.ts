@@ -179,8 +179,10 @@ export class PrimaryLink extends EventEmitter {
     super();
     this.retryMs = opts.reconnectMinMs ?? 100;
     plog.onAppend = (epoch, parts, bytes) => this.onAppend(epoch, parts, bytes);
-    plog.onOutOfSync = (reason) =>
+    plog.onOutOfSync = (reason) => {
       this.rejectAll(new ColoError('EIO', `the secondary is out of sync (${reason}); a resync is required`));
+      this.releaseRoom(); // nothing is held for it any more: the PVM must not wait
+    };
   }
 
   start(): void {
