@@ -29,7 +29,8 @@ export type ErrorCode =
   | 'EUSAGE' // bad command-line usage or configuration
   | 'ENOENT' // a file or export that does not exist
   | 'EEXIST' // refusing to overwrite something
-  | 'ECONNECT'; // could not reach a server or peer
+  | 'ECONNECT' // could not reach a server or peer
+  | 'ESTALE'; // a node whose generation is over (deposed primary, promoted secondary)
 
 export class ColoError extends Error {
   readonly code: ErrorCode;
@@ -77,6 +78,7 @@ export function nbdErrnoOf(err: unknown): number {
   const code = toColoError(err).code;
   if (code in NbdErrno) return NbdErrno[code as NbdErrnoName];
   if (code === 'ENOENT') return NbdErrno.EINVAL;
+  if (code === 'ESTALE') return NbdErrno.EPERM;
   return NbdErrno.EIO;
 }
 

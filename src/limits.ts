@@ -42,6 +42,8 @@ export const limits = {
   replicationHighWaterBytes: 64 * MiB,
   /** ... until the backlog is down to this. */
   replicationLowWaterBytes: 16 * MiB,
+  /** On a promoted node, the overlay is folded into the image once it holds this much. */
+  promotedFoldBytes: 64 * MiB,
   /** How long a graceful shutdown waits for in-flight requests. */
   shutdownGraceMs: 5_000,
 } as const;

@@ -82,6 +82,9 @@ export async function startPair(
     proxy?: (secondaryReplPort: number) => Promise<number>;
     secondaryEnv?: NodeJS.ProcessEnv;
     primaryArgs?: string[];
+    /** Failover mode of the secondary; tests default to manual so link faults never promote. */
+    failover?: 'auto' | 'manual';
+    secondaryArgs?: string[];
   } = {},
 ): Promise<Pair> {
   let replicationPort = 0;
@@ -99,6 +102,9 @@ export async function startPair(
         `127.0.0.1:${replicationPort}`,
         '--control',
         '127.0.0.1:0',
+        '--failover',
+        opts.failover ?? 'manual',
+        ...(opts.secondaryArgs ?? []),
       ],
       env,
     );

@@ -13,6 +13,7 @@ import { recoverCommand } from '../src/cli/recover.js';
 import { serve } from '../src/cli/serve.js';
 import {
   checkpointCommand,
+  failoverCommand,
   inspectCommand,
   primaryCommand,
   secondaryCommand,
@@ -126,7 +127,20 @@ heartbeatOptions(
     )
     .requiredOption('--state <dir>', 'state directory (epoch buffer, overlay, metadata)')
     .option('--replication-listen <host:port>', 'where the primary connects', '127.0.0.1:10900')
-    .option('--control <host:port>', 'control API (status, inspect, metrics)', '127.0.0.1:10951')
+    .option('--control <host:port>', 'control API (status, inspect, metrics, failover)', '127.0.0.1:10951')
+    .addOption(
+      new Option(
+        '--failover <mode>',
+        'auto: take over when the primary is lost; manual: only on `colo-blk failover`',
+      )
+        .choices(['auto', 'manual'])
+        .default('auto'),
+    )
+    .option(
+      '--failover-grace <ms>',
+      'in auto mode, how long the primary may be lost before the takeover',
+      '1000',
+    )
     .addOption(ioOption())
     .option('--json', 'print the listening addresses as one JSON line')
     .option('-v, --verbose', 'log every connection and error')
@@ -147,6 +161,13 @@ program
   .option('--timeout <ms>', 'how long to wait for each phase', '10000')
   .option('--json', 'print {"epoch": N, ...} as JSON')
   .action(run(checkpointCommand));
+
+program
+  .command('failover')
+  .description("make a secondary take over as primary now (discards uncommitted PVM writes, keeps the SVM's)")
+  .requiredOption('--control <host:port>', "the secondary's control address")
+  .option('--json', 'print the result as JSON')
+  .action(run(failoverCommand));
 
 program
   .command('status')

@@ -169,6 +169,8 @@ export class PrimaryLink extends EventEmitter {
   private roomWaiters: (() => void)[] = [];
   /** Times flow control made PVM writes wait. */
   throttled = 0;
+  /** Set when the secondary was promoted and refused this primary. */
+  deposed: string | null = null;
   private retryMs: number;
   private closed = false;
 
@@ -314,6 +316,17 @@ export class PrimaryLink extends EventEmitter {
         return;
       }
       case 'error': {
+        if (meta.code === 'ESTALE') {
+          // The secondary was promoted: this node's generation is over. Fence it.
+          this.deposed = String(meta.message);
+          this.lastError = `deposed: ${this.deposed}`;
+          this.log(this.lastError);
+          this.emit('deposed', this.deposed);
+          this.rejectAll(new ColoError('ESTALE', `the secondary refused this primary: ${this.deposed}`));
+          this.closed = true; // no point reconnecting
+          this.socket?.destroy();
+          return;
+        }
         const err = new ColoError(
           (meta.code as ErrorCode) ?? 'EIO',
           `secondary: ${String(meta.message)}${meta.e !== undefined ? ` (epoch ${meta.e})` : ''}`,
@@ -688,6 +701,11 @@ export class SecondaryLink extends EventEmitter {
       this.log(`${meta.t} of epoch ${meta.e} failed: ${e.message}`);
       send(socket, { t: 'error', code: e.code, message: e.message, e: meta.e });
     }
+  }
+
+  /** Drop the primary's connection (after a promotion it gets refused on reconnect). */
+  dropPrimary(): void {
+    this.current?.destroy();
   }
 
   async close(): Promise<void> {

@@ -120,6 +120,10 @@ export class PrimaryNode {
       log: (m) => opts.logger.info(`link: ${m}`),
     });
     device.throttle = () => link.waitForRoom();
+    link.on('deposed', (why: string) => {
+      device.deposed = why;
+      opts.logger.warn(`this primary is deposed; refusing all writes from now on: ${why}`);
+    });
     const nbd = new NbdServer([{ name: opts.exportName, device, description: `PVM disk ${opts.image}` }], {
       logger: opts.logger,
     });
@@ -282,6 +286,7 @@ export class PrimaryNode {
         epochs: this.plog.current - 1 - this.link.committedEpoch,
       },
       outOfSync: this.plog.outOfSync,
+      deposed: this.link.deposed,
       lastCheckpoint: this.lastCheckpoint,
       lastFailure: this.lastFailure,
       checkpoints: this.metrics.checkpoints,

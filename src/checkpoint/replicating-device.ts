@@ -33,6 +33,8 @@ export class ReplicatingDevice implements BlockDevice {
   readonly caps: Capabilities;
   private inflight: Inflight[] = [];
   private gate: Promise<void> | null = null;
+  /** Set when this primary was deposed (its secondary was promoted): writes are refused. */
+  deposed: string | null = null;
   /** Flow control: returns a promise to wait on when the secondary is too far behind. */
   throttle: () => Promise<void> | null = () => null;
 
@@ -54,6 +56,9 @@ export class ReplicatingDevice implements BlockDevice {
 
   /** Run a mutation under the seal gate and the range lock. */
   private async mutate(start: number, length: number, run: () => Promise<void>): Promise<void> {
+    // One writer per generation: a deposed primary never writes again.
+    if (this.deposed)
+      throw new ColoError('ESTALE', `this primary was deposed and serves no writes: ${this.deposed}`);
     const room = this.throttle();
     if (room) await room;
     while (this.gate) await this.gate;

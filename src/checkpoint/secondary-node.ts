@@ -25,12 +25,18 @@ export interface SecondaryNodeOptions {
   control: Endpoint;
   io?: IoMode;
   heartbeat?: HeartbeatOptions;
+  /** 'auto': promote when the primary stays lost for `failoverGraceMs`; 'manual': only on request. */
+  failover?: 'auto' | 'manual';
+  failoverGraceMs?: number;
   logger: Logger;
 }
 
 export class SecondaryNode {
   addresses!: { nbd: Endpoint; replication: Endpoint; control: Endpoint };
   applyError: string | null = null;
+  private failoverTimer: NodeJS.Timeout | null = null;
+  /** Time from the decision to promote until the SVM disk serves as primary. */
+  lastPromotionMs: number | null = null;
 
   private constructor(
     readonly opts: SecondaryNodeOptions,
@@ -90,6 +96,11 @@ export class SecondaryNode {
       { method: 'GET', path: '/metrics', handler: async () => node.prometheus(), text: true },
       {
         method: 'POST',
+        path: '/failover',
+        handler: async () => node.promote('operator request (colo-blk failover)'),
+      },
+      {
+        method: 'POST',
         path: '/drain-apply',
         handler: async () => {
           await store.drainApply();
@@ -97,6 +108,10 @@ export class SecondaryNode {
         },
       },
     ]);
+    if ((opts.failover ?? 'auto') === 'auto') {
+      link.on('primary-lost', (lost: { reason: string }) => node.scheduleFailover(lost.reason));
+      link.on('primary-connected', () => node.cancelFailover());
+    }
     try {
       const nbdAddr = await nbd.listen(opts.listen.port, opts.listen.host);
       const replAddr = await link.listen(opts.replicationListen.port, opts.replicationListen.host);
@@ -113,11 +128,46 @@ export class SecondaryNode {
     return node;
   }
 
+  /** Promote unless the primary comes back within the grace period. */
+  scheduleFailover(reason: string): void {
+    if (this.store.promoted || this.failoverTimer) return;
+    const grace = this.opts.failoverGraceMs ?? 1000;
+    this.opts.logger.warn(`primary lost (${reason}); promoting in ${grace} ms unless it comes back`);
+    this.failoverTimer = setTimeout(() => {
+      this.failoverTimer = null;
+      this.promote(`automatic failover: primary lost (${reason})`).catch((err: Error) =>
+        this.opts.logger.warn(`automatic failover failed: ${err.message}`),
+      );
+    }, grace);
+  }
+
+  cancelFailover(): void {
+    if (!this.failoverTimer) return;
+    clearTimeout(this.failoverTimer);
+    this.failoverTimer = null;
+    this.opts.logger.info('the primary is back: failover cancelled');
+  }
+
+  /** Failover: this node becomes the primary of a new generation. */
+  async promote(reason: string) {
+    const t = process.hrtime.bigint();
+    this.cancelFailover();
+    const r = await this.store.promote(reason);
+    this.link.dropPrimary();
+    this.lastPromotionMs = Number(process.hrtime.bigint() - t) / 1e6;
+    this.opts.logger.warn(
+      `promoted to primary (generation ${r.generation}) in ${this.lastPromotionMs.toFixed(1)} ms: ${reason}`,
+    );
+    return { role: 'primary', ...r, ms: this.lastPromotionMs, reason };
+  }
+
   status() {
     const pending = this.store.pendingEpochs();
     return {
-      role: 'secondary',
-      generation: 1,
+      role: this.store.promoted ? 'primary' : 'secondary',
+      generation: this.store.generation,
+      promoted: this.store.promoted,
+      failoverPending: this.failoverTimer !== null,
       export: this.opts.exportName,
       image: this.opts.image,
       size: this.image.size,

@@ -60,6 +60,12 @@ interface EpochEntry {
 const pad = (n: number) => String(n).padStart(12, '0');
 const epochKey = (n: number) => `epoch!${pad(n)}`;
 
+/** Records of commits.journal: the durable history of this node. */
+type CommitsRecord =
+  | { t: 'commit'; e: number; overlay: number; at: number }
+  | { t: 'promote'; gen: number; at: number; reason: string; committed: number }
+  | { t: 'fold'; overlay: number; next: number; at: number };
+
 export interface RecoveryReport {
   tornTails: { file: string; offset: number; reason: string }[];
   indexRebuilt: boolean;
@@ -86,6 +92,13 @@ export class SecondaryStore {
   highestSeq = 0;
   session: string | null = null;
   private commits!: JournalWriter;
+  /** Generation of this node's history; a promotion mints the next one. */
+  generation = 1;
+  /** Set once this node was promoted to primary (failover). */
+  promoted: { generation: number; at: number; reason: string } | null = null;
+  /** Overlays folded on a promoted node, oldest first, until applied to the image. */
+  private folded: Layer[] = [];
+  private folding: Promise<void> | null = null;
   /** What the last open() had to repair (for `colo-blk recover` and the logs). */
   readonly recovery: RecoveryReport = {
     tornTails: [],
@@ -165,12 +178,21 @@ export class SecondaryStore {
       );
     // Commit records.
     const commitsPath = path.join(this.dir, 'commits.journal');
+    const foldedIds: number[] = [];
     let commitsEnd = 0;
     if (fs.existsSync(commitsPath)) {
-      const scan = scanJournal<{ t: string; e: number; overlay: number }>(commitsPath, (r) => {
-        if (r.meta.t !== 'commit') return;
-        this.lastCommitted = Math.max(this.lastCommitted, r.meta.e);
-        this.overlayId = Math.max(this.overlayId, r.meta.overlay);
+      const scan = scanJournal<CommitsRecord>(commitsPath, (r) => {
+        const m = r.meta;
+        if (m.t === 'commit') {
+          this.lastCommitted = Math.max(this.lastCommitted, m.e);
+          this.overlayId = Math.max(this.overlayId, m.overlay);
+        } else if (m.t === 'promote') {
+          this.generation = m.gen;
+          this.promoted = { generation: m.gen, at: m.at, reason: m.reason };
+        } else if (m.t === 'fold') {
+          foldedIds.push(m.overlay);
+          this.overlayId = Math.max(this.overlayId, m.next);
+        }
       });
       if (scan.corruption) this.refuseCorrupt(commitsPath, scan.corruption.offset, scan.corruption.reason);
       if (scan.tornTail) this.recovery.tornTails.push({ file: commitsPath, ...scan.tornTail });
@@ -206,16 +228,31 @@ export class SecondaryStore {
       const seal = others.find((o) => o.t === 'seal') as SealRecord | undefined;
       const complete = seal !== undefined && seal.n === layer.records && seal.b === layer.dataBytes;
       const state: EpochState = n <= this.lastCommitted ? 'committed' : complete ? 'durable' : 'receiving';
+      if (this.promoted && state !== 'committed') {
+        layer.destroy(); // a promotion discards every uncommitted PVM write
+        continue;
+      }
       if (state === 'committed') this.recovery.reapplied.push(n);
       this.epochs.set(n, { epoch: n, layer, state, seal: complete ? seal : undefined });
     }
     // The overlay: the current one is kept (the SVM's flushed writes survive a restart);
     // older ones were discarded by a commit and are deleted.
+    for (const id of foldedIds) {
+      const file = this.overlayPath(id);
+      if (!fs.existsSync(file)) continue; // folded and applied before the crash
+      const { layer, scan } = Layer.recover(id, file);
+      if (scan.corruption) {
+        layer.close();
+        this.refuseCorrupt(file, scan.corruption.offset, scan.corruption.reason);
+      }
+      this.folded.push(layer);
+    }
     for (const name of fs.readdirSync(path.join(this.dir, 'overlay'))) {
       const m = /^(\d+)\.journal$/.exec(name);
-      if (m && Number(m[1]) !== this.overlayId) {
+      const id = m ? Number(m[1]) : NaN;
+      if (m && id !== this.overlayId && !this.folded.some((l) => l.id === id)) {
         fs.rmSync(path.join(this.dir, 'overlay', name));
-        this.recovery.droppedOverlays.push(Number(m[1]));
+        this.recovery.droppedOverlays.push(id);
       }
     }
     const overlayPath = this.overlayPath(this.overlayId);
@@ -261,6 +298,7 @@ export class SecondaryStore {
       { type: 'put', key: 'committed', value: String(this.lastCommitted) },
       { type: 'put', key: 'applied', value: String(this.lastApplied) },
       { type: 'put', key: 'overlay', value: String(this.overlayId) },
+      { type: 'put', key: 'generation', value: String(this.generation) },
     );
     for (const e of this.epochs.values())
       ops.push({ type: 'put', key: epochKey(e.epoch), value: JSON.stringify(this.epochMeta(e)) });
@@ -292,6 +330,7 @@ export class SecondaryStore {
    * is gone, so epochs it never made durable here can never complete: drop them.
    */
   startSession(session: string, primaryEpoch: number): { dropped: number[] } {
+    if (this.promoted) throw this.staleError();
     if (primaryEpoch <= this.durableEpoch)
       throw new ColoError(
         'EUSAGE',
@@ -330,6 +369,7 @@ export class SecondaryStore {
    * already held are duplicates from a resend and are ignored (returns false).
    */
   receive(rec: MutationRecord, frame: Buffer, dataLength: number): boolean {
+    if (this.promoted) throw this.staleError();
     if (rec.s <= this.highestSeq) return false;
     const e = this.entry(rec.e);
     if (e.state !== 'receiving')
@@ -417,6 +457,86 @@ export class SecondaryStore {
   }
 
   // ---------------------------------------------------------------------------
+  // Failover
+
+  private staleError(): ColoError {
+    const p = this.promoted!;
+    return new ColoError(
+      'ESTALE',
+      `this node was promoted to primary (generation ${p.generation}) at ${new Date(p.at).toISOString()} ` +
+        `(${p.reason}); it accepts no primary any more, and a primary of an older generation must not serve writes`,
+    );
+  }
+
+  /**
+   * Become a standalone primary: mint the next generation (durable before
+   * anything else), discard every uncommitted PVM write, and keep the SVM's
+   * own writes, which from now on are the disk's real data (invariant 5).
+   * Disk and memory resume from the same point: the last commit.
+   */
+  async promote(
+    reason: string,
+  ): Promise<{ generation: number; at: number; droppedEpochs: number[]; committed: number }> {
+    if (this.promoted)
+      return {
+        generation: this.promoted.generation,
+        at: this.promoted.at,
+        droppedEpochs: [],
+        committed: this.lastCommitted,
+      };
+    const generation = this.generation + 1;
+    const at = Date.now();
+    this.commits.append({ t: 'promote', gen: generation, at, reason, committed: this.lastCommitted });
+    await this.commits.sync();
+    crashPoint('secondary-after-promote-record');
+    const droppedEpochs: number[] = [];
+    for (const e of [...this.epochs.values()])
+      if (e.state !== 'committed') {
+        e.layer.destroy();
+        this.epochs.delete(e.epoch);
+        droppedEpochs.push(e.epoch);
+      }
+    this.generation = generation;
+    this.promoted = { generation, at, reason };
+    this.session = null;
+    this.updateIndex([{ type: 'put', key: 'generation', value: String(generation) }]);
+    this.log(
+      `promoted to primary, generation ${generation}: ${reason}; dropped uncommitted epochs ${droppedEpochs.join(', ') || 'none'}`,
+    );
+    return { generation, at, droppedEpochs, committed: this.lastCommitted };
+  }
+
+  /**
+   * On a promoted node the overlay is the disk's data; once it is large it is
+   * folded: a durable fold record makes it a committed layer, applied to the
+   * image in the background like an epoch, and a fresh overlay takes the writes.
+   */
+  maybeFold(): void {
+    if (!this.promoted || this.folding || this.closed) return;
+    if (this.overlay.dataBytes < limits.promotedFoldBytes) return;
+    this.folding = this.fold()
+      .catch((err: Error) => this.log(`folding the overlay failed (will retry): ${err.message}`))
+      .finally(() => (this.folding = null));
+  }
+
+  private async fold(): Promise<void> {
+    const next = this.overlayId + 1;
+    this.commits.append({ t: 'fold', overlay: this.overlayId, next, at: Date.now() });
+    await this.commits.sync();
+    // Durable: switch. Writes that came in meanwhile are in the folded overlay, which is right.
+    this.folded.push(this.overlay);
+    this.overlay = Layer.create(next, this.overlayPath(next));
+    this.overlayId = next;
+    this.updateIndex([{ type: 'put', key: 'overlay', value: String(next) }]);
+    this.kickApply();
+  }
+
+  /** Folded overlays not yet in the image, newest first. */
+  foldedLayers(): Layer[] {
+    return [...this.folded].reverse();
+  }
+
+  // ---------------------------------------------------------------------------
   // Background apply
 
   private kickApply(): void {
@@ -424,8 +544,10 @@ export class SecondaryStore {
     const next = [...this.epochs.values()]
       .filter((e) => e.state === 'committed')
       .sort((a, b) => a.epoch - b.epoch)[0];
-    if (!next) return;
-    this.applying = this.applyEpoch(next)
+    // Committed epochs are all older than a promotion, so they go first; then folded overlays.
+    const work = next ? this.applyEpoch(next) : this.folded.length ? this.applyFolded(this.folded[0]) : null;
+    if (!work) return;
+    this.applying = work
       .catch((err: Error) => {
         this.applyError = err;
         this.opts.onApplyError?.(err);
@@ -436,8 +558,30 @@ export class SecondaryStore {
       });
   }
 
+  private async applyFolded(layer: Layer): Promise<void> {
+    if (!(await this.applyLayer(layer, 0))) return;
+    this.folded.shift();
+    layer.destroy();
+  }
+
   /** Write an epoch's merged final state into the image, make it durable, then forget the epoch. */
   private async applyEpoch(e: EpochEntry): Promise<void> {
+    if (!(await this.applyLayer(e.layer, e.epoch))) return;
+    crashPoint('secondary-before-applied-record');
+    // The image is durable; the journal can go. (The index entry needs no sync:
+    // if it is lost, the journal is gone too, or it is applied again, harmlessly.)
+    this.updateIndex([
+      { type: 'put', key: 'applied', value: String(e.epoch) },
+      { type: 'del', key: epochKey(e.epoch) },
+    ]);
+    this.lastApplied = e.epoch;
+    this.epochs.delete(e.epoch);
+    e.layer.destroy();
+  }
+
+  /** Write a layer's merged final state into the image and make it durable; false if interrupted by close. */
+  private async applyLayer(layer: Layer, label: number): Promise<boolean> {
+    const e = { epoch: label, layer };
     const chunk = Buffer.allocUnsafe(limits.zeroChunkBytes);
     const extents = [...e.layer.index.extents()];
     const total = extents.reduce((a, x) => a + (x.end - x.start), 0);
@@ -445,7 +589,7 @@ export class SecondaryStore {
     for (const ext of extents) {
       this.opts.onApplyProgress?.(e.epoch, done, total);
       done += ext.end - ext.start;
-      if (this.closed) return;
+      if (this.closed) return false;
       if (ext.kind !== 'data') {
         await this.image.zero(ext.start, ext.end - ext.start, { mayTrim: ext.kind === 'hole' });
         continue;
@@ -466,17 +610,8 @@ export class SecondaryStore {
       }
     }
     await this.image.flush();
-    crashPoint('secondary-before-applied-record');
-    // The image is durable; the journal can go. (The index entry needs no sync:
-    // if it is lost, the journal is gone too, or it is applied again, harmlessly.)
-    this.updateIndex([
-      { type: 'put', key: 'applied', value: String(e.epoch) },
-      { type: 'del', key: epochKey(e.epoch) },
-    ]);
     this.opts.onApplyProgress?.(e.epoch, total, total);
-    this.lastApplied = e.epoch;
-    this.epochs.delete(e.epoch);
-    e.layer.destroy();
+    return true;
   }
 
   /** Wait until every committed epoch is in the image. */
@@ -518,6 +653,8 @@ export class SecondaryStore {
     this.closed = true;
     if (this.applying) await this.applying;
     for (const e of this.epochs.values()) e.layer.close();
+    if (this.folding) await this.folding;
+    for (const l of this.folded) l.close();
     await this.indexWrites;
     await this.overlay.sync().catch(() => {});
     this.overlay.close();
@@ -557,7 +694,7 @@ export class SvmDevice implements BlockDevice {
     // holds from the image, which the apply never touches for those ranges.
     const gaps: { at: number; length: number; offset: number }[] = [];
     this.resolve(
-      [this.store.overlayLayer, ...this.store.committedLayers()],
+      [this.store.overlayLayer, ...this.store.foldedLayers(), ...this.store.committedLayers()],
       0,
       buf,
       0,
@@ -596,6 +733,7 @@ export class SvmDevice implements BlockDevice {
     if (buf.length === 0) return;
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 'w', e: 0, s: ++this.seq, o: offset }, buf);
+    this.store.maybeFold();
     if (opts.fua) await overlay.sync();
   }
 
@@ -608,6 +746,7 @@ export class SvmDevice implements BlockDevice {
     if (length === 0) return;
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 't', e: 0, s: ++this.seq, o: offset, l: length });
+    this.store.maybeFold();
     if (opts.fua) await overlay.sync();
   }
 
@@ -616,6 +755,7 @@ export class SvmDevice implements BlockDevice {
     if (length === 0) return;
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 'z', e: 0, s: ++this.seq, o: offset, l: length, h: opts.mayTrim !== false });
+    this.store.maybeFold();
     if (opts.fua) await overlay.sync();
   }
 
@@ -624,7 +764,11 @@ export class SvmDevice implements BlockDevice {
     // Start from the image's map, then mark what the layers hold as data (or zero).
     const base = await this.store.image.extents(offset, length);
     const end = base.length ? base[base.length - 1].offset + base[base.length - 1].length : offset;
-    const layers = [...this.store.committedLayers().reverse(), this.store.overlayLayer];
+    const layers = [
+      ...this.store.committedLayers().reverse(),
+      ...this.store.foldedLayers().reverse(),
+      this.store.overlayLayer,
+    ];
     const out: Extent[] = [];
     for (const b of base) {
       let pieces: Extent[] = [{ ...b }];

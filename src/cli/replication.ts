@@ -97,7 +97,12 @@ export async function primaryCommand(opts: NodeCliOptions & { peer: string; budg
   await node.close();
 }
 
-export async function secondaryCommand(opts: NodeCliOptions & { replicationListen: string }): Promise<void> {
+export async function secondaryCommand(
+  opts: NodeCliOptions & { replicationListen: string; failover: string; failoverGrace: string },
+): Promise<void> {
+  const failoverGraceMs = Number(opts.failoverGrace);
+  if (!(failoverGraceMs >= 0))
+    throw new ColoError('EUSAGE', `--failover-grace must be a number of ms, not '${opts.failoverGrace}'`);
   const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
   const e = singleExport(opts.export);
   const node = await SecondaryNode.start({
@@ -110,6 +115,8 @@ export async function secondaryCommand(opts: NodeCliOptions & { replicationListe
     control: parseHostPort(opts.control, '--control'),
     io: opts.io as IoMode,
     heartbeat: heartbeatOf(opts),
+    failover: opts.failover as 'auto' | 'manual',
+    failoverGraceMs,
     logger,
   });
   const a = node.addresses;
@@ -133,6 +140,21 @@ export async function secondaryCommand(opts: NodeCliOptions & { replicationListe
 }
 
 const fmtMs = (v: unknown) => `${Number(v).toFixed(2)} ms`;
+
+export async function failoverCommand(opts: { control: string; json?: boolean }): Promise<void> {
+  const r = await controlCall<Record<string, unknown>>(
+    parseHostPort(opts.control, '--control'),
+    'POST',
+    '/failover',
+  );
+  if (opts.json) process.stdout.write(JSON.stringify(r) + '\n');
+  else
+    process.stdout.write(
+      `failover: this node is now the primary, generation ${r.generation} (in ${Number(r.ms).toFixed(1)} ms); ` +
+        `its disk is checkpoint ${r.committed} plus the SVM's own writes; ` +
+        `dropped uncommitted epochs: ${(r.droppedEpochs as number[]).join(', ') || 'none'}\n`,
+    );
+}
 
 export async function checkpointCommand(opts: {
   control: string;
@@ -168,7 +190,8 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
   const out: string[] = [];
   out.push(`role          ${s.role} (generation ${s.generation})`);
   out.push(`export        ${s.export}  ${formatBytes(s.size)}  ${s.image}`);
-  if (s.role === 'primary') {
+  if (s.promoted === undefined) {
+    // a primary node (a promoted secondary reports in the secondary's format, with PROMOTED)
     out.push(`epoch         ${s.epoch} open`);
     out.push(
       `link          ${s.link.state} ${s.link.state === 'connected' ? 'to' : 'from'} ${s.link.peer} ${s.link.since ? `since ${ago(s.link.since)}` : ''}`,
@@ -181,6 +204,7 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
       `lag           ${formatBytes(s.lag.unsentBytes)} unsent, ${formatBytes(s.lag.heldBytes)} held, ${s.lag.epochs} epoch(s) uncommitted`,
     );
     if (s.outOfSync) out.push(`OUT OF SYNC   since ${ago(s.outOfSync.since)}: ${s.outOfSync.reason}`);
+    if (s.deposed) out.push(`DEPOSED       writes are refused: ${s.deposed}`);
     if (s.lastCheckpoint)
       out.push(
         `last ckpt     epoch ${s.lastCheckpoint.epoch} ${ago(s.lastCheckpoint.at)}: total ${fmtMs(s.lastCheckpoint.totalMs)}` +
@@ -189,6 +213,8 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
     if (s.lastFailure) out.push(`last failure  ${ago(s.lastFailure.at)}: ${s.lastFailure.message}`);
     out.push(`checkpoints   ${s.checkpoints} done, ${s.checkpointFailures} failed`);
   } else {
+    if (s.promoted) out.push(`PROMOTED      to primary ${ago(s.promoted.at)}: ${s.promoted.reason}`);
+    else if (s.failoverPending) out.push(`FAILOVER      pending: promoting unless the primary comes back`);
     out.push(
       `epochs        committed ${s.committedEpoch}, applied ${s.appliedEpoch}, durable ${s.durableEpoch}`,
     );
@@ -199,7 +225,7 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
       out.push(`PRIMARY LOST  ${ago(s.link.primaryLost.at)}: ${s.link.primaryLost.reason}`);
     else if (s.link.lastError) out.push(`  last error  ${s.link.lastError}`);
     out.push(
-      `overlay       ${s.overlay.writes} SVM writes, ${formatBytes(s.overlay.bytes)} (discarded at the next commit)`,
+      `overlay       ${s.overlay.writes} SVM writes, ${formatBytes(s.overlay.bytes)} ${s.promoted ? "(the disk's own data, folded into the image as it grows)" : '(discarded at the next commit)'}`,
     );
     out.push(
       `lag           ${formatBytes(s.lag.uncommittedBytes)} uncommitted, ${formatBytes(s.lag.unappliedBytes)} committed but not yet applied`,
