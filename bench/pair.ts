@@ -146,6 +146,9 @@ export interface PairOptions {
   budget?: string;
   /** --io of both nodes (default: the CLI's default). */
   io?: 'sync' | 'async' | 'auto';
+  /** The secondary's failover mode (default manual: stopping a pair must not promote). */
+  failover?: 'auto' | 'manual';
+  failoverGraceMs?: number;
 }
 
 export interface Pair {
@@ -171,6 +174,9 @@ export function pairArgs(opts: PairOptions, replicationPort: number | string) {
     `${HOST}:0`,
     '--control',
     `${HOST}:0`,
+    '--failover',
+    opts.failover ?? 'manual',
+    ...(opts.failoverGraceMs !== undefined ? ['--failover-grace', String(opts.failoverGraceMs)] : []),
     ...io,
   ];
   const primary = [

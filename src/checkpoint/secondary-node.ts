@@ -167,6 +167,7 @@ export class SecondaryNode {
       role: this.store.promoted ? 'primary' : 'secondary',
       generation: this.store.generation,
       promoted: this.store.promoted,
+      promotionMs: this.lastPromotionMs,
       failoverPending: this.failoverTimer !== null,
       export: this.opts.exportName,
       image: this.opts.image,
