@@ -9,6 +9,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { controlCall } from '../src/checkpoint/control.js';
+import type { CheckpointResult } from '../src/checkpoint/primary-node.js';
 import { lastLine, liveServers, stopProcess, TailBuffer } from './proc.js';
 import type { BenchContext } from './types.js';
 
@@ -263,15 +264,8 @@ export async function pollStatus(
   }
 }
 
-export interface CheckpointTimes {
-  epoch: number;
-  writes: number;
-  bytes: number;
-  sealMs: number;
-  durableMs: number;
-  commitMs: number;
-  totalMs: number;
-}
+/** What POST /checkpoint answers (the primary's own type). */
+export type CheckpointTimes = CheckpointResult;
 
 export const checkpoint = (primary: NodeHandle, timeoutMs = 10_000): Promise<CheckpointTimes> =>
   controlCall<CheckpointTimes>(primary.control, 'POST', '/checkpoint', { timeoutMs }, timeoutMs + 5000);

@@ -80,11 +80,6 @@ Examples:
   )
   .action(run(serve));
 
-const heartbeatOptions = (cmd: Command) =>
-  cmd
-    .option('--heartbeat-interval <ms>', 'send a beat on the replication link this often', '200')
-    .option('--heartbeat-timeout <ms>', 'declare the peer lost after this much silence', '800');
-
 const ioOption = () =>
   new Option(
     '--io <mode>',
@@ -93,7 +88,17 @@ const ioOption = () =>
     .choices(['sync', 'async', 'auto'])
     .default('auto');
 
-heartbeatOptions(
+/** Options every replication node takes: heartbeat, I/O mode, output and logging. */
+const nodeOptions = (cmd: Command) =>
+  cmd
+    .option('--heartbeat-interval <ms>', 'send a beat on the replication link this often', '200')
+    .option('--heartbeat-timeout <ms>', 'declare the peer lost after this much silence', '800')
+    .addOption(ioOption())
+    .option('--json', 'print the listening addresses as one JSON line')
+    .option('-v, --verbose', 'log every connection and error')
+    .option('-q, --quiet', 'log warnings only');
+
+nodeOptions(
   program
     .command('primary')
     .description("serve the PVM's disk and replicate every write to a secondary, epoch by epoch")
@@ -103,10 +108,6 @@ heartbeatOptions(
     .requiredOption('--peer <host:port>', "the secondary's --replication-listen address")
     .option('--control <host:port>', 'control API (checkpoint, status, metrics)', '127.0.0.1:10950')
     .option('--budget <size>', 'log held for a lagging secondary before it is marked out of sync', '1G')
-    .addOption(ioOption())
-    .option('--json', 'print the listening addresses as one JSON line')
-    .option('-v, --verbose', 'log every connection and error')
-    .option('-q, --quiet', 'log warnings only')
     .addHelpText(
       'after',
       `
@@ -116,7 +117,7 @@ Example:
     ),
 ).action(run(primaryCommand));
 
-heartbeatOptions(
+nodeOptions(
   program
     .command('secondary')
     .description("buffer the PVM's writes until each checkpoint, and serve the SVM its own disk")
@@ -141,10 +142,6 @@ heartbeatOptions(
       'in auto mode, how long the primary may be lost before the takeover',
       '1000',
     )
-    .addOption(ioOption())
-    .option('--json', 'print the listening addresses as one JSON line')
-    .option('-v, --verbose', 'log every connection and error')
-    .option('-q, --quiet', 'log warnings only')
     .addHelpText(
       'after',
       `
