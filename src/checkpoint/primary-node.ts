@@ -12,7 +12,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { ClassicLevel } from 'classic-level';
+import type { ClassicLevel } from 'classic-level';
 import { ColoError } from '../errors.js';
 import { GiB } from '../limits.js';
 import { FileDevice, type IoMode } from '../block/file.js';
@@ -23,6 +23,7 @@ import { PrimaryLink, type HeartbeatOptions } from './link.js';
 import { renderPrometheus, Summary } from './metrics.js';
 import { PrimaryLog } from './primary-log.js';
 import { ReplicatingDevice } from './replicating-device.js';
+import { openMeta, writeNodeFile } from './state-dir.js';
 
 export interface Endpoint {
   host: string;
@@ -83,16 +84,7 @@ export class PrimaryNode {
 
   static async start(opts: PrimaryNodeOptions): Promise<PrimaryNode> {
     fs.mkdirSync(opts.stateDir, { recursive: true });
-    const db = new ClassicLevel<string, string>(path.join(opts.stateDir, 'meta'), { valueEncoding: 'utf8' });
-    try {
-      await db.open();
-    } catch (err) {
-      const cause = (err as { cause?: { message?: string } }).cause?.message ?? (err as Error).message;
-      throw new ColoError(
-        'EUSAGE',
-        `cannot open ${opts.stateDir}/meta: ${cause} (is another node using it?)`,
-      );
-    }
+    const db = await openMeta(opts.stateDir);
     const image = await FileDevice.open(opts.image, { size: opts.size, io: opts.io });
     const epoch = Number((await db.get('epoch')) ?? 1);
     await db.batch(
@@ -102,14 +94,12 @@ export class PrimaryNode {
       ],
       { sync: true },
     );
-    fs.writeFileSync(
-      path.join(opts.stateDir, 'node.json'),
-      JSON.stringify(
-        { role: 'primary', export: opts.exportName, image: path.resolve(opts.image), size: image.size },
-        null,
-        2,
-      ),
-    );
+    writeNodeFile(opts.stateDir, {
+      role: 'primary',
+      export: opts.exportName,
+      image: opts.image,
+      size: image.size,
+    });
     const plog = new PrimaryLog(path.join(opts.stateDir, 'epochs'), epoch, opts.budgetBytes ?? 1 * GiB);
     const device = new ReplicatingDevice(image, plog);
     const link = new PrimaryLink(plog, {

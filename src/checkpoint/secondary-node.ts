@@ -4,7 +4,6 @@
  * checkpoint plus the SVM's overlay) over NBD.
  */
 import fs from 'node:fs';
-import path from 'node:path';
 import { ColoError } from '../errors.js';
 import { FileDevice, type IoMode } from '../block/file.js';
 import { NbdServer, type Logger } from '../net/server.js';
@@ -14,6 +13,7 @@ import { SecondaryLink, type HeartbeatOptions } from './link.js';
 import { renderPrometheus } from './metrics.js';
 import type { Endpoint } from './primary-node.js';
 import { SecondaryStore } from './secondary-store.js';
+import { writeNodeFile } from './state-dir.js';
 
 export interface SecondaryNodeOptions {
   listen: Endpoint;
@@ -64,14 +64,12 @@ export class SecondaryNode {
       await image.close();
       throw err;
     }
-    fs.writeFileSync(
-      path.join(opts.stateDir, 'node.json'),
-      JSON.stringify(
-        { role: 'secondary', export: opts.exportName, image: path.resolve(opts.image), size: image.size },
-        null,
-        2,
-      ),
-    );
+    writeNodeFile(opts.stateDir, {
+      role: 'secondary',
+      export: opts.exportName,
+      image: opts.image,
+      size: image.size,
+    });
     const link = new SecondaryLink(store, {
       heartbeat: opts.heartbeat,
       log: (m) => opts.logger.info(`link: ${m}`),

@@ -28,7 +28,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { ClassicLevel } from 'classic-level';
+import type { ClassicLevel } from 'classic-level';
 import { ColoError } from '../errors.js';
 import { limits } from '../limits.js';
 import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
@@ -37,6 +37,7 @@ import type { FileDevice } from '../block/file.js';
 import { crashPoint } from '../crash.js';
 import { JournalWriter, scanJournal } from './journal.js';
 import { Layer } from './layers.js';
+import { openMeta } from './state-dir.js';
 import type { MutationRecord, SealRecord } from './records.js';
 
 export type EpochState = 'receiving' | 'sealed' | 'durable' | 'committed';
@@ -132,16 +133,7 @@ export class SecondaryStore {
     opts: SecondaryStoreOptions = {},
   ): Promise<SecondaryStore> {
     for (const sub of ['epochs', 'overlay']) fs.mkdirSync(path.join(dir, sub), { recursive: true });
-    const db = new ClassicLevel<string, string>(path.join(dir, 'meta'), { valueEncoding: 'utf8' });
-    try {
-      await db.open();
-    } catch (err) {
-      const cause = (err as { cause?: { message?: string } }).cause?.message ?? (err as Error).message;
-      throw new ColoError(
-        'EUSAGE',
-        `cannot open ${path.join(dir, 'meta')}: ${cause} (is another colo-blk using this state directory?)`,
-      );
-    }
+    const db = await openMeta(dir);
     const store = new SecondaryStore(dir, image, db, opts);
     await store.recover();
     return store;
