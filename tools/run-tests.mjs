@@ -5,7 +5,9 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 
 const report = '.vitest-report.json';
+const faultCounts = '.fault-counts';
 fs.rmSync(report, { force: true });
+fs.rmSync(faultCounts, { recursive: true, force: true });
 const args = [
   'vitest',
   'run',
@@ -30,6 +32,15 @@ try {
 } catch {
   failed = Math.max(failed, 1);
   console.error('run-tests: vitest wrote no report; counting the run as failed');
+}
+// Fault-injection suites record how many faults they injected (test/fault-counts.ts).
+try {
+  for (const name of fs.readdirSync(faultCounts).sort()) {
+    const c = JSON.parse(fs.readFileSync(`${faultCounts}/${name}`, 'utf8'));
+    console.log(`fault injection: ${c.suite}: ${c.count} ${c.what}`);
+  }
+} catch {
+  // no fault suite ran (e.g. a filtered run)
 }
 console.log(`${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}`);
 process.exit(r.status === 0 && failed === 0 ? 0 : 1);
