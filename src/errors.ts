@@ -30,7 +30,9 @@ export type ErrorCode =
   | 'ENOENT' // a file or export that does not exist
   | 'EEXIST' // refusing to overwrite something
   | 'ECONNECT' // could not reach a server or peer
-  | 'ESTALE'; // a node whose generation is over (deposed primary, promoted secondary)
+  | 'ESTALE' // a node whose generation is over (deposed primary, promoted secondary)
+  | 'ESPLIT' // split brain: both nodes wrote after their histories diverged
+  | 'EBUSY'; // the operation cannot run in the node's current state (e.g. resync in progress)
 
 export class ColoError extends Error {
   readonly code: ErrorCode;

@@ -153,17 +153,27 @@ export async function startPair(
   return pair;
 }
 
-/** Wait until the primary's link to the secondary is up. */
-export async function waitLinkUp(primary: NodeProc, timeoutMs = 10_000): Promise<void> {
+/**
+ * Wait until the primary's link to the secondary is up and the secondary is
+ * synchronised (the first connection of a pair runs a resync that compares
+ * the two disks by hash). Returns the primary's status.
+ */
+export async function waitLinkUp(
+  primary: NodeProc,
+  timeoutMs = 10_000,
+): Promise<{ epoch: number; peerState: string }> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    const s = await controlCall<{ link: { state: string; lastError: string | null } }>(
-      primary.control,
-      'GET',
-      '/status',
-    );
-    if (s.link.state === 'connected') return;
-    if (Date.now() > deadline) throw new Error(`link did not come up: ${s.link.lastError}`);
+    const s = await controlCall<{
+      epoch: number;
+      peerState: string;
+      link: { state: string; lastError: string | null };
+    }>(primary.control, 'GET', '/status');
+    if (s.link.state === 'connected' && s.peerState === 'protected') return s;
+    if (Date.now() > deadline)
+      throw new Error(
+        `link did not come up: ${s.link.lastError} (peer ${s.peerState})\nprimary log:\n${primary.stderr().slice(-3000)}`,
+      );
     await new Promise((r) => setTimeout(r, 50));
   }
 }

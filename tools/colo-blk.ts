@@ -14,6 +14,7 @@ import { serve } from '../src/cli/serve.js';
 import {
   checkpointCommand,
   failoverCommand,
+  reprotectCommand,
   inspectCommand,
   primaryCommand,
   secondaryCommand,
@@ -108,6 +109,11 @@ nodeOptions(
     .requiredOption('--peer <host:port>', "the secondary's --replication-listen address")
     .option('--control <host:port>', 'control API (checkpoint, status, metrics)', '127.0.0.1:10950')
     .option('--budget <size>', 'log held for a lagging secondary before it is marked out of sync', '1G')
+    .option(
+      '--lone-after <ms>',
+      'go on alone (a new generation; writes recorded for a later resync) after the secondary is unreachable this long',
+      '10000',
+    )
     .addHelpText(
       'after',
       `
@@ -142,6 +148,10 @@ nodeOptions(
       'in auto mode, how long the primary may be lost before the takeover',
       '1000',
     )
+    .option(
+      '--discard-my-data',
+      "forget this node's generation history, so it is fully resynchronised from the primary (after a split brain)",
+    )
     .addHelpText(
       'after',
       `
@@ -165,6 +175,24 @@ program
   .requiredOption('--control <host:port>', "the secondary's control address")
   .option('--json', 'print the result as JSON')
   .action(run(failoverCommand));
+
+program
+  .command('reprotect')
+  .description(
+    'pair a running primary (promoted, or gone on alone) with a secondary and resynchronise it; shows progress',
+  )
+  .requiredOption('--control <host:port>', "the primary's control address")
+  .requiredOption('--peer <host:port>', "the secondary's --replication-listen address")
+  .option('--timeout <ms>', 'give up waiting after this long (the resync goes on)', '600000')
+  .option('--no-wait', 'return once connecting has started')
+  .option('--json', 'print the result as JSON')
+  .addHelpText(
+    'after',
+    `
+Example (the old primary came back as a secondary on 10.0.0.1:10900):
+  colo-blk reprotect --control 127.0.0.1:10951 --peer 10.0.0.1:10900`,
+  )
+  .action(run(reprotectCommand));
 
 program
   .command('status')

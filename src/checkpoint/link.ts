@@ -27,7 +27,9 @@ import { decodeFrame, encodeFrameBuffer, FRAME_HEADER_BYTES, FrameError, peekFra
 import type { JournalWriter } from './journal.js';
 import type { PrimaryLog } from './primary-log.js';
 import { isMutation, type MutationRecord, type SealRecord } from './records.js';
-import type { SecondaryStore } from './secondary-store.js';
+import type { SecondaryStore, SyncMark } from './secondary-store.js';
+import type { Range } from '../failover/activity.js';
+import { decide, type Decision, type Generation } from '../failover/history.js';
 import { listenOn } from '../util/listen.js';
 
 export const LINK_PROTOCOL = 1;
@@ -50,6 +52,7 @@ export const DEFAULT_HEARTBEAT: HeartbeatOptions = { intervalMs: 200, timeoutMs:
  */
 class Heartbeat {
   private lastRx = performance.now();
+  private lastTick = performance.now();
   private readonly timer: NodeJS.Timeout;
 
   constructor(
@@ -60,7 +63,11 @@ class Heartbeat {
   ) {
     socket.on('data', () => (this.lastRx = performance.now()));
     this.timer = setInterval(() => {
-      const silentMs = performance.now() - this.lastRx;
+      const now = performance.now();
+      // This process was frozen (stopped, swapped out): the silence is ours, not the peer's.
+      if (now - this.lastTick > opts.timeoutMs) this.lastRx = now;
+      this.lastTick = now;
+      const silentMs = now - this.lastRx;
       if (silentMs > opts.timeoutMs) {
         clearInterval(this.timer);
         onTimeout(Math.round(silentMs));
@@ -83,7 +90,7 @@ class FrameReader {
 
   constructor(
     private readonly socket: net.Socket,
-    private readonly handle: (meta: Meta, frame: Buffer, dataLength: number) => void | Promise<void>,
+    private readonly handle: (meta: Meta, frame: Buffer, data: Buffer) => void | Promise<void>,
     private readonly fail: (err: Error) => void,
   ) {
     socket.on('data', (chunk: Buffer) => {
@@ -105,7 +112,7 @@ class FrameReader {
         if (this.queue.length < total) break;
         const frame = this.queue.take(total);
         const f = decodeFrame<Meta>(frame)!;
-        const r = this.handle(f.meta, frame, f.data.length);
+        const r = this.handle(f.meta, frame, f.data);
         if (r) {
           this.socket.pause();
           await r;
@@ -144,6 +151,16 @@ export interface PrimaryLinkOptions {
   reconnectMaxMs?: number;
   heartbeat?: HeartbeatOptions;
   log?: (msg: string) => void;
+  /** This primary's generation history and whether it can resend what the secondary lacks. */
+  handshake?: () => { history: Generation[]; needsResync: boolean };
+}
+
+/** What the secondary decided at the hello (see failover/history.ts decide()). */
+export interface PeerHello {
+  decision: Decision;
+  /** Regions the secondary itself may have written (an old primary's unfinished epochs): to roll back. */
+  hot: Range[];
+  history: Generation[];
 }
 
 export class PrimaryLink extends EventEmitter {
@@ -171,6 +188,12 @@ export class PrimaryLink extends EventEmitter {
   throttled = 0;
   /** Set when the secondary was promoted and refused this primary. */
   deposed: string | null = null;
+  /** Set when the secondary refused this primary for split brain (no reconnects until restarted). */
+  refused: string | null = null;
+  /** The secondary's answer at the last hello. */
+  peer: PeerHello | null = null;
+  private hashWaiters = new Map<number, { resolve: (h: Buffer) => void; reject: (e: Error) => void }>();
+  private nextHashId = 1;
   private retryMs: number;
   private closed = false;
 
@@ -220,11 +243,12 @@ export class PrimaryLink extends EventEmitter {
         size: this.opts.size,
         epoch: this.plog.current,
         session: this.plog.session,
+        ...this.opts.handshake?.(),
       });
     });
     this.reader = new FrameReader(
       socket,
-      (meta) => this.onFrame(meta),
+      (meta, _frame, data) => this.onFrame(meta, data),
       (err) => {
         this.lastError = `bad frame from the secondary: ${err.message}`;
         socket.destroy();
@@ -254,6 +278,7 @@ export class PrimaryLink extends EventEmitter {
     this.downSince ??= Date.now();
     const err = new ColoError('ECONNECT', `replication link lost: ${this.lastError ?? 'connection closed'}`);
     this.rejectAll(err);
+    this.emit('down', this.lastError);
     this.releaseRoom(); // a lost secondary must not stall the PVM
     if (this.closed) return;
     this.retryTimer = setTimeout(() => {
@@ -267,12 +292,20 @@ export class PrimaryLink extends EventEmitter {
     for (const w of [...this.durableWaiters, ...this.commitWaiters]) w.reject(err);
     this.durableWaiters = [];
     this.commitWaiters = [];
+    for (const w of this.hashWaiters.values()) w.reject(err);
+    this.hashWaiters.clear();
   }
 
-  private onFrame(meta: Meta): void {
+  private onFrame(meta: Meta, data: Buffer): void {
     switch (meta.t) {
       case 'beat':
         return;
+      case 'hash': {
+        const w = this.hashWaiters.get(Number(meta.id));
+        this.hashWaiters.delete(Number(meta.id));
+        w?.resolve(Buffer.from(data));
+        return;
+      }
       case 'hello': {
         if (meta.size !== this.opts.size) {
           this.lastError =
@@ -288,15 +321,27 @@ export class PrimaryLink extends EventEmitter {
         this.downSince = null;
         this.lastError = null;
         this.retryMs = this.opts.reconnectMinMs ?? 100;
-        this.durableEpoch = Math.max(this.durableEpoch, Number(meta.durable ?? 0));
-        this.committedEpoch = Math.max(this.committedEpoch, Number(meta.committed ?? 0));
-        this.plog.releaseThrough(this.durableEpoch);
+        const decision = meta.decision as Decision | undefined;
+        this.peer = decision
+          ? { decision, hot: (meta.hot as Range[]) ?? [], history: (meta.history as Generation[]) ?? [] }
+          : null;
+        if (decision?.action === 'resync') {
+          // The secondary dropped everything uncommitted and restarted its numbering just
+          // below our open epoch: sealed epochs are not resent (the resync covers them).
+          this.durableEpoch = this.committedEpoch = this.plog.current - 1;
+          this.plog.releaseThrough(this.plog.current - 1);
+        } else {
+          this.durableEpoch = Math.max(this.durableEpoch, Number(meta.durable ?? 0));
+          this.committedEpoch = Math.max(this.committedEpoch, Number(meta.committed ?? 0));
+          this.plog.releaseThrough(this.durableEpoch);
+        }
         // Replay from the oldest epoch still held.
         const oldest = this.plog.heldEpochs()[0];
         this.cursor = { epoch: oldest?.epoch ?? this.plog.current, offset: 0 };
         this.log(
           `link up: secondary at seq ${meta.seq}, durable epoch ${meta.durable}, resending from epoch ${this.cursor.epoch}`,
         );
+        if (this.peer) this.emit('peer', this.peer);
         this.pump();
         return;
       }
@@ -324,6 +369,16 @@ export class PrimaryLink extends EventEmitter {
           this.emit('deposed', this.deposed);
           this.rejectAll(new ColoError('ESTALE', `the secondary refused this primary: ${this.deposed}`));
           this.closed = true; // no point reconnecting
+          this.socket?.destroy();
+          return;
+        }
+        if (meta.code === 'ESPLIT') {
+          this.refused = String(meta.message);
+          this.lastError = this.refused;
+          this.log(`the secondary refused this primary: ${this.refused}`);
+          this.emit('refused', this.refused);
+          this.rejectAll(new ColoError('ESPLIT', this.refused));
+          this.closed = true; // an operator must decide; reconnecting would only repeat the refusal
           this.socket?.destroy();
           return;
         }
@@ -464,6 +519,27 @@ export class PrimaryLink extends EventEmitter {
     return this.ready;
   }
 
+  /** Point the link at another secondary (re-protection) and connect to it now. */
+  retarget(host: string, port: number): void {
+    this.opts.host = host;
+    this.opts.port = port;
+    this.refused = null;
+    this.closed = false;
+    this.retryMs = this.opts.reconnectMinMs ?? 100;
+    if (this.socket) this.socket.destroy();
+    else {
+      if (this.retryTimer) clearTimeout(this.retryTimer);
+      this.connect();
+    }
+  }
+
+  /** Drop the connection and connect again (a new hello, so the secondary decides afresh). */
+  reconnect(reason: string): void {
+    if (!this.socket) return;
+    this.lastError = reason;
+    this.socket.destroy();
+  }
+
   /** Bytes appended to the log that have not been sent yet. */
   get unsentBytes(): number {
     if (this.plog.outOfSync) return 0; // nothing is held, nothing will be sent
@@ -503,8 +579,8 @@ export class PrimaryLink extends EventEmitter {
     });
   }
 
-  private requireUsable(): void {
-    if (this.plog.outOfSync)
+  private requireUsable(resync = false): void {
+    if (this.plog.outOfSync && !resync)
       throw new ColoError(
         'EIO',
         `the secondary is out of sync since ${new Date(this.plog.outOfSync.since).toISOString()} ` +
@@ -518,18 +594,31 @@ export class PrimaryLink extends EventEmitter {
   }
 
   /** Resolve once the secondary holds epoch N durably. */
-  async waitDurable(epoch: number, timeoutMs: number): Promise<Meta> {
+  async waitDurable(epoch: number, timeoutMs: number, resync = false): Promise<Meta> {
     if (this.durableEpoch >= epoch) return { t: 'durable', e: epoch };
-    this.requireUsable();
+    this.requireUsable(resync);
     return this.wait(this.durableWaiters, epoch, timeoutMs, 'make durable');
   }
 
   /** Ask the secondary to commit through epoch N; resolve when the commit record is durable. */
-  async commit(epoch: number, timeoutMs: number): Promise<Meta> {
+  async commit(epoch: number, timeoutMs: number, sync?: SyncMark): Promise<Meta> {
     if (this.committedEpoch >= epoch) return { t: 'committed', e: epoch };
-    this.requireUsable();
+    this.requireUsable(sync !== undefined);
     const p = this.wait(this.commitWaiters, epoch, timeoutMs, 'commit');
-    send(this.socket!, { t: 'commit', e: epoch });
+    send(this.socket!, { t: 'commit', e: epoch, sync });
+    return p;
+  }
+
+  /**
+   * Hashes of the secondary's disk (as of this point in the stream) for
+   * [offset, offset+length) in blocks of `block` bytes.
+   */
+  requestHashes(offset: number, length: number, block: number): Promise<Buffer> {
+    if (!this.ready || !this.socket)
+      return Promise.reject(new ColoError('ECONNECT', 'the secondary is not connected'));
+    const id = this.nextHashId++;
+    const p = new Promise<Buffer>((resolve, reject) => this.hashWaiters.set(id, { resolve, reject }));
+    send(this.socket, { t: 'hash?', id, o: offset, l: length, bs: block });
     return p;
   }
 
@@ -560,6 +649,10 @@ export class SecondaryLink extends EventEmitter {
   peer: string | null = null;
   /** Set when the primary went silent (heartbeat timeout) or its link dropped, until it is back. */
   primaryLost: { at: number; reason: string } | null = null;
+  /** The last primary this node refused (stale, split brain), until one is accepted. */
+  refusal: { at: number; code: string; message: string } | null = null;
+  /** What was decided at the last accepted hello. */
+  decision: Decision | null = null;
 
   constructor(
     private readonly store: SecondaryStore,
@@ -602,7 +695,7 @@ export class SecondaryLink extends EventEmitter {
     );
     const reader = new FrameReader(
       socket,
-      (meta, frame, dataLength) => this.onFrame(socket, meta, frame, dataLength),
+      (meta, frame, data) => this.onFrame(socket, meta, frame, data),
       (err) => {
         this.lastError =
           err instanceof FrameError ? `bad frame from the primary: ${err.message}` : err.message;
@@ -626,7 +719,79 @@ export class SecondaryLink extends EventEmitter {
     });
   }
 
-  private onFrame(socket: net.Socket, meta: Meta, frame: Buffer, dataLength: number): void | Promise<void> {
+  /**
+   * The primary introduced itself: compare generation histories and decide
+   * (failover/history.ts): carry on, resynchronise (after dropping everything
+   * uncommitted), or refuse — a stale primary (ESTALE: it fences itself) or
+   * split brain (ESPLIT: both sides report it, neither is touched).
+   */
+  private async handshake(socket: net.Socket, meta: Meta): Promise<void> {
+    const history = this.store.history;
+    const primaryHistory = (meta.history as Generation[] | undefined) ?? [];
+    const refuse = (code: string, message: string) => {
+      this.lastError = message;
+      this.refusal = { at: Date.now(), code, message };
+      this.log(`refused the primary at ${this.peer}: ${message}`);
+      send(socket, { t: 'hello', proto: LINK_PROTOCOL, size: this.store.size });
+      send(socket, { t: 'error', code, message });
+      socket.end();
+    };
+    let decision: Decision;
+    try {
+      decision = decide(primaryHistory, history?.generations ?? [], {
+        syncing: this.store.syncing,
+        primaryNeedsResync: meta.needsResync === true,
+      });
+    } catch (err) {
+      return refuse('EPROTO', (err as Error).message);
+    }
+    if (decision.action === 'refuse')
+      return refuse(decision.kind === 'split-brain' ? 'ESPLIT' : 'ESTALE', decision.reason);
+    if (this.store.promoted)
+      return refuse(
+        'ESTALE',
+        `this node was promoted to primary (generation ${this.store.generation}) and serves its own writes; ` +
+          `stop it and start it as a secondary to re-protect it from this primary`,
+      );
+    try {
+      if (decision.action === 'resync') {
+        await this.store.startResync(Number(meta.epoch));
+        this.store.startSession(String(meta.session), Number(meta.epoch));
+      } else this.store.startSession(String(meta.session), Number(meta.epoch));
+    } catch (err) {
+      const e = toColoError(err);
+      return refuse(e.code, e.message);
+    }
+    if (socket.destroyed) return;
+    this.connectedSince = Date.now();
+    this.lastError = null;
+    this.refusal = null;
+    this.primaryLost = null;
+    this.decision = decision;
+    const durable = Math.max(
+      this.store.lastCommitted,
+      ...this.store
+        .pendingEpochs()
+        .filter((e) => e.state !== 'receiving' && e.state !== 'sealed')
+        .map((e) => e.epoch),
+    );
+    send(socket, {
+      t: 'hello',
+      proto: LINK_PROTOCOL,
+      size: this.store.size,
+      seq: this.store.highestSeq,
+      durable,
+      committed: this.store.lastCommitted,
+      history: history?.generations ?? [],
+      decision,
+      hot: decision.action === 'resync' ? (this.store.activity?.hotRanges() ?? []) : [],
+    });
+    this.log(`primary connected from ${this.peer}: ${decision.action}${'mode' in decision ? ` (${decision.mode})` : ''}: ${decision.reason}`);
+    this.emit('primary-connected');
+  }
+
+  private onFrame(socket: net.Socket, meta: Meta, frame: Buffer, data: Buffer): void | Promise<void> {
+    const dataLength = data.length;
     if (meta.t === 'hello') {
       if (meta.proto !== LINK_PROTOCOL) {
         send(socket, {
@@ -648,25 +813,7 @@ export class SecondaryLink extends EventEmitter {
         socket.end();
         return;
       }
-      this.connectedSince = Date.now();
-      this.lastError = null;
-      const durable = Math.max(
-        this.store.lastCommitted,
-        ...this.store
-          .pendingEpochs()
-          .filter((e) => e.state !== 'receiving' && e.state !== 'sealed')
-          .map((e) => e.epoch),
-      );
-      send(socket, {
-        t: 'hello',
-        proto: LINK_PROTOCOL,
-        size: this.store.size,
-        seq: this.store.highestSeq,
-        durable,
-        committed: this.store.lastCommitted,
-      });
-      this.log(`primary connected from ${this.peer}`);
-      return;
+      return this.handshake(socket, meta);
     }
     if (isMutation(meta as { t: string })) {
       try {
@@ -685,9 +832,28 @@ export class SecondaryLink extends EventEmitter {
     if (meta.t === 'seal')
       return this.reply(socket, meta, () => this.store.seal(meta as unknown as SealRecord), 'durable');
     if (meta.t === 'commit')
-      return this.reply(socket, meta, () => this.store.commit(Number(meta.e)), 'committed');
+      return this.reply(
+        socket,
+        meta,
+        () => this.store.commit(Number(meta.e), meta.sync as SyncMark | undefined),
+        'committed',
+      );
+    if (meta.t === 'hash?') return this.hashes(socket, meta);
     if (meta.t === 'beat') return;
     send(socket, { t: 'error', code: 'EPROTO', message: `unknown frame type '${meta.t}'` });
+  }
+
+  /** Hashes of the PVM's disk as held here, at this point of the stream (frames are handled in order). */
+  private async hashes(socket: net.Socket, meta: Meta): Promise<void> {
+    try {
+      const h = await this.store.pvmHashes(Number(meta.o), Number(meta.l), Number(meta.bs));
+      if (!socket.destroyed) socket.write(encodeFrameBuffer({ t: 'hash', id: meta.id }, h));
+    } catch (err) {
+      const e = toColoError(err);
+      this.lastError = e.message;
+      send(socket, { t: 'error', code: e.code, message: `hashing ${meta.o}+${meta.l}: ${e.message}` });
+      socket.destroy();
+    }
   }
 
   private async reply(socket: net.Socket, meta: Meta, run: () => Promise<object>, t: string): Promise<void> {

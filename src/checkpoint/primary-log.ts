@@ -56,6 +56,8 @@ export class PrimaryLog {
   heldBytes = 0;
   /** Called after every append, so the link can send it. */
   onAppend: (epoch: number, parts: [Buffer, Buffer], bytes: number) => void = () => {};
+  /** A resync is streaming: its data is paced by flow control and released by its own commits, not budgeted. */
+  budgetSuspended = false;
   /** Called once when the peer is marked out of sync. */
   onOutOfSync: (reason: string) => void = () => {};
 
@@ -106,7 +108,7 @@ export class PrimaryLog {
     }
     this.heldBytes += r.bytes;
     this.onAppend(e.epoch, r.parts, r.bytes);
-    if (this.heldBytes > this.budgetBytes)
+    if (this.heldBytes > this.budgetBytes && !this.budgetSuspended)
       this.markOutOfSync(
         `the secondary fell ${this.heldBytes} bytes behind, more than the budget of ${this.budgetBytes} bytes`,
       );
@@ -152,6 +154,25 @@ export class PrimaryLog {
     }
     this.heldBytes = 0;
     this.onOutOfSync(reason);
+  }
+
+  /**
+   * Hold data again after being out of sync (a resync is starting). Call right
+   * after a seal, inside the seal gate: the open epoch must be empty, because
+   * its journal restarts from nothing. Sealed epochs are dropped: the resync
+   * carries what they changed.
+   */
+  resumeLogging(): void {
+    const cur = this.currentEpoch;
+    if (cur.records !== 0) throw new ColoError('EINVAL', 'resumeLogging needs an empty open epoch');
+    for (const e of this.epochs.values()) {
+      e.journal.close();
+      removeLater(e.journal.path);
+    }
+    this.epochs.clear();
+    this.heldBytes = 0;
+    this.outOfSync = null;
+    this.open(this.current);
   }
 
   /** Sealed epochs still held (not yet durable at the secondary), oldest first. */

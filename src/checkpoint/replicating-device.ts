@@ -20,6 +20,7 @@
  */
 import { ColoError } from '../errors.js';
 import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
+import type { ActivityLog } from '../failover/activity.js';
 import type { PrimaryLog } from './primary-log.js';
 import type { SealRecord } from './records.js';
 
@@ -41,6 +42,8 @@ export class ReplicatingDevice implements BlockDevice {
   constructor(
     readonly local: BlockDevice,
     readonly log: PrimaryLog,
+    /** Regions are recorded here before they are written (failover/activity.ts). */
+    readonly activity?: ActivityLog,
   ) {
     // Trim is always offered: it is implemented as a zeroing that may punch holes.
     this.caps = { ...local.caps, trim: local.caps.zero === 'none' ? 'none' : 'native' };
@@ -55,7 +58,7 @@ export class ReplicatingDevice implements BlockDevice {
   }
 
   /** Run a mutation under the seal gate and the range lock. */
-  private async mutate(start: number, length: number, run: () => Promise<void>): Promise<void> {
+  private async mutate(start: number, length: number, run: () => Promise<void>, resync = false): Promise<void> {
     // One writer per generation: a deposed primary never writes again.
     if (this.deposed)
       throw new ColoError('ESTALE', `this primary was deposed and serves no writes: ${this.deposed}`);
@@ -69,6 +72,12 @@ export class ReplicatingDevice implements BlockDevice {
     this.inflight.push(me);
     try {
       if (before.length) await Promise.all(before);
+      // Record the region (durably, if it was cold) before the disk changes: after
+      // a crash this node knows every region it may have written that its peer lacks.
+      if (this.activity && length > 0 && !resync) {
+        const hot = this.activity.ensureHot(start, length, this.log.current);
+        if (hot) await hot;
+      }
       await run();
     } finally {
       this.inflight.splice(this.inflight.indexOf(me), 1);
@@ -104,6 +113,24 @@ export class ReplicatingDevice implements BlockDevice {
     });
   }
 
+  /**
+   * Resynchronisation: log the range's current contents as a write (ordered
+   * with the PVM's writes by the same range lock and seal gate), so the
+   * secondary receives exactly what this disk holds at this point of the stream.
+   */
+  resyncRange(offset: number, length: number): Promise<void> {
+    return this.mutate(
+      offset,
+      length,
+      async () => {
+        const buf = Buffer.allocUnsafe(length);
+        await this.local.pread(buf, offset);
+        this.log.append({ t: 'w', o: offset }, buf);
+      },
+      true,
+    );
+  }
+
   flush(): Promise<void> {
     return this.local.flush();
   }
@@ -125,7 +152,7 @@ export class ReplicatingDevice implements BlockDevice {
    * Close the current epoch: new mutations wait; the ones in flight finish and
    * are logged in it; then the seal marker is written and epoch N+1 opens.
    */
-  async seal(drainTimeoutMs = 10_000): Promise<SealRecord> {
+  async seal(drainTimeoutMs = 10_000, inGate?: () => void): Promise<SealRecord> {
     if (this.gate) throw new ColoError('EINVAL', 'a seal is already in progress');
     let open!: () => void;
     this.gate = new Promise<void>((r) => (open = r));
@@ -142,7 +169,9 @@ export class ReplicatingDevice implements BlockDevice {
           new Promise((r) => setTimeout(r, 50)),
         ]);
       }
-      return this.log.seal();
+      const seal = this.log.seal();
+      inGate?.(); // still no mutation can start
+      return seal;
     } finally {
       this.gate = null;
       open();

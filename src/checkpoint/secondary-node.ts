@@ -4,16 +4,41 @@
  * checkpoint plus the SVM's overlay) over NBD.
  */
 import fs from 'node:fs';
+import path from 'node:path';
 import { ColoError } from '../errors.js';
 import { FileDevice, type IoMode } from '../block/file.js';
+import { SwitchDevice } from '../block/switch.js';
+import { ActivityLog } from '../failover/activity.js';
+import { History } from '../failover/history.js';
 import { NbdServer, type Logger } from '../net/server.js';
 import { ControlServer } from './control.js';
 import { inspectJournal } from './inspect.js';
 import { SecondaryLink, type HeartbeatOptions } from './link.js';
 import { renderPrometheus } from './metrics.js';
-import type { Endpoint } from './primary-node.js';
+import { PrimaryNode, type Endpoint } from './primary-node.js';
 import { SecondaryStore } from './secondary-store.js';
 import { writeNodeFile } from './state-dir.js';
+import { parseHostPort } from '../util/address.js';
+
+/**
+ * A state directory that last served a primary (an old primary coming back
+ * as a secondary): its epoch journals are the old primary's log, not
+ * anything received, so they go. What it wrote that the new primary lacks is
+ * in its activity log, which the resync rolls back.
+ */
+function dropFormerPrimaryLog(dir: string, logger: Logger): void {
+  let role: string | undefined;
+  try {
+    role = (JSON.parse(fs.readFileSync(path.join(dir, 'node.json'), 'utf8')) as { role?: string }).role;
+  } catch {
+    return; // a new state directory
+  }
+  if (role !== 'primary') return;
+  const epochs = path.join(dir, 'epochs');
+  if (fs.existsSync(epochs))
+    for (const name of fs.readdirSync(epochs)) fs.rmSync(path.join(epochs, name), { force: true });
+  logger.info(`${dir} last served a primary: starting as a secondary, to be resynchronised`);
+}
 
 export interface SecondaryNodeOptions {
   listen: Endpoint;
@@ -28,6 +53,8 @@ export interface SecondaryNodeOptions {
   /** 'auto': promote when the primary stays lost for `failoverGraceMs`; 'manual': only on request. */
   failover?: 'auto' | 'manual';
   failoverGraceMs?: number;
+  /** Forget this node's generation history: it will be fully resynchronised (split-brain recovery). */
+  discardMyData?: boolean;
   logger: Logger;
 }
 
@@ -37,6 +64,8 @@ export class SecondaryNode {
   private failoverTimer: NodeJS.Timeout | null = null;
   /** Time from the decision to promote until the SVM disk serves as primary. */
   lastPromotionMs: number | null = null;
+  /** Set once this promoted node re-protects a secondary: it is then a replicating primary. */
+  primary: PrimaryNode | null = null;
 
   private constructor(
     readonly opts: SecondaryNodeOptions,
@@ -45,15 +74,29 @@ export class SecondaryNode {
     readonly link: SecondaryLink,
     readonly nbd: NbdServer,
     readonly control: ControlServer,
+    readonly exportDevice: SwitchDevice,
+    readonly history: History,
+    readonly activity: ActivityLog,
   ) {}
 
   static async start(opts: SecondaryNodeOptions): Promise<SecondaryNode> {
     fs.mkdirSync(opts.stateDir, { recursive: true });
     const image = await FileDevice.open(opts.image, { size: opts.size, io: opts.io });
     let store: SecondaryStore;
+    let history: History;
+    let activity: ActivityLog;
     const holder: { node?: SecondaryNode } = {};
     try {
+      history = History.load(opts.stateDir);
+      activity = ActivityLog.open(opts.stateDir, image.size);
+      if (opts.discardMyData) {
+        history.discard();
+        opts.logger.warn(`--discard-my-data: forgot this node's history; it will be fully resynchronised`);
+      }
+      dropFormerPrimaryLog(opts.stateDir, opts.logger);
       store = await SecondaryStore.open(opts.stateDir, image, {
+        history,
+        activity,
         log: (m) => opts.logger.info(m),
         onApplyError: (err) => {
           opts.logger.warn(`applying a committed epoch to ${opts.image} failed: ${err.message}`);
@@ -65,7 +108,7 @@ export class SecondaryNode {
       throw err;
     }
     writeNodeFile(opts.stateDir, {
-      role: 'secondary',
+      role: store.promoted ? 'promoted' : 'secondary',
       export: opts.exportName,
       image: opts.image,
       size: image.size,
@@ -74,24 +117,61 @@ export class SecondaryNode {
       heartbeat: opts.heartbeat,
       log: (m) => opts.logger.info(`link: ${m}`),
     });
+    const exportDevice = new SwitchDevice(store.svmDevice);
     const nbd = new NbdServer(
-      [{ name: opts.exportName, device: store.svmDevice, description: `SVM disk ${opts.image}` }],
+      [{ name: opts.exportName, device: exportDevice, description: `SVM disk ${opts.image}` }],
       {
         logger: opts.logger,
       },
     );
     const control = new ControlServer();
-    const node = new SecondaryNode(opts, image, store, link, nbd, control);
+    const node = new SecondaryNode(opts, image, store, link, nbd, control, exportDevice, history, activity);
     holder.node = node;
+    // Once this node re-protects a secondary, the primary's routes answer instead.
+    const primaryOr =
+      <T>(own: () => Promise<T>, path: string) =>
+      async (q: URLSearchParams, b: Record<string, unknown>) => {
+        const p = node.primary;
+        if (!p) return own();
+        const route = p.routeTable().find((r) => r.path === path)!;
+        return route.handler(q, b);
+      };
     control.add([
-      { method: 'GET', path: '/status', handler: async () => node.status() },
+      { method: 'GET', path: '/status', handler: primaryOr(async () => node.status(), '/status') },
       {
         method: 'GET',
         path: '/inspect',
-        handler: async (q) =>
-          node.inspect(q.get('epoch') ? Number(q.get('epoch')) : undefined, Number(q.get('limit') ?? 10_000)),
+        handler: async (q, b) =>
+          primaryOr(
+            async () =>
+              node.inspect(
+                q.get('epoch') ? Number(q.get('epoch')) : undefined,
+                Number(q.get('limit') ?? 10_000),
+              ),
+            '/inspect',
+          )(q, b),
       },
-      { method: 'GET', path: '/metrics', handler: async () => node.prometheus(), text: true },
+      {
+        method: 'GET',
+        path: '/metrics',
+        handler: primaryOr(async () => node.prometheus(), '/metrics'),
+        text: true,
+      },
+      ...(['/seal', '/durable', '/commit', '/checkpoint'] as const).map((p) => ({
+        method: 'POST' as const,
+        path: p,
+        handler: primaryOr(async () => {
+          throw new ColoError(
+            'EINVAL',
+            `${p}: this node is a ${node.store.promoted ? 'promoted primary without a secondary (colo-blk reprotect pairs one)' : 'secondary; checkpoints are driven on the primary'}`,
+          );
+        }, p),
+      })),
+      {
+        method: 'POST',
+        path: '/reprotect',
+        handler: async (q, b) => node.reprotect(String(b.peer ?? q.get('peer') ?? '')),
+      },
       {
         method: 'POST',
         path: '/failover',
@@ -146,6 +226,58 @@ export class SecondaryNode {
     this.opts.logger.info('the primary is back: failover cancelled');
   }
 
+  /**
+   * Re-protection: this promoted node becomes a replicating primary for a
+   * secondary at `peer` (a returning node or a new one), without interrupting
+   * the SVM's connections: the export switches to a replicating device over
+   * the same disk between two requests. The resync starts at the hello.
+   */
+  async reprotect(peerText: string) {
+    if (!this.store.promoted)
+      throw new ColoError(
+        'EINVAL',
+        `this node is a secondary, not a primary: run reprotect on the primary (here: colo-blk failover first, if the primary is gone)`,
+      );
+    if (!peerText) throw new ColoError('EUSAGE', "reprotect needs 'peer' (HOST:PORT of the secondary's --replication-listen)");
+    const peer = parseHostPort(peerText, 'peer');
+    if (this.primary) {
+      const cur = this.primary.opts.peer;
+      if (cur.host === peer.host && cur.port === peer.port) return this.primary.status();
+      throw new ColoError(
+        'EINVAL',
+        `this node already protects ${cur.host}:${cur.port}; restart it as a primary to pair another secondary`,
+      );
+    }
+    const db = this.store.db;
+    const firstEpoch = Math.max(Number((await db.get('epoch')) ?? 1), this.store.lastCommitted + 1);
+    const primary = PrimaryNode.attach(
+      {
+        listen: this.opts.listen,
+        exportName: this.opts.exportName,
+        image: this.opts.image,
+        stateDir: this.opts.stateDir,
+        peer,
+        control: this.opts.control,
+        io: this.opts.io,
+        heartbeat: this.opts.heartbeat,
+        logger: this.opts.logger,
+      },
+      db,
+      this.store.svmDevice,
+      this.history,
+      this.activity,
+      firstEpoch,
+      this.nbd,
+      this.control,
+    );
+    await this.exportDevice.swap(primary.device);
+    this.primary = primary;
+    primary.addresses = { nbd: this.addresses.nbd, control: this.addresses.control };
+    primary.link.start();
+    this.opts.logger.warn(`re-protecting: this node is now a replicating primary for ${peerText}`);
+    return primary.status();
+  }
+
   /** Failover: this node becomes the primary of a new generation. */
   async promote(reason: string) {
     const t = process.hrtime.bigint();
@@ -163,7 +295,17 @@ export class SecondaryNode {
     const pending = this.store.pendingEpochs();
     return {
       role: this.store.promoted ? 'primary' : 'secondary',
-      generation: this.store.generation,
+      generation: this.history.last?.n ?? this.store.generation,
+      generationId: this.history.last?.id ?? null,
+      node: this.history.node,
+      history: this.history.generations,
+      syncing: this.store.syncing,
+      consistent: this.store.syncing === null,
+      refusal: this.link.refusal,
+      decision: this.link.decision,
+      unprotected: this.store.promoted
+        ? { exactBytes: this.activity.exactBytes, hotBytes: this.activity.hotBytes }
+        : null,
       promoted: this.store.promoted,
       promotionMs: this.lastPromotionMs,
       failoverPending: this.failoverTimer !== null,
@@ -257,10 +399,12 @@ export class SecondaryNode {
   }
 
   async close(): Promise<void> {
+    await this.primary?.close();
     await this.nbd.close();
     await this.link.close();
     await this.control.close();
     await this.store.close();
+    await this.activity.close();
     await this.image.close();
   }
 }

@@ -26,6 +26,7 @@
  * - The SVM view (svmDevice) reads overlay > committed epochs > image and
  *   writes only to the overlay; its FLUSH/FUA make the overlay durable.
  */
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { ClassicLevel } from 'classic-level';
@@ -35,6 +36,9 @@ import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } fro
 import { assertRange, coalesceExtents } from '../block/device.js';
 import type { FileDevice } from '../block/file.js';
 import { crashPoint } from '../crash.js';
+import type { ActivityLog } from '../failover/activity.js';
+import { blockHashes } from '../failover/hash.js';
+import type { Generation, History, SyncMode } from '../failover/history.js';
 import { JournalWriter, scanJournal } from './journal.js';
 import { Layer } from './layers.js';
 import { openMeta } from './state-dir.js';
@@ -63,9 +67,23 @@ const epochKey = (n: number) => `epoch!${pad(n)}`;
 
 /** Records of commits.journal: the durable history of this node. */
 type CommitsRecord =
-  | { t: 'commit'; e: number; overlay: number; at: number }
-  | { t: 'promote'; gen: number; at: number; reason: string; committed: number }
-  | { t: 'fold'; overlay: number; next: number; at: number };
+  | { t: 'commit'; e: number; overlay: number; at: number; sync?: SyncMark }
+  | { t: 'promote'; gen: number; id?: string; at: number; reason: string; committed: number }
+  | { t: 'fold'; overlay: number; next: number; at: number }
+  /** A resync starts: epoch numbering restarts below the primary's first epoch. */
+  | { t: 'rebase'; e: number; at: number };
+
+/**
+ * Carried by the commits of a resynchronisation: 'partial' makes this node
+ * inconsistent (its image is part old, part new: never promotable), 'done'
+ * makes it consistent again and carries the primary's history to adopt.
+ */
+export interface SyncMark {
+  state: 'partial' | 'done';
+  target: string;
+  mode: SyncMode;
+  history?: Generation[];
+}
 
 export interface RecoveryReport {
   tornTails: { file: string; offset: number; reason: string }[];
@@ -76,6 +94,10 @@ export interface RecoveryReport {
 }
 
 export interface SecondaryStoreOptions {
+  /** This node's generation history (promotion mints a generation; a finished resync adopts one). */
+  history?: History;
+  /** Records what this node writes once promoted (for a later re-protection). */
+  activity?: ActivityLog;
   /** Called when the background apply fails (the store stops applying). */
   onApplyError?: (err: Error) => void;
   /** Progress of the background apply: bytes done of the epoch's total. */
@@ -97,6 +119,8 @@ export class SecondaryStore {
   generation = 1;
   /** Set once this node was promoted to primary (failover). */
   promoted: { generation: number; at: number; reason: string } | null = null;
+  /** Set while a resync into this node is part-way: the image matches no checkpoint. */
+  syncing: { target: string; mode: SyncMode; since: number } | null = null;
   /** Overlays folded on a promoted node, oldest first, until applied to the image. */
   private folded: Layer[] = [];
   private folding: Promise<void> | null = null;
@@ -172,15 +196,28 @@ export class SecondaryStore {
     const commitsPath = path.join(this.dir, 'commits.journal');
     const foldedIds: number[] = [];
     let commitsEnd = 0;
+    const found: { adopted: Generation[] | null; promote: Extract<CommitsRecord, { t: 'promote' }> | null } = {
+      adopted: null,
+      promote: null,
+    };
     if (fs.existsSync(commitsPath)) {
       const scan = scanJournal<CommitsRecord>(commitsPath, (r) => {
         const m = r.meta;
         if (m.t === 'commit') {
-          this.lastCommitted = Math.max(this.lastCommitted, m.e);
+          this.lastCommitted = m.e;
           this.overlayId = Math.max(this.overlayId, m.overlay);
+          if (m.sync?.state === 'partial')
+            this.syncing ??= { target: m.sync.target, mode: m.sync.mode, since: m.at };
+          if (m.sync?.state === 'done') {
+            this.syncing = null;
+            found.adopted = m.sync.history ?? null;
+          }
+        } else if (m.t === 'rebase') {
+          this.lastCommitted = m.e;
         } else if (m.t === 'promote') {
           this.generation = m.gen;
           this.promoted = { generation: m.gen, at: m.at, reason: m.reason };
+          found.promote = m;
         } else if (m.t === 'fold') {
           foldedIds.push(m.overlay);
           this.overlayId = Math.max(this.overlayId, m.next);
@@ -193,6 +230,19 @@ export class SecondaryStore {
     this.overlayId = Math.max(this.overlayId, 1);
     this.commits = JournalWriter.open(commitsPath, commitsEnd);
     this.lastApplied = Math.min((await this.getJson<number>('applied')) ?? 0, this.lastCommitted);
+    // history.json follows the commit journal: finish what a crash interrupted.
+    const history = this.opts.history;
+    if (history) {
+      const adopted = found.adopted;
+      if (found.promote) {
+        const p = found.promote;
+        const id = p.id ?? `legacy-${p.gen}`;
+        if (!history.generations.some((g) => g.id === id))
+          history.append({ n: p.gen, id, by: history.node, base: p.committed, at: p.at, reason: p.reason });
+      } else if (adopted && adopted.length && history.last?.id !== adopted[adopted.length - 1].id)
+        history.adopt(adopted);
+    }
+
     const indexed = {
       committed: (await this.getJson<number>('committed')) ?? 0,
       overlay: (await this.getJson<number>('overlay')) ?? 1,
@@ -404,8 +454,12 @@ export class SecondaryStore {
    */
   async commit(
     n: number,
+    sync?: SyncMark,
   ): Promise<{ epochs: number[]; overlayDiscarded: { records: number; bytes: number } }> {
-    if (n <= this.lastCommitted) return { epochs: [], overlayDiscarded: { records: 0, bytes: 0 } };
+    if (n <= this.lastCommitted) {
+      if (sync?.state === 'done' && this.syncing) await this.finishSync(n, sync);
+      return { epochs: [], overlayDiscarded: { records: 0, bytes: 0 } };
+    }
     const toCommit = [...this.epochs.values()].filter((e) => e.epoch <= n && e.state !== 'committed');
     const notDurable = toCommit.filter((e) => e.state !== 'durable');
     if (notDurable.length > 0)
@@ -426,9 +480,11 @@ export class SecondaryStore {
         value: JSON.stringify({ ...this.epochMeta(e), state: 'committed', committedAt: now }),
       });
     crashPoint('secondary-before-commit-record');
-    this.commits.append({ t: 'commit', e: n, overlay: nextOverlay, at: now });
+    this.commits.append({ t: 'commit', e: n, overlay: nextOverlay, at: now, sync });
     await this.commits.sync();
     crashPoint('secondary-after-commit-record');
+    if (sync?.state === 'partial') this.syncing ??= { target: sync.target, mode: sync.mode, since: now };
+    if (sync?.state === 'done') this.adoptSync(sync);
     this.updateIndex(ops); // the index; the journal above is the record
     // The commit record is durable: from here on N counts, whatever happens.
     for (const e of toCommit) e.state = 'committed';
@@ -442,6 +498,80 @@ export class SecondaryStore {
     setImmediate(() => fs.rm(old.path, { force: true }, () => {}));
     setImmediate(() => this.kickApply()); // after the answer has gone out
     return { epochs: toCommit.map((e) => e.epoch), overlayDiscarded: discarded };
+  }
+
+  /** A 'done' mark for an epoch already committed (a resync that sent nothing more). */
+  private async finishSync(n: number, sync: SyncMark): Promise<void> {
+    this.commits.append({ t: 'commit', e: n, overlay: this.overlayId, at: Date.now(), sync });
+    await this.commits.sync();
+    this.adoptSync(sync);
+  }
+
+  /** The resync is complete and committed: this node is consistent, with the primary's history. */
+  private adoptSync(sync: SyncMark): void {
+    this.syncing = null;
+    if (sync.history?.length) this.opts.history?.adopt(sync.history);
+    // What this node wrote before (as an old primary) is rolled back now.
+    void this.opts.activity?.reset().catch((err: Error) => this.log(`activity log reset failed: ${err.message}`));
+    this.log(`resync complete: consistent with the primary's ${sync.history?.at(-1)?.id ?? 'history'}`);
+  }
+
+  // ---------------------------------------------------------------------------
+  // Resynchronisation (this node is the target)
+
+  /**
+   * A resync into this node starts: whatever the SVM wrote and whatever the old
+   * primary sent but never committed is dropped (rolled back); committed epochs
+   * are applied first, and epoch numbering restarts just below the primary's
+   * next epoch (a durable 'rebase' record), whatever numbers the old history used.
+   */
+  async startResync(primaryEpoch: number): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
+    if (this.promoted) throw this.staleError();
+    const dropped: number[] = [];
+    for (const e of [...this.epochs.values()])
+      if (e.state !== 'committed') {
+        e.layer.close();
+        fs.rmSync(e.layer.path, { force: true });
+        this.epochs.delete(e.epoch);
+        dropped.push(e.epoch);
+      }
+    await this.drainApply();
+    // Nothing may linger under the old numbering (deletions of applied journals run in the background).
+    for (const name of fs.readdirSync(path.join(this.dir, 'epochs')))
+      fs.rmSync(path.join(this.dir, 'epochs', name), { force: true });
+    const base = primaryEpoch - 1;
+    this.commits.append({ t: 'rebase', e: base, at: Date.now() });
+    await this.commits.sync();
+    this.lastCommitted = base;
+    this.lastApplied = base;
+    await this.db.batch(
+      [
+        { type: 'put', key: 'committed', value: String(base) },
+        { type: 'put', key: 'applied', value: String(base) },
+      ],
+      { sync: true },
+    );
+    const old = this.overlay;
+    const overlay = { records: old.records, bytes: old.dataBytes };
+    old.close();
+    this.overlay = Layer.create(this.overlayId, this.overlayPath(this.overlayId));
+    this.session = null;
+    this.highestSeq = 0;
+    this.log(
+      `resync starts at epoch ${primaryEpoch}: dropped uncommitted epochs ${dropped.join(', ') || 'none'} ` +
+        `and the SVM overlay (${overlay.records} writes)`,
+    );
+    return { dropped, overlay };
+  }
+
+  /**
+   * Hashes of the PVM's disk as this node holds it at this point of the
+   * stream: image, then every epoch received (committed or not), newest last.
+   */
+  pvmHashes(offset: number, length: number, block: number): Promise<Buffer> {
+    assertRange(this, offset, length);
+    const layers = [...this.epochs.values()].sort((a, b) => b.epoch - a.epoch).map((e) => e.layer);
+    return blockHashes((buf, off) => readLayers(layers, this.image, buf, off), offset, length, block);
   }
 
   private epochMeta(e: EpochEntry): EpochMeta {
@@ -476,10 +606,26 @@ export class SecondaryStore {
         droppedEpochs: [],
         committed: this.lastCommitted,
       };
-    const generation = this.generation + 1;
+    if (this.syncing)
+      throw new ColoError(
+        'EBUSY',
+        `refusing to promote: this node is part-way through a resync (${this.syncing.mode}, since ` +
+          `${new Date(this.syncing.since).toISOString()}); its disk matches no checkpoint. Promote it only ` +
+          `after the resync completes.`,
+      );
+    const history = this.opts.history;
+    const generation = Math.max(this.generation, history?.last?.n ?? 0) + 1;
     const at = Date.now();
-    this.commits.append({ t: 'promote', gen: generation, at, reason, committed: this.lastCommitted });
+    // What the SVM wrote since the last commit is this generation's first divergence from the old primary.
+    const activity = this.opts.activity;
+    if (activity) {
+      for (const x of this.overlay.index.extents()) activity.mark(x.start, x.end - x.start, 0);
+      await activity.persist();
+    }
+    const id = randomBytes(6).toString('hex');
+    this.commits.append({ t: 'promote', gen: generation, id, at, reason, committed: this.lastCommitted });
     await this.commits.sync();
+    history?.append({ n: generation, id, by: history.node, base: this.lastCommitted, at, reason: `promoted: ${reason}` });
     crashPoint('secondary-after-promote-record');
     const droppedEpochs: number[] = [];
     for (const e of [...this.epochs.values()])
@@ -512,6 +658,8 @@ export class SecondaryStore {
   }
 
   private async fold(): Promise<void> {
+    // The folded writes reach the image: their regions must be on record first.
+    await this.opts.activity?.persist();
     const next = this.overlayId + 1;
     this.commits.append({ t: 'fold', overlay: this.overlayId, next, at: Date.now() });
     await this.commits.sync();
@@ -521,6 +669,20 @@ export class SecondaryStore {
     this.overlayId = next;
     this.updateIndex([{ type: 'put', key: 'overlay', value: String(next) }]);
     this.kickApply();
+  }
+
+  /**
+   * On a promoted node that stops being one (it restarts as a plain primary):
+   * fold the current overlay too and wait until the image holds everything.
+   */
+  async foldAll(): Promise<void> {
+    if (!this.promoted) throw new ColoError('EINVAL', 'only a promoted node folds its overlay');
+    if (this.folding) await this.folding;
+    if (this.overlay.records > 0) {
+      await this.overlay.sync();
+      await this.fold();
+    }
+    await this.drainApply();
   }
 
   /** Folded overlays not yet in the image, newest first. */
@@ -627,6 +789,14 @@ export class SecondaryStore {
       .map((e) => e.layer);
   }
 
+  get activity(): ActivityLog | undefined {
+    return this.opts.activity;
+  }
+
+  get history(): History | undefined {
+    return this.opts.history;
+  }
+
   get overlayLayer(): Layer {
     return this.overlay;
   }
@@ -656,6 +826,31 @@ export class SecondaryStore {
 }
 
 /**
+ * Read [offset, offset+buf.length) through layers (first wins) over an image.
+ * Every layer is resolved synchronously (journal reads are synchronous), so no
+ * layer can be applied and deleted in the middle; what no layer holds is then
+ * read from the image, which the apply never touches for those ranges.
+ */
+export async function readLayers(layers: Layer[], image: BlockDevice, buf: Buffer, offset: number): Promise<void> {
+  const gaps: { at: number; length: number; offset: number }[] = [];
+  const resolve = (i: number, at: number, off: number, length: number): void => {
+    if (i === layers.length) {
+      gaps.push({ at, length, offset: off });
+      return;
+    }
+    const layer = layers[i];
+    if (layer.index.size === 0) return resolve(i + 1, at, off, length);
+    for (const seg of layer.lookup(off, length)) {
+      const segAt = at + (seg.start - off);
+      if (seg.extent) layer.readSegment(seg, buf, segAt);
+      else resolve(i + 1, segAt, seg.start, seg.end - seg.start);
+    }
+  };
+  resolve(0, 0, offset, buf.length);
+  for (const g of gaps) await image.pread(buf.subarray(g.at, g.at + g.length), g.offset);
+}
+
+/**
  * The SVM's disk: overlay > committed-unapplied epochs > image. Writes land in
  * the overlay only; FLUSH and FUA make the overlay durable.
  */
@@ -681,48 +876,23 @@ export class SvmDevice implements BlockDevice {
 
   async pread(buf: Buffer, offset: number): Promise<void> {
     assertRange(this, offset, buf.length);
-    // Resolve every layer synchronously (journal reads are synchronous), so no
-    // layer can be applied and deleted in the middle; then read what no layer
-    // holds from the image, which the apply never touches for those ranges.
-    const gaps: { at: number; length: number; offset: number }[] = [];
-    this.resolve(
+    await readLayers(
       [this.store.overlayLayer, ...this.store.foldedLayers(), ...this.store.committedLayers()],
-      0,
+      this.store.image,
       buf,
-      0,
       offset,
-      buf.length,
-      gaps,
     );
-    for (const g of gaps) await this.store.image.pread(buf.subarray(g.at, g.at + g.length), g.offset);
   }
 
-  /** Fill buf[at, at+length) for disk range [offset, ...) from layers[i...]; collect image gaps. */
-  private resolve(
-    layers: Layer[],
-    i: number,
-    buf: Buffer,
-    at: number,
-    offset: number,
-    length: number,
-    gaps: { at: number; length: number; offset: number }[],
-  ): void {
-    if (i === layers.length) {
-      gaps.push({ at, length, offset });
-      return;
-    }
-    const layer = layers[i];
-    if (layer.index.size === 0) return this.resolve(layers, i + 1, buf, at, offset, length, gaps);
-    for (const seg of layer.lookup(offset, length)) {
-      const segAt = at + (seg.start - offset);
-      if (seg.extent) layer.readSegment(seg, buf, segAt);
-      else this.resolve(layers, i + 1, buf, segAt, seg.start, seg.end - seg.start, gaps);
-    }
+  /** A promoted node records what it writes, for a later re-protection. */
+  private track(offset: number, length: number): void {
+    if (this.store.promoted) this.store.activity?.mark(offset, length, 0);
   }
 
   async pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
     assertRange(this, offset, buf.length);
     if (buf.length === 0) return;
+    this.track(offset, buf.length);
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 'w', e: 0, s: ++this.seq, o: offset }, buf);
     this.store.maybeFold();
@@ -736,6 +906,7 @@ export class SvmDevice implements BlockDevice {
   async trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
     assertRange(this, offset, length);
     if (length === 0) return;
+    this.track(offset, length);
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 't', e: 0, s: ++this.seq, o: offset, l: length });
     this.store.maybeFold();
@@ -745,6 +916,7 @@ export class SvmDevice implements BlockDevice {
   async zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     assertRange(this, offset, length);
     if (length === 0) return;
+    this.track(offset, length);
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 'z', e: 0, s: ++this.seq, o: offset, l: length, h: opts.mayTrim !== false });
     this.store.maybeFold();

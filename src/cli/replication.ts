@@ -68,7 +68,12 @@ function announce(json: boolean | undefined, info: Record<string, unknown>, line
   else process.stdout.write(lines.join('\n') + '\n');
 }
 
-export async function primaryCommand(opts: NodeCliOptions & { peer: string; budget: string }): Promise<void> {
+export async function primaryCommand(
+  opts: NodeCliOptions & { peer: string; budget: string; loneAfter: string },
+): Promise<void> {
+  const loneAfterMs = Number(opts.loneAfter);
+  if (!(loneAfterMs >= 0))
+    throw new ColoError('EUSAGE', `--lone-after must be a number of ms, not '${opts.loneAfter}'`);
   const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
   const e = singleExport(opts.export);
   const node = await PrimaryNode.start({
@@ -82,6 +87,7 @@ export async function primaryCommand(opts: NodeCliOptions & { peer: string; budg
     io: opts.io as IoMode,
     budgetBytes: parseSize(opts.budget),
     heartbeat: heartbeatOf(opts),
+    loneAfterMs,
     logger,
   });
   const a = node.addresses;
@@ -98,7 +104,12 @@ export async function primaryCommand(opts: NodeCliOptions & { peer: string; budg
 }
 
 export async function secondaryCommand(
-  opts: NodeCliOptions & { replicationListen: string; failover: string; failoverGrace: string },
+  opts: NodeCliOptions & {
+    replicationListen: string;
+    failover: string;
+    failoverGrace: string;
+    discardMyData?: boolean;
+  },
 ): Promise<void> {
   const failoverGraceMs = Number(opts.failoverGrace);
   if (!(failoverGraceMs >= 0))
@@ -117,6 +128,7 @@ export async function secondaryCommand(
     heartbeat: heartbeatOf(opts),
     failover: opts.failover as 'auto' | 'manual',
     failoverGraceMs,
+    discardMyData: opts.discardMyData === true,
     logger,
   });
   const a = node.addresses;
@@ -154,6 +166,108 @@ export async function failoverCommand(opts: { control: string; json?: boolean })
         `its disk is checkpoint ${r.committed} plus the SVM's own writes; ` +
         `dropped uncommitted epochs: ${(r.droppedEpochs as number[]).join(', ') || 'none'}\n`,
     );
+}
+
+interface ResyncView {
+  mode: string;
+  state: string;
+  totalBytes: number;
+  doneBytes: number;
+  sentBytes: number;
+  hashBytes: number;
+  equalBytes: number;
+  startedAt: number;
+  finishedAt: number | null;
+  error: string | null;
+}
+
+interface PrimaryView {
+  peerState: string;
+  resync: ResyncView | null;
+  refused: string | null;
+  peerDecision: { action: string; mode?: string; reason: string } | null;
+  generation: number;
+  generationId: string;
+  link: { lastError: string | null };
+}
+
+function bar(frac: number, width = 30): string {
+  const n = Math.round(Math.max(0, Math.min(1, frac)) * width);
+  return `[${'#'.repeat(n)}${'.'.repeat(width - n)}]`;
+}
+
+/**
+ * `colo-blk reprotect`: pair a running primary (a promoted secondary, or a
+ * primary that went on alone) with a secondary, and follow the resync until
+ * the secondary is synchronised and checkpoints run again.
+ */
+export async function reprotectCommand(opts: {
+  control: string;
+  peer: string;
+  json?: boolean;
+  timeout: string;
+  wait: boolean;
+}): Promise<void> {
+  const addr = parseHostPort(opts.control, '--control');
+  parseHostPort(opts.peer, '--peer');
+  const timeoutMs = Number(opts.timeout);
+  if (!(timeoutMs > 0)) throw new ColoError('EUSAGE', `--timeout must be a number of ms, not '${opts.timeout}'`);
+  const started = Date.now();
+  await controlCall(addr, 'POST', '/reprotect', { peer: opts.peer });
+  const tty = process.stderr.isTTY;
+  let lastPrinted = -1;
+  let s: PrimaryView = await controlCall<PrimaryView>(addr, 'GET', '/status');
+  while (opts.wait) {
+    s = await controlCall<PrimaryView>(addr, 'GET', '/status');
+    const r = s.resync;
+    if (r && r.startedAt >= started - 1000 && r.state === 'running') {
+      const frac = r.doneBytes / Math.max(1, r.totalBytes);
+      const line =
+        `reprotect: ${r.mode} resync ${bar(frac)} ${(100 * frac).toFixed(0)}% ` +
+        `${formatBytes(r.doneBytes)}/${formatBytes(r.totalBytes)}, sent ${formatBytes(r.sentBytes)}, ` +
+        `hashes ${formatBytes(r.hashBytes)}`;
+      if (tty) process.stderr.write(`\r${line}`);
+      else if (Math.floor(frac * 10) > lastPrinted) {
+        lastPrinted = Math.floor(frac * 10);
+        process.stderr.write(line + '\n');
+      }
+    }
+    if (s.peerState === 'protected' && (!r || r.startedAt >= started - 1000 || s.peerDecision?.action === 'none'))
+      break;
+    if (s.peerState === 'refused' || s.peerState === 'deposed')
+      throw new ColoError(
+        s.peerState === 'refused' ? 'ESPLIT' : 'ESTALE',
+        `reprotect: the secondary refused this primary: ${s.refused ?? s.link.lastError}`,
+      );
+    if (Date.now() - started > timeoutMs)
+      throw new ColoError(
+        'EIO',
+        `reprotect: not synchronised after ${timeoutMs} ms (peer ${s.peerState}` +
+          `${s.link.lastError ? `: ${s.link.lastError}` : ''}); it goes on in the background — follow it with colo-blk status`,
+      );
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  if (tty && opts.wait) process.stderr.write('\n');
+  const r = s.resync;
+  if (opts.json) {
+    process.stdout.write(
+      JSON.stringify({ peer: opts.peer, state: s.peerState, decision: s.peerDecision, resync: r, ms: Date.now() - started }) +
+        '\n',
+    );
+    return;
+  }
+  if (!opts.wait) {
+    process.stdout.write(`reprotect: connecting to ${opts.peer}; follow it with colo-blk status --control ${opts.control}\n`);
+    return;
+  }
+  process.stdout.write(
+    `reprotect: ${opts.peer} is synchronised with generation ${s.generation} (${s.generationId})` +
+      (r
+        ? ` — ${r.mode} resync: sent ${formatBytes(r.sentBytes)}, ${formatBytes(r.equalBytes)} found equal by ` +
+          `${formatBytes(r.hashBytes)} of hashes, in ${(((r.finishedAt ?? Date.now()) - r.startedAt) / 1000).toFixed(1)} s`
+        : ` — ${s.peerDecision?.reason ?? 'nothing to resend'}`) +
+      `; checkpoints run again\n`,
+  );
 }
 
 export async function checkpointCommand(opts: {

@@ -1,0 +1,340 @@
+/**
+ * The activity log: which regions of the disk a node may have written that
+ * its peer does not hold.
+ *
+ * Notes on the design (after DRBD's activity log and QEMU's dirty bitmaps):
+ * - Two bitmaps. The *hot* bitmap is coarse (1 MiB extents or larger, at
+ *   most 65536 of them) and durable: a region is recorded hot on disk
+ *   *before* the first write to it is performed, so after any crash the
+ *   node knows every region it may have changed since the last checkpoint
+ *   its peer committed. Only the first write to a cold extent waits for a
+ *   sync, and concurrent writers share one (group commit), so a warm
+ *   working set costs nothing. The *exact* bitmap is fine (4 KiB blocks or
+ *   larger) and in memory only: what was written while no secondary was
+ *   protecting the disk, for an incremental resync that sends little more
+ *   than those bytes, and for the out-of-sync figure in `status`.
+ * - An extent cools when every epoch that wrote to it is committed on a
+ *   synchronised secondary; the file is rewritten lazily, so a stale hot
+ *   extent only costs a hash comparison in a later resync — never a miss.
+ * - File `<state>/activity.bitmap`: two slots written alternately, each a
+ *   32-byte header (magic "CBAL", version, sequence, extent size, bit
+ *   count, CRC32 of header and bitmap) and the bitmap. A torn write breaks
+ *   one slot's CRC; the other slot is the previous durable state.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { ColoError } from '../errors.js';
+import { crc32 } from 'node:zlib';
+
+const MAGIC = 0x4c414243; // "CBAL" little-endian
+const HEADER = 32;
+const MIN_EXTENT = 1024 * 1024;
+const MAX_EXTENTS = 65536;
+const MIN_BLOCK = 4096;
+const MAX_BLOCKS = 1 << 28;
+
+export interface Range {
+  offset: number;
+  length: number;
+}
+
+function pow2AtLeast(n: number, min: number): number {
+  let v = min;
+  while (v < n) v *= 2;
+  return v;
+}
+
+class Bitmap {
+  readonly bytes: Uint8Array;
+  constructor(readonly bits: number) {
+    this.bytes = new Uint8Array(Math.ceil(bits / 8));
+  }
+  get(i: number): boolean {
+    return (this.bytes[i >> 3] & (1 << (i & 7))) !== 0;
+  }
+  set(i: number): void {
+    this.bytes[i >> 3] |= 1 << (i & 7);
+  }
+  clear(i: number): void {
+    this.bytes[i >> 3] &= ~(1 << (i & 7));
+  }
+  count(): number {
+    let n = 0;
+    for (const b of this.bytes) {
+      let v = b;
+      while (v) {
+        v &= v - 1;
+        n++;
+      }
+    }
+    return n;
+  }
+  /** Runs of set bits as [first, end) bit indices. */
+  *runs(): Generator<[number, number]> {
+    let start = -1;
+    for (let i = 0; i < this.bits; i++) {
+      if ((i & 7) === 0 && this.bytes[i >> 3] === 0 && start < 0) {
+        i += 7;
+        continue;
+      }
+      const on = this.get(i);
+      if (on && start < 0) start = i;
+      else if (!on && start >= 0) {
+        yield [start, i];
+        start = -1;
+      }
+    }
+    if (start >= 0) yield [start, this.bits];
+  }
+}
+
+export class ActivityLog {
+  readonly extentBytes: number;
+  readonly blockBytes: number;
+  private readonly hot: Bitmap;
+  /** Bits known to be on disk (a superset of `hot` for every extent a write is performed in). */
+  private readonly durable: Bitmap;
+  private readonly lastEpoch: Float64Array;
+  private readonly exact: Bitmap;
+  private exactCount = 0;
+  private version = 0;
+  private durableVersion = 0;
+  private seq = 0;
+  private writing: Promise<void> | null = null;
+  private waiters: { target: number; resolve: () => void; reject: (e: Error) => void }[] = [];
+  private readonly slotBytes: number;
+  /** Syncs of the bitmap file, for metrics and tests. */
+  syncs = 0;
+  private closed = false;
+
+  private constructor(
+    readonly file: string,
+    private readonly fd: number,
+    readonly size: number,
+  ) {
+    this.extentBytes = pow2AtLeast(Math.ceil(size / MAX_EXTENTS), MIN_EXTENT);
+    this.blockBytes = pow2AtLeast(Math.ceil(size / MAX_BLOCKS), MIN_BLOCK);
+    const extents = Math.max(1, Math.ceil(size / this.extentBytes));
+    this.hot = new Bitmap(extents);
+    this.durable = new Bitmap(extents);
+    this.lastEpoch = new Float64Array(extents);
+    this.exact = new Bitmap(Math.max(1, Math.ceil(size / this.blockBytes)));
+    this.slotBytes = Math.ceil((HEADER + this.hot.bytes.length) / 4096) * 4096;
+  }
+
+  /** Open (or create) `<dir>/activity.bitmap` for a disk of `size` bytes. */
+  static open(dir: string, size: number): ActivityLog {
+    const file = path.join(dir, 'activity.bitmap');
+    const fd = fs.openSync(file, fs.existsSync(file) ? 'r+' : 'w+');
+    const log = new ActivityLog(file, fd, size);
+    log.load();
+    return log;
+  }
+
+  private load(): void {
+    let best: { seq: number; bits: Uint8Array } | null = null;
+    const buf = Buffer.alloc(this.slotBytes);
+    for (let slot = 0; slot < 2; slot++) {
+      const n = fs.readSync(this.fd, buf, 0, buf.length, slot * this.slotBytes);
+      if (n < HEADER) continue;
+      if (buf.readUInt32LE(0) !== MAGIC || buf.readUInt32LE(4) !== 1) continue;
+      const seq = buf.readUInt32LE(8) + buf.readUInt32LE(12) * 2 ** 32;
+      const extentBytes = buf.readUInt32LE(16);
+      const bits = buf.readUInt32LE(20);
+      const len = Math.ceil(bits / 8);
+      if (HEADER + len > n) continue;
+      const crc = buf.readUInt32LE(24);
+      buf.writeUInt32LE(0, 24);
+      const ok = crc32(buf.subarray(0, HEADER + len)) === crc;
+      buf.writeUInt32LE(crc, 24);
+      if (!ok) continue;
+      if (extentBytes !== this.extentBytes || bits !== this.hot.bits)
+        throw new ColoError(
+          'EUSAGE',
+          `${this.file} describes a disk of ${bits} extents of ${extentBytes} bytes, not this ${this.size}-byte disk`,
+        );
+      if (!best || seq > best.seq) best = { seq, bits: Uint8Array.from(buf.subarray(HEADER, HEADER + len)) };
+    }
+    if (best) {
+      this.seq = best.seq;
+      this.hot.bytes.set(best.bits);
+      this.durable.bytes.set(best.bits);
+    }
+  }
+
+  private extentRange(offset: number, length: number): [number, number] {
+    return [
+      Math.floor(offset / this.extentBytes),
+      Math.ceil((offset + Math.max(length, 1)) / this.extentBytes),
+    ];
+  }
+
+  /**
+   * Record a write in memory: exact blocks and hot extents (with the epoch it
+   * belongs to). Returns true if an extent is not yet hot on disk.
+   */
+  mark(offset: number, length: number, epoch: number): boolean {
+    if (length <= 0) return false;
+    const b0 = Math.floor(offset / this.blockBytes);
+    const b1 = Math.ceil((offset + length) / this.blockBytes);
+    for (let b = b0; b < b1; b++)
+      if (!this.exact.get(b)) {
+        this.exact.set(b);
+        this.exactCount++;
+      }
+    const [x0, x1] = this.extentRange(offset, length);
+    let needSync = false;
+    for (let x = x0; x < x1; x++) {
+      if (this.lastEpoch[x] < epoch) this.lastEpoch[x] = epoch;
+      if (!this.hot.get(x)) {
+        this.hot.set(x);
+        this.version++;
+      }
+      if (!this.durable.get(x)) needSync = true;
+    }
+    return needSync;
+  }
+
+  /**
+   * Before a write is performed: record it, and if its extents are not hot on
+   * disk yet, return a promise that resolves once they are (null otherwise).
+   */
+  ensureHot(offset: number, length: number, epoch: number): Promise<void> | null {
+    return this.mark(offset, length, epoch) ? this.persist() : null;
+  }
+
+  /** Make the on-disk bitmap hold every hot extent. */
+  persist(): Promise<void> {
+    const target = this.version;
+    if (this.durableVersion >= target && !this.writing) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.waiters.push({ target, resolve, reject });
+      this.kick();
+    });
+  }
+
+  private kick(): void {
+    if (this.writing || this.waiters.length === 0) return;
+    this.writing = this.writeSlot()
+      .then(
+        (v) => {
+          const ready = this.waiters.filter((w) => w.target <= v);
+          this.waiters = this.waiters.filter((w) => w.target > v);
+          for (const w of ready) w.resolve();
+        },
+        (err: Error) => {
+          const all = this.waiters;
+          this.waiters = [];
+          for (const w of all)
+            w.reject(new ColoError('EIO', `cannot record the activity log ${this.file}: ${err.message}`));
+        },
+      )
+      .finally(() => {
+        this.writing = null;
+        this.kick();
+      });
+  }
+
+  private async writeSlot(): Promise<number> {
+    if (this.closed) throw new Error('closed');
+    const v = this.version;
+    const snap = Uint8Array.from(this.hot.bytes);
+    // Bits being dropped are not durable from now on (a write to such an extent waits for the next sync).
+    for (let i = 0; i < snap.length; i++) this.durable.bytes[i] &= snap[i];
+    const seq = ++this.seq;
+    const buf = Buffer.alloc(HEADER + snap.length);
+    buf.writeUInt32LE(MAGIC, 0);
+    buf.writeUInt32LE(1, 4);
+    buf.writeUInt32LE(seq % 2 ** 32, 8);
+    buf.writeUInt32LE(Math.floor(seq / 2 ** 32), 12);
+    buf.writeUInt32LE(this.extentBytes, 16);
+    buf.writeUInt32LE(this.hot.bits, 20);
+    buf.set(snap, HEADER);
+    buf.writeUInt32LE(crc32(buf), 24);
+    const at = (seq % 2) * this.slotBytes;
+    await new Promise<void>((resolve, reject) =>
+      fs.write(this.fd, buf, 0, buf.length, at, (err) => (err ? reject(err) : resolve())),
+    );
+    await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    this.syncs++;
+    for (let i = 0; i < snap.length; i++) this.durable.bytes[i] |= snap[i];
+    this.durableVersion = Math.max(this.durableVersion, v);
+    return v;
+  }
+
+  /**
+   * Epoch N is committed on a synchronised secondary: extents whose writes all
+   * belong to epochs ≤ N cool down, and the exact bitmap starts over (what is
+   * written from now on is in the epoch log). The file shrinks lazily.
+   */
+  cool(committed: number): void {
+    let changed = false;
+    for (let x = 0; x < this.hot.bits; x++)
+      if (this.hot.get(x) && this.lastEpoch[x] <= committed) {
+        this.hot.clear(x);
+        changed = true;
+      }
+    this.clearExact();
+    if (changed) {
+      this.version++;
+      this.persist().catch(() => {}); // best effort: a stale hot extent costs a hash comparison, no more
+    }
+  }
+
+  clearExact(): void {
+    this.exact.bytes.fill(0);
+    this.exactCount = 0;
+  }
+
+  /** Forget everything (this node's disk now equals its peer's). */
+  async reset(): Promise<void> {
+    this.hot.bytes.fill(0);
+    this.lastEpoch.fill(0);
+    this.clearExact();
+    this.version++;
+    await this.persist();
+  }
+
+  /** Every hot extent is tagged with `epoch` at least (e.g. 0 = cools at the first commit). */
+  hotRanges(): Range[] {
+    return [...this.hot.runs()].map(([a, b]) => ({
+      offset: a * this.extentBytes,
+      length: Math.min(b * this.extentBytes, this.size) - a * this.extentBytes,
+    }));
+  }
+
+  exactRanges(): Range[] {
+    return [...this.exact.runs()].map(([a, b]) => ({
+      offset: a * this.blockBytes,
+      length: Math.min(b * this.blockBytes, this.size) - a * this.blockBytes,
+    }));
+  }
+
+  /** Bytes written (at block granularity) that no synchronised secondary holds yet. */
+  get exactBytes(): number {
+    return Math.min(this.exactCount * this.blockBytes, this.size);
+  }
+
+  get hotBytes(): number {
+    return Math.min(this.hot.count() * this.extentBytes, this.size);
+  }
+
+  async close(): Promise<void> {
+    if (this.writing) await this.writing.catch(() => {});
+    this.closed = true;
+    fs.closeSync(this.fd);
+  }
+}
+
+/** Merge ranges (sorted by offset; overlapping or touching ones join). */
+export function mergeRanges(ranges: Range[]): Range[] {
+  const sorted = [...ranges].filter((r) => r.length > 0).sort((a, b) => a.offset - b.offset);
+  const out: Range[] = [];
+  for (const r of sorted) {
+    const last = out[out.length - 1];
+    if (last && r.offset <= last.offset + last.length)
+      last.length = Math.max(last.length, r.offset + r.length - last.offset);
+    else out.push({ ...r });
+  }
+  return out;
+}

@@ -1,0 +1,221 @@
+/**
+ * Resynchronisation of a secondary from a running primary.
+ *
+ * Notes on the design:
+ * - The data travels as ordinary write records in the primary's epoch log
+ *   (ReplicatingDevice.resyncRange reads the range under the range lock and
+ *   logs it), so it is ordered with the PVM's own writes, flow-controlled,
+ *   resent after a reconnect and committed by the usual checkpoint. The PVM
+ *   keeps running throughout; its writes stream as always.
+ * - Two kinds of work. *Send* ranges are known to differ (the primary's exact
+ *   record of what it wrote while unprotected): sent as they are. *Compare*
+ *   ranges may differ (hot extents of either side's activity log, or the
+ *   whole disk for a full sync): both sides hash them in 64 KiB blocks; a
+ *   differing block is compared again in 4 KiB blocks when few differ, and
+ *   only differing blocks are sent. A hash request travels in the stream, so
+ *   the secondary hashes its disk exactly as of that point; whatever the
+ *   primary writes afterwards reaches the secondary after the request too,
+ *   which makes "hashes equal" imply "equal once the stream is applied".
+ * - Commits along the way carry a 'partial' mark (the secondary is then
+ *   inconsistent and refuses promotion, durably); the final commit carries
+ *   'done' and the primary's history. An interrupted resync restarts with
+ *   every range turned into a compare range: what was already transferred
+ *   costs only its hashes.
+ */
+import { ColoError } from '../errors.js';
+import { mergeRanges, type Range } from './activity.js';
+import { blockHashes, HASH_BLOCK, HASH_BYTES, HASH_SUBBLOCK, type RangeReader } from './hash.js';
+import type { SyncMode } from './history.js';
+
+export interface ResyncHost {
+  size: number;
+  readLocal: RangeReader;
+  /** Log the range's current contents (a write record the secondary applies). */
+  sendRange(offset: number, length: number): Promise<void>;
+  /** The secondary's hashes of a range, as of this point of the stream. */
+  requestHashes(offset: number, length: number, block: number): Promise<Buffer>;
+  /** Seal, wait durable, commit with a sync mark. */
+  checkpoint(state: 'partial' | 'done'): Promise<void>;
+}
+
+export interface ResyncPlan {
+  mode: SyncMode;
+  send: Range[];
+  compare: Range[];
+}
+
+export interface ResyncProgress {
+  mode: SyncMode;
+  state: 'running' | 'done' | 'failed';
+  startedAt: number;
+  finishedAt: number | null;
+  /** Bytes of the disk to go through (send + compare ranges). */
+  totalBytes: number;
+  doneBytes: number;
+  /** Data sent (as write records). */
+  sentBytes: number;
+  /** Hash bytes received from the secondary. */
+  hashBytes: number;
+  /** Bytes found equal by hash (not sent). */
+  equalBytes: number;
+  checkpoints: number;
+  error: string | null;
+}
+
+const SEND_CHUNK = 1024 * 1024;
+const COMPARE_CHUNK = 4 * 1024 * 1024;
+/** Requests in flight (hashes are prefetched while local hashing runs). */
+const PIPELINE = 4;
+/** A commit every so many bytes sent, so logs stay bounded. */
+const CHECKPOINT_EVERY = 64 * 1024 * 1024;
+
+function* chunks(ranges: Range[], size: number, align: number): Generator<Range> {
+  for (const r of ranges)
+    for (let o = r.offset; o < r.offset + r.length; ) {
+      const end = Math.min(r.offset + r.length, (Math.floor(o / align) + 1) * align);
+      yield { offset: o, length: end - o };
+      o = end;
+    }
+  void size;
+}
+
+export class Resync {
+  readonly progress: ResyncProgress;
+  private aborted: Error | null = null;
+  private sinceCheckpoint = 0;
+
+  constructor(
+    private readonly host: ResyncHost,
+    readonly plan: ResyncPlan,
+    private readonly onProgress: (p: ResyncProgress) => void = () => {},
+  ) {
+    const total = (rs: Range[]) => rs.reduce((a, r) => a + r.length, 0);
+    this.progress = {
+      mode: plan.mode,
+      state: 'running',
+      startedAt: Date.now(),
+      finishedAt: null,
+      totalBytes: total(plan.send) + total(plan.compare),
+      doneBytes: 0,
+      sentBytes: 0,
+      hashBytes: 0,
+      equalBytes: 0,
+      checkpoints: 0,
+      error: null,
+    };
+  }
+
+  /** Every range of the plan, for a restart after an interruption. */
+  allRanges(): Range[] {
+    return mergeRanges([...this.plan.send, ...this.plan.compare]);
+  }
+
+  abort(err: Error): void {
+    this.aborted ??= err;
+  }
+
+  private check(): void {
+    if (this.aborted) throw this.aborted;
+  }
+
+  private async send(offset: number, length: number): Promise<void> {
+    this.check();
+    await this.host.sendRange(offset, length);
+    this.progress.sentBytes += length;
+    this.sinceCheckpoint += length;
+    if (this.sinceCheckpoint >= CHECKPOINT_EVERY) {
+      this.sinceCheckpoint = 0;
+      await this.host.checkpoint('partial');
+      this.progress.checkpoints++;
+    }
+  }
+
+  async run(): Promise<ResyncProgress> {
+    try {
+      for (const c of chunks(this.plan.send, this.host.size, SEND_CHUNK)) {
+        await this.send(c.offset, c.length);
+        this.progress.doneBytes += c.length;
+        this.onProgress(this.progress);
+      }
+      await this.compareAll();
+      this.check();
+      await this.host.checkpoint('done');
+      this.progress.checkpoints++;
+      this.progress.state = 'done';
+    } catch (err) {
+      this.progress.state = 'failed';
+      this.progress.error = (err as Error).message;
+      throw err;
+    } finally {
+      this.progress.finishedAt = Date.now();
+      this.onProgress(this.progress);
+    }
+    return this.progress;
+  }
+
+  private async compareAll(): Promise<void> {
+    const list = [...chunks(this.plan.compare, this.host.size, COMPARE_CHUNK)];
+    const inflight: Promise<Buffer>[] = [];
+    const request = (i: number) =>
+      this.host.requestHashes(list[i].offset, list[i].length, HASH_BLOCK).then((h) => {
+        this.progress.hashBytes += h.length;
+        return h;
+      });
+    // Hash requests are prefetched; a rejected one is awaited (and rethrown) in order.
+    for (let i = 0; i < Math.min(PIPELINE, list.length); i++) inflight.push(request(i));
+    inflight.forEach((p) => p.catch(() => {}));
+    for (let i = 0; i < list.length; i++) {
+      this.check();
+      const remote = await inflight[i];
+      if (i + PIPELINE < list.length) {
+        const p = request(i + PIPELINE);
+        p.catch(() => {});
+        inflight.push(p);
+      }
+      await this.compareChunk(list[i], remote);
+      this.progress.doneBytes += list[i].length;
+      this.onProgress(this.progress);
+    }
+  }
+
+  private async compareChunk(c: Range, remote: Buffer): Promise<void> {
+    const local = await blockHashes(this.host.readLocal, c.offset, c.length, HASH_BLOCK);
+    if (local.length !== remote.length)
+      throw new ColoError('EPROTO', `the secondary sent ${remote.length} hash bytes for ${c.offset}+${c.length}`);
+    const blocks = local.length / HASH_BYTES;
+    const differing: number[] = [];
+    for (let b = 0; b < blocks; b++)
+      if (local.compare(remote, b * HASH_BYTES, (b + 1) * HASH_BYTES, b * HASH_BYTES, (b + 1) * HASH_BYTES) !== 0)
+        differing.push(b);
+    this.progress.equalBytes += c.length - differing.reduce((a, b) => a + this.blockLen(c, b), 0);
+    // Few differences: look closer, 4 KiB at a time; many: send whole blocks.
+    const closer = differing.length * 4 <= blocks;
+    for (const b of differing) {
+      const off = c.offset + b * HASH_BLOCK;
+      const len = this.blockLen(c, b);
+      if (!closer || len <= HASH_SUBBLOCK) {
+        await this.send(off, len);
+        continue;
+      }
+      const [l2, r2] = await Promise.all([
+        blockHashes(this.host.readLocal, off, len, HASH_SUBBLOCK),
+        this.host.requestHashes(off, len, HASH_SUBBLOCK),
+      ]);
+      this.progress.hashBytes += r2.length;
+      const runs: Range[] = [];
+      for (let k = 0; k < l2.length / HASH_BYTES; k++) {
+        const s = k * HASH_BYTES;
+        if (l2.compare(r2, s, s + HASH_BYTES, s, s + HASH_BYTES) === 0) {
+          this.progress.equalBytes += Math.min(HASH_SUBBLOCK, len - k * HASH_SUBBLOCK);
+          continue;
+        }
+        runs.push({ offset: off + k * HASH_SUBBLOCK, length: Math.min(HASH_SUBBLOCK, len - k * HASH_SUBBLOCK) });
+      }
+      for (const r of mergeRanges(runs)) await this.send(r.offset, r.length);
+    }
+  }
+
+  private blockLen(c: Range, b: number): number {
+    return Math.min(HASH_BLOCK, c.length - b * HASH_BLOCK);
+  }
+}
