@@ -112,7 +112,10 @@ describe('replication', () => {
     it(`recovers when the secondary is killed at ${point}`, async () => {
       // The pair's first resync ends with a commit (and an apply) of its own: let it pass.
       pair = await startPair(fresh(), '16M', {
-        secondaryEnv: { COLO_BLK_CRASH_AT: point, COLO_BLK_CRASH_SKIP: point === 'secondary-mid-apply' ? '0' : '1' },
+        secondaryEnv: {
+          COLO_BLK_CRASH_AT: point,
+          COLO_BLK_CRASH_SKIP: point === 'secondary-mid-apply' ? '0' : '1',
+        },
       });
       await waitLinkUp(pair.primary);
       const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });

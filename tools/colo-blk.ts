@@ -149,6 +149,10 @@ nodeOptions(
       '1000',
     )
     .option(
+      '--rejoin',
+      'this state directory served as a primary after a failover: rejoin as a secondary, to be resynchronised',
+    )
+    .option(
       '--discard-my-data',
       "forget this node's generation history, so it is fully resynchronised from the primary (after a split brain)",
     )

@@ -42,7 +42,8 @@ export class SwitchDevice implements BlockDevice {
 
   /** Replace the backend once the requests in flight are done. */
   async swap(next: BlockDevice, prepare?: () => Promise<void>): Promise<void> {
-    if (next.size !== this.current.size) throw new ColoError('EINVAL', 'a switched device must keep its size');
+    if (next.size !== this.current.size)
+      throw new ColoError('EINVAL', 'a switched device must keep its size');
     for (const k of ['write', 'flush', 'trim', 'zero', 'fua'] as const)
       if (next.caps[k] !== this.current.caps[k])
         throw new ColoError('EINVAL', `the new backend differs in capability '${k}'`);

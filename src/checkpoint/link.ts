@@ -786,7 +786,9 @@ export class SecondaryLink extends EventEmitter {
       decision,
       hot: decision.action === 'resync' ? (this.store.activity?.hotRanges() ?? []) : [],
     });
-    this.log(`primary connected from ${this.peer}: ${decision.action}${'mode' in decision ? ` (${decision.mode})` : ''}: ${decision.reason}`);
+    this.log(
+      `primary connected from ${this.peer}: ${decision.action}${'mode' in decision ? ` (${decision.mode})` : ''}: ${decision.reason}`,
+    );
     this.emit('primary-connected');
   }
 

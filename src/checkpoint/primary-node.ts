@@ -20,7 +20,7 @@ import { FileDevice, type IoMode } from '../block/file.js';
 import { ActivityLog, mergeRanges, type Range } from '../failover/activity.js';
 import { History } from '../failover/history.js';
 import { Resync, type ResyncPlan, type ResyncProgress } from '../failover/resync.js';
-import { SecondaryStore } from './secondary-store.js';
+import { finishPromotedStore } from './finish-promoted.js';
 import { NbdServer, type Logger } from '../net/server.js';
 import { ControlServer } from './control.js';
 import { inspectJournal } from './inspect.js';
@@ -72,40 +72,6 @@ export interface CheckpointResult {
 }
 
 const ms = (start: bigint) => Number(process.hrtime.bigint() - start) / 1e6;
-
-/**
- * A state directory that served a promoted secondary: bring everything it
- * holds (folded overlays, committed epochs, the current overlay) into the
- * image, then drop the secondary's files. Returns the last committed epoch
- * (0 if there was no such store). A secondary that was never promoted is refused.
- */
-async function finishPromotedStore(
-  dir: string,
-  image: FileDevice,
-  history: History,
-  activity: ActivityLog,
-  logger: Logger,
-): Promise<number> {
-  if (!fs.existsSync(path.join(dir, 'commits.journal'))) return 0;
-  const store = await SecondaryStore.open(dir, image, { history, activity, log: (m) => logger.info(m) });
-  try {
-    if (!store.promoted)
-      throw new ColoError(
-        'EUSAGE',
-        `${dir} belongs to a secondary that was never promoted: starting it as a primary would fork the ` +
-          `disk's history. Start it as a secondary, or promote it first (colo-blk failover).`,
-      );
-    await store.foldAll();
-  } finally {
-    await store.close();
-  }
-  const committed = store.lastCommitted;
-  for (const sub of ['epochs', 'overlay', 'epochs-primary'])
-    fs.rmSync(path.join(dir, sub), { recursive: true, force: true });
-  fs.rmSync(path.join(dir, 'commits.journal'), { force: true });
-  logger.info(`finished the promoted secondary's state in ${dir}: its image now holds every write`);
-  return committed;
-}
 
 export class PrimaryNode {
   readonly metrics = {
@@ -241,7 +207,19 @@ export class PrimaryNode {
     });
     device.throttle = () => link.waitForRoom();
     const nbd = makeNbd(device);
-    const node = new PrimaryNode(opts, db, local, history, activity, plog, device, link, nbd, control, attached);
+    const node = new PrimaryNode(
+      opts,
+      db,
+      local,
+      history,
+      activity,
+      plog,
+      device,
+      link,
+      nbd,
+      control,
+      attached,
+    );
     holder.node = node;
     link.on('deposed', (why: string) => {
       device.deposed = why;
@@ -269,7 +247,11 @@ export class PrimaryNode {
    */
   reprotect(peerText: string) {
     if (this.link.deposed) throw new ColoError('ESTALE', `this primary was deposed: ${this.link.deposed}`);
-    if (!peerText) throw new ColoError('EUSAGE', "reprotect needs 'peer' (HOST:PORT of the secondary's --replication-listen)");
+    if (!peerText)
+      throw new ColoError(
+        'EUSAGE',
+        "reprotect needs 'peer' (HOST:PORT of the secondary's --replication-listen)",
+      );
     const peer = parseHostPort(peerText, 'peer');
     this.opts.peer = peer;
     this.link.retarget(peer.host, peer.port);

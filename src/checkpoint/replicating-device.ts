@@ -58,7 +58,12 @@ export class ReplicatingDevice implements BlockDevice {
   }
 
   /** Run a mutation under the seal gate and the range lock. */
-  private async mutate(start: number, length: number, run: () => Promise<void>, resync = false): Promise<void> {
+  private async mutate(
+    start: number,
+    length: number,
+    run: () => Promise<void>,
+    resync = false,
+  ): Promise<void> {
     // One writer per generation: a deposed primary never writes again.
     if (this.deposed)
       throw new ColoError('ESTALE', `this primary was deposed and serves no writes: ${this.deposed}`);

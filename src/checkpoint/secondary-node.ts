@@ -15,6 +15,7 @@ import { ControlServer } from './control.js';
 import { inspectJournal } from './inspect.js';
 import { SecondaryLink, type HeartbeatOptions } from './link.js';
 import { renderPrometheus } from './metrics.js';
+import { finishPromotedStore } from './finish-promoted.js';
 import { PrimaryNode, type Endpoint } from './primary-node.js';
 import { SecondaryStore } from './secondary-store.js';
 import { writeNodeFile } from './state-dir.js';
@@ -55,6 +56,12 @@ export interface SecondaryNodeOptions {
   failoverGraceMs?: number;
   /** Forget this node's generation history: it will be fully resynchronised (split-brain recovery). */
   discardMyData?: boolean;
+  /**
+   * This state directory served as a primary after a promotion: rejoin as a
+   * plain secondary (its image takes everything it wrote; the resync rolls
+   * back what the new primary does not have, from its activity log).
+   */
+  rejoin?: boolean;
   logger: Logger;
 }
 
@@ -94,6 +101,17 @@ export class SecondaryNode {
         opts.logger.warn(`--discard-my-data: forgot this node's history; it will be fully resynchronised`);
       }
       dropFormerPrimaryLog(opts.stateDir, opts.logger);
+      if (opts.rejoin) {
+        const was = fs.existsSync(path.join(opts.stateDir, 'commits.journal'))
+          ? await finishPromotedStore(opts.stateDir, image, history, activity, opts.logger, true)
+          : -1;
+        if (was >= 0) {
+          opts.logger.warn(
+            `--rejoin: this node's promoted state is folded into its image; it rejoins as a secondary and ` +
+              `will be resynchronised (its writes since the fork are rolled back)`,
+          );
+        }
+      }
       store = await SecondaryStore.open(opts.stateDir, image, {
         history,
         activity,
@@ -238,7 +256,11 @@ export class SecondaryNode {
         'EINVAL',
         `this node is a secondary, not a primary: run reprotect on the primary (here: colo-blk failover first, if the primary is gone)`,
       );
-    if (!peerText) throw new ColoError('EUSAGE', "reprotect needs 'peer' (HOST:PORT of the secondary's --replication-listen)");
+    if (!peerText)
+      throw new ColoError(
+        'EUSAGE',
+        "reprotect needs 'peer' (HOST:PORT of the secondary's --replication-listen)",
+      );
     const peer = parseHostPort(peerText, 'peer');
     if (this.primary) {
       const cur = this.primary.opts.peer;

@@ -196,10 +196,11 @@ export class SecondaryStore {
     const commitsPath = path.join(this.dir, 'commits.journal');
     const foldedIds: number[] = [];
     let commitsEnd = 0;
-    const found: { adopted: Generation[] | null; promote: Extract<CommitsRecord, { t: 'promote' }> | null } = {
-      adopted: null,
-      promote: null,
-    };
+    const found: { adopted: Generation[] | null; promote: Extract<CommitsRecord, { t: 'promote' }> | null } =
+      {
+        adopted: null,
+        promote: null,
+      };
     if (fs.existsSync(commitsPath)) {
       const scan = scanJournal<CommitsRecord>(commitsPath, (r) => {
         const m = r.meta;
@@ -512,7 +513,9 @@ export class SecondaryStore {
     this.syncing = null;
     if (sync.history?.length) this.opts.history?.adopt(sync.history);
     // What this node wrote before (as an old primary) is rolled back now.
-    void this.opts.activity?.reset().catch((err: Error) => this.log(`activity log reset failed: ${err.message}`));
+    void this.opts.activity
+      ?.reset()
+      .catch((err: Error) => this.log(`activity log reset failed: ${err.message}`));
     this.log(`resync complete: consistent with the primary's ${sync.history?.at(-1)?.id ?? 'history'}`);
   }
 
@@ -525,7 +528,9 @@ export class SecondaryStore {
    * are applied first, and epoch numbering restarts just below the primary's
    * next epoch (a durable 'rebase' record), whatever numbers the old history used.
    */
-  async startResync(primaryEpoch: number): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
+  async startResync(
+    primaryEpoch: number,
+  ): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
     if (this.promoted) throw this.staleError();
     const dropped: number[] = [];
     for (const e of [...this.epochs.values()])
@@ -625,7 +630,14 @@ export class SecondaryStore {
     const id = randomBytes(6).toString('hex');
     this.commits.append({ t: 'promote', gen: generation, id, at, reason, committed: this.lastCommitted });
     await this.commits.sync();
-    history?.append({ n: generation, id, by: history.node, base: this.lastCommitted, at, reason: `promoted: ${reason}` });
+    history?.append({
+      n: generation,
+      id,
+      by: history.node,
+      base: this.lastCommitted,
+      at,
+      reason: `promoted: ${reason}`,
+    });
     crashPoint('secondary-after-promote-record');
     const droppedEpochs: number[] = [];
     for (const e of [...this.epochs.values()])
@@ -831,7 +843,12 @@ export class SecondaryStore {
  * layer can be applied and deleted in the middle; what no layer holds is then
  * read from the image, which the apply never touches for those ranges.
  */
-export async function readLayers(layers: Layer[], image: BlockDevice, buf: Buffer, offset: number): Promise<void> {
+export async function readLayers(
+  layers: Layer[],
+  image: BlockDevice,
+  buf: Buffer,
+  offset: number,
+): Promise<void> {
   const gaps: { at: number; length: number; offset: number }[] = [];
   const resolve = (i: number, at: number, off: number, length: number): void => {
     if (i === layers.length) {

@@ -109,6 +109,7 @@ export async function secondaryCommand(
     failover: string;
     failoverGrace: string;
     discardMyData?: boolean;
+    rejoin?: boolean;
   },
 ): Promise<void> {
   const failoverGraceMs = Number(opts.failoverGrace);
@@ -129,6 +130,7 @@ export async function secondaryCommand(
     failover: opts.failover as 'auto' | 'manual',
     failoverGraceMs,
     discardMyData: opts.discardMyData === true,
+    rejoin: opts.rejoin === true,
     logger,
   });
   const a = node.addresses;
@@ -211,7 +213,8 @@ export async function reprotectCommand(opts: {
   const addr = parseHostPort(opts.control, '--control');
   parseHostPort(opts.peer, '--peer');
   const timeoutMs = Number(opts.timeout);
-  if (!(timeoutMs > 0)) throw new ColoError('EUSAGE', `--timeout must be a number of ms, not '${opts.timeout}'`);
+  if (!(timeoutMs > 0))
+    throw new ColoError('EUSAGE', `--timeout must be a number of ms, not '${opts.timeout}'`);
   const started = Date.now();
   await controlCall(addr, 'POST', '/reprotect', { peer: opts.peer });
   const tty = process.stderr.isTTY;
@@ -232,7 +235,10 @@ export async function reprotectCommand(opts: {
         process.stderr.write(line + '\n');
       }
     }
-    if (s.peerState === 'protected' && (!r || r.startedAt >= started - 1000 || s.peerDecision?.action === 'none'))
+    if (
+      s.peerState === 'protected' &&
+      (!r || r.startedAt >= started - 1000 || s.peerDecision?.action === 'none')
+    )
       break;
     if (s.peerState === 'refused' || s.peerState === 'deposed')
       throw new ColoError(
@@ -251,13 +257,20 @@ export async function reprotectCommand(opts: {
   const r = s.resync;
   if (opts.json) {
     process.stdout.write(
-      JSON.stringify({ peer: opts.peer, state: s.peerState, decision: s.peerDecision, resync: r, ms: Date.now() - started }) +
-        '\n',
+      JSON.stringify({
+        peer: opts.peer,
+        state: s.peerState,
+        decision: s.peerDecision,
+        resync: r,
+        ms: Date.now() - started,
+      }) + '\n',
     );
     return;
   }
   if (!opts.wait) {
-    process.stdout.write(`reprotect: connecting to ${opts.peer}; follow it with colo-blk status --control ${opts.control}\n`);
+    process.stdout.write(
+      `reprotect: connecting to ${opts.peer}; follow it with colo-blk status --control ${opts.control}\n`,
+    );
     return;
   }
   process.stdout.write(

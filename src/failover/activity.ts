@@ -255,7 +255,9 @@ export class ActivityLog {
     await new Promise<void>((resolve, reject) =>
       fs.write(this.fd, buf, 0, buf.length, at, (err) => (err ? reject(err) : resolve())),
     );
-    await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    await new Promise<void>((resolve, reject) =>
+      fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())),
+    );
     this.syncs++;
     for (let i = 0; i < snap.length; i++) this.durable.bytes[i] |= snap[i];
     this.durableVersion = Math.max(this.durableVersion, v);

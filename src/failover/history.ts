@@ -45,7 +45,8 @@ export interface HistoryFile {
   generations: Generation[];
 }
 
-export const label = (g: Generation | undefined): string => (g ? `generation ${g.n} (${g.id})` : 'no generation');
+export const label = (g: Generation | undefined): string =>
+  g ? `generation ${g.n} (${g.id})` : 'no generation';
 
 export class History {
   private constructor(

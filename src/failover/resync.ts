@@ -71,7 +71,7 @@ const CHECKPOINT_EVERY = 64 * 1024 * 1024;
 
 function* chunks(ranges: Range[], size: number, align: number): Generator<Range> {
   for (const r of ranges)
-    for (let o = r.offset; o < r.offset + r.length; ) {
+    for (let o = r.offset; o < r.offset + r.length;) {
       const end = Math.min(r.offset + r.length, (Math.floor(o / align) + 1) * align);
       yield { offset: o, length: end - o };
       o = end;
@@ -181,11 +181,17 @@ export class Resync {
   private async compareChunk(c: Range, remote: Buffer): Promise<void> {
     const local = await blockHashes(this.host.readLocal, c.offset, c.length, HASH_BLOCK);
     if (local.length !== remote.length)
-      throw new ColoError('EPROTO', `the secondary sent ${remote.length} hash bytes for ${c.offset}+${c.length}`);
+      throw new ColoError(
+        'EPROTO',
+        `the secondary sent ${remote.length} hash bytes for ${c.offset}+${c.length}`,
+      );
     const blocks = local.length / HASH_BYTES;
     const differing: number[] = [];
     for (let b = 0; b < blocks; b++)
-      if (local.compare(remote, b * HASH_BYTES, (b + 1) * HASH_BYTES, b * HASH_BYTES, (b + 1) * HASH_BYTES) !== 0)
+      if (
+        local.compare(remote, b * HASH_BYTES, (b + 1) * HASH_BYTES, b * HASH_BYTES, (b + 1) * HASH_BYTES) !==
+        0
+      )
         differing.push(b);
     this.progress.equalBytes += c.length - differing.reduce((a, b) => a + this.blockLen(c, b), 0);
     // Few differences: look closer, 4 KiB at a time; many: send whole blocks.
@@ -209,7 +215,10 @@ export class Resync {
           this.progress.equalBytes += Math.min(HASH_SUBBLOCK, len - k * HASH_SUBBLOCK);
           continue;
         }
-        runs.push({ offset: off + k * HASH_SUBBLOCK, length: Math.min(HASH_SUBBLOCK, len - k * HASH_SUBBLOCK) });
+        runs.push({
+          offset: off + k * HASH_SUBBLOCK,
+          length: Math.min(HASH_SUBBLOCK, len - k * HASH_SUBBLOCK),
+        });
       }
       for (const r of mergeRanges(runs)) await this.send(r.offset, r.length);
     }

@@ -1,0 +1,328 @@
+// Re-protection after a failover, in both directions; a fresh secondary; a
+// primary restarted after a crash; an interrupted resync; split brain. Real
+// processes (the CLI), real sockets, SIGKILL.
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { controlCall } from '../src/checkpoint/control.js';
+import { NbdClient } from '../src/net/client.js';
+import { CLI, killAll, rmDir, run, runOk, tmpDir } from './helpers.js';
+import {
+  FaultProxy,
+  hashExport,
+  startNode,
+  startPair,
+  waitLinkUp,
+  type NodeProc,
+  type Pair,
+} from './replication-helpers.js';
+
+const dirs: string[] = [];
+const procs: NodeProc[] = [];
+let pair: Pair | null = null;
+let proxy: FaultProxy | null = null;
+
+function fresh(): string {
+  const d = tmpDir('colo-blk-reprotect-');
+  dirs.push(d);
+  return d;
+}
+
+afterEach(async () => {
+  await pair?.stop();
+  pair = null;
+  await proxy?.close();
+  proxy = null;
+  for (const p of procs.splice(0))
+    if (p.child.exitCode === null && p.child.signalCode === null) p.child.kill('SIGKILL');
+  await killAll();
+});
+afterAll(() => dirs.forEach(rmDir));
+
+interface PStatus {
+  role: string;
+  generation: number;
+  generationId: string;
+  peerState: string;
+  refused: string | null;
+  resync: { mode: string; state: string; sentBytes: number; equalBytes: number; hashBytes: number } | null;
+  link: { state: string; lastError: string | null };
+  unprotected: { exactBytes: number; hotBytes: number } | null;
+}
+
+const status = (n: { control: { host: string; port: number } }) =>
+  controlCall<PStatus>(n.control, 'GET', '/status');
+
+async function waitFor<T>(
+  what: () => Promise<T>,
+  ok: (v: T) => boolean,
+  label: string,
+  ms = 15_000,
+): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await what();
+    if (ok(v)) return v;
+    if (Date.now() > deadline) throw new Error(`${label}: ${JSON.stringify(v)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** A secondary process on an existing state directory and image (a returning node or a new one). */
+async function secondaryOn(dir: string, state: string, image: string, size: string, extra: string[] = []) {
+  const s = await startNode('secondary', [
+    '--listen',
+    '127.0.0.1:0',
+    '--export',
+    `disk0=${path.join(dir, image)},size=${size}`,
+    '--state',
+    path.join(dir, state),
+    '--replication-listen',
+    '127.0.0.1:0',
+    '--control',
+    '127.0.0.1:0',
+    '--failover',
+    'manual',
+    ...extra,
+  ]);
+  procs.push(s);
+  return s;
+}
+
+async function reprotect(primaryControl: { port: number }, peerPort: number) {
+  const r = await runOk(
+    process.execPath,
+    [
+      CLI,
+      'reprotect',
+      '--control',
+      `127.0.0.1:${primaryControl.port}`,
+      '--peer',
+      `127.0.0.1:${peerPort}`,
+      '--json',
+    ],
+    { timeoutMs: 60_000 },
+  );
+  return JSON.parse(r.stdout) as {
+    state: string;
+    decision: { action: string; mode: string; reason: string };
+    resync: { mode: string; sentBytes: number; equalBytes: number; hashBytes: number };
+  };
+}
+
+const checkpointOn = (n: { control: { host: string; port: number } }) =>
+  controlCall<{ epoch: number }>(n.control, 'POST', '/checkpoint', { timeoutMs: 20_000 });
+
+describe('re-protection', () => {
+  it('old secondary as primary, old primary back as secondary (rollback), then the other way round', async () => {
+    const dir = fresh();
+    pair = await startPair(dir, '32M');
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    const svm = await NbdClient.connect({ port: pair.secondary.nbdPort, exportName: 'disk0' });
+    await pvm.write(Buffer.alloc(1 << 20, 0x11), 0);
+    await pair.checkpoint();
+    // Uncommitted on the old primary: must be rolled back when it returns.
+    await pvm.write(Buffer.alloc(256 * 1024, 0x22), 4 << 20);
+    // The SVM's own writes since the checkpoint survive the failover (invariant 5).
+    await svm.write(Buffer.alloc(128 * 1024, 0x33), 8 << 20);
+    pair.primary.child.kill('SIGKILL');
+    await pair.primary.exit;
+    await controlCall(pair.secondary.control, 'POST', '/failover');
+    // The SVM runs on as the PVM, on the same connection.
+    await svm.write(Buffer.alloc(64 * 1024, 0x44), 12 << 20);
+
+    // The old primary comes back as a secondary on its own state and image.
+    const a = await secondaryOn(dir, 'pvm-state', 'pvm.img', '32M');
+    const r = await reprotect(pair.secondary.control, Number(a.info.replicationPort));
+    expect(r.state).toBe('protected');
+    expect(r.decision).toMatchObject({ action: 'resync', mode: 'incremental' });
+    // Sent: the promoted node's writes (SVM overlay + after) and the rolled-back region, no more.
+    const changed = 128 * 1024 + 64 * 1024 + 256 * 1024;
+    expect(r.resync.sentBytes).toBeGreaterThanOrEqual(changed);
+    expect(r.resync.sentBytes).toBeLessThanOrEqual(changed * 1.05);
+    // The SVM's connection survived the switch to a replicating primary; checkpoints run.
+    await svm.write(Buffer.alloc(4096, 0x55), 16 << 20);
+    await checkpointOn(pair.secondary);
+    const [hb, ha] = await Promise.all([hashExport(pair.secondary.nbdPort), hashExport(a.nbdPort)]);
+    expect(ha).toBe(hb);
+    expect((await svm.read(4 << 20, 4096)).equals(Buffer.alloc(4096, 0x11 * 0))).toBe(true);
+    expect((await svm.read(8 << 20, 4096)).equals(Buffer.alloc(4096, 0x33))).toBe(true);
+    const sa = await status(a);
+    expect(sa).toMatchObject({ role: 'secondary', generation: 2 });
+
+    // The other direction: the new primary dies, the old one takes over again, and the
+    // dead one rejoins as a secondary (--rejoin: it had served as a primary).
+    await svm.write(Buffer.alloc(32 * 1024, 0x66), 20 << 20); // uncommitted on B: rolled back later
+    await svm.close().catch(() => {});
+    pair.secondary.child.kill('SIGKILL');
+    await pair.secondary.exit;
+    await controlCall(a.control, 'POST', '/failover');
+    const c2 = await NbdClient.connect({ port: a.nbdPort, exportName: 'disk0' });
+    await c2.write(Buffer.alloc(16 * 1024, 0x77), 24 << 20);
+    const b = await secondaryOn(dir, 'svm-state', 'svm.img', '32M', ['--rejoin']);
+    const r2 = await reprotect(a.control, Number(b.info.replicationPort));
+    expect(r2.decision).toMatchObject({ action: 'resync', mode: 'incremental' });
+    expect(r2.resync.sentBytes).toBeLessThanOrEqual((32 + 16 + 4) * 1024 * 1.05);
+    await checkpointOn(a);
+    expect(await hashExport(b.nbdPort)).toBe(await hashExport(a.nbdPort));
+    expect((await c2.read(20 << 20, 4096)).equals(Buffer.alloc(4096))).toBe(true); // B's unfinished write is gone
+    expect(await status(b)).toMatchObject({ role: 'secondary', generation: 3 });
+    await c2.close();
+    await pvm.close().catch(() => {});
+  });
+
+  it('a fresh secondary: full sync compares hashes and sends only differing blocks', async () => {
+    const dir = fresh();
+    pair = await startPair(dir, '32M');
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    await pvm.write(randomBytes(2 << 20), 0);
+    await pair.checkpoint();
+    pair.primary.child.kill('SIGKILL');
+    await pair.primary.exit;
+    await pvm.close().catch(() => {});
+    await controlCall(pair.secondary.control, 'POST', '/failover');
+    const c = await secondaryOn(dir, 'new-state', 'new.img', '32M');
+    const r = await reprotect(pair.secondary.control, Number(c.info.replicationPort));
+    expect(r.decision).toMatchObject({ action: 'resync', mode: 'full' });
+    expect(r.resync.sentBytes).toBe(2 << 20); // the rest was equal (zeroes on both)
+    expect(r.resync.equalBytes).toBe((32 << 20) - (2 << 20));
+    await checkpointOn(pair.secondary);
+    expect(await hashExport(c.nbdPort)).toBe(await hashExport(pair.secondary.nbdPort));
+  });
+
+  it('a primary killed mid-epoch restarts, knows what it may have written, and resynchronises', async () => {
+    const dir = fresh();
+    pair = await startPair(dir, '32M');
+    await waitLinkUp(pair.primary);
+    let pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    await pvm.write(Buffer.alloc(1 << 20, 1), 0);
+    await pair.checkpoint();
+    await pvm.write(Buffer.alloc(64 * 1024, 2), 3 << 20); // acknowledged, never committed
+    pair.primary.child.kill('SIGKILL');
+    await pair.primary.exit;
+    await pvm.close().catch(() => {});
+    const p = await startNode('primary', [
+      '--listen',
+      '127.0.0.1:0',
+      '--export',
+      `disk0=${path.join(dir, 'pvm.img')},size=32M`,
+      '--state',
+      path.join(dir, 'pvm-state'),
+      '--peer',
+      `127.0.0.1:${pair.replicationPort}`,
+      '--control',
+      '127.0.0.1:0',
+    ]);
+    pair.primary = p;
+    await waitLinkUp(p, 15_000);
+    const s = await status(p);
+    expect(s.resync).toMatchObject({ mode: 'incremental', state: 'done' });
+    expect(s.resync!.sentBytes).toBe(64 * 1024); // hot extents compared, only the lost write sent
+    pvm = await NbdClient.connect({ port: p.nbdPort, exportName: 'disk0' });
+    expect((await pvm.read(3 << 20, 4096)).equals(Buffer.alloc(4096, 2))).toBe(true);
+    await checkpointOn(p);
+    expect(await hashExport(pair.secondary.nbdPort)).toBe(await hashExport(p.nbdPort));
+    await pvm.close();
+  });
+
+  it('an interrupted resync resumes; what was sent already costs only hashes', async () => {
+    const dir = fresh();
+    pair = await startPair(dir, '64M', {
+      proxy: async (target) => {
+        proxy = new FaultProxy(target);
+        proxy.refuse = true;
+        return proxy.listen();
+      },
+    });
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    const data = randomBytes(24 << 20);
+    await pvm.write(data, 0);
+    // Cut the first resync after ~8 MiB of its stream.
+    proxy!.cutAfterBytes = 8 << 20;
+    proxy!.refuse = false;
+    await waitFor(
+      () => status(pair!.primary),
+      (s) => s.resync?.state === 'failed',
+      'the first resync was not interrupted',
+    );
+    proxy!.cutAfterBytes = Infinity;
+    proxy!.forwarded = 0;
+    await waitLinkUp(pair.primary, 30_000);
+    const s = await status(pair.primary);
+    expect(s.resync).toMatchObject({ state: 'done', mode: 'full' });
+    // Part of the data had been committed before the cut: the second pass found it equal.
+    expect(s.resync!.sentBytes).toBeLessThan(24 << 20);
+    expect(s.resync!.equalBytes).toBeGreaterThan(40 << 20);
+    await pair.checkpoint();
+    expect(await hashExport(pair.secondary.nbdPort)).toBe(await hashExport(pair.primary.nbdPort));
+    await pvm.close();
+  });
+
+  it('split brain: both sides wrote after diverging; both refuse, nothing is merged', async () => {
+    const dir = fresh();
+    pair = await startPair(dir, '16M', {
+      primaryArgs: ['--lone-after', '300'],
+      proxy: async (target) => {
+        proxy = new FaultProxy(target);
+        return proxy.listen();
+      },
+    });
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    await pvm.write(Buffer.alloc(4096, 1), 0);
+    await pair.checkpoint();
+    // Partition: the primary goes on alone, and the secondary is made to take over.
+    proxy!.refuse = true;
+    proxy!.cutAll();
+    await waitFor(
+      () => status(pair!.primary),
+      (s) => s.peerState === 'lone',
+      'the primary never went on alone',
+    );
+    await controlCall(pair.secondary.control, 'POST', '/failover');
+    const svm = await NbdClient.connect({ port: pair.secondary.nbdPort, exportName: 'disk0' });
+    await pvm.write(Buffer.alloc(4096, 0xa), 1 << 20);
+    await svm.write(Buffer.alloc(4096, 0xb), 1 << 20);
+    const [pa, sb] = [await hashExport(pair.primary.nbdPort), await hashExport(pair.secondary.nbdPort)];
+    // The partition heals: the old primary reconnects to the promoted node.
+    proxy!.refuse = false;
+    const p = await waitFor(
+      () => status(pair!.primary),
+      (s) => s.peerState === 'refused',
+      'no refusal',
+    );
+    expect(p.refused).toMatch(/split brain/);
+    expect(p.refused).toMatch(/generation 2 \([0-9a-f]+\).*generation 2 \([0-9a-f]+\)/);
+    expect(p.refused).toMatch(/--discard-my-data/);
+    const s = await controlCall<{ refusal: { code: string; message: string } | null }>(
+      pair.secondary.control,
+      'GET',
+      '/status',
+    );
+    expect(s.refusal).toMatchObject({ code: 'ESPLIT' });
+    // Nothing was touched on either side; checkpoints say why they cannot run.
+    expect(await hashExport(pair.primary.nbdPort)).toBe(pa);
+    expect(await hashExport(pair.secondary.nbdPort)).toBe(sb);
+    const ck = await run(process.execPath, [
+      CLI,
+      'checkpoint',
+      '--control',
+      `127.0.0.1:${pair.primary.control.port}`,
+    ]);
+    expect(ck.code).toBe(1);
+    expect(ck.stderr).toMatch(/refused|split brain/);
+    // The operator picks the promoted node; the old primary discards its data and rejoins.
+    pair.primary.child.kill('SIGKILL');
+    await pair.primary.exit;
+    await pvm.close().catch(() => {});
+    const a = await secondaryOn(dir, 'pvm-state', 'pvm.img', '16M', ['--discard-my-data']);
+    const r = await reprotect(pair.secondary.control, Number(a.info.replicationPort));
+    expect(r.decision).toMatchObject({ action: 'resync', mode: 'full' });
+    await checkpointOn(pair.secondary);
+    expect(await hashExport(a.nbdPort)).toBe(await hashExport(pair.secondary.nbdPort));
+    expect((await svm.read(1 << 20, 4096)).equals(Buffer.alloc(4096, 0xb))).toBe(true);
+    await svm.close();
+  });
+});
