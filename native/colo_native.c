@@ -37,6 +37,8 @@ static const char *errno_name(int e) {
   case EFBIG: return "EFBIG";
   case EINTR: return "EINTR";
   case ENODEV: return "ENODEV";
+  case EXDEV: return "EXDEV";
+  case ENOSYS: return "ENOSYS";
   default: return "EIO";
   }
 }

@@ -196,6 +196,8 @@ export class PrimaryLink extends EventEmitter {
   private nextHashId = 1;
   private retryMs: number;
   private closed = false;
+  /** The last 'error' frame of the current connection. */
+  private peerError: string | null = null;
 
   constructor(
     private readonly plog: PrimaryLog,
@@ -221,6 +223,7 @@ export class PrimaryLink extends EventEmitter {
   private connect(): void {
     if (this.closed) return;
     this.state = 'connecting';
+    this.peerError = null;
     const socket = net.connect({ host: this.opts.host, port: this.opts.port });
     socket.setNoDelay(true);
     this.socket = socket;
@@ -259,7 +262,8 @@ export class PrimaryLink extends EventEmitter {
       this.pump();
     });
     socket.on('error', (err) => {
-      this.lastError = err.message;
+      // The secondary's own reason (an 'error' frame) says more than the reset that follows it.
+      if (!this.peerError) this.lastError = err.message;
     });
     socket.on('close', () => this.onClose(socket));
   }
@@ -387,6 +391,7 @@ export class PrimaryLink extends EventEmitter {
           `secondary: ${String(meta.message)}${meta.e !== undefined ? ` (epoch ${meta.e})` : ''}`,
         );
         this.lastError = err.message;
+        this.peerError = err.message;
         this.log(err.message);
         const e = meta.e === undefined ? Infinity : Number(meta.e);
         for (const list of [this.durableWaiters, this.commitWaiters])
@@ -693,9 +698,9 @@ export class SecondaryLink extends EventEmitter {
         socket.destroy();
       },
     );
-    const reader = new FrameReader(
+    const reader: FrameReader = new FrameReader(
       socket,
-      (meta, frame, data) => this.onFrame(socket, meta, frame, data),
+      (meta, frame, data) => this.onFrame(socket, meta, frame, data, () => this.drop(socket, reader)),
       (err) => {
         this.lastError =
           err instanceof FrameError ? `bad frame from the primary: ${err.message}` : err.message;
@@ -792,7 +797,25 @@ export class SecondaryLink extends EventEmitter {
     this.emit('primary-connected');
   }
 
-  private onFrame(socket: net.Socket, meta: Meta, frame: Buffer, data: Buffer): void | Promise<void> {
+  /**
+   * After an error frame: stop taking frames and close gracefully, so the error
+   * reaches the primary before the end of the stream (a destroy with unread
+   * data would reset the connection and could lose it). The primary reconnects
+   * and resends from its journals.
+   */
+  private drop(socket: net.Socket, reader: FrameReader): void {
+    reader.stop();
+    socket.end();
+    setTimeout(() => socket.destroy(), 2000).unref();
+  }
+
+  private onFrame(
+    socket: net.Socket,
+    meta: Meta,
+    frame: Buffer,
+    data: Buffer,
+    drop: () => void,
+  ): void | Promise<void> {
     const dataLength = data.length;
     if (meta.t === 'hello') {
       if (meta.proto !== LINK_PROTOCOL) {
@@ -824,15 +847,17 @@ export class SecondaryLink extends EventEmitter {
       } catch (err) {
         const e = toColoError(err);
         this.lastError = e.message;
+        this.log(`could not store a record of epoch ${(meta as { e?: number }).e}: ${e.message}`);
         send(socket, { t: 'error', code: e.code, message: e.message, e: (meta as { e?: number }).e });
         // A record we could not store makes the rest of the epoch useless: drop the link,
         // the primary will resend from its journal once the cause is fixed.
-        socket.destroy();
+        drop();
       }
       return;
     }
     if (meta.t === 'seal')
-      return this.reply(socket, meta, () => this.store.seal(meta as unknown as SealRecord), 'durable');
+      // A seal that fails leaves the epoch to be resent whole (the store rewound it): drop the link.
+      return this.reply(socket, meta, () => this.store.seal(meta as unknown as SealRecord), 'durable', drop);
     if (meta.t === 'commit')
       return this.reply(
         socket,
@@ -858,7 +883,13 @@ export class SecondaryLink extends EventEmitter {
     }
   }
 
-  private async reply(socket: net.Socket, meta: Meta, run: () => Promise<object>, t: string): Promise<void> {
+  private async reply(
+    socket: net.Socket,
+    meta: Meta,
+    run: () => Promise<object>,
+    t: string,
+    onError?: () => void,
+  ): Promise<void> {
     const started = process.hrtime.bigint();
     try {
       const result = await run();
@@ -869,6 +900,7 @@ export class SecondaryLink extends EventEmitter {
       this.lastError = e.message;
       this.log(`${meta.t} of epoch ${meta.e} failed: ${e.message}`);
       send(socket, { t: 'error', code: e.code, message: e.message, e: meta.e });
+      onError?.();
     }
   }
 

@@ -71,6 +71,9 @@ export interface CheckpointResult {
   totalMs: number;
 }
 
+/** Hot extents cool this many epochs after their last write is committed (DRBD keeps an LRU for the same reason). */
+const COOL_LAG_EPOCHS = 4;
+
 const ms = (start: bigint) => Number(process.hrtime.bigint() - start) / 1e6;
 
 export class PrimaryNode {
@@ -468,8 +471,9 @@ export class PrimaryNode {
       );
     const t = process.hrtime.bigint();
     const r = await this.link.commit(epoch, timeoutMs);
-    // Regions written in epochs up to N are on the (synchronised) secondary now.
-    if (this.peerState === 'protected') this.activity.cool(epoch);
+    // Regions written in epochs up to N are on the (synchronised) secondary now. They
+    // cool a few epochs late, so a steady working set stays hot and costs no syncs.
+    if (this.peerState === 'protected') this.activity.cool(epoch - COOL_LAG_EPOCHS);
     const took = ms(t);
     this.metrics.commit.observe(took / 1000);
     return { epoch, ms: took, overlayDiscarded: r.overlayDiscarded };

@@ -60,6 +60,8 @@ interface EpochEntry {
   layer: Layer;
   state: EpochState;
   seal?: SealRecord;
+  /** Sequence number of the first record received for this epoch. */
+  firstSeq?: number;
 }
 
 const pad = (n: number) => String(n).padStart(12, '0');
@@ -419,28 +421,77 @@ export class SecondaryStore {
       throw new ColoError('EPROTO', `mutation for epoch ${rec.e}, which is already ${e.state}`);
     if (rec.o + (rec.t === 'w' ? dataLength : rec.l) > this.size)
       throw new ColoError('EPROTO', `mutation beyond the end of the disk at ${rec.o}`);
-    e.layer.appendFrame(rec, frame, dataLength);
+    if (this.highestSeq > 0 && rec.s !== this.highestSeq + 1)
+      throw new ColoError(
+        'EPROTO',
+        `record ${rec.s} of epoch ${rec.e} follows record ${this.highestSeq}: records were lost on the way and must be resent`,
+      );
+    try {
+      e.layer.appendFrame(rec, frame, dataLength);
+    } catch (err) {
+      // The journal could not take it (disk full...): it is unusable now. Forget every
+      // epoch not yet durable, so that the primary's resend rebuilds them from scratch.
+      this.rewind();
+      throw err;
+    }
+    e.firstSeq ??= rec.s;
     this.highestSeq = rec.s;
     return true;
+  }
+
+  /**
+   * Drop every epoch that is not durable yet (journal deleted now, so a resend
+   * can recreate it) and go back to the sequence number before the oldest of
+   * them: the primary's resend after a reconnect then brings them again.
+   */
+  rewind(): number[] {
+    const dropped: number[] = [];
+    let first = Infinity;
+    for (const e of [...this.epochs.values()])
+      if (e.state === 'receiving' || e.state === 'sealed') {
+        first = Math.min(first, e.firstSeq ?? Infinity);
+        e.layer.close();
+        fs.rmSync(e.layer.path, { force: true });
+        this.epochs.delete(e.epoch);
+        dropped.push(e.epoch);
+      }
+    if (first !== Infinity) this.highestSeq = Math.min(this.highestSeq, first - 1);
+    if (dropped.length)
+      this.log(`dropped epoch ${dropped.join(', ')} (not durable); waiting for the primary to resend`);
+    return dropped;
   }
 
   /** The seal marker of epoch N: check the counts, make N durable, record it. */
   async seal(seal: SealRecord): Promise<EpochMeta> {
     const e = this.entry(seal.e);
     if (e.state === 'durable' || e.state === 'committed') return this.epochMeta(e);
-    if (e.layer.records !== seal.n || e.layer.dataBytes !== seal.b)
-      throw new ColoError(
-        'EIO',
-        `epoch ${seal.e} is incomplete: the primary sent ${seal.n} mutations (${seal.b} bytes), ` +
-          `this node holds ${e.layer.records} (${e.layer.dataBytes} bytes)`,
+    try {
+      const unsealed = [...this.epochs.values()].filter(
+        (o) => o.epoch < seal.e && (o.state === 'receiving' || o.state === 'sealed'),
       );
-    if (!e.seal) {
-      e.layer.appendMarker(seal);
-      e.seal = seal;
+      if (unsealed.length > 0)
+        throw new ColoError(
+          'EIO',
+          `epoch ${seal.e} cannot be made durable: epoch ${unsealed.map((o) => o.epoch).join(', ')} before it ` +
+            `was never sealed on this node (its seal was lost on the way)`,
+        );
+      if (e.layer.records !== seal.n || e.layer.dataBytes !== seal.b)
+        throw new ColoError(
+          'EIO',
+          `epoch ${seal.e} is incomplete: the primary sent ${seal.n} mutations (${seal.b} bytes), ` +
+            `this node holds ${e.layer.records} (${e.layer.dataBytes} bytes)`,
+        );
+      if (!e.seal) {
+        e.layer.appendMarker(seal);
+        e.seal = seal;
+      }
+      e.state = 'sealed';
+      crashPoint('secondary-before-durable-sync');
+      await e.layer.sync();
+    } catch (err) {
+      this.rewind(); // the primary resends the epoch whole
+      throw err;
     }
-    e.state = 'sealed';
-    crashPoint('secondary-before-durable-sync');
-    await e.layer.sync();
     e.state = 'durable';
     // The synced journal (with its seal marker) is the durable record; this is its index.
     const meta: EpochMeta = { ...this.epochMeta(e), durableAt: Date.now() };
@@ -463,6 +514,9 @@ export class SecondaryStore {
     }
     const toCommit = [...this.epochs.values()].filter((e) => e.epoch <= n && e.state !== 'committed');
     const notDurable = toCommit.filter((e) => e.state !== 'durable');
+    if (notDurable.length === 0 && n > this.durableEpoch)
+      // Not held at all (never received, or dropped by a rewind for a resend).
+      throw new ColoError('EIO', `cannot commit epoch ${n}: it is not durable on this node`);
     if (notDurable.length > 0)
       throw new ColoError(
         'EIO',

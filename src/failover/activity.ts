@@ -265,14 +265,15 @@ export class ActivityLog {
   }
 
   /**
-   * Epoch N is committed on a synchronised secondary: extents whose writes all
-   * belong to epochs ≤ N cool down, and the exact bitmap starts over (what is
-   * written from now on is in the epoch log). The file shrinks lazily.
+   * Epochs up to `through` (or later) are committed on a synchronised
+   * secondary: extents whose writes all belong to epochs ≤ `through` cool
+   * down, and the exact bitmap starts over (what is written from now on is in
+   * the epoch log). The file shrinks lazily.
    */
-  cool(committed: number): void {
+  cool(through: number): void {
     let changed = false;
     for (let x = 0; x < this.hot.bits; x++)
-      if (this.hot.get(x) && this.lastEpoch[x] <= committed) {
+      if (this.hot.get(x) && this.lastEpoch[x] <= through) {
         this.hot.clear(x);
         changed = true;
       }
