@@ -159,3 +159,41 @@ deviceSuite('SvmDevice (overlay over committed epochs over image)', async (size)
     },
   };
 });
+
+describe('SecondaryStore resync marks', () => {
+  it('a partial resync makes the node unpromotable, across a restart, until the done mark', async () => {
+    const { History } = await import('../src/failover/history.js');
+    const dir = path.join(root, `sync${n++}`);
+    fs.mkdirSync(dir, { recursive: true });
+    const history = History.load(dir);
+    const image = dir + '.img';
+    let dev = await FileDevice.open(image, { size: SIZE });
+    let store = await SecondaryStore.open(dir, dev, { history });
+    const primary = [{ n: 1, id: 'p1', by: 'p', base: 0, at: 0, reason: 'new disk' }];
+    await store.startResync(10);
+    feed(store, { t: 'w', e: 10, s: 1, o: 0 }, Buffer.alloc(4096, 7));
+    await store.seal({ t: 'seal', e: 10, n: 1, b: 4096 });
+    await store.commit(10, { state: 'partial', target: 'p1', mode: 'full' });
+    await expect(store.promote('test')).rejects.toMatchObject({ code: 'EBUSY' });
+    await store.close();
+    await dev.close();
+    dev = await FileDevice.open(image, { size: SIZE });
+    store = await SecondaryStore.open(dir, dev, { history: History.load(dir) });
+    expect(store.syncing).toMatchObject({ target: 'p1', mode: 'full' });
+    await expect(store.promote('test')).rejects.toMatchObject({ code: 'EBUSY' });
+    store.startSession('s2', 11);
+    feed(store, { t: 'w', e: 11, s: 1, o: 4096 }, Buffer.alloc(4096, 8));
+    await store.seal({ t: 'seal', e: 11, n: 1, b: 4096 });
+    await store.commit(11, { state: 'done', target: 'p1', mode: 'full', history: primary });
+    expect(store.syncing).toBeNull();
+    expect(History.load(dir).last?.id).toBe('p1');
+    expect(
+      (await readSvm(store, 0, 8192)).equals(Buffer.concat([Buffer.alloc(4096, 7), Buffer.alloc(4096, 8)])),
+    ).toBe(true);
+    const r = await store.promote('test');
+    expect(r.generation).toBe(2);
+    expect(History.load(dir).generations.map((g) => g.n)).toEqual([1, 2]);
+    await store.close();
+    await dev.close();
+  });
+});

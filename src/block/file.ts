@@ -32,6 +32,7 @@ import {
   type WriteOptions,
   type ZeroOptions,
 } from './device.js';
+import { ioTracer } from './io-trace.js';
 import { native } from './native.js';
 
 export type IoMode = 'sync' | 'async' | 'auto';
@@ -109,6 +110,8 @@ export class FileDevice implements BlockDevice {
       const fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o644);
       try {
         fs.ftruncateSync(fd, opts.size);
+        ioTracer?.create(path);
+        ioTracer?.truncate(path, opts.size);
       } finally {
         fs.closeSync(fd);
       }
@@ -188,13 +191,15 @@ export class FileDevice implements BlockDevice {
         ? fs.writeSync(fd, buf, done, buf.length - done, offset + done)
         : await writeAsync(fd, buf, done, buf.length - done, offset + done);
       if (n <= 0) throw new ColoError('EIO', `short write at ${offset + done} on ${this.path}`);
+      ioTracer?.write(this.path, offset + done, buf.subarray(done, done + n), fd === this.fdSync);
       done += n;
     }
   }
 
   async flush(): Promise<void> {
     if (this.readOnly) return;
-    await fdatasyncAsync(this.fd);
+    const synced = fdatasyncAsync(this.fd);
+    await (ioTracer?.sync(this.path, synced) ?? synced);
   }
 
   async trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
@@ -205,6 +210,7 @@ export class FileDevice implements BlockDevice {
     if (this.canPunch && native) {
       try {
         native.punchHole(this.fd, offset, length);
+        ioTracer?.zero(this.path, offset, length);
       } catch (err) {
         if (!isUnsupported(err)) throw toColoError(err);
         this.canPunch = false;
@@ -229,6 +235,7 @@ export class FileDevice implements BlockDevice {
     if (mayTrim && this.canPunch) {
       try {
         native.punchHole(this.fd, offset, length);
+        ioTracer?.zero(this.path, offset, length);
         return true;
       } catch (err) {
         if (!isUnsupported(err)) throw toColoError(err);
@@ -238,6 +245,7 @@ export class FileDevice implements BlockDevice {
     if (this.canZeroRange) {
       try {
         native.zeroRange(this.fd, offset, length);
+        ioTracer?.zero(this.path, offset, length);
         return true;
       } catch (err) {
         if (!isUnsupported(err)) throw toColoError(err);
@@ -249,6 +257,7 @@ export class FileDevice implements BlockDevice {
       try {
         native.punchHole(this.fd, offset, length);
         native.allocateRange(this.fd, offset, length);
+        ioTracer?.zero(this.path, offset, length);
         return true;
       } catch (err) {
         if (!isUnsupported(err)) throw toColoError(err);
@@ -280,6 +289,7 @@ export class FileDevice implements BlockDevice {
       const n = native.copyRange(srcFd, srcPos, this.fd, offset, length);
       if (n !== length)
         throw new ColoError('EIO', `copied ${n} of ${length} bytes into ${this.path} at ${offset}`);
+      ioTracer?.copied(this.path, this.fd, offset, length);
       return true;
     } catch (err) {
       const code = (err as { code?: string }).code;
@@ -332,7 +342,8 @@ export class FileDevice implements BlockDevice {
     if (this.closed) return;
     this.closed = true;
     if (!this.readOnly) {
-      await fdatasyncAsync(this.fd).catch(() => {});
+      const synced = fdatasyncAsync(this.fd);
+      await (ioTracer?.sync(this.path, synced) ?? synced).catch(() => {});
       fs.closeSync(this.fdSync);
     }
     fs.closeSync(this.fd);

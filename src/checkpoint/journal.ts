@@ -20,6 +20,7 @@
  *   reported as such and must never be applied.
  */
 import fs from 'node:fs';
+import { ioTracer } from '../block/io-trace.js';
 import { ColoError, toColoError } from '../errors.js';
 import {
   decodeFrame,
@@ -75,10 +76,15 @@ export class JournalWriter {
 
   /** Open (creating if needed) for appending at `validEnd` (default: the file's size; the tail beyond is cut). */
   static open(path: string, validEnd?: number): JournalWriter {
+    const creating = ioTracer !== null && !fs.existsSync(path);
     const fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+    if (creating) ioTracer?.create(path);
     const size = fs.fstatSync(fd).size;
     const end = validEnd ?? size;
-    if (end < size) fs.ftruncateSync(fd, end);
+    if (end < size) {
+      fs.ftruncateSync(fd, end);
+      ioTracer?.truncate(path, end);
+    }
     return new JournalWriter(path, fd, end);
   }
 
@@ -147,6 +153,7 @@ export class JournalWriter {
           while (written < total)
             written += fs.writeSync(this.fd, whole, written, total - written, this.writtenEnd + written);
         }
+        ioTracer?.write(this.path, this.writtenEnd, batch);
         this.writtenEnd += total;
       }
     } catch (err) {
@@ -164,8 +171,12 @@ export class JournalWriter {
         await this.syncing;
         continue;
       }
-      const upTo = this.end;
-      this.syncing = fdatasync(this.fd)
+      // Appends made while this caller waited are written out first: a sync
+      // only ever claims bytes that were written before it started.
+      this.flush();
+      const upTo = this.writtenEnd;
+      const synced = fdatasync(this.fd);
+      this.syncing = (ioTracer?.sync(this.path, synced) ?? synced)
         .then(() => {
           this.syncedEnd = Math.max(this.syncedEnd, upTo);
         })

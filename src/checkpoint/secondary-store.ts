@@ -971,7 +971,18 @@ export class SvmDevice implements BlockDevice {
   }
 
   async flush(): Promise<void> {
-    await this.store.overlayLayer.sync();
+    // On a promoted node, writes acknowledged before a fold sit in folded overlays until the
+    // apply has flushed the image: those must be durable too. A layer applied (and closed) in
+    // the meantime is in the flushed image already, so its sync may fail harmlessly.
+    const folded = this.store.foldedLayers();
+    await Promise.all([
+      this.store.overlayLayer.sync(),
+      ...folded.map((l) =>
+        l.sync().catch((err: Error) => {
+          if (this.store.foldedLayers().includes(l)) throw err;
+        }),
+      ),
+    ]);
   }
 
   async trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {

@@ -1,0 +1,100 @@
+// The activity log (failover/activity.ts): regions are on disk before the
+// write they cover goes ahead, concurrent writers share one sync, a torn slot
+// falls back to the previous one, and extents cool only after their commit.
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { ActivityLog, mergeRanges } from '../src/failover/activity.js';
+import { rmDir, tmpDir } from './helpers.js';
+
+const root = tmpDir();
+afterAll(() => rmDir(root));
+let n = 0;
+const MiB = 1024 * 1024;
+
+function fresh(size = 64 * MiB) {
+  const dir = path.join(root, `a${n++}`);
+  fs.mkdirSync(dir);
+  return { dir, log: ActivityLog.open(dir, size) };
+}
+
+describe('activity log', () => {
+  it('records a cold extent durably before the write, and a hot one at no cost', async () => {
+    const { dir, log } = fresh();
+    const p = log.ensureHot(3 * MiB + 10, 4096, 1);
+    expect(p).not.toBeNull();
+    await p;
+    expect(log.syncs).toBe(1);
+    expect(log.ensureHot(3 * MiB + 8192, 4096, 1)).toBeNull(); // same extent: already on disk
+    await log.close();
+    const again = ActivityLog.open(dir, 64 * MiB);
+    expect(again.hotRanges()).toEqual([{ offset: 3 * MiB, length: MiB }]);
+    expect(again.exactBytes).toBe(0); // the exact map is memory only
+    await again.close();
+  });
+
+  it('concurrent writers to cold extents share syncs (group commit)', async () => {
+    const { log } = fresh();
+    await Promise.all(Array.from({ length: 32 }, (_, i) => log.ensureHot(i * MiB, 4096, 1)));
+    expect(log.hotRanges()).toEqual([{ offset: 0, length: 32 * MiB }]);
+    expect(log.syncs).toBeLessThanOrEqual(2);
+    await log.close();
+  });
+
+  it('counts exact bytes at block granularity and merges ranges', async () => {
+    const { log } = fresh();
+    log.mark(0, 100, 1);
+    log.mark(4096, 8192, 1);
+    log.mark(10 * MiB, 1, 1);
+    expect(log.exactBytes).toBe(4 * 4096);
+    expect(log.exactRanges()).toEqual([
+      { offset: 0, length: 3 * 4096 },
+      { offset: 10 * MiB, length: 4096 },
+    ]);
+    expect(
+      mergeRanges([
+        { offset: 5, length: 5 },
+        { offset: 0, length: 5 },
+        { offset: 20, length: 1 },
+      ]),
+    ).toEqual([
+      { offset: 0, length: 10 },
+      { offset: 20, length: 1 },
+    ]);
+    await log.close();
+  });
+
+  it('cools only extents whose last write is committed, and rewrites the file lazily', async () => {
+    const { dir, log } = fresh();
+    await log.ensureHot(0, 4096, 3);
+    await log.ensureHot(5 * MiB, 4096, 5);
+    log.cool(4);
+    expect(log.hotRanges()).toEqual([{ offset: 5 * MiB, length: MiB }]);
+    await log.persist();
+    // A cooled extent written again must be made durable again before the write.
+    const p = log.ensureHot(0, 4096, 6);
+    expect(p).not.toBeNull();
+    await p;
+    await log.close();
+    expect(ActivityLog.open(dir, 64 * MiB).hotRanges()).toEqual([
+      { offset: 0, length: MiB },
+      { offset: 5 * MiB, length: MiB },
+    ]);
+  });
+
+  it('a torn slot falls back to the previous durable state', async () => {
+    const { dir, log } = fresh();
+    await log.ensureHot(0, 1, 1); // slot 1
+    await log.ensureHot(2 * MiB, 1, 1); // slot 0
+    await log.close();
+    // Tear the newest slot (sequence 2, at offset 0): its CRC no longer matches.
+    const fd = fs.openSync(path.join(dir, 'activity.bitmap'), 'r+');
+    fs.writeSync(fd, Buffer.from([0xff]), 0, 1, 32);
+    fs.closeSync(fd);
+    const again = ActivityLog.open(dir, 64 * MiB);
+    expect(again.hotRanges()).toEqual([{ offset: 0, length: MiB }]);
+    await again.close();
+    // A bitmap for another disk size is refused, not misread.
+    expect(() => ActivityLog.open(dir, 4096 * MiB)).toThrow(/describes a disk of/);
+  });
+});
