@@ -98,6 +98,7 @@ export class PrimaryNode {
   private dirtyRestart: boolean;
   private loneTimer: NodeJS.Timeout | null = null;
   private syncWaiters: (() => void)[] = [];
+  private closing = false;
   /** Set when this node runs inside a promoted secondary (re-protection): it owns nothing below it. */
   private readonly attached: boolean;
 
@@ -367,6 +368,7 @@ export class PrimaryNode {
   }
 
   private onLinkDown(): void {
+    if (this.closing) return;
     if (this.peerState === 'protected' || this.peerState === 'syncing' || this.peerState === 'connecting')
       this.setPeerState('down');
     if (this.loneTimer || this.peerState === 'lone' || this.link.deposed || this.link.refused) return;
@@ -680,6 +682,7 @@ export class PrimaryNode {
   }
 
   async close(): Promise<void> {
+    this.closing = true;
     if (this.loneTimer) clearTimeout(this.loneTimer);
     this.resync?.abort(new ColoError('ESHUTDOWN', 'the primary is shutting down'));
     if (!this.attached) await this.nbd.close();

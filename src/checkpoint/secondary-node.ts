@@ -69,6 +69,7 @@ export class SecondaryNode {
   addresses!: { nbd: Endpoint; replication: Endpoint; control: Endpoint };
   applyError: string | null = null;
   private failoverTimer: NodeJS.Timeout | null = null;
+  private closing = false;
   /** Time from the decision to promote until the SVM disk serves as primary. */
   lastPromotionMs: number | null = null;
   /** Set once this promoted node re-protects a secondary: it is then a replicating primary. */
@@ -226,7 +227,7 @@ export class SecondaryNode {
 
   /** Promote unless the primary comes back within the grace period. */
   scheduleFailover(reason: string): void {
-    if (this.store.promoted || this.failoverTimer) return;
+    if (this.store.promoted || this.failoverTimer || this.closing) return;
     const grace = this.opts.failoverGraceMs ?? 1000;
     this.opts.logger.warn(`primary lost (${reason}); promoting in ${grace} ms unless it comes back`);
     this.failoverTimer = setTimeout(() => {
@@ -421,6 +422,8 @@ export class SecondaryNode {
   }
 
   async close(): Promise<void> {
+    this.closing = true;
+    this.cancelFailover();
     await this.primary?.close();
     await this.nbd.close();
     await this.link.close();
