@@ -315,10 +315,37 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
     return;
   }
   const out: string[] = [];
-  out.push(`role          ${s.role} (generation ${s.generation})`);
+  out.push(
+    `role          ${s.role} (generation ${s.generation}${s.generationId ? `, ${s.generationId}` : ''})  node ${s.node ?? '?'}`,
+  );
   out.push(`export        ${s.export}  ${formatBytes(s.size)}  ${s.image}`);
   if (s.promoted === undefined) {
     // a primary node (a promoted secondary reports in the secondary's format, with PROMOTED)
+    const peerText: Record<string, string> = {
+      protected: 'protected: the secondary is synchronised',
+      syncing: 'resynchronising the secondary',
+      connecting: 'connecting to the secondary',
+      down: 'the secondary is unreachable (the epoch log is kept for it)',
+      lone: 'ALONE: no secondary; writes are unprotected and recorded for a later resync',
+      refused: 'REFUSED by the secondary',
+      deposed: 'DEPOSED',
+    };
+    out.push(`peer          ${peerText[s.peerState] ?? s.peerState}`);
+    const r = s.resync;
+    if (r) {
+      const pct = Math.floor((100 * r.doneBytes) / Math.max(1, r.totalBytes));
+      out.push(
+        `resync        ${r.mode}, ${r.state}${r.state === 'running' ? ` ${pct}%` : ''}: ${formatBytes(r.doneBytes)} of ` +
+          `${formatBytes(r.totalBytes)} checked, ${formatBytes(r.sentBytes)} sent, ${formatBytes(r.equalBytes)} equal by ` +
+          `${formatBytes(r.hashBytes)} of hashes${r.error ? `; ${r.error}` : ''}`,
+      );
+    }
+    if (s.unprotected && (s.unprotected.exactBytes > 0 || s.peerState !== 'protected'))
+      out.push(
+        `out of sync   ${formatBytes(s.unprotected.exactBytes)} written that the secondary lacks ` +
+          `(${formatBytes(s.unprotected.hotBytes)} of extents recorded on disk)`,
+      );
+    if (s.refused) out.push(`REFUSED       ${s.refused}`);
     out.push(`epoch         ${s.epoch} open`);
     out.push(
       `link          ${s.link.state} ${s.link.state === 'connected' ? 'to' : 'from'} ${s.link.peer} ${s.link.since ? `since ${ago(s.link.since)}` : ''}`,
@@ -342,6 +369,16 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
   } else {
     if (s.promoted) out.push(`PROMOTED      to primary ${ago(s.promoted.at)}: ${s.promoted.reason}`);
     else if (s.failoverPending) out.push(`FAILOVER      pending: promoting unless the primary comes back`);
+    if (s.syncing)
+      out.push(
+        `RESYNCING     since ${ago(s.syncing.since)} (${s.syncing.mode}): this disk matches no checkpoint; not promotable`,
+      );
+    if (s.refusal)
+      out.push(`REFUSED       a primary ${ago(s.refusal.at)} (${s.refusal.code}): ${s.refusal.message}`);
+    if (s.promoted && s.unprotected)
+      out.push(
+        `out of sync   ${formatBytes(s.unprotected.exactBytes)} written since the promotion (no secondary protects it; colo-blk reprotect)`,
+      );
     out.push(
       `epochs        committed ${s.committedEpoch}, applied ${s.appliedEpoch}, durable ${s.durableEpoch}`,
     );
