@@ -126,7 +126,7 @@ describe('failover', () => {
     const stext = (
       await runOk(process.execPath, [CLI, 'status', '--control', `127.0.0.1:${pair.secondary.control.port}`])
     ).stdout;
-    expect(stext).toMatch(/role +primary \(generation 2\)/);
+    expect(stext).toMatch(/role +primary \(generation 2, [0-9a-f]+\)/);
     expect(stext).toMatch(/PROMOTED/);
     await pvm.close();
   });
