@@ -44,6 +44,12 @@ export const limits = {
   replicationLowWaterBytes: 16 * MiB,
   /** On a promoted node, the overlay is folded into the image once it holds this much. */
   promotedFoldBytes: 64 * MiB,
+  /**
+   * A resync commits (with a 'partial' mark) every so many bytes sent, so the
+   * logs on both sides stay bounded. COLO_BLK_RESYNC_COMMIT_BYTES overrides it
+   * (tests use a small value to exercise partial commits on small disks).
+   */
+  resyncCommitBytes: Number(process.env.COLO_BLK_RESYNC_COMMIT_BYTES) || 64 * 1024 * 1024,
   /** How long a graceful shutdown waits for in-flight requests. */
   shutdownGraceMs: 5_000,
 } as const;

@@ -69,22 +69,33 @@ async function waitFor<T>(
 }
 
 /** A secondary process on an existing state directory and image (a returning node or a new one). */
-async function secondaryOn(dir: string, state: string, image: string, size: string, extra: string[] = []) {
-  const s = await startNode('secondary', [
-    '--listen',
-    '127.0.0.1:0',
-    '--export',
-    `disk0=${path.join(dir, image)},size=${size}`,
-    '--state',
-    path.join(dir, state),
-    '--replication-listen',
-    '127.0.0.1:0',
-    '--control',
-    '127.0.0.1:0',
-    '--failover',
-    'manual',
-    ...extra,
-  ]);
+async function secondaryOn(
+  dir: string,
+  state: string,
+  image: string,
+  size: string,
+  extra: string[] = [],
+  env: NodeJS.ProcessEnv = {},
+) {
+  const s = await startNode(
+    'secondary',
+    [
+      '--listen',
+      '127.0.0.1:0',
+      '--export',
+      `disk0=${path.join(dir, image)},size=${size}`,
+      '--state',
+      path.join(dir, state),
+      '--replication-listen',
+      '127.0.0.1:0',
+      '--control',
+      '127.0.0.1:0',
+      '--failover',
+      'manual',
+      ...extra,
+    ],
+    env,
+  );
   procs.push(s);
   return s;
 }
@@ -324,5 +335,100 @@ describe('re-protection', () => {
     expect(await hashExport(a.nbdPort)).toBe(await hashExport(pair.secondary.nbdPort));
     expect((await svm.read(1 << 20, 4096)).equals(Buffer.alloc(4096, 0xb))).toBe(true);
     await svm.close();
+  });
+});
+
+describe('crashes during a resync', () => {
+  /** A primary with data and a new secondary: a full resync with a partial commit every 1 MiB. */
+  async function pairWithData(
+    dir: string,
+    secondaryEnv: NodeJS.ProcessEnv,
+    primaryEnv: NodeJS.ProcessEnv = {},
+  ) {
+    const env = { COLO_BLK_RESYNC_COMMIT_BYTES: String(1 << 20) };
+    const p = await startNode(
+      'primary',
+      [
+        '--listen',
+        '127.0.0.1:0',
+        '--export',
+        `disk0=${path.join(dir, 'pvm.img')},size=16M`,
+        '--state',
+        path.join(dir, 'pvm-state'),
+        '--peer',
+        '127.0.0.1:1', // nobody there yet
+        '--control',
+        '127.0.0.1:0',
+      ],
+      { ...env, ...primaryEnv },
+    );
+    procs.push(p);
+    const c = await NbdClient.connect({ port: p.nbdPort, exportName: 'disk0' });
+    await c.write(randomBytes(8 << 20), 0);
+    await c.write(randomBytes(1 << 20), 12 << 20);
+    await c.close();
+    const s = await secondaryOn(dir, 'svm-state', 'svm.img', '16M', [], { ...env, ...secondaryEnv });
+    return { p, s };
+  }
+
+  for (const point of [
+    'secondary-after-rebase',
+    'secondary-after-partial-sync-commit',
+    'secondary-mid-apply',
+  ]) {
+    it(`the secondary killed at ${point} is never promotable half-synced, and the resync completes`, async () => {
+      const dir = fresh();
+      const skip = point === 'secondary-after-rebase' ? '0' : '1'; // one rebase per resync
+      const { p, s } = await pairWithData(dir, { COLO_BLK_CRASH_AT: point, COLO_BLK_CRASH_SKIP: skip });
+      await controlCall(p.control, 'POST', '/reprotect', { peer: `127.0.0.1:${s.info.replicationPort}` });
+      expect((await s.exit).signal).toBe('SIGKILL');
+      // Restarted: if a partial commit made it, the node refuses to be promoted.
+      const again = await secondaryOn(dir, 'svm-state', 'svm.img', '16M', [], {
+        COLO_BLK_RESYNC_COMMIT_BYTES: String(1 << 20),
+      });
+      const st = await controlCall<{ syncing: unknown }>(again.control, 'GET', '/status');
+      if (point === 'secondary-after-partial-sync-commit') expect(st.syncing).toBeTruthy();
+      if (st.syncing) {
+        const f = await run(process.execPath, [
+          CLI,
+          'failover',
+          '--control',
+          `127.0.0.1:${again.control.port}`,
+        ]);
+        expect(f.code).toBe(1);
+        expect(f.stderr).toMatch(/part-way through a resync/);
+      }
+      await controlCall(p.control, 'POST', '/reprotect', { peer: `127.0.0.1:${again.info.replicationPort}` });
+      await waitLinkUp(p, 30_000);
+      await checkpointOn(p);
+      expect(await hashExport(again.nbdPort)).toBe(await hashExport(p.nbdPort));
+    });
+  }
+
+  it('the primary killed mid-resync restarts and completes it', async () => {
+    const dir = fresh();
+    const { p, s } = await pairWithData(
+      dir,
+      {},
+      { COLO_BLK_CRASH_AT: 'primary-mid-resync', COLO_BLK_CRASH_SKIP: '3' },
+    );
+    await controlCall(p.control, 'POST', '/reprotect', { peer: `127.0.0.1:${s.info.replicationPort}` });
+    expect((await p.exit).signal).toBe('SIGKILL');
+    const p2 = await startNode('primary', [
+      '--listen',
+      '127.0.0.1:0',
+      '--export',
+      `disk0=${path.join(dir, 'pvm.img')},size=16M`,
+      '--state',
+      path.join(dir, 'pvm-state'),
+      '--peer',
+      `127.0.0.1:${s.info.replicationPort}`,
+      '--control',
+      '127.0.0.1:0',
+    ]);
+    procs.push(p2);
+    await waitLinkUp(p2, 30_000);
+    await checkpointOn(p2);
+    expect(await hashExport(s.nbdPort)).toBe(await hashExport(p2.nbdPort));
   });
 });

@@ -538,7 +538,10 @@ export class SecondaryStore {
     this.commits.append({ t: 'commit', e: n, overlay: nextOverlay, at: now, sync });
     await this.commits.sync();
     crashPoint('secondary-after-commit-record');
-    if (sync?.state === 'partial') this.syncing ??= { target: sync.target, mode: sync.mode, since: now };
+    if (sync?.state === 'partial') {
+      this.syncing ??= { target: sync.target, mode: sync.mode, since: now };
+      crashPoint('secondary-after-partial-sync-commit');
+    }
     if (sync?.state === 'done') this.adoptSync(sync);
     this.updateIndex(ops); // the index; the journal above is the record
     // The commit record is durable: from here on N counts, whatever happens.
@@ -601,6 +604,7 @@ export class SecondaryStore {
     const base = primaryEpoch - 1;
     this.commits.append({ t: 'rebase', e: base, at: Date.now() });
     await this.commits.sync();
+    crashPoint('secondary-after-rebase');
     this.lastCommitted = base;
     this.lastApplied = base;
     await this.db.batch(

@@ -23,6 +23,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { crashPoint } from '../crash.js';
 import { ColoError } from '../errors.js';
 import { crc32 } from 'node:zlib';
 

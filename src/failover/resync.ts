@@ -22,7 +22,9 @@
  *   every range turned into a compare range: what was already transferred
  *   costs only its hashes.
  */
+import { crashPoint } from '../crash.js';
 import { ColoError } from '../errors.js';
+import { limits } from '../limits.js';
 import { mergeRanges, type Range } from './activity.js';
 import { blockHashes, HASH_BLOCK, HASH_BYTES, HASH_SUBBLOCK, type RangeReader } from './hash.js';
 import type { SyncMode } from './history.js';
@@ -66,8 +68,6 @@ const SEND_CHUNK = 1024 * 1024;
 const COMPARE_CHUNK = 4 * 1024 * 1024;
 /** Requests in flight (hashes are prefetched while local hashing runs). */
 const PIPELINE = 4;
-/** A commit every so many bytes sent, so logs stay bounded. */
-const CHECKPOINT_EVERY = 64 * 1024 * 1024;
 
 function* chunks(ranges: Range[], size: number, align: number): Generator<Range> {
   for (const r of ranges)
@@ -120,10 +120,11 @@ export class Resync {
 
   private async send(offset: number, length: number): Promise<void> {
     this.check();
+    crashPoint('primary-mid-resync');
     await this.host.sendRange(offset, length);
     this.progress.sentBytes += length;
     this.sinceCheckpoint += length;
-    if (this.sinceCheckpoint >= CHECKPOINT_EVERY) {
+    if (this.sinceCheckpoint >= limits.resyncCommitBytes) {
       this.sinceCheckpoint = 0;
       await this.host.checkpoint('partial');
       this.progress.checkpoints++;
