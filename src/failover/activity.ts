@@ -256,6 +256,7 @@ export class ActivityLog {
     await new Promise<void>((resolve, reject) =>
       fs.write(this.fd, buf, 0, buf.length, at, (err) => (err ? reject(err) : resolve())),
     );
+    crashPoint('activity-before-sync');
     await new Promise<void>((resolve, reject) =>
       fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())),
     );
