@@ -296,6 +296,15 @@ describe('re-protection', () => {
     const svm = await NbdClient.connect({ port: pair.secondary.nbdPort, exportName: 'disk0' });
     await pvm.write(Buffer.alloc(4096, 0xa), 1 << 20);
     await svm.write(Buffer.alloc(4096, 0xb), 1 << 20);
+    // The lone primary says how much its secondary lacks (recorded before each write was acknowledged).
+    const lone = await status(pair.primary);
+    expect(lone.unprotected!.exactBytes).toBeGreaterThanOrEqual(4096);
+    expect(lone.unprotected!.hotBytes).toBeGreaterThanOrEqual(1 << 20);
+    const loneText = (
+      await runOk(process.execPath, [CLI, 'status', '--control', `127.0.0.1:${pair.primary.control.port}`])
+    ).stdout;
+    expect(loneText).toMatch(/ALONE/);
+    expect(loneText).toMatch(/out of sync +\d/);
     const [pa, sb] = [await hashExport(pair.primary.nbdPort), await hashExport(pair.secondary.nbdPort)];
     // The partition heals: the old primary reconnects to the promoted node.
     proxy!.refuse = false;
