@@ -441,3 +441,45 @@ describe('crashes during a resync', () => {
     expect(await hashExport(s.nbdPort)).toBe(await hashExport(p2.nbdPort));
   });
 });
+
+describe('restarts after re-protection', () => {
+  it('a promoted node that re-protected a secondary restarts as a plain primary and carries on', async () => {
+    const dir = fresh();
+    pair = await startPair(dir, '16M');
+    await waitLinkUp(pair.primary);
+    const svm = await NbdClient.connect({ port: pair.secondary.nbdPort, exportName: 'disk0' });
+    pair.primary.child.kill('SIGKILL');
+    await pair.primary.exit;
+    await controlCall(pair.secondary.control, 'POST', '/failover');
+    await svm.write(Buffer.alloc(64 * 1024, 9), 0);
+    const a = await secondaryOn(dir, 'pvm-state', 'pvm.img', '16M');
+    await reprotect(pair.secondary.control, Number(a.info.replicationPort));
+    await svm.write(Buffer.alloc(64 * 1024, 10), 1 << 20); // logged, never committed
+    await svm.close();
+    pair.secondary.child.kill('SIGKILL');
+    await pair.secondary.exit;
+    // The same state directory, now as `colo-blk primary`: the promoted store is folded into the image.
+    const b = await startNode('primary', [
+      '--listen',
+      '127.0.0.1:0',
+      '--export',
+      `disk0=${path.join(dir, 'svm.img')},size=16M`,
+      '--state',
+      path.join(dir, 'svm-state'),
+      '--peer',
+      `127.0.0.1:${a.info.replicationPort}`,
+      '--control',
+      '127.0.0.1:0',
+    ]);
+    procs.push(b);
+    const st = await waitLinkUp(b, 20_000);
+    expect(st).toMatchObject({ peerState: 'protected' });
+    const c = await NbdClient.connect({ port: b.nbdPort, exportName: 'disk0' });
+    expect((await c.read(0, 4096)).equals(Buffer.alloc(4096, 9))).toBe(true);
+    expect((await c.read(1 << 20, 4096)).equals(Buffer.alloc(4096, 10))).toBe(true);
+    await c.close();
+    await checkpointOn(b);
+    expect(await hashExport(a.nbdPort)).toBe(await hashExport(b.nbdPort));
+    expect((await status(b)).generation).toBe(2);
+  });
+});
