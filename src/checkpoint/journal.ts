@@ -21,6 +21,7 @@
  */
 import fs from 'node:fs';
 import { ioTracer } from '../block/io-trace.js';
+import { crashPoint } from '../crash.js';
 import { ColoError, toColoError } from '../errors.js';
 import {
   decodeFrame,
@@ -175,6 +176,7 @@ export class JournalWriter {
       // only ever claims bytes that were written before it started.
       this.flush();
       const upTo = this.writtenEnd;
+      crashPoint('journal-before-fdatasync'); // written, not yet durable
       const synced = fdatasync(this.fd);
       this.syncing = (ioTracer?.sync(this.path, synced) ?? synced)
         .then(() => {

@@ -20,6 +20,7 @@
  */
 import { ColoError } from '../errors.js';
 import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
+import { crashPoint } from '../crash.js';
 import type { ActivityLog } from '../failover/activity.js';
 import type { PrimaryLog } from './primary-log.js';
 import type { SealRecord } from './records.js';
@@ -93,6 +94,7 @@ export class ReplicatingDevice implements BlockDevice {
   pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
     return this.mutate(offset, buf.length, async () => {
       await this.local.pwrite(buf, offset, opts);
+      crashPoint('primary-after-local-write');
       if (buf.length > 0) this.log.append({ t: 'w', o: offset, f: opts.fua || undefined }, buf);
     });
   }

@@ -121,6 +121,8 @@ export class SecondaryStore {
   generation = 1;
   /** Set once this node was promoted to primary (failover). */
   promoted: { generation: number; at: number; reason: string } | null = null;
+  /** Set from the first moment of a promotion: no commit, seal or record is taken after it. */
+  private promoting = false;
   /** Set while a resync into this node is part-way: the image matches no checkpoint. */
   syncing: { target: string; mode: SyncMode; since: number } | null = null;
   /** Overlays folded on a promoted node, oldest first, until applied to the image. */
@@ -375,7 +377,7 @@ export class SecondaryStore {
    * is gone, so epochs it never made durable here can never complete: drop them.
    */
   startSession(session: string, primaryEpoch: number): { dropped: number[] } {
-    if (this.promoted) throw this.staleError();
+    if (this.promoted || this.promoting) throw this.staleError();
     if (primaryEpoch <= this.durableEpoch)
       throw new ColoError(
         'EUSAGE',
@@ -386,7 +388,9 @@ export class SecondaryStore {
     const dropped: number[] = [];
     for (const e of [...this.epochs.values()])
       if (e.state === 'receiving' || e.state === 'sealed') {
-        e.layer.destroy();
+        // Deleted now, not in the background: the new session recreates the same path.
+        e.layer.close();
+        fs.rmSync(e.layer.path, { force: true });
         this.epochs.delete(e.epoch);
         dropped.push(e.epoch);
       }
@@ -414,7 +418,7 @@ export class SecondaryStore {
    * already held are duplicates from a resend and are ignored (returns false).
    */
   receive(rec: MutationRecord, frame: Buffer, dataLength: number): boolean {
-    if (this.promoted) throw this.staleError();
+    if (this.promoted || this.promoting) throw this.staleError();
     if (rec.s <= this.highestSeq) return false;
     const e = this.entry(rec.e);
     if (e.state !== 'receiving')
@@ -463,6 +467,7 @@ export class SecondaryStore {
 
   /** The seal marker of epoch N: check the counts, make N durable, record it. */
   async seal(seal: SealRecord): Promise<EpochMeta> {
+    if (this.promoted || this.promoting) throw this.staleError();
     const e = this.entry(seal.e);
     if (e.state === 'durable' || e.state === 'committed') return this.epochMeta(e);
     try {
@@ -508,6 +513,7 @@ export class SecondaryStore {
     n: number,
     sync?: SyncMark,
   ): Promise<{ epochs: number[]; overlayDiscarded: { records: number; bytes: number } }> {
+    if (this.promoted || this.promoting) throw this.staleError();
     if (n <= this.lastCommitted) {
       if (sync?.state === 'done' && this.syncing) await this.finishSync(n, sync);
       return { epochs: [], overlayDiscarded: { records: 0, bytes: 0 } };
@@ -588,7 +594,7 @@ export class SecondaryStore {
   async startResync(
     primaryEpoch: number,
   ): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
-    if (this.promoted) throw this.staleError();
+    if (this.promoted || this.promoting) throw this.staleError();
     const dropped: number[] = [];
     for (const e of [...this.epochs.values()])
       if (e.state !== 'committed') {
@@ -645,7 +651,12 @@ export class SecondaryStore {
   // Failover
 
   private staleError(): ColoError {
-    const p = this.promoted!;
+    if (!this.promoted)
+      return new ColoError(
+        'ESTALE',
+        'this node is being promoted to primary; it accepts no primary any more',
+      );
+    const p = this.promoted;
     return new ColoError(
       'ESTALE',
       `this node was promoted to primary (generation ${p.generation}) at ${new Date(p.at).toISOString()} ` +
@@ -659,7 +670,26 @@ export class SecondaryStore {
    * own writes, which from now on are the disk's real data (invariant 5).
    * Disk and memory resume from the same point: the last commit.
    */
-  async promote(
+  promote(
+    reason: string,
+  ): Promise<{ generation: number; at: number; droppedEpochs: number[]; committed: number }> {
+    // Two requests at once (automatic and manual, say) get the same promotion.
+    if (!this.promotion)
+      this.promotion = this.promoteOnce(reason).catch((err: Error) => {
+        this.promotion = null;
+        throw err;
+      });
+    return this.promotion;
+  }
+
+  private promotion: Promise<{
+    generation: number;
+    at: number;
+    droppedEpochs: number[];
+    committed: number;
+  }> | null = null;
+
+  private async promoteOnce(
     reason: string,
   ): Promise<{ generation: number; at: number; droppedEpochs: number[]; committed: number }> {
     if (this.promoted)
@@ -676,6 +706,10 @@ export class SecondaryStore {
           `${new Date(this.syncing.since).toISOString()}); its disk matches no checkpoint. Promote it only ` +
           `after the resync completes.`,
       );
+    // From here on nothing from the old primary is taken: a commit racing this promotion
+    // must not land after the promote record (N counts only if its record came first).
+    this.promoting = true;
+    crashPoint('secondary-before-promote-record');
     const history = this.opts.history;
     const generation = Math.max(this.generation, history?.last?.n ?? 0) + 1;
     const at = Date.now();
@@ -733,6 +767,7 @@ export class SecondaryStore {
     const next = this.overlayId + 1;
     this.commits.append({ t: 'fold', overlay: this.overlayId, next, at: Date.now() });
     await this.commits.sync();
+    crashPoint('secondary-after-fold-record');
     // Durable: switch. Writes that came in meanwhile are in the folded overlay, which is right.
     this.folded.push(this.overlay);
     this.overlay = Layer.create(next, this.overlayPath(next));
