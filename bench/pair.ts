@@ -54,10 +54,12 @@ export async function startNode(
   ctx: BenchContext,
   role: 'primary' | 'secondary',
   args: readonly string[],
+  env?: Record<string, string>,
 ): Promise<NodeHandle> {
   const child = spawn(process.execPath, nodeArgs(ctx, role, args), {
     stdio: ['ignore', 'pipe', 'pipe'],
     cwd: ctx.root,
+    ...(env ? { env: { ...process.env, ...env } } : {}),
   });
   liveServers.add(child);
   const stderr = new TailBuffer();
@@ -150,11 +152,23 @@ export interface PairOptions {
   /** The secondary's failover mode (default manual: stopping a pair must not promote). */
   failover?: 'auto' | 'manual';
   failoverGraceMs?: number;
+  /** Extra environment of the secondary process (e.g. COLO_BLK_CRASH_AT). */
+  secondaryEnv?: Record<string, string>;
+  /** Called once `dir` exists (emptied) and before either node starts: e.g. to put images in place. */
+  prepare?(dir: string): void;
+  /** How long the first synchronisation of the two disks may take (default 120 s). */
+  syncTimeoutMs?: number;
 }
 
 export interface Pair {
   primary: NodeHandle;
   secondary: NodeHandle;
+  /**
+   * The pair's first synchronisation (every new pair compares both disks by hash before its first
+   * checkpoint): the primary's \`status.resync\` once it reported the secondary protected, and how long
+   * the benchmark waited for that after the primary printed its listening line.
+   */
+  initialSync: { resync: Status; waitedMs: number };
   /** Why a node is gone, or null while both run. */
   exited(): string | null;
   /** Stop the primary, then the secondary (each by PID; SIGTERM, then SIGKILL). */
@@ -199,17 +213,23 @@ export function pairArgs(opts: PairOptions, replicationPort: number | string) {
   return { primary, secondary };
 }
 
-/** Start a secondary, then a primary replicating to it, and wait until the link is up. */
+/**
+ * Start a secondary, then a primary replicating to it, and wait until the secondary is protected:
+ * the link is up and the first synchronisation (a full hash comparison of both disks) is done, so
+ * that whatever the caller measures next does not include it.
+ */
 export async function startPair(ctx: BenchContext, opts: PairOptions): Promise<Pair> {
   fs.rmSync(opts.dir, { recursive: true, force: true });
   fs.mkdirSync(opts.dir, { recursive: true });
-  const secondary = await startNode(ctx, 'secondary', pairArgs(opts, 0).secondary);
+  opts.prepare?.(opts.dir);
+  const secondary = await startNode(ctx, 'secondary', pairArgs(opts, 0).secondary, opts.secondaryEnv);
   let primary: NodeHandle | null = null;
   const pair: Pair = {
     secondary,
     get primary() {
       return primary!;
     },
+    initialSync: { resync: null, waitedMs: NaN },
     exited: () => primary?.exited() ?? secondary.exited(),
     stop: async () => {
       if (primary) await primary.stop();
@@ -218,7 +238,9 @@ export async function startPair(ctx: BenchContext, opts: PairOptions): Promise<P
   };
   try {
     primary = await startNode(ctx, 'primary', pairArgs(opts, Number(secondary.info.replicationPort)).primary);
-    await waitLinkUp(pair, 15_000);
+    const t = performance.now();
+    const s = await waitProtected(pair, opts.syncTimeoutMs ?? 120_000);
+    pair.initialSync = { resync: s.resync, waitedMs: performance.now() - t };
   } catch (err) {
     await pair.stop();
     throw err;
@@ -232,15 +254,28 @@ export type Status = any;
 export const status = (node: NodeHandle): Promise<Status> =>
   controlCall<Status>(node.control, 'GET', '/status');
 
-async function waitLinkUp(pair: Pair, timeoutMs: number): Promise<void> {
+/**
+ * Wait until the primary reports the secondary protected (\`peerState\` 'protected': link up and the
+ * first resync done); returns the primary's status then. A refusal fails at once.
+ */
+async function waitProtected(pair: Pair, timeoutMs: number): Promise<Status> {
   const deadline = performance.now() + timeoutMs;
   for (;;) {
     const gone = pair.exited();
     if (gone) throw new Error(gone);
     const s = await status(pair.primary);
-    if (s.link.state === 'connected') return;
-    if (performance.now() > deadline)
-      throw new Error(`the replication link did not come up in ${timeoutMs / 1000} s: ${s.link.lastError}`);
+    if (s.link.state === 'connected' && s.peerState === 'protected') return s;
+    if (s.peerState === 'refused' || s.peerState === 'deposed')
+      throw new Error(`the secondary did not accept the primary (${s.peerState}): ${s.refused ?? s.deposed}`);
+    if (performance.now() > deadline) {
+      const r = s.resync;
+      throw new Error(
+        `the secondary was not protected within ${timeoutMs / 1000} s: link ${s.link.state}` +
+          (s.link.lastError ? ` (${s.link.lastError})` : '') +
+          `, peerState ${s.peerState}` +
+          (r ? `, resync ${r.mode} ${r.state}: ${r.doneBytes} of ${r.totalBytes} bytes` : ''),
+      );
+    }
     await sleep(25);
   }
 }

@@ -7,6 +7,7 @@
  *   checkpoint — checkpoint latency by pending size, once the data is shipped
  *   memory     — peak RSS of both nodes with 1 GiB pending in one epoch
  *   failover   — from the primary's death to the promoted node serving writes
+ *   resync, recovery — in resync.ts
  */
 import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
@@ -24,6 +25,7 @@ import {
   type Pair,
 } from './pair.js';
 import { lastLine } from './proc.js';
+import { recoveryScenario, resyncScenario } from './resync.js';
 import type { BenchContext, ScenarioDef, ScenarioReport, Target } from './types.js';
 
 const MiB = 2 ** 20;
@@ -102,7 +104,10 @@ async function withPair<T>(
   });
   let client: NbdClient | null = null;
   try {
-    ctx.log(`  pair up: primary pid ${pair.primary.pid}, secondary pid ${pair.secondary.pid}`);
+    ctx.log(
+      `  pair up: primary pid ${pair.primary.pid}, secondary pid ${pair.secondary.pid} ` +
+        `(first sync of the disks: ${(pair.initialSync.waitedMs / 1000).toFixed(1)} s)`,
+    );
     client = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: ctx.exportName });
     const r = await body(pair, client);
     await client.close();
@@ -535,4 +540,10 @@ export const failoverScenario: ScenarioDef = {
   },
 };
 
-export const SCENARIOS: ScenarioDef[] = [checkpointScenario, memoryScenario, failoverScenario];
+export const SCENARIOS: ScenarioDef[] = [
+  checkpointScenario,
+  memoryScenario,
+  failoverScenario,
+  resyncScenario,
+  recoveryScenario,
+];

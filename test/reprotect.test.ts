@@ -368,6 +368,8 @@ describe('crashes during a resync', () => {
         '127.0.0.1:1', // nobody there yet
         '--control',
         '127.0.0.1:0',
+        '--budget',
+        '1M', // the log cannot carry the data: the resync must send it
       ],
       { ...env, ...primaryEnv },
     );

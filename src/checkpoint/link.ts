@@ -60,12 +60,15 @@ class Heartbeat {
     opts: HeartbeatOptions,
     beat: () => void,
     onTimeout: (silentMs: number) => void,
+    /** True while this side holds the socket paused to handle a frame (a long hash, say). */
+    busy: () => boolean = () => false,
   ) {
     socket.on('data', () => (this.lastRx = performance.now()));
     this.timer = setInterval(() => {
       const now = performance.now();
-      // This process was frozen (stopped, swapped out): the silence is ours, not the peer's.
-      if (now - this.lastTick > opts.timeoutMs) this.lastRx = now;
+      // This process was frozen (stopped, swapped out), or is not reading because it is busy
+      // with a frame: the silence is ours, not the peer's.
+      if (now - this.lastTick > opts.timeoutMs || busy()) this.lastRx = now;
       this.lastTick = now;
       const silentMs = now - this.lastRx;
       if (silentMs > opts.timeoutMs) {
@@ -87,6 +90,11 @@ class FrameReader {
   private readonly queue = new ByteQueue();
   private busy = false;
   private stopped = false;
+
+  /** Handling a frame (the socket is paused meanwhile). */
+  get working(): boolean {
+    return this.busy;
+  }
 
   constructor(
     private readonly socket: net.Socket,
@@ -193,6 +201,11 @@ export class PrimaryLink extends EventEmitter {
   /** The secondary's answer at the last hello. */
   peer: PeerHello | null = null;
   private hashWaiters = new Map<number, { resolve: (h: Buffer) => void; reject: (e: Error) => void }>();
+  /**
+   * Hash requests made while records logged before them were still unsent: each waits until
+   * `bytesSent` reaches `at`, where the log ended when it was made (cleared with the connection).
+   */
+  private parkedHashes: { at: number; frame: object }[] = [];
   private nextHashId = 1;
   private retryMs: number;
   private closed = false;
@@ -298,6 +311,7 @@ export class PrimaryLink extends EventEmitter {
     this.commitWaiters = [];
     for (const w of this.hashWaiters.values()) w.reject(err);
     this.hashWaiters.clear();
+    this.parkedHashes = [];
   }
 
   private onFrame(meta: Meta, data: Buffer): void {
@@ -422,6 +436,7 @@ export class PrimaryLink extends EventEmitter {
       if (parts[1].length) this.write(parts[1]);
       this.cursor.offset += bytes;
       this.bytesSent += bytes;
+      this.releaseHashes();
     } else this.pump();
   }
 
@@ -472,8 +487,15 @@ export class PrimaryLink extends EventEmitter {
     try {
       this.pumpFrames();
     } finally {
+      this.releaseHashes();
       this.releaseRoom();
     }
+  }
+
+  /** Send the parked hash requests whose preceding records have all been sent, in order. */
+  private releaseHashes(): void {
+    while (this.parkedHashes.length && this.socket && this.bytesSent >= this.parkedHashes[0].at)
+      send(this.socket, this.parkedHashes.shift()!.frame);
   }
 
   private pumpFrames(): void {
@@ -623,7 +645,13 @@ export class PrimaryLink extends EventEmitter {
       return Promise.reject(new ColoError('ECONNECT', 'the secondary is not connected'));
     const id = this.nextHashId++;
     const p = new Promise<Buffer>((resolve, reject) => this.hashWaiters.set(id, { resolve, reject }));
-    send(this.socket, { t: 'hash?', id, o: offset, l: length, bs: block });
+    const frame = { t: 'hash?', id, o: offset, l: length, bs: block };
+    // The secondary hashes its disk as of this point of the stream, so the request must follow
+    // every record logged before it; while some of those are unsent (the socket pushed back,
+    // or a resend is under way), it waits for them instead of overtaking them.
+    const at = this.bytesSent + this.unsentBytes;
+    if (this.parkedHashes.length === 0 && this.bytesSent >= at) send(this.socket, frame);
+    else this.parkedHashes.push({ at, frame });
     return p;
   }
 
@@ -689,6 +717,7 @@ export class SecondaryLink extends EventEmitter {
     this.current = socket;
     this.peer = `${socket.remoteAddress}:${socket.remotePort}`;
     socket.on('data', (d: Buffer) => (this.bytesReceived += d.length));
+    const holder: { reader?: FrameReader } = {};
     new Heartbeat(
       socket,
       this.opts.heartbeat ?? DEFAULT_HEARTBEAT,
@@ -697,6 +726,7 @@ export class SecondaryLink extends EventEmitter {
         this.lastError = `heartbeat timeout: nothing from the primary for ${silentMs} ms`;
         socket.destroy();
       },
+      () => holder.reader?.working ?? false,
     );
     const reader: FrameReader = new FrameReader(
       socket,
@@ -708,6 +738,7 @@ export class SecondaryLink extends EventEmitter {
         socket.destroy();
       },
     );
+    holder.reader = reader;
     socket.on('error', (err) => (this.lastError = err.message));
     socket.on('close', () => {
       reader.stop();

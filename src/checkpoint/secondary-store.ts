@@ -639,8 +639,10 @@ export class SecondaryStore {
    */
   pvmHashes(offset: number, length: number, block: number): Promise<Buffer> {
     assertRange(this, offset, length);
-    const layers = [...this.epochs.values()].sort((a, b) => b.epoch - a.epoch).map((e) => e.layer);
-    return blockHashes((buf, off) => readLayers(layers, this.image, buf, off), offset, length, block);
+    // The layers are looked up again for every chunk read: between two chunks the background apply
+    // may finish an epoch and close its journal (its data is in the image by then).
+    const layers = () => [...this.epochs.values()].sort((a, b) => b.epoch - a.epoch).map((e) => e.layer);
+    return blockHashes((buf, off) => readLayers(layers(), this.image, buf, off), offset, length, block);
   }
 
   private epochMeta(e: EpochEntry): EpochMeta {
