@@ -32,8 +32,6 @@ const HEADER = 32;
 const MIN_EXTENT = 1024 * 1024;
 const MAX_EXTENTS = 65536;
 const MIN_BLOCK = 4096;
-/** Extents marked hot ahead of a write that needs a sync anyway (sequential writers). */
-const PREFETCH_EXTENTS = 7;
 const MAX_BLOCKS = 1 << 28;
 
 export interface Range {
@@ -195,16 +193,6 @@ export class ActivityLog {
       }
       if (!this.durable.get(x)) needSync = true;
     }
-    // A sync is due anyway: take the next few extents along, so a sequential writer
-    // pays one sync per PREFETCH_EXTENTS extents instead of one per extent.
-    if (needSync)
-      for (let x = x1; x < Math.min(x1 + PREFETCH_EXTENTS, this.hot.bits); x++) {
-        if (this.lastEpoch[x] < epoch) this.lastEpoch[x] = epoch;
-        if (!this.hot.get(x)) {
-          this.hot.set(x);
-          this.version++;
-        }
-      }
     return needSync;
   }
 
