@@ -348,7 +348,10 @@ describe('replication', () => {
   });
 
   it('flow control holds PVM writes while a connected secondary lags, and releases them when it is lost', async () => {
-    pair = await startPair(fresh(), '160M', { primaryArgs: ['--budget', '4G'] });
+    // A generous heartbeat timeout: the backlog must pass the high-water mark before the loss is declared.
+    pair = await startPair(fresh(), '160M', {
+      primaryArgs: ['--budget', '4G', '--heartbeat-timeout', '3000'],
+    });
     await waitLinkUp(pair.primary);
     const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
     // A frozen secondary reads nothing: the backlog passes the high-water mark and
