@@ -26,10 +26,6 @@ export class SwitchDevice implements BlockDevice {
     return this.current.caps;
   }
 
-  get backend(): BlockDevice {
-    return this.current;
-  }
-
   private async run<T>(op: (d: BlockDevice) => Promise<T>): Promise<T> {
     while (this.hold) await this.hold;
     this.inflight++;
@@ -41,7 +37,7 @@ export class SwitchDevice implements BlockDevice {
   }
 
   /** Replace the backend once the requests in flight are done. */
-  async swap(next: BlockDevice, prepare?: () => Promise<void>): Promise<void> {
+  async swap(next: BlockDevice): Promise<void> {
     if (next.size !== this.current.size)
       throw new ColoError('EINVAL', 'a switched device must keep its size');
     for (const k of ['write', 'flush', 'trim', 'zero', 'fua'] as const)
@@ -53,7 +49,6 @@ export class SwitchDevice implements BlockDevice {
     try {
       if (this.inflight > 0) await new Promise<void>((r) => (this.drained = r));
       this.drained = null;
-      await prepare?.();
       this.current = next;
     } finally {
       this.hold = null;

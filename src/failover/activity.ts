@@ -300,7 +300,7 @@ export class ActivityLog {
     await this.persist();
   }
 
-  /** Every hot extent is tagged with `epoch` at least (e.g. 0 = cools at the first commit). */
+  /** Hot extents as byte ranges (what this node may have written that its peer lacks). */
   hotRanges(): Range[] {
     return [...this.hot.runs()].map(([a, b]) => ({
       offset: a * this.extentBytes,

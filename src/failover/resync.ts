@@ -69,14 +69,13 @@ const COMPARE_CHUNK = 4 * 1024 * 1024;
 /** Requests in flight (hashes are prefetched while local hashing runs). */
 const PIPELINE = 4;
 
-function* chunks(ranges: Range[], size: number, align: number): Generator<Range> {
+function* chunks(ranges: Range[], align: number): Generator<Range> {
   for (const r of ranges)
     for (let o = r.offset; o < r.offset + r.length;) {
       const end = Math.min(r.offset + r.length, (Math.floor(o / align) + 1) * align);
       yield { offset: o, length: end - o };
       o = end;
     }
-  void size;
 }
 
 export class Resync {
@@ -133,7 +132,7 @@ export class Resync {
 
   async run(): Promise<ResyncProgress> {
     try {
-      for (const c of chunks(this.plan.send, this.host.size, SEND_CHUNK)) {
+      for (const c of chunks(this.plan.send, SEND_CHUNK)) {
         await this.send(c.offset, c.length);
         this.progress.doneBytes += c.length;
         this.onProgress(this.progress);
@@ -155,7 +154,7 @@ export class Resync {
   }
 
   private async compareAll(): Promise<void> {
-    const list = [...chunks(this.plan.compare, this.host.size, COMPARE_CHUNK)];
+    const list = [...chunks(this.plan.compare, COMPARE_CHUNK)];
     const inflight: Promise<Buffer>[] = [];
     const request = (i: number) =>
       this.host.requestHashes(list[i].offset, list[i].length, HASH_BLOCK).then((h) => {
