@@ -100,6 +100,37 @@ async function secondaryOn(
   return s;
 }
 
+/** A primary process on a state directory and image of `dir`, replicating to `peerPort`. */
+async function primaryOn(
+  dir: string,
+  state: string,
+  image: string,
+  size: string,
+  peerPort: number,
+  extra: string[] = [],
+  env: NodeJS.ProcessEnv = {},
+) {
+  const p = await startNode(
+    'primary',
+    [
+      '--listen',
+      '127.0.0.1:0',
+      '--export',
+      `disk0=${path.join(dir, image)},size=${size}`,
+      '--state',
+      path.join(dir, state),
+      '--peer',
+      `127.0.0.1:${peerPort}`,
+      '--control',
+      '127.0.0.1:0',
+      ...extra,
+    ],
+    env,
+  );
+  procs.push(p);
+  return p;
+}
+
 async function reprotect(primaryControl: { port: number }, peerPort: number) {
   const r = await runOk(
     process.execPath,
@@ -214,18 +245,7 @@ describe('re-protection', () => {
     pair.primary.child.kill('SIGKILL');
     await pair.primary.exit;
     await pvm.close().catch(() => {});
-    const p = await startNode('primary', [
-      '--listen',
-      '127.0.0.1:0',
-      '--export',
-      `disk0=${path.join(dir, 'pvm.img')},size=32M`,
-      '--state',
-      path.join(dir, 'pvm-state'),
-      '--peer',
-      `127.0.0.1:${pair.replicationPort}`,
-      '--control',
-      '127.0.0.1:0',
-    ]);
+    const p = await primaryOn(dir, 'pvm-state', 'pvm.img', '32M', pair.replicationPort);
     pair.primary = p;
     await waitLinkUp(p, 15_000);
     const s = await status(p);
@@ -355,25 +375,12 @@ describe('crashes during a resync', () => {
     primaryEnv: NodeJS.ProcessEnv = {},
   ) {
     const env = { COLO_BLK_RESYNC_COMMIT_BYTES: String(1 << 20) };
-    const p = await startNode(
-      'primary',
-      [
-        '--listen',
-        '127.0.0.1:0',
-        '--export',
-        `disk0=${path.join(dir, 'pvm.img')},size=16M`,
-        '--state',
-        path.join(dir, 'pvm-state'),
-        '--peer',
-        '127.0.0.1:1', // nobody there yet
-        '--control',
-        '127.0.0.1:0',
-        '--budget',
-        '1M', // the log cannot carry the data: the resync must send it
-      ],
-      { ...env, ...primaryEnv },
-    );
-    procs.push(p);
+    // Nobody at the peer address yet; a budget the data goes past, so the log cannot carry it
+    // and the resync must send it.
+    const p = await primaryOn(dir, 'pvm-state', 'pvm.img', '16M', 1, ['--budget', '1M'], {
+      ...env,
+      ...primaryEnv,
+    });
     const c = await NbdClient.connect({ port: p.nbdPort, exportName: 'disk0' });
     await c.write(randomBytes(8 << 20), 0);
     await c.write(randomBytes(1 << 20), 12 << 20);
@@ -425,19 +432,7 @@ describe('crashes during a resync', () => {
     );
     await controlCall(p.control, 'POST', '/reprotect', { peer: `127.0.0.1:${s.info.replicationPort}` });
     expect((await p.exit).signal).toBe('SIGKILL');
-    const p2 = await startNode('primary', [
-      '--listen',
-      '127.0.0.1:0',
-      '--export',
-      `disk0=${path.join(dir, 'pvm.img')},size=16M`,
-      '--state',
-      path.join(dir, 'pvm-state'),
-      '--peer',
-      `127.0.0.1:${s.info.replicationPort}`,
-      '--control',
-      '127.0.0.1:0',
-    ]);
-    procs.push(p2);
+    const p2 = await primaryOn(dir, 'pvm-state', 'pvm.img', '16M', Number(s.info.replicationPort));
     await waitLinkUp(p2, 30_000);
     await checkpointOn(p2);
     expect(await hashExport(s.nbdPort)).toBe(await hashExport(p2.nbdPort));
@@ -461,19 +456,7 @@ describe('restarts after re-protection', () => {
     pair.secondary.child.kill('SIGKILL');
     await pair.secondary.exit;
     // The same state directory, now as `colo-blk primary`: the promoted store is folded into the image.
-    const b = await startNode('primary', [
-      '--listen',
-      '127.0.0.1:0',
-      '--export',
-      `disk0=${path.join(dir, 'svm.img')},size=16M`,
-      '--state',
-      path.join(dir, 'svm-state'),
-      '--peer',
-      `127.0.0.1:${a.info.replicationPort}`,
-      '--control',
-      '127.0.0.1:0',
-    ]);
-    procs.push(b);
+    const b = await primaryOn(dir, 'svm-state', 'svm.img', '16M', Number(a.info.replicationPort));
     const st = await waitLinkUp(b, 20_000);
     expect(st).toMatchObject({ peerState: 'protected' });
     const c = await NbdClient.connect({ port: b.nbdPort, exportName: 'disk0' });
