@@ -149,6 +149,11 @@ nodeOptions(
       '1000',
     )
     .option(
+      '--fold-size <size>',
+      "once promoted, fold the SVM's overlay into the image whenever it holds this much",
+      '64M',
+    )
+    .option(
       '--rejoin',
       'this state directory served as a primary after a failover: rejoin as a secondary, to be resynchronised',
     )

@@ -19,8 +19,16 @@
  *   are logged, writes the seal marker and opens epoch N+1.
  */
 import { ColoError } from '../errors.js';
-import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
+import {
+  assertRange,
+  type BlockDevice,
+  type Capabilities,
+  type Extent,
+  type WriteOptions,
+  type ZeroOptions,
+} from '../block/device.js';
 import { crashPoint } from '../crash.js';
+import { limits } from '../limits.js';
 import type { ActivityLog } from '../failover/activity.js';
 import type { PrimaryLog } from './primary-log.js';
 import type { SealRecord } from './records.js';
@@ -65,6 +73,8 @@ export class ReplicatingDevice implements BlockDevice {
     run: () => Promise<void>,
     resync = false,
   ): Promise<void> {
+    // Before anything is recorded: a call outside the disk is a bug of the caller, not a write.
+    assertRange(this, start, length);
     // One writer per generation: a deposed primary never writes again.
     if (this.deposed)
       throw new ColoError('ESTALE', `this primary was deposed and serves no writes: ${this.deposed}`);
@@ -91,9 +101,41 @@ export class ReplicatingDevice implements BlockDevice {
     }
   }
 
+  /**
+   * Run the local part of a mutation. If it fails, it may have changed some
+   * bytes already (a short write, a zeroing done in chunks, a punch followed
+   * by a failed flush): the range's bytes as they now are go into the log, so
+   * the secondary ends up equal to this disk all the same; if even that read
+   * fails (or the range is too large to carry), the peer is marked out of
+   * sync, and the range is in the activity log for the resync. Never silently
+   * different (invariant 6). The client still gets the error.
+   */
+  private async local_(offset: number, length: number, op: () => Promise<void>): Promise<void> {
+    try {
+      await op();
+    } catch (err) {
+      if (length > 0) await this.logWhatIsThere(offset, length, (err as Error).message);
+      throw err;
+    }
+  }
+
+  private async logWhatIsThere(offset: number, length: number, why: string): Promise<void> {
+    if (length <= limits.maxPayloadBytes) {
+      const buf = Buffer.allocUnsafe(length);
+      try {
+        await this.local.pread(buf, offset);
+        this.log.append({ t: 'w', o: offset }, buf);
+        return;
+      } catch (err) {
+        why = `${why}; reading the range back failed too: ${(err as Error).message}`;
+      }
+    }
+    this.log.markOutOfSync(`a local write to ${offset}+${length} failed part-way (${why})`);
+  }
+
   pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
     return this.mutate(offset, buf.length, async () => {
-      await this.local.pwrite(buf, offset, opts);
+      await this.local_(offset, buf.length, () => this.local.pwrite(buf, offset, opts));
       crashPoint('primary-after-local-write');
       if (buf.length > 0) this.log.append({ t: 'w', o: offset, f: opts.fua || undefined }, buf);
     });
@@ -101,7 +143,7 @@ export class ReplicatingDevice implements BlockDevice {
 
   zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     return this.mutate(offset, length, async () => {
-      await this.local.zero(offset, length, opts);
+      await this.local_(offset, length, () => this.local.zero(offset, length, opts));
       if (length > 0)
         this.log.append({
           t: 'z',
@@ -115,7 +157,9 @@ export class ReplicatingDevice implements BlockDevice {
 
   trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
     return this.mutate(offset, length, async () => {
-      await this.local.zero(offset, length, { mayTrim: true, fua: opts.fua });
+      await this.local_(offset, length, () =>
+        this.local.zero(offset, length, { mayTrim: true, fua: opts.fua }),
+      );
       if (length > 0) this.log.append({ t: 't', o: offset, l: length, f: opts.fua || undefined });
     });
   }

@@ -62,6 +62,8 @@ export interface SecondaryNodeOptions {
    * back what the new primary does not have, from its activity log).
    */
   rejoin?: boolean;
+  /** Once promoted, the overlay is folded into the image whenever it holds this many bytes. */
+  foldBytes?: number;
   logger: Logger;
 }
 
@@ -116,6 +118,7 @@ export class SecondaryNode {
       store = await SecondaryStore.open(opts.stateDir, image, {
         history,
         activity,
+        foldBytes: opts.foldBytes,
         log: (m) => opts.logger.info(m),
         onApplyError: (err) => {
           opts.logger.warn(`applying a committed epoch to ${opts.image} failed: ${err.message}`);
@@ -266,10 +269,8 @@ export class SecondaryNode {
     if (this.primary) {
       const cur = this.primary.opts.peer;
       if (cur.host === peer.host && cur.port === peer.port) return this.primary.status();
-      throw new ColoError(
-        'EINVAL',
-        `this node already protects ${cur.host}:${cur.port}; restart it as a primary to pair another secondary`,
-      );
+      // Another secondary (or the same one back on another address): the link moves to it.
+      return this.primary.reprotect(peerText);
     }
     const db = this.store.db;
     const firstEpoch = Math.max(Number((await db.get('epoch')) ?? 1), this.store.lastCommitted + 1);

@@ -104,6 +104,8 @@ export interface SecondaryStoreOptions {
   onApplyError?: (err: Error) => void;
   /** Progress of the background apply: bytes done of the epoch's total. */
   onApplyProgress?: (epoch: number, doneBytes: number, totalBytes: number) => void;
+  /** On a promoted node, the overlay is folded once it holds this many bytes (default limits.promotedFoldBytes). */
+  foldBytes?: number;
   log?: (msg: string) => void;
 }
 
@@ -312,6 +314,14 @@ export class SecondaryStore {
       if (scan.tornTail) this.recovery.tornTails.push({ file: overlayPath, ...scan.tornTail });
       this.overlay = layer;
     } else this.overlay = Layer.create(this.overlayId, overlayPath);
+    // A promoted node's own writes are its peer's missing data: whatever survives of them (the
+    // overlay and folded overlays not yet applied) is recorded in the activity log again, durably,
+    // so that no restart can forget a region a later resync must send (invariant 8).
+    if (this.promoted && this.opts.activity) {
+      for (const layer of [this.overlay, ...this.folded])
+        for (const x of layer.index.extents()) this.opts.activity.mark(x.start, x.end - x.start, 0);
+      await this.opts.activity.persist();
+    }
     // The index must agree with the journals; rewrite it whole if it does not.
     const stale =
       size === undefined || indexed.committed !== this.lastCommitted || indexed.overlay !== this.overlayId;
@@ -757,7 +767,7 @@ export class SecondaryStore {
    */
   maybeFold(): void {
     if (!this.promoted || this.folding || this.closed) return;
-    if (this.overlay.dataBytes < limits.promotedFoldBytes) return;
+    if (this.overlay.dataBytes < (this.opts.foldBytes ?? limits.promotedFoldBytes)) return;
     this.folding = this.fold()
       .catch((err: Error) => this.log(`folding the overlay failed (will retry): ${err.message}`))
       .finally(() => (this.folding = null));
@@ -896,6 +906,11 @@ export class SecondaryStore {
       .map((e) => e.layer);
   }
 
+  /** From the first moment of a promotion, the SVM's writes are this node's own: they are recorded. */
+  get tracksActivity(): boolean {
+    return this.promoted !== null || this.promoting;
+  }
+
   get activity(): ActivityLog | undefined {
     return this.opts.activity;
   }
@@ -996,15 +1011,21 @@ export class SvmDevice implements BlockDevice {
     );
   }
 
-  /** A promoted node records what it writes, for a later re-protection. */
-  private track(offset: number, length: number): void {
-    if (this.store.promoted) this.store.activity?.mark(offset, length, 0);
+  /**
+   * A promoted node (from the first moment of its promotion) records what it
+   * writes, durably before the write lands, for a later re-protection
+   * (invariant 8). Null when nothing needs to wait.
+   */
+  private track(offset: number, length: number): Promise<void> | null {
+    if (!this.store.tracksActivity) return null;
+    return this.store.activity?.ensureHot(offset, length, 0) ?? null;
   }
 
   async pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
     assertRange(this, offset, buf.length);
     if (buf.length === 0) return;
-    this.track(offset, buf.length);
+    const hot = this.track(offset, buf.length);
+    if (hot) await hot;
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 'w', e: 0, s: ++this.seq, o: offset }, buf);
     this.store.maybeFold();
@@ -1029,7 +1050,8 @@ export class SvmDevice implements BlockDevice {
   async trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
     assertRange(this, offset, length);
     if (length === 0) return;
-    this.track(offset, length);
+    const hot = this.track(offset, length);
+    if (hot) await hot;
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 't', e: 0, s: ++this.seq, o: offset, l: length });
     this.store.maybeFold();
@@ -1039,7 +1061,8 @@ export class SvmDevice implements BlockDevice {
   async zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     assertRange(this, offset, length);
     if (length === 0) return;
-    this.track(offset, length);
+    const hot = this.track(offset, length);
+    if (hot) await hot;
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 'z', e: 0, s: ++this.seq, o: offset, l: length, h: opts.mayTrim !== false });
     this.store.maybeFold();

@@ -110,6 +110,7 @@ export async function secondaryCommand(
     failoverGrace: string;
     discardMyData?: boolean;
     rejoin?: boolean;
+    foldSize: string;
   },
 ): Promise<void> {
   const failoverGraceMs = Number(opts.failoverGrace);
@@ -131,6 +132,7 @@ export async function secondaryCommand(
     failoverGraceMs,
     discardMyData: opts.discardMyData === true,
     rejoin: opts.rejoin === true,
+    foldBytes: parseSize(opts.foldSize),
     logger,
   });
   const a = node.addresses;
