@@ -6,6 +6,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ActivityLog, mergeRanges } from '../src/failover/activity.js';
 import { rmDir, tmpDir } from './helpers.js';
+import { nodeStorage } from '../src/sys/storage.js';
 
 const root = tmpDir();
 afterAll(() => rmDir(root));
@@ -15,7 +16,7 @@ const MiB = 1024 * 1024;
 function fresh(size = 64 * MiB) {
   const dir = path.join(root, `a${n++}`);
   fs.mkdirSync(dir);
-  return { dir, log: ActivityLog.open(dir, size) };
+  return { dir, log: ActivityLog.open(nodeStorage, path.join(dir, 'activity.bitmap'), size) };
 }
 
 describe('activity log', () => {
@@ -27,7 +28,7 @@ describe('activity log', () => {
     expect(log.syncs).toBe(1);
     expect(log.ensureHot(3 * MiB + 8192, 4096, 1)).toBeNull(); // same extent: already on disk
     await log.close();
-    const again = ActivityLog.open(dir, 64 * MiB);
+    const again = ActivityLog.open(nodeStorage, path.join(dir, 'activity.bitmap'), 64 * MiB);
     expect(again.hotRanges()).toEqual([{ offset: 3 * MiB, length: MiB }]);
     expect(again.exactBytes).toBe(0); // the exact map is memory only
     await again.close();
@@ -76,7 +77,7 @@ describe('activity log', () => {
     expect(p).not.toBeNull();
     await p;
     await log.close();
-    expect(ActivityLog.open(dir, 64 * MiB).hotRanges()).toEqual([
+    expect(ActivityLog.open(nodeStorage, path.join(dir, 'activity.bitmap'), 64 * MiB).hotRanges()).toEqual([
       { offset: 0, length: MiB },
       { offset: 5 * MiB, length: MiB },
     ]);
@@ -91,10 +92,12 @@ describe('activity log', () => {
     const fd = fs.openSync(path.join(dir, 'activity.bitmap'), 'r+');
     fs.writeSync(fd, Buffer.from([0xff]), 0, 1, 32);
     fs.closeSync(fd);
-    const again = ActivityLog.open(dir, 64 * MiB);
+    const again = ActivityLog.open(nodeStorage, path.join(dir, 'activity.bitmap'), 64 * MiB);
     expect(again.hotRanges()).toEqual([{ offset: 0, length: MiB }]);
     await again.close();
     // A bitmap for another disk size is refused, not misread.
-    expect(() => ActivityLog.open(dir, 4096 * MiB)).toThrow(/describes a disk of/);
+    expect(() => ActivityLog.open(nodeStorage, path.join(dir, 'activity.bitmap'), 4096 * MiB)).toThrow(
+      /describes a disk of/,
+    );
   });
 });

@@ -50,6 +50,7 @@ import { scanJournal } from '../src/checkpoint/journal.js';
 import type { Generation } from '../src/failover/history.js';
 import { CLI, prng, randomBytes, track } from './helpers.js';
 import { startNode, type NodeProc } from './replication-helpers.js';
+import { nodeStorage } from '../src/sys/storage.js';
 
 // -----------------------------------------------------------------------------
 // Seeds
@@ -656,7 +657,7 @@ export function resyncMarks(stateDir: string): ResyncMarks {
   const m: ResyncMarks = { rebased: false, partial: 0, done: false, syncing: false };
   const file = path.join(stateDir, 'commits.journal');
   if (!fs.existsSync(file)) return m;
-  scanJournal<{ t: string; sync?: { state: string } }>(file, (r) => {
+  scanJournal<{ t: string; sync?: { state: string } }>(nodeStorage, file, (r) => {
     if (r.meta.t === 'rebase') m.rebased = true;
     if (r.meta.t !== 'commit' || !r.meta.sync) return;
     if (r.meta.sync.state === 'partial') {
@@ -936,7 +937,7 @@ function hasApplyWork(stateDir: string): boolean {
   const commits = path.join(stateDir, 'commits.journal');
   if (!fs.existsSync(commits)) return false;
   let committed = 0;
-  scanJournal<{ t: string; e?: number }>(commits, (r) => {
+  scanJournal<{ t: string; e?: number }>(nodeStorage, commits, (r) => {
     if (r.meta.t === 'commit') committed = Math.max(committed, Number(r.meta.e));
   });
   const epochs = path.join(stateDir, 'epochs');

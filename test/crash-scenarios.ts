@@ -44,6 +44,7 @@ import {
 import { CLI } from './helpers.js';
 import type { NodeProc } from './replication-helpers.js';
 import { hashExport, waitLinkUp } from './replication-helpers.js';
+import { nodeStorage } from '../src/sys/storage.js';
 
 /** Named crash points of the secondary that a replication workload reaches (src/checkpoint/secondary-store.ts). */
 export const SECONDARY_POINTS = [
@@ -215,7 +216,7 @@ function commitRecords(state: string): { t: string; e?: number; committed?: numb
   const out: { t: string; e?: number; committed?: number }[] = [];
   const file = path.join(state, 'commits.journal');
   if (fs.existsSync(file))
-    scanJournal<{ t: string; e?: number; committed?: number }>(file, (r) => out.push(r.meta));
+    scanJournal<{ t: string; e?: number; committed?: number }>(nodeStorage, file, (r) => out.push(r.meta));
   return out;
 }
 

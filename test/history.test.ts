@@ -5,6 +5,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { decide, History, type Generation } from '../src/failover/history.js';
 import { rmDir, tmpDir } from './helpers.js';
+import { nodeStorage } from '../src/sys/storage.js';
 
 const root = tmpDir();
 afterAll(() => rmDir(root));
@@ -76,19 +77,21 @@ describe('generation history', () => {
   it('is kept in history.json: minted generations survive a reload; a damaged file is refused', () => {
     const dir = path.join(root, 'h');
     fs.mkdirSync(dir);
-    const h = History.load(dir);
+    const h = History.load(nodeStorage, path.join(dir, 'history.json'));
     expect(h.empty).toBe(true);
     const a = h.mint('new disk', 0);
     const b = h.mint('promoted', 7);
     expect([a.n, b.n]).toEqual([1, 2]);
     expect(a.id).not.toBe(b.id);
     h.markProtected();
-    const again = History.load(dir);
+    const again = History.load(nodeStorage, path.join(dir, 'history.json'));
     expect(again.node).toBe(h.node);
     expect(again.generations.map((g) => g.id)).toEqual([a.id, b.id]);
     expect(again.last).toMatchObject({ base: 7, protected: true });
     expect(fs.existsSync(path.join(dir, 'history.json.tmp'))).toBe(false);
     fs.writeFileSync(path.join(dir, 'history.json'), '{"version":1,"node":');
-    expect(() => History.load(dir)).toThrow(/not valid JSON.*Restore it/);
+    expect(() => History.load(nodeStorage, path.join(dir, 'history.json'))).toThrow(
+      /not valid JSON.*Restore it/,
+    );
   });
 });

@@ -4,13 +4,14 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { JournalWriter, scanJournal } from '../src/checkpoint/journal.js';
 import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
+import { nodeStorage } from '../src/sys/storage.js';
 
 const dir = tmpDir();
 afterAll(() => rmDir(dir));
 
 function writeJournal(name: string, n: number) {
   const p = path.join(dir, name);
-  const j = JournalWriter.open(p);
+  const j = JournalWriter.open(nodeStorage, p);
   const rand = prng(n);
   const datas: Buffer[] = [];
   const offsets: number[] = [];
@@ -28,7 +29,7 @@ describe('journal', () => {
     await j.sync();
     expect(j.unsyncedBytes).toBe(0);
     const seen: number[] = [];
-    const r = scanJournal<{ s: number }>(p, (rec) => {
+    const r = scanJournal<{ s: number }>(nodeStorage, p, (rec) => {
       const buf = Buffer.alloc(rec.dataLength);
       j.read(buf, rec.dataPos);
       expect(buf.equals(datas[rec.meta.s])).toBe(true);
@@ -46,17 +47,17 @@ describe('journal', () => {
     const last = offsets[4];
     for (let cut = last + 1; cut < full.length; cut += 97) {
       fs.writeFileSync(p, full.subarray(0, cut));
-      const r = scanJournal(p, () => {});
+      const r = scanJournal(nodeStorage, p, () => {});
       expect(r.records).toBe(4);
       expect(r.validEnd).toBe(last);
       expect(r.tornTail?.offset).toBe(last);
       expect(r.corruption).toBeNull();
     }
-    const w = JournalWriter.open(p, last);
+    const w = JournalWriter.open(nodeStorage, p, last);
     expect(fs.statSync(p).size).toBe(last);
     w.append({ t: 'w', s: 99 });
     w.close();
-    expect(scanJournal(p, () => {}).records).toBe(5);
+    expect(scanJournal(nodeStorage, p, () => {}).records).toBe(5);
   });
 
   it('refuses to read past corruption in the middle', () => {
@@ -66,7 +67,7 @@ describe('journal', () => {
     buf[offsets[3] + 40] ^= 0xff; // inside record 3's body
     fs.writeFileSync(p, buf);
     let count = 0;
-    const r = scanJournal(p, () => count++);
+    const r = scanJournal(nodeStorage, p, () => count++);
     expect(count).toBe(3);
     expect(r.corruption?.offset).toBe(offsets[3]);
     expect(r.corruption?.reason).toMatch(/checksum/);
@@ -79,7 +80,7 @@ describe('journal', () => {
     const buf = fs.readFileSync(p);
     buf[buf.length - 1] ^= 0x55;
     fs.writeFileSync(p, buf);
-    const r = scanJournal(p, () => {});
+    const r = scanJournal(nodeStorage, p, () => {});
     expect(r.records).toBe(3);
     expect(r.tornTail?.offset).toBe(offsets[3]);
   });

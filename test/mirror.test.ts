@@ -22,6 +22,7 @@ import { ColoError } from '../src/errors.js';
 import { ActivityLog } from '../src/failover/activity.js';
 import { deviceSuite } from './device-suite.js';
 import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
+import { nodeStorage } from '../src/sys/storage.js';
 
 const dirs: string[] = [];
 afterAll(() => dirs.forEach(rmDir));
@@ -34,8 +35,8 @@ function fresh(): string {
 /** A primary's disk: a ReplicatingDevice over `local`, with its log and activity log in a fresh directory. */
 function replicating(local: BlockDevice) {
   const dir = fresh();
-  const plog = new PrimaryLog(path.join(dir, 'epochs'), 1, 1 << 30);
-  const activity = ActivityLog.open(dir, local.size);
+  const plog = new PrimaryLog(nodeStorage, path.join(dir, 'epochs'), 1, 1 << 30);
+  const activity = ActivityLog.open(nodeStorage, path.join(dir, 'activity.bitmap'), local.size);
   const device = new ReplicatingDevice(local, plog, activity);
   return {
     device,

@@ -25,6 +25,7 @@ import {
   TraceRecorder,
   type CutOptions,
 } from './power-loss.js';
+import { nodeStorage } from '../src/sys/storage.js';
 
 const root = tmpDir('colo-blk-power-');
 afterAll(() => {
@@ -361,7 +362,7 @@ function checkCommitOrder(run: SecondaryRun, state: string, image: Buffer): stri
   const commitsPath = path.join(state, 'commits.journal');
   let last = 0;
   if (fs.existsSync(commitsPath))
-    scanJournal<{ t: string; e?: number }>(commitsPath, (r) => {
+    scanJournal<{ t: string; e?: number }>(nodeStorage, commitsPath, (r) => {
       if (r.meta.t === 'commit') last = Math.max(last, r.meta.e!);
     });
   for (let e = 1; e <= last; e++) {
@@ -370,7 +371,7 @@ function checkCommitOrder(run: SecondaryRun, state: string, image: Buffer): stri
       let seal: { n: number; b: number } | undefined;
       let records = 0;
       let bytes = 0;
-      const scan = scanJournal<{ t: string; n: number; b: number }>(file, (r) => {
+      const scan = scanJournal<{ t: string; n: number; b: number }>(nodeStorage, file, (r) => {
         if (r.meta.t === 'seal') seal = r.meta;
         else {
           records++;
@@ -644,7 +645,7 @@ describe('power loss', () => {
     const dir = path.join(root, 'journal-sync');
     fs.mkdirSync(dir);
     const file = path.join(dir, 'j.journal');
-    const j = JournalWriter.open(file);
+    const j = JournalWriter.open(nodeStorage, file);
     const initial = snapshotFiles(dir);
     const rec = new TraceRecorder();
     const late = Buffer.alloc(1000, 0xbb);

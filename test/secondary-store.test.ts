@@ -9,6 +9,7 @@ import type { MutationRecord } from '../src/checkpoint/records.js';
 import { SecondaryStore } from '../src/checkpoint/secondary-store.js';
 import { deviceSuite } from './device-suite.js';
 import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
+import { nodeStorage } from '../src/sys/storage.js';
 
 const root = tmpDir();
 afterAll(() => rmDir(root));
@@ -165,7 +166,7 @@ describe('SecondaryStore resync marks', () => {
     const { History } = await import('../src/failover/history.js');
     const dir = path.join(root, `sync${n++}`);
     fs.mkdirSync(dir, { recursive: true });
-    const history = History.load(dir);
+    const history = History.load(nodeStorage, path.join(dir, 'history.json'));
     const image = dir + '.img';
     let dev = await FileDevice.open(image, { size: SIZE });
     let store = await SecondaryStore.open(dir, dev, { history });
@@ -178,7 +179,9 @@ describe('SecondaryStore resync marks', () => {
     await store.close();
     await dev.close();
     dev = await FileDevice.open(image, { size: SIZE });
-    store = await SecondaryStore.open(dir, dev, { history: History.load(dir) });
+    store = await SecondaryStore.open(dir, dev, {
+      history: History.load(nodeStorage, path.join(dir, 'history.json')),
+    });
     expect(store.syncing).toMatchObject({ target: 'p1', mode: 'full' });
     await expect(store.promote('test')).rejects.toMatchObject({ code: 'EBUSY' });
     store.startSession('s2', 11);
@@ -186,13 +189,15 @@ describe('SecondaryStore resync marks', () => {
     await store.seal({ t: 'seal', e: 11, n: 1, b: 4096 });
     await store.commit(11, { state: 'done', target: 'p1', mode: 'full', history: primary });
     expect(store.syncing).toBeNull();
-    expect(History.load(dir).last?.id).toBe('p1');
+    expect(History.load(nodeStorage, path.join(dir, 'history.json')).last?.id).toBe('p1');
     expect(
       (await readSvm(store, 0, 8192)).equals(Buffer.concat([Buffer.alloc(4096, 7), Buffer.alloc(4096, 8)])),
     ).toBe(true);
     const r = await store.promote('test');
     expect(r.generation).toBe(2);
-    expect(History.load(dir).generations.map((g) => g.n)).toEqual([1, 2]);
+    expect(History.load(nodeStorage, path.join(dir, 'history.json')).generations.map((g) => g.n)).toEqual([
+      1, 2,
+    ]);
     await store.close();
     await dev.close();
   });

@@ -1,12 +1,21 @@
 /** Turning a promoted secondary's state directory into a plain one (see finishPromotedStore). */
-import fs from 'node:fs';
-import path from 'node:path';
 import { ColoError } from '../errors.js';
-import type { FileDevice } from '../block/file.js';
 import type { ActivityLog } from '../failover/activity.js';
 import type { History } from '../failover/history.js';
-import type { Logger } from '../net/server.js';
-import { SecondaryStore } from './secondary-store.js';
+import type { Clock, Random } from '../sys/clock.js';
+import { SecondaryStore, type StoreImage } from './secondary-store.js';
+import type { MetaIndex, StateDir } from './state-dir.js';
+
+export interface FinishOptions {
+  history: History;
+  activity: ActivityLog;
+  log: (msg: string) => void;
+  /** Return -1 (instead of refusing) for a secondary that was never promoted. */
+  onlyIfPromoted?: boolean;
+  meta?: MetaIndex;
+  clock?: Clock;
+  random?: Random;
+}
 
 /**
  * A state directory that served a promoted secondary: bring everything it
@@ -15,21 +24,25 @@ import { SecondaryStore } from './secondary-store.js';
  * (0 if there was no such store). A secondary that was never promoted is refused.
  */
 export async function finishPromotedStore(
-  dir: string,
-  image: FileDevice,
-  history: History,
-  activity: ActivityLog,
-  logger: Logger,
-  onlyIfPromoted = false,
+  state: StateDir,
+  image: StoreImage,
+  opts: FinishOptions,
 ): Promise<number> {
-  if (!fs.existsSync(path.join(dir, 'commits.journal'))) return 0;
-  const store = await SecondaryStore.open(dir, image, { history, activity, log: (m) => logger.info(m) });
+  if (!state.storage.exists(state.commits)) return 0;
+  const store = await SecondaryStore.open(state, image, {
+    history: opts.history,
+    activity: opts.activity,
+    log: opts.log,
+    meta: opts.meta,
+    clock: opts.clock,
+    random: opts.random,
+  });
   try {
-    if (!store.promoted && onlyIfPromoted) return -1;
+    if (!store.promoted && opts.onlyIfPromoted) return -1;
     if (!store.promoted)
       throw new ColoError(
         'EUSAGE',
-        `${dir} belongs to a secondary that was never promoted: starting it as a primary would fork the ` +
+        `${state.root} belongs to a secondary that was never promoted: starting it as a primary would fork the ` +
           `disk's history. Start it as a secondary, or promote it first (colo-blk failover).`,
       );
     await store.foldAll();
@@ -38,9 +51,7 @@ export async function finishPromotedStore(
   }
   if (!store.promoted) return -1;
   const committed = store.lastCommitted;
-  for (const sub of ['epochs', 'overlay', 'epochs-primary'])
-    fs.rmSync(path.join(dir, sub), { recursive: true, force: true });
-  fs.rmSync(path.join(dir, 'commits.journal'), { force: true });
-  logger.info(`finished the promoted secondary's state in ${dir}: its image now holds every write`);
+  state.removeSecondaryFiles();
+  opts.log(`finished the promoted secondary's state in ${state.root}: its image now holds every write`);
   return committed;
 }

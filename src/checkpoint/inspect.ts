@@ -4,8 +4,8 @@
  */
 import { crc32 } from 'node:zlib';
 import { ExtentMap } from './extent-map.js';
-import { readFully, scanJournal } from './journal.js';
-import fs from 'node:fs';
+import { scanJournal } from './journal.js';
+import { nodeStorage, readFully, type Storage } from '../sys/storage.js';
 
 export interface LoggedExtent {
   seq: number;
@@ -37,7 +37,7 @@ export interface JournalReport {
 const hex = (n: number) => n.toString(16).padStart(8, '0');
 
 /** Read a journal and describe it; at most `limit` extents of each kind are listed. */
-export function inspectJournal(path: string, limit = 10_000): JournalReport {
+export function inspectJournal(path: string, limit = 10_000, storage: Storage = nodeStorage): JournalReport {
   const map = new ExtentMap();
   const logged: LoggedExtent[] = [];
   let records = 0;
@@ -45,6 +45,7 @@ export function inspectJournal(path: string, limit = 10_000): JournalReport {
   let sealed = false;
   let truncated = false;
   const scan = scanJournal<Record<string, unknown>>(
+    storage,
     path,
     (r) => {
       const m = r.meta as { t: string; s: number; o: number; l?: number; h?: boolean };
@@ -72,7 +73,7 @@ export function inspectJournal(path: string, limit = 10_000): JournalReport {
     { withData: true },
   );
   const merged: MergedExtent[] = [];
-  const fd = fs.openSync(path, 'r');
+  const fd = storage.openRead(path);
   try {
     for (const e of map.extents()) {
       if (merged.length >= limit) {
@@ -88,7 +89,7 @@ export function inspectJournal(path: string, limit = 10_000): JournalReport {
       merged.push(m);
     }
   } finally {
-    fs.closeSync(fd);
+    fd.close();
   }
   return {
     records,

@@ -19,10 +19,9 @@
  *   A bad frame followed by more data is corruption in the middle: it is
  *   reported as such and must never be applied.
  */
-import fs from 'node:fs';
-import { ioTracer } from '../block/io-trace.js';
 import { crashPoint } from '../crash.js';
 import { ColoError, toColoError } from '../errors.js';
+import { readFully, type Storage, type StorageFile } from '../sys/storage.js';
 import {
   decodeFrame,
   encodeFrame,
@@ -41,10 +40,6 @@ export interface AppendResult {
   bytes: number;
   /** The encoded frame (header+meta, data), for forwarding without re-encoding. */
   parts: [Buffer, Buffer];
-}
-
-function fdatasync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
 }
 
 /** Pending appends are written out once they reach this size, without waiting for the turn to end. */
@@ -66,8 +61,7 @@ export class JournalWriter {
   private closed = false;
 
   private constructor(
-    readonly path: string,
-    private readonly fd: number,
+    private readonly file: StorageFile,
     size: number,
   ) {
     this.end = size;
@@ -76,17 +70,16 @@ export class JournalWriter {
   }
 
   /** Open (creating if needed) for appending at `validEnd` (default: the file's size; the tail beyond is cut). */
-  static open(path: string, validEnd?: number): JournalWriter {
-    const creating = ioTracer !== null && !fs.existsSync(path);
-    const fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
-    if (creating) ioTracer?.create(path);
-    const size = fs.fstatSync(fd).size;
+  static open(storage: Storage, path: string, validEnd?: number): JournalWriter {
+    const file = storage.open(path);
+    const size = file.size();
     const end = validEnd ?? size;
-    if (end < size) {
-      fs.ftruncateSync(fd, end);
-      ioTracer?.truncate(path, end);
-    }
-    return new JournalWriter(path, fd, end);
+    if (end < size) file.truncate(end);
+    return new JournalWriter(file, end);
+  }
+
+  get path(): string {
+    return this.file.path;
   }
 
   get size(): number {
@@ -147,14 +140,7 @@ export class JournalWriter {
         const batch = buffers.slice(i, i + IOV_BATCH);
         let total = 0;
         for (const b of batch) total += b.length;
-        let written = fs.writevSync(this.fd, batch, this.writtenEnd);
-        if (written < total) {
-          // Short write: finish it from one contiguous copy.
-          const whole = Buffer.concat(batch);
-          while (written < total)
-            written += fs.writeSync(this.fd, whole, written, total - written, this.writtenEnd + written);
-        }
-        ioTracer?.write(this.path, this.writtenEnd, batch);
+        this.file.writev(batch, this.writtenEnd);
         this.writtenEnd += total;
       }
     } catch (err) {
@@ -177,8 +163,8 @@ export class JournalWriter {
       this.flush();
       const upTo = this.writtenEnd;
       crashPoint('journal-before-fdatasync'); // written, not yet durable
-      const synced = fdatasync(this.fd);
-      this.syncing = (ioTracer?.sync(this.path, synced) ?? synced)
+      this.syncing = this.file
+        .datasync()
         .then(() => {
           this.syncedEnd = Math.max(this.syncedEnd, upTo);
         })
@@ -192,11 +178,12 @@ export class JournalWriter {
   /** Read `length` bytes at `pos` (data previously appended). */
   read(buf: Buffer, pos: number): void {
     if (pos + buf.length > this.writtenEnd) this.flush();
-    readFully(this.fd, buf, pos);
+    readFully(this.file, buf, pos);
   }
 
-  get descriptor(): number {
-    return this.fd;
+  /** The OS descriptor of a real file (for copy_file_range), null on simulated storage. */
+  get descriptor(): number | null {
+    return this.file.fd;
   }
 
   private closedFd = false;
@@ -211,17 +198,8 @@ export class JournalWriter {
     this.closed = true;
     this.closedFd = true;
     // A sync in flight keeps the descriptor until it finishes (its caller gets its answer).
-    if (this.syncing) void this.syncing.finally(() => fs.closeSync(this.fd)).catch(() => {});
-    else fs.closeSync(this.fd);
-  }
-}
-
-export function readFully(fd: number, buf: Buffer, pos: number): void {
-  let done = 0;
-  while (done < buf.length) {
-    const n = fs.readSync(fd, buf, done, buf.length - done, pos + done);
-    if (n === 0) throw new ColoError('EIO', `unexpected end of file reading ${buf.length} bytes at ${pos}`);
-    done += n;
+    if (this.syncing) void this.syncing.finally(() => this.file.close()).catch(() => {});
+    else this.file.close();
   }
 }
 
@@ -254,18 +232,14 @@ const SCAN_CHUNK = 4 * 1024 * 1024;
  * if the caller awaits; it is called with frames in file order.
  */
 export function scanJournal<M = Record<string, unknown>>(
+  storage: Storage,
   path: string,
   onRecord: (rec: ScannedRecord<M>) => void,
   opts: { withData?: boolean } = {},
 ): ScanResult {
-  let fd: number;
+  const fd = storage.openRead(path);
   try {
-    fd = fs.openSync(path, 'r');
-  } catch (err) {
-    throw toColoError(err);
-  }
-  try {
-    const fileSize = fs.fstatSync(fd).size;
+    const fileSize = fd.size();
     let pos = 0;
     let records = 0;
     let buf = Buffer.allocUnsafe(Math.min(SCAN_CHUNK, Math.max(fileSize, FRAME_HEADER_BYTES)));
@@ -309,7 +283,7 @@ export function scanJournal<M = Record<string, unknown>>(
     }
     return { records, validEnd: pos, fileSize, tornTail: null, corruption: null };
   } finally {
-    fs.closeSync(fd);
+    fd.close();
   }
 }
 
@@ -319,7 +293,7 @@ function damaged(
   fileSize: number,
   records: number,
   reason: string,
-  fd: number,
+  fd: StorageFile,
   claimed?: number,
 ): ScanResult {
   // If the damaged frame (as claimed) reaches the end of the file, or no frame
@@ -331,7 +305,7 @@ function damaged(
 }
 
 /** Is there a decodable frame starting at `pos`? */
-function hasFrameAfter(fd: number, pos: number, fileSize: number): boolean {
+function hasFrameAfter(fd: StorageFile, pos: number, fileSize: number): boolean {
   if (fileSize - pos < FRAME_HEADER_BYTES) return false;
   const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
   readFully(fd, head, pos);

@@ -11,10 +11,10 @@
  * newest bytes of each range are. Reads resolve a range against the map and
  * read data from the journal. Discarding a layer is O(1): close and unlink.
  */
-import fs from 'node:fs';
 import { ExtentMap, type Segment } from './extent-map.js';
 import { JournalWriter, scanJournal, type ScanResult } from './journal.js';
 import { isMutation, mutationLength, type MutationRecord } from './records.js';
+import type { Storage } from '../sys/storage.js';
 
 export class Layer {
   readonly index = new ExtentMap();
@@ -23,14 +23,15 @@ export class Layer {
   dataBytes = 0;
 
   private constructor(
+    private readonly storage: Storage,
     readonly id: number,
     readonly journal: JournalWriter,
   ) {}
 
   /** A new, empty layer (the file must not hold anything we need). */
-  static create(id: number, path: string): Layer {
-    if (fs.existsSync(path)) fs.rmSync(path);
-    return new Layer(id, JournalWriter.open(path));
+  static create(storage: Storage, id: number, path: string): Layer {
+    if (storage.exists(path)) storage.remove(path);
+    return new Layer(storage, id, JournalWriter.open(storage, path));
   }
 
   /**
@@ -38,12 +39,13 @@ export class Layer {
    * corruption in the middle is returned for the caller to refuse.
    */
   static recover(
+    storage: Storage,
     id: number,
     path: string,
   ): { layer: Layer; scan: ScanResult; others: Record<string, unknown>[] } {
     const others: Record<string, unknown>[] = [];
     const pending: { rec: MutationRecord; dataPos: number; dataLength: number }[] = [];
-    const scan = scanJournal<Record<string, unknown>>(path, (r) => {
+    const scan = scanJournal<Record<string, unknown>>(storage, path, (r) => {
       if (isMutation(r.meta as { t: string }))
         pending.push({
           rec: r.meta as unknown as MutationRecord,
@@ -52,7 +54,11 @@ export class Layer {
         });
       else others.push(r.meta);
     });
-    const layer = new Layer(id, JournalWriter.open(path, scan.corruption ? undefined : scan.validEnd));
+    const layer = new Layer(
+      storage,
+      id,
+      JournalWriter.open(storage, path, scan.corruption ? undefined : scan.validEnd),
+    );
     for (const p of pending) layer.index_(p.rec, p.dataPos, p.dataLength);
     return { layer, scan, others };
   }
@@ -113,6 +119,6 @@ export class Layer {
   /** Close and delete the journal (the deletion runs in the background: it can take milliseconds). */
   destroy(): void {
     this.journal.close();
-    fs.rm(this.journal.path, { force: true }, () => {});
+    this.storage.removeLater(this.journal.path);
   }
 }

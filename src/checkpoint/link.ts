@@ -19,7 +19,6 @@
  *   frame naming the epoch, never swallowed (invariant 6).
  */
 import { EventEmitter } from 'node:events';
-import net from 'node:net';
 import { ColoError, toColoError, type ErrorCode } from '../errors.js';
 import { limits } from '../limits.js';
 import { ByteQueue } from '../net/bytequeue.js';
@@ -30,7 +29,8 @@ import { isMutation, type MutationRecord, type SealRecord } from './records.js';
 import type { SecondaryStore, SyncMark } from './secondary-store.js';
 import type { Range } from '../failover/activity.js';
 import { decide, type Decision, type Generation } from '../failover/history.js';
-import { listenOn } from '../util/listen.js';
+import { realClock, type Clock, type TimerHandle } from '../sys/clock.js';
+import { tcpNet, type Conn, type Listener, type Net } from '../sys/net.js';
 
 export const LINK_PROTOCOL = 1;
 
@@ -51,34 +51,36 @@ export const DEFAULT_HEARTBEAT: HeartbeatOptions = { intervalMs: 200, timeoutMs:
  * monotonic clock, ends the connection with the reason.
  */
 class Heartbeat {
-  private lastRx = performance.now();
-  private lastTick = performance.now();
-  private readonly timer: NodeJS.Timeout;
+  private lastRx: number;
+  private lastTick: number;
+  private readonly timer: TimerHandle;
 
   constructor(
-    socket: net.Socket,
+    clock: Clock,
+    socket: Conn,
     opts: HeartbeatOptions,
     beat: () => void,
     onTimeout: (silentMs: number) => void,
     /** True while this side holds the socket paused to handle a frame (a long hash, say). */
     busy: () => boolean = () => false,
   ) {
-    socket.on('data', () => (this.lastRx = performance.now()));
-    this.timer = setInterval(() => {
-      const now = performance.now();
+    this.lastRx = this.lastTick = clock.mono();
+    socket.on('data', () => (this.lastRx = clock.mono()));
+    this.timer = clock.setInterval(() => {
+      const now = clock.mono();
       // This process was frozen (stopped, swapped out), or is not reading because it is busy
       // with a frame: the silence is ours, not the peer's.
       if (now - this.lastTick > opts.timeoutMs || busy()) this.lastRx = now;
       this.lastTick = now;
       const silentMs = now - this.lastRx;
       if (silentMs > opts.timeoutMs) {
-        clearInterval(this.timer);
+        this.timer.clear();
         onTimeout(Math.round(silentMs));
         return;
       }
       beat();
     }, opts.intervalMs);
-    socket.once('close', () => clearInterval(this.timer));
+    socket.once('close', () => this.timer.clear());
   }
 }
 const READ_CHUNK = 1024 * 1024;
@@ -97,7 +99,7 @@ class FrameReader {
   }
 
   constructor(
-    private readonly socket: net.Socket,
+    private readonly socket: Conn,
     private readonly handle: (meta: Meta, frame: Buffer, data: Buffer) => void | Promise<void>,
     private readonly fail: (err: Error) => void,
   ) {
@@ -136,7 +138,7 @@ class FrameReader {
   }
 }
 
-function send(socket: net.Socket, meta: object): void {
+function send(socket: Conn, meta: object): void {
   if (!socket.destroyed) socket.write(encodeFrameBuffer(meta));
 }
 
@@ -152,6 +154,8 @@ interface Waiter {
 }
 
 export interface PrimaryLinkOptions {
+  clock?: Clock;
+  net?: Net;
   host: string;
   port: number;
   size: number;
@@ -175,13 +179,13 @@ export class PrimaryLink extends EventEmitter {
   state: LinkState = 'connecting';
   lastError: string | null = null;
   connectedSince: number | null = null;
-  downSince: number | null = Date.now();
+  downSince: number | null;
   /** Highest epoch the secondary reported durable / committed. */
   durableEpoch = 0;
   committedEpoch = 0;
   bytesSent = 0;
   reconnects = 0;
-  private socket: net.Socket | null = null;
+  private socket: Conn | null = null;
   private reader: FrameReader | null = null;
   private ready = false;
   private blocked = false;
@@ -189,7 +193,7 @@ export class PrimaryLink extends EventEmitter {
   private cursor = { epoch: 0, offset: 0 };
   private durableWaiters: Waiter[] = [];
   private commitWaiters: Waiter[] = [];
-  private retryTimer: NodeJS.Timeout | null = null;
+  private retryTimer: TimerHandle | null = null;
   /** PVM writes waiting for the backlog to shrink (flow control). */
   private roomWaiters: (() => void)[] = [];
   /** Times flow control made PVM writes wait. */
@@ -212,11 +216,17 @@ export class PrimaryLink extends EventEmitter {
   /** The last 'error' frame of the current connection. */
   private peerError: string | null = null;
 
+  private readonly clock: Clock;
+  private readonly net: Net;
+
   constructor(
     private readonly plog: PrimaryLog,
     private readonly opts: PrimaryLinkOptions,
   ) {
     super();
+    this.clock = opts.clock ?? realClock;
+    this.net = opts.net ?? tcpNet;
+    this.downSince = this.clock.now();
     this.retryMs = opts.reconnectMinMs ?? 100;
     plog.onAppend = (epoch, parts, bytes) => this.onAppend(epoch, parts, bytes);
     plog.onOutOfSync = (reason) => {
@@ -237,11 +247,11 @@ export class PrimaryLink extends EventEmitter {
     if (this.closed) return;
     this.state = 'connecting';
     this.peerError = null;
-    const socket = net.connect({ host: this.opts.host, port: this.opts.port });
-    socket.setNoDelay(true);
+    const socket = this.net.connect(this.opts.host, this.opts.port);
     this.socket = socket;
     socket.once('connect', () => {
       new Heartbeat(
+        this.clock,
         socket,
         this.opts.heartbeat ?? DEFAULT_HEARTBEAT,
         () => {
@@ -281,7 +291,7 @@ export class PrimaryLink extends EventEmitter {
     socket.on('close', () => this.onClose(socket));
   }
 
-  private onClose(socket: net.Socket): void {
+  private onClose(socket: Conn): void {
     if (this.socket !== socket) return;
     this.reader?.stop();
     this.socket = null;
@@ -292,13 +302,13 @@ export class PrimaryLink extends EventEmitter {
       this.log(`link down: ${this.lastError ?? 'connection closed'}`);
     this.state = 'down';
     this.connectedSince = null;
-    this.downSince ??= Date.now();
+    this.downSince ??= this.clock.now();
     const err = new ColoError('ECONNECT', `replication link lost: ${this.lastError ?? 'connection closed'}`);
     this.rejectAll(err);
     this.emit('down', this.lastError);
     this.releaseRoom(); // a lost secondary must not stall the PVM
     if (this.closed) return;
-    this.retryTimer = setTimeout(() => {
+    this.retryTimer = this.clock.setTimeout(() => {
       this.reconnects++;
       this.connect();
     }, this.retryMs);
@@ -335,7 +345,7 @@ export class PrimaryLink extends EventEmitter {
         }
         this.ready = true;
         this.state = 'connected';
-        this.connectedSince = Date.now();
+        this.connectedSince = this.clock.now();
         this.downSince = null;
         this.lastError = null;
         this.retryMs = this.opts.reconnectMinMs ?? 100;
@@ -429,9 +439,9 @@ export class PrimaryLink extends EventEmitter {
 
   private onAppend(epoch: number, parts: [Buffer, Buffer], bytes: number): void {
     if (!this.ready || this.blocked || !this.socket) return;
-    const e = this.plog.epochs.get(epoch)!;
+    const journal = this.plog.epochs.get(epoch)!.journal!;
     // Live fast path: the sender is exactly at the end of this epoch's journal.
-    if (this.cursor.epoch === epoch && this.cursor.offset + bytes === e.journal.size) {
+    if (this.cursor.epoch === epoch && this.cursor.offset + bytes === journal.size) {
       this.write(parts[0]);
       if (parts[1].length) this.write(parts[1]);
       this.cursor.offset += bytes;
@@ -444,7 +454,7 @@ export class PrimaryLink extends EventEmitter {
   private atFrameBoundary(): boolean {
     if (this.plog.outOfSync || this.cursor.offset === 0) return true;
     const e = this.plog.epochs.get(this.cursor.epoch);
-    return !e || this.cursor.offset === e.journal.size;
+    return !e?.journal || this.cursor.offset === e.journal.size;
   }
 
   /** Frames produced in one turn of the event loop leave in one writev. */
@@ -507,9 +517,10 @@ export class PrimaryLink extends EventEmitter {
         this.cursor = { epoch: next.epoch, offset: 0 };
         continue;
       }
-      const size = e.journal.size;
+      const journal = e.journal!; // held while in sync
+      const size = journal.size;
       if (this.cursor.offset < size) {
-        const buf = this.readWholeFrames(e.journal, this.cursor.offset, size);
+        const buf = this.readWholeFrames(journal, this.cursor.offset, size);
         this.write(buf);
         this.cursor.offset += buf.length;
         this.bytesSent += buf.length;
@@ -555,7 +566,7 @@ export class PrimaryLink extends EventEmitter {
     this.retryMs = this.opts.reconnectMinMs ?? 100;
     if (this.socket) this.socket.destroy();
     else {
-      if (this.retryTimer) clearTimeout(this.retryTimer);
+      this.retryTimer?.clear();
       this.connect();
     }
   }
@@ -573,7 +584,7 @@ export class PrimaryLink extends EventEmitter {
     // Called on every PVM write (flow control): walk the few held epochs, no copy, no sort.
     let n = 0;
     for (const e of this.plog.epochs.values()) {
-      if (e.epoch < this.cursor.epoch) continue;
+      if (e.epoch < this.cursor.epoch || !e.journal) continue;
       n += e.journal.size - (e.epoch === this.cursor.epoch ? this.cursor.offset : 0);
     }
     return Math.max(0, n);
@@ -581,7 +592,7 @@ export class PrimaryLink extends EventEmitter {
 
   private wait(list: Waiter[], epoch: number, timeoutMs: number, what: string): Promise<Meta> {
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
+      const timer = this.clock.setTimeout(() => {
         const i = list.indexOf(w);
         if (i >= 0) list.splice(i, 1);
         reject(
@@ -594,11 +605,11 @@ export class PrimaryLink extends EventEmitter {
       const w: Waiter = {
         epoch,
         resolve: (m) => {
-          clearTimeout(timer);
+          timer.clear();
           resolve(m);
         },
         reject: (e) => {
-          clearTimeout(timer);
+          timer.clear();
           reject(e);
         },
       };
@@ -657,7 +668,7 @@ export class PrimaryLink extends EventEmitter {
 
   close(): void {
     this.closed = true;
-    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer?.clear();
     this.rejectAll(new ColoError('ESHUTDOWN', 'the primary is shutting down'));
     this.socket?.destroy();
   }
@@ -667,13 +678,15 @@ export class PrimaryLink extends EventEmitter {
 // Secondary side
 
 export interface SecondaryLinkOptions {
+  clock?: Clock;
+  net?: Net;
   heartbeat?: HeartbeatOptions;
   log?: (msg: string) => void;
 }
 
 export class SecondaryLink extends EventEmitter {
-  private readonly server: net.Server;
-  private current: net.Socket | null = null;
+  private server: Listener | null = null;
+  private current: Conn | null = null;
   connectedSince: number | null = null;
   lastError: string | null = null;
   bytesReceived = 0;
@@ -687,28 +700,32 @@ export class SecondaryLink extends EventEmitter {
   /** What was decided at the last accepted hello. */
   decision: Decision | null = null;
 
+  private readonly clock: Clock;
+  private readonly net: Net;
+
   constructor(
     private readonly store: SecondaryStore,
     private readonly opts: SecondaryLinkOptions = {},
   ) {
     super();
-    this.server = net.createServer({ noDelay: true }, (s) => this.accept(s));
-    this.server.on('error', (err) => this.log(`replication listener: ${err.message}`));
+    this.clock = opts.clock ?? realClock;
+    this.net = opts.net ?? tcpNet;
   }
 
   private log(msg: string): void {
     this.opts.log?.(msg);
   }
 
-  async listen(port: number, host: string): Promise<net.AddressInfo> {
-    return listenOn(this.server, port, host);
+  async listen(port: number, host: string): Promise<Listener> {
+    this.server = await this.net.listen(host, port, (s) => this.accept(s));
+    return this.server;
   }
 
   get connected(): boolean {
     return this.current !== null && this.connectedSince !== null;
   }
 
-  private accept(socket: net.Socket): void {
+  private accept(socket: Conn): void {
     // The newest connection from the primary wins: an old one is a half-dead leftover.
     if (this.current) {
       this.log('a new replication connection replaces the old one');
@@ -719,6 +736,7 @@ export class SecondaryLink extends EventEmitter {
     socket.on('data', (d: Buffer) => (this.bytesReceived += d.length));
     const holder: { reader?: FrameReader } = {};
     new Heartbeat(
+      this.clock,
       socket,
       this.opts.heartbeat ?? DEFAULT_HEARTBEAT,
       () => send(socket, { t: 'beat' }),
@@ -747,7 +765,7 @@ export class SecondaryLink extends EventEmitter {
         this.current = null;
         this.connectedSince = null;
         if (wasUp) {
-          this.primaryLost = { at: Date.now(), reason: this.lastError ?? 'connection closed' };
+          this.primaryLost = { at: this.clock.now(), reason: this.lastError ?? 'connection closed' };
           this.log(`primary lost: ${this.primaryLost.reason}`);
           this.emit('primary-lost', this.primaryLost);
         }
@@ -761,12 +779,12 @@ export class SecondaryLink extends EventEmitter {
    * uncommitted), or refuse — a stale primary (ESTALE: it fences itself) or
    * split brain (ESPLIT: both sides report it, neither is touched).
    */
-  private async handshake(socket: net.Socket, meta: Meta): Promise<void> {
+  private async handshake(socket: Conn, meta: Meta): Promise<void> {
     const history = this.store.history;
     const primaryHistory = (meta.history as Generation[] | undefined) ?? [];
     const refuse = (code: string, message: string) => {
       this.lastError = message;
-      this.refusal = { at: Date.now(), code, message };
+      this.refusal = { at: this.clock.now(), code, message };
       this.log(`refused the primary at ${this.peer}: ${message}`);
       send(socket, { t: 'hello', proto: LINK_PROTOCOL, size: this.store.size });
       send(socket, { t: 'error', code, message });
@@ -799,7 +817,7 @@ export class SecondaryLink extends EventEmitter {
       return refuse(e.code, e.message);
     }
     if (socket.destroyed) return;
-    this.connectedSince = Date.now();
+    this.connectedSince = this.clock.now();
     this.lastError = null;
     this.refusal = null;
     this.primaryLost = null;
@@ -834,14 +852,14 @@ export class SecondaryLink extends EventEmitter {
    * data would reset the connection and could lose it). The primary reconnects
    * and resends from its journals.
    */
-  private drop(socket: net.Socket, reader: FrameReader): void {
+  private drop(socket: Conn, reader: FrameReader): void {
     reader.stop();
     socket.end();
-    setTimeout(() => socket.destroy(), 2000).unref();
+    this.clock.setTimeout(() => socket.destroy(), 2000, { unref: true });
   }
 
   private onFrame(
-    socket: net.Socket,
+    socket: Conn,
     meta: Meta,
     frame: Buffer,
     data: Buffer,
@@ -902,7 +920,7 @@ export class SecondaryLink extends EventEmitter {
   }
 
   /** Hashes of the PVM's disk as held here, at this point of the stream (frames are handled in order). */
-  private async hashes(socket: net.Socket, meta: Meta): Promise<void> {
+  private async hashes(socket: Conn, meta: Meta): Promise<void> {
     try {
       const h = await this.store.pvmHashes(Number(meta.o), Number(meta.l), Number(meta.bs));
       if (!socket.destroyed) socket.write(encodeFrameBuffer({ t: 'hash', id: meta.id }, h));
@@ -915,7 +933,7 @@ export class SecondaryLink extends EventEmitter {
   }
 
   private async reply(
-    socket: net.Socket,
+    socket: Conn,
     meta: Meta,
     run: () => Promise<object>,
     t: string,
@@ -942,6 +960,6 @@ export class SecondaryLink extends EventEmitter {
 
   async close(): Promise<void> {
     this.current?.destroy();
-    await new Promise<void>((r) => this.server.close(() => r()));
+    await this.server?.close();
   }
 }

@@ -18,21 +18,20 @@
  *   `budgetBytes`, the log stops holding data, and the peer is marked out of
  *   sync (a resync is then required; checkpoints fail until it is done).
  */
-import { randomBytes } from 'node:crypto';
-import fs from 'node:fs';
 import path from 'node:path';
 import { ColoError } from '../errors.js';
+import { realRandom, type Random } from '../sys/clock.js';
+import type { Storage } from '../sys/storage.js';
 import { JournalWriter } from './journal.js';
 import type { MutationRecord, SealRecord } from './records.js';
 
 export interface LogEpoch {
   epoch: number;
-  journal: JournalWriter;
+  /** The epoch's frames; null while the peer is out of sync (nothing is held for it). */
+  journal: JournalWriter | null;
   records: number;
   bytes: number;
   sealed: boolean;
-  sealedAt?: number;
-  openedAt: number;
 }
 
 export type NewMutation =
@@ -40,18 +39,15 @@ export type NewMutation =
   | { t: 'z'; o: number; l: number; h?: boolean; f?: boolean }
   | { t: 't'; o: number; l: number; f?: boolean };
 
-/** Delete a file in the background (unlink of a large file can take tens of milliseconds). */
-function removeLater(file: string): void {
-  fs.rm(file, { force: true }, () => {});
-}
-
 export class PrimaryLog {
   readonly epochs = new Map<number, LogEpoch>();
   current: number;
   /** Sequence numbers count per session; a session is one run of the primary. */
   seq = 0;
-  readonly session = randomBytes(8).toString('hex');
+  readonly session: string;
   outOfSync: { since: number; reason: string } | null = null;
+  /** Wall clock, for the out-of-sync record. */
+  now: () => number = Date.now;
   /** Bytes of journals not yet durable at the secondary. */
   heldBytes = 0;
   /** Called after every append, so the link can send it. */
@@ -62,14 +58,17 @@ export class PrimaryLog {
   onOutOfSync: (reason: string) => void = () => {};
 
   constructor(
+    private readonly storage: Storage,
     readonly dir: string,
     firstEpoch: number,
     readonly budgetBytes: number,
+    random: Random = realRandom,
   ) {
-    fs.mkdirSync(dir, { recursive: true });
+    this.session = random.id(8);
+    storage.mkdirp(dir);
     // Journals from an earlier run describe writes that run cannot vouch for; the
     // peer is resynchronised instead (see docs/ARCHITECTURE.md, restarts).
-    for (const name of fs.readdirSync(dir)) if (name.endsWith('.journal')) fs.rmSync(path.join(dir, name));
+    for (const name of storage.list(dir)) if (name.endsWith('.journal')) storage.remove(path.join(dir, name));
     this.current = firstEpoch;
     this.open(firstEpoch);
   }
@@ -77,11 +76,12 @@ export class PrimaryLog {
   private open(n: number): LogEpoch {
     const e: LogEpoch = {
       epoch: n,
-      journal: JournalWriter.open(path.join(this.dir, `${n}.journal`), 0),
+      journal: this.outOfSync
+        ? null
+        : JournalWriter.open(this.storage, path.join(this.dir, `${n}.journal`), 0),
       records: 0,
       bytes: 0,
       sealed: false,
-      openedAt: Date.now(),
     };
     this.epochs.set(n, e);
     return e;
@@ -97,7 +97,7 @@ export class PrimaryLog {
     const rec = { ...m, e: e.epoch, s: ++this.seq } as MutationRecord;
     e.records++;
     if (rec.t === 'w') e.bytes += data!.length;
-    if (this.outOfSync) return rec; // counted, not held: a resync will carry it
+    if (this.outOfSync || !e.journal) return rec; // counted, not held: a resync will carry it
     let r;
     try {
       r = e.journal.append(rec, data);
@@ -119,13 +119,12 @@ export class PrimaryLog {
   seal(): SealRecord {
     const e = this.currentEpoch;
     const seal: SealRecord = { t: 'seal', e: e.epoch, n: e.records, b: e.bytes };
-    if (!this.outOfSync) {
+    if (!this.outOfSync && e.journal) {
       const r = e.journal.append(seal);
       this.heldBytes += r.bytes;
       this.onAppend(e.epoch, r.parts, r.bytes);
     }
     e.sealed = true;
-    e.sealedAt = Date.now();
     this.current = e.epoch + 1;
     this.open(this.current);
     return seal;
@@ -135,23 +134,16 @@ export class PrimaryLog {
   releaseThrough(n: number): void {
     for (const e of [...this.epochs.values()]) {
       if (e.epoch > n || !e.sealed) continue;
-      this.heldBytes -= e.journal.size;
-      e.journal.close();
-      // Off the acknowledgement path: deleting a big file takes milliseconds.
-      removeLater(e.journal.path);
+      this.drop(e);
       this.epochs.delete(e.epoch);
     }
   }
 
   markOutOfSync(reason: string): void {
     if (this.outOfSync) return;
-    this.outOfSync = { since: Date.now(), reason };
+    this.outOfSync = { since: this.now(), reason };
     // Stop holding data: the journals are useless to a peer that needs a resync.
-    for (const e of this.epochs.values()) {
-      e.journal.close();
-      removeLater(e.journal.path);
-      e.journal = JournalWriter.open(e.journal.path.replace(/\.journal$/, '.oos.journal'), 0);
-    }
+    for (const e of this.epochs.values()) this.drop(e);
     this.heldBytes = 0;
     this.onOutOfSync(reason);
   }
@@ -165,10 +157,7 @@ export class PrimaryLog {
   resumeLogging(): void {
     const cur = this.currentEpoch;
     if (cur.records !== 0) throw new ColoError('EINVAL', 'resumeLogging needs an empty open epoch');
-    for (const e of this.epochs.values()) {
-      e.journal.close();
-      removeLater(e.journal.path);
-    }
+    for (const e of this.epochs.values()) this.drop(e);
     this.epochs.clear();
     this.heldBytes = 0;
     this.outOfSync = null;
@@ -186,7 +175,16 @@ export class PrimaryLog {
     return e;
   }
 
+  /** Close and delete an epoch's journal (off the acknowledgement path: deleting a big file takes milliseconds). */
+  private drop(e: LogEpoch): void {
+    if (!e.journal) return;
+    this.heldBytes -= e.journal.size;
+    e.journal.close();
+    this.storage.removeLater(e.journal.path);
+    e.journal = null;
+  }
+
   close(): void {
-    for (const e of this.epochs.values()) e.journal.close();
+    for (const e of this.epochs.values()) e.journal?.close();
   }
 }

@@ -29,6 +29,7 @@ import {
 } from '../block/device.js';
 import { crashPoint } from '../crash.js';
 import { limits } from '../limits.js';
+import { realClock, type Clock, type TimerHandle } from '../sys/clock.js';
 import type { ActivityLog } from '../failover/activity.js';
 import type { PrimaryLog } from './primary-log.js';
 import type { SealRecord } from './records.js';
@@ -53,6 +54,7 @@ export class ReplicatingDevice implements BlockDevice {
     readonly log: PrimaryLog,
     /** Regions are recorded here before they are written (failover/activity.ts). */
     readonly activity?: ActivityLog,
+    private readonly clock: Clock = realClock,
   ) {
     // Trim is always offered: it is implemented as a zeroing that may punch holes.
     this.caps = { ...local.caps, trim: local.caps.zero === 'none' ? 'none' : 'native' };
@@ -194,11 +196,6 @@ export class ReplicatingDevice implements BlockDevice {
     return this.local.cache(offset, length);
   }
 
-  /** Mutations started but not yet logged. */
-  get inflightCount(): number {
-    return this.inflight.length;
-  }
-
   /**
    * Close the current epoch: new mutations wait; the ones in flight finish and
    * are logged in it; then the seal marker is written and epoch N+1 opens.
@@ -208,17 +205,19 @@ export class ReplicatingDevice implements BlockDevice {
     let open!: () => void;
     this.gate = new Promise<void>((r) => (open = r));
     try {
-      const deadline = Date.now() + drainTimeoutMs;
+      const deadline = this.clock.mono() + drainTimeoutMs;
       while (this.inflight.length > 0) {
-        if (Date.now() > deadline)
+        if (this.clock.mono() > deadline)
           throw new ColoError(
             'EIO',
             `seal: ${this.inflight.length} writes still in flight after ${drainTimeoutMs} ms; the epoch stays open`,
           );
+        let timer: TimerHandle | undefined;
         await Promise.race([
           Promise.all(this.inflight.map((f) => f.done)),
-          new Promise((r) => setTimeout(r, 50)),
+          new Promise<void>((r) => (timer = this.clock.setTimeout(r, 50))),
         ]);
+        timer?.clear();
       }
       const seal = this.log.seal();
       inGate?.(); // still no mutation can start

@@ -26,22 +26,19 @@
  * - The SVM view (svmDevice) reads overlay > committed epochs > image and
  *   writes only to the overlay; its FLUSH/FUA make the overlay durable.
  */
-import { randomBytes } from 'node:crypto';
-import fs from 'node:fs';
-import path from 'node:path';
-import type { ClassicLevel } from 'classic-level';
 import { ColoError } from '../errors.js';
 import { limits } from '../limits.js';
 import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
 import { assertRange, coalesceExtents } from '../block/device.js';
-import type { FileDevice } from '../block/file.js';
+import { realClock, realRandom, type Clock, type Random } from '../sys/clock.js';
 import { crashPoint } from '../crash.js';
 import type { ActivityLog } from '../failover/activity.js';
 import { blockHashes } from '../failover/hash.js';
 import type { Generation, History, SyncMode } from '../failover/history.js';
 import { JournalWriter, scanJournal } from './journal.js';
+import type { Storage } from '../sys/storage.js';
 import { Layer } from './layers.js';
-import { openMeta } from './state-dir.js';
+import { openMeta, StateDir, type MetaIndex, type MetaOp } from './state-dir.js';
 import type { MutationRecord, SealRecord } from './records.js';
 
 export type EpochState = 'receiving' | 'sealed' | 'durable' | 'committed';
@@ -95,7 +92,18 @@ export interface RecoveryReport {
   droppedOverlays: number[];
 }
 
+/** The image under a store: a block device that may offer an in-kernel copy from a journal file. */
+export interface StoreImage extends BlockDevice {
+  /** Copy `length` bytes of file `srcFd` at `srcPos` to `offset`; false if it cannot (the caller writes instead). */
+  copyFromFile?(srcFd: number, srcPos: number, offset: number, length: number): boolean;
+}
+
 export interface SecondaryStoreOptions {
+  /** Time and ids (the simulator's own; real ones by default). */
+  clock?: Clock;
+  random?: Random;
+  /** The metadata index (opened from the state directory by default). */
+  meta?: MetaIndex;
   /** This node's generation history (promotion mints a generation; a finished resync adopts one). */
   history?: History;
   /** Records what this node writes once promoted (for a later re-protection). */
@@ -144,13 +152,22 @@ export class SecondaryStore {
   private closed = false;
   readonly svmDevice: SvmDevice;
 
+  private readonly storage: Storage;
+  private readonly clock: Clock;
+
   private constructor(
-    readonly dir: string,
-    readonly image: FileDevice,
-    readonly db: ClassicLevel<string, string>,
+    readonly state: StateDir,
+    readonly image: StoreImage,
+    readonly db: MetaIndex,
     private readonly opts: SecondaryStoreOptions,
   ) {
+    this.storage = state.storage;
+    this.clock = opts.clock ?? realClock;
     this.svmDevice = new SvmDevice(this);
+  }
+
+  get dir(): string {
+    return this.state.root;
   }
 
   get size(): number {
@@ -158,13 +175,14 @@ export class SecondaryStore {
   }
 
   static async open(
-    dir: string,
-    image: FileDevice,
+    dir: string | StateDir,
+    image: StoreImage,
     opts: SecondaryStoreOptions = {},
   ): Promise<SecondaryStore> {
-    for (const sub of ['epochs', 'overlay']) fs.mkdirSync(path.join(dir, sub), { recursive: true });
-    const db = await openMeta(dir);
-    const store = new SecondaryStore(dir, image, db, opts);
+    const state = typeof dir === 'string' ? new StateDir(dir) : dir;
+    state.ensure();
+    const db = opts.meta ?? (await openMeta(state.root));
+    const store = new SecondaryStore(state, image, db, opts);
     await store.recover();
     return store;
   }
@@ -199,7 +217,7 @@ export class SecondaryStore {
         `state directory ${this.dir} belongs to a ${size}-byte disk, but the image is ${this.image.size} bytes`,
       );
     // Commit records.
-    const commitsPath = path.join(this.dir, 'commits.journal');
+    const commitsPath = this.state.commits;
     const foldedIds: number[] = [];
     let commitsEnd = 0;
     const found: { adopted: Generation[] | null; promote: Extract<CommitsRecord, { t: 'promote' }> | null } =
@@ -207,8 +225,8 @@ export class SecondaryStore {
         adopted: null,
         promote: null,
       };
-    if (fs.existsSync(commitsPath)) {
-      const scan = scanJournal<CommitsRecord>(commitsPath, (r) => {
+    if (this.storage.exists(commitsPath)) {
+      const scan = scanJournal<CommitsRecord>(this.storage, commitsPath, (r) => {
         const m = r.meta;
         if (m.t === 'commit') {
           this.lastCommitted = m.e;
@@ -235,7 +253,7 @@ export class SecondaryStore {
       commitsEnd = scan.validEnd;
     }
     this.overlayId = Math.max(this.overlayId, 1);
-    this.commits = JournalWriter.open(commitsPath, commitsEnd);
+    this.commits = JournalWriter.open(this.storage, commitsPath, commitsEnd);
     this.lastApplied = Math.min((await this.getJson<number>('applied')) ?? 0, this.lastCommitted);
     // history.json follows the commit journal: finish what a crash interrupted.
     const history = this.opts.history;
@@ -256,16 +274,15 @@ export class SecondaryStore {
     };
     // Epoch journals: committed ones are applied again (idempotent, in order);
     // sealed ones with matching counts are durable; the rest are incomplete.
-    for (const name of fs.readdirSync(path.join(this.dir, 'epochs')).sort()) {
-      const m = /^(\d+)\.journal$/.exec(name);
-      if (!m) continue;
-      const n = Number(m[1]);
-      const file = path.join(this.dir, 'epochs', name);
+    for (const name of this.storage.list(this.state.epochsDir).sort()) {
+      const n = StateDir.journalNumber(name);
+      if (n === null) continue;
+      const file = this.state.epoch(n);
       if (n <= this.lastApplied) {
-        fs.rmSync(file); // applied before the crash, journal not yet deleted
+        this.storage.remove(file); // applied before the crash, journal not yet deleted
         continue;
       }
-      const { layer, scan, others } = Layer.recover(n, file);
+      const { layer, scan, others } = Layer.recover(this.storage, n, file);
       if (scan.corruption) {
         layer.close();
         this.refuseCorrupt(file, scan.corruption.offset, scan.corruption.reason);
@@ -288,32 +305,31 @@ export class SecondaryStore {
     // older ones were discarded by a commit and are deleted.
     for (const id of foldedIds) {
       const file = this.overlayPath(id);
-      if (!fs.existsSync(file)) continue; // folded and applied before the crash
-      const { layer, scan } = Layer.recover(id, file);
+      if (!this.storage.exists(file)) continue; // folded and applied before the crash
+      const { layer, scan } = Layer.recover(this.storage, id, file);
       if (scan.corruption) {
         layer.close();
         this.refuseCorrupt(file, scan.corruption.offset, scan.corruption.reason);
       }
       this.folded.push(layer);
     }
-    for (const name of fs.readdirSync(path.join(this.dir, 'overlay'))) {
-      const m = /^(\d+)\.journal$/.exec(name);
-      const id = m ? Number(m[1]) : NaN;
-      if (m && id !== this.overlayId && !this.folded.some((l) => l.id === id)) {
-        fs.rmSync(path.join(this.dir, 'overlay', name));
+    for (const name of this.storage.list(this.state.overlayDir)) {
+      const id = StateDir.journalNumber(name);
+      if (id !== null && id !== this.overlayId && !this.folded.some((l) => l.id === id)) {
+        this.storage.remove(this.state.overlay(id));
         this.recovery.droppedOverlays.push(id);
       }
     }
     const overlayPath = this.overlayPath(this.overlayId);
-    if (fs.existsSync(overlayPath)) {
-      const { layer, scan } = Layer.recover(this.overlayId, overlayPath);
+    if (this.storage.exists(overlayPath)) {
+      const { layer, scan } = Layer.recover(this.storage, this.overlayId, overlayPath);
       if (scan.corruption) {
         layer.close();
         this.refuseCorrupt(overlayPath, scan.corruption.offset, scan.corruption.reason);
       }
       if (scan.tornTail) this.recovery.tornTails.push({ file: overlayPath, ...scan.tornTail });
       this.overlay = layer;
-    } else this.overlay = Layer.create(this.overlayId, overlayPath);
+    } else this.overlay = Layer.create(this.storage, this.overlayId, overlayPath);
     // A promoted node's own writes are its peer's missing data: whatever survives of them (the
     // overlay and folded overlays not yet applied) is recorded in the activity log again, durably,
     // so that no restart can forget a region a later resync must send (invariant 8).
@@ -338,9 +354,9 @@ export class SecondaryStore {
    * are the durable record, so the checkpoint path does not wait for it. A
    * failure is logged; the next start rebuilds the index.
    */
-  private updateIndex(ops: { type: 'put' | 'del'; key: string; value?: string }[]): void {
+  private updateIndex(ops: MetaOp[]): void {
     this.indexWrites = this.indexWrites
-      .then(() => this.db.batch(ops as never))
+      .then(() => this.db.batch(ops))
       .catch((err: Error) =>
         this.log(`metadata index update failed (rebuilt on the next start): ${err.message}`),
       );
@@ -348,7 +364,7 @@ export class SecondaryStore {
 
   /** Write the LevelDB index from the in-memory state (derived from the journals). */
   private async rewriteIndex(): Promise<void> {
-    const ops: { type: 'put' | 'del'; key: string; value?: string }[] = [];
+    const ops: MetaOp[] = [];
     for await (const key of this.db.keys({ gte: 'epoch!', lt: 'epoch"' })) ops.push({ type: 'del', key });
     ops.push(
       { type: 'put', key: 'size', value: String(this.image.size) },
@@ -359,15 +375,15 @@ export class SecondaryStore {
     );
     for (const e of this.epochs.values())
       ops.push({ type: 'put', key: epochKey(e.epoch), value: JSON.stringify(this.epochMeta(e)) });
-    await this.db.batch(ops as never, { sync: true });
+    await this.db.batch(ops, { sync: true });
   }
 
   private overlayPath(id: number): string {
-    return path.join(this.dir, 'overlay', `${id}.journal`);
+    return this.state.overlay(id);
   }
 
   private epochPath(n: number): string {
-    return path.join(this.dir, 'epochs', `${n}.journal`);
+    return this.state.epoch(n);
   }
 
   // ---------------------------------------------------------------------------
@@ -400,7 +416,7 @@ export class SecondaryStore {
       if (e.state === 'receiving' || e.state === 'sealed') {
         // Deleted now, not in the background: the new session recreates the same path.
         e.layer.close();
-        fs.rmSync(e.layer.path, { force: true });
+        this.storage.remove(e.layer.path);
         this.epochs.delete(e.epoch);
         dropped.push(e.epoch);
       }
@@ -417,7 +433,7 @@ export class SecondaryStore {
           'EINVAL',
           `epoch ${n} is already committed (last committed ${this.lastCommitted})`,
         );
-      e = { epoch: n, layer: Layer.create(n, this.epochPath(n)), state: 'receiving' };
+      e = { epoch: n, layer: Layer.create(this.storage, n, this.epochPath(n)), state: 'receiving' };
       this.epochs.set(n, e);
     }
     return e;
@@ -465,7 +481,7 @@ export class SecondaryStore {
       if (e.state === 'receiving' || e.state === 'sealed') {
         first = Math.min(first, e.firstSeq ?? Infinity);
         e.layer.close();
-        fs.rmSync(e.layer.path, { force: true });
+        this.storage.remove(e.layer.path);
         this.epochs.delete(e.epoch);
         dropped.push(e.epoch);
       }
@@ -509,7 +525,7 @@ export class SecondaryStore {
     }
     e.state = 'durable';
     // The synced journal (with its seal marker) is the durable record; this is its index.
-    const meta: EpochMeta = { ...this.epochMeta(e), durableAt: Date.now() };
+    const meta: EpochMeta = { ...this.epochMeta(e), durableAt: this.clock.now() };
     this.updateIndex([{ type: 'put', key: epochKey(e.epoch), value: JSON.stringify(meta) }]);
     return meta;
   }
@@ -539,8 +555,8 @@ export class SecondaryStore {
         `cannot commit epoch ${n}: epoch ${notDurable.map((e) => e.epoch).join(', ')} is not durable on this node`,
       );
     const nextOverlay = this.overlayId + 1;
-    const now = Date.now();
-    const ops: { type: 'put'; key: string; value: string }[] = [
+    const now = this.clock.now();
+    const ops: MetaOp[] = [
       { type: 'put', key: 'committed', value: String(n) },
       { type: 'put', key: 'overlay', value: String(nextOverlay) },
     ];
@@ -565,18 +581,18 @@ export class SecondaryStore {
     this.lastCommitted = n;
     const old = this.overlay;
     const discarded = { records: old.records, bytes: old.dataBytes };
-    this.overlay = Layer.create(nextOverlay, this.overlayPath(nextOverlay));
+    this.overlay = Layer.create(this.storage, nextOverlay, this.overlayPath(nextOverlay));
     this.overlayId = nextOverlay;
     // Deleting the old overlay's file can take a while for a big one: off the commit path.
     old.close();
-    setImmediate(() => fs.rm(old.path, { force: true }, () => {}));
+    setImmediate(() => this.storage.removeLater(old.path));
     setImmediate(() => this.kickApply()); // after the answer has gone out
     return { epochs: toCommit.map((e) => e.epoch), overlayDiscarded: discarded };
   }
 
   /** A 'done' mark for an epoch already committed (a resync that sent nothing more). */
   private async finishSync(n: number, sync: SyncMark): Promise<void> {
-    this.commits.append({ t: 'commit', e: n, overlay: this.overlayId, at: Date.now(), sync });
+    this.commits.append({ t: 'commit', e: n, overlay: this.overlayId, at: this.clock.now(), sync });
     await this.commits.sync();
     this.adoptSync(sync);
   }
@@ -609,16 +625,16 @@ export class SecondaryStore {
     for (const e of [...this.epochs.values()])
       if (e.state !== 'committed') {
         e.layer.close();
-        fs.rmSync(e.layer.path, { force: true });
+        this.storage.remove(e.layer.path);
         this.epochs.delete(e.epoch);
         dropped.push(e.epoch);
       }
     await this.drainApply();
     // Nothing may linger under the old numbering (deletions of applied journals run in the background).
-    for (const name of fs.readdirSync(path.join(this.dir, 'epochs')))
-      fs.rmSync(path.join(this.dir, 'epochs', name), { force: true });
+    for (const name of this.storage.list(this.state.epochsDir))
+      this.storage.remove(`${this.state.epochsDir}/${name}`);
     const base = primaryEpoch - 1;
-    this.commits.append({ t: 'rebase', e: base, at: Date.now() });
+    this.commits.append({ t: 'rebase', e: base, at: this.clock.now() });
     await this.commits.sync();
     crashPoint('secondary-after-rebase');
     this.lastCommitted = base;
@@ -633,7 +649,7 @@ export class SecondaryStore {
     const old = this.overlay;
     const overlay = { records: old.records, bytes: old.dataBytes };
     old.close();
-    this.overlay = Layer.create(this.overlayId, this.overlayPath(this.overlayId));
+    this.overlay = Layer.create(this.storage, this.overlayId, this.overlayPath(this.overlayId));
     this.session = null;
     this.highestSeq = 0;
     this.log(
@@ -724,14 +740,14 @@ export class SecondaryStore {
     crashPoint('secondary-before-promote-record');
     const history = this.opts.history;
     const generation = Math.max(this.generation, history?.last?.n ?? 0) + 1;
-    const at = Date.now();
+    const at = this.clock.now();
     // What the SVM wrote since the last commit is this generation's first divergence from the old primary.
     const activity = this.opts.activity;
     if (activity) {
       for (const x of this.overlay.index.extents()) activity.mark(x.start, x.end - x.start, 0);
       await activity.persist();
     }
-    const id = randomBytes(6).toString('hex');
+    const id = (this.opts.random ?? realRandom).id(6);
     this.commits.append({ t: 'promote', gen: generation, id, at, reason, committed: this.lastCommitted });
     await this.commits.sync();
     history?.append({
@@ -777,12 +793,12 @@ export class SecondaryStore {
     // The folded writes reach the image: their regions must be on record first.
     await this.opts.activity?.persist();
     const next = this.overlayId + 1;
-    this.commits.append({ t: 'fold', overlay: this.overlayId, next, at: Date.now() });
+    this.commits.append({ t: 'fold', overlay: this.overlayId, next, at: this.clock.now() });
     await this.commits.sync();
     crashPoint('secondary-after-fold-record');
     // Durable: switch. Writes that came in meanwhile are in the folded overlay, which is right.
     this.folded.push(this.overlay);
-    this.overlay = Layer.create(next, this.overlayPath(next));
+    this.overlay = Layer.create(this.storage, next, this.overlayPath(next));
     this.overlayId = next;
     this.updateIndex([{ type: 'put', key: 'overlay', value: String(next) }]);
     this.kickApply();
@@ -869,7 +885,8 @@ export class SecondaryStore {
         const len = Math.min(chunk.length, ext.end - off);
         const src = ext.pos + (off - ext.start);
         e.layer.journal.flush();
-        if (!this.image.copyFromFile(e.layer.journal.descriptor, src, off, len)) {
+        const fd = e.layer.journal.descriptor;
+        if (fd === null || !this.image.copyFromFile?.(fd, src, off, len)) {
           const view = chunk.subarray(0, len);
           e.layer.journal.read(view, src);
           await this.image.pwrite(view, off);
@@ -943,7 +960,7 @@ export class SecondaryStore {
     await this.overlay.sync().catch(() => {});
     this.overlay.close();
     this.commits.close();
-    await this.db.close();
+    if (this.opts.meta === undefined) await this.db.close(); // the caller owns an index it passed in
   }
 }
 

@@ -13,6 +13,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { ColoError, toColoError } from '../errors.js';
+import { nodeStorage } from '../sys/storage.js';
 import { FileDevice } from '../block/file.js';
 import { JournalWriter, scanJournal } from '../checkpoint/journal.js';
 import { SecondaryStore } from '../checkpoint/secondary-store.js';
@@ -127,7 +128,7 @@ function recoverPrimary(dir: string, node: NodeFile): RecoverReport {
     let writes = 0;
     let bytes = 0;
     let sealed = false;
-    const scan = scanJournal<{ t: string }>(file, (r) => {
+    const scan = scanJournal<{ t: string }>(nodeStorage, file, (r) => {
       if (r.meta.t === 'seal') sealed = true;
       else {
         writes++;
@@ -141,7 +142,7 @@ function recoverPrimary(dir: string, node: NodeFile): RecoverReport {
           `It is only a resend buffer: resynchronise the secondary from this primary's image.`,
       );
     if (scan.tornTail) {
-      JournalWriter.open(file, scan.validEnd).close();
+      JournalWriter.open(nodeStorage, file, scan.validEnd).close();
       report.tornTails.push({ file, ...scan.tornTail });
       report.actions.push(`cut a torn tail of ${file} at offset ${scan.tornTail.offset}`);
     }

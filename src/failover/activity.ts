@@ -21,9 +21,8 @@
  *   count, CRC32 of header and bitmap) and the bitmap. A torn write breaks
  *   one slot's CRC; the other slot is the previous durable state.
  */
-import fs from 'node:fs';
-import path from 'node:path';
 import { crashPoint } from '../crash.js';
+import type { Storage, StorageFile } from '../sys/storage.js';
 import { ColoError } from '../errors.js';
 import { crc32 } from 'node:zlib';
 
@@ -109,8 +108,7 @@ export class ActivityLog {
   private closed = false;
 
   private constructor(
-    readonly file: string,
-    private readonly fd: number,
+    private readonly fd: StorageFile,
     readonly size: number,
   ) {
     this.extentBytes = pow2AtLeast(Math.ceil(size / MAX_EXTENTS), MIN_EXTENT);
@@ -123,20 +121,22 @@ export class ActivityLog {
     this.slotBytes = Math.ceil((HEADER + this.hot.bytes.length) / 4096) * 4096;
   }
 
-  /** Open (or create) `<dir>/activity.bitmap` for a disk of `size` bytes. */
-  static open(dir: string, size: number): ActivityLog {
-    const file = path.join(dir, 'activity.bitmap');
-    const fd = fs.openSync(file, fs.existsSync(file) ? 'r+' : 'w+');
-    const log = new ActivityLog(file, fd, size);
+  /** Open (or create) the bitmap file (state-dir: activity.bitmap) for a disk of `size` bytes. */
+  static open(storage: Storage, file: string, size: number): ActivityLog {
+    const log = new ActivityLog(storage.open(file), size);
     log.load();
     return log;
+  }
+
+  get file(): string {
+    return this.fd.path;
   }
 
   private load(): void {
     let best: { seq: number; bits: Uint8Array } | null = null;
     const buf = Buffer.alloc(this.slotBytes);
     for (let slot = 0; slot < 2; slot++) {
-      const n = fs.readSync(this.fd, buf, 0, buf.length, slot * this.slotBytes);
+      const n = this.fd.read(buf, slot * this.slotBytes);
       if (n < HEADER) continue;
       if (buf.readUInt32LE(0) !== MAGIC || buf.readUInt32LE(4) !== 1) continue;
       const seq = buf.readUInt32LE(8) + buf.readUInt32LE(12) * 2 ** 32;
@@ -253,13 +253,9 @@ export class ActivityLog {
     buf.set(snap, HEADER);
     buf.writeUInt32LE(crc32(buf), 24);
     const at = (seq % 2) * this.slotBytes;
-    await new Promise<void>((resolve, reject) =>
-      fs.write(this.fd, buf, 0, buf.length, at, (err) => (err ? reject(err) : resolve())),
-    );
+    this.fd.writev([buf], at);
     crashPoint('activity-before-sync');
-    await new Promise<void>((resolve, reject) =>
-      fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())),
-    );
+    await this.fd.datasync();
     this.syncs++;
     for (let i = 0; i < snap.length; i++) this.durable.bytes[i] |= snap[i];
     this.durableVersion = Math.max(this.durableVersion, v);
@@ -327,7 +323,7 @@ export class ActivityLog {
   async close(): Promise<void> {
     if (this.writing) await this.writing.catch(() => {});
     this.closed = true;
-    fs.closeSync(this.fd);
+    this.fd.close();
   }
 }
 

@@ -18,10 +18,9 @@
  *   both sides have a generation the other does not know (split brain: both
  *   wrote after diverging). Never a silent merge.
  */
-import { randomBytes } from 'node:crypto';
-import fs from 'node:fs';
-import path from 'node:path';
 import { ColoError } from '../errors.js';
+import { realClock, realRandom, type Clock, type Random } from '../sys/clock.js';
+import type { Storage } from '../sys/storage.js';
 
 export interface Generation {
   /** Counter for humans: 1, 2, 3... along one history. */
@@ -48,19 +47,31 @@ export interface HistoryFile {
 export const label = (g: Generation | undefined): string =>
   g ? `generation ${g.n} (${g.id})` : 'no generation';
 
+export interface HistoryEnv {
+  clock?: Clock;
+  random?: Random;
+}
+
 export class History {
+  private readonly clock: Clock;
+  private readonly random: Random;
+
   private constructor(
+    private readonly storage: Storage,
     readonly file: string,
     private data: HistoryFile,
-  ) {}
+    env: HistoryEnv,
+  ) {
+    this.clock = env.clock ?? realClock;
+    this.random = env.random ?? realRandom;
+  }
 
-  /** Load `<dir>/history.json`, creating an empty history (with a fresh node id) if there is none. */
-  static load(dir: string): History {
-    const file = path.join(dir, 'history.json');
-    if (fs.existsSync(file)) {
+  /** Load the history file (state-dir: history.json), creating an empty history (with a fresh node id) if there is none. */
+  static load(storage: Storage, file: string, env: HistoryEnv = {}): History {
+    if (storage.exists(file)) {
       let data: HistoryFile;
       try {
-        data = JSON.parse(fs.readFileSync(file, 'utf8')) as HistoryFile;
+        data = JSON.parse(storage.readFile(file).toString('utf8')) as HistoryFile;
       } catch (err) {
         throw new ColoError(
           'EIO',
@@ -71,9 +82,10 @@ export class History {
       }
       if (data.version !== 1 || !Array.isArray(data.generations) || typeof data.node !== 'string')
         throw new ColoError('EIO', `${file} is not a colo-blk generation history`);
-      return new History(file, data);
+      return new History(storage, file, data, env);
     }
-    const h = new History(file, { version: 1, node: randomBytes(6).toString('hex'), generations: [] });
+    const random = env.random ?? realRandom;
+    const h = new History(storage, file, { version: 1, node: random.id(6), generations: [] }, env);
     h.save();
     return h;
   }
@@ -98,10 +110,10 @@ export class History {
   mint(reason: string, base: number): Generation {
     const g: Generation = {
       n: (this.last?.n ?? 0) + 1,
-      id: randomBytes(6).toString('hex'),
+      id: this.random.id(6),
       by: this.node,
       base,
-      at: Date.now(),
+      at: this.clock.now(),
       reason,
     };
     this.data.generations.push(g);
@@ -136,21 +148,7 @@ export class History {
   }
 
   private save(): void {
-    const tmp = `${this.file}.tmp`;
-    const fd = fs.openSync(tmp, 'w');
-    try {
-      fs.writeSync(fd, JSON.stringify(this.data, null, 2) + '\n');
-      fs.fdatasyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    fs.renameSync(tmp, this.file);
-    const dirFd = fs.openSync(path.dirname(this.file), 'r');
-    try {
-      fs.fsyncSync(dirFd);
-    } finally {
-      fs.closeSync(dirFd);
-    }
+    this.storage.writeFileDurable(this.file, JSON.stringify(this.data, null, 2) + '\n');
   }
 }
 

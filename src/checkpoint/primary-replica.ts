@@ -1,0 +1,676 @@
+/**
+ * A primary replica: the PVM's disk with its epoch log, the link to the
+ * secondary, and the checkpoint protocol. No servers: the process shell
+ * (primary-node.ts) puts an NBD server and the control API in front of it, a
+ * promoted secondary wraps its SVM disk in one when it re-protects, and the
+ * simulator runs it on simulated storage, time and network.
+ *
+ * Checkpoint sequence (each step a control call, so a coordinator can put the
+ * memory checkpoint between them):
+ *   1. seal     — drain in-flight writes, close epoch N, open N+1
+ *   2. durable  — wait until the secondary has fsync'd all of N
+ *   3. commit   — (after the memory state of N arrived) the secondary commits N
+ * `checkpoint` runs all three. A failed step fails the checkpoint with the
+ * reason; no data is lost: epoch N stays in the log and is resent.
+ */
+import { ColoError } from '../errors.js';
+import { GiB } from '../limits.js';
+import type { BlockDevice } from '../block/device.js';
+import { ActivityLog, mergeRanges, type Range } from '../failover/activity.js';
+import { History } from '../failover/history.js';
+import { Resync, type ResyncPlan, type ResyncProgress } from '../failover/resync.js';
+import type { Logger } from '../net/server.js';
+import { sleep, type Clock, type TimerHandle } from '../sys/clock.js';
+import type { Env } from '../sys/env.js';
+import { parseHostPort, type Endpoint } from '../util/address.js';
+import type { Route } from './control.js';
+import { inspectJournal } from './inspect.js';
+import { PrimaryLink, type HeartbeatOptions, type PeerHello } from './link.js';
+import { renderPrometheus, Summary } from './metrics.js';
+import { PrimaryLog } from './primary-log.js';
+import { ReplicatingDevice } from './replicating-device.js';
+import { finishPromotedStore } from './finish-promoted.js';
+import type { StoreImage } from './secondary-store.js';
+import { openMeta, type MetaIndex, type StateDir } from './state-dir.js';
+
+export interface PrimaryReplicaOptions {
+  exportName: string;
+  /** The image's path (for status). */
+  image: string;
+  peer: Endpoint;
+  /** First epoch of the log (the next number after anything this node or its peer may hold). */
+  firstEpoch: number;
+  /** Inside a promoted secondary (re-protection): the log lives beside the store's epochs. */
+  attached?: boolean;
+  /** Bytes the log may hold for a lagging secondary before it is marked out of sync. */
+  budgetBytes?: number;
+  heartbeat?: HeartbeatOptions;
+  /**
+   * After the secondary has been unreachable this long, the primary goes on
+   * alone: it mints a new generation (its writes are now unprotected and
+   * real), stops keeping the epoch log, and resynchronises the secondary
+   * from its activity log when it returns.
+   */
+  loneAfterMs?: number;
+  /** Open NBD connections (for status). */
+  connections?: () => number;
+  logger: Logger;
+}
+
+/** How this primary stands with its secondary. */
+export type PeerState = 'connecting' | 'syncing' | 'protected' | 'down' | 'lone' | 'refused' | 'deposed';
+
+export interface CheckpointResult {
+  epoch: number;
+  writes: number;
+  bytes: number;
+  sealMs: number;
+  durableMs: number;
+  commitMs: number;
+  totalMs: number;
+}
+
+/** Hot extents cool this many epochs after their last write is committed (DRBD keeps an LRU for the same reason). */
+const COOL_LAG_EPOCHS = 4;
+
+export class PrimaryReplica {
+  readonly metrics = {
+    checkpoints: 0,
+    checkpointFailures: 0,
+    seal: new Summary(),
+    durable: new Summary(),
+    commit: new Summary(),
+    total: new Summary(),
+  };
+  private lastCheckpoint: (CheckpointResult & { at: number }) | null = null;
+  private lastFailure: { at: number; message: string } | null = null;
+  private checkpointing = false;
+  peerState: PeerState = 'connecting';
+  private resync: Resync | null = null;
+  lastResync: ResyncProgress | null = null;
+  /** Ranges of an interrupted resync, compared again on the next attempt. */
+  private resyncPending: Range[] = [];
+  /** The activity log held hot regions at start: the secondary may lack them. */
+  private dirtyRestart: boolean;
+  private loneTimer: TimerHandle | null = null;
+  private syncWaiters: (() => void)[] = [];
+  private closing = false;
+
+  readonly plog: PrimaryLog;
+  readonly device: ReplicatingDevice;
+  readonly link: PrimaryLink;
+  private readonly clock: Clock;
+
+  /**
+   * `local` is the disk (a file image, or a promoted secondary's SVM view);
+   * `meta`, `history` and `activity` belong to the caller, who closes them.
+   */
+  constructor(
+    readonly opts: PrimaryReplicaOptions,
+    readonly env: Env,
+    readonly state: StateDir,
+    readonly db: MetaIndex,
+    readonly image: BlockDevice,
+    readonly history: History,
+    readonly activity: ActivityLog,
+  ) {
+    this.clock = env.clock;
+    this.dirtyRestart = activity.hotBytes > 0;
+    // Inside a promoted secondary, epochs/ holds the store's received epochs: the log lives beside it.
+    const plog = new PrimaryLog(
+      env.storage,
+      state.primaryLogDir(opts.attached ?? false),
+      opts.firstEpoch,
+      opts.budgetBytes ?? 1 * GiB,
+      env.random,
+    );
+    plog.now = () => env.clock.now();
+    this.plog = plog;
+    const device = new ReplicatingDevice(image, plog, activity, env.clock);
+    this.device = device;
+    const link = new PrimaryLink(plog, {
+      host: opts.peer.host,
+      port: opts.peer.port,
+      size: image.size,
+      heartbeat: opts.heartbeat,
+      clock: env.clock,
+      net: env.net,
+      log: (m) => opts.logger.info(`link: ${m}`),
+      handshake: () => ({ history: [...history.generations], needsResync: this.needsResync }),
+    });
+    this.link = link;
+    device.throttle = () => link.waitForRoom();
+    link.on('deposed', (why: string) => {
+      device.deposed = why;
+      this.setPeerState('deposed');
+      opts.logger.warn(`this primary is deposed; refusing all writes from now on: ${why}`);
+    });
+    link.on('refused', (why: string) => {
+      this.setPeerState('refused');
+      opts.logger.warn(`the secondary refused this primary; serving on alone, unprotected: ${why}`);
+    });
+    link.on('peer', (peer: PeerHello) => this.onPeer(peer));
+    link.on('down', () => this.onLinkDown());
+    const onOutOfSync = plog.onOutOfSync;
+    plog.onOutOfSync = (reason) => {
+      onOutOfSync(reason);
+      // A new hello tells the secondary that the log cannot carry it: it resynchronises.
+      setImmediate(() => link.reconnect(`the secondary is out of sync: ${reason}`));
+    };
+  }
+
+  /**
+   * Open a primary on a state directory (a plain primary, restarted or new,
+   * or a promoted secondary's directory, whose store is folded into the
+   * image first). The replica owns what it opened here and closes it.
+   */
+  static async open(
+    env: Env,
+    state: StateDir,
+    image: BlockDevice & StoreImage,
+    opts: Omit<PrimaryReplicaOptions, 'firstEpoch' | 'attached'> & { meta?: MetaIndex; size: number },
+  ): Promise<PrimaryReplica> {
+    env.storage.mkdirp(state.root);
+    const history = History.load(env.storage, state.history, env);
+    const activity = ActivityLog.open(env.storage, state.activity, image.size);
+    let db: MetaIndex | undefined;
+    try {
+      const finished = await finishPromotedStore(state, image, {
+        history,
+        activity,
+        log: (m) => opts.logger.info(m),
+        meta: opts.meta,
+        clock: env.clock,
+        random: env.random,
+      });
+      db = opts.meta ?? (await openMeta(state.root));
+      const epoch = Math.max(Number((await db.get('epoch')) ?? 1), finished + 1);
+      if (history.empty) history.mint('new disk', 0);
+      await db.batch(
+        [
+          { type: 'put', key: 'role', value: 'primary' },
+          { type: 'put', key: 'size', value: String(image.size) },
+        ],
+        { sync: true },
+      );
+      state.writeNodeFile({ role: 'primary', export: opts.exportName, image: opts.image, size: image.size });
+      const replica = new PrimaryReplica(
+        { ...opts, firstEpoch: epoch },
+        env,
+        state,
+        db,
+        image,
+        history,
+        activity,
+      );
+      replica.owned = { db: opts.meta === undefined ? db : null, activity };
+      return replica;
+    } catch (err) {
+      await activity.close();
+      if (db && !opts.meta) await db.close();
+      throw err;
+    }
+  }
+
+  /** What `open` opened (closed with the replica). */
+  private owned: { db: MetaIndex | null; activity: ActivityLog } | null = null;
+
+  /** Connect to the secondary. */
+  start(): void {
+    this.link.start();
+  }
+
+  /**
+   * Pair this primary with a secondary at `peer` (the same one coming back,
+   * or another): connect now; the secondary's answer decides the resync.
+   */
+  reprotect(peerText: string) {
+    if (this.link.deposed) throw new ColoError('ESTALE', `this primary was deposed: ${this.link.deposed}`);
+    if (!peerText)
+      throw new ColoError(
+        'EUSAGE',
+        "reprotect needs 'peer' (HOST:PORT of the secondary's --replication-listen)",
+      );
+    const peer = parseHostPort(peerText, 'peer');
+    this.opts.peer = peer;
+    this.link.retarget(peer.host, peer.port);
+    if (this.peerState === 'refused') this.setPeerState('connecting');
+    this.opts.logger.info(`re-protecting with the secondary at ${peerText}`);
+    return this.status();
+  }
+
+  /** The secondary needs more than the log can resend. */
+  get needsResync(): boolean {
+    return this.plog.outOfSync !== null || this.dirtyRestart || this.resyncPending.length > 0;
+  }
+
+  private setPeerState(s: PeerState): void {
+    this.peerState = s;
+    if (s !== 'syncing') {
+      const w = this.syncWaiters;
+      this.syncWaiters = [];
+      for (const f of w) f();
+    }
+  }
+
+  /** The secondary answered the hello with its decision. */
+  private onPeer(peer: PeerHello): void {
+    this.loneTimer?.clear();
+    this.loneTimer = null;
+    const d = peer.decision;
+    if (d.action === 'none') {
+      this.history.markProtected();
+      this.setPeerState('protected');
+      return;
+    }
+    if (d.action !== 'resync') return;
+    this.opts.logger.info(`resynchronising the secondary (${d.mode}): ${d.reason}`);
+    this.setPeerState('syncing');
+    void this.runResync(d.mode, peer.hot).catch((err: Error) => {
+      this.opts.logger.warn(`resync interrupted: ${err.message} (it resumes when the secondary is back)`);
+      if (this.peerState === 'syncing') this.setPeerState(this.link.connected ? 'connecting' : 'down');
+      // A failure with the link still up (a refused commit, say) restarts through a new hello.
+      if (this.link.connected) this.link.reconnect(`resync failed: ${err.message}`);
+    });
+  }
+
+  private async runResync(mode: 'incremental' | 'full', peerHot: Range[]): Promise<void> {
+    if (this.plog.outOfSync)
+      // The log holds data again from a fresh epoch on; the resync covers everything before it.
+      await this.device.seal(10_000, () => this.plog.resumeLogging());
+    const plan: ResyncPlan =
+      mode === 'full'
+        ? { mode, send: [], compare: [{ offset: 0, length: this.image.size }] }
+        : {
+            mode,
+            send: this.resyncPending.length ? [] : this.activity.exactRanges(),
+            compare: mergeRanges([...this.activity.hotRanges(), ...peerHot, ...this.resyncPending]),
+          };
+    const resync = new Resync(
+      {
+        size: this.image.size,
+        readLocal: (buf, off) => this.device.local.pread(buf, off),
+        sendRange: (off, len) => this.device.resyncRange(off, len),
+        requestHashes: (off, len, bs) => this.link.requestHashes(off, len, bs),
+        checkpoint: (state) => this.syncCheckpoint(state, mode),
+      },
+      plan,
+    );
+    this.resync = resync;
+    this.plog.budgetSuspended = true;
+    const abort = () => resync.abort(new ColoError('ECONNECT', 'the replication link went down'));
+    this.link.once('down', abort);
+    try {
+      const p = await resync.run();
+      this.lastResync = p;
+      this.resyncPending = [];
+      this.dirtyRestart = false;
+      this.history.markProtected();
+      this.setPeerState('protected');
+      this.opts.logger.info(
+        `resync done in ${((p.finishedAt! - p.startedAt) / 1000).toFixed(1)} s: sent ${p.sentBytes} bytes, ` +
+          `${p.equalBytes} bytes found equal by ${p.hashBytes} bytes of hashes`,
+      );
+    } catch (err) {
+      this.lastResync = resync.progress;
+      this.resyncPending = mergeRanges([...this.resyncPending, ...resync.allRanges()]);
+      throw err;
+    } finally {
+      this.link.off('down', abort);
+      this.resync = null;
+      this.plog.budgetSuspended = false;
+    }
+  }
+
+  /** A checkpoint inside a resync: seal, durable, commit with the sync mark. */
+  private async syncCheckpoint(state: 'partial' | 'done', mode: 'incremental' | 'full'): Promise<void> {
+    while (this.checkpointing) await sleep(this.clock, 5);
+    this.checkpointing = true;
+    try {
+      const s = await this.seal();
+      await this.link.waitDurable(s.epoch, 60_000, true);
+      const last = this.history.last!;
+      await this.link.commit(s.epoch, 60_000, {
+        state,
+        target: last.id,
+        mode,
+        history: state === 'done' ? [...this.history.generations] : undefined,
+      });
+      if (state === 'done') this.activity.cool(s.epoch);
+    } finally {
+      this.checkpointing = false;
+    }
+  }
+
+  private onLinkDown(): void {
+    if (this.closing) return;
+    if (this.peerState === 'protected' || this.peerState === 'syncing' || this.peerState === 'connecting')
+      this.setPeerState('down');
+    if (this.loneTimer || this.peerState === 'lone' || this.link.deposed || this.link.refused) return;
+    const after = this.opts.loneAfterMs ?? 10_000;
+    this.loneTimer = this.clock.setTimeout(() => {
+      this.loneTimer = null;
+      if (this.link.connected || this.link.deposed) return;
+      this.goLone(`the secondary has been unreachable for ${after} ms (${this.link.lastError ?? 'down'})`);
+    }, after);
+  }
+
+  /** Carry on without a secondary: a new generation, durable before any further write is acknowledged as protected. */
+  goLone(reason: string): void {
+    if (this.peerState === 'lone') return;
+    const g = this.history.mint(`lone: ${reason}`, this.link.committedEpoch);
+    this.plog.markOutOfSync(`went on alone (${reason})`);
+    this.setPeerState('lone');
+    this.opts.logger.warn(
+      `going on alone as generation ${g.n} (${g.id}): ${reason}; writes are recorded in the activity log for a later resync`,
+    );
+  }
+
+  /** Phase 1: close the current epoch. */
+  async seal(): Promise<{ epoch: number; writes: number; bytes: number; ms: number }> {
+    const t = this.clock.mono();
+    // Persist the next epoch number first: after a crash this node never reuses
+    // an epoch number the secondary may already hold.
+    await this.db.put('epoch', String(this.plog.current + 1), { sync: true });
+    const seal = await this.device.seal();
+    const took = this.clock.mono() - t;
+    this.metrics.seal.observe(took / 1000);
+    return { epoch: seal.e, writes: seal.n, bytes: seal.b, ms: took };
+  }
+
+  /** Phase 2: the secondary holds epoch N durably. */
+  async waitDurable(epoch: number, timeoutMs = 10_000): Promise<{ epoch: number; ms: number }> {
+    if (epoch >= this.plog.current)
+      throw new ColoError('EINVAL', `epoch ${epoch} is not sealed yet (current ${this.plog.current})`);
+    const t = this.clock.mono();
+    await this.link.waitDurable(epoch, timeoutMs);
+    const took = this.clock.mono() - t;
+    this.metrics.durable.observe(took / 1000);
+    return { epoch, ms: took };
+  }
+
+  /** Phase 3: the secondary commits through epoch N. */
+  async commit(
+    epoch: number,
+    timeoutMs = 10_000,
+  ): Promise<{ epoch: number; ms: number; overlayDiscarded?: unknown }> {
+    if (epoch > this.link.durableEpoch)
+      throw new ColoError(
+        'EINVAL',
+        `epoch ${epoch} is not durable on the secondary yet (durable: ${this.link.durableEpoch})`,
+      );
+    const t = this.clock.mono();
+    const r = await this.link.commit(epoch, timeoutMs);
+    // Regions written in epochs up to N are on the (synchronised) secondary now. They
+    // cool a few epochs late, so a steady working set stays hot and costs no syncs.
+    if (this.peerState === 'protected') this.activity.cool(epoch - COOL_LAG_EPOCHS);
+    const took = this.clock.mono() - t;
+    this.metrics.commit.observe(took / 1000);
+    return { epoch, ms: took, overlayDiscarded: r.overlayDiscarded };
+  }
+
+  /** All three phases. */
+  async checkpoint(timeoutMs = 10_000): Promise<CheckpointResult> {
+    const t = this.clock.mono();
+    await this.waitProtected(timeoutMs);
+    if (this.checkpointing) throw new ColoError('EINVAL', 'a checkpoint is already running');
+    this.checkpointing = true;
+    try {
+      const s = await this.seal();
+      const d = await this.waitDurable(s.epoch, timeoutMs);
+      const c = await this.commit(s.epoch, timeoutMs);
+      const result: CheckpointResult = {
+        epoch: s.epoch,
+        writes: s.writes,
+        bytes: s.bytes,
+        sealMs: s.ms,
+        durableMs: d.ms,
+        commitMs: c.ms,
+        totalMs: this.clock.mono() - t,
+      };
+      this.metrics.checkpoints++;
+      this.metrics.total.observe(result.totalMs / 1000);
+      this.lastCheckpoint = { ...result, at: this.clock.now() };
+      return result;
+    } catch (err) {
+      this.metrics.checkpointFailures++;
+      this.lastFailure = { at: this.clock.now(), message: (err as Error).message };
+      throw err;
+    } finally {
+      this.checkpointing = false;
+    }
+  }
+
+  /**
+   * Checkpoints need a synchronised secondary. While a resync runs they wait
+   * (up to the timeout) and then go on by themselves; without a usable
+   * secondary they fail at once with the reason.
+   */
+  private async waitProtected(timeoutMs: number): Promise<void> {
+    const why = () => {
+      switch (this.peerState) {
+        case 'lone':
+          return `this primary went on alone (generation ${this.history.last?.n}); re-protect a secondary first (colo-blk reprotect)`;
+        case 'refused':
+          return `the secondary refused this primary: ${this.link.refused}`;
+        case 'deposed':
+          return `this primary was deposed: ${this.link.deposed}`;
+        default:
+          return null;
+      }
+    };
+    const reason = why();
+    if (reason) throw new ColoError(this.peerState === 'refused' ? 'ESPLIT' : 'ESTALE', reason);
+    if (this.peerState !== 'syncing') return;
+    const done = new Promise<void>((r) => this.syncWaiters.push(r));
+    let timer: TimerHandle | undefined;
+    const timeout = new Promise<'timeout'>(
+      (r) => (timer = this.clock.setTimeout(() => r('timeout'), timeoutMs)),
+    );
+    const r = await Promise.race([done, timeout]);
+    timer?.clear();
+    if (r === 'timeout') {
+      const p = this.resync?.progress;
+      throw new ColoError(
+        'EBUSY',
+        `the secondary is being resynchronised (${p ? `${p.mode}, ${Math.floor((100 * p.doneBytes) / Math.max(1, p.totalBytes))}% of ${p.totalBytes} bytes` : 'starting'}); ` +
+          `checkpoints resume on their own when it completes`,
+      );
+    }
+  }
+
+  status() {
+    const held = this.plog.heldEpochs();
+    return {
+      role: 'primary',
+      generation: this.history.last?.n ?? 0,
+      generationId: this.history.last?.id ?? null,
+      node: this.history.node,
+      history: this.history.generations,
+      peerState: this.peerState,
+      resync: this.resync?.progress ?? this.lastResync,
+      peerDecision: this.link.peer?.decision ?? null,
+      refused: this.link.refused,
+      unprotected: {
+        /** Bytes written (4 KiB blocks) that no synchronised secondary holds. */
+        exactBytes: this.activity.exactBytes,
+        /** Extents recorded hot on disk (an upper bound that survives a crash). */
+        hotBytes: this.activity.hotBytes,
+      },
+      export: this.opts.exportName,
+      image: this.opts.image,
+      size: this.image.size,
+      epoch: this.plog.current,
+      session: this.plog.session,
+      seq: this.plog.seq,
+      pending: held.map((e) => ({
+        epoch: e.epoch,
+        state: e.sealed ? (e.epoch <= this.link.durableEpoch ? 'durable' : 'sealed') : 'open',
+        writes: e.records,
+        bytes: e.bytes,
+        journalBytes: e.journal?.size ?? 0,
+      })),
+      link: {
+        state: this.link.state,
+        peer: `${this.opts.peer.host}:${this.opts.peer.port}`,
+        since: this.link.connectedSince ?? this.link.downSince,
+        lastError: this.link.lastError,
+        bytesSent: this.link.bytesSent,
+        reconnects: this.link.reconnects,
+        throttled: this.link.throttled,
+        durableEpoch: this.link.durableEpoch,
+        committedEpoch: this.link.committedEpoch,
+      },
+      lag: {
+        unsentBytes: this.link.unsentBytes,
+        heldBytes: this.plog.heldBytes,
+        epochs: this.plog.current - 1 - this.link.committedEpoch,
+      },
+      outOfSync: this.plog.outOfSync,
+      deposed: this.link.deposed,
+      lastCheckpoint: this.lastCheckpoint,
+      lastFailure: this.lastFailure,
+      checkpoints: this.metrics.checkpoints,
+      checkpointFailures: this.metrics.checkpointFailures,
+      connections: this.opts.connections?.() ?? 0,
+    };
+  }
+
+  inspect(epoch?: number, limit = 10_000) {
+    const held = this.plog.heldEpochs().filter((e) => epoch === undefined || e.epoch === epoch);
+    for (const e of held) e.journal?.flush(); // the file must hold every append before it is read
+    if (epoch !== undefined && held.length === 0)
+      throw new ColoError(
+        'ENOENT',
+        `epoch ${epoch} is not pending on this primary (pending: ${
+          this.plog
+            .heldEpochs()
+            .map((e) => e.epoch)
+            .join(', ') || 'none'
+        })`,
+      );
+    return {
+      role: 'primary',
+      epochs: held.map((e) => ({
+        epoch: e.epoch,
+        state: e.sealed ? (e.epoch <= this.link.durableEpoch ? 'durable' : 'sealed') : 'open',
+        ...(e.journal
+          ? inspectJournal(e.journal.path, limit, this.env.storage)
+          : { records: e.records, bytes: e.bytes, note: 'not held: the secondary is out of sync' }),
+      })),
+    };
+  }
+
+  prometheus(): string {
+    const s = this.status();
+    return renderPrometheus([
+      {
+        name: 'colo_checkpoints_total',
+        help: 'Checkpoints completed',
+        type: 'counter',
+        value: s.checkpoints,
+      },
+      {
+        name: 'colo_checkpoint_failures_total',
+        help: 'Checkpoints failed',
+        type: 'counter',
+        value: s.checkpointFailures,
+      },
+      ...(['seal', 'durable', 'commit', 'total'] as const).map((phase) => ({
+        name: 'colo_checkpoint_phase_seconds',
+        help: 'Latency of each checkpoint phase',
+        type: 'summary' as const,
+        summary: this.metrics[phase],
+        labels: { phase },
+      })),
+      {
+        name: 'colo_bytes_mirrored_total',
+        help: 'Bytes sent on the replication link',
+        type: 'counter',
+        value: s.link.bytesSent,
+      },
+      {
+        name: 'colo_pending_bytes',
+        help: 'Log bytes held for the secondary',
+        type: 'gauge',
+        value: s.lag.heldBytes,
+      },
+      { name: 'colo_unsent_bytes', help: 'Log bytes not yet sent', type: 'gauge', value: s.lag.unsentBytes },
+      { name: 'colo_epoch', help: 'Current (open) epoch', type: 'gauge', value: s.epoch },
+      {
+        name: 'colo_link_up',
+        help: '1 if the replication link is connected',
+        type: 'gauge',
+        value: s.link.state === 'connected' ? 1 : 0,
+      },
+      {
+        name: 'colo_out_of_sync',
+        help: '1 if the secondary needs a resync',
+        type: 'gauge',
+        value: s.outOfSync ? 1 : 0,
+      },
+      { name: 'colo_nbd_connections', help: 'Open NBD connections', type: 'gauge', value: s.connections },
+    ]);
+  }
+
+  /** Stop replicating: the link closes, the next epoch number is recorded, the log's files close. */
+  async close(): Promise<void> {
+    this.closing = true;
+    this.loneTimer?.clear();
+    this.resync?.abort(new ColoError('ESHUTDOWN', 'the primary is shutting down'));
+    this.link.close();
+    await this.db.put('epoch', String(this.plog.current + 1), { sync: true });
+    this.plog.close();
+    if (this.owned) {
+      await this.owned.activity.close();
+      await this.owned.db?.close();
+    }
+  }
+}
+
+/** The control routes of a primary (a promoted secondary that re-protects serves them too). */
+export function primaryRoutes(p: PrimaryReplica): Route[] {
+  const epochParam = (q: URLSearchParams, b: Record<string, unknown>) => {
+    const v = b.epoch ?? q.get('epoch');
+    const n = Number(v);
+    if (v === undefined || v === null || !Number.isSafeInteger(n) || n < 1)
+      throw new ColoError('EINVAL', `a positive integer 'epoch' is required (got ${v})`);
+    return n;
+  };
+  const timeout = (q: URLSearchParams, b: Record<string, unknown>) =>
+    Number(b.timeoutMs ?? q.get('timeoutMs') ?? 10_000);
+  return [
+    { method: 'POST' as const, path: '/seal', handler: async () => p.seal() },
+    {
+      method: 'POST' as const,
+      path: '/durable',
+      handler: async (q: URLSearchParams, b: Record<string, unknown>) =>
+        p.waitDurable(epochParam(q, b), timeout(q, b)),
+    },
+    {
+      method: 'POST' as const,
+      path: '/commit',
+      handler: async (q: URLSearchParams, b: Record<string, unknown>) =>
+        p.commit(epochParam(q, b), timeout(q, b)),
+    },
+    {
+      method: 'POST' as const,
+      path: '/checkpoint',
+      handler: async (q: URLSearchParams, b: Record<string, unknown>) => p.checkpoint(timeout(q, b)),
+    },
+    { method: 'GET' as const, path: '/status', handler: async () => p.status() },
+    {
+      method: 'POST' as const,
+      path: '/reprotect',
+      handler: async (q: URLSearchParams, b: Record<string, unknown>) =>
+        p.reprotect(String(b.peer ?? q.get('peer') ?? '')),
+    },
+    {
+      method: 'GET' as const,
+      path: '/inspect',
+      handler: async (q: URLSearchParams) =>
+        p.inspect(q.get('epoch') ? Number(q.get('epoch')) : undefined, Number(q.get('limit') ?? 10_000)),
+    },
+    { method: 'GET' as const, path: '/metrics', handler: async () => p.prometheus(), text: true },
+  ];
+}

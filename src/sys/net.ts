@@ -1,0 +1,59 @@
+/**
+ * The replication link's transport, behind an interface: TCP in a process,
+ * simulated connections in the simulator (test/sim/net.ts), which cut them at
+ * any byte, delay them and partition nodes.
+ *
+ * A `Conn` is the part of net.Socket the link uses: a byte stream with
+ * backpressure ('drain'), pausing, and 'connect' / 'data' / 'close' /
+ * 'error' events.
+ */
+import net from 'node:net';
+import { listenOn } from '../util/listen.js';
+
+export interface Conn {
+  write(buf: Buffer): boolean;
+  cork(): void;
+  uncork(): void;
+  pause(): void;
+  resume(): void;
+  /** Finish sending what was written, then close. */
+  end(): void;
+  destroy(): void;
+  readonly destroyed: boolean;
+  readonly remoteAddress?: string;
+  readonly remotePort?: number;
+  on(event: 'connect' | 'drain' | 'close', fn: () => void): this;
+  on(event: 'data', fn: (chunk: Buffer) => void): this;
+  on(event: 'error', fn: (err: Error) => void): this;
+  once(event: 'connect' | 'drain' | 'close', fn: () => void): this;
+}
+
+export interface Listener {
+  readonly address: string;
+  readonly port: number;
+  close(): Promise<void>;
+}
+
+export interface Net {
+  /** Connect; the connection emits 'connect' once established, or 'error' then 'close'. */
+  connect(host: string, port: number): Conn;
+  listen(host: string, port: number, onConnection: (conn: Conn) => void): Promise<Listener>;
+}
+
+export const tcpNet: Net = {
+  connect(host, port) {
+    const socket = net.connect({ host, port });
+    socket.setNoDelay(true);
+    return socket as unknown as Conn;
+  },
+  async listen(host, port, onConnection) {
+    const server = net.createServer({ noDelay: true }, (s) => onConnection(s as unknown as Conn));
+    const addr = await listenOn(server, port, host);
+    return {
+      address: addr.address,
+      port: addr.port,
+      close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+      server,
+    };
+  },
+};
