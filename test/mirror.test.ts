@@ -20,8 +20,10 @@ import type { MutationRecord } from '../src/checkpoint/records.js';
 import { ReplicatingDevice } from '../src/checkpoint/replicating-device.js';
 import { ColoError } from '../src/errors.js';
 import { ActivityLog } from '../src/failover/activity.js';
+import { NbdClient } from '../src/net/client.js';
+import { Cmd, COMMANDS } from '../src/net/protocol.js';
 import { deviceSuite } from './device-suite.js';
-import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
+import { prng, randomBytes, rmDir, startServer, tmpDir } from './helpers.js';
 import { nodeStorage } from '../src/sys/storage.js';
 
 const dirs: string[] = [];
@@ -302,6 +304,49 @@ describe('mirror suite: the log carries every change the primary makes', () => {
       outOfSync += (await mirrorRun(seed, { failRate: 0.15, failReads: true, switch: seed % 2 === 0 }))
         .outOfSync;
     expect(outOfSync).toBeGreaterThan(0);
+  });
+
+  it('every mutating NBD command in the command table, with and without FUA, reaches the log', async () => {
+    const SIZE = 1 << 20;
+    const r = replicating(new MemoryDevice(SIZE, { pageBytes: 4096 }));
+    const mirror = new Mirror(SIZE);
+    mirror.attach(r.plog);
+    const server = await startServer(new SwitchDevice(r.device));
+    const c = await NbdClient.connect({ port: server.port, exportName: 'disk0' });
+    const rand = prng(99);
+    // How to send each mutating command, in each of its flag combinations.
+    const senders: Record<number, ((off: number, len: number) => Promise<void>)[]> = {
+      [Cmd.WRITE]: [false, true].map((fua) => (off, len) => c.write(randomBytes(len, rand), off, { fua })),
+      [Cmd.WRITE_ZEROES]: [false, true].flatMap((fua) =>
+        [false, true].map((noHole) => (off: number, len: number) => c.zero(off, len, { fua, noHole })),
+      ),
+      [Cmd.TRIM]: [false, true].map((fua) => (off, len) => c.trim(off, len, { fua })),
+    };
+    let sent = 0;
+    try {
+      for (const [cmd, spec] of Object.entries(COMMANDS)) {
+        if (!spec.mutates) continue;
+        const ways = senders[Number(cmd)];
+        expect(ways, `the mirror suite has no way to send mutating command ${cmd}`).toBeDefined();
+        for (const send of ways)
+          for (let i = 0; i < 20; i++) {
+            // Fill the range with data first, so a zeroing or trim has something to change.
+            const off = rand() % (SIZE - 70_000);
+            const len = 1 + (rand() % 65_536);
+            await c.write(randomBytes(len, rand), off);
+            await send(off, len);
+            sent++;
+            await mirror.settled();
+            const diff = differences(await readAll(r.device.local), await readAll(mirror.device));
+            expect(diff, `command ${cmd} at ${off}+${len} is not on the secondary`).toEqual([]);
+          }
+      }
+    } finally {
+      await c.close();
+      await server.close();
+      await r.cleanup();
+    }
+    expect(sent).toBe(20 * (2 + 4 + 2));
   });
 
   it('a call outside the disk is refused before anything is logged or recorded', async () => {

@@ -13,9 +13,11 @@
  * - Durability is explicit at every call: `fua` on a mutation means "durable
  *   before the promise resolves"; `flush()` makes every completed mutation
  *   durable (NBD semantics, invariant 10).
- * - Every mutating method is listed in MUTATING_OPS. A layer that wraps a
- *   device (journal, mirror, overlay) is tested against that list so that no
- *   mutation can slip past it.
+ * - Three methods change contents: pwrite, zero and trim. A layer that wraps
+ *   a device must handle all three; the wrappers that matter most
+ *   (ReplicatingDevice, SwitchDevice) run the conformance suite and the
+ *   mirror suite (test/mirror.test.ts), which checks that every mutating NBD
+ *   command (net/protocol.ts COMMANDS) is replicated.
  */
 import { ColoError } from '../errors.js';
 
@@ -75,10 +77,6 @@ export interface BlockDevice {
   cache(offset: number, length: number): Promise<void>;
   close(): Promise<void>;
 }
-
-/** Every method that changes the device's contents or durability. */
-export const MUTATING_OPS = ['pwrite', 'trim', 'zero', 'flush'] as const;
-export type MutatingOp = (typeof MUTATING_OPS)[number];
 
 /** Assert that a range lies within a device: broken internal invariants, not client errors. */
 export function assertRange(dev: { size: number }, offset: number, length: number): void {

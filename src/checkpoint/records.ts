@@ -2,13 +2,12 @@
  * The records of an epoch: what the primary logs for every mutation, what the
  * replication link carries and what the secondary's epoch journals hold.
  *
- * Every mutating NBD command maps to exactly one record kind; FLUSH is not a
- * content change and is kept local (durability on the secondary is the
- * checkpoint's business: a commit is a flush barrier). `MUTATION_KINDS` is
- * checked by a test against the NBD command list so that no mutation can slip
- * past the log.
+ * Every mutating NBD command (net/protocol.ts COMMANDS) reaches one of the
+ * three mutating BlockDevice methods, and ReplicatingDevice logs each as
+ * exactly one record kind; FLUSH is not a content change and is kept local
+ * (durability on the secondary is the checkpoint's business: a commit is a
+ * flush barrier). The mirror suite sends every mutating command and checks.
  */
-import { Cmd } from '../net/protocol.js';
 
 export type MutationKind = 'w' | 'z' | 't';
 
@@ -56,22 +55,6 @@ export interface SealRecord {
 }
 
 export type EpochRecord = MutationRecord | SealRecord;
-
-/** NBD commands that change the disk's contents, and the record that carries each. */
-export const MUTATION_KINDS: Record<number, MutationKind> = {
-  [Cmd.WRITE]: 'w',
-  [Cmd.WRITE_ZEROES]: 'z',
-  [Cmd.TRIM]: 't',
-};
-
-/** NBD commands that do not change contents (and why they need no record). */
-export const NON_MUTATING_COMMANDS: Record<number, string> = {
-  [Cmd.READ]: 'reads nothing back into the disk',
-  [Cmd.DISC]: 'ends a connection',
-  [Cmd.FLUSH]: 'local durability only; the secondary is made durable at each checkpoint',
-  [Cmd.CACHE]: 'a prefetch hint',
-  [Cmd.BLOCK_STATUS]: 'a query',
-};
 
 export function isMutation(rec: { t: string }): rec is MutationRecord {
   return rec.t === 'w' || rec.t === 'z' || rec.t === 't';

@@ -54,6 +54,7 @@ import {
   Cmd,
   CmdFlag,
   cmdName,
+  COMMANDS,
   HandshakeFlag,
   Info,
   Opt,
@@ -66,17 +67,6 @@ import type { NbdServer, ServedExport } from './server.js';
 
 type Phase = 'flags' | 'options' | 'transmission' | 'closed';
 
-/** Flags each command accepts (PAYLOAD_LEN is handled separately). */
-const allowedFlags: Record<number, number> = {
-  [Cmd.READ]: CmdFlag.DF,
-  [Cmd.WRITE]: CmdFlag.FUA,
-  [Cmd.DISC]: 0,
-  [Cmd.FLUSH]: 0,
-  [Cmd.TRIM]: CmdFlag.FUA,
-  [Cmd.CACHE]: 0,
-  [Cmd.WRITE_ZEROES]: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-  [Cmd.BLOCK_STATUS]: CmdFlag.REQ_ONE,
-};
 
 /** Largest block-status query in compact mode, so every descriptor length fits 32 bits. */
 const MAX_STATUS_QUERY_COMPACT = 2 ** 31;
@@ -512,8 +502,9 @@ export class Connection {
 
   /** Client mistakes become NBD errors here; devices only see valid requests. */
   private validate(req: Request, payload: Buffer | null, exp: ServedExport): void {
-    const allowed = allowedFlags[req.type];
-    if (allowed === undefined) throw new RequestError(NbdErrno.EINVAL, `unknown command ${req.type}`);
+    const spec = COMMANDS[req.type];
+    if (spec === undefined) throw new RequestError(NbdErrno.EINVAL, `unknown command ${req.type}`);
+    const allowed = spec.flags;
     let flags = req.flags;
     if (this.extended && flags & CmdFlag.PAYLOAD_LEN) {
       if (req.type !== Cmd.WRITE)
@@ -532,6 +523,8 @@ export class Connection {
       );
     if (flags & CmdFlag.DF && !this.structured)
       throw new RequestError(NbdErrno.EINVAL, 'DF flag without structured replies');
+    if (spec.mutates && exp.readOnly)
+      throw new RequestError(NbdErrno.EPERM, `export '${exp.name}' is read-only`);
     const caps = exp.device.caps;
     const size = exp.device.size;
     const length = payload ? payload.length : req.length;
@@ -548,13 +541,11 @@ export class Connection {
         return;
       case Cmd.WRITE:
       case Cmd.WRITE_ZEROES:
-        if (exp.readOnly) throw new RequestError(NbdErrno.EPERM, `export '${exp.name}' is read-only`);
         if (req.type === Cmd.WRITE_ZEROES && caps.zero === 'none')
           throw new RequestError(NbdErrno.EINVAL, 'WRITE_ZEROES is not supported by this export');
         if (beyond) throw new RequestError(NbdErrno.ENOSPC, `write beyond the end of the export (${where})`);
         return;
       case Cmd.TRIM:
-        if (exp.readOnly) throw new RequestError(NbdErrno.EPERM, `export '${exp.name}' is read-only`);
         if (caps.trim === 'none')
           throw new RequestError(NbdErrno.EINVAL, 'TRIM is not supported by this export');
         if (beyond) throw new RequestError(NbdErrno.EINVAL, `trim beyond the end of the export (${where})`);

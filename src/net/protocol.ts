@@ -95,6 +95,25 @@ export const CmdFlag = {
   PAYLOAD_LEN: 1 << 5,
 } as const;
 
+/**
+ * Every transmission command the server accepts: the flags it takes (besides
+ * PAYLOAD_LEN) and whether it changes the disk's contents. This table drives
+ * request validation: an unknown command is refused, a mutating one is
+ * refused on a read-only export. The mirror suite (test/mirror.test.ts) sends
+ * every mutating command through a replicating primary and checks the
+ * secondary's copy after each, so a new one cannot slip past the log.
+ */
+export const COMMANDS: Readonly<Record<number, { flags: number; mutates: boolean }>> = {
+  [Cmd.READ]: { flags: CmdFlag.DF, mutates: false },
+  [Cmd.WRITE]: { flags: CmdFlag.FUA, mutates: true },
+  [Cmd.DISC]: { flags: 0, mutates: false },
+  [Cmd.FLUSH]: { flags: 0, mutates: false },
+  [Cmd.TRIM]: { flags: CmdFlag.FUA, mutates: true },
+  [Cmd.CACHE]: { flags: 0, mutates: false },
+  [Cmd.WRITE_ZEROES]: { flags: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO, mutates: true },
+  [Cmd.BLOCK_STATUS]: { flags: CmdFlag.REQ_ONE, mutates: false },
+};
+
 export const ReplyFlag = { DONE: 1 << 0 } as const;
 
 export const ReplyType = {
