@@ -35,23 +35,44 @@ export const limits = {
   memoryPageBytes: 64 * KiB,
   /** Scratch buffer for emulated write-zeroes. */
   zeroChunkBytes: 1 * MiB,
-  /**
-   * Replication flow control: when the primary has this many bytes of log not
-   * yet sent to a connected secondary, new PVM writes wait ...
-   */
-  replicationHighWaterBytes: 64 * MiB,
-  /** ... until the backlog is down to this. */
-  replicationLowWaterBytes: 16 * MiB,
-  /** On a promoted node, the overlay is folded into the image once it holds this much. */
-  promotedFoldBytes: 64 * MiB,
-  /**
-   * A resync commits (with a 'partial' mark) every so many bytes sent, so the
-   * logs on both sides stay bounded. COLO_BLK_RESYNC_COMMIT_BYTES overrides it
-   * (tests use a small value to exercise partial commits on small disks).
-   */
-  resyncCommitBytes: Number(process.env.COLO_BLK_RESYNC_COMMIT_BYTES) || 64 * 1024 * 1024,
   /** How long a graceful shutdown waits for in-flight requests. */
   shutdownGraceMs: 5_000,
 } as const;
 
 export type Limits = typeof limits;
+
+/**
+ * The replication path's tunables: sizes an operator (or a test) may want
+ * other than the defaults. They are passed in as options (never read from
+ * the environment at import time); `tunables()` fills in the defaults.
+ */
+export interface Tunables {
+  /**
+   * Replication flow control: when the primary has this many bytes of log not
+   * yet sent to a connected secondary, new PVM writes wait ...
+   */
+  replicationHighWaterBytes: number;
+  /** ... until the backlog is down to this. */
+  replicationLowWaterBytes: number;
+  /** On a promoted node, the overlay is folded into the image once it holds this much. */
+  promotedFoldBytes: number;
+  /** A resync commits (with a 'partial' mark) every so many bytes sent, so the logs on both sides stay bounded. */
+  resyncCommitBytes: number;
+  /**
+   * Smallest extent of the activity log's durable (hot) bitmap; larger disks
+   * get larger extents (at most 65536 of them). Recorded in the bitmap file.
+   */
+  activityExtentBytes: number;
+}
+
+export const defaultTunables: Tunables = {
+  replicationHighWaterBytes: 64 * MiB,
+  replicationLowWaterBytes: 16 * MiB,
+  promotedFoldBytes: 64 * MiB,
+  resyncCommitBytes: 64 * MiB,
+  activityExtentBytes: 1 * MiB,
+};
+
+export function tunables(t: Partial<Tunables> = {}): Tunables {
+  return { ...defaultTunables, ...t };
+}

@@ -14,7 +14,6 @@ import { encodeFrameBuffer } from '../src/checkpoint/frame.js';
 import { JournalWriter, scanJournal } from '../src/checkpoint/journal.js';
 import type { MutationRecord } from '../src/checkpoint/records.js';
 import { SecondaryStore } from '../src/checkpoint/secondary-store.js';
-import { limits } from '../src/limits.js';
 import { recordFaults } from './fault-counts.js';
 import { prng, randomBytes, rmDir, ROOT, tmpDir } from './helpers.js';
 import {
@@ -192,7 +191,8 @@ async function secondaryWorkload(
   const cp0 = randomBytes(SIZE, rand);
   await dev.pwrite(cp0, 0);
   await dev.flush();
-  const store = await SecondaryStore.open(state, dev);
+  // Small folds once promoted: the overlay is folded (and applied) several times.
+  const store = await SecondaryStore.open(state, dev, { foldBytes: 40 * 1024 });
   const run: SecondaryRun = {
     base,
     initial: snapshotFiles(base, ['state/meta']),
@@ -307,10 +307,7 @@ async function secondaryWorkload(
     // One more epoch, durable but never committed: the promotion drops it.
     await epoch(opts.epochs + 1);
     await settle();
-    const lim = limits as { promotedFoldBytes: number };
-    const foldBytes = lim.promotedFoldBytes;
-    lim.promotedFoldBytes = 40 * 1024;
-    try {
+    {
       const pr: Span = { start: pos(), done: NEVER };
       run.promote = pr;
       const promoting = store.promote('power-loss test').then(() => run.acks.push((pr.done = pos())));
@@ -323,8 +320,6 @@ async function secondaryWorkload(
       }
       await settle();
       await store.drainApply();
-    } finally {
-      lim.promotedFoldBytes = foldBytes;
     }
   }
   await settle();
@@ -688,10 +683,7 @@ describe('power loss', () => {
     const state = path.join(dir, 'state');
     fs.mkdirSync(dir);
     const dev = await FileDevice.open(path.join(dir, 'svm.img'), { size: SIZE });
-    const store = await SecondaryStore.open(state, dev);
-    const lim = limits as { promotedFoldBytes: number };
-    const foldBytes = lim.promotedFoldBytes;
-    lim.promotedFoldBytes = 8 * 1024;
+    const store = await SecondaryStore.open(state, dev, { foldBytes: 8 * 1024 });
     const rec = new TraceRecorder();
     const data = randomBytes(16 * 1024, prng(5));
     let k = 0;
@@ -706,7 +698,6 @@ describe('power loss', () => {
       k = rec.position;
       await store.drainApply();
     } finally {
-      lim.promotedFoldBytes = foldBytes;
       await store.close();
       await dev.close();
       setIoTracer(null);

@@ -20,7 +20,7 @@
  */
 import { EventEmitter } from 'node:events';
 import { ColoError, toColoError, type ErrorCode } from '../errors.js';
-import { limits } from '../limits.js';
+import { defaultTunables } from '../limits.js';
 import { ByteQueue } from '../net/bytequeue.js';
 import { decodeFrame, encodeFrameBuffer, FRAME_HEADER_BYTES, FrameError, peekFrameBytes } from './frame.js';
 import type { JournalWriter } from './journal.js';
@@ -163,6 +163,9 @@ export interface PrimaryLinkOptions {
   reconnectMaxMs?: number;
   heartbeat?: HeartbeatOptions;
   log?: (msg: string) => void;
+  /** Flow control: PVM writes wait while this much log is unsent, until it is down to the low mark. */
+  highWaterBytes?: number;
+  lowWaterBytes?: number;
   /** This primary's generation history and whether it can resend what the secondary lacks. */
   handshake?: () => { history: Generation[]; needsResync: boolean };
 }
@@ -478,7 +481,11 @@ export class PrimaryLink extends EventEmitter {
    * secondary from falling behind until the log budget runs out.
    */
   waitForRoom(): Promise<void> | null {
-    if (!this.ready || this.plog.outOfSync || this.unsentBytes < limits.replicationHighWaterBytes)
+    if (
+      !this.ready ||
+      this.plog.outOfSync ||
+      this.unsentBytes < (this.opts.highWaterBytes ?? defaultTunables.replicationHighWaterBytes)
+    )
       return null;
     this.throttled++;
     return new Promise((resolve) => this.roomWaiters.push(resolve));
@@ -486,7 +493,12 @@ export class PrimaryLink extends EventEmitter {
 
   private releaseRoom(): void {
     if (this.roomWaiters.length === 0) return;
-    if (this.ready && !this.plog.outOfSync && this.unsentBytes > limits.replicationLowWaterBytes) return;
+    if (
+      this.ready &&
+      !this.plog.outOfSync &&
+      this.unsentBytes > (this.opts.lowWaterBytes ?? defaultTunables.replicationLowWaterBytes)
+    )
+      return;
     const waiters = this.roomWaiters;
     this.roomWaiters = [];
     for (const w of waiters) w();

@@ -22,13 +22,13 @@
  *   one slot's CRC; the other slot is the previous durable state.
  */
 import { crashPoint } from '../crash.js';
+import { defaultTunables } from '../limits.js';
 import type { Storage, StorageFile } from '../sys/storage.js';
 import { ColoError } from '../errors.js';
 import { crc32 } from 'node:zlib';
 
 const MAGIC = 0x4c414243; // "CBAL" little-endian
 const HEADER = 32;
-const MIN_EXTENT = 1024 * 1024;
 const MAX_EXTENTS = 65536;
 const MIN_BLOCK = 4096;
 const MAX_BLOCKS = 1 << 28;
@@ -110,8 +110,9 @@ export class ActivityLog {
   private constructor(
     private readonly fd: StorageFile,
     readonly size: number,
+    minExtentBytes: number,
   ) {
-    this.extentBytes = pow2AtLeast(Math.ceil(size / MAX_EXTENTS), MIN_EXTENT);
+    this.extentBytes = pow2AtLeast(Math.ceil(size / MAX_EXTENTS), minExtentBytes);
     this.blockBytes = pow2AtLeast(Math.ceil(size / MAX_BLOCKS), MIN_BLOCK);
     const extents = Math.max(1, Math.ceil(size / this.extentBytes));
     this.hot = new Bitmap(extents);
@@ -122,8 +123,13 @@ export class ActivityLog {
   }
 
   /** Open (or create) the bitmap file (state-dir: activity.bitmap) for a disk of `size` bytes. */
-  static open(storage: Storage, file: string, size: number): ActivityLog {
-    const log = new ActivityLog(storage.open(file), size);
+  static open(
+    storage: Storage,
+    file: string,
+    size: number,
+    minExtentBytes = defaultTunables.activityExtentBytes,
+  ): ActivityLog {
+    const log = new ActivityLog(storage.open(file), size, minExtentBytes);
     log.load();
     return log;
   }

@@ -24,7 +24,6 @@
  */
 import { crashPoint } from '../crash.js';
 import { ColoError } from '../errors.js';
-import { limits } from '../limits.js';
 import { mergeRanges, type Range } from './activity.js';
 import { blockHashes, HASH_BLOCK, HASH_BYTES, HASH_SUBBLOCK, type RangeReader } from './hash.js';
 import type { SyncMode } from './history.js';
@@ -38,6 +37,10 @@ export interface ResyncHost {
   requestHashes(offset: number, length: number, block: number): Promise<Buffer>;
   /** Seal, wait durable, commit with a sync mark. */
   checkpoint(state: 'partial' | 'done'): Promise<void>;
+  /** Commit (with a 'partial' mark) every so many bytes sent. */
+  commitBytes: number;
+  /** Wall clock (for the progress record). */
+  now(): number;
 }
 
 export interface ResyncPlan {
@@ -86,13 +89,12 @@ export class Resync {
   constructor(
     private readonly host: ResyncHost,
     readonly plan: ResyncPlan,
-    private readonly onProgress: (p: ResyncProgress) => void = () => {},
   ) {
     const total = (rs: Range[]) => rs.reduce((a, r) => a + r.length, 0);
     this.progress = {
       mode: plan.mode,
       state: 'running',
-      startedAt: Date.now(),
+      startedAt: host.now(),
       finishedAt: null,
       totalBytes: total(plan.send) + total(plan.compare),
       doneBytes: 0,
@@ -123,7 +125,7 @@ export class Resync {
     await this.host.sendRange(offset, length);
     this.progress.sentBytes += length;
     this.sinceCheckpoint += length;
-    if (this.sinceCheckpoint >= limits.resyncCommitBytes) {
+    if (this.sinceCheckpoint >= this.host.commitBytes) {
       this.sinceCheckpoint = 0;
       await this.host.checkpoint('partial');
       this.progress.checkpoints++;
@@ -135,7 +137,6 @@ export class Resync {
       for (const c of chunks(this.plan.send, SEND_CHUNK)) {
         await this.send(c.offset, c.length);
         this.progress.doneBytes += c.length;
-        this.onProgress(this.progress);
       }
       await this.compareAll();
       this.check();
@@ -147,8 +148,7 @@ export class Resync {
       this.progress.error = (err as Error).message;
       throw err;
     } finally {
-      this.progress.finishedAt = Date.now();
-      this.onProgress(this.progress);
+      this.progress.finishedAt = this.host.now();
     }
     return this.progress;
   }
@@ -174,7 +174,6 @@ export class Resync {
       }
       await this.compareChunk(list[i], remote);
       this.progress.doneBytes += list[i].length;
-      this.onProgress(this.progress);
     }
   }
 
