@@ -36,6 +36,23 @@ async function readSvm(store: SecondaryStore, off: number, len: number) {
 }
 
 describe('SecondaryStore', () => {
+  it('a promotion asked for while a resync starts waits for it: the journal never holds a rebase after the promote record', async () => {
+    const { store, dev, dir, image } = await openStore();
+    await store.svmDevice.pwrite(Buffer.alloc(4096, 0x21), 0);
+    const starting = store.startResync(5);
+    const promoting = store.promote('test: racing a resync start');
+    await starting;
+    const p = await promoting;
+    expect(p.committed).toBe(4); // the rebase came first
+    await store.close();
+    await dev.close();
+    const again = await openStore(dir, image);
+    expect(again.store.promoted?.generation).toBe(p.generation);
+    expect(again.store.lastCommitted).toBe(4);
+    await again.store.close();
+    await again.dev.close();
+  });
+
   it('keeps PVM writes invisible until commit, then shows them and drops the overlay', async () => {
     const { store, dev } = await openStore();
     const pvm = Buffer.alloc(8192, 0xaa);

@@ -4,6 +4,7 @@
  * everything in order.
  */
 import { FileDevice, type IoMode } from '../block/file.js';
+import type { Tunables } from '../limits.js';
 import { NbdServer, type Logger } from '../net/server.js';
 import { realEnv } from '../sys/env.js';
 import type { Endpoint } from '../util/address.js';
@@ -29,6 +30,7 @@ export interface PrimaryNodeOptions {
   heartbeat?: HeartbeatOptions;
   /** See PrimaryReplicaOptions.loneAfterMs. */
   loneAfterMs?: number;
+  tunables?: Partial<Tunables>;
   logger: Logger;
 }
 
@@ -51,11 +53,11 @@ export class PrimaryNode {
       replica = await PrimaryReplica.open(realEnv, new StateDir(opts.stateDir, realEnv.storage), image, {
         exportName: opts.exportName,
         image: opts.image,
-        size: image.size,
         peer: opts.peer,
         budgetBytes: opts.budgetBytes,
         heartbeat: opts.heartbeat,
         loneAfterMs: opts.loneAfterMs,
+        tunables: opts.tunables,
         connections: () => holder.nbd?.connectionCount ?? 0,
         logger: opts.logger,
       });

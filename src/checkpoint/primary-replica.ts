@@ -14,7 +14,7 @@
  * reason; no data is lost: epoch N stays in the log and is resent.
  */
 import { ColoError } from '../errors.js';
-import { GiB } from '../limits.js';
+import { GiB, tunables, type Tunables } from '../limits.js';
 import type { BlockDevice } from '../block/device.js';
 import { ActivityLog, mergeRanges, type Range } from '../failover/activity.js';
 import { History } from '../failover/history.js';
@@ -54,6 +54,7 @@ export interface PrimaryReplicaOptions {
   loneAfterMs?: number;
   /** Open NBD connections (for status). */
   connections?: () => number;
+  tunables?: Partial<Tunables>;
   logger: Logger;
 }
 
@@ -100,6 +101,7 @@ export class PrimaryReplica {
   readonly device: ReplicatingDevice;
   readonly link: PrimaryLink;
   private readonly clock: Clock;
+  private readonly tunables: Tunables;
 
   /**
    * `local` is the disk (a file image, or a promoted secondary's SVM view);
@@ -115,6 +117,7 @@ export class PrimaryReplica {
     readonly activity: ActivityLog,
   ) {
     this.clock = env.clock;
+    this.tunables = tunables(opts.tunables);
     this.dirtyRestart = activity.hotBytes > 0;
     // Inside a promoted secondary, epochs/ holds the store's received epochs: the log lives beside it.
     const plog = new PrimaryLog(
@@ -133,6 +136,8 @@ export class PrimaryReplica {
       port: opts.peer.port,
       size: image.size,
       heartbeat: opts.heartbeat,
+      highWaterBytes: this.tunables.replicationHighWaterBytes,
+      lowWaterBytes: this.tunables.replicationLowWaterBytes,
       clock: env.clock,
       net: env.net,
       log: (m) => opts.logger.info(`link: ${m}`),
@@ -168,11 +173,16 @@ export class PrimaryReplica {
     env: Env,
     state: StateDir,
     image: BlockDevice & StoreImage,
-    opts: Omit<PrimaryReplicaOptions, 'firstEpoch' | 'attached'> & { meta?: MetaIndex; size: number },
+    opts: Omit<PrimaryReplicaOptions, 'firstEpoch' | 'attached'> & { meta?: MetaIndex },
   ): Promise<PrimaryReplica> {
     env.storage.mkdirp(state.root);
     const history = History.load(env.storage, state.history, env);
-    const activity = ActivityLog.open(env.storage, state.activity, image.size);
+    const activity = ActivityLog.open(
+      env.storage,
+      state.activity,
+      image.size,
+      tunables(opts.tunables).activityExtentBytes,
+    );
     let db: MetaIndex | undefined;
     try {
       const finished = await finishPromotedStore(state, image, {
@@ -293,6 +303,8 @@ export class PrimaryReplica {
         sendRange: (off, len) => this.device.resyncRange(off, len),
         requestHashes: (off, len, bs) => this.link.requestHashes(off, len, bs),
         checkpoint: (state) => this.syncCheckpoint(state, mode),
+        commitBytes: this.tunables.resyncCommitBytes,
+        now: () => this.clock.now(),
       },
       plan,
     );
@@ -328,7 +340,7 @@ export class PrimaryReplica {
     this.checkpointing = true;
     try {
       const s = await this.seal();
-      await this.link.waitDurable(s.epoch, 60_000, true);
+      await Promise.all([this.link.waitDurable(s.epoch, 60_000, true), this.flushLocal(s.epoch)]);
       const last = this.history.last!;
       await this.link.commit(s.epoch, 60_000, {
         state,
@@ -383,10 +395,26 @@ export class PrimaryReplica {
     if (epoch >= this.plog.current)
       throw new ColoError('EINVAL', `epoch ${epoch} is not sealed yet (current ${this.plog.current})`);
     const t = this.clock.mono();
-    await this.link.waitDurable(epoch, timeoutMs);
+    await Promise.all([this.link.waitDurable(epoch, timeoutMs), this.flushLocal(epoch)]);
     const took = this.clock.mono() - t;
     this.metrics.durable.observe(took / 1000);
     return { epoch, ms: took };
+  }
+
+  /** Epochs up to this one are durable on this node's own disk. */
+  private flushedThrough = 0;
+
+  /**
+   * A commit is a flush barrier on both sides (invariant 10): before the
+   * secondary is told to commit N, every write of epochs ≤ N is durable here
+   * too. Otherwise a power cut could take from this disk writes the
+   * secondary has committed, in extents the activity log has since cooled,
+   * and a restarted primary would pair as "equal" with a disk it differs from.
+   */
+  private async flushLocal(epoch: number): Promise<void> {
+    if (this.flushedThrough >= epoch) return;
+    await this.device.local.flush();
+    this.flushedThrough = Math.max(this.flushedThrough, epoch);
   }
 
   /** Phase 3: the secondary commits through epoch N. */
@@ -399,6 +427,7 @@ export class PrimaryReplica {
         'EINVAL',
         `epoch ${epoch} is not durable on the secondary yet (durable: ${this.link.durableEpoch})`,
       );
+    await this.flushLocal(epoch); // done already when /durable was asked first
     const t = this.clock.mono();
     const r = await this.link.commit(epoch, timeoutMs);
     // Regions written in epochs up to N are on the (synchronised) secondary now. They

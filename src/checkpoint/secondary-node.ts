@@ -4,6 +4,7 @@
  * control API, and closes everything in order.
  */
 import { FileDevice, type IoMode } from '../block/file.js';
+import type { Tunables } from '../limits.js';
 import { NbdServer, type Logger } from '../net/server.js';
 import { realEnv } from '../sys/env.js';
 import type { Endpoint } from '../util/address.js';
@@ -27,7 +28,7 @@ export interface SecondaryNodeOptions {
   failoverGraceMs?: number;
   discardMyData?: boolean;
   rejoin?: boolean;
-  foldBytes?: number;
+  tunables?: Partial<Tunables>;
   logger: Logger;
 }
 
@@ -55,7 +56,7 @@ export class SecondaryNode {
         failoverGraceMs: opts.failoverGraceMs,
         discardMyData: opts.discardMyData,
         rejoin: opts.rejoin,
-        foldBytes: opts.foldBytes,
+        tunables: opts.tunables,
         connections: () => holder.nbd?.connectionCount ?? 0,
         logger: opts.logger,
       });

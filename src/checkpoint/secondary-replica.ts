@@ -8,6 +8,7 @@
  * time and network.
  */
 import { ColoError } from '../errors.js';
+import { tunables, type Tunables } from '../limits.js';
 import { SwitchDevice } from '../block/switch.js';
 import { ActivityLog } from '../failover/activity.js';
 import { History } from '../failover/history.js';
@@ -40,8 +41,7 @@ export interface SecondaryReplicaOptions {
    * back what the new primary does not have, from its activity log).
    */
   rejoin?: boolean;
-  /** Once promoted, the overlay is folded into the image whenever it holds this many bytes. */
-  foldBytes?: number;
+  tunables?: Partial<Tunables>;
   /** The metadata index (opened from the state directory by default). */
   meta?: MetaIndex;
   /** Open NBD connections (for status). */
@@ -98,16 +98,19 @@ export class SecondaryReplica {
   static async open(env: Env, state: StateDir, image: StoreImage, opts: SecondaryReplicaOptions) {
     env.storage.mkdirp(state.root);
     const history = History.load(env.storage, state.history, env);
-    const activity = ActivityLog.open(env.storage, state.activity, image.size);
+    const activity = ActivityLog.open(
+      env.storage,
+      state.activity,
+      image.size,
+      tunables(opts.tunables).activityExtentBytes,
+    );
     const holder: { replica?: SecondaryReplica } = {};
     let store: SecondaryStore;
     try {
-      if (opts.discardMyData) {
-        history.discard();
-        opts.logger.warn(`--discard-my-data: forgot this node's history; it will be fully resynchronised`);
-      }
       dropFormerPrimaryLog(state, opts.logger);
-      if (opts.rejoin) {
+      // A node that served as a primary after a promotion becomes a plain secondary again: asked
+      // for (--rejoin), or implied by --discard-my-data (its data is to be overwritten whole).
+      if (opts.rejoin || opts.discardMyData) {
         const was = env.storage.exists(state.commits)
           ? await finishPromotedStore(state, image, {
               history,
@@ -121,14 +124,19 @@ export class SecondaryReplica {
           : -1;
         if (was >= 0)
           opts.logger.warn(
-            `--rejoin: this node's promoted state is folded into its image; it rejoins as a secondary and ` +
-              `will be resynchronised (its writes since the fork are rolled back)`,
+            `${opts.rejoin ? '--rejoin' : '--discard-my-data'}: this node's promoted state is folded into its ` +
+              `image; it rejoins as a secondary and will be resynchronised (its writes since the fork are rolled back)`,
           );
+      }
+      // After the fold above: finishing a promoted store records its generation in the history.
+      if (opts.discardMyData) {
+        history.discard();
+        opts.logger.warn(`--discard-my-data: forgot this node's history; it will be fully resynchronised`);
       }
       store = await SecondaryStore.open(state, image, {
         history,
         activity,
-        foldBytes: opts.foldBytes,
+        foldBytes: tunables(opts.tunables).promotedFoldBytes,
         meta: opts.meta,
         clock: env.clock,
         random: env.random,
@@ -213,6 +221,7 @@ export class SecondaryReplica {
         attached: true,
         heartbeat: this.opts.heartbeat,
         connections: this.opts.connections,
+        tunables: this.opts.tunables,
         logger: this.opts.logger,
       },
       this.env,

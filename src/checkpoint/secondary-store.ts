@@ -27,7 +27,7 @@
  *   writes only to the overlay; its FLUSH/FUA make the overlay durable.
  */
 import { ColoError } from '../errors.js';
-import { limits } from '../limits.js';
+import { defaultTunables, limits } from '../limits.js';
 import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
 import { assertRange, coalesceExtents } from '../block/device.js';
 import { realClock, realRandom, type Clock, type Random } from '../sys/clock.js';
@@ -112,7 +112,7 @@ export interface SecondaryStoreOptions {
   onApplyError?: (err: Error) => void;
   /** Progress of the background apply: bytes done of the epoch's total. */
   onApplyProgress?: (epoch: number, doneBytes: number, totalBytes: number) => void;
-  /** On a promoted node, the overlay is folded once it holds this many bytes (default limits.promotedFoldBytes). */
+  /** On a promoted node, the overlay is folded once it holds this many bytes (default: the tunable). */
   foldBytes?: number;
   log?: (msg: string) => void;
 }
@@ -617,10 +617,22 @@ export class SecondaryStore {
    * are applied first, and epoch numbering restarts just below the primary's
    * next epoch (a durable 'rebase' record), whatever numbers the old history used.
    */
-  async startResync(
+  startResync(
     primaryEpoch: number,
   ): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
-    if (this.promoted || this.promoting) throw this.staleError();
+    if (this.promoted || this.promoting) return Promise.reject(this.staleError());
+    // A promotion asked for meanwhile waits until this is done (it never interleaves with the rebase).
+    const run = this.startResyncNow(primaryEpoch);
+    this.resyncStart = run.finally(() => (this.resyncStart = null));
+    return run;
+  }
+
+  /** Set while a resync start (rollback and rebase) is running. */
+  private resyncStart: Promise<unknown> | null = null;
+
+  private async startResyncNow(
+    primaryEpoch: number,
+  ): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
     const dropped: number[] = [];
     for (const e of [...this.epochs.values()])
       if (e.state !== 'committed') {
@@ -720,6 +732,7 @@ export class SecondaryStore {
   private async promoteOnce(
     reason: string,
   ): Promise<{ generation: number; at: number; droppedEpochs: number[]; committed: number }> {
+    while (this.resyncStart) await this.resyncStart.catch(() => {});
     if (this.promoted)
       return {
         generation: this.promoted.generation,
@@ -783,7 +796,7 @@ export class SecondaryStore {
    */
   maybeFold(): void {
     if (!this.promoted || this.folding || this.closed) return;
-    if (this.overlay.dataBytes < (this.opts.foldBytes ?? limits.promotedFoldBytes)) return;
+    if (this.overlay.dataBytes < (this.opts.foldBytes ?? defaultTunables.promotedFoldBytes)) return;
     this.folding = this.fold()
       .catch((err: Error) => this.log(`folding the overlay failed (will retry): ${err.message}`))
       .finally(() => (this.folding = null));

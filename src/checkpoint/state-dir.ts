@@ -87,8 +87,9 @@ export class StateDir {
     }
   }
 
+  /** Durably: which role the directory last served decides how a restart treats its journals. */
   writeNodeFile(info: NodeFile): void {
-    this.storage.writeFile(
+    this.storage.writeFileDurable(
       this.nodeFile,
       JSON.stringify({ ...info, image: path.resolve(info.image) }, null, 2),
     );

@@ -7,6 +7,7 @@ import path from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { ColoError } from '../errors.js';
 import type { IoMode } from '../block/file.js';
+import type { Tunables } from '../limits.js';
 import { controlCall } from '../checkpoint/control.js';
 import { inspectJournal, type JournalReport } from '../checkpoint/inspect.js';
 import { PrimaryNode } from '../checkpoint/primary-node.js';
@@ -27,6 +28,16 @@ export interface NodeCliOptions {
   json?: boolean;
   verbose?: boolean;
   quiet?: boolean;
+}
+
+/**
+ * COLO_BLK_RESYNC_COMMIT_BYTES: a resync's partial-commit interval. A test
+ * knob (small disks exercise partial commits with it), read when a node
+ * starts, never at import.
+ */
+function testTunables(): Partial<Tunables> {
+  const v = Number(process.env.COLO_BLK_RESYNC_COMMIT_BYTES);
+  return v > 0 ? { resyncCommitBytes: v } : {};
 }
 
 function singleExport(spec: string) {
@@ -88,6 +99,7 @@ export async function primaryCommand(
     budgetBytes: parseSize(opts.budget),
     heartbeat: heartbeatOf(opts),
     loneAfterMs,
+    tunables: testTunables(),
     logger,
   });
   const a = node.addresses;
@@ -132,7 +144,7 @@ export async function secondaryCommand(
     failoverGraceMs,
     discardMyData: opts.discardMyData === true,
     rejoin: opts.rejoin === true,
-    foldBytes: parseSize(opts.foldSize),
+    tunables: { ...testTunables(), promotedFoldBytes: parseSize(opts.foldSize) },
     logger,
   });
   const a = node.addresses;

@@ -1,0 +1,21 @@
+// The simulator with longer walks (seeds apart from test/sim.test.ts): deeper
+// sequences of failovers, restarts and re-protections in one run. Runs beside
+// sim.test.ts on the other core.
+import { describe, expect, it } from 'vitest';
+import { describeFailure, runSeeds } from './sim/run.js';
+
+const count = Number(process.env.COLO_BLK_SIM_LONG_SEEDS ?? 400);
+const actions = 100;
+
+describe('whole-system simulator, long walks', () => {
+  it(
+    `${count} seeded scenarios of ${actions} actions keep every invariant`,
+    { timeout: 180_000 },
+    async () => {
+      const { totals, failures } = await runSeeds('simulator, long walks', 1_000_001, count, { actions });
+      for (const f of failures) console.error(describeFailure(f, actions));
+      expect(failures.map((f) => f.violation)).toEqual([]);
+      expect(totals.converged).toBeGreaterThanOrEqual(totals.scenarios * 0.95);
+    },
+  );
+});

@@ -1,0 +1,493 @@
+/**
+ * One seeded scenario of the whole-system simulator: a random walk over
+ * what the VMs, the operator, the disks and the network can do to a pair,
+ * with the reference checks after every step, and a convergence phase at
+ * the end (heal, restart, re-protect, checkpoint, compare).
+ *
+ * The invariants checked (see docs/INVARIANTS.md):
+ * - (1, 2) after every checkpoint the primary reports done, the secondary's
+ *   committed disk equals the primary's disk at the cut, byte for byte, and
+ *   the SVM sees exactly that (its overlay is gone); "protected" therefore
+ *   implies "equal after the next checkpoint";
+ * - (3, 4, 7) a secondary that crashed comes back at a commit no older than
+ *   the last one reported, holding exactly that checkpoint's image;
+ * - (5) a promoted node's disk is the last commit plus the SVM's own writes;
+ * - (9) no generation ever has two writers;
+ * - and the disk a VM reads is what it wrote (a model of every acknowledged
+ *   write, minus ranges where a write failed).
+ */
+import { Cluster, DISK, other, REPL_PORT, SECTOR, type NodeName, type SimOptions } from './cluster.js';
+import { defaultSimOptions } from './cluster.js';
+import { SimWorld } from './world.js';
+
+export class Violation extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'Violation';
+  }
+}
+
+export interface ScenarioOptions {
+  /** Actions in the random walk. */
+  actions: number;
+  sim?: Partial<SimOptions>;
+  /** Probability that a mutation on a primary's own disk fails part-way (per batch with faults on). */
+  diskFaults?: boolean;
+}
+
+export interface ScenarioResult {
+  seed: number;
+  actions: number;
+  steps: number;
+  crashes: number;
+  cuts: number;
+  checkpoints: number;
+  failovers: number;
+  reprotects: number;
+  converged: boolean;
+  violation: string | null;
+  log: string[];
+}
+
+type Action =
+  | 'pvm'
+  | 'svm'
+  | 'checkpoint'
+  | 'crash'
+  | 'restart'
+  | 'failover'
+  | 'reprotect'
+  | 'partition'
+  | 'heal'
+  | 'cut'
+  | 'wait';
+
+/** What a node's VM must read: known bytes, and sectors a failed write may have half-changed. */
+class Expected {
+  unknown = new Set<number>();
+  constructor(
+    public data: Buffer,
+    /** The secondary's commit this view was derived from (a secondary's view resets at commits). */
+    public commit: number | null,
+    public overlay: unknown,
+  ) {}
+  apply(offset: number, data: Buffer | null, length: number): void {
+    if (data) data.copy(this.data, offset);
+    else this.data.fill(0, offset, offset + length);
+    for (let s = offset / SECTOR; s < (offset + length) / SECTOR; s++) this.unknown.delete(s);
+  }
+  forget(offset: number, length: number): void {
+    for (let s = offset / SECTOR; s < (offset + length) / SECTOR; s++) this.unknown.add(s);
+  }
+  /** First differing known sector, or -1. */
+  diff(actual: Buffer): number {
+    if (this.unknown.size === 0 && actual.equals(this.data)) return -1;
+    for (let s = 0; s < DISK / SECTOR; s++) {
+      if (this.unknown.has(s)) continue;
+      const o = s * SECTOR;
+      if (actual.compare(this.data, o, o + SECTOR, o, o + SECTOR) !== 0) return s;
+    }
+    return -1;
+  }
+}
+
+export function runScenario(seed: number, opts: ScenarioOptions): Promise<ScenarioResult> {
+  return SimWorld.track(() => scenario(seed, opts));
+}
+
+async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioResult> {
+  const world = new SimWorld(seed);
+  const rng = world.rng;
+  const sim = { ...defaultSimOptions, ...opts.sim };
+  const c = new Cluster(world, sim);
+  const res: ScenarioResult = {
+    seed,
+    actions: 0,
+    steps: 0,
+    crashes: 0,
+    cuts: 0,
+    checkpoints: 0,
+    failovers: 0,
+    reprotects: 0,
+    converged: false,
+    violation: null,
+    log: c.log,
+  };
+  const expected: Record<NodeName, Expected | null> = { a: null, b: null };
+  /** Cuts of checkpoints reported done, by epoch (for the secondary that took them). */
+  const cuts = new Map<number, { secondary: NodeName; data: Buffer }>();
+  const reported: Record<NodeName, number> = { a: 0, b: 0 };
+  const promotedSeen: Record<NodeName, boolean> = { a: false, b: false };
+  const genWriter = new Map<string, NodeName>();
+  const diskFaults = opts.diskFaults ?? rng.chance(0.5);
+  const fail = (msg: string): never => {
+    throw new Violation(`seed ${seed}: ${msg}`);
+  };
+
+  /** Reset a node's expected view to what it reads now (after a restart, a resync, a crash). */
+  const resetExpected = async (name: NodeName) => {
+    const data = await c.read(name);
+    const s = c.nodes[name].secondary;
+    expected[name] = data
+      ? new Expected(data, s && !s.store.promoted ? s.store.lastCommitted : null, s?.store.overlayLayer)
+      : null;
+  };
+
+  /** A secondary's view resets at every commit and at a resync's rollback: forget ours if one happened behind our back. */
+  const trackSecondaryViews = () => {
+    for (const name of ['a', 'b'] as const) {
+      const s = c.nodes[name].secondary;
+      if (c.nodes[name].up && (!s || s.store.promoted)) {
+        // Commits reported while this node was a secondary say nothing about it any more.
+        reported[name] = 0;
+        for (const [k, v] of [...cuts]) if (v.secondary === name) cuts.delete(k);
+      }
+      if (s && !s.store.promoted) promotedSeen[name] = false;
+      const e = expected[name];
+      if (!s || (s.store.promoted && promotedSeen[name])) continue;
+      if (s.store.lastCommitted < reported[name]) {
+        // A resync restarted this node's numbering (rebase): older reports and cuts no longer apply.
+        reported[name] = 0;
+        for (const [k, v] of [...cuts]) if (v.secondary === name) cuts.delete(k);
+      }
+      if (e && (e.commit !== s.store.lastCommitted || e.overlay !== s.store.overlayLayer))
+        expected[name] = null;
+    }
+  };
+
+  /** Invariant 5: a node just promoted serves the last commit plus the SVM's own writes. */
+  const checkPromotions = async () => {
+    trackSecondaryViews();
+    for (const name of ['a', 'b'] as const) {
+      const s = c.nodes[name].secondary;
+      if (!s?.store.promoted || promotedSeen[name]) continue;
+      promotedSeen[name] = true;
+      res.failovers++;
+      reported[name] = 0;
+      for (const [k, v] of [...cuts]) if (v.secondary === name) cuts.delete(k);
+      const e = expected[name];
+      const actual = await c.read(name);
+      if (e && actual) {
+        const d = e.diff(actual);
+        if (d >= 0)
+          fail(
+            `${name} was promoted, but its disk differs at sector ${d} from the last commit plus the SVM's writes`,
+          );
+      }
+      expected[name] = actual ? new Expected(actual, null, null) : null;
+    }
+  };
+
+  const checkpoint = async (name: NodeName) => {
+    const p = c.nodes[name].primary;
+    if (!p) return;
+    const cut = await c.read(name);
+    if (cut && expected[name]) {
+      const d = expected[name]!.diff(cut);
+      if (d >= 0) fail(`the disk of ${name} differs from what its VM wrote, at sector ${d}`);
+    }
+    const r = await world.await(p.checkpoint(4000), 15_000);
+    if (!r || !r.ok) {
+      c.note(`checkpoint on ${name} failed: ${r ? r.error.message : 'no answer'}`);
+      return;
+    }
+    res.checkpoints++;
+    const n = r.value.epoch;
+    const sName = other(name);
+    const s = c.nodes[sName].secondary;
+    c.note(`checkpoint ${n} done on ${name}`);
+    if (!s || s.store.promoted)
+      fail(`checkpoint ${n} reported done on ${name}, but ${sName} is no secondary`);
+    if (!cut) return;
+    // Invariants 1 and 2: the committed image is the cut, and the SVM sees nothing of its old overlay.
+    const committed = (await c.committedView(sName))!;
+    if (!committed.equals(cut)) {
+      let s0 = 0;
+      while (
+        s0 < DISK / SECTOR &&
+        committed.compare(cut, s0 * SECTOR, (s0 + 1) * SECTOR, s0 * SECTOR, (s0 + 1) * SECTOR) === 0
+      )
+        s0++;
+      fail(
+        `checkpoint ${n} reported done on ${name} (peer ${p.peerState}), but ${sName}'s committed disk differs ` +
+          `from the cut at sector ${s0} (offset ${s0 * SECTOR})`,
+      );
+    }
+    const svm = await c.read(sName);
+    if (svm && !svm.equals(cut)) fail(`after commit ${n}, the SVM on ${sName} does not see exactly the cut`);
+    cuts.set(n, { secondary: sName, data: cut });
+    for (const k of [...cuts.keys()]) if (k < n - 3) cuts.delete(k);
+    reported[sName] = Math.max(reported[sName], n);
+    expected[sName] = new Expected(Buffer.from(cut), s!.store.lastCommitted, s!.store.overlayLayer);
+  };
+
+  /** Invariants 3, 4, 7: a restarted secondary is at a commit no older than reported, holding exactly its cut. */
+  const checkRestartedSecondary = async (name: NodeName) => {
+    const s = c.nodes[name].secondary;
+    if (!s || s.store.promoted || s.store.syncing) return;
+    const l = s.store.lastCommitted;
+    const cut = cuts.get(l);
+    if (l < reported[name])
+      fail(`${name} restarted at commit ${l}, but commit ${reported[name]} had been reported done`);
+    if (cut && cut.secondary === name) {
+      const committed = (await c.committedView(name))!;
+      if (!committed.equals(cut.data))
+        fail(`${name} restarted at commit ${l}, but its committed disk is not that checkpoint's image`);
+    }
+  };
+
+  const mutate = async (name: NodeName, vm: 'pvm' | 'svm') => {
+    const node = c.nodes[name];
+    const dev = node.device;
+    if (!dev) return;
+    const e = expected[name];
+    const gen = vm === 'pvm' ? node.generationId : null;
+    const faults = vm === 'pvm' && diskFaults && node.proc?.kind === 'primary' && rng.chance(0.3);
+    if (faults) node.proc!.image.failRate = 0.2;
+    // Disjoint ranges (their order is then irrelevant), clustered in four quarters of the disk.
+    const used: [number, number][] = [];
+    const ops: { offset: number; length: number; data: Buffer | null; p: Promise<void> }[] = [];
+    for (let i = rng.range(1, 4); i > 0; i--) {
+      const hot = rng.int(4) * (DISK / 4);
+      const length = rng.range(1, 32) * SECTOR;
+      const offset = Math.min(DISK - length, hot + rng.int(DISK / 4 / 4096) * 4096);
+      if (used.some(([a, b]) => offset < b && a < offset + length)) continue;
+      used.push([offset, offset + length]);
+      const fua = rng.chance(0.2);
+      const k = rng.int(10);
+      const data = k < 7 ? rng.data(length) : null;
+      const p =
+        k < 7
+          ? dev.pwrite(data!, offset, { fua })
+          : k < 9
+            ? dev.zero(offset, length, { fua, mayTrim: rng.chance(0.5) })
+            : dev.trim(offset, length, { fua });
+      ops.push({ offset, length, data, p });
+    }
+    const r = await world.await(Promise.allSettled(ops.map((o) => o.p)), 10_000);
+    if (faults) node.proc!.image.failRate = 0;
+    if (!r?.ok) {
+      for (const o of ops) e?.forget(o.offset, o.length);
+      return;
+    }
+    r.value.forEach((x, i) => {
+      const o = ops[i];
+      if (x.status === 'fulfilled') {
+        e?.apply(o.offset, o.data, o.length);
+        if (gen) {
+          const w = genWriter.get(gen);
+          if (w && w !== name) fail(`generation ${gen} has two writers: ${w} and ${name}`);
+          genWriter.set(gen, name);
+        }
+      } else e?.forget(o.offset, o.length);
+    });
+    if (rng.chance(0.3)) await world.await(dev.flush(), 5000);
+  };
+
+  /** What `colo-blk` would be started as on a stopped node (as an operator would choose). */
+  const restart = async (name: NodeName, converge = false) => {
+    const node = c.nodes[name];
+    const peer = c.nodes[other(name)];
+    const file = node.disk.read('/state/node.json');
+    let role: string | null = null;
+    try {
+      role = file ? (JSON.parse(file.toString()) as { role: string }).role : null;
+    } catch {
+      // a torn node.json: the operator goes by what they last started
+    }
+    const peerServes = peer.serving;
+    let ok: boolean;
+    if (role === 'promoted') {
+      const how = converge
+        ? peerServes
+          ? 'rejoin'
+          : 'secondary'
+        : rng.weighted<'secondary' | 'primary' | 'rejoin'>([
+            ['secondary', 3],
+            ['primary', 2],
+            ['rejoin', peerServes ? 2 : 0],
+          ]);
+      ok =
+        how === 'primary'
+          ? await c.startPrimary(name)
+          : await c.startSecondary(name, { rejoin: how === 'rejoin' });
+    } else if (role === 'primary' || (role === null && node.lastStart === 'primary')) {
+      const asSecondary = peerServes && (converge || rng.chance(0.8));
+      ok = asSecondary ? await c.startSecondary(name, { rejoin: false }) : await c.startPrimary(name);
+    } else ok = await c.startSecondary(name, { autoFailover: !converge && rng.chance(0.3) });
+    if (ok) {
+      await resetExpected(name);
+      await checkRestartedSecondary(name);
+    }
+  };
+
+  const choose = (): Action => {
+    const a = c.nodes.a;
+    const b = c.nodes.b;
+    const up = [a, b].filter((n) => n.up);
+    const servers = up.filter((n) => n.device && n.serving);
+    const secondaries = up.filter((n) => n.secondary && !n.secondary.store.promoted);
+    const promoted = up.filter((n) => n.secondary?.store.promoted);
+    return rng.weighted<Action>([
+      ['pvm', servers.length ? 10 : 0],
+      ['svm', secondaries.length ? 4 : 0],
+      ['checkpoint', up.some((n) => n.primary) ? 6 : 0],
+      ['crash', up.length ? 2 : 0],
+      ['restart', up.length < 2 ? 5 : 0],
+      ['failover', secondaries.length ? 1.5 : 0],
+      ['reprotect', promoted.length && secondaries.length ? 4 : 0],
+      ['partition', 0.7],
+      ['heal', 1],
+      ['cut', 1],
+      ['wait', 3],
+    ]);
+  };
+
+  const act = async (action: Action) => {
+    const names = (['a', 'b'] as const).filter((n) => c.nodes[n].up);
+    switch (action) {
+      case 'pvm': {
+        const n = rng.pick(names.filter((x) => c.nodes[x].serving && c.nodes[x].device));
+        c.note(`pvm writes on ${n}`);
+        return mutate(n, 'pvm');
+      }
+      case 'svm': {
+        const n = rng.pick(
+          names.filter((x) => c.nodes[x].secondary && !c.nodes[x].secondary!.store.promoted),
+        );
+        c.note(`svm writes on ${n}`);
+        return mutate(n, 'svm');
+      }
+      case 'checkpoint':
+        return checkpoint(rng.pick(names.filter((x) => c.nodes[x].primary)));
+      case 'crash':
+        return c.crash(rng.pick(names));
+      case 'restart':
+        return restart(rng.pick((['a', 'b'] as const).filter((n) => !c.nodes[n].up)));
+      case 'failover': {
+        const n = rng.pick(
+          names.filter((x) => c.nodes[x].secondary && !c.nodes[x].secondary!.store.promoted),
+        );
+        c.note(`failover on ${n}`);
+        const r = await world.await(c.nodes[n].secondary!.promote('sim: operator'), 5000);
+        if (r && !r.ok) c.note(`failover refused: ${r.error.message}`);
+        return;
+      }
+      case 'reprotect': {
+        const n = rng.pick(names.filter((x) => c.nodes[x].secondary?.store.promoted));
+        if (!c.nodes[other(n)].secondary || c.nodes[other(n)].secondary!.store.promoted) return;
+        c.note(`reprotect: ${n} protects ${other(n)}`);
+        res.reprotects++;
+        const r = await world.await(c.nodes[n].secondary!.reprotect(`${other(n)}:${REPL_PORT}`), 5000);
+        if (r && !r.ok) c.note(`reprotect refused: ${r.error.message}`);
+        return world.runFor(rng.range(50, 1500));
+      }
+      case 'partition':
+        c.note('partition a|b');
+        c.net.partition('a', 'b');
+        return world.runFor(rng.range(50, 1200));
+      case 'heal':
+        c.net.heal('a', 'b');
+        return world.runFor(rng.range(10, 500));
+      case 'cut': {
+        const n = c.net.cutBetween('a', 'b', rng.int(rng.chance(0.5) ? 64 : 256 * 1024));
+        if (n) c.note(`cut ${n} connections`);
+        return world.runFor(rng.range(10, 300));
+      }
+      case 'wait':
+        return world.runFor(rng.range(10, 2000));
+    }
+  };
+
+  /** Bring the pair back together as an operator would, and check equality at a final checkpoint. */
+  const converge = async () => {
+    const names = ['a', 'b'] as const;
+    const isDeposed = (n: NodeName) => c.nodes[n].primary?.peerState === 'deposed';
+    const asSecondary = async (n: NodeName, discardMyData: boolean) => {
+      c.note(`converge: ${n} restarts as a secondary${discardMyData ? ' and discards its data' : ''}`);
+      const rejoin = !!c.nodes[n].secondary?.store.promoted;
+      c.crash(n);
+      if (!(await c.startSecondary(n, { discardMyData, rejoin }))) return false;
+      await resetExpected(n);
+      return true;
+    };
+    c.net.heal('a', 'b');
+    for (const n of names) if (!c.nodes[n].up) await restart(n, true);
+    for (let round = 0; round < 3; round++) {
+      await world.runFor(500);
+      await checkPromotions();
+      for (const n of names) if (isDeposed(n) && !(await asSecondary(n, false))) return;
+      let servers = names.filter((n) => c.nodes[n].serving);
+      if (servers.length === 0) {
+        for (const n of names) {
+          const sec = c.nodes[n].secondary;
+          if (!sec) continue;
+          c.note(`converge: failover on ${n}`);
+          const r = await world.await(sec.promote('sim: converge'), 5000);
+          if (r?.ok) break;
+        }
+        await checkPromotions();
+      } else if (servers.length === 2) {
+        // Split brain: the operator keeps one side's data and discards the other's.
+        if (!(await asSecondary(rng.pick(servers), true))) return;
+      }
+      servers = names.filter((n) => c.nodes[n].serving);
+      if (servers.length !== 1) continue;
+      const p = servers[0];
+      const s = other(p);
+      const pn = c.nodes[p];
+      const protectedNow = () => pn.primary?.peerState === 'protected';
+      if (!(await world.runUntil(protectedNow, 3000))) {
+        try {
+          if (pn.secondary && !pn.primary)
+            await world.await(pn.secondary.reprotect(`${s}:${REPL_PORT}`), 5000);
+          else pn.primary?.reprotect(`${s}:${REPL_PORT}`);
+        } catch (err) {
+          c.note(`converge: reprotect failed: ${(err as Error).message}`);
+          continue;
+        }
+        if (!(await world.runUntil(protectedNow, 30_000))) {
+          // Refused (split brain as the roles stand): the secondary's data goes.
+          const sn = c.nodes[s];
+          if (sn.secondary && !sn.secondary.store.promoted && sn.secondary.link.refusal)
+            await asSecondary(s, true);
+          continue;
+        }
+      }
+      await world.runFor(100);
+      const before = res.checkpoints;
+      await checkpoint(p);
+      res.converged = res.checkpoints > before;
+      return;
+    }
+  };
+
+  try {
+    await c.startSecondary('b', { autoFailover: rng.chance(0.3) });
+    await c.startPrimary('a');
+    await resetExpected('a');
+    await resetExpected('b');
+    await world.runUntil(() => c.nodes.a.primary?.peerState === 'protected', 10_000);
+    for (let i = 0; i < opts.actions; i++) {
+      const action = choose();
+      res.actions++;
+      await act(action);
+      await world.settle();
+      await checkPromotions();
+    }
+    await converge();
+  } catch (err) {
+    if (!(err instanceof Violation)) throw err;
+    res.violation = err.message;
+  } finally {
+    // Stop every process so nothing of this world runs on.
+    for (const n of ['a', 'b'] as const) {
+      const proc = c.nodes[n].proc;
+      if (proc) proc.owner.alive = false;
+    }
+  }
+  res.steps = world.steps;
+  res.crashes = c.crashes;
+  res.cuts = c.net.cuts;
+  return res;
+}
