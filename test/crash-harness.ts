@@ -17,10 +17,10 @@
  *   moment is the machine's).
  * - `CheckpointModel`: the expected image of every checkpoint, computed in the
  *   test by applying the same mutations to a Buffer.
- * - `FrameDriver` / `driveEpochs`: the test *is* the primary. It speaks the
- *   replication protocol (frame.ts: hello, w/z/t records, seal, commit) to a
- *   real secondary process, so it knows exactly which commits were sent and
- *   which were answered. Its hello carries a one-generation history that the
+ * - `PrimaryDriver` / `driveEpochs`: the test *is* the primary, with the real
+ *   primary's log and link (PrimaryLog, PrimaryLink) in-process against a real
+ *   secondary process, so it knows exactly which commits were sent and which
+ *   were answered. Its hello carries a one-generation history that the
  *   secondary's history.json already holds (`driverHistory`, `writeHistory`),
  *   so the secondary decides 'none' (no resync) and takes epochs at once.
  * - `Scenario`: {name, victim, crash(), setup(), workload(), allowedImages(),
@@ -37,15 +37,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { setImmediate as yieldTurn } from 'node:timers/promises';
-import {
-  encodeFrameBuffer,
-  decodeFrame,
-  FRAME_HEADER_BYTES,
-  peekFrameBytes,
-} from '../src/checkpoint/frame.js';
+import { PrimaryLink, type PeerHello } from '../src/checkpoint/link.js';
+import { PrimaryLog } from '../src/checkpoint/primary-log.js';
 import { scanJournal } from '../src/checkpoint/journal.js';
 import type { Generation } from '../src/failover/history.js';
 import { CLI, prng, randomBytes, track } from './helpers.js';
@@ -233,132 +228,92 @@ export function checkImage(
 // -----------------------------------------------------------------------------
 // The test as the primary: a replication-protocol driver
 
-type Meta = Record<string, unknown> & { t: string };
-
+/** An answer the secondary gave instead of the one wanted (its error code and message). */
 export class DriverError extends Error {
   constructor(
     message: string,
-    readonly reply?: Meta,
+    readonly code?: string,
   ) {
     super(message);
   }
 }
 
 /**
- * A replication connection to a secondary, speaking frames (frame.ts) the way
- * PrimaryLink does: hello, mutation records, seal, commit; answers durable,
- * committed, error. It sends beats while idle.
+ * The test as a primary, with the real primary's protocol: an epoch log
+ * (PrimaryLog, in a directory of the point) and the replication link
+ * (PrimaryLink) over TCP to a secondary process. The test appends exactly the
+ * records it planned and runs the checkpoint phases itself, so it knows which
+ * commits were sent and which were answered. The link never reconnects once
+ * it is lost (the point is over).
  */
-export class FrameDriver {
-  private buf: Buffer = Buffer.alloc(0);
-  private waiters: { t: string; e?: number; resolve: (m: Meta) => void; reject: (e: Error) => void }[] = [];
-  private stash: Meta[] = [];
-  private readonly beat: NodeJS.Timeout;
+export class PrimaryDriver {
   closed = false;
-  /** The last 'error' frame received. */
-  lastError: Meta | null = null;
 
-  private constructor(private readonly socket: net.Socket) {
-    socket.setNoDelay(true);
-    socket.on('data', (d: Buffer) => this.onData(d));
-    socket.on('error', () => {});
-    socket.on('close', () => this.onClose());
-    this.beat = setInterval(() => this.send({ t: 'beat' }), 150);
-    this.beat.unref();
-  }
-
-  static connect(port: number): Promise<FrameDriver> {
-    return new Promise((resolve, reject) => {
-      const s = net.connect({ host: '127.0.0.1', port }, () => {
-        s.off('error', reject);
-        resolve(new FrameDriver(s));
-      });
-      s.once('error', reject);
-    });
-  }
-
-  private onData(d: Buffer): void {
-    this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
-    while (this.buf.length >= FRAME_HEADER_BYTES) {
-      const total = peekFrameBytes(this.buf)!;
-      if (this.buf.length < total) break;
-      const f = decodeFrame<Meta>(this.buf.subarray(0, total))!;
-      this.buf = this.buf.subarray(total);
-      this.onFrame(f.meta);
-    }
-  }
-
-  private onFrame(m: Meta): void {
-    if (m.t === 'beat') return;
-    if (m.t === 'error') {
-      this.lastError = m;
-      const e = m.e === undefined ? undefined : Number(m.e);
-      for (const w of [...this.waiters])
-        if (e === undefined || w.e === undefined || w.e >= e) {
-          this.waiters.splice(this.waiters.indexOf(w), 1);
-          w.reject(
-            new DriverError(`the secondary answered error ${String(m.code)}: ${String(m.message)}`, m),
-          );
-        }
-      return;
-    }
-    const w = this.waiters.find((x) => x.t === m.t && (x.e === undefined || x.e === Number(m.e)));
-    if (w) {
-      this.waiters.splice(this.waiters.indexOf(w), 1);
-      w.resolve(m);
-    } else this.stash.push(m);
-  }
-
-  private onClose(): void {
-    this.closed = true;
-    clearInterval(this.beat);
-    for (const w of this.waiters.splice(0)) w.reject(new DriverError('the replication connection closed'));
-  }
-
-  /** Write one frame; false if the connection is gone. */
-  send(meta: object, data?: Buffer): boolean {
-    if (this.closed || this.socket.destroyed) return false;
-    this.socket.write(encodeFrameBuffer(meta, data));
-    return true;
-  }
-
-  /** The next reply of type `t` (for epoch `e`), or a rejection on an error or a closed connection. */
-  wait(t: string, e?: number): Promise<Meta> {
-    const i = this.stash.findIndex((m) => m.t === t && (e === undefined || Number(m.e) === e));
-    if (i >= 0) return Promise.resolve(this.stash.splice(i, 1)[0]);
-    if (this.closed) return Promise.reject(new DriverError('the replication connection closed'));
-    return new Promise((resolve, reject) => this.waiters.push({ t, e, resolve, reject }));
+  private constructor(
+    readonly plog: PrimaryLog,
+    readonly link: PrimaryLink,
+  ) {
+    link.on('down', () => this.destroy());
   }
 
   /**
-   * Introduce this driver as a primary of generation history `history` (the
-   * secondary compares it with its own history.json; failover/history.ts
-   * decide()). Resolves with the secondary's hello; rejects with its error
-   * (a refusal answers a hello and then an error: the error wins).
+   * Connect as a primary of generation history `history` (the secondary
+   * compares it with its own history.json: failover/history.ts decide()).
+   * Resolves once the secondary accepted with decision 'none'; rejects with
+   * its refusal or any other decision.
    */
-  async hello(size: number, epoch: number, session: string, history: Generation[]): Promise<Meta> {
-    this.send({ t: 'hello', proto: 1, size, epoch, session, history, needsResync: false });
-    const reply = await this.wait('hello');
-    if (reply.decision === undefined) {
-      // A refusal: a bare hello, then the error frame, then the end of the stream.
-      await this.wait('never').catch(() => {});
-      throw new DriverError(
-        `the secondary refused the hello: ${this.lastError ? `${String(this.lastError.code)}: ${String(this.lastError.message)}` : 'no reason given'}`,
-        this.lastError ?? reply,
-      );
-    }
-    const decision = reply.decision as { action?: string; reason?: string };
-    if (decision.action !== 'none')
-      throw new DriverError(
-        `the secondary decided '${String(decision.action)}' at the hello (expected 'none'): ${String(decision.reason)}`,
-        reply,
-      );
-    return reply;
+  static connect(
+    port: number,
+    opts: { size: number; firstEpoch: number; logDir: string; history: Generation[] },
+  ): Promise<PrimaryDriver> {
+    const plog = new PrimaryLog(nodeStorage, opts.logDir, opts.firstEpoch, 1 << 30);
+    const link = new PrimaryLink(plog, {
+      host: '127.0.0.1',
+      port,
+      size: opts.size,
+      heartbeat: { intervalMs: 150, timeoutMs: 2000 },
+      handshake: () => ({ history: opts.history, needsResync: false }),
+    });
+    const driver = new PrimaryDriver(plog, link);
+    return new Promise((resolve, reject) => {
+      const refused = (why: string) => {
+        driver.destroy();
+        reject(new DriverError(`the secondary refused the hello: ${why}`));
+      };
+      link.once('deposed', refused);
+      link.once('refused', refused);
+      link.once('down', (why: string | null) => reject(new DriverError(`the link went down: ${why}`)));
+      link.once('peer', (peer: PeerHello) => {
+        if (peer.decision.action === 'none') return resolve(driver);
+        driver.destroy();
+        reject(
+          new DriverError(
+            `the secondary decided '${peer.decision.action}' at the hello (expected 'none'): ${peer.decision.reason}`,
+          ),
+        );
+      });
+      link.start();
+    });
+  }
+
+  /** Ask for the commit of epoch N (the frame is written now); resolves with the answer. */
+  commit(epoch: number): Promise<void> {
+    return this.link.commit(epoch, 30_000).then(() => undefined);
   }
 
   destroy(): void {
-    this.socket.destroy();
+    if (this.closed) return;
+    this.closed = true;
+    this.link.close();
+    this.plog.close();
   }
+}
+
+/** The secondary's answer as a DriverError (a lost connection is not an answer). */
+function answerOf(err: unknown): DriverError | null {
+  const e = err as { code?: string; message?: string };
+  if (e.code === 'ECONNECT' || e.code === 'ESHUTDOWN') return null;
+  return new DriverError(String(e.message), e.code);
 }
 
 /**
@@ -423,55 +378,54 @@ export function allowedFromDrive(st: DriveState): number[] {
  * seal, wait for 'durable', send the commit, wait for 'committed'. One
  * checkpoint at a time; `pipelined` streams the next epoch's records while the
  * checkpoint of the previous one runs (as PVM writes do). Returns when done or
- * when the connection died. `onStep` is called after every frame written and
- * every answer received (random kills hook in there).
+ * when the connection died. `onStep` is called after every record or frame
+ * written and every answer received (random kills hook in there).
  */
 export async function driveEpochs(
-  driver: FrameDriver,
+  driver: PrimaryDriver,
   epochs: DriverEpoch[],
   st: DriveState,
   opts: { pipelined: boolean; onStep?: (step: number) => void },
 ): Promise<'done' | 'closed'> {
   const step = () => opts.onStep?.(++st.steps);
+  const { plog, link } = driver;
   let checkpoint: Promise<void> = Promise.resolve();
   let stopped = false;
-  const fail = (err: Error) => {
+  const fail = (err: unknown) => {
     stopped = true;
-    if (err instanceof DriverError && err.reply) st.errors.push(err.message);
+    const answer = answerOf(err);
+    if (answer) st.errors.push(answer.message);
   };
   for (const ep of epochs) {
     const e = ep.epoch;
+    if (plog.current !== e)
+      throw new Error(`the plan's epoch ${e} is not the log's open epoch ${plog.current}`);
     const goal = ep.goal ?? 'commit';
     let n = 0;
-    let b = 0;
     for (const m of ep.muts) {
-      const s = ++st.seq;
-      const rec =
-        m.t === 'w'
-          ? { t: 'w', e, s, o: m.o }
-          : m.t === 'z'
-            ? { t: 'z', e, s, o: m.o, l: m.l, h: m.h }
-            : { t: 't', e, s, o: m.o, l: m.l };
-      if (!driver.send(rec, m.t === 'w' ? m.data : undefined)) return 'closed';
-      n++;
-      if (m.t === 'w') b += m.data.length;
+      if (driver.closed) return 'closed';
+      if (m.t === 'w') plog.append({ t: 'w', o: m.o }, m.data);
+      else if (m.t === 'z') plog.append({ t: 'z', o: m.o, l: m.l, h: m.h });
+      else plog.append({ t: 't', o: m.o, l: m.l });
+      st.seq = plog.seq;
       step();
-      if (n % 3 === 0) await yieldTurn(); // let answers and the other side's work interleave
+      if (++n % 3 === 0) await yieldTurn(); // let answers and the other side's work interleave
     }
     if (goal === 'records') continue;
     await checkpoint;
     if (stopped || driver.closed) return 'closed';
-    if (!driver.send({ t: 'seal', e, n, b })) return 'closed';
+    plog.seal();
     step();
     const run = async () => {
-      await driver.wait('durable', e);
+      await link.waitDurable(e, 30_000);
       st.durable = Math.max(st.durable, e);
       step();
       if (goal !== 'commit') return;
-      if (!driver.send({ t: 'commit', e })) throw new DriverError('the replication connection closed');
+      if (driver.closed) throw new DriverError('the replication connection closed');
+      const answered = driver.commit(e);
       st.sentCommits.push(e);
       step();
-      await driver.wait('committed', e);
+      await answered;
       st.acked = Math.max(st.acked, e);
       step();
     };

@@ -20,8 +20,7 @@ import {
   applyMutation,
   crashEnv,
   driveEpochs,
-  FrameDriver,
-  hex,
+  PrimaryDriver,
   newDriveState,
   planMutations,
   noteResyncMs,
@@ -30,7 +29,6 @@ import {
   runRecover,
   typicalResyncMs,
   describeDiff,
-  DriverError,
   driverHistory,
   writeHistory,
   type CrashPlan,
@@ -85,7 +83,7 @@ interface DriverRun {
   dir: string;
   size: number;
   node: NodeProc;
-  driver: FrameDriver | null;
+  driver: PrimaryDriver | null;
   model: CheckpointModel;
   epochs: DriverEpoch[];
   st: DriveState;
@@ -126,9 +124,13 @@ async function startDriverRun(ctx: PointContext, plan: CrashPlan, epochs: number
 /** Connect as the primary and stream the planned epochs; a random plan kills at its step of the protocol. */
 async function drive(ctx: PointContext, r: DriverRun, plan: CrashPlan | null): Promise<void> {
   const epochs = r.epochs;
-  const driver = await FrameDriver.connect(Number(r.node.info.replicationPort));
+  const driver = await PrimaryDriver.connect(Number(r.node.info.replicationPort), {
+    size: r.size,
+    firstEpoch: epochs[0].epoch,
+    logDir: path.join(r.dir, 'driver-log'),
+    history: driverHistory(ctx.seed),
+  });
   r.driver = driver;
-  await driver.hello(r.size, epochs[0].epoch, `crash-${hex(ctx.seed)}`, driverHistory(ctx.seed));
   const total = epochs.reduce((a, e) => a + e.muts.length + 4, 0);
   const at = plan?.kind === 'random' ? 1 + Math.floor(plan.at * total) : -1;
   const outcome = await driveEpochs(driver, epochs, r.st, {
@@ -279,14 +281,14 @@ function promotionScenario(
       // promotion-race: the commit of the mirrored epoch is sent just before the failover, or 0-3 ms after.
       const raceDelay = race ? ctx.rng.int(-1, 6) : -1;
       const commit = () => {
-        if (!r.driver!.send({ t: 'commit', e: last.epoch })) return;
+        if (r.driver!.closed) return;
+        const answered = r.driver!.commit(last.epoch);
         r.st.sentCommits.push(last.epoch);
-        void r
-          .driver!.wait('committed', last.epoch)
+        void answered
           .then(() => (r.st.acked = last.epoch))
-          .catch((err: Error) => {
+          .catch((err: Error & { code?: string }) => {
             // Refused (the promotion had started): then it must not count.
-            if (err instanceof DriverError && err.reply?.code === 'ESTALE') {
+            if (err.code === 'ESTALE') {
               r.refusedCommit = last.epoch;
               ctx.notes.push(`the racing commit of epoch ${last.epoch} was refused: ${err.message}`);
             }

@@ -54,7 +54,9 @@ describe('replication', () => {
       if (name === 'RESIZE') continue; // not offered: answered with EINVAL
       expect(COMMANDS[value], `NBD command ${name} is not in the command table`).toBeDefined();
     }
-    const mutating = Object.entries(COMMANDS).filter(([, c]) => c.mutates).map(([k]) => Number(k));
+    const mutating = Object.entries(COMMANDS)
+      .filter(([, c]) => c.mutates)
+      .map(([k]) => Number(k));
     expect(mutating.sort()).toEqual([Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES].sort());
   });
 
