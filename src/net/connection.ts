@@ -67,7 +67,6 @@ import type { NbdServer, ServedExport } from './server.js';
 
 type Phase = 'flags' | 'options' | 'transmission' | 'closed';
 
-
 /** Largest block-status query in compact mode, so every descriptor length fits 32 bits. */
 const MAX_STATUS_QUERY_COMPACT = 2 ** 31;
 
