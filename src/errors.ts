@@ -22,17 +22,29 @@ export const NbdErrno = {
 } as const;
 export type NbdErrnoName = keyof typeof NbdErrno;
 
-/** Stable codes; the comment says who raises them. */
-export type ErrorCode =
-  | NbdErrnoName // storage and protocol errors that map 1:1 onto NBD
-  | 'EPROTO' // a peer broke the wire protocol (hard disconnect)
-  | 'EUSAGE' // bad command-line usage or configuration
-  | 'ENOENT' // a file or export that does not exist
-  | 'EEXIST' // refusing to overwrite something
-  | 'ECONNECT' // could not reach a server or peer
-  | 'ESTALE' // a node whose generation is over (deposed primary, promoted secondary)
-  | 'ESPLIT' // split brain: both nodes wrote after their histories diverged
-  | 'EBUSY'; // the operation cannot run in the node's current state (e.g. resync in progress)
+/** Stable codes (the comment says who raises them); the list is also what a peer's code is checked against. */
+export const ERROR_CODES = [
+  ...(Object.keys(NbdErrno) as NbdErrnoName[]), // storage and protocol errors that map 1:1 onto NBD
+  'EPROTO', // a peer broke the wire protocol (hard disconnect)
+  'EUSAGE', // bad command-line usage or configuration
+  'ENOENT', // a file or export that does not exist
+  'EEXIST', // refusing to overwrite something
+  'ECONNECT', // could not reach a server or peer
+  'ESTALE', // a node whose generation is over (deposed primary, promoted secondary)
+  'ESPLIT', // split brain: both nodes wrote after their histories diverged
+  'EBUSY', // the operation cannot run in the node's current state (e.g. resync in progress)
+  'EINTERNAL', // a broken internal invariant: a bug of colo-blk, never a client's or operator's mistake
+] as const;
+export type ErrorCode = NbdErrnoName | (typeof ERROR_CODES)[number];
+
+export function isErrorCode(v: unknown): v is ErrorCode {
+  return typeof v === 'string' && (ERROR_CODES as readonly string[]).includes(v);
+}
+
+/** A broken internal invariant (a bug): never reported as a client's EINVAL. */
+export function internal(message: string): ColoError {
+  return new ColoError('EINTERNAL', `internal error: ${message}`);
+}
 
 export class ColoError extends Error {
   readonly code: ErrorCode;

@@ -19,7 +19,7 @@
  *   mirror suite (test/mirror.test.ts), which checks that every mutating NBD
  *   command (net/protocol.ts COMMANDS) is replicated.
  */
-import { ColoError } from '../errors.js';
+import { internal } from '../errors.js';
 
 export type Support = 'none' | 'emulate' | 'native';
 
@@ -81,9 +81,8 @@ export interface BlockDevice {
 /** Assert that a range lies within a device: broken internal invariants, not client errors. */
 export function assertRange(dev: { size: number }, offset: number, length: number): void {
   if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0))
-    throw new ColoError('EINVAL', `bad range offset=${offset} length=${length}`);
-  if (offset + length > dev.size)
-    throw new ColoError('EINVAL', `range ${offset}+${length} beyond device size ${dev.size}`);
+    throw internal(`bad range offset=${offset} length=${length}`);
+  if (offset + length > dev.size) throw internal(`range ${offset}+${length} beyond device size ${dev.size}`);
 }
 
 /** Merge adjacent extents with equal flags. */

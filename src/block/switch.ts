@@ -8,7 +8,7 @@
  * straddles the switch. Both backends must offer the same capabilities (the
  * client negotiated them at its handshake).
  */
-import { ColoError } from '../errors.js';
+import { internal } from '../errors.js';
 import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from './device.js';
 
 export class SwitchDevice implements BlockDevice {
@@ -38,11 +38,10 @@ export class SwitchDevice implements BlockDevice {
 
   /** Replace the backend once the requests in flight are done. */
   async swap(next: BlockDevice): Promise<void> {
-    if (next.size !== this.current.size)
-      throw new ColoError('EINVAL', 'a switched device must keep its size');
+    if (next.size !== this.current.size) throw internal('a switched device must keep its size');
     for (const k of ['write', 'flush', 'trim', 'zero', 'fua'] as const)
       if (next.caps[k] !== this.current.caps[k])
-        throw new ColoError('EINVAL', `the new backend differs in capability '${k}'`);
+        throw internal(`the new backend differs in capability '${k}'`);
     while (this.hold) await this.hold;
     let release!: () => void;
     this.hold = new Promise<void>((r) => (release = r));

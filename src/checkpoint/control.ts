@@ -26,8 +26,12 @@ const statusOf: Partial<Record<ErrorCode, number>> = {
   EINVAL: 400,
   EUSAGE: 400,
   ENOENT: 404,
+  ESTALE: 409, // the node's generation is over: asking again will not help
+  ESPLIT: 409, // an operator must decide
+  EBUSY: 503, // try again later (a resync, a checkpoint in progress)
   ECONNECT: 503,
   ESHUTDOWN: 503,
+  EINTERNAL: 500,
 };
 
 const MAX_BODY = 64 * 1024;

@@ -19,20 +19,33 @@
  *   frame naming the epoch, never swallowed (invariant 6).
  */
 import { EventEmitter } from 'node:events';
-import { ColoError, toColoError, type ErrorCode } from '../errors.js';
+import { ColoError, toColoError } from '../errors.js';
 import { defaultTunables } from '../limits.js';
 import { ByteQueue } from '../net/bytequeue.js';
 import { decodeFrame, encodeFrameBuffer, FRAME_HEADER_BYTES, FrameError, peekFrameBytes } from './frame.js';
 import type { JournalWriter } from './journal.js';
 import type { PrimaryLog } from './primary-log.js';
-import { isMutation, type MutationRecord, type SealRecord } from './records.js';
-import type { SecondaryStore, SyncMark } from './secondary-store.js';
+import { isMutation } from './records.js';
+import type { SecondaryStore } from './secondary-store.js';
+import {
+  LINK_PROTOCOL,
+  parseToPrimary,
+  parseToSecondary,
+  type CommittedReply,
+  type CommitRequest,
+  type DurableReply,
+  type HashRequest,
+  type PrimaryHello,
+  type SyncMark,
+  type ToPrimary,
+  type ToSecondary,
+} from './messages.js';
 import type { Range } from '../failover/activity.js';
 import { decide, type Decision, type Generation } from '../failover/history.js';
 import { realClock, type Clock, type TimerHandle } from '../sys/clock.js';
 import { tcpNet, type Conn, type Listener, type Net } from '../sys/net.js';
 
-export const LINK_PROTOCOL = 1;
+export { LINK_PROTOCOL } from './messages.js';
 
 export interface HeartbeatOptions {
   /** How often each side sends a beat when it has nothing else to send. */
@@ -85,10 +98,11 @@ class Heartbeat {
 }
 const READ_CHUNK = 1024 * 1024;
 
-type Meta = Record<string, unknown> & { t: string };
-
-/** Parses frames from a socket and hands them, in order, to an async handler. */
-class FrameReader {
+/**
+ * Parses frames from a socket, validates each message (`parse`: the link's
+ * edge, messages.ts) and hands them, in order, to an async handler.
+ */
+class FrameReader<M> {
   private readonly queue = new ByteQueue();
   private busy = false;
   private stopped = false;
@@ -100,7 +114,8 @@ class FrameReader {
 
   constructor(
     private readonly socket: Conn,
-    private readonly handle: (meta: Meta, frame: Buffer, data: Buffer) => void | Promise<void>,
+    private readonly parse: (meta: unknown) => M,
+    private readonly handle: (msg: M, frame: Buffer, data: Buffer) => void | Promise<void>,
     private readonly fail: (err: Error) => void,
   ) {
     socket.on('data', (chunk: Buffer) => {
@@ -121,8 +136,8 @@ class FrameReader {
         const total = peekFrameBytes(this.queue.peek(FRAME_HEADER_BYTES))!;
         if (this.queue.length < total) break;
         const frame = this.queue.take(total);
-        const f = decodeFrame<Meta>(frame)!;
-        const r = this.handle(f.meta, frame, f.data);
+        const f = decodeFrame<unknown>(frame)!;
+        const r = this.handle(this.parse(f.meta), frame, f.data);
         if (r) {
           this.socket.pause();
           await r;
@@ -149,7 +164,7 @@ export type LinkState = 'connecting' | 'connected' | 'down';
 
 interface Waiter {
   epoch: number;
-  resolve: (meta: Meta) => void;
+  resolve: (reply: DurableReply | CommittedReply) => void;
   reject: (err: Error) => void;
 }
 
@@ -189,7 +204,7 @@ export class PrimaryLink extends EventEmitter {
   bytesSent = 0;
   reconnects = 0;
   private socket: Conn | null = null;
-  private reader: FrameReader | null = null;
+  private reader: FrameReader<ToPrimary> | null = null;
   private ready = false;
   private blocked = false;
   private corked = false;
@@ -275,11 +290,13 @@ export class PrimaryLink extends EventEmitter {
         ...this.opts.handshake?.(),
       });
     });
-    this.reader = new FrameReader(
+    this.reader = new FrameReader<ToPrimary>(
       socket,
+      parseToPrimary,
       (meta, _frame, data) => this.onFrame(meta, data),
       (err) => {
         this.lastError = `bad frame from the secondary: ${err.message}`;
+        this.log(this.lastError);
         socket.destroy();
       },
     );
@@ -327,13 +344,13 @@ export class PrimaryLink extends EventEmitter {
     this.parkedHashes = [];
   }
 
-  private onFrame(meta: Meta, data: Buffer): void {
+  private onFrame(meta: ToPrimary, data: Buffer): void {
     switch (meta.t) {
       case 'beat':
         return;
       case 'hash': {
-        const w = this.hashWaiters.get(Number(meta.id));
-        this.hashWaiters.delete(Number(meta.id));
+        const w = this.hashWaiters.get(meta.id);
+        this.hashWaiters.delete(meta.id);
         w?.resolve(Buffer.from(data));
         return;
       }
@@ -352,18 +369,16 @@ export class PrimaryLink extends EventEmitter {
         this.downSince = null;
         this.lastError = null;
         this.retryMs = this.opts.reconnectMinMs ?? 100;
-        const decision = meta.decision as Decision | undefined;
-        this.peer = decision
-          ? { decision, hot: (meta.hot as Range[]) ?? [], history: (meta.history as Generation[]) ?? [] }
-          : null;
+        const decision = meta.decision;
+        this.peer = decision ? { decision, hot: meta.hot ?? [], history: meta.history ?? [] } : null;
         if (decision?.action === 'resync') {
           // The secondary dropped everything uncommitted and restarted its numbering just
           // below our open epoch: sealed epochs are not resent (the resync covers them).
           this.durableEpoch = this.committedEpoch = this.plog.current - 1;
           this.plog.releaseThrough(this.plog.current - 1);
         } else {
-          this.durableEpoch = Math.max(this.durableEpoch, Number(meta.durable ?? 0));
-          this.committedEpoch = Math.max(this.committedEpoch, Number(meta.committed ?? 0));
+          this.durableEpoch = Math.max(this.durableEpoch, meta.durable ?? 0);
+          this.committedEpoch = Math.max(this.committedEpoch, meta.committed ?? 0);
           this.plog.releaseThrough(this.durableEpoch);
         }
         // Replay from the oldest epoch still held.
@@ -377,13 +392,13 @@ export class PrimaryLink extends EventEmitter {
         return;
       }
       case 'durable': {
-        const e = Number(meta.e);
+        const e = meta.e;
         this.durableEpoch = Math.max(this.durableEpoch, e);
         this.settle(this.durableWaiters, e, meta);
         return;
       }
       case 'committed': {
-        const e = Number(meta.e);
+        const e = meta.e;
         this.committedEpoch = Math.max(this.committedEpoch, e);
         this.settle(this.commitWaiters, e, meta);
         // Only now drop the journals: freeing their pages costs milliseconds of
@@ -394,7 +409,7 @@ export class PrimaryLink extends EventEmitter {
       case 'error': {
         if (meta.code === 'ESTALE') {
           // The secondary was promoted: this node's generation is over. Fence it.
-          this.deposed = String(meta.message);
+          this.deposed = meta.message;
           this.lastError = `deposed: ${this.deposed}`;
           this.log(this.lastError);
           this.emit('deposed', this.deposed);
@@ -404,7 +419,7 @@ export class PrimaryLink extends EventEmitter {
           return;
         }
         if (meta.code === 'ESPLIT') {
-          this.refused = String(meta.message);
+          this.refused = meta.message;
           this.lastError = this.refused;
           this.log(`the secondary refused this primary: ${this.refused}`);
           this.emit('refused', this.refused);
@@ -414,13 +429,13 @@ export class PrimaryLink extends EventEmitter {
           return;
         }
         const err = new ColoError(
-          (meta.code as ErrorCode) ?? 'EIO',
-          `secondary: ${String(meta.message)}${meta.e !== undefined ? ` (epoch ${meta.e})` : ''}`,
+          meta.code,
+          `secondary: ${meta.message}${meta.e !== undefined ? ` (epoch ${meta.e})` : ''}`,
         );
         this.lastError = err.message;
         this.peerError = err.message;
         this.log(err.message);
-        const e = meta.e === undefined ? Infinity : Number(meta.e);
+        const e = meta.e ?? Infinity;
         for (const list of [this.durableWaiters, this.commitWaiters])
           for (const w of [...list])
             if (w.epoch >= e || e === Infinity) {
@@ -432,7 +447,7 @@ export class PrimaryLink extends EventEmitter {
     }
   }
 
-  private settle(list: Waiter[], epoch: number, meta: Meta): void {
+  private settle(list: Waiter[], epoch: number, meta: DurableReply | CommittedReply): void {
     for (const w of [...list])
       if (w.epoch <= epoch) {
         list.splice(list.indexOf(w), 1);
@@ -602,7 +617,12 @@ export class PrimaryLink extends EventEmitter {
     return Math.max(0, n);
   }
 
-  private wait(list: Waiter[], epoch: number, timeoutMs: number, what: string): Promise<Meta> {
+  private wait<R extends DurableReply | CommittedReply>(
+    list: Waiter[],
+    epoch: number,
+    timeoutMs: number,
+    what: string,
+  ): Promise<R> {
     return new Promise((resolve, reject) => {
       const timer = this.clock.setTimeout(() => {
         const i = list.indexOf(w);
@@ -618,7 +638,7 @@ export class PrimaryLink extends EventEmitter {
         epoch,
         resolve: (m) => {
           timer.clear();
-          resolve(m);
+          resolve(m as R);
         },
         reject: (e) => {
           timer.clear();
@@ -644,18 +664,19 @@ export class PrimaryLink extends EventEmitter {
   }
 
   /** Resolve once the secondary holds epoch N durably. */
-  async waitDurable(epoch: number, timeoutMs: number, resync = false): Promise<Meta> {
+  async waitDurable(epoch: number, timeoutMs: number, resync = false): Promise<DurableReply> {
     if (this.durableEpoch >= epoch) return { t: 'durable', e: epoch };
     this.requireUsable(resync);
-    return this.wait(this.durableWaiters, epoch, timeoutMs, 'make durable');
+    return this.wait<DurableReply>(this.durableWaiters, epoch, timeoutMs, 'make durable');
   }
 
   /** Ask the secondary to commit through epoch N; resolve when the commit record is durable. */
-  async commit(epoch: number, timeoutMs: number, sync?: SyncMark): Promise<Meta> {
+  async commit(epoch: number, timeoutMs: number, sync?: SyncMark): Promise<CommittedReply> {
     if (this.committedEpoch >= epoch) return { t: 'committed', e: epoch };
     this.requireUsable(sync !== undefined);
-    const p = this.wait(this.commitWaiters, epoch, timeoutMs, 'commit');
-    send(this.socket!, { t: 'commit', e: epoch, sync });
+    const p = this.wait<CommittedReply>(this.commitWaiters, epoch, timeoutMs, 'commit');
+    const req: CommitRequest = { t: 'commit', e: epoch, sync };
+    send(this.socket!, req);
     return p;
   }
 
@@ -668,7 +689,7 @@ export class PrimaryLink extends EventEmitter {
       return Promise.reject(new ColoError('ECONNECT', 'the secondary is not connected'));
     const id = this.nextHashId++;
     const p = new Promise<Buffer>((resolve, reject) => this.hashWaiters.set(id, { resolve, reject }));
-    const frame = { t: 'hash?', id, o: offset, l: length, bs: block };
+    const frame: HashRequest = { t: 'hash?', id, o: offset, l: length, bs: block };
     // The secondary hashes its disk as of this point of the stream, so the request must follow
     // every record logged before it; while some of those are unsent (the socket pushed back,
     // or a resend is under way), it waits for them instead of overtaking them.
@@ -746,7 +767,7 @@ export class SecondaryLink extends EventEmitter {
     this.current = socket;
     this.peer = `${socket.remoteAddress}:${socket.remotePort}`;
     socket.on('data', (d: Buffer) => (this.bytesReceived += d.length));
-    const holder: { reader?: FrameReader } = {};
+    const holder: { reader?: FrameReader<ToSecondary> } = {};
     new Heartbeat(
       this.clock,
       socket,
@@ -758,14 +779,20 @@ export class SecondaryLink extends EventEmitter {
       },
       () => holder.reader?.working ?? false,
     );
-    const reader: FrameReader = new FrameReader(
+    const reader: FrameReader<ToSecondary> = new FrameReader<ToSecondary>(
       socket,
+      parseToSecondary,
       (meta, frame, data) => this.onFrame(socket, meta, frame, data, () => this.drop(socket, reader)),
       (err) => {
-        this.lastError =
+        const message =
           err instanceof FrameError ? `bad frame from the primary: ${err.message}` : err.message;
-        this.log(this.lastError);
-        socket.destroy();
+        this.lastError = message;
+        this.log(message);
+        // Say why before closing: a message that fails validation is the primary's bug to see.
+        const code = toColoError(err).code;
+        send(socket, { t: 'error', code: code === 'EIO' ? 'EPROTO' : code, message });
+        socket.end();
+        this.clock.setTimeout(() => socket.destroy(), 2000, { unref: true });
       },
     );
     holder.reader = reader;
@@ -791,9 +818,9 @@ export class SecondaryLink extends EventEmitter {
    * uncommitted), or refuse — a stale primary (ESTALE: it fences itself) or
    * split brain (ESPLIT: both sides report it, neither is touched).
    */
-  private async handshake(socket: Conn, meta: Meta): Promise<void> {
+  private async handshake(socket: Conn, meta: PrimaryHello): Promise<void> {
     const history = this.store.history;
-    const primaryHistory = (meta.history as Generation[] | undefined) ?? [];
+    const primaryHistory = meta.history;
     const refuse = (code: string, message: string) => {
       this.lastError = message;
       this.refusal = { at: this.clock.now(), code, message };
@@ -806,7 +833,7 @@ export class SecondaryLink extends EventEmitter {
     try {
       decision = decide(primaryHistory, history?.generations ?? [], {
         syncing: this.store.syncing,
-        primaryNeedsResync: meta.needsResync === true,
+        primaryNeedsResync: meta.needsResync,
       });
     } catch (err) {
       return refuse('EPROTO', (err as Error).message);
@@ -821,9 +848,9 @@ export class SecondaryLink extends EventEmitter {
       );
     try {
       if (decision.action === 'resync') {
-        await this.store.startResync(Number(meta.epoch));
-        this.store.startSession(String(meta.session), Number(meta.epoch));
-      } else this.store.startSession(String(meta.session), Number(meta.epoch));
+        await this.store.startResync(meta.epoch);
+        this.store.startSession(meta.session, meta.epoch);
+      } else this.store.startSession(meta.session, meta.epoch);
     } catch (err) {
       const e = toColoError(err);
       return refuse(e.code, e.message);
@@ -864,7 +891,7 @@ export class SecondaryLink extends EventEmitter {
    * data would reset the connection and could lose it). The primary reconnects
    * and resends from its journals.
    */
-  private drop(socket: Conn, reader: FrameReader): void {
+  private drop(socket: Conn, reader: FrameReader<ToSecondary>): void {
     reader.stop();
     socket.end();
     this.clock.setTimeout(() => socket.destroy(), 2000, { unref: true });
@@ -872,7 +899,7 @@ export class SecondaryLink extends EventEmitter {
 
   private onFrame(
     socket: Conn,
-    meta: Meta,
+    meta: ToSecondary,
     frame: Buffer,
     data: Buffer,
     drop: () => void,
@@ -901,15 +928,15 @@ export class SecondaryLink extends EventEmitter {
       }
       return this.handshake(socket, meta);
     }
-    if (isMutation(meta as { t: string })) {
+    if (isMutation(meta)) {
       try {
-        if (this.store.receive(meta as unknown as MutationRecord, frame, dataLength)) this.records++;
+        if (this.store.receive(meta, frame, dataLength)) this.records++;
         else this.duplicates++;
       } catch (err) {
         const e = toColoError(err);
         this.lastError = e.message;
-        this.log(`could not store a record of epoch ${(meta as { e?: number }).e}: ${e.message}`);
-        send(socket, { t: 'error', code: e.code, message: e.message, e: (meta as { e?: number }).e });
+        this.log(`could not store a record of epoch ${meta.e}: ${e.message}`);
+        send(socket, { t: 'error', code: e.code, message: e.message, e: meta.e });
         // A record we could not store makes the rest of the epoch useless: drop the link,
         // the primary will resend from its journal once the cause is fixed.
         drop();
@@ -918,23 +945,16 @@ export class SecondaryLink extends EventEmitter {
     }
     if (meta.t === 'seal')
       // A seal that fails leaves the epoch to be resent whole (the store rewound it): drop the link.
-      return this.reply(socket, meta, () => this.store.seal(meta as unknown as SealRecord), 'durable', drop);
+      return this.reply(socket, meta, () => this.store.seal(meta), 'durable', drop);
     if (meta.t === 'commit')
-      return this.reply(
-        socket,
-        meta,
-        () => this.store.commit(Number(meta.e), meta.sync as SyncMark | undefined),
-        'committed',
-      );
+      return this.reply(socket, meta, () => this.store.commit(meta.e, meta.sync), 'committed');
     if (meta.t === 'hash?') return this.hashes(socket, meta);
-    if (meta.t === 'beat') return;
-    send(socket, { t: 'error', code: 'EPROTO', message: `unknown frame type '${meta.t}'` });
   }
 
   /** Hashes of the PVM's disk as held here, at this point of the stream (frames are handled in order). */
-  private async hashes(socket: Conn, meta: Meta): Promise<void> {
+  private async hashes(socket: Conn, meta: HashRequest): Promise<void> {
     try {
-      const h = await this.store.pvmHashes(Number(meta.o), Number(meta.l), Number(meta.bs));
+      const h = await this.store.pvmHashes(meta.o, meta.l, meta.bs);
       if (!socket.destroyed) socket.write(encodeFrameBuffer({ t: 'hash', id: meta.id }, h));
     } catch (err) {
       const e = toColoError(err);
@@ -946,15 +966,15 @@ export class SecondaryLink extends EventEmitter {
 
   private async reply(
     socket: Conn,
-    meta: Meta,
+    meta: { t: string; e: number },
     run: () => Promise<object>,
     t: string,
     onError?: () => void,
   ): Promise<void> {
-    const started = process.hrtime.bigint();
+    const started = this.clock.mono();
     try {
       const result = await run();
-      const ms = Number(process.hrtime.bigint() - started) / 1e6;
+      const ms = this.clock.mono() - started;
       send(socket, { ...result, t, e: meta.e, ms });
     } catch (err) {
       const e = toColoError(err);

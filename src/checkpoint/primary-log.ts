@@ -19,7 +19,7 @@
  *   sync (a resync is then required; checkpoints fail until it is done).
  */
 import path from 'node:path';
-import { ColoError } from '../errors.js';
+import { internal } from '../errors.js';
 import { realRandom, type Random } from '../sys/clock.js';
 import type { Storage } from '../sys/storage.js';
 import { JournalWriter } from './journal.js';
@@ -156,7 +156,7 @@ export class PrimaryLog {
    */
   resumeLogging(): void {
     const cur = this.currentEpoch;
-    if (cur.records !== 0) throw new ColoError('EINVAL', 'resumeLogging needs an empty open epoch');
+    if (cur.records !== 0) throw internal('resumeLogging needs an empty open epoch');
     for (const e of this.epochs.values()) this.drop(e);
     this.epochs.clear();
     this.heldBytes = 0;
@@ -171,7 +171,7 @@ export class PrimaryLog {
 
   epoch(n: number): LogEpoch {
     const e = this.epochs.get(n);
-    if (!e) throw new ColoError('EINVAL', `epoch ${n} is not held by this primary`);
+    if (!e) throw internal(`epoch ${n} is not held by this primary`);
     return e;
   }
 

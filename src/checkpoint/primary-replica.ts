@@ -442,7 +442,7 @@ export class PrimaryReplica {
   async checkpoint(timeoutMs = 10_000): Promise<CheckpointResult> {
     const t = this.clock.mono();
     await this.waitProtected(timeoutMs);
-    if (this.checkpointing) throw new ColoError('EINVAL', 'a checkpoint is already running');
+    if (this.checkpointing) throw new ColoError('EBUSY', 'a checkpoint is already running');
     this.checkpointing = true;
     try {
       const s = await this.seal();

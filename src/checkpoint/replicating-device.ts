@@ -201,7 +201,7 @@ export class ReplicatingDevice implements BlockDevice {
    * are logged in it; then the seal marker is written and epoch N+1 opens.
    */
   async seal(drainTimeoutMs = 10_000, inGate?: () => void): Promise<SealRecord> {
-    if (this.gate) throw new ColoError('EINVAL', 'a seal is already in progress');
+    if (this.gate) throw new ColoError('EBUSY', 'a seal is already in progress');
     let open!: () => void;
     this.gate = new Promise<void>((r) => (open = r));
     try {

@@ -26,7 +26,7 @@
  * - The SVM view (svmDevice) reads overlay > committed epochs > image and
  *   writes only to the overlay; its FLUSH/FUA make the overlay durable.
  */
-import { ColoError } from '../errors.js';
+import { ColoError, internal } from '../errors.js';
 import { defaultTunables, limits } from '../limits.js';
 import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
 import { assertRange, coalesceExtents } from '../block/device.js';
@@ -39,6 +39,7 @@ import { JournalWriter, scanJournal } from './journal.js';
 import type { Storage } from '../sys/storage.js';
 import { Layer } from './layers.js';
 import { openMeta, StateDir, type MetaIndex, type MetaOp } from './state-dir.js';
+import type { SyncMark } from './messages.js';
 import type { MutationRecord, SealRecord } from './records.js';
 
 export type EpochState = 'receiving' | 'sealed' | 'durable' | 'committed';
@@ -73,16 +74,11 @@ type CommitsRecord =
   | { t: 'rebase'; e: number; at: number };
 
 /**
- * Carried by the commits of a resynchronisation: 'partial' makes this node
- * inconsistent (its image is part old, part new: never promotable), 'done'
- * makes it consistent again and carries the primary's history to adopt.
+ * Commits of a resynchronisation carry a SyncMark (messages.ts): 'partial'
+ * makes this node inconsistent (its image is part old, part new: never
+ * promotable), 'done' makes it consistent again with the primary's history.
  */
-export interface SyncMark {
-  state: 'partial' | 'done';
-  target: string;
-  mode: SyncMode;
-  history?: Generation[];
-}
+export type { SyncMark } from './messages.js';
 
 export interface RecoveryReport {
   tornTails: { file: string; offset: number; reason: string }[];
@@ -430,8 +426,8 @@ export class SecondaryStore {
     if (!e) {
       if (n <= this.lastCommitted)
         throw new ColoError(
-          'EINVAL',
-          `epoch ${n} is already committed (last committed ${this.lastCommitted})`,
+          'EPROTO',
+          `the primary sent epoch ${n}, which is already committed here (last committed ${this.lastCommitted})`,
         );
       e = { epoch: n, layer: Layer.create(this.storage, n, this.epochPath(n)), state: 'receiving' };
       this.epochs.set(n, e);
@@ -822,7 +818,7 @@ export class SecondaryStore {
    * fold the current overlay too and wait until the image holds everything.
    */
   async foldAll(): Promise<void> {
-    if (!this.promoted) throw new ColoError('EINVAL', 'only a promoted node folds its overlay');
+    if (!this.promoted) throw internal('only a promoted node folds its overlay');
     if (this.folding) await this.folding;
     if (this.overlay.records > 0) {
       await this.overlay.sync();

@@ -176,7 +176,7 @@ export function decide(
 ): Decision {
   const pLast = p[p.length - 1];
   const sLast = s[s.length - 1];
-  if (!pLast) throw new ColoError('EINVAL', 'the primary has no generation');
+  if (!pLast) throw new ColoError('EPROTO', 'the primary has no generation');
   if (opts.syncing) {
     // A half-finished resync: the secondary's disk matches no checkpoint. Resume it
     // (same primary generation and mode), or start over with a full comparison.
