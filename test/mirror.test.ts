@@ -351,7 +351,9 @@ describe('mirror suite: the log carries every change the primary makes', () => {
 
   it('a call outside the disk is refused before anything is logged or recorded', async () => {
     const r = replicating(new MemoryDevice(1 << 20));
-    await expect(r.device.pwrite(Buffer.alloc(10), (1 << 20) - 5)).rejects.toMatchObject({ code: 'EINTERNAL' });
+    await expect(r.device.pwrite(Buffer.alloc(10), (1 << 20) - 5)).rejects.toMatchObject({
+      code: 'EINTERNAL',
+    });
     await expect(r.device.zero(1 << 20, 1)).rejects.toMatchObject({ code: 'EINTERNAL' });
     expect(r.plog.outOfSync).toBeNull();
     expect(r.plog.currentEpoch.records).toBe(0);
