@@ -19,7 +19,7 @@
  *   frame naming the epoch, never swallowed (invariant 6).
  */
 import { EventEmitter } from 'node:events';
-import { ColoError, toColoError } from '../errors.js';
+import { ColoError, toColoError, type ErrorCode } from '../errors.js';
 import { defaultTunables } from '../limits.js';
 import { ByteQueue } from '../net/bytequeue.js';
 import { decodeFrame, encodeFrameBuffer, FRAME_HEADER_BYTES, FrameError, peekFrameBytes } from './frame.js';
@@ -40,62 +40,24 @@ import {
   type ToPrimary,
   type ToSecondary,
 } from './messages.js';
-import type { Range } from '../failover/activity.js';
-import { decide, type Decision, type Generation } from '../failover/history.js';
+import type { Decision, Generation } from '../failover/history.js';
 import { realClock, type Clock, type TimerHandle } from '../sys/clock.js';
+import { SecondaryCore, type SecondaryAction, type SecondaryEvent } from './secondary/core.js';
+import {
+  DEFAULT_HEARTBEAT,
+  PrimaryCore,
+  type HeartbeatOptions,
+  type LinkState,
+  type PeerHello,
+  type PrimaryAction,
+  type PrimaryEvent,
+} from './primary/core.js';
 import { tcpNet, type Conn, type Listener, type Net } from '../sys/net.js';
 
 export { LINK_PROTOCOL } from './messages.js';
 
-export interface HeartbeatOptions {
-  /** How often each side sends a beat when it has nothing else to send. */
-  intervalMs: number;
-  /** Silence after which the peer is declared lost. */
-  timeoutMs: number;
-}
+export { DEFAULT_HEARTBEAT, type HeartbeatOptions } from './primary/core.js';
 
-/** Defaults that detect a dead peer within a second. */
-export const DEFAULT_HEARTBEAT: HeartbeatOptions = { intervalMs: 200, timeoutMs: 800 };
-
-/**
- * Liveness of a link: each side sends a small 'beat' frame every interval, and
- * any bytes received count as a sign of life (so a long resend is never
- * mistaken for silence). Silence longer than the timeout, measured on the
- * monotonic clock, ends the connection with the reason.
- */
-class Heartbeat {
-  private lastRx: number;
-  private lastTick: number;
-  private readonly timer: TimerHandle;
-
-  constructor(
-    clock: Clock,
-    socket: Conn,
-    opts: HeartbeatOptions,
-    beat: () => void,
-    onTimeout: (silentMs: number) => void,
-    /** True while this side holds the socket paused to handle a frame (a long hash, say). */
-    busy: () => boolean = () => false,
-  ) {
-    this.lastRx = this.lastTick = clock.mono();
-    socket.on('data', () => (this.lastRx = clock.mono()));
-    this.timer = clock.setInterval(() => {
-      const now = clock.mono();
-      // This process was frozen (stopped, swapped out), or is not reading because it is busy
-      // with a frame: the silence is ours, not the peer's.
-      if (now - this.lastTick > opts.timeoutMs || busy()) this.lastRx = now;
-      this.lastTick = now;
-      const silentMs = now - this.lastRx;
-      if (silentMs > opts.timeoutMs) {
-        this.timer.clear();
-        onTimeout(Math.round(silentMs));
-        return;
-      }
-      beat();
-    }, opts.intervalMs);
-    socket.once('close', () => this.timer.clear());
-  }
-}
 const READ_CHUNK = 1024 * 1024;
 
 /**
@@ -117,6 +79,8 @@ class FrameReader<M> {
     private readonly parse: (meta: unknown) => M,
     private readonly handle: (msg: M, frame: Buffer, data: Buffer) => void | Promise<void>,
     private readonly fail: (err: Error) => void,
+    /** Called when handling a frame starts and ends waiting (the socket is paused meanwhile). */
+    private readonly onBusy: (busy: boolean) => void = () => {},
   ) {
     socket.on('data', (chunk: Buffer) => {
       this.queue.push(chunk);
@@ -140,7 +104,9 @@ class FrameReader<M> {
         const r = this.handle(this.parse(f.meta), frame, f.data);
         if (r) {
           this.socket.pause();
+          this.onBusy(true);
           await r;
+          this.onBusy(false);
           this.socket.resume();
         }
       }
@@ -158,15 +124,9 @@ function send(socket: Conn, meta: object): void {
 }
 
 // -----------------------------------------------------------------------------
-// Primary side
+// Primary side: the driver of primary/core.ts
 
-export type LinkState = 'connecting' | 'connected' | 'down';
-
-interface Waiter {
-  epoch: number;
-  resolve: (reply: DurableReply | CommittedReply) => void;
-  reject: (err: Error) => void;
-}
+export type { LinkState, PeerHello, PeerState } from './primary/core.js';
 
 export interface PrimaryLinkOptions {
   clock?: Clock;
@@ -177,7 +137,9 @@ export interface PrimaryLinkOptions {
   reconnectMinMs?: number;
   reconnectMaxMs?: number;
   heartbeat?: HeartbeatOptions;
-  log?: (msg: string) => void;
+  /** Go on alone after the secondary has been unreachable this long. */
+  loneAfterMs?: number;
+  log?: (msg: string, level?: 'info' | 'warn') => void;
   /** Flow control: PVM writes wait while this much log is unsent, until it is down to the low mark. */
   highWaterBytes?: number;
   lowWaterBytes?: number;
@@ -185,54 +147,44 @@ export interface PrimaryLinkOptions {
   handshake?: () => { history: Generation[]; needsResync: boolean };
 }
 
-/** What the secondary decided at the hello (see failover/history.ts decide()). */
-export interface PeerHello {
-  decision: Decision;
-  /** Regions the secondary itself may have written (an old primary's unfinished epochs): to roll back. */
-  hot: Range[];
-  history: Generation[];
-}
-
+/**
+ * The primary's side of the link: the sockets, the frames and the sender
+ * (the log's journals streamed in order, live or from the files); every
+ * decision is the core's (primary/core.ts). Events for the replica: 'fence'
+ * (deposed), 'lone', 'resync' (mode, peer's hot ranges), 'protected', 'peer'
+ * (the secondary's hello), 'down'.
+ */
 export class PrimaryLink extends EventEmitter {
-  state: LinkState = 'connecting';
-  lastError: string | null = null;
-  connectedSince: number | null = null;
-  downSince: number | null;
-  /** Highest epoch the secondary reported durable / committed. */
-  durableEpoch = 0;
-  committedEpoch = 0;
+  readonly core: PrimaryCore;
   bytesSent = 0;
-  reconnects = 0;
   private socket: Conn | null = null;
+  private conn: number | null = null;
   private reader: FrameReader<ToPrimary> | null = null;
-  private ready = false;
   private blocked = false;
   private corked = false;
+  private streaming = false;
   private cursor = { epoch: 0, offset: 0 };
-  private durableWaiters: Waiter[] = [];
-  private commitWaiters: Waiter[] = [];
-  private retryTimer: TimerHandle | null = null;
+  private waiters = new Map<
+    number,
+    {
+      resolve: (r: { epoch: number; overlayDiscarded?: { records: number; bytes: number } }) => void;
+      reject: (err: Error) => void;
+    }
+  >();
+  private nextWait = 1;
+  private timer: TimerHandle | null = null;
+  private timerAt = Infinity;
   /** PVM writes waiting for the backlog to shrink (flow control). */
   private roomWaiters: (() => void)[] = [];
   /** Times flow control made PVM writes wait. */
   throttled = 0;
-  /** Set when the secondary was promoted and refused this primary. */
-  deposed: string | null = null;
-  /** Set when the secondary refused this primary for split brain (no reconnects until restarted). */
-  refused: string | null = null;
-  /** The secondary's answer at the last hello. */
-  peer: PeerHello | null = null;
   private hashWaiters = new Map<number, { resolve: (h: Buffer) => void; reject: (e: Error) => void }>();
   /**
    * Hash requests made while records logged before them were still unsent: each waits until
    * `bytesSent` reaches `at`, where the log ended when it was made (cleared with the connection).
    */
-  private parkedHashes: { at: number; frame: object }[] = [];
+  private parkedHashes: { at: number; frame: HashRequest }[] = [];
   private nextHashId = 1;
-  private retryMs: number;
-  private closed = false;
-  /** The last 'error' frame of the current connection. */
-  private peerError: string | null = null;
 
   private readonly clock: Clock;
   private readonly net: Net;
@@ -244,219 +196,228 @@ export class PrimaryLink extends EventEmitter {
     super();
     this.clock = opts.clock ?? realClock;
     this.net = opts.net ?? tcpNet;
-    this.downSince = this.clock.now();
-    this.retryMs = opts.reconnectMinMs ?? 100;
+    this.core = new PrimaryCore({
+      size: opts.size,
+      host: opts.host,
+      port: opts.port,
+      heartbeat: opts.heartbeat ?? DEFAULT_HEARTBEAT,
+      reconnectMinMs: opts.reconnectMinMs ?? 100,
+      reconnectMaxMs: opts.reconnectMaxMs ?? 2000,
+      loneAfterMs: opts.loneAfterMs ?? Infinity,
+    });
     plog.onAppend = (epoch, parts, bytes) => this.onAppend(epoch, parts, bytes);
     plog.onOutOfSync = (reason) => {
-      this.rejectAll(new ColoError('EIO', `the secondary is out of sync (${reason}); a resync is required`));
+      this.dispatch({ t: 'outOfSync', now: this.clock.mono(), reason });
       this.releaseRoom(); // nothing is held for it any more: the PVM must not wait
+      // A new hello tells the secondary that the log cannot carry it: it resynchronises.
+      setImmediate(() => this.reconnect(`the secondary is out of sync: ${reason}`));
     };
   }
 
+  // ---------------------------------------------------------------------------
+  // The core's state, for the replica and status
+
+  get state(): LinkState {
+    return this.core.linkState;
+  }
+  get connected(): boolean {
+    return this.core.connected;
+  }
+  get lastError(): string | null {
+    return this.core.lastError;
+  }
+  get connectedSince(): number | null {
+    return this.core.connectedSince === null ? null : this.wall(this.core.connectedSince);
+  }
+  get downSince(): number | null {
+    return this.core.downSince === null ? null : this.wall(this.core.downSince);
+  }
+  get reconnects(): number {
+    return this.core.reconnects;
+  }
+  get durableEpoch(): number {
+    return this.core.durableEpoch;
+  }
+  get committedEpoch(): number {
+    return this.core.committedEpoch;
+  }
+  get deposed(): string | null {
+    return this.core.deposed;
+  }
+  get refused(): string | null {
+    return this.core.refused;
+  }
+  get peer(): PeerHello | null {
+    return this.core.peer;
+  }
+
+  /** Wall-clock time of a monotonic instant (the core keeps monotonic time). */
+  private wall(mono: number): number {
+    return this.clock.now() - (this.clock.mono() - mono);
+  }
+
+  // ---------------------------------------------------------------------------
+  // Events in, actions out
+
   start(): void {
-    this.connect();
+    this.dispatch({ t: 'start', now: this.clock.mono() });
   }
 
-  private log(msg: string): void {
-    this.opts.log?.(msg);
+  private dispatch(ev: PrimaryEvent): void {
+    const before = this.core.peerState;
+    for (const a of this.core.step(ev)) this.apply(a);
+    if (this.core.peerState !== before) this.emit('peerState', this.core.peerState);
+    this.arm();
   }
 
-  private connect(): void {
-    if (this.closed) return;
-    this.state = 'connecting';
-    this.peerError = null;
-    const socket = this.net.connect(this.opts.host, this.opts.port);
+  /** One timer, at the core's next deadline. */
+  private arm(): void {
+    const at = this.core.nextDeadline();
+    if (at === null) {
+      this.timer?.clear();
+      this.timer = null;
+      this.timerAt = Infinity;
+      return;
+    }
+    if (this.timer && at >= this.timerAt) return;
+    this.timer?.clear();
+    this.timerAt = at;
+    this.timer = this.clock.setTimeout(
+      () => {
+        this.timer = null;
+        this.timerAt = Infinity;
+        this.dispatch({ t: 'tick', now: this.clock.mono() });
+      },
+      Math.max(0, at - this.clock.mono()),
+    );
+  }
+
+  private apply(a: PrimaryAction): void {
+    switch (a.t) {
+      case 'connect':
+        return this.connect(a.conn, a.host, a.port);
+      case 'close':
+        if (a.conn === this.conn) this.socket?.destroy();
+        return;
+      case 'hello':
+        if (a.conn === this.conn && this.socket)
+          send(this.socket, {
+            t: 'hello',
+            proto: LINK_PROTOCOL,
+            size: this.opts.size,
+            epoch: this.plog.current,
+            session: this.plog.session,
+            ...(this.opts.handshake?.() ?? { history: [], needsResync: false }),
+          });
+        return;
+      case 'beat':
+        // Beats go between frames only; while a resend streams, the data itself shows life.
+        if (a.conn === this.conn && this.socket && !this.blocked && this.atFrameBoundary())
+          send(this.socket, { t: 'beat' });
+        return;
+      case 'linkUp': {
+        if (a.conn !== this.conn) return;
+        this.plog.releaseThrough(a.resync ? this.plog.current - 1 : a.release);
+        // Replay from the oldest epoch still held.
+        const oldest = this.plog.heldEpochs()[0];
+        this.cursor = { epoch: oldest?.epoch ?? this.plog.current, offset: 0 };
+        this.streaming = true;
+        this.log(`resending from epoch ${this.cursor.epoch}`);
+        this.emit('peer', this.core.peer);
+        this.pump();
+        return;
+      }
+      case 'committed':
+        this.plog.releaseThrough(a.epoch);
+        return;
+      case 'commit':
+        if (a.conn === this.conn && this.socket) {
+          const req: CommitRequest = { t: 'commit', e: a.epoch, sync: a.sync };
+          send(this.socket, req);
+        }
+        return;
+      case 'resolve':
+        this.waiters.get(a.id)?.resolve(a);
+        this.waiters.delete(a.id);
+        return;
+      case 'reject':
+        this.waiters.get(a.id)?.reject(a.error);
+        this.waiters.delete(a.id);
+        return;
+      case 'fence':
+        this.emit('deposed', a.reason);
+        return;
+      case 'refused':
+        this.emit('refused', a.reason);
+        return;
+      case 'lone':
+        this.emit('lone', a.reason, a.committed);
+        return;
+      case 'resync':
+        this.emit('resync', a.mode, a.peerHot);
+        return;
+      case 'protected':
+        this.emit('protected');
+        return;
+      case 'down':
+        this.emit('down', a.reason);
+        this.releaseRoom(); // a lost secondary must not stall the PVM
+        return;
+      case 'log':
+        this.log(a.msg, a.level);
+        return;
+    }
+  }
+
+  private log(msg: string, level: 'info' | 'warn' = 'info'): void {
+    this.opts.log?.(msg, level);
+  }
+
+  private connect(conn: number, host: string, port: number): void {
+    const socket = this.net.connect(host, port);
     this.socket = socket;
-    socket.once('connect', () => {
-      new Heartbeat(
-        this.clock,
-        socket,
-        this.opts.heartbeat ?? DEFAULT_HEARTBEAT,
-        () => {
-          // Beats go between frames only; while a resend streams, the data itself shows life.
-          if (this.ready && !this.blocked && this.atFrameBoundary()) send(socket, { t: 'beat' });
-        },
-        (silentMs) => {
-          this.lastError = `heartbeat timeout: nothing from the secondary for ${silentMs} ms`;
-          socket.destroy();
-        },
-      );
-      send(socket, {
-        t: 'hello',
-        proto: LINK_PROTOCOL,
-        size: this.opts.size,
-        epoch: this.plog.current,
-        session: this.plog.session,
-        ...this.opts.handshake?.(),
-      });
+    this.conn = conn;
+    const now = () => this.clock.mono();
+    socket.once('connect', () => this.dispatch({ t: 'connected', now: now(), conn }));
+    socket.on('data', () => {
+      if (this.conn === conn) this.core.step({ t: 'rx', now: now(), conn });
     });
     this.reader = new FrameReader<ToPrimary>(
       socket,
       parseToPrimary,
-      (meta, _frame, data) => this.onFrame(meta, data),
-      (err) => {
-        this.lastError = `bad frame from the secondary: ${err.message}`;
-        this.log(this.lastError);
-        socket.destroy();
+      (msg, _frame, data) => {
+        if (msg.t === 'hash') {
+          const w = this.hashWaiters.get(msg.id);
+          this.hashWaiters.delete(msg.id);
+          w?.resolve(Buffer.from(data));
+        }
+        this.dispatch({ t: 'received', now: now(), conn, msg });
       },
+      (err) => this.dispatch({ t: 'badFrame', now: now(), conn, error: err.message }),
     );
     socket.on('drain', () => {
       this.blocked = false;
       this.pump();
     });
-    socket.on('error', (err) => {
-      // The secondary's own reason (an 'error' frame) says more than the reset that follows it.
-      if (!this.peerError) this.lastError = err.message;
+    let error: string | null = null;
+    socket.on('error', (err) => (error = err.message));
+    socket.on('close', () => {
+      if (this.socket !== socket) return;
+      this.reader?.stop();
+      this.socket = null;
+      this.conn = null;
+      this.blocked = false;
+      this.streaming = false;
+      this.parkedHashes = [];
+      const lost = new ColoError('ECONNECT', `replication link lost: ${error ?? 'connection closed'}`);
+      for (const w of this.hashWaiters.values()) w.reject(lost);
+      this.hashWaiters.clear();
+      this.dispatch({ t: 'closed', now: now(), conn, error });
     });
-    socket.on('close', () => this.onClose(socket));
-  }
-
-  private onClose(socket: Conn): void {
-    if (this.socket !== socket) return;
-    this.reader?.stop();
-    this.socket = null;
-    const wasReady = this.ready;
-    this.ready = false;
-    this.blocked = false;
-    if (this.state === 'connected' || wasReady)
-      this.log(`link down: ${this.lastError ?? 'connection closed'}`);
-    this.state = 'down';
-    this.connectedSince = null;
-    this.downSince ??= this.clock.now();
-    const err = new ColoError('ECONNECT', `replication link lost: ${this.lastError ?? 'connection closed'}`);
-    this.rejectAll(err);
-    this.emit('down', this.lastError);
-    this.releaseRoom(); // a lost secondary must not stall the PVM
-    if (this.closed) return;
-    this.retryTimer = this.clock.setTimeout(() => {
-      this.reconnects++;
-      this.connect();
-    }, this.retryMs);
-    this.retryMs = Math.min(this.retryMs * 2, this.opts.reconnectMaxMs ?? 2000);
-  }
-
-  private rejectAll(err: Error): void {
-    for (const w of [...this.durableWaiters, ...this.commitWaiters]) w.reject(err);
-    this.durableWaiters = [];
-    this.commitWaiters = [];
-    for (const w of this.hashWaiters.values()) w.reject(err);
-    this.hashWaiters.clear();
-    this.parkedHashes = [];
-  }
-
-  private onFrame(meta: ToPrimary, data: Buffer): void {
-    switch (meta.t) {
-      case 'beat':
-        return;
-      case 'hash': {
-        const w = this.hashWaiters.get(meta.id);
-        this.hashWaiters.delete(meta.id);
-        w?.resolve(Buffer.from(data));
-        return;
-      }
-      case 'hello': {
-        if (meta.size !== this.opts.size) {
-          this.lastError =
-            `the secondary's disk is ${meta.size} bytes but the primary's is ${this.opts.size}: ` +
-            `both images must have the same size`;
-          this.log(this.lastError);
-          this.socket?.destroy();
-          return;
-        }
-        this.ready = true;
-        this.state = 'connected';
-        this.connectedSince = this.clock.now();
-        this.downSince = null;
-        this.lastError = null;
-        this.retryMs = this.opts.reconnectMinMs ?? 100;
-        const decision = meta.decision;
-        this.peer = decision ? { decision, hot: meta.hot ?? [], history: meta.history ?? [] } : null;
-        if (decision?.action === 'resync') {
-          // The secondary dropped everything uncommitted and restarted its numbering just
-          // below our open epoch: sealed epochs are not resent (the resync covers them).
-          this.durableEpoch = this.committedEpoch = this.plog.current - 1;
-          this.plog.releaseThrough(this.plog.current - 1);
-        } else {
-          this.durableEpoch = Math.max(this.durableEpoch, meta.durable ?? 0);
-          this.committedEpoch = Math.max(this.committedEpoch, meta.committed ?? 0);
-          this.plog.releaseThrough(this.durableEpoch);
-        }
-        // Replay from the oldest epoch still held.
-        const oldest = this.plog.heldEpochs()[0];
-        this.cursor = { epoch: oldest?.epoch ?? this.plog.current, offset: 0 };
-        this.log(
-          `link up: secondary at seq ${meta.seq}, durable epoch ${meta.durable}, resending from epoch ${this.cursor.epoch}`,
-        );
-        if (this.peer) this.emit('peer', this.peer);
-        this.pump();
-        return;
-      }
-      case 'durable': {
-        const e = meta.e;
-        this.durableEpoch = Math.max(this.durableEpoch, e);
-        this.settle(this.durableWaiters, e, meta);
-        return;
-      }
-      case 'committed': {
-        const e = meta.e;
-        this.committedEpoch = Math.max(this.committedEpoch, e);
-        this.settle(this.commitWaiters, e, meta);
-        // Only now drop the journals: freeing their pages costs milliseconds of
-        // kernel time, which must not fall inside the checkpoint's phases.
-        this.plog.releaseThrough(e);
-        return;
-      }
-      case 'error': {
-        if (meta.code === 'ESTALE') {
-          // The secondary was promoted: this node's generation is over. Fence it.
-          this.deposed = meta.message;
-          this.lastError = `deposed: ${this.deposed}`;
-          this.log(this.lastError);
-          this.emit('deposed', this.deposed);
-          this.rejectAll(new ColoError('ESTALE', `the secondary refused this primary: ${this.deposed}`));
-          this.closed = true; // no point reconnecting
-          this.socket?.destroy();
-          return;
-        }
-        if (meta.code === 'ESPLIT') {
-          this.refused = meta.message;
-          this.lastError = this.refused;
-          this.log(`the secondary refused this primary: ${this.refused}`);
-          this.emit('refused', this.refused);
-          this.rejectAll(new ColoError('ESPLIT', this.refused));
-          this.closed = true; // an operator must decide; reconnecting would only repeat the refusal
-          this.socket?.destroy();
-          return;
-        }
-        const err = new ColoError(
-          meta.code,
-          `secondary: ${meta.message}${meta.e !== undefined ? ` (epoch ${meta.e})` : ''}`,
-        );
-        this.lastError = err.message;
-        this.peerError = err.message;
-        this.log(err.message);
-        const e = meta.e ?? Infinity;
-        for (const list of [this.durableWaiters, this.commitWaiters])
-          for (const w of [...list])
-            if (w.epoch >= e || e === Infinity) {
-              list.splice(list.indexOf(w), 1);
-              w.reject(err);
-            }
-        return;
-      }
-    }
-  }
-
-  private settle(list: Waiter[], epoch: number, meta: DurableReply | CommittedReply): void {
-    for (const w of [...list])
-      if (w.epoch <= epoch) {
-        list.splice(list.indexOf(w), 1);
-        w.resolve(meta);
-      }
   }
 
   private onAppend(epoch: number, parts: [Buffer, Buffer], bytes: number): void {
-    if (!this.ready || this.blocked || !this.socket) return;
+    if (!this.streaming || this.blocked || !this.socket) return;
     const journal = this.plog.epochs.get(epoch)!.journal!;
     // Live fast path: the sender is exactly at the end of this epoch's journal.
     if (this.cursor.epoch === epoch && this.cursor.offset + bytes === journal.size) {
@@ -496,24 +457,16 @@ export class PrimaryLink extends EventEmitter {
    * secondary from falling behind until the log budget runs out.
    */
   waitForRoom(): Promise<void> | null {
-    if (
-      !this.ready ||
-      this.plog.outOfSync ||
-      this.unsentBytes < (this.opts.highWaterBytes ?? defaultTunables.replicationHighWaterBytes)
-    )
-      return null;
+    const high = this.opts.highWaterBytes ?? defaultTunables.replicationHighWaterBytes;
+    if (!this.core.connected || this.plog.outOfSync || this.unsentBytes < high) return null;
     this.throttled++;
     return new Promise((resolve) => this.roomWaiters.push(resolve));
   }
 
   private releaseRoom(): void {
     if (this.roomWaiters.length === 0) return;
-    if (
-      this.ready &&
-      !this.plog.outOfSync &&
-      this.unsentBytes > (this.opts.lowWaterBytes ?? defaultTunables.replicationLowWaterBytes)
-    )
-      return;
+    const low = this.opts.lowWaterBytes ?? defaultTunables.replicationLowWaterBytes;
+    if (this.core.connected && !this.plog.outOfSync && this.unsentBytes > low) return;
     const waiters = this.roomWaiters;
     this.roomWaiters = [];
     for (const w of waiters) w();
@@ -536,7 +489,7 @@ export class PrimaryLink extends EventEmitter {
   }
 
   private pumpFrames(): void {
-    while (this.ready && !this.blocked && this.socket && !this.plog.outOfSync) {
+    while (this.streaming && !this.blocked && this.socket && !this.plog.outOfSync) {
       const e = this.plog.epochs.get(this.cursor.epoch);
       if (!e) {
         const next = this.plog.heldEpochs().find((h) => h.epoch > this.cursor.epoch);
@@ -580,29 +533,24 @@ export class PrimaryLink extends EventEmitter {
     return buf;
   }
 
-  get connected(): boolean {
-    return this.ready;
-  }
-
   /** Point the link at another secondary (re-protection) and connect to it now. */
   retarget(host: string, port: number): void {
     this.opts.host = host;
     this.opts.port = port;
-    this.refused = null;
-    this.closed = false;
-    this.retryMs = this.opts.reconnectMinMs ?? 100;
-    if (this.socket) this.socket.destroy();
-    else {
-      this.retryTimer?.clear();
-      this.connect();
-    }
+    this.dispatch({ t: 'retarget', now: this.clock.mono(), host, port });
   }
 
   /** Drop the connection and connect again (a new hello, so the secondary decides afresh). */
   reconnect(reason: string): void {
-    if (!this.socket) return;
-    this.lastError = reason;
-    this.socket.destroy();
+    this.dispatch({ t: 'reconnect', now: this.clock.mono(), reason });
+  }
+
+  /** The resync the core asked for finished (or failed). */
+  resyncDone(): void {
+    this.dispatch({ t: 'resyncDone', now: this.clock.mono() });
+  }
+  resyncFailed(error: string): void {
+    this.dispatch({ t: 'resyncFailed', now: this.clock.mono(), error });
   }
 
   /** Bytes appended to the log that have not been sent yet. */
@@ -617,67 +565,31 @@ export class PrimaryLink extends EventEmitter {
     return Math.max(0, n);
   }
 
-  private wait<R extends DurableReply | CommittedReply>(
-    list: Waiter[],
+  private wait(
+    kind: 'durable' | 'commit',
     epoch: number,
     timeoutMs: number,
-    what: string,
-  ): Promise<R> {
-    return new Promise((resolve, reject) => {
-      const timer = this.clock.setTimeout(() => {
-        const i = list.indexOf(w);
-        if (i >= 0) list.splice(i, 1);
-        reject(
-          new ColoError(
-            'EIO',
-            `timed out after ${timeoutMs} ms waiting for the secondary to ${what} epoch ${epoch}`,
-          ),
-        );
-      }, timeoutMs);
-      const w: Waiter = {
-        epoch,
-        resolve: (m) => {
-          timer.clear();
-          resolve(m as R);
-        },
-        reject: (e) => {
-          timer.clear();
-          reject(e);
-        },
-      };
-      list.push(w);
-    });
-  }
-
-  private requireUsable(resync = false): void {
-    if (this.plog.outOfSync && !resync)
-      throw new ColoError(
-        'EIO',
-        `the secondary is out of sync since ${new Date(this.plog.outOfSync.since).toISOString()} ` +
-          `(${this.plog.outOfSync.reason}); a resync is required`,
-      );
-    if (!this.ready)
-      throw new ColoError(
-        'ECONNECT',
-        `the secondary is not connected (${this.lastError ?? this.state}); epoch data is kept and resent on reconnect`,
-      );
+    resync: boolean,
+    sync?: SyncMark,
+  ): Promise<{ epoch: number; overlayDiscarded?: { records: number; bytes: number } }> {
+    const id = this.nextWait++;
+    const p = new Promise<{ epoch: number; overlayDiscarded?: { records: number; bytes: number } }>(
+      (resolve, reject) => this.waiters.set(id, { resolve, reject }),
+    );
+    this.dispatch({ t: 'wait', now: this.clock.mono(), id, kind, epoch, timeoutMs, resync, sync });
+    return p;
   }
 
   /** Resolve once the secondary holds epoch N durably. */
   async waitDurable(epoch: number, timeoutMs: number, resync = false): Promise<DurableReply> {
-    if (this.durableEpoch >= epoch) return { t: 'durable', e: epoch };
-    this.requireUsable(resync);
-    return this.wait<DurableReply>(this.durableWaiters, epoch, timeoutMs, 'make durable');
+    await this.wait('durable', epoch, timeoutMs, resync);
+    return { t: 'durable', e: epoch };
   }
 
   /** Ask the secondary to commit through epoch N; resolve when the commit record is durable. */
   async commit(epoch: number, timeoutMs: number, sync?: SyncMark): Promise<CommittedReply> {
-    if (this.committedEpoch >= epoch) return { t: 'committed', e: epoch };
-    this.requireUsable(sync !== undefined);
-    const p = this.wait<CommittedReply>(this.commitWaiters, epoch, timeoutMs, 'commit');
-    const req: CommitRequest = { t: 'commit', e: epoch, sync };
-    send(this.socket!, req);
-    return p;
+    const r = await this.wait('commit', epoch, timeoutMs, sync !== undefined, sync);
+    return { t: 'committed', e: epoch, overlayDiscarded: r.overlayDiscarded };
   }
 
   /**
@@ -685,7 +597,7 @@ export class PrimaryLink extends EventEmitter {
    * [offset, offset+length) in blocks of `block` bytes.
    */
   requestHashes(offset: number, length: number, block: number): Promise<Buffer> {
-    if (!this.ready || !this.socket)
+    if (!this.core.connected || !this.socket)
       return Promise.reject(new ColoError('ECONNECT', 'the secondary is not connected'));
     const id = this.nextHashId++;
     const p = new Promise<Buffer>((resolve, reject) => this.hashWaiters.set(id, { resolve, reject }));
@@ -700,38 +612,43 @@ export class PrimaryLink extends EventEmitter {
   }
 
   close(): void {
-    this.closed = true;
-    this.retryTimer?.clear();
-    this.rejectAll(new ColoError('ESHUTDOWN', 'the primary is shutting down'));
+    this.dispatch({ t: 'close', now: this.clock.mono() });
+    this.timer?.clear();
+    this.timer = null;
     this.socket?.destroy();
   }
 }
 
 // -----------------------------------------------------------------------------
-// Secondary side
+// Secondary side: the driver of secondary/core.ts
 
 export interface SecondaryLinkOptions {
   clock?: Clock;
   net?: Net;
   heartbeat?: HeartbeatOptions;
-  log?: (msg: string) => void;
+  failover?: 'auto' | 'manual';
+  failoverGraceMs?: number;
+  log?: (msg: string, level?: 'info' | 'warn') => void;
 }
 
+/**
+ * The secondary's side of the link: the listener, the sockets and the frames.
+ * Data frames (records, seals, commits, hash requests) go to the store in
+ * stream order, and each answer is sent only once the store has made it true
+ * (durable, committed); every other decision is the core's
+ * (secondary/core.ts). Events: 'primary-lost', 'primary-connected', and
+ * 'promote' (the core's automatic failover).
+ */
 export class SecondaryLink extends EventEmitter {
+  readonly core: SecondaryCore;
   private server: Listener | null = null;
-  private current: Conn | null = null;
-  connectedSince: number | null = null;
-  lastError: string | null = null;
+  private sockets = new Map<number, { socket: Conn; reader: FrameReader<ToSecondary> }>();
+  private nextConn = 1;
   bytesReceived = 0;
   records = 0;
   duplicates = 0;
-  peer: string | null = null;
-  /** Set when the primary went silent (heartbeat timeout) or its link dropped, until it is back. */
-  primaryLost: { at: number; reason: string } | null = null;
-  /** The last primary this node refused (stale, split brain), until one is accepted. */
-  refusal: { at: number; code: string; message: string } | null = null;
-  /** What was decided at the last accepted hello. */
-  decision: Decision | null = null;
+  private timer: TimerHandle | null = null;
+  private timerAt = Infinity;
 
   private readonly clock: Clock;
   private readonly net: Net;
@@ -743,10 +660,52 @@ export class SecondaryLink extends EventEmitter {
     super();
     this.clock = opts.clock ?? realClock;
     this.net = opts.net ?? tcpNet;
+    this.core = new SecondaryCore(
+      {
+        heartbeat: opts.heartbeat ?? DEFAULT_HEARTBEAT,
+        failover: opts.failover ?? 'manual',
+        failoverGraceMs: opts.failoverGraceMs ?? 1000,
+      },
+      {
+        size: store.size,
+        history: () => store.history?.generations ?? [],
+        syncing: () => store.syncing,
+        promoted: () => store.promoted,
+      },
+    );
   }
 
-  private log(msg: string): void {
-    this.opts.log?.(msg);
+  // The core's state, for status.
+  get connected(): boolean {
+    return this.core.connected;
+  }
+  get connectedSince(): number | null {
+    return this.core.connectedSince === null ? null : this.wall(this.core.connectedSince);
+  }
+  get lastError(): string | null {
+    return this.core.lastError;
+  }
+  get peer(): string | null {
+    return this.core.peer;
+  }
+  get primaryLost(): { at: number; reason: string } | null {
+    const l = this.core.primaryLost;
+    return l && { at: this.wall(l.at), reason: l.reason };
+  }
+  get refusal(): { at: number; code: string; message: string } | null {
+    const r = this.core.refusal;
+    return r && { ...r, at: this.wall(r.at) };
+  }
+  get decision(): Decision | null {
+    return this.core.decision;
+  }
+
+  private wall(mono: number): number {
+    return this.clock.now() - (this.clock.mono() - mono);
+  }
+
+  private log(msg: string, level: 'info' | 'warn' = 'info'): void {
+    this.opts.log?.(msg, level);
   }
 
   async listen(port: number, host: string): Promise<Listener> {
@@ -754,187 +713,170 @@ export class SecondaryLink extends EventEmitter {
     return this.server;
   }
 
-  get connected(): boolean {
-    return this.current !== null && this.connectedSince !== null;
+  private dispatch(ev: SecondaryEvent): Promise<void> | void {
+    let work: Promise<void> | void = undefined;
+    for (const a of this.core.step(ev)) {
+      const r = this.apply(a);
+      if (r) work = r;
+    }
+    this.arm();
+    return work;
+  }
+
+  private arm(): void {
+    const at = this.core.nextDeadline();
+    if (at === null) {
+      this.timer?.clear();
+      this.timer = null;
+      this.timerAt = Infinity;
+      return;
+    }
+    if (this.timer && at >= this.timerAt) return;
+    this.timer?.clear();
+    this.timerAt = at;
+    this.timer = this.clock.setTimeout(
+      () => {
+        this.timer = null;
+        this.timerAt = Infinity;
+        this.dispatch({ t: 'tick', now: this.clock.mono() });
+      },
+      Math.max(0, at - this.clock.mono()),
+    );
+  }
+
+  private apply(a: SecondaryAction): Promise<void> | void {
+    const s = 'conn' in a ? this.sockets.get(a.conn) : undefined;
+    switch (a.t) {
+      case 'send':
+        if (s) send(s.socket, a.msg);
+        return;
+      case 'close':
+        if (!s) return;
+        s.reader.stop();
+        if (a.graceful) {
+          // Let what was sent (an error) reach the primary before the end of the stream:
+          // a destroy with unread data would reset the connection and could lose it.
+          s.socket.end();
+          this.clock.setTimeout(() => s.socket.destroy(), 2000, { unref: true });
+        } else s.socket.destroy();
+        return;
+      case 'startSession':
+        return this.startSession(a.conn, a.hello, a.decision);
+      case 'welcome': {
+        if (!s) return;
+        const durable = Math.max(
+          this.store.lastCommitted,
+          ...this.store
+            .pendingEpochs()
+            .filter((e) => e.state !== 'receiving' && e.state !== 'sealed')
+            .map((e) => e.epoch),
+        );
+        send(s.socket, {
+          t: 'hello',
+          proto: LINK_PROTOCOL,
+          size: this.store.size,
+          seq: this.store.highestSeq,
+          durable,
+          committed: this.store.lastCommitted,
+          history: [...(this.store.history?.generations ?? [])],
+          decision: a.decision,
+          hot: a.decision.action === 'resync' ? (this.store.activity?.hotRanges() ?? []) : [],
+        });
+        return;
+      }
+      case 'promote':
+        this.emit('promote', a.reason);
+        return;
+      case 'primaryLost':
+        this.emit('primary-lost', { at: this.wall(a.at), reason: a.reason });
+        return;
+      case 'primaryConnected':
+        this.emit('primary-connected');
+        return;
+      case 'log':
+        this.log(a.msg, a.level);
+        return;
+    }
+  }
+
+  /** The store starts the primary's session (a rollback and rebase first for a resync). */
+  private async startSession(conn: number, hello: PrimaryHello, decision: Decision): Promise<void> {
+    let error: { code: ErrorCode; message: string } | null = null;
+    try {
+      if (decision.action === 'resync') await this.store.startResync(hello.epoch);
+      this.store.startSession(hello.session, hello.epoch);
+    } catch (err) {
+      const e = toColoError(err);
+      error = { code: e.code, message: e.message };
+    }
+    this.dispatch({ t: 'sessionStarted', now: this.clock.mono(), conn, error });
   }
 
   private accept(socket: Conn): void {
-    // The newest connection from the primary wins: an old one is a half-dead leftover.
-    if (this.current) {
-      this.log('a new replication connection replaces the old one');
-      this.current.destroy();
-    }
-    this.current = socket;
-    this.peer = `${socket.remoteAddress}:${socket.remotePort}`;
-    socket.on('data', (d: Buffer) => (this.bytesReceived += d.length));
-    const holder: { reader?: FrameReader<ToSecondary> } = {};
-    new Heartbeat(
-      this.clock,
-      socket,
-      this.opts.heartbeat ?? DEFAULT_HEARTBEAT,
-      () => send(socket, { t: 'beat' }),
-      (silentMs) => {
-        this.lastError = `heartbeat timeout: nothing from the primary for ${silentMs} ms`;
-        socket.destroy();
-      },
-      () => holder.reader?.working ?? false,
-    );
-    const reader: FrameReader<ToSecondary> = new FrameReader<ToSecondary>(
+    const conn = this.nextConn++;
+    const now = () => this.clock.mono();
+    socket.on('data', (d: Buffer) => {
+      this.bytesReceived += d.length;
+      this.core.step({ t: 'rx', now: now(), conn });
+    });
+    const reader = new FrameReader<ToSecondary>(
       socket,
       parseToSecondary,
-      (meta, frame, data) => this.onFrame(socket, meta, frame, data, () => this.drop(socket, reader)),
+      (msg, frame, data) => {
+        if (msg.t === 'hello') return this.dispatch({ t: 'hello', now: now(), conn, msg });
+        if (msg.t === 'beat') return;
+        if (!this.core.accepting(conn)) {
+          this.dispatch({
+            t: 'badFrame',
+            now: now(),
+            conn,
+            code: 'EPROTO',
+            error: `a '${msg.t}' frame before the handshake`,
+          });
+          return;
+        }
+        return this.onData(conn, socket, msg, frame, data);
+      },
       (err) => {
         const message =
           err instanceof FrameError ? `bad frame from the primary: ${err.message}` : err.message;
-        this.lastError = message;
-        this.log(message);
-        // Say why before closing: a message that fails validation is the primary's bug to see.
         const code = toColoError(err).code;
-        send(socket, { t: 'error', code: code === 'EIO' ? 'EPROTO' : code, message });
-        socket.end();
-        this.clock.setTimeout(() => socket.destroy(), 2000, { unref: true });
+        this.dispatch({
+          t: 'badFrame',
+          now: now(),
+          conn,
+          code: code === 'EIO' ? 'EPROTO' : code,
+          error: message,
+        });
       },
+      (busy) => this.core.step({ t: 'busy', conn, busy }),
     );
-    holder.reader = reader;
-    socket.on('error', (err) => (this.lastError = err.message));
+    this.sockets.set(conn, { socket, reader });
+    let error: string | null = null;
+    socket.on('error', (err) => (error = err.message));
     socket.on('close', () => {
       reader.stop();
-      if (this.current === socket) {
-        const wasUp = this.connectedSince !== null;
-        this.current = null;
-        this.connectedSince = null;
-        if (wasUp) {
-          this.primaryLost = { at: this.clock.now(), reason: this.lastError ?? 'connection closed' };
-          this.log(`primary lost: ${this.primaryLost.reason}`);
-          this.emit('primary-lost', this.primaryLost);
-        }
-      }
+      this.sockets.delete(conn);
+      this.dispatch({ t: 'closed', now: now(), conn, error });
     });
+    this.dispatch({ t: 'accepted', now: now(), conn, peer: `${socket.remoteAddress}:${socket.remotePort}` });
   }
 
-  /**
-   * The primary introduced itself: compare generation histories and decide
-   * (failover/history.ts): carry on, resynchronise (after dropping everything
-   * uncommitted), or refuse — a stale primary (ESTALE: it fences itself) or
-   * split brain (ESPLIT: both sides report it, neither is touched).
-   */
-  private async handshake(socket: Conn, meta: PrimaryHello): Promise<void> {
-    const history = this.store.history;
-    const primaryHistory = meta.history;
-    const refuse = (code: string, message: string) => {
-      this.lastError = message;
-      this.refusal = { at: this.clock.now(), code, message };
-      this.log(`refused the primary at ${this.peer}: ${message}`);
-      send(socket, { t: 'hello', proto: LINK_PROTOCOL, size: this.store.size });
-      send(socket, { t: 'error', code, message });
-      socket.end();
-    };
-    let decision: Decision;
-    try {
-      decision = decide(primaryHistory, history?.generations ?? [], {
-        syncing: this.store.syncing,
-        primaryNeedsResync: meta.needsResync,
-      });
-    } catch (err) {
-      return refuse('EPROTO', (err as Error).message);
-    }
-    if (decision.action === 'refuse')
-      return refuse(decision.kind === 'split-brain' ? 'ESPLIT' : 'ESTALE', decision.reason);
-    if (this.store.promoted)
-      return refuse(
-        'ESTALE',
-        `this node was promoted to primary (generation ${this.store.generation}) and serves its own writes; ` +
-          `stop it and start it as a secondary to re-protect it from this primary`,
-      );
-    try {
-      if (decision.action === 'resync') {
-        await this.store.startResync(meta.epoch);
-        this.store.startSession(meta.session, meta.epoch);
-      } else this.store.startSession(meta.session, meta.epoch);
-    } catch (err) {
-      const e = toColoError(err);
-      return refuse(e.code, e.message);
-    }
-    if (socket.destroyed) return;
-    this.connectedSince = this.clock.now();
-    this.lastError = null;
-    this.refusal = null;
-    this.primaryLost = null;
-    this.decision = decision;
-    const durable = Math.max(
-      this.store.lastCommitted,
-      ...this.store
-        .pendingEpochs()
-        .filter((e) => e.state !== 'receiving' && e.state !== 'sealed')
-        .map((e) => e.epoch),
-    );
-    send(socket, {
-      t: 'hello',
-      proto: LINK_PROTOCOL,
-      size: this.store.size,
-      seq: this.store.highestSeq,
-      durable,
-      committed: this.store.lastCommitted,
-      history: history?.generations ?? [],
-      decision,
-      hot: decision.action === 'resync' ? (this.store.activity?.hotRanges() ?? []) : [],
-    });
-    this.log(
-      `primary connected from ${this.peer}: ${decision.action}${'mode' in decision ? ` (${decision.mode})` : ''}: ${decision.reason}`,
-    );
-    this.emit('primary-connected');
-  }
-
-  /**
-   * After an error frame: stop taking frames and close gracefully, so the error
-   * reaches the primary before the end of the stream (a destroy with unread
-   * data would reset the connection and could lose it). The primary reconnects
-   * and resends from its journals.
-   */
-  private drop(socket: Conn, reader: FrameReader<ToSecondary>): void {
-    reader.stop();
-    socket.end();
-    this.clock.setTimeout(() => socket.destroy(), 2000, { unref: true });
-  }
-
-  private onFrame(
+  /** A frame of the stream: stored in order; the answer goes out only once it is true. */
+  private onData(
+    conn: number,
     socket: Conn,
-    meta: ToSecondary,
+    meta: Exclude<ToSecondary, PrimaryHello | { t: 'beat' }>,
     frame: Buffer,
     data: Buffer,
-    drop: () => void,
   ): void | Promise<void> {
-    const dataLength = data.length;
-    if (meta.t === 'hello') {
-      if (meta.proto !== LINK_PROTOCOL) {
-        send(socket, {
-          t: 'error',
-          code: 'EPROTO',
-          message: `link protocol ${meta.proto} is not ${LINK_PROTOCOL}`,
-        });
-        socket.end();
-        return;
-      }
-      if (meta.size !== this.store.size) {
-        const message =
-          `the primary's disk is ${meta.size} bytes but this secondary's image is ${this.store.size}: ` +
-          `both images must have the same size`;
-        this.lastError = message;
-        this.log(message);
-        send(socket, { t: 'hello', proto: LINK_PROTOCOL, size: this.store.size });
-        send(socket, { t: 'error', code: 'EUSAGE', message });
-        socket.end();
-        return;
-      }
-      return this.handshake(socket, meta);
-    }
+    const drop = () => this.apply({ t: 'close', conn, reason: 'store error', graceful: true });
     if (isMutation(meta)) {
       try {
-        if (this.store.receive(meta, frame, dataLength)) this.records++;
+        if (this.store.receive(meta, frame, data.length)) this.records++;
         else this.duplicates++;
       } catch (err) {
         const e = toColoError(err);
-        this.lastError = e.message;
         this.log(`could not store a record of epoch ${meta.e}: ${e.message}`);
         send(socket, { t: 'error', code: e.code, message: e.message, e: meta.e });
         // A record we could not store makes the rest of the epoch useless: drop the link,
@@ -948,7 +890,7 @@ export class SecondaryLink extends EventEmitter {
       return this.reply(socket, meta, () => this.store.seal(meta), 'durable', drop);
     if (meta.t === 'commit')
       return this.reply(socket, meta, () => this.store.commit(meta.e, meta.sync), 'committed');
-    if (meta.t === 'hash?') return this.hashes(socket, meta);
+    return this.hashes(socket, meta);
   }
 
   /** Hashes of the PVM's disk as held here, at this point of the stream (frames are handled in order). */
@@ -958,7 +900,6 @@ export class SecondaryLink extends EventEmitter {
       if (!socket.destroyed) socket.write(encodeFrameBuffer({ t: 'hash', id: meta.id }, h));
     } catch (err) {
       const e = toColoError(err);
-      this.lastError = e.message;
       send(socket, { t: 'error', code: e.code, message: `hashing ${meta.o}+${meta.l}: ${e.message}` });
       socket.destroy();
     }
@@ -978,7 +919,6 @@ export class SecondaryLink extends EventEmitter {
       send(socket, { ...result, t, e: meta.e, ms });
     } catch (err) {
       const e = toColoError(err);
-      this.lastError = e.message;
       this.log(`${meta.t} of epoch ${meta.e} failed: ${e.message}`);
       send(socket, { t: 'error', code: e.code, message: e.message, e: meta.e });
       onError?.();
@@ -987,11 +927,19 @@ export class SecondaryLink extends EventEmitter {
 
   /** Drop the primary's connection (after a promotion it gets refused on reconnect). */
   dropPrimary(): void {
-    this.current?.destroy();
+    for (const { socket } of this.sockets.values()) socket.destroy();
+  }
+
+  /** An operator's failover is running: the core's own timer must not race it. */
+  cancelFailover(): void {
+    this.dispatch({ t: 'cancelFailover', now: this.clock.mono() });
   }
 
   async close(): Promise<void> {
-    this.current?.destroy();
+    this.dispatch({ t: 'close', now: this.clock.mono() });
+    this.timer?.clear();
+    this.timer = null;
+    for (const { socket } of this.sockets.values()) socket.destroy();
     await this.server?.close();
   }
 }

@@ -17,15 +17,16 @@ import { ColoError } from '../errors.js';
 import { GiB, tunables, type Tunables } from '../limits.js';
 import type { BlockDevice } from '../block/device.js';
 import { ActivityLog, mergeRanges, type Range } from '../failover/activity.js';
-import { History } from '../failover/history.js';
-import { Resync, type ResyncPlan, type ResyncProgress } from '../failover/resync.js';
+import { History, type SyncMode } from '../failover/history.js';
+import { Resync, type ResyncProgress } from '../failover/resync.js';
 import type { Logger } from '../net/server.js';
 import { sleep, type Clock, type TimerHandle } from '../sys/clock.js';
 import type { Env } from '../sys/env.js';
 import { parseHostPort, type Endpoint } from '../util/address.js';
 import type { Route } from './control.js';
 import { inspectJournal } from './inspect.js';
-import { PrimaryLink, type HeartbeatOptions, type PeerHello } from './link.js';
+import { PrimaryLink, type HeartbeatOptions } from './link.js';
+import { resyncPlan, type PeerState } from './primary/core.js';
 import { renderPrometheus, Summary } from './metrics.js';
 import { PrimaryLog } from './primary-log.js';
 import { ReplicatingDevice } from './replicating-device.js';
@@ -58,8 +59,7 @@ export interface PrimaryReplicaOptions {
   logger: Logger;
 }
 
-/** How this primary stands with its secondary. */
-export type PeerState = 'connecting' | 'syncing' | 'protected' | 'down' | 'lone' | 'refused' | 'deposed';
+export type { PeerState } from './primary/core.js';
 
 export interface CheckpointResult {
   epoch: number;
@@ -86,14 +86,12 @@ export class PrimaryReplica {
   private lastCheckpoint: (CheckpointResult & { at: number }) | null = null;
   private lastFailure: { at: number; message: string } | null = null;
   private checkpointing = false;
-  peerState: PeerState = 'connecting';
   private resync: Resync | null = null;
   lastResync: ResyncProgress | null = null;
   /** Ranges of an interrupted resync, compared again on the next attempt. */
   private resyncPending: Range[] = [];
   /** The activity log held hot regions at start: the secondary may lack them. */
   private dirtyRestart: boolean;
-  private loneTimer: TimerHandle | null = null;
   private syncWaiters: (() => void)[] = [];
   private closing = false;
 
@@ -136,32 +134,30 @@ export class PrimaryReplica {
       port: opts.peer.port,
       size: image.size,
       heartbeat: opts.heartbeat,
+      loneAfterMs: opts.loneAfterMs ?? 10_000,
       highWaterBytes: this.tunables.replicationHighWaterBytes,
       lowWaterBytes: this.tunables.replicationLowWaterBytes,
       clock: env.clock,
       net: env.net,
-      log: (m) => opts.logger.info(`link: ${m}`),
+      log: (m, level) => (level === 'warn' ? opts.logger.warn(`link: ${m}`) : opts.logger.info(`link: ${m}`)),
       handshake: () => ({ history: [...history.generations], needsResync: this.needsResync }),
     });
     this.link = link;
     device.throttle = () => link.waitForRoom();
+    // The core decides (primary/core.ts); this replica carries out what needs the disk.
     link.on('deposed', (why: string) => {
       device.deposed = why;
-      this.setPeerState('deposed');
       opts.logger.warn(`this primary is deposed; refusing all writes from now on: ${why}`);
     });
-    link.on('refused', (why: string) => {
-      this.setPeerState('refused');
-      opts.logger.warn(`the secondary refused this primary; serving on alone, unprotected: ${why}`);
-    });
-    link.on('peer', (peer: PeerHello) => this.onPeer(peer));
-    link.on('down', () => this.onLinkDown());
-    const onOutOfSync = plog.onOutOfSync;
-    plog.onOutOfSync = (reason) => {
-      onOutOfSync(reason);
-      // A new hello tells the secondary that the log cannot carry it: it resynchronises.
-      setImmediate(() => link.reconnect(`the secondary is out of sync: ${reason}`));
-    };
+    link.on('protected', () => this.history.markProtected());
+    link.on('resync', (mode: SyncMode, peerHot: Range[]) => this.onResync(mode, peerHot));
+    link.on('lone', (reason: string, committed: number) => this.goLone(reason, committed));
+    link.on('peerState', () => this.peerStateChanged());
+  }
+
+  /** How this primary stands with its secondary (the core's view). */
+  get peerState(): PeerState {
+    return this.link.core.peerState;
   }
 
   /**
@@ -244,7 +240,6 @@ export class PrimaryReplica {
     const peer = parseHostPort(peerText, 'peer');
     this.opts.peer = peer;
     this.link.retarget(peer.host, peer.port);
-    if (this.peerState === 'refused') this.setPeerState('connecting');
     this.opts.logger.info(`re-protecting with the secondary at ${peerText}`);
     return this.status();
   }
@@ -254,48 +249,35 @@ export class PrimaryReplica {
     return this.plog.outOfSync !== null || this.dirtyRestart || this.resyncPending.length > 0;
   }
 
-  private setPeerState(s: PeerState): void {
-    this.peerState = s;
-    if (s !== 'syncing') {
-      const w = this.syncWaiters;
-      this.syncWaiters = [];
-      for (const f of w) f();
-    }
+  /** Checkpoints waiting for a resync to end go on once the peer is anything but syncing. */
+  private peerStateChanged(): void {
+    if (this.peerState === 'syncing') return;
+    const w = this.syncWaiters;
+    this.syncWaiters = [];
+    for (const f of w) f();
   }
 
-  /** The secondary answered the hello with its decision. */
-  private onPeer(peer: PeerHello): void {
-    this.loneTimer?.clear();
-    this.loneTimer = null;
-    const d = peer.decision;
-    if (d.action === 'none') {
-      this.history.markProtected();
-      this.setPeerState('protected');
-      return;
-    }
-    if (d.action !== 'resync') return;
-    this.opts.logger.info(`resynchronising the secondary (${d.mode}): ${d.reason}`);
-    this.setPeerState('syncing');
-    void this.runResync(d.mode, peer.hot).catch((err: Error) => {
-      this.opts.logger.warn(`resync interrupted: ${err.message} (it resumes when the secondary is back)`);
-      if (this.peerState === 'syncing') this.setPeerState(this.link.connected ? 'connecting' : 'down');
-      // A failure with the link still up (a refused commit, say) restarts through a new hello.
-      if (this.link.connected) this.link.reconnect(`resync failed: ${err.message}`);
-    });
+  /** The core decided to resynchronise the secondary. */
+  private onResync(mode: SyncMode, peerHot: Range[]): void {
+    void this.runResync(mode, peerHot).then(
+      () => this.link.resyncDone(),
+      (err: Error) => {
+        this.opts.logger.warn(`resync interrupted: ${err.message} (it resumes when the secondary is back)`);
+        this.link.resyncFailed(err.message);
+      },
+    );
   }
 
   private async runResync(mode: 'incremental' | 'full', peerHot: Range[]): Promise<void> {
     if (this.plog.outOfSync)
       // The log holds data again from a fresh epoch on; the resync covers everything before it.
       await this.device.seal(10_000, () => this.plog.resumeLogging());
-    const plan: ResyncPlan =
-      mode === 'full'
-        ? { mode, send: [], compare: [{ offset: 0, length: this.image.size }] }
-        : {
-            mode,
-            send: this.resyncPending.length ? [] : this.activity.exactRanges(),
-            compare: mergeRanges([...this.activity.hotRanges(), ...peerHot, ...this.resyncPending]),
-          };
+    const plan = resyncPlan(mode, this.image.size, {
+      exact: this.activity.exactRanges(),
+      hot: this.activity.hotRanges(),
+      peerHot,
+      pending: this.resyncPending,
+    });
     const resync = new Resync(
       {
         size: this.image.size,
@@ -317,8 +299,6 @@ export class PrimaryReplica {
       this.lastResync = p;
       this.resyncPending = [];
       this.dirtyRestart = false;
-      this.history.markProtected();
-      this.setPeerState('protected');
       this.opts.logger.info(
         `resync done in ${((p.finishedAt! - p.startedAt) / 1000).toFixed(1)} s: sent ${p.sentBytes} bytes, ` +
           `${p.equalBytes} bytes found equal by ${p.hashBytes} bytes of hashes`,
@@ -354,25 +334,14 @@ export class PrimaryReplica {
     }
   }
 
-  private onLinkDown(): void {
-    if (this.closing) return;
-    if (this.peerState === 'protected' || this.peerState === 'syncing' || this.peerState === 'connecting')
-      this.setPeerState('down');
-    if (this.loneTimer || this.peerState === 'lone' || this.link.deposed || this.link.refused) return;
-    const after = this.opts.loneAfterMs ?? 10_000;
-    this.loneTimer = this.clock.setTimeout(() => {
-      this.loneTimer = null;
-      if (this.link.connected || this.link.deposed) return;
-      this.goLone(`the secondary has been unreachable for ${after} ms (${this.link.lastError ?? 'down'})`);
-    }, after);
-  }
-
-  /** Carry on without a secondary: a new generation, durable before any further write is acknowledged as protected. */
-  goLone(reason: string): void {
-    if (this.peerState === 'lone') return;
-    const g = this.history.mint(`lone: ${reason}`, this.link.committedEpoch);
+  /**
+   * The core decided to carry on without a secondary: a new generation,
+   * durable before any further write is acknowledged, and the log stops
+   * holding data (the activity log records what a later resync must send).
+   */
+  private goLone(reason: string, committed: number): void {
+    const g = this.history.mint(`lone: ${reason}`, committed);
     this.plog.markOutOfSync(`went on alone (${reason})`);
-    this.setPeerState('lone');
     this.opts.logger.warn(
       `going on alone as generation ${g.n} (${g.id}): ${reason}; writes are recorded in the activity log for a later resync`,
     );
@@ -645,7 +614,6 @@ export class PrimaryReplica {
   /** Stop replicating: the link closes, the next epoch number is recorded, the log's files close. */
   async close(): Promise<void> {
     this.closing = true;
-    this.loneTimer?.clear();
     this.resync?.abort(new ColoError('ESHUTDOWN', 'the primary is shutting down'));
     this.link.close();
     await this.db.put('epoch', String(this.plog.current + 1), { sync: true });

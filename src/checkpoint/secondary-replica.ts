@@ -13,7 +13,6 @@ import { SwitchDevice } from '../block/switch.js';
 import { ActivityLog } from '../failover/activity.js';
 import { History } from '../failover/history.js';
 import type { Logger } from '../net/server.js';
-import type { TimerHandle } from '../sys/clock.js';
 import type { Env } from '../sys/env.js';
 import { parseHostPort } from '../util/address.js';
 import type { Route } from './control.js';
@@ -63,7 +62,6 @@ function dropFormerPrimaryLog(state: StateDir, logger: Logger): void {
 
 export class SecondaryReplica {
   applyError: string | null = null;
-  private failoverTimer: TimerHandle | null = null;
   private closing = false;
   /** Time from the decision to promote until the SVM disk serves as primary. */
   lastPromotionMs: number | null = null;
@@ -84,14 +82,19 @@ export class SecondaryReplica {
     this.exportDevice = new SwitchDevice(store.svmDevice);
     this.link = new SecondaryLink(store, {
       heartbeat: opts.heartbeat,
+      failover: opts.failover ?? 'auto',
+      failoverGraceMs: opts.failoverGraceMs ?? 1000,
       clock: env.clock,
       net: env.net,
-      log: (m) => opts.logger.info(`link: ${m}`),
+      log: (m, level) => (level === 'warn' ? opts.logger.warn(`link: ${m}`) : opts.logger.info(`link: ${m}`)),
     });
-    if ((opts.failover ?? 'auto') === 'auto') {
-      this.link.on('primary-lost', (lost: { reason: string }) => this.scheduleFailover(lost.reason));
-      this.link.on('primary-connected', () => this.cancelFailover());
-    }
+    // The core decided (secondary/core.ts): the primary stayed lost past the grace period.
+    this.link.on('promote', (reason: string) => {
+      if (this.closing) return;
+      this.promote(reason).catch((err: Error) =>
+        this.opts.logger.warn(`automatic failover failed: ${err.message}`),
+      );
+    });
   }
 
   /** Open a secondary on a state directory (new, restarted, promoted, or an old primary returning). */
@@ -166,26 +169,6 @@ export class SecondaryReplica {
     return this.link.listen(port, host);
   }
 
-  /** Promote unless the primary comes back within the grace period. */
-  scheduleFailover(reason: string): void {
-    if (this.store.promoted || this.failoverTimer || this.closing) return;
-    const grace = this.opts.failoverGraceMs ?? 1000;
-    this.opts.logger.warn(`primary lost (${reason}); promoting in ${grace} ms unless it comes back`);
-    this.failoverTimer = this.env.clock.setTimeout(() => {
-      this.failoverTimer = null;
-      this.promote(`automatic failover: primary lost (${reason})`).catch((err: Error) =>
-        this.opts.logger.warn(`automatic failover failed: ${err.message}`),
-      );
-    }, grace);
-  }
-
-  cancelFailover(): void {
-    if (!this.failoverTimer) return;
-    this.failoverTimer.clear();
-    this.failoverTimer = null;
-    this.opts.logger.info('the primary is back: failover cancelled');
-  }
-
   /**
    * Re-protection: this promoted node becomes a replicating primary for a
    * secondary at `peer` (a returning node or a new one), without interrupting
@@ -241,7 +224,7 @@ export class SecondaryReplica {
   /** Failover: this node becomes the primary of a new generation. */
   async promote(reason: string) {
     const t = this.env.clock.mono();
-    this.cancelFailover();
+    this.link.cancelFailover();
     const r = await this.store.promote(reason);
     this.link.dropPrimary();
     this.lastPromotionMs = this.env.clock.mono() - t;
@@ -268,7 +251,7 @@ export class SecondaryReplica {
         : null,
       promoted: this.store.promoted,
       promotionMs: this.lastPromotionMs,
-      failoverPending: this.failoverTimer !== null,
+      failoverPending: this.link.core.failoverPending,
       export: this.opts.exportName,
       image: this.opts.image,
       size: this.store.size,
@@ -360,7 +343,7 @@ export class SecondaryReplica {
 
   async close(): Promise<void> {
     this.closing = true;
-    this.cancelFailover();
+    this.link.cancelFailover();
     await this.primary?.close();
     await this.link.close();
     await this.store.close();
