@@ -9,7 +9,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { controlCall } from '../src/checkpoint/control.js';
-import type { CheckpointResult } from '../src/checkpoint/primary-node.js';
+import type { CheckpointResult } from '../src/checkpoint/primary/node.js';
 import { lastLine, liveServers, stopProcess, TailBuffer } from './proc.js';
 import type { BenchContext } from './types.js';
 

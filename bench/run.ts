@@ -403,8 +403,8 @@ async function main(): Promise<number> {
   };
 
   try {
-    if (!fs.existsSync(path.join(root, 'dist/tools/colo-blk.js')))
-      log('warning: dist/tools/colo-blk.js is missing (run `npm run build`); colo-blk will fail to start');
+    if (!fs.existsSync(path.join(root, 'dist/src/cli/main.js')))
+      log('warning: dist/src/cli/main.js is missing (run `npm run build`); colo-blk will fail to start');
     log(
       `${opts.quick ? 'quick' : 'full'} run: ${opts.servers.length} servers × ${opts.workloads.length} workloads` +
         (needsImage ? `, ${imageSize / 2 ** 20} MiB image` : '') +

@@ -1,4 +1,4 @@
 #!/usr/bin/env node
 // Entry point for `npx colo-blk`: the TypeScript is compiled to dist/ by the
 // `prepare` script, which npm runs on `npm install` / `npm ci` in a clone.
-import '../dist/tools/colo-blk.js';
+import '../dist/src/cli/main.js';

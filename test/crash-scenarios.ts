@@ -12,7 +12,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { controlCall } from '../src/checkpoint/control.js';
-import { scanJournal } from '../src/checkpoint/journal.js';
+import { scanJournal } from '../src/checkpoint/format/journal.js';
 import { NbdClient } from '../src/net/client.js';
 import {
   allowedFromDrive,

@@ -1,6 +1,6 @@
 // ExtentMap against a per-byte model under seeded random inserts and deletes.
 import { describe, expect, it } from 'vitest';
-import { ExtentMap } from '../src/checkpoint/extent-map.js';
+import { ExtentMap } from '../src/checkpoint/format/extent-map.js';
 import { prng } from './helpers.js';
 
 /** Model: per byte, -1 = not held, -2 = zero, else the source position. */

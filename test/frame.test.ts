@@ -8,7 +8,7 @@ import {
   FrameError,
   MAX_FRAME_BODY,
   peekFrameBytes,
-} from '../src/checkpoint/frame.js';
+} from '../src/checkpoint/format/frame.js';
 import { prng, randomBytes } from './helpers.js';
 
 describe('frame codec', () => {

@@ -2,7 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { JournalWriter, scanJournal } from '../src/checkpoint/journal.js';
+import { JournalWriter, scanJournal } from '../src/checkpoint/format/journal.js';
 import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
 import { nodeStorage } from '../src/sys/storage.js';
 

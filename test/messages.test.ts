@@ -2,8 +2,8 @@
 // (src/checkpoint/messages.ts): every field a receiver uses is checked, and
 // anything else is a protocol error (EPROTO), never a cast.
 import { describe, expect, it } from 'vitest';
-import { decodeFrame, encodeFrameBuffer } from '../src/checkpoint/frame.js';
-import { parseToPrimary, parseToSecondary } from '../src/checkpoint/messages.js';
+import { decodeFrame, encodeFrameBuffer } from '../src/checkpoint/format/frame.js';
+import { parseToPrimary, parseToSecondary } from '../src/checkpoint/link/messages.js';
 
 const gen = { n: 1, id: 'abc123', by: 'node1', base: 0, at: 1700000000000, reason: 'new disk' };
 /** As the receiver sees it: encoded as a frame and decoded again. */

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { afterAll } from 'vitest';
 import { FileDevice } from '../src/block/file.js';
 import { MemoryDevice } from '../src/block/memory.js';
-import { NbdDevice } from '../src/block/nbd.js';
+import { NbdDevice } from '../src/net/nbd-device.js';
 import { deviceSuite } from './device-suite.js';
 import { rmDir, startServer, tmpDir } from './helpers.js';
 

@@ -19,7 +19,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { controlCall } from '../src/checkpoint/control.js';
-import { decodeFrame, FRAME_HEADER_BYTES, peekFrameBytes } from '../src/checkpoint/frame.js';
+import { decodeFrame, FRAME_HEADER_BYTES, peekFrameBytes } from '../src/checkpoint/format/frame.js';
 import { ByteQueue } from '../src/net/bytequeue.js';
 import type { NbdClient } from '../src/net/client.js';
 import { CLI, prng, randomBytes, runOk, track } from './helpers.js';

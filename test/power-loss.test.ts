@@ -10,10 +10,10 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { FileDevice } from '../src/block/file.js';
 import { readIoTrace, setIoTracer, type IoEvent } from '../src/block/io-trace.js';
-import { encodeFrameBuffer } from '../src/checkpoint/frame.js';
-import { JournalWriter, scanJournal } from '../src/checkpoint/journal.js';
-import type { MutationRecord } from '../src/checkpoint/records.js';
-import { SecondaryStore } from '../src/checkpoint/secondary-store.js';
+import { encodeFrameBuffer } from '../src/checkpoint/format/frame.js';
+import { JournalWriter, scanJournal } from '../src/checkpoint/format/journal.js';
+import type { MutationRecord } from '../src/checkpoint/format/records.js';
+import { SecondaryStore } from '../src/checkpoint/secondary/store.js';
 import { recordFaults } from './fault-counts.js';
 import { prng, randomBytes, rmDir, ROOT, tmpDir } from './helpers.js';
 import {

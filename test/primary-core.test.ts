@@ -2,7 +2,7 @@
 // events in, actions out, time passed in. No sockets, no timers, no files.
 import { describe, expect, it } from 'vitest';
 import { PrimaryCore, resyncPlan, type PrimaryAction } from '../src/checkpoint/primary/core.js';
-import type { ToPrimary } from '../src/checkpoint/messages.js';
+import type { ToPrimary } from '../src/checkpoint/link/messages.js';
 
 const gen = { n: 1, id: 'g1', by: 'n1', base: 0, at: 0, reason: 'new disk' };
 

@@ -6,9 +6,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { FileDevice } from '../src/block/file.js';
-import { encodeFrameBuffer } from '../src/checkpoint/frame.js';
-import type { MutationRecord } from '../src/checkpoint/records.js';
-import { SecondaryStore } from '../src/checkpoint/secondary-store.js';
+import { encodeFrameBuffer } from '../src/checkpoint/format/frame.js';
+import type { MutationRecord } from '../src/checkpoint/format/records.js';
+import { SecondaryStore } from '../src/checkpoint/secondary/store.js';
 import { CLI, prng, randomBytes, rmDir, run, tmpDir } from './helpers.js';
 
 const root = tmpDir('colo-blk-recover-');

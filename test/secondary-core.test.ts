@@ -1,7 +1,7 @@
 // The secondary's replication core (src/checkpoint/secondary/core.ts) on its
 // own: events in, actions out, the node's durable state read through a view.
 import { describe, expect, it } from 'vitest';
-import type { PrimaryHello } from '../src/checkpoint/messages.js';
+import type { PrimaryHello } from '../src/checkpoint/link/messages.js';
 import { SecondaryCore, type SecondaryAction, type SecondaryView } from '../src/checkpoint/secondary/core.js';
 import type { Generation } from '../src/failover/history.js';
 

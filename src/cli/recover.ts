@@ -15,8 +15,8 @@ import path from 'node:path';
 import { ColoError, toColoError } from '../errors.js';
 import { nodeStorage } from '../sys/storage.js';
 import { FileDevice } from '../block/file.js';
-import { JournalWriter, scanJournal } from '../checkpoint/journal.js';
-import { SecondaryStore } from '../checkpoint/secondary-store.js';
+import { JournalWriter, scanJournal } from '../checkpoint/format/journal.js';
+import { SecondaryStore } from '../checkpoint/secondary/store.js';
 import { formatBytes } from '../util/size.js';
 
 interface NodeFile {

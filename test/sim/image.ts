@@ -7,7 +7,7 @@
  */
 import type { Capabilities, Extent, WriteOptions, ZeroOptions } from '../../src/block/device.js';
 import { assertRange } from '../../src/block/device.js';
-import type { StoreImage } from '../../src/checkpoint/secondary-store.js';
+import type { StoreImage } from '../../src/checkpoint/secondary/store.js';
 import { ColoError } from '../../src/errors.js';
 import type { Storage, StorageFile } from '../../src/sys/storage.js';
 import type { Rng } from './world.js';

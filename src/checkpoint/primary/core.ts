@@ -12,8 +12,8 @@
 import { ColoError } from '../../errors.js';
 import { mergeRanges, type Range } from '../../failover/activity.js';
 import type { Decision, Generation, SyncMode } from '../../failover/history.js';
-import type { ResyncPlan } from '../../failover/resync.js';
-import type { SyncMark, ToPrimary } from '../messages.js';
+import type { ResyncPlan } from '../../failover/reprotect/resync.js';
+import type { SyncMark, ToPrimary } from '../link/messages.js';
 
 export interface HeartbeatOptions {
   /** How often each side sends a beat when it has nothing else to send. */

@@ -12,7 +12,7 @@
  */
 import { decide, type Decision, type Generation, type SyncMode } from '../../failover/history.js';
 import type { ErrorCode } from '../../errors.js';
-import { LINK_PROTOCOL, type PrimaryHello, type ToPrimary } from '../messages.js';
+import { LINK_PROTOCOL, type PrimaryHello, type ToPrimary } from '../link/messages.js';
 import type { HeartbeatOptions } from '../primary/core.js';
 
 /** What the core reads of the node's durable state. */

@@ -7,10 +7,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, Option } from 'commander';
-import { ColoError, exitCodeOf, toColoError } from '../src/errors.js';
-import { EXPORT_SPEC_HELP } from '../src/cli/exports.js';
-import { recoverCommand } from '../src/cli/recover.js';
-import { serve } from '../src/cli/serve.js';
+import { ColoError, exitCodeOf, toColoError } from '../errors.js';
+import { EXPORT_SPEC_HELP } from './exports.js';
+import { recoverCommand } from './recover.js';
+import { serve } from './serve.js';
 import {
   checkpointCommand,
   failoverCommand,
@@ -19,7 +19,7 @@ import {
   primaryCommand,
   secondaryCommand,
   statusCommand,
-} from '../src/cli/replication.js';
+} from './replication.js';
 
 const collect = (value: string, previous: string[] = []) => [...previous, value];
 
@@ -38,7 +38,7 @@ function run<A extends any[]>(action: (...args: A) => Promise<void>) {
 
 const pkg = JSON.parse(
   fs.readFileSync(
-    path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'package.json'),
+    path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'package.json'),
     'utf8',
   ),
 ) as { version: string };

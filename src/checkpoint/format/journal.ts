@@ -19,9 +19,9 @@
  *   A bad frame followed by more data is corruption in the middle: it is
  *   reported as such and must never be applied.
  */
-import { crashPoint } from '../crash.js';
-import { ColoError, toColoError } from '../errors.js';
-import { readFully, type Storage, type StorageFile } from '../sys/storage.js';
+import { crashPoint } from '../../crash.js';
+import { ColoError, toColoError } from '../../errors.js';
+import { readFully, type Storage, type StorageFile } from '../../sys/storage.js';
 import {
   decodeFrame,
   encodeFrame,

@@ -18,7 +18,7 @@
  */
 import { crc32 } from 'node:zlib';
 import { Packr } from 'msgpackr';
-import { limits } from '../limits.js';
+import { limits } from '../../limits.js';
 
 export const FRAME_MAGIC = 0x43424c46; // "CBLF"
 export const FRAME_HEADER_BYTES = 12;

@@ -1,10 +1,10 @@
 /** Turning a promoted secondary's state directory into a plain one (see finishPromotedStore). */
 import { ColoError } from '../errors.js';
-import type { ActivityLog } from '../failover/activity.js';
-import type { History } from '../failover/history.js';
+import type { ActivityLog } from './activity.js';
+import type { History } from './history.js';
 import type { Clock, Random } from '../sys/clock.js';
-import { SecondaryStore, type StoreImage } from './secondary-store.js';
-import type { MetaIndex, StateDir } from './state-dir.js';
+import { SecondaryStore, type StoreImage } from '../checkpoint/secondary/store.js';
+import type { MetaIndex, StateDir } from '../checkpoint/state-dir.js';
 
 export interface FinishOptions {
   history: History;

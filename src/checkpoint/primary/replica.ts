@@ -13,26 +13,26 @@
  * `checkpoint` runs all three. A failed step fails the checkpoint with the
  * reason; no data is lost: epoch N stays in the log and is resent.
  */
-import { ColoError } from '../errors.js';
-import { GiB, tunables, type Tunables } from '../limits.js';
-import type { BlockDevice } from '../block/device.js';
-import { ActivityLog, mergeRanges, type Range } from '../failover/activity.js';
-import { History, type SyncMode } from '../failover/history.js';
-import { Resync, type ResyncProgress } from '../failover/resync.js';
-import type { Logger } from '../net/server.js';
-import { sleep, type Clock, type TimerHandle } from '../sys/clock.js';
-import type { Env } from '../sys/env.js';
-import { parseHostPort, type Endpoint } from '../util/address.js';
-import type { Route } from './control.js';
-import { inspectJournal } from './inspect.js';
-import { PrimaryLink, type HeartbeatOptions } from './link.js';
-import { resyncPlan, type PeerState } from './primary/core.js';
-import { renderPrometheus, Summary } from './metrics.js';
-import { PrimaryLog } from './primary-log.js';
+import { ColoError } from '../../errors.js';
+import { GiB, tunables, type Tunables } from '../../limits.js';
+import type { BlockDevice } from '../../block/device.js';
+import { ActivityLog, mergeRanges, type Range } from '../../failover/activity.js';
+import { History, type SyncMode } from '../../failover/history.js';
+import { Resync, type ResyncProgress } from '../../failover/reprotect/resync.js';
+import type { Logger } from '../../net/server.js';
+import { sleep, type Clock, type TimerHandle } from '../../sys/clock.js';
+import type { Env } from '../../sys/env.js';
+import { parseHostPort, type Endpoint } from '../../util/address.js';
+import type { Route } from '../control.js';
+import { inspectJournal } from '../format/inspect.js';
+import { PrimaryLink, type HeartbeatOptions } from '../link/primary-link.js';
+import { resyncPlan, type PeerState } from './core.js';
+import { renderPrometheus, Summary } from '../metrics.js';
+import { PrimaryLog } from './log.js';
 import { ReplicatingDevice } from './replicating-device.js';
-import { finishPromotedStore } from './finish-promoted.js';
-import type { StoreImage } from './secondary-store.js';
-import { openMeta, type MetaIndex, type StateDir } from './state-dir.js';
+import { finishPromotedStore } from '../../failover/finish-promoted.js';
+import type { StoreImage } from '../secondary/store.js';
+import { openMeta, type MetaIndex, type StateDir } from '../state-dir.js';
 
 export interface PrimaryReplicaOptions {
   exportName: string;
@@ -59,7 +59,7 @@ export interface PrimaryReplicaOptions {
   logger: Logger;
 }
 
-export type { PeerState } from './primary/core.js';
+export type { PeerState } from './core.js';
 
 export interface CheckpointResult {
   epoch: number;

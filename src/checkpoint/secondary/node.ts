@@ -3,15 +3,15 @@
  * image, serves the SVM's disk over NBD, listens for the primary, serves the
  * control API, and closes everything in order.
  */
-import { FileDevice, type IoMode } from '../block/file.js';
-import type { Tunables } from '../limits.js';
-import { NbdServer, type Logger } from '../net/server.js';
-import { realEnv } from '../sys/env.js';
-import type { Endpoint } from '../util/address.js';
-import { ControlServer } from './control.js';
-import type { HeartbeatOptions } from './link.js';
-import { SecondaryReplica, secondaryRoutes } from './secondary-replica.js';
-import { StateDir } from './state-dir.js';
+import { FileDevice, type IoMode } from '../../block/file.js';
+import type { Tunables } from '../../limits.js';
+import { NbdServer, type Logger } from '../../net/server.js';
+import { realEnv } from '../../sys/env.js';
+import type { Endpoint } from '../../util/address.js';
+import { ControlServer } from '../control.js';
+import type { HeartbeatOptions } from '../primary/core.js';
+import { SecondaryReplica, secondaryRoutes } from './replica.js';
+import { StateDir } from '../state-dir.js';
 
 export interface SecondaryNodeOptions {
   listen: Endpoint;

@@ -5,7 +5,7 @@
 import { crc32 } from 'node:zlib';
 import { ExtentMap } from './extent-map.js';
 import { scanJournal } from './journal.js';
-import { nodeStorage, readFully, type Storage } from '../sys/storage.js';
+import { nodeStorage, readFully, type Storage } from '../../sys/storage.js';
 
 export interface LoggedExtent {
   seq: number;

@@ -7,22 +7,23 @@
  * over NBD and the control API; the simulator runs it on simulated storage,
  * time and network.
  */
-import { ColoError } from '../errors.js';
-import { tunables, type Tunables } from '../limits.js';
-import { SwitchDevice } from '../block/switch.js';
-import { ActivityLog } from '../failover/activity.js';
-import { History } from '../failover/history.js';
-import type { Logger } from '../net/server.js';
-import type { Env } from '../sys/env.js';
-import { parseHostPort } from '../util/address.js';
-import type { Route } from './control.js';
-import { finishPromotedStore } from './finish-promoted.js';
-import { inspectJournal } from './inspect.js';
-import { SecondaryLink, type HeartbeatOptions } from './link.js';
-import { renderPrometheus } from './metrics.js';
-import { PrimaryReplica, primaryRoutes } from './primary-replica.js';
-import { SecondaryStore, type StoreImage } from './secondary-store.js';
-import type { MetaIndex, StateDir } from './state-dir.js';
+import { ColoError } from '../../errors.js';
+import { tunables, type Tunables } from '../../limits.js';
+import { SwitchDevice } from '../../block/switch.js';
+import { ActivityLog } from '../../failover/activity.js';
+import { History } from '../../failover/history.js';
+import type { Logger } from '../../net/server.js';
+import type { Env } from '../../sys/env.js';
+import { parseHostPort } from '../../util/address.js';
+import type { Route } from '../control.js';
+import { finishPromotedStore } from '../../failover/finish-promoted.js';
+import { inspectJournal } from '../format/inspect.js';
+import { SecondaryLink } from '../link/secondary-link.js';
+import type { HeartbeatOptions } from '../primary/core.js';
+import { renderPrometheus } from '../metrics.js';
+import { PrimaryReplica, primaryRoutes } from '../primary/replica.js';
+import { SecondaryStore, type StoreImage } from './store.js';
+import type { MetaIndex, StateDir } from '../state-dir.js';
 
 export interface SecondaryReplicaOptions {
   exportName: string;

@@ -7,10 +7,10 @@
  * or throw EPROTO: the link then drops the connection, and nothing of the
  * frame is acted on. Past this module no code casts a message.
  */
-import { ColoError, isErrorCode, type ErrorCode } from '../errors.js';
-import type { Range } from '../failover/activity.js';
-import type { Decision, Generation, SyncMode } from '../failover/history.js';
-import type { MutationRecord, SealRecord } from './records.js';
+import { ColoError, isErrorCode, type ErrorCode } from '../../errors.js';
+import type { Range } from '../../failover/activity.js';
+import type { Decision, Generation, SyncMode } from '../../failover/history.js';
+import type { MutationRecord, SealRecord } from '../format/records.js';
 
 export const LINK_PROTOCOL = 1;
 

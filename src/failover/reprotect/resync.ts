@@ -22,11 +22,11 @@
  *   every range turned into a compare range: what was already transferred
  *   costs only its hashes.
  */
-import { crashPoint } from '../crash.js';
-import { ColoError } from '../errors.js';
-import { mergeRanges, type Range } from './activity.js';
+import { crashPoint } from '../../crash.js';
+import { ColoError } from '../../errors.js';
+import { mergeRanges, type Range } from '../activity.js';
 import { blockHashes, HASH_BLOCK, HASH_BYTES, HASH_SUBBLOCK, type RangeReader } from './hash.js';
-import type { SyncMode } from './history.js';
+import type { SyncMode } from '../history.js';
 
 export interface ResyncHost {
   size: number;

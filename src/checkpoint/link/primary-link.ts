@@ -1,48 +1,31 @@
 /**
- * The replication link between primary and secondary.
+ * The primary's side of the replication link (the driver of primary/core.ts).
  *
  * Notes on the design:
  * - The primary connects (and reconnects, with backoff) to the secondary.
- *   Both sides speak frames (frame.ts). After a hello exchange in which the
- *   two check that their disks have the same size, the primary streams the
- *   bytes of its epoch journals in order: that byte stream *is* a sequence
- *   of frames, so nothing is re-encoded, and a resend after a reconnect is a
- *   replay of the files from the oldest epoch the secondary has not yet made
- *   durable. The secondary drops records it already holds (by sequence).
+ *   Both sides speak frames (format/frame.ts). After a hello exchange in
+ *   which the two check that their disks have the same size, the primary
+ *   streams the bytes of its epoch journals in order: that byte stream *is* a
+ *   sequence of frames, so nothing is re-encoded, and a resend after a
+ *   reconnect is a replay of the files from the oldest epoch the secondary
+ *   has not yet made durable. The secondary drops records it already holds
+ *   (by sequence).
  * - Live fast path: when the sender has caught up, a new record's frame goes
  *   straight to the socket as it is appended; otherwise the sender reads the
  *   journals from disk at its own pace (socket backpressure via 'drain'), so
  *   memory stays bounded however far behind the secondary is.
- * - The secondary handles frames strictly in order; a seal makes the epoch
- *   durable before 'durable' is answered, a commit answers 'committed' after
- *   the commit record is durable. Every failure is answered with an 'error'
- *   frame naming the epoch, never swallowed (invariant 6).
+ * - Every decision (when to connect, beats and loss, what a hello or an
+ *   error means, waits and their timeouts) is the core's.
  */
 import { EventEmitter } from 'node:events';
-import { ColoError, toColoError, type ErrorCode } from '../errors.js';
-import { defaultTunables } from '../limits.js';
-import { ByteQueue } from '../net/bytequeue.js';
-import { decodeFrame, encodeFrameBuffer, FRAME_HEADER_BYTES, FrameError, peekFrameBytes } from './frame.js';
-import type { JournalWriter } from './journal.js';
-import type { PrimaryLog } from './primary-log.js';
-import { isMutation } from './records.js';
-import type { SecondaryStore } from './secondary-store.js';
-import {
-  LINK_PROTOCOL,
-  parseToPrimary,
-  parseToSecondary,
-  type CommittedReply,
-  type CommitRequest,
-  type DurableReply,
-  type HashRequest,
-  type PrimaryHello,
-  type SyncMark,
-  type ToPrimary,
-  type ToSecondary,
-} from './messages.js';
-import type { Decision, Generation } from '../failover/history.js';
-import { realClock, type Clock, type TimerHandle } from '../sys/clock.js';
-import { SecondaryCore, type SecondaryAction, type SecondaryEvent } from './secondary/core.js';
+import { ColoError } from '../../errors.js';
+import type { Generation } from '../../failover/history.js';
+import { defaultTunables } from '../../limits.js';
+import { realClock, type Clock, type TimerHandle } from '../../sys/clock.js';
+import { tcpNet, type Conn, type Net } from '../../sys/net.js';
+import { FRAME_HEADER_BYTES, peekFrameBytes } from '../format/frame.js';
+import type { JournalWriter } from '../format/journal.js';
+import type { PrimaryLog } from '../primary/log.js';
 import {
   DEFAULT_HEARTBEAT,
   PrimaryCore,
@@ -51,82 +34,29 @@ import {
   type PeerHello,
   type PrimaryAction,
   type PrimaryEvent,
-} from './primary/core.js';
-import { tcpNet, type Conn, type Listener, type Net } from '../sys/net.js';
+} from '../primary/core.js';
+import {
+  LINK_PROTOCOL,
+  parseToPrimary,
+  type CommittedReply,
+  type CommitRequest,
+  type DurableReply,
+  type HashRequest,
+  type SyncMark,
+  type ToPrimary,
+} from './messages.js';
+import { FrameReader, send } from './transport.js';
 
 export { LINK_PROTOCOL } from './messages.js';
+export { DEFAULT_HEARTBEAT, type HeartbeatOptions } from '../primary/core.js';
 
-export { DEFAULT_HEARTBEAT, type HeartbeatOptions } from './primary/core.js';
-
+/** The sender reads whole frames of the journals in chunks of at most this (at least one frame). */
 const READ_CHUNK = 1024 * 1024;
-
-/**
- * Parses frames from a socket, validates each message (`parse`: the link's
- * edge, messages.ts) and hands them, in order, to an async handler.
- */
-class FrameReader<M> {
-  private readonly queue = new ByteQueue();
-  private busy = false;
-  private stopped = false;
-
-  /** Handling a frame (the socket is paused meanwhile). */
-  get working(): boolean {
-    return this.busy;
-  }
-
-  constructor(
-    private readonly socket: Conn,
-    private readonly parse: (meta: unknown) => M,
-    private readonly handle: (msg: M, frame: Buffer, data: Buffer) => void | Promise<void>,
-    private readonly fail: (err: Error) => void,
-    /** Called when handling a frame starts and ends waiting (the socket is paused meanwhile). */
-    private readonly onBusy: (busy: boolean) => void = () => {},
-  ) {
-    socket.on('data', (chunk: Buffer) => {
-      this.queue.push(chunk);
-      void this.pump();
-    });
-  }
-
-  stop(): void {
-    this.stopped = true;
-  }
-
-  private async pump(): Promise<void> {
-    if (this.busy) return;
-    this.busy = true;
-    try {
-      while (!this.stopped && this.queue.length >= FRAME_HEADER_BYTES) {
-        const total = peekFrameBytes(this.queue.peek(FRAME_HEADER_BYTES))!;
-        if (this.queue.length < total) break;
-        const frame = this.queue.take(total);
-        const f = decodeFrame<unknown>(frame)!;
-        const r = this.handle(this.parse(f.meta), frame, f.data);
-        if (r) {
-          this.socket.pause();
-          this.onBusy(true);
-          await r;
-          this.onBusy(false);
-          this.socket.resume();
-        }
-      }
-    } catch (err) {
-      this.stopped = true;
-      this.fail(err as Error);
-    } finally {
-      this.busy = false;
-    }
-  }
-}
-
-function send(socket: Conn, meta: object): void {
-  if (!socket.destroyed) socket.write(encodeFrameBuffer(meta));
-}
 
 // -----------------------------------------------------------------------------
 // Primary side: the driver of primary/core.ts
 
-export type { LinkState, PeerHello, PeerState } from './primary/core.js';
+export type { LinkState, PeerHello, PeerState } from '../primary/core.js';
 
 export interface PrimaryLinkOptions {
   clock?: Clock;
@@ -616,330 +546,5 @@ export class PrimaryLink extends EventEmitter {
     this.timer?.clear();
     this.timer = null;
     this.socket?.destroy();
-  }
-}
-
-// -----------------------------------------------------------------------------
-// Secondary side: the driver of secondary/core.ts
-
-export interface SecondaryLinkOptions {
-  clock?: Clock;
-  net?: Net;
-  heartbeat?: HeartbeatOptions;
-  failover?: 'auto' | 'manual';
-  failoverGraceMs?: number;
-  log?: (msg: string, level?: 'info' | 'warn') => void;
-}
-
-/**
- * The secondary's side of the link: the listener, the sockets and the frames.
- * Data frames (records, seals, commits, hash requests) go to the store in
- * stream order, and each answer is sent only once the store has made it true
- * (durable, committed); every other decision is the core's
- * (secondary/core.ts). Events: 'primary-lost', 'primary-connected', and
- * 'promote' (the core's automatic failover).
- */
-export class SecondaryLink extends EventEmitter {
-  readonly core: SecondaryCore;
-  private server: Listener | null = null;
-  private sockets = new Map<number, { socket: Conn; reader: FrameReader<ToSecondary> }>();
-  private nextConn = 1;
-  bytesReceived = 0;
-  records = 0;
-  duplicates = 0;
-  private timer: TimerHandle | null = null;
-  private timerAt = Infinity;
-
-  private readonly clock: Clock;
-  private readonly net: Net;
-
-  constructor(
-    private readonly store: SecondaryStore,
-    private readonly opts: SecondaryLinkOptions = {},
-  ) {
-    super();
-    this.clock = opts.clock ?? realClock;
-    this.net = opts.net ?? tcpNet;
-    this.core = new SecondaryCore(
-      {
-        heartbeat: opts.heartbeat ?? DEFAULT_HEARTBEAT,
-        failover: opts.failover ?? 'manual',
-        failoverGraceMs: opts.failoverGraceMs ?? 1000,
-      },
-      {
-        size: store.size,
-        history: () => store.history?.generations ?? [],
-        syncing: () => store.syncing,
-        promoted: () => store.promoted,
-      },
-    );
-  }
-
-  // The core's state, for status.
-  get connected(): boolean {
-    return this.core.connected;
-  }
-  get connectedSince(): number | null {
-    return this.core.connectedSince === null ? null : this.wall(this.core.connectedSince);
-  }
-  get lastError(): string | null {
-    return this.core.lastError;
-  }
-  get peer(): string | null {
-    return this.core.peer;
-  }
-  get primaryLost(): { at: number; reason: string } | null {
-    const l = this.core.primaryLost;
-    return l && { at: this.wall(l.at), reason: l.reason };
-  }
-  get refusal(): { at: number; code: string; message: string } | null {
-    const r = this.core.refusal;
-    return r && { ...r, at: this.wall(r.at) };
-  }
-  get decision(): Decision | null {
-    return this.core.decision;
-  }
-
-  private wall(mono: number): number {
-    return this.clock.now() - (this.clock.mono() - mono);
-  }
-
-  private log(msg: string, level: 'info' | 'warn' = 'info'): void {
-    this.opts.log?.(msg, level);
-  }
-
-  async listen(port: number, host: string): Promise<Listener> {
-    this.server = await this.net.listen(host, port, (s) => this.accept(s));
-    return this.server;
-  }
-
-  private dispatch(ev: SecondaryEvent): Promise<void> | void {
-    let work: Promise<void> | void = undefined;
-    for (const a of this.core.step(ev)) {
-      const r = this.apply(a);
-      if (r) work = r;
-    }
-    this.arm();
-    return work;
-  }
-
-  private arm(): void {
-    const at = this.core.nextDeadline();
-    if (at === null) {
-      this.timer?.clear();
-      this.timer = null;
-      this.timerAt = Infinity;
-      return;
-    }
-    if (this.timer && at >= this.timerAt) return;
-    this.timer?.clear();
-    this.timerAt = at;
-    this.timer = this.clock.setTimeout(
-      () => {
-        this.timer = null;
-        this.timerAt = Infinity;
-        this.dispatch({ t: 'tick', now: this.clock.mono() });
-      },
-      Math.max(0, at - this.clock.mono()),
-    );
-  }
-
-  private apply(a: SecondaryAction): Promise<void> | void {
-    const s = 'conn' in a ? this.sockets.get(a.conn) : undefined;
-    switch (a.t) {
-      case 'send':
-        if (s) send(s.socket, a.msg);
-        return;
-      case 'close':
-        if (!s) return;
-        s.reader.stop();
-        if (a.graceful) {
-          // Let what was sent (an error) reach the primary before the end of the stream:
-          // a destroy with unread data would reset the connection and could lose it.
-          s.socket.end();
-          this.clock.setTimeout(() => s.socket.destroy(), 2000, { unref: true });
-        } else s.socket.destroy();
-        return;
-      case 'startSession':
-        return this.startSession(a.conn, a.hello, a.decision);
-      case 'welcome': {
-        if (!s) return;
-        const durable = Math.max(
-          this.store.lastCommitted,
-          ...this.store
-            .pendingEpochs()
-            .filter((e) => e.state !== 'receiving' && e.state !== 'sealed')
-            .map((e) => e.epoch),
-        );
-        send(s.socket, {
-          t: 'hello',
-          proto: LINK_PROTOCOL,
-          size: this.store.size,
-          seq: this.store.highestSeq,
-          durable,
-          committed: this.store.lastCommitted,
-          history: [...(this.store.history?.generations ?? [])],
-          decision: a.decision,
-          hot: a.decision.action === 'resync' ? (this.store.activity?.hotRanges() ?? []) : [],
-        });
-        return;
-      }
-      case 'promote':
-        this.emit('promote', a.reason);
-        return;
-      case 'primaryLost':
-        this.emit('primary-lost', { at: this.wall(a.at), reason: a.reason });
-        return;
-      case 'primaryConnected':
-        this.emit('primary-connected');
-        return;
-      case 'log':
-        this.log(a.msg, a.level);
-        return;
-    }
-  }
-
-  /** The store starts the primary's session (a rollback and rebase first for a resync). */
-  private async startSession(conn: number, hello: PrimaryHello, decision: Decision): Promise<void> {
-    let error: { code: ErrorCode; message: string } | null = null;
-    try {
-      if (decision.action === 'resync') await this.store.startResync(hello.epoch);
-      this.store.startSession(hello.session, hello.epoch);
-    } catch (err) {
-      const e = toColoError(err);
-      error = { code: e.code, message: e.message };
-    }
-    this.dispatch({ t: 'sessionStarted', now: this.clock.mono(), conn, error });
-  }
-
-  private accept(socket: Conn): void {
-    const conn = this.nextConn++;
-    const now = () => this.clock.mono();
-    socket.on('data', (d: Buffer) => {
-      this.bytesReceived += d.length;
-      this.core.step({ t: 'rx', now: now(), conn });
-    });
-    const reader = new FrameReader<ToSecondary>(
-      socket,
-      parseToSecondary,
-      (msg, frame, data) => {
-        if (msg.t === 'hello') return this.dispatch({ t: 'hello', now: now(), conn, msg });
-        if (msg.t === 'beat') return;
-        if (!this.core.accepting(conn)) {
-          this.dispatch({
-            t: 'badFrame',
-            now: now(),
-            conn,
-            code: 'EPROTO',
-            error: `a '${msg.t}' frame before the handshake`,
-          });
-          return;
-        }
-        return this.onData(conn, socket, msg, frame, data);
-      },
-      (err) => {
-        const message =
-          err instanceof FrameError ? `bad frame from the primary: ${err.message}` : err.message;
-        const code = toColoError(err).code;
-        this.dispatch({
-          t: 'badFrame',
-          now: now(),
-          conn,
-          code: code === 'EIO' ? 'EPROTO' : code,
-          error: message,
-        });
-      },
-      (busy) => this.core.step({ t: 'busy', conn, busy }),
-    );
-    this.sockets.set(conn, { socket, reader });
-    let error: string | null = null;
-    socket.on('error', (err) => (error = err.message));
-    socket.on('close', () => {
-      reader.stop();
-      this.sockets.delete(conn);
-      this.dispatch({ t: 'closed', now: now(), conn, error });
-    });
-    this.dispatch({ t: 'accepted', now: now(), conn, peer: `${socket.remoteAddress}:${socket.remotePort}` });
-  }
-
-  /** A frame of the stream: stored in order; the answer goes out only once it is true. */
-  private onData(
-    conn: number,
-    socket: Conn,
-    meta: Exclude<ToSecondary, PrimaryHello | { t: 'beat' }>,
-    frame: Buffer,
-    data: Buffer,
-  ): void | Promise<void> {
-    const drop = () => this.apply({ t: 'close', conn, reason: 'store error', graceful: true });
-    if (isMutation(meta)) {
-      try {
-        if (this.store.receive(meta, frame, data.length)) this.records++;
-        else this.duplicates++;
-      } catch (err) {
-        const e = toColoError(err);
-        this.log(`could not store a record of epoch ${meta.e}: ${e.message}`);
-        send(socket, { t: 'error', code: e.code, message: e.message, e: meta.e });
-        // A record we could not store makes the rest of the epoch useless: drop the link,
-        // the primary will resend from its journal once the cause is fixed.
-        drop();
-      }
-      return;
-    }
-    if (meta.t === 'seal')
-      // A seal that fails leaves the epoch to be resent whole (the store rewound it): drop the link.
-      return this.reply(socket, meta, () => this.store.seal(meta), 'durable', drop);
-    if (meta.t === 'commit')
-      return this.reply(socket, meta, () => this.store.commit(meta.e, meta.sync), 'committed');
-    return this.hashes(socket, meta);
-  }
-
-  /** Hashes of the PVM's disk as held here, at this point of the stream (frames are handled in order). */
-  private async hashes(socket: Conn, meta: HashRequest): Promise<void> {
-    try {
-      const h = await this.store.pvmHashes(meta.o, meta.l, meta.bs);
-      if (!socket.destroyed) socket.write(encodeFrameBuffer({ t: 'hash', id: meta.id }, h));
-    } catch (err) {
-      const e = toColoError(err);
-      send(socket, { t: 'error', code: e.code, message: `hashing ${meta.o}+${meta.l}: ${e.message}` });
-      socket.destroy();
-    }
-  }
-
-  private async reply(
-    socket: Conn,
-    meta: { t: string; e: number },
-    run: () => Promise<object>,
-    t: string,
-    onError?: () => void,
-  ): Promise<void> {
-    const started = this.clock.mono();
-    try {
-      const result = await run();
-      const ms = this.clock.mono() - started;
-      send(socket, { ...result, t, e: meta.e, ms });
-    } catch (err) {
-      const e = toColoError(err);
-      this.log(`${meta.t} of epoch ${meta.e} failed: ${e.message}`);
-      send(socket, { t: 'error', code: e.code, message: e.message, e: meta.e });
-      onError?.();
-    }
-  }
-
-  /** Drop the primary's connection (after a promotion it gets refused on reconnect). */
-  dropPrimary(): void {
-    for (const { socket } of this.sockets.values()) socket.destroy();
-  }
-
-  /** An operator's failover is running: the core's own timer must not race it. */
-  cancelFailover(): void {
-    this.dispatch({ t: 'cancelFailover', now: this.clock.mono() });
-  }
-
-  async close(): Promise<void> {
-    this.dispatch({ t: 'close', now: this.clock.mono() });
-    this.timer?.clear();
-    this.timer = null;
-    for (const { socket } of this.sockets.values()) socket.destroy();
-    await this.server?.close();
   }
 }

@@ -7,8 +7,8 @@
  * through it, which exercises server and client end to end).
  */
 import { ColoError } from '../errors.js';
-import { NbdClient, NbdRequestError, type ConnectOptions } from '../net/client.js';
-import { StateFlag, TxFlag } from '../net/protocol.js';
+import { NbdClient, NbdRequestError, type ConnectOptions } from './client.js';
+import { StateFlag, TxFlag } from './protocol.js';
 import {
   assertRange,
   ExtentFlag,
@@ -17,7 +17,7 @@ import {
   type Extent,
   type WriteOptions,
   type ZeroOptions,
-} from './device.js';
+} from '../block/device.js';
 
 function mapError(err: unknown): never {
   if (err instanceof NbdRequestError)

@@ -26,21 +26,21 @@
  * - The SVM view (svmDevice) reads overlay > committed epochs > image and
  *   writes only to the overlay; its FLUSH/FUA make the overlay durable.
  */
-import { ColoError, internal } from '../errors.js';
-import { defaultTunables, limits } from '../limits.js';
-import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../block/device.js';
-import { assertRange, coalesceExtents } from '../block/device.js';
-import { realClock, realRandom, type Clock, type Random } from '../sys/clock.js';
-import { crashPoint } from '../crash.js';
-import type { ActivityLog } from '../failover/activity.js';
-import { blockHashes } from '../failover/hash.js';
-import type { Generation, History, SyncMode } from '../failover/history.js';
-import { JournalWriter, scanJournal } from './journal.js';
-import type { Storage } from '../sys/storage.js';
-import { Layer } from './layers.js';
-import { openMeta, StateDir, type MetaIndex, type MetaOp } from './state-dir.js';
-import type { SyncMark } from './messages.js';
-import type { MutationRecord, SealRecord } from './records.js';
+import { ColoError, internal } from '../../errors.js';
+import { defaultTunables, limits } from '../../limits.js';
+import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../../block/device.js';
+import { assertRange, coalesceExtents } from '../../block/device.js';
+import { realClock, realRandom, type Clock, type Random } from '../../sys/clock.js';
+import { crashPoint } from '../../crash.js';
+import type { ActivityLog } from '../../failover/activity.js';
+import { blockHashes } from '../../failover/reprotect/hash.js';
+import type { Generation, History, SyncMode } from '../../failover/history.js';
+import { JournalWriter, scanJournal } from '../format/journal.js';
+import type { Storage } from '../../sys/storage.js';
+import { Layer } from '../format/layers.js';
+import { openMeta, StateDir, type MetaIndex, type MetaOp } from '../state-dir.js';
+import type { SyncMark } from '../link/messages.js';
+import type { MutationRecord, SealRecord } from '../format/records.js';
 
 export type EpochState = 'receiving' | 'sealed' | 'durable' | 'committed';
 
@@ -78,7 +78,7 @@ type CommitsRecord =
  * makes this node inconsistent (its image is part old, part new: never
  * promotable), 'done' makes it consistent again with the primary's history.
  */
-export type { SyncMark } from './messages.js';
+export type { SyncMark } from '../link/messages.js';
 
 export interface RecoveryReport {
   tornTails: { file: string; offset: number; reason: string }[];

@@ -19,11 +19,11 @@
  *   sync (a resync is then required; checkpoints fail until it is done).
  */
 import path from 'node:path';
-import { internal } from '../errors.js';
-import { realRandom, type Random } from '../sys/clock.js';
-import type { Storage } from '../sys/storage.js';
-import { JournalWriter } from './journal.js';
-import type { MutationRecord, SealRecord } from './records.js';
+import { internal } from '../../errors.js';
+import { realRandom, type Random } from '../../sys/clock.js';
+import type { Storage } from '../../sys/storage.js';
+import { JournalWriter } from '../format/journal.js';
+import type { MutationRecord, SealRecord } from '../format/records.js';
 
 export interface LogEpoch {
   epoch: number;

@@ -14,7 +14,7 @@
 import { ExtentMap, type Segment } from './extent-map.js';
 import { JournalWriter, scanJournal, type ScanResult } from './journal.js';
 import { isMutation, mutationLength, type MutationRecord } from './records.js';
-import type { Storage } from '../sys/storage.js';
+import type { Storage } from '../../sys/storage.js';
 
 export class Layer {
   readonly index = new ExtentMap();

@@ -18,7 +18,7 @@
  * - `seal()` closes the gate for new mutations, waits until the in-flight ones
  *   are logged, writes the seal marker and opens epoch N+1.
  */
-import { ColoError } from '../errors.js';
+import { ColoError } from '../../errors.js';
 import {
   assertRange,
   type BlockDevice,
@@ -26,13 +26,13 @@ import {
   type Extent,
   type WriteOptions,
   type ZeroOptions,
-} from '../block/device.js';
-import { crashPoint } from '../crash.js';
-import { limits } from '../limits.js';
-import { realClock, type Clock, type TimerHandle } from '../sys/clock.js';
-import type { ActivityLog } from '../failover/activity.js';
-import type { PrimaryLog } from './primary-log.js';
-import type { SealRecord } from './records.js';
+} from '../../block/device.js';
+import { crashPoint } from '../../crash.js';
+import { limits } from '../../limits.js';
+import { realClock, type Clock, type TimerHandle } from '../../sys/clock.js';
+import type { ActivityLog } from '../../failover/activity.js';
+import type { PrimaryLog } from './log.js';
+import type { SealRecord } from '../format/records.js';
 
 interface Inflight {
   start: number;

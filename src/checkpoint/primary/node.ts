@@ -3,18 +3,18 @@
  * image, serves the PVM's disk over NBD and the control API, and closes
  * everything in order.
  */
-import { FileDevice, type IoMode } from '../block/file.js';
-import type { Tunables } from '../limits.js';
-import { NbdServer, type Logger } from '../net/server.js';
-import { realEnv } from '../sys/env.js';
-import type { Endpoint } from '../util/address.js';
-import { ControlServer } from './control.js';
-import type { HeartbeatOptions } from './link.js';
-import { PrimaryReplica, primaryRoutes } from './primary-replica.js';
-import { StateDir } from './state-dir.js';
+import { FileDevice, type IoMode } from '../../block/file.js';
+import type { Tunables } from '../../limits.js';
+import { NbdServer, type Logger } from '../../net/server.js';
+import { realEnv } from '../../sys/env.js';
+import type { Endpoint } from '../../util/address.js';
+import { ControlServer } from '../control.js';
+import type { HeartbeatOptions } from './core.js';
+import { PrimaryReplica, primaryRoutes } from './replica.js';
+import { StateDir } from '../state-dir.js';
 
-export type { Endpoint } from '../util/address.js';
-export type { CheckpointResult, PeerState } from './primary-replica.js';
+export type { Endpoint } from '../../util/address.js';
+export type { CheckpointResult, PeerState } from './replica.js';
 
 export interface PrimaryNodeOptions {
   listen: Endpoint;
