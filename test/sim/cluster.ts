@@ -8,7 +8,7 @@
 import type { BlockDevice } from '../../src/block/device.js';
 import { PrimaryReplica } from '../../src/checkpoint/primary/replica.js';
 import { SecondaryReplica } from '../../src/checkpoint/secondary/replica.js';
-import { readLayers } from '../../src/checkpoint/secondary/store.js';
+import { readLayers } from '../../src/checkpoint/secondary/svm-view.js';
 import { StateDir } from '../../src/checkpoint/state-dir.js';
 import type { Tunables } from '../../src/limits.js';
 import type { Env } from '../../src/sys/env.js';

@@ -27,15 +27,18 @@
  *   writes only to the overlay; its FLUSH/FUA make the overlay durable.
  */
 import { ColoError, internal } from '../../errors.js';
-import { defaultTunables, limits } from '../../limits.js';
-import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../../block/device.js';
-import { assertRange, coalesceExtents } from '../../block/device.js';
+import { defaultTunables } from '../../limits.js';
+import type { BlockDevice } from '../../block/device.js';
+import { assertRange } from '../../block/device.js';
 import { realClock, realRandom, type Clock, type Random } from '../../sys/clock.js';
 import { crashPoint } from '../../crash.js';
 import type { ActivityLog } from '../../failover/activity.js';
 import { blockHashes } from '../../failover/reprotect/hash.js';
-import type { Generation, History, SyncMode } from '../../failover/history.js';
-import { JournalWriter, scanJournal } from '../format/journal.js';
+import { readLayers, SvmDevice } from './svm-view.js';
+import type { History, SyncMode } from '../../failover/history.js';
+import { Applier, type ApplyJob } from './applier.js';
+import { CommitJournal } from './commit-journal.js';
+import { epochKey, IndexMirror } from './index-mirror.js';
 import type { Storage } from '../../sys/storage.js';
 import { Layer } from '../format/layers.js';
 import { openMeta, StateDir, type MetaIndex, type MetaOp } from '../state-dir.js';
@@ -61,17 +64,6 @@ interface EpochEntry {
   /** Sequence number of the first record received for this epoch. */
   firstSeq?: number;
 }
-
-const pad = (n: number) => String(n).padStart(12, '0');
-const epochKey = (n: number) => `epoch!${pad(n)}`;
-
-/** Records of commits.journal: the durable history of this node. */
-type CommitsRecord =
-  | { t: 'commit'; e: number; overlay: number; at: number; sync?: SyncMark }
-  | { t: 'promote'; gen: number; id?: string; at: number; reason: string; committed: number }
-  | { t: 'fold'; overlay: number; next: number; at: number }
-  /** A resync starts: epoch numbering restarts below the primary's first epoch. */
-  | { t: 'rebase'; e: number; at: number };
 
 /**
  * Commits of a resynchronisation carry a SyncMark (messages.ts): 'partial'
@@ -122,7 +114,7 @@ export class SecondaryStore {
   /** Highest sequence number held from the current primary session. */
   highestSeq = 0;
   session: string | null = null;
-  private commits!: JournalWriter;
+  private commits!: CommitJournal;
   /** Generation of this node's history; a promotion mints the next one. */
   generation = 1;
   /** Set once this node was promoted to primary (failover). */
@@ -141,12 +133,10 @@ export class SecondaryStore {
     reapplied: [],
     droppedOverlays: [],
   };
-  private applying: Promise<void> | null = null;
-  /** Index updates, in order. */
-  private indexWrites: Promise<void> = Promise.resolve();
-  private applyError: Error | null = null;
   private closed = false;
   readonly svmDevice: SvmDevice;
+  private readonly applier: Applier;
+  private readonly index: IndexMirror;
 
   private readonly storage: Storage;
   private readonly clock: Clock;
@@ -160,6 +150,12 @@ export class SecondaryStore {
     this.storage = state.storage;
     this.clock = opts.clock ?? realClock;
     this.svmDevice = new SvmDevice(this);
+    this.index = new IndexMirror(db, (m) => this.log(m));
+    this.applier = new Applier(image, {
+      next: () => this.nextApply(),
+      onError: (err) => opts.onApplyError?.(err),
+      onProgress: opts.onApplyProgress,
+    });
   }
 
   get dir(): string {
@@ -187,9 +183,8 @@ export class SecondaryStore {
     this.opts.log?.(msg);
   }
 
-  private async getJson<T>(key: string): Promise<T | undefined> {
-    const v = await this.db.get(key);
-    return v === undefined ? undefined : (JSON.parse(v) as T);
+  private getJson<T>(key: string): Promise<T | undefined> {
+    return this.index.get<T>(key);
   }
 
   private refuseCorrupt(file: string, offset: number, reason: string): never {
@@ -212,44 +207,23 @@ export class SecondaryStore {
         'EUSAGE',
         `state directory ${this.dir} belongs to a ${size}-byte disk, but the image is ${this.image.size} bytes`,
       );
-    // Commit records.
+    // Commit records: the truth.
     const commitsPath = this.state.commits;
-    const foldedIds: number[] = [];
-    let commitsEnd = 0;
-    const found: { adopted: Generation[] | null; promote: Extract<CommitsRecord, { t: 'promote' }> | null } =
-      {
-        adopted: null,
-        promote: null,
-      };
-    if (this.storage.exists(commitsPath)) {
-      const scan = scanJournal<CommitsRecord>(this.storage, commitsPath, (r) => {
-        const m = r.meta;
-        if (m.t === 'commit') {
-          this.lastCommitted = m.e;
-          this.overlayId = Math.max(this.overlayId, m.overlay);
-          if (m.sync?.state === 'partial')
-            this.syncing ??= { target: m.sync.target, mode: m.sync.mode, since: m.at };
-          if (m.sync?.state === 'done') {
-            this.syncing = null;
-            found.adopted = m.sync.history ?? null;
-          }
-        } else if (m.t === 'rebase') {
-          this.lastCommitted = m.e;
-        } else if (m.t === 'promote') {
-          this.generation = m.gen;
-          this.promoted = { generation: m.gen, at: m.at, reason: m.reason };
-          found.promote = m;
-        } else if (m.t === 'fold') {
-          foldedIds.push(m.overlay);
-          this.overlayId = Math.max(this.overlayId, m.next);
-        }
-      });
-      if (scan.corruption) this.refuseCorrupt(commitsPath, scan.corruption.offset, scan.corruption.reason);
-      if (scan.tornTail) this.recovery.tornTails.push({ file: commitsPath, ...scan.tornTail });
-      commitsEnd = scan.validEnd;
+    const { journal, state: found, scan } = CommitJournal.open(this.storage, commitsPath);
+    this.commits = journal;
+    if (scan?.corruption) {
+      journal.close();
+      this.refuseCorrupt(commitsPath, scan.corruption.offset, scan.corruption.reason);
     }
-    this.overlayId = Math.max(this.overlayId, 1);
-    this.commits = JournalWriter.open(this.storage, commitsPath, commitsEnd);
+    if (scan?.tornTail) this.recovery.tornTails.push({ file: commitsPath, ...scan.tornTail });
+    this.lastCommitted = found.lastCommitted;
+    this.overlayId = found.overlayId;
+    this.syncing = found.syncing;
+    if (found.promote) {
+      this.generation = found.promote.gen;
+      this.promoted = { generation: found.promote.gen, at: found.promote.at, reason: found.promote.reason };
+    }
+    const foldedIds = found.foldedIds;
     this.lastApplied = Math.min((await this.getJson<number>('applied')) ?? 0, this.lastCommitted);
     // history.json follows the commit journal: finish what a crash interrupted.
     const history = this.opts.history;
@@ -351,27 +325,19 @@ export class SecondaryStore {
    * failure is logged; the next start rebuilds the index.
    */
   private updateIndex(ops: MetaOp[]): void {
-    this.indexWrites = this.indexWrites
-      .then(() => this.db.batch(ops))
-      .catch((err: Error) =>
-        this.log(`metadata index update failed (rebuilt on the next start): ${err.message}`),
-      );
+    this.index.update(ops);
   }
 
   /** Write the LevelDB index from the in-memory state (derived from the journals). */
-  private async rewriteIndex(): Promise<void> {
-    const ops: MetaOp[] = [];
-    for await (const key of this.db.keys({ gte: 'epoch!', lt: 'epoch"' })) ops.push({ type: 'del', key });
-    ops.push(
-      { type: 'put', key: 'size', value: String(this.image.size) },
-      { type: 'put', key: 'committed', value: String(this.lastCommitted) },
-      { type: 'put', key: 'applied', value: String(this.lastApplied) },
-      { type: 'put', key: 'overlay', value: String(this.overlayId) },
-      { type: 'put', key: 'generation', value: String(this.generation) },
-    );
-    for (const e of this.epochs.values())
-      ops.push({ type: 'put', key: epochKey(e.epoch), value: JSON.stringify(this.epochMeta(e)) });
-    await this.db.batch(ops, { sync: true });
+  private rewriteIndex(): Promise<void> {
+    return this.index.rewrite({
+      size: this.image.size,
+      committed: this.lastCommitted,
+      applied: this.lastApplied,
+      overlay: this.overlayId,
+      generation: this.generation,
+      epochs: [...this.epochs.values()].map((e) => ({ epoch: e.epoch, meta: this.epochMeta(e) })),
+    });
   }
 
   private overlayPath(id: number): string {
@@ -384,6 +350,34 @@ export class SecondaryStore {
 
   // ---------------------------------------------------------------------------
   // The PVM's stream
+
+  /**
+   * The one place PVM epochs are dropped: every epoch not yet durable
+   * ('keep-durable': a new session of the primary, or a failed append or seal
+   * that the primary will resend), or every epoch not yet committed
+   * ('keep-committed': a resync's rollback, a promotion). The journals go now
+   * (a resend recreates the same paths), or in the background ('later').
+   * Returns the epochs dropped and the first sequence number they held.
+   */
+  private dropEpochs(
+    keep: 'keep-durable' | 'keep-committed',
+    remove: 'now' | 'later' = 'now',
+  ): { dropped: number[]; firstSeq: number } {
+    const dropped: number[] = [];
+    let firstSeq = Infinity;
+    for (const e of [...this.epochs.values()]) {
+      if (e.state === 'committed' || (keep === 'keep-durable' && e.state === 'durable')) continue;
+      firstSeq = Math.min(firstSeq, e.firstSeq ?? Infinity);
+      if (remove === 'later') e.layer.destroy();
+      else {
+        e.layer.close();
+        this.storage.remove(e.layer.path);
+      }
+      this.epochs.delete(e.epoch);
+      dropped.push(e.epoch);
+    }
+    return { dropped, firstSeq };
+  }
 
   /** Highest epoch this node holds durably (or has committed). */
   get durableEpoch(): number {
@@ -407,15 +401,7 @@ export class SecondaryStore {
           `the primary's state is older than this node's (a stale primary, or another primary's secondary)`,
       );
     if (session === this.session) return { dropped: [] };
-    const dropped: number[] = [];
-    for (const e of [...this.epochs.values()])
-      if (e.state === 'receiving' || e.state === 'sealed') {
-        // Deleted now, not in the background: the new session recreates the same path.
-        e.layer.close();
-        this.storage.remove(e.layer.path);
-        this.epochs.delete(e.epoch);
-        dropped.push(e.epoch);
-      }
+    const { dropped } = this.dropEpochs('keep-durable');
     this.session = session;
     this.highestSeq = 0;
     return { dropped };
@@ -471,17 +457,8 @@ export class SecondaryStore {
    * them: the primary's resend after a reconnect then brings them again.
    */
   rewind(): number[] {
-    const dropped: number[] = [];
-    let first = Infinity;
-    for (const e of [...this.epochs.values()])
-      if (e.state === 'receiving' || e.state === 'sealed') {
-        first = Math.min(first, e.firstSeq ?? Infinity);
-        e.layer.close();
-        this.storage.remove(e.layer.path);
-        this.epochs.delete(e.epoch);
-        dropped.push(e.epoch);
-      }
-    if (first !== Infinity) this.highestSeq = Math.min(this.highestSeq, first - 1);
+    const { dropped, firstSeq } = this.dropEpochs('keep-durable');
+    if (firstSeq !== Infinity) this.highestSeq = Math.min(this.highestSeq, firstSeq - 1);
     if (dropped.length)
       this.log(`dropped epoch ${dropped.join(', ')} (not durable); waiting for the primary to resend`);
     return dropped;
@@ -563,8 +540,7 @@ export class SecondaryStore {
         value: JSON.stringify({ ...this.epochMeta(e), state: 'committed', committedAt: now }),
       });
     crashPoint('secondary-before-commit-record');
-    this.commits.append({ t: 'commit', e: n, overlay: nextOverlay, at: now, sync });
-    await this.commits.sync();
+    await this.commits.record({ t: 'commit', e: n, overlay: nextOverlay, at: now, sync });
     crashPoint('secondary-after-commit-record');
     if (sync?.state === 'partial') {
       this.syncing ??= { target: sync.target, mode: sync.mode, since: now };
@@ -588,8 +564,7 @@ export class SecondaryStore {
 
   /** A 'done' mark for an epoch already committed (a resync that sent nothing more). */
   private async finishSync(n: number, sync: SyncMark): Promise<void> {
-    this.commits.append({ t: 'commit', e: n, overlay: this.overlayId, at: this.clock.now(), sync });
-    await this.commits.sync();
+    await this.commits.record({ t: 'commit', e: n, overlay: this.overlayId, at: this.clock.now(), sync });
     this.adoptSync(sync);
   }
 
@@ -629,21 +604,13 @@ export class SecondaryStore {
   private async startResyncNow(
     primaryEpoch: number,
   ): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
-    const dropped: number[] = [];
-    for (const e of [...this.epochs.values()])
-      if (e.state !== 'committed') {
-        e.layer.close();
-        this.storage.remove(e.layer.path);
-        this.epochs.delete(e.epoch);
-        dropped.push(e.epoch);
-      }
+    const { dropped } = this.dropEpochs('keep-committed');
     await this.drainApply();
     // Nothing may linger under the old numbering (deletions of applied journals run in the background).
     for (const name of this.storage.list(this.state.epochsDir))
       this.storage.remove(`${this.state.epochsDir}/${name}`);
     const base = primaryEpoch - 1;
-    this.commits.append({ t: 'rebase', e: base, at: this.clock.now() });
-    await this.commits.sync();
+    await this.commits.record({ t: 'rebase', e: base, at: this.clock.now() });
     crashPoint('secondary-after-rebase');
     this.lastCommitted = base;
     this.lastApplied = base;
@@ -757,8 +724,14 @@ export class SecondaryStore {
       await activity.persist();
     }
     const id = (this.opts.random ?? realRandom).id(6);
-    this.commits.append({ t: 'promote', gen: generation, id, at, reason, committed: this.lastCommitted });
-    await this.commits.sync();
+    await this.commits.record({
+      t: 'promote',
+      gen: generation,
+      id,
+      at,
+      reason,
+      committed: this.lastCommitted,
+    });
     history?.append({
       n: generation,
       id,
@@ -768,13 +741,7 @@ export class SecondaryStore {
       reason: `promoted: ${reason}`,
     });
     crashPoint('secondary-after-promote-record');
-    const droppedEpochs: number[] = [];
-    for (const e of [...this.epochs.values()])
-      if (e.state !== 'committed') {
-        e.layer.destroy();
-        this.epochs.delete(e.epoch);
-        droppedEpochs.push(e.epoch);
-      }
+    const droppedEpochs = this.dropEpochs('keep-committed', 'later').dropped;
     this.generation = generation;
     this.promoted = { generation, at, reason };
     this.session = null;
@@ -802,8 +769,7 @@ export class SecondaryStore {
     // The folded writes reach the image: their regions must be on record first.
     await this.opts.activity?.persist();
     const next = this.overlayId + 1;
-    this.commits.append({ t: 'fold', overlay: this.overlayId, next, at: this.clock.now() });
-    await this.commits.sync();
+    await this.commits.record({ t: 'fold', overlay: this.overlayId, next, at: this.clock.now() });
     crashPoint('secondary-after-fold-record');
     // Durable: switch. Writes that came in meanwhile are in the folded overlay, which is right.
     this.folded.push(this.overlay);
@@ -836,89 +802,47 @@ export class SecondaryStore {
   // Background apply
 
   private kickApply(): void {
-    if (this.applying || this.closed || this.applyError) return;
-    const next = [...this.epochs.values()]
-      .filter((e) => e.state === 'committed')
+    this.applier.kick();
+  }
+
+  /** The next layer for the applier: committed epochs first (all older than a promotion), then folded overlays. */
+  private nextApply(): ApplyJob | null {
+    const e = [...this.epochs.values()]
+      .filter((x) => x.state === 'committed')
       .sort((a, b) => a.epoch - b.epoch)[0];
-    // Committed epochs are all older than a promotion, so they go first; then folded overlays.
-    const work = next ? this.applyEpoch(next) : this.folded.length ? this.applyFolded(this.folded[0]) : null;
-    if (!work) return;
-    this.applying = work
-      .catch((err: Error) => {
-        this.applyError = err;
-        this.opts.onApplyError?.(err);
-      })
-      .finally(() => {
-        this.applying = null;
-        this.kickApply();
-      });
-  }
-
-  private async applyFolded(layer: Layer): Promise<void> {
-    if (!(await this.applyLayer(layer, 0))) return;
-    this.folded.shift();
-    layer.destroy();
-  }
-
-  /** Write an epoch's merged final state into the image, make it durable, then forget the epoch. */
-  private async applyEpoch(e: EpochEntry): Promise<void> {
-    if (!(await this.applyLayer(e.layer, e.epoch))) return;
-    crashPoint('secondary-before-applied-record');
-    // The image is durable; the journal can go. (The index entry needs no sync:
-    // if it is lost, the journal is gone too, or it is applied again, harmlessly.)
-    this.updateIndex([
-      { type: 'put', key: 'applied', value: String(e.epoch) },
-      { type: 'del', key: epochKey(e.epoch) },
-    ]);
-    this.lastApplied = e.epoch;
-    this.epochs.delete(e.epoch);
-    e.layer.destroy();
-  }
-
-  /** Write a layer's merged final state into the image and make it durable; false if interrupted by close. */
-  private async applyLayer(layer: Layer, label: number): Promise<boolean> {
-    const e = { epoch: label, layer };
-    const chunk = Buffer.allocUnsafe(limits.zeroChunkBytes);
-    const extents = [...e.layer.index.extents()];
-    const total = extents.reduce((a, x) => a + (x.end - x.start), 0);
-    let done = 0;
-    for (const ext of extents) {
-      this.opts.onApplyProgress?.(e.epoch, done, total);
-      done += ext.end - ext.start;
-      if (this.closed) return false;
-      if (ext.kind !== 'data') {
-        await this.image.zero(ext.start, ext.end - ext.start, { mayTrim: ext.kind === 'hole' });
-        continue;
-      }
-      for (let off = ext.start; off < ext.end; off += chunk.length) {
-        const len = Math.min(chunk.length, ext.end - off);
-        const src = ext.pos + (off - ext.start);
-        e.layer.journal.flush();
-        const fd = e.layer.journal.descriptor;
-        if (fd === null || !this.image.copyFromFile?.(fd, src, off, len)) {
-          const view = chunk.subarray(0, len);
-          e.layer.journal.read(view, src);
-          await this.image.pwrite(view, off);
-        }
-        crashPoint('secondary-mid-apply');
-        // Yield to the event loop: the apply is background work and must not
-        // delay the link (the next epoch) or the SVM's I/O.
-        await new Promise<void>((r) => setImmediate(r));
-      }
-    }
-    await this.image.flush();
-    this.opts.onApplyProgress?.(e.epoch, total, total);
-    return true;
+    if (e)
+      return {
+        layer: e.layer,
+        label: e.epoch,
+        done: () => {
+          crashPoint('secondary-before-applied-record');
+          // The image is durable; the journal can go. (The index entry needs no sync:
+          // if it is lost, the journal is gone too, or it is applied again, harmlessly.)
+          this.updateIndex([
+            { type: 'put', key: 'applied', value: String(e.epoch) },
+            { type: 'del', key: epochKey(e.epoch) },
+          ]);
+          this.lastApplied = e.epoch;
+          this.epochs.delete(e.epoch);
+          e.layer.destroy();
+        },
+      };
+    const folded = this.folded[0];
+    if (folded)
+      return {
+        layer: folded,
+        label: 0,
+        done: () => {
+          this.folded.shift();
+          folded.destroy();
+        },
+      };
+    return null;
   }
 
   /** Wait until every committed epoch is in the image. */
-  async drainApply(): Promise<void> {
-    for (;;) {
-      if (this.applyError) throw this.applyError;
-      if (!this.applying) this.kickApply(); // the commit may have deferred it
-      if (!this.applying) return;
-      await this.applying;
-    }
+  drainApply(): Promise<void> {
+    return this.applier.drain();
   }
 
   // ---------------------------------------------------------------------------
@@ -961,172 +885,14 @@ export class SecondaryStore {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    if (this.applying) await this.applying;
+    await this.applier.close();
     for (const e of this.epochs.values()) e.layer.close();
     if (this.folding) await this.folding;
     for (const l of this.folded) l.close();
-    await this.indexWrites;
+    await this.index.flushed();
     await this.overlay.sync().catch(() => {});
     this.overlay.close();
     this.commits.close();
     if (this.opts.meta === undefined) await this.db.close(); // the caller owns an index it passed in
   }
-}
-
-/**
- * Read [offset, offset+buf.length) through layers (first wins) over an image.
- * Every layer is resolved synchronously (journal reads are synchronous), so no
- * layer can be applied and deleted in the middle; what no layer holds is then
- * read from the image, which the apply never touches for those ranges.
- */
-export async function readLayers(
-  layers: Layer[],
-  image: BlockDevice,
-  buf: Buffer,
-  offset: number,
-): Promise<void> {
-  const gaps: { at: number; length: number; offset: number }[] = [];
-  const resolve = (i: number, at: number, off: number, length: number): void => {
-    if (i === layers.length) {
-      gaps.push({ at, length, offset: off });
-      return;
-    }
-    const layer = layers[i];
-    if (layer.index.size === 0) return resolve(i + 1, at, off, length);
-    for (const seg of layer.lookup(off, length)) {
-      const segAt = at + (seg.start - off);
-      if (seg.extent) layer.readSegment(seg, buf, segAt);
-      else resolve(i + 1, segAt, seg.start, seg.end - seg.start);
-    }
-  };
-  resolve(0, 0, offset, buf.length);
-  for (const g of gaps) await image.pread(buf.subarray(g.at, g.at + g.length), g.offset);
-}
-
-/**
- * The SVM's disk: overlay > committed-unapplied epochs > image. Writes land in
- * the overlay only; FLUSH and FUA make the overlay durable.
- */
-export class SvmDevice implements BlockDevice {
-  readonly caps: Capabilities = {
-    write: true,
-    flush: true,
-    fua: 'emulate',
-    trim: 'native',
-    zero: 'native',
-    fastZero: true,
-    extents: true,
-    cache: 'emulate',
-    multiConn: true,
-  };
-  private seq = 0;
-
-  constructor(private readonly store: SecondaryStore) {}
-
-  get size(): number {
-    return this.store.size;
-  }
-
-  async pread(buf: Buffer, offset: number): Promise<void> {
-    assertRange(this, offset, buf.length);
-    await readLayers(
-      [this.store.overlayLayer, ...this.store.foldedLayers(), ...this.store.committedLayers()],
-      this.store.image,
-      buf,
-      offset,
-    );
-  }
-
-  /**
-   * A promoted node (from the first moment of its promotion) records what it
-   * writes, durably before the write lands, for a later re-protection
-   * (invariant 8). Null when nothing needs to wait.
-   */
-  private track(offset: number, length: number): Promise<void> | null {
-    if (!this.store.tracksActivity) return null;
-    return this.store.activity?.ensureHot(offset, length, 0) ?? null;
-  }
-
-  async pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
-    assertRange(this, offset, buf.length);
-    if (buf.length === 0) return;
-    const hot = this.track(offset, buf.length);
-    if (hot) await hot;
-    const overlay = this.store.overlayLayer;
-    overlay.append({ t: 'w', e: 0, s: ++this.seq, o: offset }, buf);
-    this.store.maybeFold();
-    if (opts.fua) await overlay.sync();
-  }
-
-  async flush(): Promise<void> {
-    // On a promoted node, writes acknowledged before a fold sit in folded overlays until the
-    // apply has flushed the image: those must be durable too. A layer applied (and closed) in
-    // the meantime is in the flushed image already, so its sync may fail harmlessly.
-    const folded = this.store.foldedLayers();
-    await Promise.all([
-      this.store.overlayLayer.sync(),
-      ...folded.map((l) =>
-        l.sync().catch((err: Error) => {
-          if (this.store.foldedLayers().includes(l)) throw err;
-        }),
-      ),
-    ]);
-  }
-
-  async trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
-    assertRange(this, offset, length);
-    if (length === 0) return;
-    const hot = this.track(offset, length);
-    if (hot) await hot;
-    const overlay = this.store.overlayLayer;
-    overlay.append({ t: 't', e: 0, s: ++this.seq, o: offset, l: length });
-    this.store.maybeFold();
-    if (opts.fua) await overlay.sync();
-  }
-
-  async zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
-    assertRange(this, offset, length);
-    if (length === 0) return;
-    const hot = this.track(offset, length);
-    if (hot) await hot;
-    const overlay = this.store.overlayLayer;
-    overlay.append({ t: 'z', e: 0, s: ++this.seq, o: offset, l: length, h: opts.mayTrim !== false });
-    this.store.maybeFold();
-    if (opts.fua) await overlay.sync();
-  }
-
-  async extents(offset: number, length: number): Promise<Extent[]> {
-    assertRange(this, offset, length);
-    // Start from the image's map, then mark what the layers hold as data (or zero).
-    const base = await this.store.image.extents(offset, length);
-    const end = base.length ? base[base.length - 1].offset + base[base.length - 1].length : offset;
-    const layers = [
-      ...this.store.committedLayers().reverse(),
-      ...this.store.foldedLayers().reverse(),
-      this.store.overlayLayer,
-    ];
-    const out: Extent[] = [];
-    for (const b of base) {
-      let pieces: Extent[] = [{ ...b }];
-      for (const layer of layers) {
-        const next: Extent[] = [];
-        for (const p of pieces)
-          for (const seg of layer.lookup(p.offset, p.length))
-            next.push({
-              offset: seg.start,
-              length: seg.end - seg.start,
-              flags: seg.extent ? { data: 0, zero: 2, hole: 3 }[seg.extent.kind] : p.flags,
-            });
-        pieces = next;
-      }
-      out.push(...pieces);
-    }
-    return coalesceExtents(out).filter((e) => e.offset < end);
-  }
-
-  async cache(offset: number, length: number): Promise<void> {
-    assertRange(this, offset, length);
-  }
-
-  async close(): Promise<void> {}
 }

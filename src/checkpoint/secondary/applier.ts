@@ -1,0 +1,117 @@
+/**
+ * The background apply of a secondary: committed epochs (and a promoted
+ * node's folded overlays), oldest first, written into the checkpoint image.
+ *
+ * Notes on the design:
+ * - An epoch is applied as its *merged* final state (from its extent index),
+ *   so applying twice equals applying once (invariant 7): a crash mid-apply
+ *   is repaired by applying again on start.
+ * - Data is copied journal → image inside the kernel (copy_file_range) when
+ *   the image can; otherwise read and written in 1 MiB chunks. The apply
+ *   yields to the event loop after each chunk: it is background work and must
+ *   not delay the link or the SVM's I/O.
+ * - The image is flushed before a job is done; only then does the store
+ *   forget the layer (`job.done()`). Reads meanwhile resolve through the
+ *   layers, so a commit never waits for its apply.
+ * - A failure stops the applier (the store reports it); close interrupts it
+ *   between chunks.
+ */
+import { crashPoint } from '../../crash.js';
+import { limits } from '../../limits.js';
+import type { Layer } from '../format/layers.js';
+import type { StoreImage } from './store.js';
+
+export interface ApplyJob {
+  layer: Layer;
+  /** The epoch (0 for a folded overlay), for progress reports. */
+  label: number;
+  /** The layer is in the image, durably: forget it. */
+  done(): void;
+}
+
+export interface ApplierOptions {
+  /** The next layer to apply, oldest first; null when there is none. */
+  next(): ApplyJob | null;
+  onError?: (err: Error) => void;
+  onProgress?: (label: number, doneBytes: number, totalBytes: number) => void;
+}
+
+export class Applier {
+  private running: Promise<void> | null = null;
+  error: Error | null = null;
+  private closed = false;
+
+  constructor(
+    private readonly image: StoreImage,
+    private readonly opts: ApplierOptions,
+  ) {}
+
+  /** Start the next job if none runs. */
+  kick(): void {
+    if (this.running || this.closed || this.error) return;
+    const job = this.opts.next();
+    if (!job) return;
+    this.running = this.apply(job)
+      .then((complete) => {
+        if (complete) job.done();
+      })
+      .catch((err: Error) => {
+        this.error = err;
+        this.opts.onError?.(err);
+      })
+      .finally(() => {
+        this.running = null;
+        this.kick();
+      });
+  }
+
+  /** Wait until every job is done (or throw the applier's failure). */
+  async drain(): Promise<void> {
+    for (;;) {
+      if (this.error) throw this.error;
+      if (!this.running) this.kick(); // a commit may have deferred it
+      if (!this.running) return;
+      await this.running;
+    }
+  }
+
+  /** Stop between two chunks; resolves once the job in progress has stopped. */
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.running) await this.running;
+  }
+
+  /** Write a layer's merged final state into the image and make it durable; false if interrupted by close. */
+  private async apply(job: ApplyJob): Promise<boolean> {
+    const { layer, label } = job;
+    const chunk = Buffer.allocUnsafe(limits.zeroChunkBytes);
+    const extents = [...layer.index.extents()];
+    const total = extents.reduce((a, x) => a + (x.end - x.start), 0);
+    let done = 0;
+    for (const ext of extents) {
+      this.opts.onProgress?.(label, done, total);
+      done += ext.end - ext.start;
+      if (this.closed) return false;
+      if (ext.kind !== 'data') {
+        await this.image.zero(ext.start, ext.end - ext.start, { mayTrim: ext.kind === 'hole' });
+        continue;
+      }
+      for (let off = ext.start; off < ext.end; off += chunk.length) {
+        const len = Math.min(chunk.length, ext.end - off);
+        const src = ext.pos + (off - ext.start);
+        layer.journal.flush();
+        const fd = layer.journal.descriptor;
+        if (fd === null || !this.image.copyFromFile?.(fd, src, off, len)) {
+          const view = chunk.subarray(0, len);
+          layer.journal.read(view, src);
+          await this.image.pwrite(view, off);
+        }
+        crashPoint('secondary-mid-apply');
+        await new Promise<void>((r) => setImmediate(r));
+      }
+    }
+    await this.image.flush();
+    this.opts.onProgress?.(label, total, total);
+    return true;
+  }
+}

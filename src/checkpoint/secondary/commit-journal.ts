@@ -1,0 +1,92 @@
+/**
+ * commits.journal: a secondary's durable history, the truth every other piece
+ * of its state is derived from (the metadata index only mirrors it). One
+ * record per event, fdatasync'd before the event counts:
+ *
+ *   commit   epochs through `e` are committed; the SVM continues on overlay K
+ *            (a resync's commits carry a partial/done mark)
+ *   rebase   a resync starts: epoch numbering restarts just below the primary's
+ *   promote  this node became a primary of generation `gen` (failover)
+ *   fold     a promoted node's overlay K is now a committed layer; K+1 takes writes
+ *
+ * `open` replays the records into what they say; a torn tail is cut, and
+ * corruption in the middle is refused by the caller.
+ */
+import type { Generation, SyncMode } from '../../failover/history.js';
+import type { Storage } from '../../sys/storage.js';
+import { JournalWriter, scanJournal, type ScanResult } from '../format/journal.js';
+import type { SyncMark } from '../link/messages.js';
+
+export type CommitRecord =
+  | { t: 'commit'; e: number; overlay: number; at: number; sync?: SyncMark }
+  | { t: 'promote'; gen: number; id?: string; at: number; reason: string; committed: number }
+  | { t: 'fold'; overlay: number; next: number; at: number }
+  | { t: 'rebase'; e: number; at: number };
+
+export type PromoteRecord = Extract<CommitRecord, { t: 'promote' }>;
+
+/** What the records say, replayed in order. */
+export interface CommitState {
+  lastCommitted: number;
+  /** The SVM's current overlay (at least 1). */
+  overlayId: number;
+  /** A resync into this node is part-way (a partial commit with no done after it). */
+  syncing: { target: string; mode: SyncMode; since: number } | null;
+  /** The history of the last completed resync, to adopt. */
+  adopted: Generation[] | null;
+  promote: PromoteRecord | null;
+  /** Overlays folded (on a promoted node), oldest first. */
+  foldedIds: number[];
+}
+
+export class CommitJournal {
+  private constructor(private readonly writer: JournalWriter) {}
+
+  /** Open (or create) the journal and replay it. */
+  static open(
+    storage: Storage,
+    path: string,
+  ): { journal: CommitJournal; state: CommitState; scan: ScanResult | null } {
+    const state: CommitState = {
+      lastCommitted: 0,
+      overlayId: 0,
+      syncing: null,
+      adopted: null,
+      promote: null,
+      foldedIds: [],
+    };
+    let scan: ScanResult | null = null;
+    if (storage.exists(path))
+      scan = scanJournal<CommitRecord>(storage, path, (r) => {
+        const m = r.meta;
+        if (m.t === 'commit') {
+          state.lastCommitted = m.e;
+          state.overlayId = Math.max(state.overlayId, m.overlay);
+          if (m.sync?.state === 'partial')
+            state.syncing ??= { target: m.sync.target, mode: m.sync.mode, since: m.at };
+          if (m.sync?.state === 'done') {
+            state.syncing = null;
+            state.adopted = m.sync.history ?? null;
+          }
+        } else if (m.t === 'rebase') state.lastCommitted = m.e;
+        else if (m.t === 'promote') state.promote = m;
+        else if (m.t === 'fold') {
+          state.foldedIds.push(m.overlay);
+          state.overlayId = Math.max(state.overlayId, m.next);
+        }
+      });
+    state.overlayId = Math.max(state.overlayId, 1);
+    const end = scan && !scan.corruption ? scan.validEnd : scan ? undefined : 0;
+    return { journal: new CommitJournal(JournalWriter.open(storage, path, end)), state, scan };
+  }
+
+  /** Append a record and make it durable: the event counts from here on. */
+  async record(rec: CommitRecord): Promise<void> {
+    this.writer.append(rec);
+    await this.writer.sync();
+  }
+
+  close(): void {
+    this.writer.close();
+  }
+}
