@@ -55,11 +55,6 @@ export class ColoError extends Error {
   }
 }
 
-/** Shorthand used at validation edges. */
-export function fail(code: ErrorCode, message: string): never {
-  throw new ColoError(code, message);
-}
-
 const nodeCodeMap: Record<string, ErrorCode> = {
   EPERM: 'EPERM',
   EACCES: 'EPERM',

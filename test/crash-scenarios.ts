@@ -101,13 +101,22 @@ function planEpochs(rng: Rng, size: number, count: number, model: CheckpointMode
   return out;
 }
 
-async function startDriverRun(ctx: PointContext, plan: CrashPlan, epochs: number): Promise<DriverRun> {
+async function startDriverRun(
+  ctx: PointContext,
+  plan: CrashPlan,
+  epochs: number,
+  extraArgs: string[] = [],
+): Promise<DriverRun> {
   const size = ctx.rng.pick([1, 1, 2]) * MiB;
   const model = new CheckpointModel(size);
   const planned = planEpochs(ctx.rng, size, epochs, model);
   // The secondary knows the driver's generation already: the hello decides 'none' (no resync).
   writeHistory(path.join(ctx.dir, 'svm-state'), driverHistory(ctx.seed));
-  const node = await ctx.startNode('secondary', secondaryArgs(ctx.dir, size), crashEnv(plan));
+  const node = await ctx.startNode(
+    'secondary',
+    [...secondaryArgs(ctx.dir, size), ...extraArgs],
+    crashEnv(plan),
+  );
   ctx.victim = node;
   return {
     dir: ctx.dir,
@@ -367,6 +376,139 @@ function promotionScenario(
       if (!view.equals(want))
         ctx.problems.push(
           `after a restart the node's disk is not checkpoint ${c}${c === r.base ? ` plus the ${r.svmWrites.length} SVM writes` : ''}: ${describeDiff(view, want)}`,
+        );
+      node.child.kill('SIGKILL');
+      await node.exit;
+    },
+  };
+}
+
+// -----------------------------------------------------------------------------
+// A promoted node, killed while the SVM (now the PVM) writes and its overlay folds
+
+/** Points a promoted node passes on its own writes: recording them, folding, applying folds. */
+export const PROMOTED_POINTS = [
+  'activity-before-sync',
+  'promoted-before-fold-record',
+  'secondary-after-fold-record',
+  'secondary-mid-apply',
+] as const;
+
+interface PromotedRun extends DriverRun {
+  /** The checkpoint the promotion kept. */
+  base: number;
+  /** Writes the promoted node acknowledged (each with FUA: durable on return), in order. */
+  acked: Mutation[];
+  /** The write in flight when the node died (it may or may not have landed). */
+  inFlight: Mutation | null;
+  promoted: boolean;
+}
+
+/**
+ * A secondary promoted after K committed checkpoints, then written to through
+ * its export with FUA, with a small fold size (a fold every 32 KiB): killed at
+ * a point of its own writes (recording them in the activity log, folding the
+ * overlay into a committed layer, applying folded layers) or at a random
+ * write. After recovery and a restart its disk must be exactly checkpoint K
+ * plus every acknowledged write: a fold never loses or reorders one.
+ */
+function promotedScenario(point: (typeof PROMOTED_POINTS)[number] | 'random'): Scenario<PromotedRun> {
+  return {
+    name: `promoted@${point}`,
+    victim: 'secondary',
+    about:
+      point === 'random'
+        ? 'a promoted node killed at a random moment of its own writes and folds'
+        : `a promoted node killed at ${point} during its own writes and folds`,
+    crash: (rng) =>
+      point === 'random'
+        ? randomPlan(rng, 4)
+        : // activity-before-sync fires once per cold extent (few here); the others once per fold (the apply: per chunk).
+          {
+            kind: 'named',
+            point,
+            skip: point === 'activity-before-sync' ? 0 : rng.int(0, point === 'secondary-mid-apply' ? 2 : 1),
+          },
+    setup: async (ctx, plan) => {
+      const r = await startDriverRun(ctx, plan, ctx.rng.int(1, 3), ['--fold-size', '32K']);
+      return { ...r, base: 0, acked: [], inFlight: null, promoted: false };
+    },
+    workload: async (ctx, r, plan) => {
+      await drive(ctx, r, null);
+      if (r.driver!.closed) return;
+      r.base = r.st.acked;
+      r.driver!.destroy();
+      const f = await controlCall<{ committed: number }>(
+        r.node.control,
+        'POST',
+        '/failover',
+        undefined,
+        10_000,
+      ).catch((err: Error) => err);
+      if (f instanceof Error) {
+        ctx.notes.push(`the failover failed: ${f.message}`);
+        return;
+      }
+      r.promoted = true;
+      const writes = planMutations(ctx.rng, r.size, ctx.rng.int(12, 24), 24 * 1024).filter(
+        (m) => m.t === 'w',
+      );
+      const at = plan.kind === 'random' ? Math.floor(plan.at * writes.length) : -1;
+      const svm = await NbdClient.connect({ port: r.node.nbdPort, exportName: 'disk0' });
+      try {
+        for (let i = 0; i < writes.length; i++) {
+          if (i === at && plan.kind === 'random')
+            ctx.killVictimAfter(
+              plan.jitterMs,
+              `at promoted write ${i} of ${writes.length} + ${plan.jitterMs} ms`,
+            );
+          const m = writes[i];
+          if (m.t !== 'w') continue;
+          r.inFlight = m;
+          await svm.write(m.data, m.o, { fua: true });
+          r.acked.push(m);
+          r.inFlight = null;
+        }
+      } catch {
+        // the node died under the write: that write was not acknowledged
+      } finally {
+        svm.destroy();
+      }
+      ctx.notes.push(
+        `promoted at checkpoint ${r.base}; ${r.acked.length} of ${writes.length} writes acknowledged`,
+      );
+    },
+    afterCrash: async (_ctx, r) => r.driver?.destroy(),
+    target: driverTarget,
+    allowedImages: (r) =>
+      r.promoted
+        ? {
+            model: r.model,
+            epochs: [r.base],
+            allowed: `checkpoint ${r.base}, with some of the promoted node's acknowledged writes folded in`,
+            // The image is the checkpoint with the folded writes applied; the restart below checks it exactly.
+            judge: () => [],
+          }
+        : // Killed before the promotion (a point it also passes as a secondary): an ordinary secondary.
+          { model: r.model, epochs: allowedFromDrive(r.st) },
+    check: async (ctx, r) => {
+      if (!r.promoted) return;
+      const node = await ctx.startNode('secondary', [...secondaryArgs(r.dir, r.size), '--fold-size', '32K']);
+      const status = await controlCall<SecondaryStatus>(node.control, 'GET', '/status');
+      if (r.promoted && status.role !== 'primary')
+        ctx.problems.push(`after a restart the promoted node is a ${status.role}`);
+      const want = Buffer.from(r.model.images[r.base]);
+      for (const m of r.acked) applyMutation(want, m);
+      const client = await NbdClient.connect({ port: node.nbdPort, exportName: 'disk0' });
+      const view = await client.read(0, r.size);
+      await client.close();
+      // A write in flight at the crash may or may not be there: the disk with or without it.
+      const withInFlight = Buffer.from(want);
+      if (r.inFlight) applyMutation(withInFlight, r.inFlight);
+      if (!view.equals(want) && !view.equals(withInFlight))
+        ctx.problems.push(
+          `after a restart the promoted node's disk is not checkpoint ${r.base} plus its ${r.acked.length} ` +
+            `acknowledged writes: ${describeDiff(view, want)}`,
         );
       node.child.kill('SIGKILL');
       await node.exit;
@@ -1284,6 +1426,8 @@ export const SCENARIOS: Scenario[] = [
   resyncSecondaryScenario('random'),
   ...RESYNC_PRIMARY_POINTS.map((p) => resyncPrimaryScenario(p)),
   resyncPrimaryScenario('random'),
+  ...PROMOTED_POINTS.map((p) => promotedScenario(p)),
+  promotedScenario('random'),
 ] as Scenario[];
 
 /**
@@ -1330,6 +1474,8 @@ export const DEFAULT_DECK: string[] = [
     'resync-primary@activity-before-sync',
     'resync-secondary@journal-before-fdatasync',
     'promotion@secondary-before-promote-record',
+    'promoted@promoted-before-fold-record',
+    'promoted@activity-before-sync',
   ]),
   ...interleave(OLD_ROUND('promotion@random'), [
     'resync-primary@primary-after-local-write',
@@ -1339,5 +1485,8 @@ export const DEFAULT_DECK: string[] = [
     'primary-restart@primary-after-local-write',
     'resync-secondary@random',
     'promotion-race@secondary-before-promote-record',
+    'promoted@secondary-after-fold-record',
+    'promoted@secondary-mid-apply',
+    'promoted@random',
   ]),
 ];

@@ -727,6 +727,8 @@ describe('power loss', () => {
     fs.writeFileSync(image, Buffer.alloc(SIZE));
     const traceFile = path.join(root, 'child.trace');
     const script = `
+      const { traceFromEnv } = await import(${JSON.stringify(path.join(ROOT, 'dist/src/block/io-trace.js'))});
+      traceFromEnv(process.env);
       const { FileDevice } = await import(${JSON.stringify(path.join(ROOT, 'dist/src/block/file.js'))});
       const dev = await FileDevice.open(${JSON.stringify(image)});
       await dev.pwrite(Buffer.alloc(4096, 1), 0, { fua: true });

@@ -4,11 +4,12 @@
 // returns as its secondary. After the resync and a checkpoint both exports
 // must be equal by hash, and the SVM's post-failover writes must be on both.
 // Real processes (the CLI), real sockets, SIGKILL.
+import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { controlCall } from '../src/checkpoint/control.js';
 import { NbdClient } from '../src/net/client.js';
-import { killAll, rmDir, tmpDir } from './helpers.js';
+import { CLI, killAll, rmDir, run, tmpDir } from './helpers.js';
 import {
   hashExport,
   startNode,
@@ -182,5 +183,39 @@ describe('promote, crash, re-protect', () => {
     await controlCall(b.control, 'POST', '/checkpoint', { timeoutMs: 20_000 });
     await expectWritesOn(a2.nbdPort);
     expect(await hashExport(a2.nbdPort)).toBe(await hashExport(b.nbdPort));
+  });
+
+  it('restarted as a primary, killed after the fold but before the cleanup, restarts as a primary again', async () => {
+    const dir = await promoteWriteKill({ fold: true });
+    const a = await secondaryOn(dir, 'pvm-state', 'pvm.img');
+    const port = Number(a.info.replicationPort);
+    // It dies while opening its state directory (before it listens).
+    const killed = await run(
+      process.execPath,
+      [CLI, 'primary', ...nodeArgs(dir, 'svm-state', 'svm.img'), '--peer', `127.0.0.1:${port}`],
+      { env: { ...process.env, COLO_BLK_CRASH_AT: 'promoted-finish-before-cleanup' }, timeoutMs: 20_000 },
+    );
+    expect(killed.signal).toBe('SIGKILL');
+    expect(fs.existsSync(path.join(dir, 'svm-state', 'commits.journal'))).toBe(true);
+    const b2 = await primaryOn(dir, 'svm-state', 'svm.img', port);
+    await waitLinkUp(b2, 30_000);
+    await controlCall(b2.control, 'POST', '/checkpoint', { timeoutMs: 20_000 });
+    await expectWritesOn(b2.nbdPort);
+    await expectWritesOn(a.nbdPort);
+    expect(await hashExport(a.nbdPort)).toBe(await hashExport(b2.nbdPort));
+  });
+
+  it('a misspelt crash point is refused at start, not silently never fired', async () => {
+    const dir = tmpDir('colo-blk-promoted-restart-');
+    dirs.push(dir);
+    const r = await startNode(
+      'secondary',
+      [...nodeArgs(dir, 's', 'i.img'), '--replication-listen', '127.0.0.1:0'],
+      {
+        COLO_BLK_CRASH_AT: 'secondary-after-comit-record',
+      },
+    ).catch((err: Error) => err);
+    expect(r).toBeInstanceOf(Error);
+    expect((r as Error).message).toMatch(/is not a crash point; known: .*secondary-after-commit-record/);
   });
 });

@@ -7,7 +7,7 @@
  * - Off by default, and then free: every hook is `ioTracer?.op(...)`, one
  *   null check, and its arguments are not even evaluated.
  * - Turned on in-process with `setIoTracer(sink)`, or for a whole process
- *   (a CLI node started by a test) with COLO_BLK_IO_TRACE=<file>: one JSON
+ *   (a CLI node started by a test, `traceFromEnv`) with COLO_BLK_IO_TRACE=<file>: one JSON
  *   line per event, appended with a plain write (it survives a SIGKILL).
  * - What is recorded, in the order it happened: every byte range written to a
  *   file (with a copy of the bytes; `dsync` for the O_DSYNC descriptor, durable
@@ -179,4 +179,7 @@ export function readIoTrace(file: string): IoEvent[] {
   return out;
 }
 
-if (process.env.COLO_BLK_IO_TRACE) setIoTracer(new FileTraceSink(process.env.COLO_BLK_IO_TRACE));
+/** Trace this whole process to the file COLO_BLK_IO_TRACE names, if it does (the CLI calls this at start). */
+export function traceFromEnv(env: NodeJS.ProcessEnv): void {
+  if (env.COLO_BLK_IO_TRACE) setIoTracer(new FileTraceSink(env.COLO_BLK_IO_TRACE));
+}

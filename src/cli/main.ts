@@ -7,6 +7,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, Option } from 'commander';
+import { traceFromEnv } from '../block/io-trace.js';
+import { armCrashPoints } from '../crash.js';
 import { ColoError, exitCodeOf, toColoError } from '../errors.js';
 import { EXPORT_SPEC_HELP } from './exports.js';
 import { recoverCommand } from './recover.js';
@@ -27,6 +29,9 @@ const collect = (value: string, previous: string[] = []) => [...previous, value]
 function run<A extends any[]>(action: (...args: A) => Promise<void>) {
   return async (...args: A) => {
     try {
+      // Fault-injection tests: see src/crash.ts and src/block/io-trace.ts.
+      armCrashPoints(process.env);
+      traceFromEnv(process.env);
       await action(...args);
     } catch (err) {
       const e = toColoError(err);

@@ -1,4 +1,5 @@
 /** Turning a promoted secondary's state directory into a plain one (see finishPromotedStore). */
+import { crashPoint } from '../crash.js';
 import { ColoError } from '../errors.js';
 import type { ActivityLog } from './activity.js';
 import type { History } from './history.js';
@@ -51,6 +52,8 @@ export async function finishPromotedStore(
   }
   if (!store.promoted) return -1;
   const committed = store.lastCommitted;
+  // A crash here leaves the secondary's files: the next start folds again (nothing left to do) and removes them.
+  crashPoint('promoted-finish-before-cleanup');
   state.removeSecondaryFiles();
   opts.log(`finished the promoted secondary's state in ${state.root}: its image now holds every write`);
   return committed;

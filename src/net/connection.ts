@@ -280,7 +280,7 @@ export class Connection {
 
   private send(buf: Buffer): void {
     if (this.phase === 'closed') return;
-    if (!this.corked && process.env.COLO_CORK !== '0') {
+    if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       setImmediate(() => this.uncork());

@@ -768,6 +768,7 @@ export class SecondaryStore {
   private async fold(): Promise<void> {
     // The folded writes reach the image: their regions must be on record first.
     await this.opts.activity?.persist();
+    crashPoint('promoted-before-fold-record');
     const next = this.overlayId + 1;
     await this.commits.record({ t: 'fold', overlay: this.overlayId, next, at: this.clock.now() });
     crashPoint('secondary-after-fold-record');
