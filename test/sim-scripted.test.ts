@@ -106,6 +106,47 @@ describe('scripted simulator runs', () => {
       expect((await c.read('b'))!.subarray(0, 8 * KiB).equals(Buffer.alloc(8 * KiB, 0x0a))).toBe(true);
     }));
 
+  it('a folded overlay is made durable before it is applied (a crash never re-applies an older version over the image)', () =>
+    SimWorld.track(async () => {
+      const { c } = await pair(6);
+      await checkpointEqual(c, 'a', 'b');
+      c.crash('a');
+      expect((await c.world.await(c.nodes.b.secondary!.promote('test'), 5000))?.ok).toBe(true);
+      // X, made durable in the overlay; then Y over the same range, which pushes the overlay past
+      // the fold size: the overlay is folded with Y still unsynced, and applied into the image.
+      const store = c.nodes.b.secondary!.store;
+      expect(await write(c, 'b', 256 * KiB, 16 * KiB, 0x58)).toBe(true);
+      await flush(c, 'b');
+      const overlay = store.overlayLayer;
+      expect(await write(c, 'b', 256 * KiB, 16 * KiB, 0x59)).toBe(true);
+      expect(await write(c, 'b', 512 * KiB, 40 * KiB, 0x5a)).toBe(true);
+      expect(await c.world.runUntil(() => store.overlayLayer !== overlay, 5000)).toBe(true); // folded
+      await c.world.await(store.drainApply(), 5000);
+      await flush(c, 'b');
+      c.crash('b', 'lose-unsynced');
+      expect(await c.startSecondary('b')).toBe(true);
+      const disk = await c.read('b');
+      expect(disk!.subarray(256 * KiB, 272 * KiB).equals(Buffer.alloc(16 * KiB, 0x59))).toBe(true);
+    }));
+
+  it('an epoch sealed before a resync is not committed as that checkpoint after it', () =>
+    SimWorld.track(async () => {
+      const { c } = await pair(7);
+      const p = c.nodes.a.primary!;
+      expect(await write(c, 'a', 0, 8 * KiB, 0x31)).toBe(true);
+      const sealed = await c.world.await(p.seal(4000), 5000);
+      expect(sealed?.ok).toBe(true);
+      const n = (sealed as { value: { epoch: number } }).value.epoch;
+      // The log can no longer carry the secondary: it is resynchronised (and moves past epoch n).
+      p.plog.markOutOfSync('test: over budget');
+      expect(await c.world.runUntil(() => p.peerState === 'syncing', 5000)).toBe(true);
+      expect(await waitProtected(c, 'a')).toBe(true);
+      const r = await c.world.await(p.commit(n, 4000), 5000);
+      expect(r?.ok).toBe(false);
+      expect((r as { error: Error }).error.message).toMatch(/resynchronised since it was sealed/);
+      await checkpointEqual(c, 'a', 'b');
+    }));
+
   it('the same seed replays exactly', () =>
     SimWorld.track(async () => {
       const run = async () => {

@@ -151,6 +151,22 @@ export class Cluster {
   }
 
   /** Start `colo-blk primary` on a node, replicating to the other. */
+  /**
+   * Called once a restarted node has opened its state and before it talks to
+   * its peer: what it serves then is what survived the crash.
+   */
+  afterOpen: ((name: NodeName, read: () => Promise<Buffer>) => Promise<void>) | null = null;
+
+  private async opened(name: NodeName, dev: BlockDevice): Promise<void> {
+    if (!this.afterOpen) return;
+    await this.afterOpen(name, async () => {
+      const buf = Buffer.allocUnsafe(DISK);
+      const r = await this.world.await(dev.pread(buf, 0), 1000);
+      if (!r?.ok) throw new Error(`${name}: cannot read its disk after a restart`);
+      return buf;
+    });
+  }
+
   async startPrimary(name: NodeName): Promise<boolean> {
     const node = this.nodes[name];
     const { owner, env, image } = this.newProcess(node);
@@ -170,6 +186,7 @@ export class Cluster {
       this.note(`${name}: primary refused to start: ${r ? r.error.message : 'timeout'}`);
       return false;
     }
+    await this.opened(name, r.value.device);
     r.value.start();
     node.proc = { kind: 'primary', owner, env, image, replica: r.value };
     node.lastStart = 'primary';
@@ -202,6 +219,7 @@ export class Cluster {
       this.note(`${name}: secondary refused to start: ${r ? r.error.message : 'timeout'}`);
       return false;
     }
+    await this.opened(name, r.value.exportDevice);
     const l = await this.world.await(r.value.listen(REPL_PORT, name), 1000);
     if (!l?.ok) throw new Error(`${name}: cannot listen`);
     node.proc = {

@@ -60,6 +60,7 @@ type Action =
   | 'partition'
   | 'heal'
   | 'cut'
+  | 'delay'
   | 'wait';
 
 /** What a node's VM must read: known bytes, and sectors a failed write may have half-changed. */
@@ -91,6 +92,62 @@ class Expected {
   }
 }
 
+/**
+ * What must survive a crash of a node that serves its disk (a primary, or a
+ * promoted node), per 512-byte sector: the value it last made durable (FUA,
+ * a completed FLUSH, a checkpoint: a commit is a flush barrier) and the
+ * values acknowledged since, any of which may be what survived.
+ */
+class Durability {
+  private mustHave = new Map<number, Buffer>();
+  private mayHave = new Map<number, Buffer[]>();
+
+  private *sectors(offset: number, length: number, data: Buffer | null): Generator<[number, Buffer]> {
+    for (let o = offset; o < offset + length; o += SECTOR)
+      yield [o / SECTOR, data ? data.subarray(o - offset, o - offset + SECTOR) : ZERO_SECTOR];
+  }
+
+  written(offset: number, length: number, data: Buffer | null, fua: boolean): void {
+    for (const [s, v] of this.sectors(offset, length, data)) {
+      if (fua) {
+        this.mustHave.set(s, v);
+        this.mayHave.delete(s);
+      } else {
+        const l = this.mayHave.get(s) ?? [];
+        l.push(v);
+        this.mayHave.set(s, l);
+      }
+    }
+  }
+
+  /** A write that failed (or never answered): its sectors may hold anything now. */
+  unknown(offset: number, length: number): void {
+    for (let s = offset / SECTOR; s < (offset + length) / SECTOR; s++) {
+      this.mustHave.delete(s);
+      this.mayHave.delete(s);
+    }
+  }
+
+  /** A FLUSH (or a checkpoint) completed: everything acknowledged before it is durable. */
+  flushed(): void {
+    for (const [s, l] of this.mayHave) this.mustHave.set(s, l[l.length - 1]);
+    this.mayHave.clear();
+  }
+
+  /** After a crash and restart: the first sector whose content no durable write explains, or -1. */
+  check(disk: Buffer): number {
+    for (const [s, v] of this.mustHave) {
+      const actual = disk.subarray(s * SECTOR, (s + 1) * SECTOR);
+      if (actual.equals(v)) continue;
+      if ((this.mayHave.get(s) ?? []).some((x) => actual.equals(x))) continue;
+      return s;
+    }
+    return -1;
+  }
+}
+
+const ZERO_SECTOR = Buffer.alloc(SECTOR);
+
 export function runScenario(seed: number, opts: ScenarioOptions): Promise<ScenarioResult> {
   return SimWorld.track(() => scenario(seed, opts));
 }
@@ -119,6 +176,10 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
   const reported: Record<NodeName, number> = { a: 0, b: 0 };
   const promotedSeen: Record<NodeName, boolean> = { a: false, b: false };
   const genWriter = new Map<string, NodeName>();
+  /** Durability models of the nodes that serve their disk (see Durability). */
+  const durability: Record<NodeName, Durability | null> = { a: null, b: null };
+  const serving = (n: NodeName) =>
+    c.nodes[n].up && c.nodes[n].serving && c.nodes[n].primary?.peerState !== 'deposed';
   const diskFaults = opts.diskFaults ?? rng.chance(0.5);
   const fail = (msg: string): never => {
     throw new Violation(`seed ${seed}: ${msg}`);
@@ -136,6 +197,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
   /** A secondary's view resets at every commit and at a resync's rollback: forget ours if one happened behind our back. */
   const trackSecondaryViews = () => {
     for (const name of ['a', 'b'] as const) {
+      if (c.nodes[name].up && !serving(name)) durability[name] = null;
       const s = c.nodes[name].secondary;
       if (c.nodes[name].up && (!s || s.store.promoted)) {
         // Commits reported while this node was a secondary say nothing about it any more.
@@ -186,12 +248,16 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       const d = expected[name]!.diff(cut);
       if (d >= 0) fail(`the disk of ${name} differs from what its VM wrote, at sector ${d}`);
     }
-    const r = await world.await(p.checkpoint(4000), 15_000);
+    // Now and then the three phases apart, as a COLO coordinator runs them around the memory
+    // checkpoint, with the PVM writing again (epoch N+1) between the seal and the commit.
+    const split = rng.chance(0.3);
+    const r = await world.await(split ? splitCheckpoint(name) : p.checkpoint(4000), 15_000);
     if (!r || !r.ok) {
       c.note(`checkpoint on ${name} failed: ${r ? r.error.message : 'no answer'}`);
       return;
     }
     res.checkpoints++;
+    durability[name]?.flushed(); // a commit is a flush barrier on the primary too
     const n = r.value.epoch;
     const sName = other(name);
     const s = c.nodes[sName].secondary;
@@ -221,6 +287,17 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     expected[sName] = new Expected(Buffer.from(cut), s!.store.lastCommitted, s!.store.overlayLayer);
   };
 
+  /** seal, (writes), durable, (a pause), commit: the coordinator's way. */
+  const splitCheckpoint = async (name: NodeName): Promise<{ epoch: number }> => {
+    const p = c.nodes[name].primary!;
+    const { epoch } = await p.seal();
+    if (rng.chance(0.5)) await mutate(name, 'pvm');
+    await p.waitDurable(epoch, 4000);
+    if (rng.chance(0.5)) await world.runFor(rng.range(1, 50));
+    await p.commit(epoch, 4000);
+    return { epoch };
+  };
+
   /** Invariants 3, 4, 7: a restarted secondary is at a commit no older than reported, holding exactly its cut. */
   const checkRestartedSecondary = async (name: NodeName) => {
     const s = c.nodes[name].secondary;
@@ -246,7 +323,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     if (faults) node.proc!.image.failRate = 0.2;
     // Disjoint ranges (their order is then irrelevant), clustered in four quarters of the disk.
     const used: [number, number][] = [];
-    const ops: { offset: number; length: number; data: Buffer | null; p: Promise<void> }[] = [];
+    const ops: { offset: number; length: number; data: Buffer | null; fua: boolean; p: Promise<void> }[] = [];
     for (let i = rng.range(1, 4); i > 0; i--) {
       const hot = rng.int(4) * (DISK / 4);
       const length = rng.range(1, 32) * SECTOR;
@@ -262,16 +339,22 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
           : k < 9
             ? dev.zero(offset, length, { fua, mayTrim: rng.chance(0.5) })
             : dev.trim(offset, length, { fua });
-      ops.push({ offset, length, data, p });
+      ops.push({ offset, length, data, fua, p });
     }
     const r = await world.await(Promise.allSettled(ops.map((o) => o.p)), 10_000);
     if (faults) node.proc!.image.failRate = 0;
+    const d = serving(name) ? (durability[name] ??= new Durability()) : null;
     if (!r?.ok) {
-      for (const o of ops) e?.forget(o.offset, o.length);
+      for (const o of ops) {
+        e?.forget(o.offset, o.length);
+        d?.unknown(o.offset, o.length);
+      }
       return;
     }
     r.value.forEach((x, i) => {
       const o = ops[i];
+      if (x.status !== 'fulfilled') d?.unknown(o.offset, o.length);
+      else d?.written(o.offset, o.length, o.data, o.fua);
       if (x.status === 'fulfilled') {
         e?.apply(o.offset, o.data, o.length);
         if (gen) {
@@ -281,7 +364,10 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
         }
       } else e?.forget(o.offset, o.length);
     });
-    if (rng.chance(0.3)) await world.await(dev.flush(), 5000);
+    if (rng.chance(0.3)) {
+      const f = await world.await(dev.flush(), 5000);
+      if (f?.ok) d?.flushed();
+    }
   };
 
   /** What `colo-blk` would be started as on a stopped node (as an operator would choose). */
@@ -339,6 +425,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       ['partition', 0.7],
       ['heal', 1],
       ['cut', 1],
+      ['delay', 0.7],
       ['wait', 3],
     ]);
   };
@@ -386,8 +473,15 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
         c.note('partition a|b');
         c.net.partition('a', 'b');
         return world.runFor(rng.range(50, 1200));
+      case 'delay': {
+        const ms = rng.range(5, 250);
+        c.note(`delay a|b ${ms} ms`);
+        c.net.delays.set('a|b', ms);
+        return world.runFor(rng.range(50, 1500));
+      }
       case 'heal':
         c.net.heal('a', 'b');
+        c.net.delays.clear();
         return world.runFor(rng.range(10, 500));
       case 'cut': {
         const n = c.net.cutBetween('a', 'b', rng.int(rng.chance(0.5) ? 64 : 256 * 1024));
@@ -412,6 +506,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       return true;
     };
     c.net.heal('a', 'b');
+    c.net.delays.clear();
     for (const n of names) if (!c.nodes[n].up) await restart(n, true);
     for (let round = 0; round < 3; round++) {
       await world.runFor(500);
@@ -462,6 +557,19 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     }
   };
 
+  // Invariant 10: a restarted node still holds every write it acknowledged as durable.
+  c.afterOpen = async (name, read) => {
+    const d = durability[name];
+    durability[name] = null;
+    if (!d) return;
+    const disk = await read();
+    const bad = d.check(disk);
+    if (bad >= 0)
+      fail(
+        `${name} restarted without a write it had made durable (FUA, FLUSH or a checkpoint): sector ${bad} ` +
+          `(offset ${bad * SECTOR})`,
+      );
+  };
   try {
     await c.startSecondary('b', { autoFailover: rng.chance(0.3) });
     await c.startPrimary('a');

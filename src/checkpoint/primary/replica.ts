@@ -259,6 +259,7 @@ export class PrimaryReplica {
 
   /** The core decided to resynchronise the secondary. */
   private onResync(mode: SyncMode, peerHot: Range[]): void {
+    this.resyncs++;
     void this.runResync(mode, peerHot).then(
       () => this.link.resyncDone(),
       (err: Error) => {
@@ -319,7 +320,7 @@ export class PrimaryReplica {
     while (this.checkpointing) await sleep(this.clock, 5);
     this.checkpointing = true;
     try {
-      const s = await this.seal();
+      const s = await this.sealEpoch();
       await Promise.all([this.link.waitDurable(s.epoch, 60_000, true), this.flushLocal(s.epoch)]);
       const last = this.history.last!;
       await this.link.commit(s.epoch, 60_000, {
@@ -347,13 +348,28 @@ export class PrimaryReplica {
     );
   }
 
-  /** Phase 1: close the current epoch. */
-  async seal(): Promise<{ epoch: number; writes: number; bytes: number; ms: number }> {
+  /**
+   * Phase 1: close the current epoch. Like a whole checkpoint, it needs a
+   * synchronised secondary: during a resync it waits (up to the timeout) for
+   * it to end; without a usable secondary it fails at once with the reason.
+   */
+  async seal(timeoutMs = 10_000): Promise<{ epoch: number; writes: number; bytes: number; ms: number }> {
+    await this.waitProtected(timeoutMs);
+    return this.sealEpoch();
+  }
+
+  /** Resyncs started so far: an epoch sealed before one cannot be committed as that checkpoint any more. */
+  private resyncs = 0;
+  private resyncsAtSeal = new Map<number, number>();
+
+  private async sealEpoch(): Promise<{ epoch: number; writes: number; bytes: number; ms: number }> {
     const t = this.clock.mono();
     // Persist the next epoch number first: after a crash this node never reuses
     // an epoch number the secondary may already hold.
     await this.db.put('epoch', String(this.plog.current + 1), { sync: true });
     const seal = await this.device.seal();
+    this.resyncsAtSeal.set(seal.e, this.resyncs);
+    for (const e of this.resyncsAtSeal.keys()) if (e < seal.e - 64) this.resyncsAtSeal.delete(e);
     const took = this.clock.mono() - t;
     this.metrics.seal.observe(took / 1000);
     return { epoch: seal.e, writes: seal.n, bytes: seal.b, ms: took };
@@ -391,6 +407,19 @@ export class PrimaryReplica {
     epoch: number,
     timeoutMs = 10_000,
   ): Promise<{ epoch: number; ms: number; overlayDiscarded?: unknown }> {
+    // Checkpoint N is the disk at cut N on both sides: not once a resync has moved the
+    // secondary to another cut, nor while one runs.
+    const reason = this.unprotectedReason();
+    if (reason) throw new ColoError(reason.code, reason.message);
+    if (this.peerState === 'syncing')
+      throw new ColoError('EBUSY', `cannot commit epoch ${epoch}: the secondary is being resynchronised`);
+    const at = this.resyncsAtSeal.get(epoch);
+    if (at !== undefined && at !== this.resyncs)
+      throw new ColoError(
+        'EIO',
+        `cannot commit epoch ${epoch}: the secondary was resynchronised since it was sealed and holds a later ` +
+          `checkpoint; start a new checkpoint`,
+      );
     if (epoch > this.link.durableEpoch)
       throw new ColoError(
         'EINVAL',
@@ -414,7 +443,7 @@ export class PrimaryReplica {
     if (this.checkpointing) throw new ColoError('EBUSY', 'a checkpoint is already running');
     this.checkpointing = true;
     try {
-      const s = await this.seal();
+      const s = await this.sealEpoch();
       const d = await this.waitDurable(s.epoch, timeoutMs);
       const c = await this.commit(s.epoch, timeoutMs);
       const result: CheckpointResult = {
@@ -444,21 +473,26 @@ export class PrimaryReplica {
    * (up to the timeout) and then go on by themselves; without a usable
    * secondary they fail at once with the reason.
    */
+  /** Why no checkpoint can run now, whatever one waits for (null: it can, or will). */
+  private unprotectedReason(): { code: 'ESPLIT' | 'ESTALE'; message: string } | null {
+    switch (this.peerState) {
+      case 'lone':
+        return {
+          code: 'ESTALE',
+          message: `this primary went on alone (generation ${this.history.last?.n}); re-protect a secondary first (colo-blk reprotect)`,
+        };
+      case 'refused':
+        return { code: 'ESPLIT', message: `the secondary refused this primary: ${this.link.refused}` };
+      case 'deposed':
+        return { code: 'ESTALE', message: `this primary was deposed: ${this.link.deposed}` };
+      default:
+        return null;
+    }
+  }
+
   private async waitProtected(timeoutMs: number): Promise<void> {
-    const why = () => {
-      switch (this.peerState) {
-        case 'lone':
-          return `this primary went on alone (generation ${this.history.last?.n}); re-protect a secondary first (colo-blk reprotect)`;
-        case 'refused':
-          return `the secondary refused this primary: ${this.link.refused}`;
-        case 'deposed':
-          return `this primary was deposed: ${this.link.deposed}`;
-        default:
-          return null;
-      }
-    };
-    const reason = why();
-    if (reason) throw new ColoError(this.peerState === 'refused' ? 'ESPLIT' : 'ESTALE', reason);
+    const reason = this.unprotectedReason();
+    if (reason) throw new ColoError(reason.code, reason.message);
     if (this.peerState !== 'syncing') return;
     const done = new Promise<void>((r) => this.syncWaiters.push(r));
     let timer: TimerHandle | undefined;
@@ -637,7 +671,11 @@ export function primaryRoutes(p: PrimaryReplica): Route[] {
   const timeout = (q: URLSearchParams, b: Record<string, unknown>) =>
     Number(b.timeoutMs ?? q.get('timeoutMs') ?? 10_000);
   return [
-    { method: 'POST' as const, path: '/seal', handler: async () => p.seal() },
+    {
+      method: 'POST' as const,
+      path: '/seal',
+      handler: async (q: URLSearchParams, b: Record<string, unknown>) => p.seal(timeout(q, b)),
+    },
     {
       method: 'POST' as const,
       path: '/durable',

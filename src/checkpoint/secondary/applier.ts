@@ -84,6 +84,11 @@ export class Applier {
   /** Write a layer's merged final state into the image and make it durable; false if interrupted by close. */
   private async apply(job: ApplyJob): Promise<boolean> {
     const { layer, label } = job;
+    // What is applied must be durable in the layer first: after a crash the layer is applied
+    // again from its journal, and a journal missing a tail the image already holds would
+    // write older bytes over newer ones. (Epochs are durable since their seal; a folded
+    // overlay may still have unsynced appends.)
+    await layer.sync();
     const chunk = Buffer.allocUnsafe(limits.zeroChunkBytes);
     const extents = [...layer.index.extents()];
     const total = extents.reduce((a, x) => a + (x.end - x.start), 0);
