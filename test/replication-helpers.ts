@@ -22,7 +22,7 @@ export interface NodeProc {
 
 /** Start `colo-blk <role> ... --json` and wait for its listening line. */
 export async function startNode(
-  role: 'primary' | 'secondary',
+  role: 'primary' | 'secondary' | 'guest' | 'colo',
   args: string[],
   env: NodeJS.ProcessEnv = {},
   timeoutMs = 20_000,

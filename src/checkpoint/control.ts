@@ -13,11 +13,15 @@ import { ColoError, toColoError, type ErrorCode } from '../errors.js';
 import { listenOn } from '../util/listen.js';
 
 export type Handler = (query: URLSearchParams, body: Record<string, unknown>) => Promise<unknown>;
+/** A route that takes and may return bytes (a memory checkpoint's state). */
+export type RawHandler = (query: URLSearchParams, body: Buffer) => Promise<Buffer | object>;
 
 export interface Route {
   method: 'GET' | 'POST';
   path: string;
-  handler: Handler;
+  handler?: Handler;
+  /** Instead of `handler`: the body as bytes (up to MAX_RAW_BODY); a Buffer result is sent as bytes. */
+  raw?: RawHandler;
   /** Plain-text responses (Prometheus metrics). */
   text?: boolean;
 }
@@ -35,6 +39,8 @@ const statusOf: Partial<Record<ErrorCode, number>> = {
 };
 
 const MAX_BODY = 64 * 1024;
+/** Raw routes carry memory checkpoints: bounded, but large. */
+const MAX_RAW_BODY = 1024 * 1024 * 1024;
 
 export class ControlServer {
   private readonly server: http.Server;
@@ -63,15 +69,32 @@ export class ControlServer {
         throw new ColoError('ENOENT', `no route ${req.method} ${url.pathname}; known: ${known}`);
       }
       let body: Record<string, unknown> = {};
+      let bytes = Buffer.alloc(0);
       if (req.method === 'POST') {
         const chunks: Buffer[] = [];
         let size = 0;
+        const max = route.raw ? MAX_RAW_BODY : MAX_BODY;
         for await (const c of req) {
           size += (c as Buffer).length;
-          if (size > MAX_BODY) throw new ColoError('EINVAL', `request body over ${MAX_BODY} bytes`);
+          if (size > max) throw new ColoError('EINVAL', `request body over ${max} bytes`);
           chunks.push(c as Buffer);
         }
-        const text = Buffer.concat(chunks).toString('utf8');
+        bytes = Buffer.concat(chunks);
+        if (route.raw) {
+          const result = await route.raw(url.searchParams, bytes);
+          if (Buffer.isBuffer(result)) {
+            res.writeHead(200, {
+              'content-type': 'application/octet-stream',
+              'content-length': result.length,
+            });
+            res.end(result);
+          } else {
+            res.writeHead(200, { 'content-type': 'application/json' });
+            res.end(JSON.stringify(result));
+          }
+          return;
+        }
+        const text = bytes.toString('utf8');
         if (text.trim()) {
           try {
             body = JSON.parse(text) as Record<string, unknown>;
@@ -80,6 +103,8 @@ export class ControlServer {
           }
         }
       }
+      if (!route.handler)
+        throw new ColoError('EINVAL', `${req.method} ${url.pathname} takes a POST with a body`);
       const result = await route.handler(url.searchParams, body);
       if (route.text) {
         res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' });
@@ -153,5 +178,49 @@ export async function controlCall<T = Record<string, unknown>>(
       ),
     );
     req.end(payload);
+  });
+}
+
+/** Call a raw route: bytes in, bytes (or JSON, parsed) out. */
+export async function controlRaw(
+  address: { host: string; port: number },
+  path: string,
+  body: Buffer = Buffer.alloc(0),
+  timeoutMs = 30_000,
+): Promise<Buffer> {
+  return new Promise<Buffer>((resolve, reject) => {
+    const req = http.request(
+      {
+        host: address.host,
+        port: address.port,
+        method: 'POST',
+        path,
+        headers: { 'content-type': 'application/octet-stream', 'content-length': body.length },
+        timeout: timeoutMs,
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () => {
+          const data = Buffer.concat(chunks);
+          if ((res.statusCode ?? 500) >= 400) {
+            let e: { code?: ErrorCode; message?: string } | undefined;
+            try {
+              e = (JSON.parse(data.toString('utf8')) as { error?: typeof e }).error;
+            } catch {
+              // not JSON
+            }
+            reject(new ColoError(e?.code ?? 'EIO', e?.message ?? `HTTP ${res.statusCode}`));
+          } else resolve(data);
+        });
+      },
+    );
+    req.on('timeout', () =>
+      req.destroy(new Error(`no answer from ${address.host}:${address.port} in ${timeoutMs} ms`)),
+    );
+    req.on('error', (err) =>
+      reject(new ColoError('ECONNECT', `cannot reach ${address.host}:${address.port}: ${err.message}`)),
+    );
+    req.end(body);
   });
 }

@@ -11,6 +11,7 @@ import { traceFromEnv } from '../block/io-trace.js';
 import { armCrashPoints } from '../crash.js';
 import { ColoError, exitCodeOf, toColoError } from '../errors.js';
 import { EXPORT_SPEC_HELP } from './exports.js';
+import { guestCommand } from './guest.js';
 import { recoverCommand } from './recover.js';
 import { serve } from './serve.js';
 import {
@@ -174,6 +175,27 @@ Example:
                      --replication-listen 127.0.0.1:10900 --control 127.0.0.1:10951`,
     ),
 ).action(run(secondaryCommand));
+
+program
+  .command('guest')
+  .description('a stand-in VM for the COLO loop: an HTTP key-value service whose disk is a colo-blk export')
+  .option('--listen <host:port>', 'HTTP address (PUT and GET /kv/KEY)', '127.0.0.1:8080')
+  .requiredOption(
+    '--disk <nbd-uri>',
+    "its disk: nbd://HOST:PORT/EXPORT (a primary export, or a secondary's SVM export)",
+  )
+  .option('--control <host:port>', 'control API (memory checkpoints, hash, status)', '127.0.0.1:8081')
+  .option('--seed <n>', 'seed of its deterministic choices (the same on both sides)', '1')
+  .option('--nondeterminism <p>', 'fraction 0-1 of responses carrying real time and randomness', '0')
+  .option(
+    '--interleave',
+    'show the global operation counter in responses (concurrent requests then interleave visibly)',
+  )
+  .option('--jitter <ms>', 'delay each answer by a random 0..ms', '0')
+  .option('--json', 'print the listening addresses as one JSON line')
+  .option('-v, --verbose', 'log more')
+  .option('-q, --quiet', 'log warnings only')
+  .action(run(guestCommand));
 
 program
   .command('checkpoint')

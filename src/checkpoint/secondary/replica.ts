@@ -360,7 +360,7 @@ export function secondaryRoutes(node: SecondaryReplica): Route[] {
       const p = node.primary;
       if (!p) return own();
       const route = primaryRoutes(p).find((r) => r.path === path)!;
-      return route.handler(q, b);
+      return route.handler!(q, b);
     };
   return [
     { method: 'GET', path: '/status', handler: primaryOr(async () => node.status(), '/status') },

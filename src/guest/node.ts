@@ -1,0 +1,132 @@
+/**
+ * `colo-blk guest`: the stand-in VM as a process. Its disk is a colo-blk
+ * export reached through our NBD client; its control API is the
+ * memory-checkpoint hook the COLO coordinator drives (`pause`, `save`,
+ * `receive`, `load`, `resume`), plus `GET /hash` and `GET /status`.
+ */
+import { ColoError } from '../errors.js';
+import { ControlServer, type Route } from '../checkpoint/control.js';
+import { NbdClient } from '../net/client.js';
+import type { Logger } from '../net/server.js';
+import type { Endpoint } from '../util/address.js';
+import { GuestServer } from './server.js';
+import { GuestState } from './state.js';
+
+export interface GuestNodeOptions {
+  listen: Endpoint;
+  control: Endpoint;
+  /** nbd://HOST:PORT/EXPORT */
+  disk: string;
+  seed: number;
+  nondeterminism: number;
+  interleave?: boolean;
+  jitterMs?: number;
+  logger: Logger;
+}
+
+export function parseNbdUri(uri: string): { host: string; port: number; exportName: string } {
+  const m = /^nbd:\/\/([^/:]+|\[[^\]]+\]):(\d+)\/(.+)$/.exec(uri);
+  if (!m)
+    throw new ColoError(
+      'EUSAGE',
+      `bad NBD address '${uri}': expected nbd://HOST:PORT/EXPORT, e.g. nbd://127.0.0.1:10809/disk0`,
+    );
+  return { host: m[1].replace(/^\[|\]$/g, ''), port: Number(m[2]), exportName: m[3] };
+}
+
+export class GuestNode {
+  addresses!: { http: Endpoint; control: Endpoint };
+
+  private constructor(
+    readonly state: GuestState,
+    readonly server: GuestServer,
+    readonly control: ControlServer,
+    readonly disk: NbdClient,
+  ) {}
+
+  static async start(opts: GuestNodeOptions): Promise<GuestNode> {
+    if (!(opts.nondeterminism >= 0 && opts.nondeterminism <= 1))
+      throw new ColoError(
+        'EUSAGE',
+        `--nondeterminism must be a fraction from 0 to 1, not ${opts.nondeterminism}`,
+      );
+    const disk = await NbdClient.connect(parseNbdUri(opts.disk));
+    const state = new GuestState(disk, { seed: opts.seed, nondeterminism: opts.nondeterminism });
+    const recovered = await state.recover();
+    if (recovered) opts.logger.info(`recovered ${recovered} records (${state.keys} keys) from the disk`);
+    const server = new GuestServer(state, {
+      interleave: opts.interleave,
+      jitterMs: opts.jitterMs,
+      logger: opts.logger,
+    });
+    const control = new ControlServer(guestRoutes(state, server));
+    const node = new GuestNode(state, server, control, disk);
+    const http = await server.listen(opts.listen.port, opts.listen.host);
+    const ctl = await control.listen(opts.control.port, opts.control.host);
+    node.addresses = {
+      http: { host: http.address, port: http.port },
+      control: { host: ctl.address, port: ctl.port },
+    };
+    return node;
+  }
+
+  async close(): Promise<void> {
+    await this.server.close();
+    await this.control.close();
+    await this.disk.close();
+  }
+}
+
+/** The memory-checkpoint hook of the guest, as control routes. */
+export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
+  return [
+    {
+      method: 'GET',
+      path: '/status',
+      handler: async () => ({
+        role: 'guest',
+        ...state.status(),
+        requests: server.requests,
+        conns: server.positions(),
+      }),
+    },
+    { method: 'GET', path: '/hash', handler: async () => ({ hash: state.hash() }) },
+    { method: 'POST', path: '/mem/pause', handler: async () => ({ conns: await server.pause() }) },
+    {
+      method: 'POST',
+      path: '/mem/resume',
+      handler: async () => {
+        server.resume();
+        return {};
+      },
+    },
+    { method: 'POST', path: '/mem/save', raw: async (q) => state.save(q.get('full') === '1') },
+    {
+      method: 'POST',
+      path: '/mem/checkpointed',
+      handler: async () => {
+        state.checkpointed();
+        server.checkpointed();
+        return {};
+      },
+    },
+    { method: 'POST', path: '/mem/receive', raw: async (_q, body) => state.receive(body) },
+    {
+      method: 'POST',
+      path: '/mem/load',
+      handler: async (_q, body) => {
+        const r = state.load();
+        server.align((body.targets as Record<string, number> | undefined) ?? {});
+        return r;
+      },
+    },
+    {
+      method: 'POST',
+      path: '/mem/discard',
+      handler: async () => {
+        state.discard();
+        return {};
+      },
+    },
+  ];
+}

@@ -1,0 +1,244 @@
+// The guest (src/guest/): the stand-in VM of the COLO loop. Its state and
+// disk log, its incremental memory checkpoints, its deterministic bytes, and
+// the connection positions a checkpoint moves; then the real process on a
+// real colo-blk export.
+import net from 'node:net';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { MemoryDevice } from '../src/block/memory.js';
+import { GuestServer } from '../src/guest/server.js';
+import { GuestState, LOG_START, type GuestDisk } from '../src/guest/state.js';
+import { controlCall } from '../src/checkpoint/control.js';
+import { killAll, rmDir, startServer, tmpDir, type RunningServer } from './helpers.js';
+import { startNode } from './replication-helpers.js';
+
+/** A GuestDisk over a memory device (what NbdClient offers, in-process). */
+function memDisk(size = 4 << 20): GuestDisk & { dev: MemoryDevice } {
+  const dev = new MemoryDevice(size);
+  return {
+    dev,
+    size,
+    read: async (offset, length) => {
+      const b = Buffer.alloc(length);
+      await dev.pread(b, offset);
+      return b;
+    },
+    write: (data, offset) => dev.pwrite(data, offset),
+  };
+}
+
+const quiet = { info: () => {}, warn: () => {}, debug: () => {} };
+
+/** One raw HTTP exchange on a socket: send `req`, read until `n` responses arrived. */
+function exchange(port: number, reqs: string[]): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect({ port, host: '127.0.0.1' });
+    const chunks: Buffer[] = [];
+    s.on('data', (d) => chunks.push(d));
+    s.on('error', reject);
+    s.on('close', () => resolve(Buffer.concat(chunks)));
+    s.on('connect', () => s.end(reqs.join('')));
+  });
+}
+
+const put = (key: string, value: string) =>
+  `PUT /kv/${key} HTTP/1.1\r\nHost: g\r\nContent-Length: ${Buffer.byteLength(value)}\r\n\r\n${value}`;
+const get = (key: string) => `GET /kv/${key} HTTP/1.1\r\nHost: g\r\n\r\n`;
+
+const servers: GuestServer[] = [];
+afterEach(async () => {
+  for (const s of servers.splice(0)) await s.close();
+});
+
+async function guest(disk: GuestDisk, seed: number, nondeterminism = 0) {
+  const state = new GuestState(disk, { seed, nondeterminism });
+  await state.recover();
+  const server = new GuestServer(state, { logger: quiet });
+  servers.push(server);
+  const { port } = await server.listen(0, '127.0.0.1');
+  return { state, server, port };
+}
+
+describe('guest state', () => {
+  it('stores durably before answering, and a guest started on the disk recovers every record', async () => {
+    const disk = memDisk();
+    const a = new GuestState(disk, { seed: 1, nondeterminism: 0 });
+    expect(await a.put('k1', Buffer.from('one'))).toBe(1);
+    expect(await a.put('k2', Buffer.from('two'))).toBe(1);
+    expect(await a.put('k1', Buffer.from('uno'))).toBe(2);
+    const b = new GuestState(disk, { seed: 1, nondeterminism: 0 });
+    expect(await b.recover()).toBe(3);
+    expect(b.get('k1')).toEqual({ value: Buffer.from('uno'), version: 2 });
+    expect(b.get('k2')?.value.toString()).toBe('two');
+    expect(b.status().logPos).toBe(a.status().logPos);
+    // A torn record at the end: the log ends before it.
+    const pos = a.status().logPos;
+    await a.put('k3', Buffer.alloc(1000, 7));
+    await disk.dev.pwrite(Buffer.alloc(100, 0xff), pos + 600);
+    const c = new GuestState(disk, { seed: 1, nondeterminism: 0 });
+    expect(await c.recover()).toBe(3);
+    expect(c.get('k3')).toBeUndefined();
+    expect(pos).toBeGreaterThan(LOG_START);
+  });
+
+  it('memory checkpoints carry only what the primary changed, and make the secondary equal', async () => {
+    const pvm = new GuestState(memDisk(), { seed: 5, nondeterminism: 0 });
+    const svm = new GuestState(memDisk(), { seed: 5, nondeterminism: 0 });
+    for (let i = 0; i < 2000; i++) await pvm.put(`key${i}`, Buffer.alloc(200, i & 0xff));
+    svm.receive(pvm.save(true));
+    svm.load();
+    pvm.checkpointed();
+    expect(svm.hash()).toBe(pvm.hash());
+    // Both run on; each changes a few keys of its own; the checkpoint sends the primary's only.
+    await pvm.put('key7', Buffer.from('primary'));
+    await pvm.put('new', Buffer.from('added by the primary'));
+    await svm.put('key9', Buffer.from('secondary'));
+    await svm.put('svm-only', Buffer.from('gone at the checkpoint'));
+    const delta = pvm.save(false);
+    expect(delta.length).toBeLessThan(300); // two entries and the counters, not 2000 keys
+    expect(pvm.save(true).length).toBeGreaterThan(400_000);
+    expect(svm.receive(delta).entries).toBe(2);
+    expect(svm.hash()).not.toBe(pvm.hash());
+    svm.load();
+    pvm.checkpointed();
+    expect(svm.hash()).toBe(pvm.hash());
+    expect(svm.get('svm-only')).toBeUndefined();
+    expect(svm.get('key9')?.value).toEqual(Buffer.alloc(200, 9));
+    // A failed checkpoint keeps the changes for the next one.
+    await pvm.put('key1', Buffer.from('x'));
+    pvm.save(false); // sent, never committed
+    await pvm.put('key2', Buffer.from('y'));
+    svm.receive(pvm.save(false));
+    svm.load();
+    expect(svm.hash()).toBe(pvm.hash());
+  });
+});
+
+describe('guest server', () => {
+  it('answers the same bytes for the same requests and seed; noisy responses differ, at the fraction asked', async () => {
+    const reqs = [put('a', 'alpha'), get('a'), put('b', 'beta'), get('zz'), get('a')];
+    const [x, y] = [await guest(memDisk(), 42), await guest(memDisk(), 42)];
+    const [rx, ry] = [await exchange(x.port, reqs), await exchange(y.port, reqs)];
+    expect(rx.equals(ry)).toBe(true);
+    expect(rx.toString()).toMatch(/^HTTP\/1\.1 200 OK\r\n/);
+    expect(rx.toString()).not.toMatch(/Date:/);
+    expect(rx.toString()).toContain('404 Not Found');
+    // 100 %: every response differs; 10 %: about one in ten.
+    const [n1, n2] = [await guest(memDisk(), 7, 1), await guest(memDisk(), 7, 1)];
+    const many = Array.from({ length: 200 }, (_, i) => get(`k${i}`));
+    const [a, b] = [await exchange(n1.port, many), await exchange(n2.port, many)];
+    expect(a.equals(b)).toBe(false);
+    expect(a.toString().split('X-Noise:').length - 1).toBe(200);
+    const [t1] = [await guest(memDisk(), 9, 0.1)];
+    const noisy = (await exchange(t1.port, many)).toString().split('X-Noise:').length - 1;
+    expect(noisy).toBeGreaterThan(5);
+    expect(noisy).toBeLessThan(45);
+  });
+
+  it('bad input is answered and closes only its own connection', async () => {
+    const g = await guest(memDisk(), 1);
+    const bad = await exchange(g.port, ['GARBAGE\r\n\r\n']);
+    expect(bad.toString()).toMatch(/^HTTP\/1\.1 400 Bad Request/);
+    const chunked = await exchange(g.port, ['PUT /kv/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n']);
+    expect(chunked.toString()).toMatch(/^HTTP\/1\.1 411/);
+    // A client that sends half a request and never more does not stall the others.
+    const half = net.connect({ port: g.port, host: '127.0.0.1' });
+    half.write('PUT /kv/slow HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc');
+    const ok = await exchange(g.port, [put('fine', 'yes'), get('fine')]);
+    expect(ok.toString()).toContain('yes');
+    half.destroy();
+  });
+
+  it("pause drains requests in flight and reports positions; align moves a connection to the primary's position", async () => {
+    const g = await guest(memDisk(), 3);
+    const s = net.connect({ port: g.port, host: '127.0.0.1' });
+    await new Promise((r) => s.once('connect', r));
+    const got: Buffer[] = [];
+    s.on('data', (d) => got.push(d));
+    const id = String(s.localPort);
+    const r1 = put('k', 'v1');
+    const r2 = get('k');
+    s.write(r1);
+    await new Promise((r) => setTimeout(r, 50));
+    let pos = await g.server.pause();
+    expect(pos[id].consumed).toBe(Buffer.byteLength(r1));
+    const written = pos[id].written;
+    // While paused, a request waits.
+    s.write(r2);
+    await new Promise((r) => setTimeout(r, 50));
+    expect((await g.server.pause())[id]).toEqual({ consumed: Buffer.byteLength(r1), written });
+    // The primary had taken r1 and r2: this side skips r2 (its effects come with the state).
+    g.server.align({ [id]: Buffer.byteLength(r1) + Buffer.byteLength(r2) });
+    g.server.resume();
+    await new Promise((r) => setTimeout(r, 50));
+    pos = g.server.positions();
+    expect(pos[id]).toEqual({ consumed: Buffer.byteLength(r1 + r2), written });
+    // This side takes r3; the primary had not when it paused: this side takes r3 again after the load.
+    const r3 = put('k', 'v3');
+    s.write(r3);
+    await new Promise((r) => setTimeout(r, 50));
+    pos = await g.server.pause();
+    expect(pos[id].consumed).toBe(Buffer.byteLength(r1 + r2 + r3));
+    const before = pos[id].written;
+    g.server.align({ [id]: Buffer.byteLength(r1 + r2) });
+    expect(g.server.positions()[id].consumed).toBe(Buffer.byteLength(r1 + r2));
+    g.server.resume();
+    await new Promise((r) => setTimeout(r, 50));
+    pos = g.server.positions();
+    expect(pos[id].consumed).toBe(Buffer.byteLength(r1 + r2 + r3));
+    expect(pos[id].written).toBeGreaterThan(before); // r3 answered once more
+    // Before the last checkpoint there is nothing to take again.
+    expect(() => g.server.align({ [id]: 0 })).toThrow(/before the last checkpoint/);
+    s.destroy();
+  });
+});
+
+describe('colo-blk guest (process)', () => {
+  let nbd: RunningServer | null = null;
+  const dir = tmpDir('colo-blk-guest-');
+  afterAll(async () => {
+    await nbd?.close();
+    await killAll();
+    rmDir(dir);
+  });
+
+  it('serves PUT/GET on an NBD disk, recovers after a restart, and answers its control API', async () => {
+    nbd = await startServer(new MemoryDevice(8 << 20));
+    const args = ['--listen', '127.0.0.1:0', '--control', '127.0.0.1:0', '--disk', nbd.uri(), '--seed', '4'];
+    let g = await startNode('guest', args);
+    const port = Number(g.info.port);
+    const out = await exchange(port, [put('city', 'Lyon'), get('city')]);
+    expect(out.toString()).toContain('{"version":1}');
+    expect(out.toString()).toContain('Lyon');
+    const ctl = { host: '127.0.0.1', port: Number(g.info.controlPort) };
+    const st = await controlCall<{ keys: number; dirtyKeys: number }>(ctl, 'GET', '/status');
+    expect(st).toMatchObject({ keys: 1, dirtyKeys: 1 });
+    const { hash } = await controlCall<{ hash: string }>(ctl, 'GET', '/hash');
+    g.child.kill('SIGKILL');
+    await g.exit;
+    g = await startNode('guest', args);
+    expect((await exchange(Number(g.info.port), [get('city')])).toString()).toContain('Lyon');
+    const again = await controlCall<{ keys: number }>(
+      { host: '127.0.0.1', port: Number(g.info.controlPort) },
+      'GET',
+      '/status',
+    );
+    expect(again.keys).toBe(1);
+    expect(hash).toMatch(/^[0-9a-f]{64}$/);
+    g.child.kill('SIGKILL');
+    await g.exit;
+  });
+
+  it('refuses bad options with exit code 2 and a clear message', async () => {
+    const r = await startNode('guest', [
+      '--disk',
+      'http://nope',
+      '--listen',
+      '127.0.0.1:0',
+      '--control',
+      '127.0.0.1:0',
+    ]).catch((e: Error) => e);
+    expect((r as Error).message).toMatch(
+      /bad NBD address 'http:\/\/nope': expected nbd:\/\/HOST:PORT\/EXPORT/,
+    );
+  });
+});
