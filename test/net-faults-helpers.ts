@@ -530,6 +530,8 @@ export async function startNodeInNs(
   const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     child.once('exit', (code, signal) => resolve({ code, signal })),
   );
+  let lines = '';
+  child.stdout!.on('data', (d: Buffer) => (lines += d.toString()));
   const info = await new Promise<Record<string, number | string>>((resolve, reject) => {
     let out = '';
     const timer = setTimeout(() => reject(new Error(`${role} in ${ns} did not start: ${stderr}`)), timeoutMs);
@@ -546,7 +548,12 @@ export async function startNodeInNs(
       reject(new Error(`${role} in ${ns} exited (${code ?? signal}) before listening: ${stderr}`));
     });
   });
-  return { child, info, stderr: () => stderr, exit };
+  const events = () =>
+    lines
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+  return { child, info, stderr: () => stderr, events, exit };
 }
 
 // The forwarder that runs inside a namespace: Unix socket (visible from every

@@ -15,6 +15,8 @@ export interface NodeProc {
   child: ChildProcess;
   info: Record<string, number | string>;
   stderr: () => string;
+  /** Every JSON line it printed on stdout so far (events of `colo --json`). */
+  events: () => Record<string, unknown>[];
   control: { host: string; port: number };
   nbdPort: number;
   exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
@@ -35,6 +37,13 @@ export async function startNode(
   );
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  let stdout = '';
+  child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+  const events = () =>
+    stdout
+      .split('\n')
+      .filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
   const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     child.once('exit', (code, signal) => resolve({ code, signal })),
   );
@@ -58,6 +67,7 @@ export async function startNode(
     child,
     info,
     stderr: () => stderr,
+    events,
     control: { host: '127.0.0.1', port: Number(info.controlPort) },
     nbdPort: Number(info.port),
     exit,

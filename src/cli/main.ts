@@ -11,6 +11,7 @@ import { traceFromEnv } from '../block/io-trace.js';
 import { armCrashPoints } from '../crash.js';
 import { ColoError, exitCodeOf, toColoError } from '../errors.js';
 import { EXPORT_SPEC_HELP } from './exports.js';
+import { coloCommand } from './colo.js';
 import { guestCommand } from './guest.js';
 import { recoverCommand } from './recover.js';
 import { serve } from './serve.js';
@@ -196,6 +197,50 @@ program
   .option('-v, --verbose', 'log more')
   .option('-q, --quiet', 'log warnings only')
   .action(run(guestCommand));
+
+program
+  .command('colo')
+  .description(
+    'the COLO loop: a comparer in front of the PVM and the SVM guests, and the checkpoint coordinator',
+  )
+  .option('--listen <host:port>', 'where clients connect', '127.0.0.1:8000')
+  .requiredOption('--pvm <host:port>', "the PVM guest's service address")
+  .option('--svm <host:port>', "the SVM guest's service address")
+  .requiredOption('--pvm-control <host:port>', "the PVM guest's control address")
+  .option('--svm-control <host:port>', "the SVM guest's control address")
+  .requiredOption('--primary-control <host:port>', "the primary disk node's control address")
+  .option(
+    '--secondary-control <host:port>',
+    "the secondary disk node's control address (run it with --failover manual)",
+  )
+  .option('--control <host:port>', 'control API (status, checkpoint, reprotect, metrics)', '127.0.0.1:8001')
+  .addOption(
+    new Option(
+      '--mode <mode>',
+      'colo: compare outputs; remus: hold all output until each commit; none: pass through',
+    )
+      .choices(['colo', 'remus', 'none'])
+      .default('colo'),
+  )
+  .option('--interval <ms>', 'colo: the longest time between checkpoints (5000); remus: the period (100)')
+  .option('--compare-timeout <ms>', 'checkpoint when output stays unmatched this long', '200')
+  .option('--max-pending <size>', 'checkpoint when dirty memory plus the open disk epoch exceed this', '64M')
+  .option('--heartbeat <ms>', 'probe every VM and disk node this often', '100')
+  .option('--failover-after <ms>', 'a side that has not answered for this long is lost', '500')
+  .option('--timeout <ms>', 'how long each checkpoint phase may take', '10000')
+  .option('--verify', 'after each checkpoint, check SVM = PVM (state hash and disk hash) while paused')
+  .option('--json', 'print events (listening, checkpoint, failover, state) as JSON lines')
+  .option('-v, --verbose', 'log more')
+  .option('-q, --quiet', 'log warnings only')
+  .addHelpText(
+    'after',
+    `
+Example (guests on 8080/8081 and 8090/8091, disk nodes' control on 10950/10951):
+  colo-blk colo --listen 127.0.0.1:8000 --pvm 127.0.0.1:8080 --pvm-control 127.0.0.1:8081 \\
+                --svm 127.0.0.1:8090 --svm-control 127.0.0.1:8091 \\
+                --primary-control 127.0.0.1:10950 --secondary-control 127.0.0.1:10951`,
+  )
+  .action(run(coloCommand));
 
 program
   .command('checkpoint')

@@ -15,6 +15,7 @@ import { SecondaryNode } from '../checkpoint/secondary/node.js';
 import { parseHostPort } from '../util/address.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { parseExportSpec } from './exports.js';
+import { coloStatusText } from './colo.js';
 import { stderrLogger } from './log.js';
 
 export interface NodeCliOptions {
@@ -326,6 +327,18 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
   const s = await controlCall<any>(addr, 'GET', '/status');
   if (opts.json) {
     process.stdout.write(JSON.stringify(s) + '\n');
+    return;
+  }
+  if (s.role === 'colo') {
+    process.stdout.write(coloStatusText(s));
+    return;
+  }
+  if (s.role === 'guest') {
+    process.stdout.write(
+      `role          guest (stand-in VM)\nstate         ${s.keys} keys, ${s.ops} operations, log at ${s.logPos}; ` +
+        `${s.dirtyKeys} keys (${formatBytes(s.dirtyBytes)}) changed since checkpoint ${s.checkpoints}\n` +
+        `connections   ${Object.keys(s.conns ?? {}).length}; ${s.requests} requests served\n`,
+    );
     return;
   }
   const out: string[] = [];

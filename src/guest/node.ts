@@ -91,6 +91,7 @@ export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
       }),
     },
     { method: 'GET', path: '/hash', handler: async () => ({ hash: state.hash() }) },
+    { method: 'GET', path: '/disk-hash', handler: async () => ({ hash: await state.diskHash() }) },
     { method: 'POST', path: '/mem/pause', handler: async () => ({ conns: await server.pause() }) },
     {
       method: 'POST',

@@ -59,6 +59,7 @@ interface Conn {
 }
 
 const KEEP_BYTES = 16 * 1024 * 1024;
+const WRITE_HIGH_WATER = 1024 * 1024;
 
 export interface ConnPosition {
   consumed: number;
@@ -69,6 +70,12 @@ export class GuestServer {
   private readonly server: net.Server;
   private conns = new Map<number, Conn>();
   private paused = false;
+  /**
+   * Keep the requests taken since the last checkpoint (a load may take them
+   * again): only an SVM needs them. Set by a load, cleared when this guest's
+   * own checkpoint is committed (it serves as the PVM).
+   */
+  private keeping = false;
   private idleWaiters: (() => void)[] = [];
   requests = 0;
 
@@ -119,6 +126,11 @@ export class GuestServer {
   /** Take and answer requests of a connection, one at a time, in order. */
   private pump(c: Conn): void {
     while (!this.paused && !c.busy && !c.closing) {
+      // A client that does not read its answers: take no more of its requests until it does.
+      if (c.socket.writableLength > WRITE_HIGH_WATER) {
+        c.socket.once('drain', () => this.pump(c));
+        return;
+      }
       if (c.skip > 0) {
         const n = Math.min(c.skip, c.input.length);
         if (n === 0) return;
@@ -158,6 +170,10 @@ export class GuestServer {
    * them fails (it never happens with checkpoints at least that often).
    */
   private keep(c: Conn, bytes: Buffer): void {
+    if (!this.keeping) {
+      c.takenFrom = c.consumed + bytes.length;
+      return;
+    }
     c.taken.push(Buffer.from(bytes));
     c.takenBytes += bytes.length;
     while (c.takenBytes > KEEP_BYTES && c.taken.length > 1) {
@@ -251,6 +267,7 @@ export class GuestServer {
 
   /** A checkpoint was committed: requests taken so far will never be taken again. */
   checkpointed(): void {
+    this.keeping = false;
     for (const c of this.conns.values()) {
       c.taken = [];
       c.takenBytes = 0;
@@ -264,6 +281,7 @@ export class GuestServer {
    * had not seen continues from its start).
    */
   align(targets: Record<string, number>): void {
+    this.keeping = true;
     for (const c of this.conns.values()) {
       const target = targets[c.id] ?? 0;
       if (target >= c.consumed) c.skip = target - c.consumed;

@@ -254,6 +254,15 @@ export class GuestState {
     return h.digest('hex');
   }
 
+  /** sha256 of the whole disk, read through the guest's own disk client (what the VM would see). */
+  async diskHash(): Promise<string> {
+    const h = createHash('sha256');
+    const chunk = 1024 * 1024;
+    for (let off = 0; off < this.disk.size; off += chunk)
+      h.update(await this.disk.read(off, Math.min(chunk, this.disk.size - off)));
+    return h.digest('hex');
+  }
+
   status() {
     return {
       keys: this.entries.size,

@@ -223,10 +223,10 @@ export class SecondaryReplica {
   }
 
   /** Failover: this node becomes the primary of a new generation. */
-  async promote(reason: string) {
+  async promote(reason: string, commitThrough?: number) {
     const t = this.env.clock.mono();
     this.link.cancelFailover();
-    const r = await this.store.promote(reason);
+    const r = await this.store.promote(reason, commitThrough);
     this.link.dropPrimary();
     this.lastPromotionMs = this.env.clock.mono() - t;
     this.opts.logger.warn(
@@ -253,6 +253,7 @@ export class SecondaryReplica {
       promoted: this.store.promoted,
       promotionMs: this.lastPromotionMs,
       failoverPending: this.link.core.failoverPending,
+      failover: this.opts.failover ?? 'auto',
       export: this.opts.exportName,
       image: this.opts.image,
       size: this.store.size,
@@ -401,7 +402,13 @@ export function secondaryRoutes(node: SecondaryReplica): Route[] {
     {
       method: 'POST',
       path: '/failover',
-      handler: async () => node.promote('operator request (colo-blk failover)'),
+      handler: async (q, b) => {
+        const v = b.commit ?? q.get('commit');
+        const commit = v === undefined || v === null ? undefined : Number(v);
+        if (commit !== undefined && !(Number.isSafeInteger(commit) && commit >= 0))
+          throw new ColoError('EINVAL', `'commit' must be an epoch number (got ${v})`);
+        return node.promote(String(b.reason ?? 'operator request (colo-blk failover)'), commit);
+      },
     },
     {
       method: 'POST',

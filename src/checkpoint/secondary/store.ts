@@ -508,7 +508,19 @@ export class SecondaryStore {
    * commits.journal and fdatasync'd), then the SVM's overlay is discarded.
    * The image is updated in the background.
    */
-  async commit(
+  commit(
+    n: number,
+    sync?: SyncMark,
+  ): Promise<{ epochs: number[]; overlayDiscarded: { records: number; bytes: number } }> {
+    // One at a time: the link's commit and a failover's (see promote) may race.
+    const run = this.commitChain.then(() => this.commitOnce(n, sync));
+    this.commitChain = run.catch(() => {});
+    return run;
+  }
+
+  private commitChain: Promise<unknown> = Promise.resolve();
+
+  private async commitOnce(
     n: number,
     sync?: SyncMark,
   ): Promise<{ epochs: number[]; overlayDiscarded: { records: number; bytes: number } }> {
@@ -672,13 +684,20 @@ export class SecondaryStore {
    * anything else), discard every uncommitted PVM write, and keep the SVM's
    * own writes, which from now on are the disk's real data (invariant 5).
    * Disk and memory resume from the same point: the last commit.
+   *
+   * `commitThrough`: a COLO coordinator released the output of that epoch
+   * (the secondary had it durably, and the SVM its memory state), but the
+   * primary died before it could send the commit. The epoch is committed here
+   * first, on the coordinator's word: disk and memory then resume from that
+   * checkpoint, the one the clients saw.
    */
   promote(
     reason: string,
+    commitThrough?: number,
   ): Promise<{ generation: number; at: number; droppedEpochs: number[]; committed: number }> {
     // Two requests at once (automatic and manual, say) get the same promotion.
     if (!this.promotion)
-      this.promotion = this.promoteOnce(reason).catch((err: Error) => {
+      this.promotion = this.promoteOnce(reason, commitThrough).catch((err: Error) => {
         this.promotion = null;
         throw err;
       });
@@ -694,8 +713,17 @@ export class SecondaryStore {
 
   private async promoteOnce(
     reason: string,
+    commitThrough?: number,
   ): Promise<{ generation: number; at: number; droppedEpochs: number[]; committed: number }> {
     while (this.resyncStart) await this.resyncStart.catch(() => {});
+    if (!this.promoted && commitThrough !== undefined && commitThrough > this.lastCommitted) {
+      if (this.syncing)
+        throw new ColoError(
+          'EBUSY',
+          `cannot commit epoch ${commitThrough} before promoting: this node is part-way through a resync`,
+        );
+      await this.commit(commitThrough);
+    }
     if (this.promoted)
       return {
         generation: this.promoted.generation,

@@ -1,0 +1,735 @@
+/**
+ * The checkpoint coordinator: it runs the COLO loop around the comparer, the
+ * two VMs' memory-checkpoint hooks and the disk pair.
+ *
+ * One checkpoint transaction, in QEMU's order with this project's disk steps:
+ *   1. a request (mismatch, timeout, queue, reset, interval, pending, manual);
+ *      requests that arrive until the cut are folded into it;
+ *   2. pause the SVM, then the PVM, each with its in-flight I/O drained;
+ *   3. seal the disk epoch on the primary;
+ *   4. save the PVM's state (only what it dirtied; all of it at a pairing);
+ *   5. the SVM receives it ∥ the secondary holds the epoch durably ∥ the
+ *      comparer has every byte the VMs wrote before the pause;
+ *   6. the cut: the PVM's held output is released, the SVM's unmatched
+ *      output discarded (the checkpoint is now *decided*);
+ *   7. the SVM loads the state ∥ the disk epoch commits;
+ *   8. both resume (in remus mode the SVM stays paused).
+ * A phase that fails before the cut releases nothing: the SVM discards what
+ * it received, both resume, and the request stands.
+ *
+ * Notes on the design:
+ * - Everything that changes the pair runs one at a time (`exec`): a
+ *   checkpoint, a pairing, a failover, an unprotect. A failover or an
+ *   unprotect first aborts the checkpoint in flight (its calls to the lost
+ *   side may never answer), then waits for its calls to the surviving side.
+ * - The decision point is the cut. A failover after it commits that epoch on
+ *   the secondary and loads that state into the SVM: the clients saw its
+ *   output. A failover before it drops the epoch and the received state: the
+ *   SVM carries on from its own state, whose output matched what the clients
+ *   saw.
+ * - Liveness: a probe of each VM and disk node every `heartbeatMs`, and at
+ *   once when the comparer sees a connection end or fail. A side is lost
+ *   after two refused connections in a row or `failoverAfterMs` without an
+ *   answer. The primary side lost → failover; the secondary side lost →
+ *   unprotected (the PVM's output passes through), and a pairing is tried
+ *   again when it answers.
+ */
+import { EventEmitter } from 'node:events';
+import { ColoError, toColoError } from '../../errors.js';
+import type { Comparer, CheckpointReason, Mode, Positions } from '../../net/comparer/comparer.js';
+import type { Logger } from '../../net/server.js';
+import type { Endpoint } from '../../util/address.js';
+import { DiskPair } from './disk.js';
+import type { VmHook } from './hooks.js';
+
+export type CoordinatorState = 'unprotected' | 'pairing' | 'protected' | 'failing-over';
+
+export interface CoordinatorOptions {
+  mode: Mode;
+  comparer: Comparer;
+  pvm: VmHook;
+  svm: VmHook | null;
+  disk: DiskPair;
+  /** colo: the longest time between checkpoints; remus: the checkpoint period. */
+  intervalMs: number;
+  /** Checkpoint when the PVM's dirty state plus the open disk epoch exceed this. */
+  maxPendingBytes: number;
+  heartbeatMs: number;
+  failoverAfterMs: number;
+  phaseTimeoutMs: number;
+  /** After each checkpoint, check that SVM = PVM (state hash and disk hash) while both are paused. */
+  verify: boolean;
+  logger: Logger;
+}
+
+export const PHASES = ['pause', 'seal', 'save', 'transfer', 'release', 'load', 'resume'] as const;
+export type Phase = (typeof PHASES)[number];
+
+export interface CheckpointRecord {
+  n: number;
+  at: number;
+  reasons: CheckpointReason[];
+  full: boolean;
+  epoch: number;
+  memoryBytes: number;
+  diskBytes: number;
+  diskWrites: number;
+  releasedBytes: number;
+  /** From the first request folded in until the checkpoint started. */
+  waitMs: number;
+  phases: Record<Phase, number>;
+  /** How long the VMs were paused (without verification). */
+  pauseMs: number;
+  totalMs: number;
+  verified?: { state: boolean; disk: boolean; ms: number };
+}
+
+export interface FailoverRecord {
+  at: number;
+  reason: string;
+  /** The checkpoint the SVM resumed from: the one decided before the loss, or its own last one. */
+  committedEpoch: number;
+  loadedDecided: boolean;
+  generation: number;
+  survived: number;
+  lost: number;
+  /** From the first sign of trouble until the SVM serves the connections. */
+  ms: number;
+  phases: { detect: number; promote: number; load: number; switch: number };
+}
+
+type Target = 'pvm' | 'primary' | 'svm' | 'secondary';
+
+interface Health {
+  lastOk: number;
+  refusedInARow: number;
+  lastError: string | null;
+}
+
+const KEEP_RECORDS = 1000;
+
+class Aborted extends Error {}
+
+export class Coordinator extends EventEmitter {
+  state: CoordinatorState = 'unprotected';
+  pvm: VmHook;
+  svm: VmHook | null;
+  disk: DiskPair;
+  readonly mode: Mode;
+  private chain: Promise<unknown> = Promise.resolve();
+  private requested = new Map<CheckpointReason, number>();
+  private firstRequestAt = 0;
+  private running = false;
+  private abortWith: ((e: Error) => void) | null = null;
+  private abortP: Promise<never> | null = null;
+  private svmCalls: Promise<unknown> | null = null;
+  /** The checkpoint whose output was released but not yet loaded and committed everywhere. */
+  private decided: { epoch: number; targets: Record<string, number>; loaded: boolean } | null = null;
+  private kickTimer: NodeJS.Timeout | null = null;
+  private intervalTimer: NodeJS.Timeout | null = null;
+  private heartbeat: NodeJS.Timeout | null = null;
+  private probing = false;
+  private probeAgain = false;
+  private retryAt = 0;
+  private failuresInARow = 0;
+  private suspectSince = 0;
+  private closed = false;
+  private peerState = 'unknown';
+  private health: Record<Target, Health>;
+  readonly records: CheckpointRecord[] = [];
+  readonly failovers: FailoverRecord[] = [];
+  readonly counts = {
+    checkpoints: 0,
+    failures: 0,
+    verifyFailures: 0,
+    byReason: {} as Record<string, number>,
+    memoryBytes: 0,
+    diskBytes: 0,
+  };
+  lastError: string | null = null;
+
+  constructor(private readonly opts: CoordinatorOptions) {
+    super();
+    this.mode = opts.mode;
+    this.pvm = opts.pvm;
+    this.svm = opts.mode === 'none' ? null : opts.svm;
+    this.disk = opts.disk;
+    const now = Date.now();
+    const h = (): Health => ({ lastOk: now, refusedInARow: 0, lastError: null });
+    this.health = { pvm: h(), primary: h(), svm: h(), secondary: h() };
+    opts.comparer.handlers = {
+      request: (reason) => this.request(reason),
+      suspect: () => {
+        this.suspectSince ||= Date.now();
+        this.probeSoon();
+      },
+    };
+  }
+
+  private get log(): Logger {
+    return this.opts.logger;
+  }
+
+  start(): void {
+    this.heartbeat = setInterval(() => this.probeSoon(), this.opts.heartbeatMs);
+    this.probeSoon();
+    if (this.svm) void this.exec(() => this.pair());
+  }
+
+  // Requests ---------------------------------------------------------------
+
+  /** Ask for a checkpoint; requests are coalesced. */
+  request(reason: CheckpointReason): void {
+    if (this.mode === 'none' || this.state !== 'protected') return;
+    if (this.requested.size === 0) this.firstRequestAt = Date.now();
+    this.requested.set(reason, (this.requested.get(reason) ?? 0) + 1);
+    this.kick();
+  }
+
+  /** A manual checkpoint: resolves with its record. */
+  async checkpointNow(): Promise<CheckpointRecord> {
+    if (this.mode === 'none')
+      throw new ColoError('EINVAL', 'this colo process runs in mode none: nothing is checkpointed');
+    if (this.state !== 'protected')
+      throw new ColoError(
+        'EBUSY',
+        `not protected (${this.state}${this.lastError ? `: ${this.lastError}` : ''})`,
+      );
+    const n = this.counts.checkpoints + this.counts.failures;
+    return new Promise<CheckpointRecord>((resolve, reject) => {
+      const done = (r: CheckpointRecord) => {
+        if (r.n <= n) return;
+        this.off('checkpoint', done);
+        this.off('checkpoint-failed', failed);
+        resolve(r);
+      };
+      const failed = (e: Error) => {
+        this.off('checkpoint', done);
+        this.off('checkpoint-failed', failed);
+        reject(e);
+      };
+      this.on('checkpoint', done);
+      this.on('checkpoint-failed', failed);
+      this.request('manual');
+    });
+  }
+
+  private kick(): void {
+    if (this.running || this.closed) return;
+    const wait = this.retryAt - Date.now();
+    if (wait > 0) {
+      // Backing off after a failure; never sleep inside exec (a failover must not wait behind it).
+      this.kickTimer ??= setTimeout(() => {
+        this.kickTimer = null;
+        this.kick();
+      }, wait);
+      return;
+    }
+    this.running = true;
+    void this.exec(async () => {
+      try {
+        while (
+          this.requested.size > 0 &&
+          this.state === 'protected' &&
+          !this.closed &&
+          Date.now() >= this.retryAt
+        )
+          await this.checkpoint(false, false).catch(() => {});
+      } finally {
+        this.running = false;
+        if (this.requested.size > 0 && this.state === 'protected') this.kick();
+      }
+    });
+  }
+
+  private armInterval(): void {
+    if (this.intervalTimer) clearTimeout(this.intervalTimer);
+    this.intervalTimer = null;
+    if (this.state !== 'protected' || this.closed) return;
+    this.intervalTimer = setTimeout(() => this.request('interval'), this.opts.intervalMs);
+  }
+
+  private exec<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.chain.then(fn, fn);
+    this.chain = run.catch(() => {});
+    return run;
+  }
+
+  // The transaction ----------------------------------------------------------
+
+  /** Race a call to a side that may be lost against an abort (failover, unprotect). */
+  private guard<T>(p: Promise<T>): Promise<T> {
+    return this.abortP ? Promise.race([p, this.abortP]) : p;
+  }
+
+  /** Calls to the SVM: a failover waits for them (the SVM lives on). */
+  private svmCall<T>(p: Promise<T>): Promise<T> {
+    this.svmCalls = p.catch(() => {});
+    return this.guard(p);
+  }
+
+  private async checkpoint(full: boolean, attach: boolean): Promise<CheckpointRecord> {
+    const svm = this.svm!;
+    const pvm = this.pvm;
+    const comparer = this.opts.comparer;
+    const reasons = attach ? (['pair'] as CheckpointReason[]) : [...this.requested.keys()];
+    const waitMs = attach ? 0 : Date.now() - this.firstRequestAt;
+    this.abortP = new Promise<never>((_, reject) => (this.abortWith = reject));
+    this.abortP.catch(() => {});
+    const phases = Object.fromEntries(PHASES.map((p) => [p, 0])) as Record<Phase, number>;
+    const t0 = performance.now();
+    let last = t0;
+    const lap = (p: Phase) => {
+      const t = performance.now();
+      phases[p] = t - last;
+      last = t;
+    };
+    let received = false;
+    let svmPos: Positions | null = null;
+    let pvmPos: Positions | null = null;
+    let paused = false;
+    try {
+      // 2. pause the SVM, then the PVM
+      svmPos = await this.svmCall(svm.pause());
+      pvmPos = await this.guard(pvm.pause());
+      paused = true;
+      if (attach) await comparer.attach(svm.data, pvmPos);
+      lap('pause');
+      // 3. seal
+      const seal = await this.guard(this.disk.seal());
+      lap('seal');
+      // 4. the PVM's state
+      const state = await this.guard(pvm.save(full));
+      lap('save');
+      // 5. received ∥ durable ∥ every byte of the cut here
+      await this.guard(
+        Promise.all([
+          this.svmCall(svm.receive(state)).then(() => (received = true)),
+          this.disk.durable(seal.epoch),
+          comparer.drain(pvmPos, svmPos, this.opts.phaseTimeoutMs),
+        ]),
+      );
+      lap('transfer');
+      // 6. the cut: from here the checkpoint counts
+      const releasedBefore = comparer.stats.bytesReleased;
+      const targets = comparer.cut(pvmPos, svmPos);
+      this.decided = { epoch: seal.epoch, targets, loaded: false };
+      this.requested.clear();
+      const releasedBytes = comparer.stats.bytesReleased - releasedBefore;
+      lap('release');
+      // 7. load ∥ commit
+      const decided = this.decided;
+      await this.guard(
+        Promise.all([
+          this.svmCall(svm.load(targets)).then(() => (decided.loaded = true)),
+          this.disk.commit(seal.epoch),
+        ]),
+      );
+      this.decided = null;
+      await this.guard(pvm.checkpointed());
+      lap('load');
+      let verified: CheckpointRecord['verified'];
+      let verifyMs = 0;
+      if (this.opts.verify) {
+        const tv = performance.now();
+        const [a, b, da, db] = await this.guard(
+          Promise.all([pvm.hash(), svm.hash(), pvm.diskHash(), svm.diskHash()]),
+        );
+        verifyMs = performance.now() - tv;
+        verified = { state: a === b, disk: da === db, ms: verifyMs };
+        last += verifyMs;
+        if (!verified.state || !verified.disk) {
+          this.counts.verifyFailures++;
+          this.log.warn(
+            `checkpoint of epoch ${seal.epoch}: SVM ≠ PVM after the checkpoint (state ${verified.state ? 'equal' : 'DIFFERS'}, disk ${verified.disk ? 'equal' : 'DIFFERS'})`,
+          );
+        }
+      }
+      // 8. resume
+      await this.guard(Promise.all([this.mode === 'colo' ? this.svmCall(svm.resume()) : null, pvm.resume()]));
+      lap('resume');
+      const totalMs = performance.now() - t0;
+      const record: CheckpointRecord = {
+        n: this.counts.checkpoints + this.counts.failures + 1,
+        at: Date.now(),
+        reasons,
+        full,
+        epoch: seal.epoch,
+        memoryBytes: state.length,
+        diskBytes: seal.bytes,
+        diskWrites: seal.writes,
+        releasedBytes,
+        waitMs,
+        phases,
+        pauseMs: totalMs - verifyMs,
+        totalMs,
+        verified,
+      };
+      this.counts.checkpoints++;
+      for (const r of reasons) this.counts.byReason[r] = (this.counts.byReason[r] ?? 0) + 1;
+      this.counts.memoryBytes += record.memoryBytes;
+      this.counts.diskBytes += record.diskBytes;
+      this.records.push(record);
+      if (this.records.length > KEEP_RECORDS) this.records.shift();
+      this.failuresInARow = 0;
+      this.retryAt = 0;
+      this.emit('checkpoint', record);
+      this.armInterval();
+      return record;
+    } catch (err) {
+      const e = toColoError(err);
+      if (err instanceof Aborted) throw err;
+      const decided = this.decided !== null;
+      this.counts.failures++;
+      this.failuresInARow++;
+      this.lastError = e.message;
+      this.log.warn(`checkpoint failed${decided ? ' after the cut' : ''}: ${e.message}`);
+      this.emit('checkpoint-failed', e);
+      if (!decided) {
+        // Nothing was released: undo what was done, and try again later.
+        comparer.endDrain();
+        if (received) await svm.discard().catch(() => {});
+        if (paused || svmPos) {
+          await Promise.allSettled([this.mode === 'colo' ? svm.resume() : null, pvm.resume()]);
+        }
+        this.retryAt = Date.now() + Math.min(2000, 50 * 2 ** Math.min(this.failuresInARow, 6));
+      }
+      // Which side is gone? A lost side is handled here, in the same turn.
+      await this.probe();
+      const lost = this.lostSide();
+      if (lost === 'primary') await this.doFailover(`checkpoint failed: ${e.message}`);
+      else if (lost === 'secondary' || decided)
+        await this.doUnprotect(
+          lost ? `checkpoint failed: ${e.message}` : `checkpoint failed after the cut: ${e.message}`,
+        );
+      throw e;
+    } finally {
+      this.abortWith = null;
+      this.abortP = null;
+    }
+  }
+
+  // Pairing -------------------------------------------------------------------
+
+  /**
+   * Pair the SVM: a full checkpoint makes SVM = PVM (memory, disk and each
+   * open connection, which joins the SVM from the PVM's position).
+   */
+  private async pair(): Promise<void> {
+    if (!this.svm || this.state !== 'unprotected' || this.closed) return;
+    this.state = 'pairing';
+    try {
+      const sec = await this.disk.secondaryStatus(this.opts.phaseTimeoutMs);
+      if (sec.failover !== 'manual')
+        throw new ColoError(
+          'EUSAGE',
+          `the secondary at ${this.disk.secondary!.host}:${this.disk.secondary!.port} fails over on its own (--failover auto): ` +
+            `start it with --failover manual, so that the coordinator decides (it knows which checkpoint's output the clients saw)`,
+        );
+      // Wait for the disk pair to be in sync before pausing anything.
+      const until = Date.now() + Math.max(this.opts.phaseTimeoutMs, 60_000);
+      for (;;) {
+        const p = await this.disk.primaryStatus(this.opts.phaseTimeoutMs);
+        if (p.peerState === 'protected') break;
+        if (Date.now() > until)
+          throw new ColoError('EBUSY', `the disk pair is not in sync (primary's peer: ${p.peerState})`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      await this.checkpoint(true, true);
+      this.state = 'protected';
+      this.lastError = null;
+      this.log.info(`protected: ${this.pvm.name} → ${this.svm.name} (mode ${this.mode})`);
+      this.emit('state', this.state);
+      this.armInterval();
+    } catch (err) {
+      if (this.state === 'pairing') {
+        this.state = 'unprotected';
+        this.opts.comparer.detach();
+      }
+      const e = toColoError(err);
+      this.lastError = `pairing failed: ${e.message}`;
+      this.log.warn(this.lastError);
+      this.emit('pair-failed', e);
+      this.retryAt = Date.now() + 1000;
+      throw e;
+    }
+  }
+
+  /** Pair a new SVM (after a failover, or another one): the operator's re-protect. */
+  async reprotect(svm: VmHook, secondary: Endpoint): Promise<{ state: CoordinatorState }> {
+    if (this.mode === 'none') throw new ColoError('EINVAL', 'mode none: there is nothing to protect with');
+    if (this.state !== 'unprotected')
+      throw new ColoError('EBUSY', `already ${this.state}: re-protect pairs an SVM when unprotected`);
+    return this.exec(async () => {
+      this.svm = svm;
+      this.disk.secondary = secondary;
+      this.health.svm = { lastOk: Date.now(), refusedInARow: 0, lastError: null };
+      this.health.secondary = { lastOk: Date.now(), refusedInARow: 0, lastError: null };
+      await this.pair();
+      return { state: this.state };
+    });
+  }
+
+  // Losing a side ---------------------------------------------------------------
+
+  private abortRunning(why: string): void {
+    this.abortWith?.(new Aborted(why));
+  }
+
+  /** The primary side is lost: the SVM takes over. */
+  private requestFailover(why: string): void {
+    if (this.state === 'failing-over') return;
+    this.abortRunning(why);
+    void this.exec(() => this.doFailover(why)).catch(() => {});
+  }
+
+  private async doFailover(why: string): Promise<void> {
+    if (this.state !== 'protected' && this.state !== 'pairing') return;
+    if (this.state === 'pairing' && !this.decided) {
+      // The SVM never held a checkpoint of this PVM: there is nothing to fail over to.
+      this.log.warn(`the primary side is lost (${why}) before the SVM was paired: nothing to fail over to`);
+      return;
+    }
+    const svm = this.svm!;
+    this.state = 'failing-over';
+    this.emit('state', this.state);
+    const t0 = performance.now();
+    const detect = this.suspectSince ? Date.now() - this.suspectSince : 0;
+    this.log.warn(`the primary side is lost (${why}): failing over to ${svm.name}`);
+    await this.svmCalls;
+    const decided = this.decided;
+    try {
+      const r = await this.disk.promote(`colo failover: ${why}`, decided?.epoch);
+      const tPromote = performance.now();
+      if (decided && r.committed < decided.epoch)
+        throw new ColoError(
+          'EINTERNAL',
+          `the secondary promoted with epoch ${r.committed} committed, but the output of epoch ${decided.epoch} was released`,
+        );
+      if (decided && !decided.loaded) await svm.load(decided.targets);
+      else if (!decided) await svm.discard().catch(() => {});
+      await svm.checkpointed();
+      const tLoad = performance.now();
+      const { survived, lost } = this.opts.comparer.failover(svm.data);
+      await svm.resume();
+      const tSwitch = performance.now();
+      this.decided = null;
+      this.pvm = svm;
+      this.svm = null;
+      this.disk = new DiskPair(this.disk.secondary!, null, this.opts.phaseTimeoutMs);
+      this.health.pvm = this.health.svm;
+      this.health.primary = this.health.secondary;
+      this.state = 'unprotected';
+      this.requested.clear();
+      if (this.intervalTimer) clearTimeout(this.intervalTimer);
+      const rec: FailoverRecord = {
+        at: Date.now(),
+        reason: why,
+        committedEpoch: r.committed,
+        loadedDecided: decided !== null,
+        generation: r.generation,
+        survived,
+        lost,
+        ms: detect + (tSwitch - t0),
+        phases: { detect, promote: tPromote - t0, load: tLoad - tPromote, switch: tSwitch - tLoad },
+      };
+      this.failovers.push(rec);
+      this.suspectSince = 0;
+      this.log.warn(
+        `failed over in ${rec.ms.toFixed(0)} ms: the SVM serves ${survived} connection(s) from epoch ${r.committed} (generation ${r.generation})${lost ? `; ${lost} unprotected connection(s) lost` : ''}`,
+      );
+      this.emit('failover', rec);
+      this.emit('state', this.state);
+    } catch (err) {
+      const e = toColoError(err);
+      this.lastError = `failover failed: ${e.message}`;
+      this.log.warn(this.lastError);
+      this.state = 'protected'; // held output stays held; the next probe tries again
+      this.emit('failover-failed', e);
+    }
+  }
+
+  private requestUnprotect(why: string): void {
+    this.abortRunning(why);
+    void this.exec(() => this.doUnprotect(why)).catch(() => {});
+  }
+
+  /** The secondary side is lost: the PVM goes on alone, its output passes through. */
+  private async doUnprotect(why: string): Promise<void> {
+    if (this.state !== 'protected' && this.state !== 'pairing') return;
+    this.state = 'unprotected';
+    this.decided = null;
+    this.requested.clear();
+    if (this.intervalTimer) clearTimeout(this.intervalTimer);
+    this.opts.comparer.detach();
+    await this.pvm.resume().catch(() => {});
+    this.lastError = `unprotected: ${why}`;
+    this.log.warn(`unprotected: ${why}; the PVM goes on alone, its output passes through`);
+    this.emit('state', this.state);
+    this.retryAt = Date.now() + 1000;
+  }
+
+  // Liveness ------------------------------------------------------------------
+
+  private probeSoon(): void {
+    if (this.closed) return;
+    if (this.probing) {
+      this.probeAgain = true;
+      return;
+    }
+    this.probing = true;
+    void this.probe()
+      .then(() => this.decide())
+      .finally(() => {
+        this.probing = false;
+        if (this.probeAgain) {
+          this.probeAgain = false;
+          this.probeSoon();
+        }
+      });
+  }
+
+  private async probe(): Promise<void> {
+    const t = Math.max(200, this.opts.heartbeatMs * 2);
+    const one = async (target: Target, call: () => Promise<unknown>) => {
+      const h = this.health[target];
+      try {
+        await call();
+        h.lastOk = Date.now();
+        h.refusedInARow = 0;
+        h.lastError = null;
+      } catch (err) {
+        const e = toColoError(err);
+        h.lastError = e.message;
+        if (/ECONNREFUSED|ECONNRESET/.test(e.message)) h.refusedInARow++;
+      }
+    };
+    let dirty = 0;
+    let pending = 0;
+    const calls: Promise<void>[] = [
+      one('pvm', async () => (dirty = (await this.pvm.probe(t)).dirtyBytes ?? 0)),
+      one('primary', async () => {
+        const s = await this.disk.primaryStatus(t);
+        this.peerState = s.peerState;
+        pending = s.pending?.find((p) => p.state === 'open')?.bytes ?? 0;
+      }),
+    ];
+    if (this.svm) {
+      const svm = this.svm;
+      calls.push(one('svm', () => svm.probe(t)));
+    }
+    if (this.disk.secondary) calls.push(one('secondary', () => this.disk.secondaryStatus(t)));
+    await Promise.all(calls);
+    if (this.state === 'protected' && dirty + pending > this.opts.maxPendingBytes) this.request('pending');
+  }
+
+  private isLost(target: Target): boolean {
+    const h = this.health[target];
+    return h.refusedInARow >= 2 || Date.now() - h.lastOk > this.opts.failoverAfterMs;
+  }
+
+  private lostSide(): 'primary' | 'secondary' | null {
+    if (this.isLost('pvm') || this.isLost('primary')) return 'primary';
+    if (this.svm && (this.isLost('svm') || this.isLost('secondary'))) return 'secondary';
+    return null;
+  }
+
+  private decide(): void {
+    if (this.closed || this.mode === 'none') return;
+    const lost = this.lostSide();
+    if (this.state === 'protected' || this.state === 'pairing') {
+      if (lost === 'primary') {
+        const h = this.isLost('pvm') ? this.health.pvm : this.health.primary;
+        this.requestFailover(
+          `${this.isLost('pvm') ? this.pvm.name : 'the primary disk node'}: ${h.lastError ?? 'silent'}`,
+        );
+      } else if (lost === 'secondary') {
+        const h = this.isLost('svm') ? this.health.svm : this.health.secondary;
+        this.requestUnprotect(
+          `${this.isLost('svm') ? this.svm!.name : 'the secondary disk node'}: ${h.lastError ?? 'silent'}`,
+        );
+      } else if (!lost) this.suspectSince = 0;
+      // A connection the SVM reset while it lives: that connection goes on unprotected.
+      for (const id of this.opts.comparer.failedSessions('svm')) this.opts.comparer.detachSession(id);
+      // A connection the PVM reset while it lives: a checkpoint makes the reset output.
+      if (!lost && this.opts.comparer.failedSessions('pvm').length) this.request('reset');
+    } else if (
+      this.state === 'unprotected' &&
+      this.svm &&
+      !lost &&
+      Date.now() >= this.retryAt &&
+      !this.running
+    ) {
+      void this.exec(() => this.pair()).catch(() => {});
+    }
+  }
+
+  // Status ----------------------------------------------------------------------
+
+  status() {
+    const pct = (xs: number[], q: number) => {
+      if (!xs.length) return null;
+      const s = [...xs].sort((a, b) => a - b);
+      return Number(s[Math.min(s.length - 1, Math.floor(q * s.length))].toFixed(3));
+    };
+    const recent = this.records.slice(-KEEP_RECORDS);
+    const health = Object.fromEntries(
+      (Object.keys(this.health) as Target[]).map((k) => [
+        k,
+        {
+          ok: !this.isLost(k),
+          lastOkMsAgo: Date.now() - this.health[k].lastOk,
+          lastError: this.health[k].lastError,
+        },
+      ]),
+    );
+    return {
+      role: 'colo',
+      mode: this.mode,
+      state: this.state,
+      pvm: this.pvm.name,
+      svm: this.svm?.name ?? null,
+      primaryDisk: `${this.disk.primary.host}:${this.disk.primary.port}`,
+      secondaryDisk: this.disk.secondary ? `${this.disk.secondary.host}:${this.disk.secondary.port}` : null,
+      diskPeerState: this.peerState,
+      checkpoints: this.counts.checkpoints,
+      checkpointFailures: this.counts.failures,
+      verifyFailures: this.counts.verifyFailures,
+      byReason: { ...this.counts.byReason },
+      memoryBytes: this.counts.memoryBytes,
+      diskBytes: this.counts.diskBytes,
+      pauseMs: {
+        p50: pct(
+          recent.map((r) => r.pauseMs),
+          0.5,
+        ),
+        p99: pct(
+          recent.map((r) => r.pauseMs),
+          0.99,
+        ),
+      },
+      phasesP50: Object.fromEntries(
+        PHASES.map((p) => [
+          p,
+          pct(
+            recent.map((r) => r.phases[p]),
+            0.5,
+          ),
+        ]),
+      ),
+      lastCheckpoint: this.records.at(-1) ?? null,
+      failovers: this.failovers,
+      lastError: this.lastError,
+      health,
+    };
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    if (this.intervalTimer) clearTimeout(this.intervalTimer);
+    if (this.kickTimer) clearTimeout(this.kickTimer);
+    this.abortRunning('shutting down');
+    await this.chain;
+  }
+}

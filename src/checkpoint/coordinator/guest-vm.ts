@@ -1,0 +1,70 @@
+/** The memory-checkpoint hook over the guest's control API (src/guest/node.ts). */
+import { controlCall, controlRaw } from '../control.js';
+import type { Positions } from '../../net/comparer/comparer.js';
+import type { Endpoint } from '../../util/address.js';
+import type { VmHook, VmProbe } from './hooks.js';
+
+export class GuestVm implements VmHook {
+  readonly name: string;
+
+  constructor(
+    readonly data: Endpoint,
+    readonly control: Endpoint,
+    private readonly timeoutMs = 10_000,
+  ) {
+    this.name = `guest ${control.host}:${control.port}`;
+  }
+
+  private post<T = Record<string, unknown>>(path: string, body?: object): Promise<T> {
+    return controlCall<T>(this.control, 'POST', path, body ?? {}, this.timeoutMs);
+  }
+
+  async pause(): Promise<Positions> {
+    return (await this.post<{ conns: Positions }>('/mem/pause')).conns;
+  }
+
+  async resume(): Promise<void> {
+    await this.post('/mem/resume');
+  }
+
+  save(full: boolean): Promise<Buffer> {
+    return controlRaw(this.control, `/mem/save${full ? '?full=1' : ''}`, undefined, this.timeoutMs);
+  }
+
+  async checkpointed(): Promise<void> {
+    await this.post('/mem/checkpointed');
+  }
+
+  async receive(state: Buffer): Promise<void> {
+    await controlRaw(this.control, '/mem/receive', state, this.timeoutMs);
+  }
+
+  async load(targets: Record<string, number>): Promise<void> {
+    await this.post('/mem/load', { targets });
+  }
+
+  async discard(): Promise<void> {
+    await this.post('/mem/discard');
+  }
+
+  async hash(): Promise<string> {
+    return (await controlCall<{ hash: string }>(this.control, 'GET', '/hash', undefined, this.timeoutMs))
+      .hash;
+  }
+
+  async diskHash(): Promise<string> {
+    return (await controlCall<{ hash: string }>(this.control, 'GET', '/disk-hash', undefined, this.timeoutMs))
+      .hash;
+  }
+
+  async probe(timeoutMs: number): Promise<VmProbe> {
+    const s = await controlCall<{ dirtyBytes?: number }>(
+      this.control,
+      'GET',
+      '/status',
+      undefined,
+      timeoutMs,
+    );
+    return { dirtyBytes: s.dirtyBytes ?? null };
+  }
+}

@@ -1,0 +1,53 @@
+/**
+ * What the coordinator drives: the memory-checkpoint hook of each VM and the
+ * disk pair. The guest (src/guest/) is the first VM behind the hook; a
+ * hypervisor fits behind the same calls (QEMU over QMP: `stop` for pause,
+ * `migrate` of device state plus the RAM pages the PVM dirtied for save,
+ * `migrate-incoming` for load, `cont` for resume).
+ *
+ * One interface for both roles, because roles swap: after a failover the SVM
+ * is the PVM of the next pairing.
+ */
+import type { Positions } from '../../net/comparer/comparer.js';
+import type { Endpoint } from '../../util/address.js';
+
+export interface VmProbe {
+  /** State bytes changed since the last checkpoint (what the next save would carry), if the VM knows. */
+  dirtyBytes: number | null;
+}
+
+export interface VmHook {
+  /** For messages: where its control is. */
+  readonly name: string;
+  /** Where the service it runs listens (the comparer connects there). */
+  readonly data: Endpoint;
+  /**
+   * Stop the VM with its in-flight I/O drained (every write it acknowledged
+   * is on its disk). Returns where it stands on each connection, by the
+   * comparer's local port; null when it cannot say (a real VM: the comparer
+   * then takes every byte received before the pause).
+   */
+  pause(): Promise<Positions | null>;
+  resume(): Promise<void>;
+  /** PVM: the state to send: what changed since its last checkpoint, or everything if `full`. */
+  save(full: boolean): Promise<Buffer>;
+  /** PVM: the checkpoint of its last save is committed; changes count from here. */
+  checkpointed(): Promise<void>;
+  /** SVM: hold a received state until load (or discard). */
+  receive(state: Buffer): Promise<void>;
+  /** SVM: drop its own changes, apply the received state, move each connection to `targets[port]`. */
+  load(targets: Record<string, number>): Promise<void>;
+  /** SVM: a received state that will not be loaded. */
+  discard(): Promise<void>;
+  /** A hash of the state (to verify SVM = PVM), null if the VM cannot give one. */
+  hash(): Promise<string | null>;
+  /** A hash of the disk as the VM sees it, null if it cannot give one. */
+  diskHash(): Promise<string | null>;
+  /** Liveness; throws when the VM cannot be reached. */
+  probe(timeoutMs: number): Promise<VmProbe>;
+}
+
+export interface DiskProbe {
+  /** Bytes written in the open epoch (what the next checkpoint's disk part carries). */
+  pendingBytes: number;
+}

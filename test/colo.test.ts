@@ -1,0 +1,235 @@
+// The COLO loop end to end, as real processes: a disk pair, a guest on each
+// side, and `colo-blk colo` (comparer and coordinator) in front. Clients are
+// raw TCP connections, so a test knows exactly which bytes arrived on which
+// connection and whether any connection was ever reset.
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { controlCall } from '../src/checkpoint/control.js';
+import { killAll, rmDir, tmpDir } from './helpers.js';
+import { HttpConn } from './http-client.js';
+import { startColoStack, type ColoStack } from './colo-helpers.js';
+import { hashExport } from './replication-helpers.js';
+
+const dirs: string[] = [];
+const stacks: ColoStack[] = [];
+afterEach(async () => {
+  for (const s of stacks.splice(0)) await s.stop().catch(() => {});
+  await killAll();
+  for (const d of dirs.splice(0)) rmDir(d);
+});
+afterAll(killAll);
+
+async function stack(opts: Parameters<typeof startColoStack>[1]): Promise<ColoStack> {
+  const dir = tmpDir('colo-loop-');
+  dirs.push(dir);
+  const s = await startColoStack(dir, opts);
+  stacks.push(s);
+  await s.waitState('protected');
+  return s;
+}
+
+/** SVM = PVM now: state hash through the guests, disk hash read over NBD from both disk nodes. */
+async function expectEqual(s: ColoStack): Promise<void> {
+  const [a, b] = await Promise.all([
+    controlCall<{ hash: string }>(s.pvm.control, 'GET', '/hash'),
+    controlCall<{ hash: string }>(s.svm.control, 'GET', '/hash'),
+  ]);
+  expect(b.hash).toBe(a.hash);
+  expect(await hashExport(s.pair.secondary.nbdPort)).toBe(await hashExport(s.pair.primary.nbdPort));
+}
+
+const mismatches = (s: ColoStack) =>
+  s.checkpoints().filter((c) => (c.reasons as string[]).includes('mismatch')).length;
+
+describe('colo-blk colo (processes)', () => {
+  it('equal outputs cause no checkpoint of their own; SVM = PVM in memory and on disk at every checkpoint', async () => {
+    const s = await stack({ coloArgs: ['--verify', '--interval', '300'] });
+    const conns = await Promise.all(Array.from({ length: 6 }, () => HttpConn.connect(s.port)));
+    const t0 = Date.now();
+    await Promise.all(
+      conns.map(async (c, i) => {
+        for (let n = 0; n < 60 || Date.now() - t0 < 1200; n++) {
+          const key = `c${i}-${n % 7}`;
+          const r = await c.request('PUT', `/kv/${key}`, `value ${n} of ${i}`);
+          expect(r.status).toBe(200);
+          const g = await c.request('GET', `/kv/${key}`);
+          expect(g.body.toString()).toBe(`value ${n} of ${i}`);
+        }
+      }),
+    );
+    const st = await s.status();
+    expect(st.byReason.mismatch ?? 0).toBe(0);
+    expect(st.comparer.requests.mismatch).toBe(0);
+    // Periodic checkpoints ran meanwhile, each verified while both VMs were paused.
+    const cps = s.checkpoints();
+    expect(cps.length).toBeGreaterThanOrEqual(3);
+    for (const c of cps) expect(c.verified).toMatchObject({ state: true, disk: true });
+    expect(cps.some((c) => (c.diskBytes as number) > 0 && (c.memoryBytes as number) > 0)).toBe(true);
+    // And independently of the coordinator's own check, after one more checkpoint:
+    await controlCall(s.colo.control, 'POST', '/checkpoint');
+    await expectEqual(s);
+    for (const c of conns) expect(c.closed).toBe(false);
+  });
+
+  it('a forced divergence causes exactly one checkpoint, and the client sees only the PVM’s bytes', async () => {
+    const s = await stack({});
+    const c = await HttpConn.connect(s.port);
+    expect((await c.request('PUT', '/kv/a', 'both')).status).toBe(200);
+    // The SVM alone gets a key (behind the comparer's back): its state diverges.
+    const direct = await HttpConn.connect(Number(s.svm.info.port));
+    expect((await direct.request('PUT', '/kv/x', 'svm-only')).status).toBe(200);
+    direct.close();
+    const before = s.checkpoints().length;
+    const r = await c.request('GET', '/kv/x');
+    // The PVM's answer, whole and alone.
+    expect(r.status).toBe(404);
+    expect(r.body.toString()).toBe('{"error":"no such key"}');
+    expect(r.raw.includes('svm-only')).toBe(false);
+    expect(c.pending).toBe(0);
+    await new Promise((res) => setTimeout(res, 600));
+    const after = s.checkpoints().slice(before);
+    expect(after).toHaveLength(1);
+    expect(after[0].reasons).toEqual(['mismatch']);
+    // The checkpoint rolled the SVM back to the PVM: the key is gone there too, and outputs agree again.
+    await expectEqual(s);
+    expect((await c.request('GET', '/kv/x')).status).toBe(404);
+    expect((await c.request('GET', '/kv/a')).body.toString()).toBe('both');
+    await new Promise((res) => setTimeout(res, 300));
+    expect(s.checkpoints().length - before).toBe(1);
+    expect(mismatches(s)).toBe(1);
+  });
+
+  it('nondeterministic responses: one checkpoint per differing response, and the client gets the PVM’s', async () => {
+    const s = await stack({ nondeterminism: 1 });
+    const c = await HttpConn.connect(s.port);
+    const before = s.checkpoints().length;
+    for (let i = 0; i < 3; i++) {
+      const r = await c.request('PUT', `/kv/n${i}`, `v${i}`);
+      expect(r.status).toBe(200);
+      expect(r.headers['x-noise']).toMatch(/^\d+-[0-9a-f]{12}$/);
+    }
+    await new Promise((res) => setTimeout(res, 300));
+    expect(s.checkpoints().length - before).toBe(3);
+    await expectEqual(s);
+  });
+
+  it('remus mode holds every byte of output until the commit', async () => {
+    const s = await stack({ mode: 'remus', coloArgs: ['--interval', '600000'] });
+    const c = await HttpConn.connect(s.port);
+    c.send('PUT', '/kv/r', 'held');
+    await new Promise((res) => setTimeout(res, 500));
+    expect(c.received).toBe(0);
+    const st = await s.status();
+    expect(st.comparer.heldBytes).toBeGreaterThan(0);
+    const rec = await controlCall<{ releasedBytes: number; reasons: string[] }>(
+      s.colo.control,
+      'POST',
+      '/checkpoint',
+    );
+    expect(rec.reasons).toEqual(['manual']);
+    const r = await c.response(5000);
+    expect(r.status).toBe(200);
+    expect(rec.releasedBytes).toBe(r.raw.length);
+    // Again: nothing leaves before the next commit.
+    c.send('GET', '/kv/r');
+    await new Promise((res) => setTimeout(res, 300));
+    expect(c.received).toBe(r.raw.length);
+    await controlCall(s.colo.control, 'POST', '/checkpoint');
+    expect((await c.response(5000)).body.toString()).toBe('held');
+    await expectEqual(s);
+  });
+
+  it('the primary side SIGKILLed under load: every connection survives and no acknowledged PUT is lost', async () => {
+    // The guest's log only grows: a disk big enough for a few seconds of PUTs.
+    const s = await stack({ nondeterminism: 0.02, size: '256M', coloArgs: ['--interval', '400'] });
+    const conns = await Promise.all(Array.from({ length: 8 }, () => HttpConn.connect(s.port)));
+    const acked = new Map<string, string>();
+    let stop = false;
+    let failures = 0;
+    let lastAt = Date.now();
+    let maxGap = 0;
+    const loops = conns.map(async (c, i) => {
+      for (let n = 0; !stop; n++) {
+        const key = `k${i}-${n % 11}`;
+        const value = `v${n}-${i}`;
+        try {
+          const r = await c.request('PUT', `/kv/${key}`, value, 15_000);
+          if (r.status !== 200) throw new Error(`status ${r.status}`);
+          acked.set(key, value);
+          const now = Date.now();
+          maxGap = Math.max(maxGap, now - lastAt);
+          lastAt = now;
+        } catch (err) {
+          failures++;
+          console.log(`connection ${i}: ${(err as Error).message}`);
+          return;
+        }
+      }
+    });
+    await new Promise((res) => setTimeout(res, 1000));
+    const kills = [s.pair.primary, s.pvm].map((n) => n.exit);
+    s.pair.primary.child.kill('SIGKILL');
+    s.pvm.child.kill('SIGKILL');
+    await Promise.all(kills);
+    const killedAt = Date.now();
+    await new Promise((res) => setTimeout(res, 1500));
+    stop = true;
+    await Promise.all(loops);
+    expect(failures).toBe(0);
+    for (const c of conns) {
+      expect(c.closed).toBe(false);
+      expect(c.error).toBeNull();
+    }
+    expect(lastAt).toBeGreaterThan(killedAt); // the SVM answered after the kill
+    // Every acknowledged PUT is readable, on the same connections, now served by the SVM.
+    for (const [key, value] of acked) {
+      const r = await conns[0].request('GET', `/kv/${key}`);
+      expect(r.body.toString(), key).toBe(value);
+    }
+    const st = await s.status();
+    expect(st.state).toBe('unprotected');
+    expect(st.failovers).toHaveLength(1);
+    expect(st.failovers[0].survived).toBe(8);
+    expect(st.comparer.connectionsLost).toBe(0);
+    expect(acked.size).toBeGreaterThan(20);
+    console.log(
+      `failover: ${st.failovers[0].ms.toFixed(0)} ms in the coordinator, longest client-visible gap ${maxGap} ms, ${acked.size} keys acknowledged`,
+    );
+  });
+
+  it('garbage, a half-closed connection and a client that never reads do not stall other connections', async () => {
+    const s = await stack({});
+    const big = 'x'.repeat(256 * 1024);
+    const setup = await HttpConn.connect(s.port);
+    expect((await setup.request('PUT', '/kv/big', big)).status).toBe(200);
+    // A client that asks for megabytes and never reads them.
+    const sink = await HttpConn.connect(s.port);
+    sink.socket.pause();
+    for (let i = 0; i < 200; i++) sink.send('GET', '/kv/big');
+    // Garbage: an error response from the guests, then the connection closes.
+    const junk = await HttpConn.connect(s.port);
+    junk.socket.write('\x00\x01 GARBAGE \xff\r\n\r\n');
+    const bad = await junk.response();
+    expect(bad.status).toBe(400);
+    // A half-closed connection still gets its answer.
+    const half = await HttpConn.connect(s.port);
+    half.send('PUT', '/kv/h', 'half');
+    half.socket.end();
+    expect((await half.response()).status).toBe(200);
+    // Meanwhile a well-behaved client goes on at full speed.
+    const ok = await HttpConn.connect(s.port);
+    for (let i = 0; i < 50; i++) {
+      expect((await ok.request('PUT', `/kv/ok${i}`, `v${i}`, 5000)).status).toBe(200);
+      expect((await ok.request('GET', `/kv/ok${i}`, undefined, 5000)).body.toString()).toBe(`v${i}`);
+    }
+    await new Promise((res) => setTimeout(res, 200));
+    expect(junk.closed).toBe(true);
+    expect(bad.headers.connection).toBe('close');
+    expect(half.closed).toBe(true);
+    expect(sink.closed).toBe(false);
+    const st = await s.status();
+    expect(st.state).toBe('protected');
+    // The sink's unread answers wait in its own connection, not in everyone's way.
+    expect(sink.received).toBeLessThan(200 * big.length);
+    expect(mismatches(s)).toBe(0);
+  });
+});
