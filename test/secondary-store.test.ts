@@ -53,6 +53,32 @@ describe('SecondaryStore', () => {
     await again.dev.close();
   });
 
+  it('a promotion told to commit through a durable epoch (a coordinator released its output) commits it first, across a restart', async () => {
+    const { store, dev, dir, image } = await openStore();
+    const pvm1 = Buffer.alloc(4096, 0x11);
+    const pvm2 = Buffer.alloc(4096, 0x22);
+    feed(store, { t: 'w', e: 1, s: 1, o: 0 }, pvm1);
+    await store.seal({ t: 'seal', e: 1, n: 1, b: 4096 });
+    feed(store, { t: 'w', e: 2, s: 2, o: 8192 }, pvm2);
+    // The SVM wrote on its own meanwhile: the commit of epoch 1 discards that.
+    await store.svmDevice.pwrite(Buffer.alloc(4096, 0x55), 50_000);
+    await expect(store.promote('test', 2)).rejects.toThrow(/not durable/); // epoch 2 was never sealed
+    const p = await store.promote('test', 1);
+    expect(p.committed).toBe(1);
+    expect(p.droppedEpochs).toEqual([2]);
+    expect((await readSvm(store, 0, 4096)).equals(pvm1)).toBe(true);
+    expect((await readSvm(store, 8192, 4096)).equals(Buffer.alloc(4096))).toBe(true);
+    expect((await readSvm(store, 50_000, 4096)).equals(Buffer.alloc(4096))).toBe(true);
+    await store.close();
+    await dev.close();
+    const again = await openStore(dir, image);
+    expect(again.store.lastCommitted).toBe(1);
+    expect(again.store.promoted).not.toBeNull();
+    expect((await readSvm(again.store, 0, 4096)).equals(pvm1)).toBe(true);
+    await again.store.close();
+    await again.dev.close();
+  });
+
   it('keeps PVM writes invisible until commit, then shows them and drops the overlay', async () => {
     const { store, dev } = await openStore();
     const pvm = Buffer.alloc(8192, 0xaa);

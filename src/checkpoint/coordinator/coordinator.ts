@@ -39,8 +39,7 @@ import { ColoError, toColoError } from '../../errors.js';
 import type { Comparer, CheckpointReason, Mode, Positions } from '../../net/comparer/comparer.js';
 import type { Logger } from '../../net/server.js';
 import type { Endpoint } from '../../util/address.js';
-import { DiskPair } from './disk.js';
-import type { VmHook } from './hooks.js';
+import type { DiskHook, VmHook } from './hooks.js';
 
 export type CoordinatorState = 'unprotected' | 'pairing' | 'protected' | 'failing-over';
 
@@ -49,7 +48,7 @@ export interface CoordinatorOptions {
   comparer: Comparer;
   pvm: VmHook;
   svm: VmHook | null;
-  disk: DiskPair;
+  disk: DiskHook;
   /** colo: the longest time between checkpoints; remus: the checkpoint period. */
   intervalMs: number;
   /** Checkpoint when the PVM's dirty state plus the open disk epoch exceed this. */
@@ -114,7 +113,7 @@ export class Coordinator extends EventEmitter {
   state: CoordinatorState = 'unprotected';
   pvm: VmHook;
   svm: VmHook | null;
-  disk: DiskPair;
+  disk: DiskHook;
   readonly mode: Mode;
   private chain: Promise<unknown> = Promise.resolve();
   private requested = new Map<CheckpointReason, number>();
@@ -314,6 +313,8 @@ export class Coordinator extends EventEmitter {
       const releasedBefore = comparer.stats.bytesReleased;
       const targets = comparer.cut(pvmPos, svmPos);
       this.decided = { epoch: seal.epoch, targets, loaded: false };
+      // Requests that came in until now are answered by this checkpoint: folded in.
+      for (const r of this.requested.keys()) if (!reasons.includes(r)) reasons.push(r);
       this.requested.clear();
       const releasedBytes = comparer.stats.bytesReleased - releasedBefore;
       lap('release');
@@ -516,7 +517,7 @@ export class Coordinator extends EventEmitter {
       this.decided = null;
       this.pvm = svm;
       this.svm = null;
-      this.disk = new DiskPair(this.disk.secondary!, null, this.opts.phaseTimeoutMs);
+      this.disk = this.disk.promoted();
       this.health.pvm = this.health.svm;
       this.health.primary = this.health.secondary;
       this.state = 'unprotected';

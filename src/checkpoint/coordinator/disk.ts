@@ -5,6 +5,7 @@
  */
 import { controlCall } from '../control.js';
 import type { Endpoint } from '../../util/address.js';
+import type { DiskHook } from './hooks.js';
 
 export interface PrimaryDiskStatus {
   peerState: string;
@@ -18,7 +19,7 @@ export interface SecondaryDiskStatus {
   committedEpoch: number;
 }
 
-export class DiskPair {
+export class DiskPair implements DiskHook {
   constructor(
     public primary: Endpoint,
     public secondary: Endpoint | null,
@@ -50,6 +51,11 @@ export class DiskPair {
   ): Promise<{ generation: number; committed: number; droppedEpochs: number[]; ms: number }> {
     if (!this.secondary) throw new Error('no secondary to promote');
     return this.post(this.secondary, '/failover', { reason, commit: commitThrough });
+  }
+
+  promoted(): DiskPair {
+    if (!this.secondary) throw new Error('no secondary was promoted');
+    return new DiskPair(this.secondary, null, this.timeoutMs);
   }
 
   primaryStatus(timeoutMs: number): Promise<PrimaryDiskStatus> {

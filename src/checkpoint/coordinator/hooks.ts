@@ -51,3 +51,25 @@ export interface DiskProbe {
   /** Bytes written in the open epoch (what the next checkpoint's disk part carries). */
   pendingBytes: number;
 }
+
+/** The disk pair as the coordinator drives it (disk.ts: over the nodes' control APIs). */
+export interface DiskHook {
+  readonly primary: Endpoint;
+  secondary: Endpoint | null;
+  /** Seal the open epoch: every write acknowledged so far is in it. */
+  seal(): Promise<{ epoch: number; writes: number; bytes: number }>;
+  /** Wait until the secondary holds the epoch durably. */
+  durable(epoch: number): Promise<void>;
+  commit(epoch: number): Promise<void>;
+  /** The secondary becomes the primary; `commitThrough` is committed first. */
+  promote(
+    reason: string,
+    commitThrough?: number,
+  ): Promise<{ generation: number; committed: number; droppedEpochs: number[] }>;
+  primaryStatus(
+    timeoutMs: number,
+  ): Promise<{ peerState: string; pending?: { state: string; bytes: number }[] }>;
+  secondaryStatus(timeoutMs: number): Promise<{ failover?: 'auto' | 'manual'; committedEpoch?: number }>;
+  /** After a failover: the promoted secondary as the primary of a pair without a secondary. */
+  promoted(): DiskHook;
+}

@@ -1,0 +1,214 @@
+// The coordinator's decisions (src/checkpoint/coordinator/), with the VMs and
+// the disk pair played by the test behind the hook interfaces: the order of a
+// checkpoint's phases, coalescing, a failed phase that releases nothing, and
+// a failover before and after the cut.
+import { afterEach, describe, expect, it } from 'vitest';
+import { Coordinator } from '../src/checkpoint/coordinator/coordinator.js';
+import type { DiskHook, VmHook } from '../src/checkpoint/coordinator/hooks.js';
+import { Comparer } from '../src/net/comparer/comparer.js';
+
+const quiet = { info: () => {}, warn: () => {}, debug: () => {} };
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const never = () => new Promise<never>(() => {});
+const refused = () => Promise.reject(new Error('connect ECONNREFUSED 127.0.0.1:1'));
+
+type Step = () => Promise<unknown>;
+
+/** A VM behind the hook: logs each call; `on[name]` replaces a call's behaviour. */
+function fakeVm(name: string, log: string[]) {
+  const on: Record<string, Step> = {};
+  let dead = false;
+  const call = <T>(op: string, result: T) => {
+    log.push(`${name}.${op}`);
+    if (dead) return refused() as Promise<T>;
+    return (on[op]?.() as Promise<T>) ?? Promise.resolve(result);
+  };
+  const vm: VmHook & { on: typeof on; kill: () => void } = {
+    name,
+    data: { host: '127.0.0.1', port: 1 },
+    on,
+    kill: () => (dead = true),
+    pause: () => call('pause', {}),
+    resume: () => call('resume', undefined),
+    save: (full) => call(full ? 'save-full' : 'save', Buffer.from('state')),
+    checkpointed: () => call('checkpointed', undefined),
+    receive: () => call('receive', undefined),
+    load: () => call('load', undefined),
+    discard: () => call('discard', undefined),
+    hash: () => call('hash', 'h'),
+    diskHash: () => call('diskHash', 'd'),
+    probe: () => (dead ? refused() : Promise.resolve({ dirtyBytes: 0 })),
+  };
+  return vm;
+}
+
+function fakeDisk(log: string[]) {
+  const on: Record<string, Step> = {};
+  let epoch = 1;
+  let primaryDead = false;
+  const call = <T>(op: string, result: T) => {
+    log.push(`disk.${op}`);
+    return (on[op]?.() as Promise<T>) ?? Promise.resolve(result);
+  };
+  const disk: DiskHook & { on: typeof on; killPrimary: () => void; promotions: (number | undefined)[] } = {
+    primary: { host: '127.0.0.1', port: 2 },
+    secondary: { host: '127.0.0.1', port: 3 },
+    on,
+    promotions: [],
+    killPrimary: () => (primaryDead = true),
+    seal: () => call('seal', { epoch: ++epoch, writes: 1, bytes: 512 }),
+    durable: (e) => call(`durable ${e}`, undefined),
+    commit: (e) => call(`commit ${e}`, undefined),
+    promote: (_reason, commit) => {
+      disk.promotions.push(commit);
+      log.push(`disk.promote ${commit ?? '-'}`);
+      return Promise.resolve({ generation: 2, committed: commit ?? epoch - 1, droppedEpochs: [] });
+    },
+    primaryStatus: () => (primaryDead ? refused() : Promise.resolve({ peerState: 'protected', pending: [] })),
+    secondaryStatus: () => Promise.resolve({ failover: 'manual' as const }),
+    promoted: () => disk,
+  };
+  return disk;
+}
+
+const running: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  for (const f of running.splice(0)) await f();
+});
+
+async function setup() {
+  const log: string[] = [];
+  const pvm = fakeVm('pvm', log);
+  const svm = fakeVm('svm', log);
+  const disk = fakeDisk(log);
+  const comparer = new Comparer({ mode: 'colo', pvm: pvm.data, compareTimeoutMs: 200, logger: quiet });
+  const co = new Coordinator({
+    mode: 'colo',
+    comparer,
+    pvm,
+    svm,
+    disk,
+    intervalMs: 600_000,
+    maxPendingBytes: 1 << 30,
+    heartbeatMs: 20,
+    failoverAfterMs: 100,
+    phaseTimeoutMs: 5000,
+    verify: false,
+    logger: quiet,
+  });
+  co.start();
+  running.push(() => co.close());
+  for (let i = 0; co.state !== 'protected'; i++) {
+    if (i > 200) throw new Error(`never protected: ${co.lastError}`);
+    await sleep(10);
+  }
+  log.length = 0;
+  return { log, pvm, svm, disk, co };
+}
+
+const before = (log: string[], a: string, b: string) => {
+  expect(log.indexOf(a), `${a} in ${log.join(', ')}`).toBeGreaterThanOrEqual(0);
+  expect(log.indexOf(a), `${a} before ${b} in ${log.join(', ')}`).toBeLessThan(log.indexOf(b));
+};
+
+describe('coordinator', () => {
+  it('pairs with a full checkpoint, then runs each phase in order', async () => {
+    const { log, co } = await setup();
+    expect(co.records[0]).toMatchObject({ full: true, reasons: ['pair'] });
+    const r = await co.checkpointNow();
+    expect(r.reasons).toEqual(['manual']);
+    const e = r.epoch;
+    before(log, 'svm.pause', 'pvm.pause');
+    before(log, 'pvm.pause', 'disk.seal');
+    before(log, 'disk.seal', 'pvm.save');
+    before(log, 'pvm.save', 'svm.receive');
+    before(log, `disk.durable ${e}`, 'svm.load');
+    before(log, 'svm.receive', 'svm.load');
+    before(log, `disk.durable ${e}`, `disk.commit ${e}`);
+    before(log, `disk.commit ${e}`, 'pvm.checkpointed');
+    before(log, 'svm.load', 'pvm.resume');
+    before(log, 'svm.load', 'svm.resume');
+    expect(log).not.toContain('svm.discard');
+  });
+
+  it('coalesces requests that arrive together into one checkpoint', async () => {
+    const { co, disk } = await setup();
+    let release!: () => void;
+    disk.on['seal'] = () =>
+      new Promise<void>((r) => (release = r)).then(() => ({ epoch: 50, writes: 0, bytes: 0 }));
+    co.request('mismatch');
+    await sleep(20);
+    for (let i = 0; i < 5; i++) co.request('timeout');
+    co.request('queue');
+    delete disk.on['seal'];
+    release();
+    await sleep(100);
+    // Everything asked for until the cut is folded into the checkpoint under way.
+    expect(co.records.slice(1).map((r) => r.reasons)).toEqual([['mismatch', 'timeout', 'queue']]);
+  });
+
+  it('a phase that fails before the cut releases nothing: the SVM discards, both resume, and it is tried again', async () => {
+    const { log, co, disk } = await setup();
+    let fail = true;
+    disk.on[`durable 3`] = () => (fail ? Promise.reject(new Error('injected failure')) : Promise.resolve());
+    co.request('mismatch');
+    for (let i = 0; co.counts.failures === 0 && i < 100; i++) await sleep(10);
+    expect(co.counts.failures).toBe(1);
+    await sleep(20);
+    expect(log).toContain('svm.discard');
+    expect(log).not.toContain('svm.load');
+    expect(log.filter((l) => l.startsWith('disk.commit'))).toEqual([]);
+    expect(log).toContain('pvm.resume');
+    expect(log).toContain('svm.resume');
+    fail = false;
+    for (let i = 0; co.counts.checkpoints < 2 && i < 300; i++) await sleep(10);
+    expect(co.records.at(-1)?.reasons).toEqual(['mismatch']);
+    expect(co.state).toBe('protected');
+  });
+
+  it('losing the primary after the cut: the secondary commits that epoch and the SVM loads that state', async () => {
+    const { log, co, disk, pvm } = await setup();
+    disk.on['commit 3'] = never; // the primary dies before its commit reaches the secondary
+    co.request('mismatch');
+    for (let i = 0; !log.includes('disk.commit 3') && i < 100; i++) await sleep(5);
+    pvm.kill();
+    disk.killPrimary();
+    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    expect(co.state).toBe('unprotected');
+    expect(disk.promotions).toEqual([3]);
+    expect(co.failovers[0]).toMatchObject({ committedEpoch: 3, loadedDecided: true });
+    expect(log.filter((l) => l === 'svm.load')).toHaveLength(1); // loaded once, with the cut's targets
+    expect(log).not.toContain('svm.discard');
+    before(log, 'disk.promote 3', 'svm.checkpointed');
+    expect(log.at(-1)).toBe('svm.resume');
+    expect(co.pvm.name).toBe('svm');
+  });
+
+  it('losing the primary before the cut: the epoch is dropped and the SVM carries on from its own state', async () => {
+    const { log, co, disk, pvm } = await setup();
+    disk.on['durable 3'] = never;
+    co.request('mismatch');
+    for (let i = 0; !log.includes('disk.durable 3') && i < 100; i++) await sleep(5);
+    pvm.kill();
+    disk.killPrimary();
+    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    expect(disk.promotions).toEqual([undefined]);
+    expect(log).not.toContain('svm.load');
+    expect(log).toContain('svm.discard');
+    expect(co.failovers[0]).toMatchObject({ loadedDecided: false });
+    expect(log.at(-1)).toBe('svm.resume');
+  });
+
+  it('losing the secondary: unprotected, the PVM resumes, and a pairing is tried again when it answers', async () => {
+    const { co, svm, log } = await setup();
+    svm.kill();
+    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    expect(co.state).toBe('unprotected');
+    expect(log).toContain('pvm.resume');
+    const back = fakeVm('svm2', log);
+    co.svm = back;
+    for (let i = 0; co.state !== 'protected' && i < 300; i++) await sleep(10);
+    expect(co.state).toBe('protected');
+    expect(co.records.at(-1)).toMatchObject({ full: true, reasons: ['pair'] });
+  });
+});
