@@ -4,10 +4,11 @@
 // connection and whether any connection was ever reset.
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { controlCall } from '../src/checkpoint/control.js';
-import { killAll, rmDir, tmpDir } from './helpers.js';
+import { CLI, killAll, rmDir, run, tmpDir } from './helpers.js';
 import { HttpConn } from './http-client.js';
-import { startColoStack, type ColoStack } from './colo-helpers.js';
-import { hashExport } from './replication-helpers.js';
+import path from 'node:path';
+import { startColoStack, startGuest, type ColoStack } from './colo-helpers.js';
+import { hashExport, startNode } from './replication-helpers.js';
 
 const dirs: string[] = [];
 const stacks: ColoStack[] = [];
@@ -194,6 +195,65 @@ describe('colo-blk colo (processes)', () => {
     console.log(
       `failover: ${st.failovers[0].ms.toFixed(0)} ms in the coordinator, longest client-visible gap ${maxGap} ms, ${acked.size} keys acknowledged`,
     );
+
+    // Re-protection: a fresh secondary disk node and SVM guest, paired with one command.
+    const dir = dirs.at(-1)!;
+    const sec2 = await startNode('secondary', [
+      '--listen',
+      '127.0.0.1:0',
+      '--export',
+      `disk0=${path.join(dir, 'svm2.img')},size=256M`,
+      '--state',
+      path.join(dir, 'svm2-state'),
+      '--replication-listen',
+      '127.0.0.1:0',
+      '--control',
+      '127.0.0.1:0',
+      '--failover',
+      'manual',
+    ]);
+    // The same guest as the PVM (same seed and nondeterminism: the same VM).
+    const svm2 = await startGuest(sec2.nbdPort, ['--nondeterminism', '0.02']);
+    const rp = await run(process.execPath, [
+      CLI,
+      'reprotect',
+      '--control',
+      `127.0.0.1:${s.colo.control.port}`,
+      '--peer',
+      `127.0.0.1:${sec2.info.replicationPort}`,
+      '--svm',
+      `127.0.0.1:${svm2.info.port}`,
+      '--svm-control',
+      `127.0.0.1:${svm2.info.controlPort}`,
+      '--secondary-control',
+      `127.0.0.1:${sec2.control.port}`,
+      '--json',
+    ]);
+    expect(rp.code, rp.stderr).toBe(0);
+    expect(JSON.parse(rp.stdout).state).toBe('protected');
+    const st2 = await s.status();
+    expect(st2.state).toBe('protected');
+    // The connections opened before the failover joined the new SVM.
+    expect(st2.comparer.sessions.filter((x: { svmPort: number | null }) => x.svmPort !== null)).toHaveLength(
+      8,
+    );
+    // They are compared again: a forced divergence is caught and only the new PVM's bytes go out.
+    const direct = await HttpConn.connect(Number(svm2.info.port));
+    expect((await direct.request('PUT', '/kv/k0-0', 'svm2-only')).status).toBe(200);
+    direct.close();
+    const r = await conns[3].request('GET', '/kv/k0-0');
+    expect(r.body.toString()).toBe(acked.get('k0-0'));
+    await new Promise((res) => setTimeout(res, 300));
+    const last = (await s.status()).lastCheckpoint;
+    expect(last.reasons).toContain('mismatch');
+    for (const [key, value] of [...acked].slice(0, 20))
+      expect((await conns[5].request('GET', `/kv/${key}`)).body.toString()).toBe(value);
+    const [h1, h2] = await Promise.all([
+      controlCall<{ hash: string }>(s.svm.control, 'GET', '/hash'),
+      controlCall<{ hash: string }>(svm2.control, 'GET', '/hash'),
+    ]);
+    expect(h2.hash).toBe(h1.hash);
+    expect(await hashExport(sec2.nbdPort)).toBe(await hashExport(s.pair.secondary.nbdPort));
   });
 
   it('garbage, a half-closed connection and a client that never reads do not stall other connections', async () => {

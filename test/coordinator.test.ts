@@ -15,7 +15,7 @@ const refused = () => Promise.reject(new Error('connect ECONNREFUSED 127.0.0.1:1
 type Step = () => Promise<unknown>;
 
 /** A VM behind the hook: logs each call; `on[name]` replaces a call's behaviour. */
-function fakeVm(name: string, log: string[]) {
+function fakeVm(name: string, log: string[], identity = 'fake') {
   const on: Record<string, Step> = {};
   let dead = false;
   const call = <T>(op: string, result: T) => {
@@ -37,7 +37,7 @@ function fakeVm(name: string, log: string[]) {
     discard: () => call('discard', undefined),
     hash: () => call('hash', 'h'),
     diskHash: () => call('diskHash', 'd'),
-    probe: () => (dead ? refused() : Promise.resolve({ dirtyBytes: 0 })),
+    probe: () => (dead ? refused() : Promise.resolve({ dirtyBytes: 0, identity })),
   };
   return vm;
 }
@@ -210,5 +210,32 @@ describe('coordinator', () => {
     for (let i = 0; co.state !== 'protected' && i < 300; i++) await sleep(10);
     expect(co.state).toBe('protected');
     expect(co.records.at(-1)).toMatchObject({ full: true, reasons: ['pair'] });
+  });
+
+  it('refuses to pair two VMs that are not the same VM, and says why', async () => {
+    const log: string[] = [];
+    const pvm = fakeVm('pvm', log, 'guest nondeterminism=0.1');
+    const svm = fakeVm('svm', log, 'guest nondeterminism=0');
+    const comparer = new Comparer({ mode: 'colo', pvm: pvm.data, compareTimeoutMs: 200, logger: quiet });
+    const co = new Coordinator({
+      mode: 'colo',
+      comparer,
+      pvm,
+      svm,
+      disk: fakeDisk(log),
+      intervalMs: 600_000,
+      maxPendingBytes: 1 << 30,
+      heartbeatMs: 20,
+      failoverAfterMs: 100,
+      phaseTimeoutMs: 5000,
+      verify: false,
+      logger: quiet,
+    });
+    co.start();
+    running.push(() => co.close());
+    await sleep(100);
+    expect(co.state).toBe('unprotected');
+    expect(co.lastError).toMatch(/not the same VM.*nondeterminism=0\.1.*nondeterminism=0'/);
+    expect(log).not.toContain('pvm.pause');
   });
 });

@@ -262,8 +262,11 @@ program
   .description(
     'pair a running primary (promoted, or gone on alone) with a secondary and resynchronise it; shows progress',
   )
-  .requiredOption('--control <host:port>', "the primary's control address")
-  .requiredOption('--peer <host:port>', "the secondary's --replication-listen address")
+  .requiredOption('--control <host:port>', "the primary's control address (or a colo process's)")
+  .option('--peer <host:port>', "the secondary's --replication-listen address")
+  .option('--svm <host:port>', 'colo: the new SVM guest')
+  .option('--svm-control <host:port>', "colo: the new SVM guest's control address")
+  .option('--secondary-control <host:port>', "colo: the new secondary disk node's control address")
   .option('--timeout <ms>', 'give up waiting after this long (the resync goes on)', '600000')
   .option('--no-wait', 'return once connecting has started')
   .option('--json', 'print the result as JSON')
@@ -271,7 +274,11 @@ program
     'after',
     `
 Example (the old primary came back as a secondary on 10.0.0.1:10900):
-  colo-blk reprotect --control 127.0.0.1:10951 --peer 10.0.0.1:10900`,
+  colo-blk reprotect --control 127.0.0.1:10951 --peer 10.0.0.1:10900
+
+A whole VM after a COLO failover (a fresh secondary disk node and SVM guest):
+  colo-blk reprotect --control 127.0.0.1:8001 --peer 127.0.0.1:10902 \\
+                     --svm 127.0.0.1:8092 --svm-control 127.0.0.1:8093 --secondary-control 127.0.0.1:10953`,
   )
   .action(run(reprotectCommand));
 

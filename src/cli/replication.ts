@@ -218,14 +218,71 @@ function bar(frac: number, width = 30): string {
  * primary that went on alone) with a secondary, and follow the resync until
  * the secondary is synchronised and checkpoints run again.
  */
-export async function reprotectCommand(opts: {
+export interface ReprotectOptions {
   control: string;
-  peer: string;
+  peer?: string;
+  svm?: string;
+  svmControl?: string;
+  secondaryControl?: string;
   json?: boolean;
   timeout: string;
   wait: boolean;
-}): Promise<void> {
+}
+
+export async function reprotectCommand(opts: ReprotectOptions): Promise<void> {
   const addr = parseHostPort(opts.control, '--control');
+  const role = (await controlCall<{ role: string }>(addr, 'GET', '/status')).role;
+  if (role === 'colo') return reprotectColo(opts);
+  if (opts.svm || opts.svmControl || opts.secondaryControl)
+    throw new ColoError(
+      'EUSAGE',
+      `--svm, --svm-control and --secondary-control re-protect a colo process; ${opts.control} is a ${role} node`,
+    );
+  return reprotectDisk(opts);
+}
+
+/**
+ * Re-protect the whole VM on a colo process: the disk first (if --peer: the
+ * promoted primary resynchronises the new secondary), then the SVM is paired
+ * by a full checkpoint.
+ */
+async function reprotectColo(opts: ReprotectOptions): Promise<void> {
+  const addr = parseHostPort(opts.control, '--control');
+  if (!opts.svm || !opts.svmControl || !opts.secondaryControl)
+    throw new ColoError(
+      'EUSAGE',
+      're-protecting a colo process needs the new SVM: --svm, --svm-control and --secondary-control (and --peer, the new secondary disk node, if the disk pair is not re-protected yet)',
+    );
+  for (const [v, what] of [
+    [opts.svm, '--svm'],
+    [opts.svmControl, '--svm-control'],
+    [opts.secondaryControl, '--secondary-control'],
+  ])
+    parseHostPort(v, what);
+  const started = Date.now();
+  if (opts.peer) {
+    const st = await controlCall<{ primaryDisk: string }>(addr, 'GET', '/status');
+    await reprotectDisk({ ...opts, control: st.primaryDisk }, false);
+  }
+  const r = await controlCall<{ state: string }>(
+    addr,
+    'POST',
+    '/reprotect',
+    { svm: opts.svm, svmControl: opts.svmControl, secondaryControl: opts.secondaryControl },
+    Number(opts.timeout),
+  );
+  if (opts.json)
+    process.stdout.write(JSON.stringify({ ...r, svm: opts.svm, ms: Date.now() - started }) + '\n');
+  else
+    process.stdout.write(
+      `reprotect: the VM is ${r.state}: SVM ${opts.svm} paired by a full checkpoint in ${Date.now() - started} ms\n`,
+    );
+}
+
+async function reprotectDisk(opts: ReprotectOptions, report = true): Promise<void> {
+  const addr = parseHostPort(opts.control, '--control');
+  if (!opts.peer)
+    throw new ColoError('EUSAGE', "--peer is required: the secondary's --replication-listen address");
   parseHostPort(opts.peer, '--peer');
   const timeoutMs = Number(opts.timeout);
   if (!(timeoutMs > 0))
@@ -270,6 +327,7 @@ export async function reprotectCommand(opts: {
   }
   if (tty && opts.wait) process.stderr.write('\n');
   const r = s.resync;
+  if (!report) return;
   if (opts.json) {
     process.stdout.write(
       JSON.stringify({

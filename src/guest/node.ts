@@ -85,6 +85,8 @@ export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
       path: '/status',
       handler: async () => ({
         role: 'guest',
+        // What must be the same on both sides of a pair (the VM's configuration).
+        identity: `guest nondeterminism=${state.nondeterminism} interleave=${server.interleave}`,
         ...state.status(),
         requests: server.requests,
         conns: server.positions(),

@@ -87,6 +87,10 @@ export class GuestServer {
     this.server = net.createServer({ noDelay: true, allowHalfOpen: true }, (s) => this.accept(s));
   }
 
+  get interleave(): boolean {
+    return this.opts.interleave === true;
+  }
+
   listen(port: number, host: string): Promise<net.AddressInfo> {
     return listenOn(this.server, port, host);
   }

@@ -99,6 +99,10 @@ export class GuestState {
     this.rng = Sfc32.seeded(opts.seed);
   }
 
+  get nondeterminism(): number {
+    return this.opts.nondeterminism;
+  }
+
   get keys(): number {
     return this.entries.size;
   }

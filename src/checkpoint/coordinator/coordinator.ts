@@ -427,6 +427,15 @@ export class Coordinator extends EventEmitter {
           `the secondary at ${this.disk.secondary!.host}:${this.disk.secondary!.port} fails over on its own (--failover auto): ` +
             `start it with --failover manual, so that the coordinator decides (it knows which checkpoint's output the clients saw)`,
         );
+      const [a, b] = await Promise.all([
+        this.pvm.probe(this.opts.phaseTimeoutMs),
+        this.svm.probe(this.opts.phaseTimeoutMs),
+      ]);
+      if (a.identity !== null && b.identity !== null && a.identity !== b.identity)
+        throw new ColoError(
+          'EUSAGE',
+          `the PVM and the SVM are not the same VM: '${a.identity}' and '${b.identity}' (start both with the same options)`,
+        );
       // Wait for the disk pair to be in sync before pausing anything.
       const until = Date.now() + Math.max(this.opts.phaseTimeoutMs, 60_000);
       for (;;) {

@@ -58,13 +58,13 @@ export class GuestVm implements VmHook {
   }
 
   async probe(timeoutMs: number): Promise<VmProbe> {
-    const s = await controlCall<{ dirtyBytes?: number }>(
+    const s = await controlCall<{ dirtyBytes?: number; identity?: string }>(
       this.control,
       'GET',
       '/status',
       undefined,
       timeoutMs,
     );
-    return { dirtyBytes: s.dirtyBytes ?? null };
+    return { dirtyBytes: s.dirtyBytes ?? null, identity: s.identity ?? null };
   }
 }

@@ -14,6 +14,8 @@ import type { Endpoint } from '../../util/address.js';
 export interface VmProbe {
   /** State bytes changed since the last checkpoint (what the next save would carry), if the VM knows. */
   dirtyBytes: number | null;
+  /** The VM's configuration, which must be the same on both sides of a pair (null: cannot say). */
+  identity: string | null;
 }
 
 export interface VmHook {
