@@ -120,12 +120,13 @@ describe('coordinator', () => {
     const e = r.epoch;
     before(log, 'svm.pause', 'pvm.pause');
     before(log, 'pvm.pause', 'disk.seal');
-    before(log, 'disk.seal', 'pvm.save');
+    before(log, 'pvm.pause', 'pvm.save');
     before(log, 'pvm.save', 'svm.receive');
     before(log, `disk.durable ${e}`, 'svm.load');
     before(log, 'svm.receive', 'svm.load');
     before(log, `disk.durable ${e}`, `disk.commit ${e}`);
-    before(log, `disk.commit ${e}`, 'pvm.checkpointed');
+    before(log, 'svm.receive', 'pvm.checkpointed');
+    before(log, `disk.durable ${e}`, 'pvm.checkpointed');
     before(log, 'svm.load', 'pvm.resume');
     before(log, 'svm.load', 'svm.resume');
     expect(log).not.toContain('svm.discard');

@@ -6,7 +6,7 @@
  *   1. a request (mismatch, timeout, queue, reset, interval, pending, manual);
  *      requests that arrive until the cut are folded into it;
  *   2. pause the SVM, then the PVM, each with its in-flight I/O drained;
- *   3. seal the disk epoch on the primary;
+ *   3. seal the disk epoch on the primary ∥
  *   4. save the PVM's state (only what it dirtied; all of it at a pairing);
  *   5. the SVM receives it ∥ the secondary holds the epoch durably ∥ the
  *      comparer has every byte the VMs wrote before the pause;
@@ -294,12 +294,17 @@ export class Coordinator extends EventEmitter {
       paused = true;
       if (attach) await comparer.attach(svm.data, pvmPos);
       lap('pause');
-      // 3. seal
-      const seal = await this.guard(this.disk.seal());
-      lap('seal');
-      // 4. the PVM's state
-      const state = await this.guard(pvm.save(full));
-      lap('save');
+      // 3. seal ∥ 4. the PVM's state (both only need the PVM paused)
+      const timed = async <T>(p: Phase, call: Promise<T>) => {
+        const t = performance.now();
+        const r = await call;
+        phases[p] = performance.now() - t;
+        return r;
+      };
+      const [seal, state] = await this.guard(
+        Promise.all([timed('seal', this.disk.seal()), timed('save', pvm.save(full))]),
+      );
+      last = performance.now();
       // 5. received ∥ durable ∥ every byte of the cut here
       await this.guard(
         Promise.all([
@@ -324,10 +329,11 @@ export class Coordinator extends EventEmitter {
         Promise.all([
           this.svmCall(svm.load(targets)).then(() => (decided.loaded = true)),
           this.disk.commit(seal.epoch),
+          // Decided: D^p has reached the SVM, the PVM's changes count from here.
+          pvm.checkpointed(),
         ]),
       );
       this.decided = null;
-      await this.guard(pvm.checkpointed());
       lap('load');
       let verified: CheckpointRecord['verified'];
       let verifyMs = 0;
