@@ -5,7 +5,7 @@
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { controlCall } from '../src/checkpoint/control.js';
 import { CLI, killAll, rmDir, run, tmpDir } from './helpers.js';
-import { HttpConn } from './http-client.js';
+import { HttpConn } from '../tools/loop/http-conn.js';
 import path from 'node:path';
 import { startColoStack, startGuest, type ColoStack } from './colo-helpers.js';
 import { hashExport, startNode } from './replication-helpers.js';

@@ -1,17 +1,33 @@
-// The README's main job: `npm run demo` on a fresh machine, including the
-// primary's death, the takeover and the re-protection of a fresh secondary.
+// The README's main job: `npm run demo` on a fresh machine (the COLO loop end
+// to end: load through the comparer, checkpoints on divergence, the primary
+// side killed, re-protection), and the disk pair's own demo.
 import { describe, expect, it } from 'vitest';
 import { ROOT, runOk } from './helpers.js';
 
 describe('demo', () => {
-  it('runs a live pair, survives the primary being killed, re-protects, and verifies every checkpoint', async () => {
+  it('the COLO loop: load, checkpoints verified, the primary side killed, re-protected, nothing lost', async () => {
+    const r = await runOk(process.execPath, ['dist/tools/demo.js', '--seconds', '1', '--json'], {
+      timeoutMs: 120_000,
+      cwd: ROOT,
+    });
+    const s = JSON.parse(r.stdout);
+    expect(s.errors).toEqual([]);
+    expect(s.ok).toBe(true);
+    expect(s.connectionsReset).toBe(0);
+    expect(s.verified).toBe(s.checkpoints);
+    expect(s.checkpointsByReason.pair).toBe(2);
+    expect(s.failover.survived).toBe(s.connections);
+    expect(s.readable).toBe(s.acknowledgedPuts);
+    expect(s.acknowledgedPuts).toBeGreaterThan(0);
+    expect(s.checkpointsAfterFailover).toBeGreaterThan(0);
+    expect(s.finalCheckpoint).toMatchObject({ stateEqual: true, diskEqual: true });
+  });
+
+  it('the disk pair: survives the primary being killed, re-protects, and verifies every checkpoint', async () => {
     const r = await runOk(
       process.execPath,
-      ['dist/tools/demo.js', '--seconds', '3', '--size', '16M', '--json'],
-      {
-        timeoutMs: 90_000,
-        cwd: ROOT,
-      },
+      ['dist/tools/demo-disk.js', '--seconds', '3', '--size', '16M', '--json'],
+      { timeoutMs: 90_000, cwd: ROOT },
     );
     const s = JSON.parse(r.stdout);
     expect(s.ok).toBe(true);

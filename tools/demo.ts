@@ -1,103 +1,126 @@
 /**
- * `npm run demo`: a COLO disk pair live on localhost, needing nothing but this
- * package. It starts `colo-blk secondary` and `colo-blk primary` as real
- * processes on fresh images, drives a guest-like workload on the PVM's export
- * (writes, overwrites, FUA writes, flushes, write-zeroes, trims) and a
- * different one on the SVM's export, and checkpoints every few hundred
- * milliseconds. At each checkpoint the workloads pause (as the VMs would),
- * the checkpoint runs (seal → durable → commit), and the demo verifies by
- * sha256 that the SVM's disk now equals the PVM's, byte for byte.
+ * `npm run demo`: COLO end to end on localhost, needing nothing but this
+ * package. Every piece is a real `colo-blk` process: a disk pair, a guest
+ * (the stand-in VM: an HTTP key-value service) on each side, and the colo
+ * process (comparer and checkpoint coordinator) in front.
  *
- * Halfway through, the primary is killed (SIGKILL) in the middle of the
- * workload. The secondary detects it by heartbeat and takes over on its own
- * (a new generation); the SVM's workload runs on through the same NBD
- * connections. A fresh secondary is started and paired with `colo-blk
- * reprotect` (a full resync that compares hashes), checkpoints resume, and
- * every one of them is verified by hash again.
+ *   1. Clients send PUTs and GETs through the comparer. The guests answer
+ *      alike except for a small fraction of nondeterministic responses; each
+ *      of those is a mismatch, and a checkpoint (a live line each: reason,
+ *      memory bytes, disk bytes, phase times, and SVM = PVM verified while
+ *      both are paused).
+ *   2. The primary side (the PVM guest and the primary disk node) is
+ *      SIGKILLed under load. The SVM takes over; the clients' connections
+ *      carry on.
+ *   3. A fresh secondary disk node and SVM guest re-protect the VM with one
+ *      `colo-blk reprotect`; checkpoints resume on the same connections.
+ *   4. A verified summary: every acknowledged PUT is readable, no connection
+ *      was reset, every checkpoint found SVM = PVM in memory and on disk.
  *
- * Options: --seconds N (default 8), --size SIZE (default 64M), --interval MS
- * between checkpoints (default 300), --json (summary as JSON), --keep.
+ * Options: --seconds N (load per phase, default 4), --clients N (default 8),
+ * --nondeterminism P (default 0.01), --json (the summary as JSON), --keep.
+ * The old disk-only demo is `npm run demo:disk`.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { createHash, randomFillSync } from 'node:crypto';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { controlCall } from '../src/checkpoint/control.js';
-import { NbdClient } from '../src/net/client.js';
-import { formatBytes, parseSize } from '../src/util/size.js';
-
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const CLI = path.join(ROOT, 'bin', 'colo-blk.js');
+import type { CheckpointRecord, FailoverRecord } from '../src/checkpoint/coordinator/coordinator.js';
+import { checkpointLine, failoverLine } from '../src/cli/colo.js';
+import { HttpConn } from './loop/http-conn.js';
+import { CLI, startGuest, startLoop, startSecondary, stop, type Loop, type Proc } from './loop/stack.js';
 
 interface Args {
   seconds: number;
-  size: number;
-  intervalMs: number;
+  clients: number;
+  nondeterminism: number;
   json: boolean;
   keep: boolean;
 }
 
 function usage(msg: string): never {
   process.stderr.write(
-    `demo: ${msg}\nusage: npm run demo -- [--seconds N] [--size SIZE] [--interval MS] [--json] [--keep]\n`,
+    `demo: ${msg}\nusage: npm run demo -- [--seconds N] [--clients N] [--nondeterminism P] [--json] [--keep]\n`,
   );
   process.exit(2);
 }
 
 function parseArgs(argv: string[]): Args {
-  const args: Args = { seconds: 8, size: 64 * 1024 * 1024, intervalMs: 300, json: false, keep: false };
+  const a: Args = { seconds: 4, clients: 8, nondeterminism: 0.01, json: false, keep: false };
   for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const next = () => argv[++i] ?? usage(`${a} needs a value`);
-    if (a === '--seconds') args.seconds = Number(next());
-    else if (a === '--size') args.size = parseSize(next());
-    else if (a === '--interval') args.intervalMs = Number(next());
-    else if (a === '--json') args.json = true;
-    else if (a === '--keep') args.keep = true;
-    else usage(`unknown argument '${a}'`);
+    const k = argv[i];
+    const next = () => argv[++i] ?? usage(`${k} needs a value`);
+    if (k === '--seconds') a.seconds = Number(next());
+    else if (k === '--clients') a.clients = Number(next());
+    else if (k === '--nondeterminism') a.nondeterminism = Number(next());
+    else if (k === '--json') a.json = true;
+    else if (k === '--keep') a.keep = true;
+    else usage(`unknown argument '${k}'`);
   }
-  if (!(args.seconds > 0) || !(args.intervalMs > 0)) usage('--seconds and --interval must be positive');
-  if (args.size < 8 * 1024 * 1024) usage('--size must be at least 8M');
-  return args;
+  if (!(a.seconds > 0)) usage('--seconds must be positive');
+  if (!(Number.isInteger(a.clients) && a.clients >= 1 && a.clients <= 256)) usage('--clients must be 1-256');
+  if (!(a.nondeterminism >= 0 && a.nondeterminism <= 1)) usage('--nondeterminism must be from 0 to 1');
+  return a;
 }
 
-function xorshift(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>>= 0);
-  };
-}
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function startNode(
-  role: string,
-  args: string[],
-): Promise<{ child: ChildProcess; info: Record<string, number> }> {
-  const child = spawn(process.execPath, [CLI, role, '--json', '--quiet', ...args], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const info = await new Promise<Record<string, number>>((resolve, reject) => {
-    let out = '';
-    child.stdout!.on('data', (d: Buffer) => {
-      out += d.toString();
-      const line = out.split('\n').find((l) => l.startsWith('{'));
-      if (line) resolve(JSON.parse(line));
-    });
-    child.once('exit', (code) => reject(new Error(`${role} exited with code ${code}`)));
-  });
-  return { child, info };
-}
+/** Clients on keep-alive connections, each PUTting and GETting its own keys until stopped. */
+class Load {
+  stopped = false;
+  requests = 0;
+  errors: string[] = [];
+  readonly acked = new Map<string, string>();
+  readonly latencies: number[] = [];
+  lastResponseAt = 0;
+  /** When each response arrived (ms). */
+  readonly times: number[] = [];
+  private loops: Promise<void>[] = [];
+  constructor(readonly conns: HttpConn[]) {}
 
-async function hashExport(c: NbdClient): Promise<string> {
-  const h = createHash('sha256');
-  const chunk = 8 * 1024 * 1024;
-  for (let off = 0; off < c.size; off += chunk) h.update(await c.read(off, Math.min(chunk, c.size - off)));
-  return h.digest('hex');
+  static async open(port: number, n: number): Promise<Load> {
+    return new Load(await Promise.all(Array.from({ length: n }, () => HttpConn.connect(port))));
+  }
+
+  start(): void {
+    this.stopped = false;
+    this.loops = this.conns.map((c, i) => this.run(c, i));
+  }
+
+  private async run(c: HttpConn, i: number): Promise<void> {
+    for (let n = 0; !this.stopped; n++) {
+      const key = `client${i}-key${n % 16}`;
+      const value = `value ${n} from client ${i} at ${Date.now()}`;
+      const t = performance.now();
+      try {
+        const put = n % 3 !== 2;
+        const r = put
+          ? await c.request('PUT', `/kv/${key}`, value, 20_000)
+          : await c.request('GET', `/kv/${key}`, undefined, 20_000);
+        if (r.status !== 200 && r.status !== 404) throw new Error(`HTTP ${r.status}: ${r.body.toString()}`);
+        if (put) this.acked.set(key, value);
+        else if (this.acked.has(key) && r.body.toString() !== this.acked.get(key))
+          throw new Error(`GET ${key} returned '${r.body.toString()}', expected '${this.acked.get(key)}'`);
+        this.latencies.push(performance.now() - t);
+        this.requests++;
+        this.lastResponseAt = Date.now();
+        this.times.push(this.lastResponseAt);
+      } catch (err) {
+        this.errors.push(`client ${i}: ${(err as Error).message}`);
+        return;
+      }
+    }
+  }
+
+  async pause(): Promise<void> {
+    this.stopped = true;
+    await Promise.all(this.loops);
+  }
+
+  resets(): number {
+    return this.conns.filter((c) => c.closed || c.error).length;
+  }
 }
 
 function quantile(xs: number[], q: number): number {
@@ -105,62 +128,29 @@ function quantile(xs: number[], q: number): number {
   return s.length ? s[Math.min(s.length - 1, Math.floor(q * s.length))] : NaN;
 }
 
-/** A guest-like workload that runs until `paused()` says stop; returns op counts. */
-async function guest(
-  clients: NbdClient[],
-  seed: number,
-  size: number,
-  until: () => boolean,
-  counts: Record<string, number>,
-  mix: 'pvm' | 'svm',
-): Promise<void> {
-  const rand = xorshift(seed);
-  const inflight: Promise<unknown>[] = [];
-  while (!until()) {
-    const c = clients[rand() % clients.length];
-    const len = 4096 * (1 + (rand() % (mix === 'pvm' ? 64 : 16)));
-    // Overwrites: half the writes go to a hot 4 MiB region.
-    const span = rand() % 2 ? 4 * 1024 * 1024 : size;
-    const off = 4096 * (rand() % Math.floor((span - len) / 4096));
-    const op = rand() % 100;
-    if (op < 60 || mix === 'svm') {
-      const fua = op < 4;
-      inflight.push(c.write(randomFillSync(Buffer.allocUnsafe(len)), off, { fua }));
-      counts[fua ? 'fua' : 'write']++;
-      counts.bytes += len;
-    } else if (op < 70) {
-      inflight.push(c.zero(off, len, { noHole: op < 65 }));
-      counts.zero++;
-    } else if (op < 76) {
-      inflight.push(c.trim(off, len));
-      counts.trim++;
-    } else if (op < 80) {
-      inflight.push(c.flush());
-      counts.flush++;
-    } else {
-      inflight.push(c.read(off, len));
-      counts.read++;
-    }
-    if (inflight.length >= 16) await Promise.all(inflight.splice(0));
+async function waitState(loop: Loop, state: string, timeoutMs = 60_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const s = await controlCall<{ state: string; lastError: string | null }>(
+      loop.coloControl,
+      'GET',
+      '/status',
+    );
+    if (s.state === state) return;
+    if (Date.now() > deadline) throw new Error(`colo did not become ${state} (${s.state}: ${s.lastError})`);
+    await sleep(20);
   }
-  await Promise.all(inflight);
 }
 
-/** Run a guest until told to stop; a guest whose disk goes away (its host was killed) just stops. */
-async function guestUntilGone(
-  clients: NbdClient[],
-  seed: number,
-  size: number,
-  until: () => boolean,
-  counts: Record<string, number>,
-  mix: 'pvm' | 'svm',
-): Promise<string | null> {
-  try {
-    await guest(clients, seed, size, until, counts, mix);
-    return null;
-  } catch (err) {
-    return (err as Error).message;
-  }
+function runCli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const c = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    c.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    c.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    c.on('exit', (code) => resolve({ code, stdout, stderr }));
+  });
 }
 
 async function main(): Promise<void> {
@@ -170,268 +160,198 @@ async function main(): Promise<void> {
   };
   const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
   const dir = fs.mkdtempSync(path.join(base, 'colo-blk-demo-'));
-  const children: ChildProcess[] = [];
-  process.on('exit', () => {
-    for (const c of children) if (c.exitCode === null) c.kill('SIGKILL');
+  const procs: Proc[] = [];
+  const cleanup = () => {
+    for (const p of procs) if (p.child.exitCode === null) p.child.kill('SIGKILL');
     if (!args.keep) fs.rmSync(dir, { recursive: true, force: true });
+  };
+  process.on('exit', cleanup);
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => process.exit(130));
+
+  say('colo-blk demo: COLO end to end on localhost');
+  const loop = await startLoop({
+    dir,
+    size: '256M',
+    mode: 'colo',
+    nondeterminism: args.nondeterminism,
+    intervalMs: 2000,
+    verify: true,
   });
-
-  say('colo-blk demo: a COLO disk pair on localhost');
-  say(`  images and state in ${dir} (${formatBytes(args.size)} disks, sparse)`);
-  const secondary = await startNode('secondary', [
-    '--listen', '127.0.0.1:0',
-    '--export', `disk0=${path.join(dir, 'svm.img')},size=${args.size}`,
-    '--state', path.join(dir, 'svm-state'),
-    '--replication-listen', '127.0.0.1:0',
-    '--control', '127.0.0.1:0',
-    '--failover', 'auto', '--failover-grace', '200',
-  ]); // prettier-ignore
-  children.push(secondary.child);
-  const primary = await startNode('primary', [
-    '--listen', '127.0.0.1:0',
-    '--export', `disk0=${path.join(dir, 'pvm.img')},size=${args.size}`,
-    '--state', path.join(dir, 'pvm-state'),
-    '--peer', `127.0.0.1:${secondary.info.replicationPort}`,
-    '--control', '127.0.0.1:0',
-  ]); // prettier-ignore
-  children.push(primary.child);
-  const pctl = { host: '127.0.0.1', port: primary.info.controlPort };
-  say(`  secondary pid ${secondary.child.pid}: SVM disk nbd://127.0.0.1:${secondary.info.port}/disk0`);
-  say(`  primary   pid ${primary.child.pid}: PVM disk nbd://127.0.0.1:${primary.info.port}/disk0`);
+  procs.push(...loop.all());
   say(
-    `  replication 127.0.0.1:${secondary.info.replicationPort}, primary control http://127.0.0.1:${pctl.port}\n`,
+    `  disk pair   primary pid ${loop.primary.child.pid} ⇄ secondary pid ${loop.secondary.child.pid} (--failover manual: the coordinator decides)`,
+  );
+  say(
+    `  guests      PVM pid ${loop.pvm.child.pid} on the primary's export, SVM pid ${loop.svm.child.pid} on the secondary's SVM export`,
+  );
+  say(
+    `              (the same HTTP key-value service; ${args.nondeterminism * 100}% of its responses carry real time and randomness)`,
+  );
+  say(
+    `  colo        pid ${loop.colo.child.pid}: clients connect to 127.0.0.1:${loop.port}; each checkpoint is verified SVM = PVM while paused`,
   );
 
-  const waitProtected = async (ctl: { host: string; port: number }) => {
-    for (let i = 0; ; i++) {
-      const s = await controlCall<{ peerState: string }>(ctl, 'GET', '/status');
-      if (s.peerState === 'protected') return;
-      if (i > 800) throw new Error('the secondary was not synchronised in time');
-      await new Promise((r) => setTimeout(r, 25));
+  const checkpoints: CheckpointRecord[] = [];
+  const failovers: FailoverRecord[] = [];
+  let shownThisSecond = 0;
+  let second = 0;
+  let hidden = 0;
+  loop.colo.onEvent = (e) => {
+    if (e.event === 'checkpoint') {
+      const r = e as unknown as CheckpointRecord;
+      checkpoints.push(r);
+      const now = Math.floor(Date.now() / 1000);
+      if (now !== second) {
+        if (hidden) say(`    (${hidden} more checkpoint(s) in that second)`);
+        second = now;
+        shownThisSecond = 0;
+        hidden = 0;
+      }
+      if (shownThisSecond++ < 6) say(`    ${checkpointLine(r)}`);
+      else hidden++;
+    } else if (e.event === 'failover') {
+      const r = e as unknown as FailoverRecord;
+      failovers.push(r);
+      say(`    ${failoverLine(r)}`);
     }
   };
-  await waitProtected(pctl);
-  const pvm = await Promise.all(
-    [0, 1].map(() => NbdClient.connect({ port: primary.info.port, exportName: 'disk0' })),
+  await waitState(loop, 'protected');
+
+  // 1. Load through the comparer.
+  say(`\n1. ${args.clients} clients send PUTs and GETs through the comparer for ${args.seconds} s`);
+  const load = await Load.open(loop.port, args.clients);
+  load.start();
+  await sleep(args.seconds * 1000);
+  const phase1 = load.requests;
+
+  // 2. Kill the primary side under load.
+  say(
+    `\n2. SIGKILL the primary side (PVM guest pid ${loop.pvm.child.pid}, primary disk node pid ${loop.primary.child.pid}) under load`,
   );
-  const svm = await Promise.all(
-    [0].map(() => NbdClient.connect({ port: secondary.info.port, exportName: 'disk0' })),
-  );
-
-  const pvmCounts = { write: 0, fua: 0, zero: 0, trim: 0, flush: 0, read: 0, bytes: 0 };
-  const svmCounts = { ...pvmCounts };
-  const phases = {
-    seal: [] as number[],
-    durable: [] as number[],
-    commit: [] as number[],
-    total: [] as number[],
-  };
-  const results: { epoch: number; writes: number; bytes: number; equal: boolean; phase: number }[] = [];
-  const started = Date.now();
-  const half = started + (args.seconds * 1000) / 2;
-  const deadline = started + args.seconds * 1000;
-
-  /** The checkpoint loop: VMs run, pause, checkpoint, verify SVM == PVM by hash. */
-  const loop = async (
-    ctl: { host: string; port: number },
-    pvmClients: NbdClient[],
-    svmClients: NbdClient[],
-    end: number,
-    phase: number,
-  ) => {
-    say('  ckpt  epoch    writes      bytes    seal  durable  commit   total   SVM == PVM');
-    while (Date.now() < end) {
-      const until = Date.now() + args.intervalMs;
-      await Promise.all([
-        guest(pvmClients, 1000 + results.length, args.size, () => Date.now() >= until, pvmCounts, 'pvm'),
-        guest(svmClients, 5000 + results.length, args.size, () => Date.now() >= until, svmCounts, 'svm'),
-      ]);
-      const r = await controlCall<Record<string, number>>(ctl, 'POST', '/checkpoint', {});
-      phases.seal.push(r.sealMs);
-      phases.durable.push(r.durableMs);
-      phases.commit.push(r.commitMs);
-      phases.total.push(r.totalMs);
-      const [a, b] = await Promise.all([hashExport(pvmClients[0]), hashExport(svmClients[0])]);
-      results.push({ epoch: r.epoch, writes: r.writes, bytes: r.bytes, equal: a === b, phase });
-      say(
-        `  ${String(results.length).padStart(4)}  ${String(r.epoch).padStart(5)}  ${String(r.writes).padStart(8)}` +
-          `  ${formatBytes(r.bytes).padStart(9)}  ${r.sealMs.toFixed(2).padStart(6)}  ${r.durableMs.toFixed(2).padStart(7)}` +
-          `  ${r.commitMs.toFixed(2).padStart(6)}  ${r.totalMs.toFixed(2).padStart(6)}   ${a === b ? 'yes' : 'NO'} ${a.slice(0, 12)}`,
-      );
-    }
-  };
-
-  // Phase 1: a protected pair.
-  await loop(pctl, pvm, svm, half, 1);
-
-  // Phase 2: the primary dies in the middle of the workload; the secondary takes over.
-  say(`\n  killing the primary (pid ${primary.child.pid}) with SIGKILL while both VMs write...`);
-  const sctl = { host: '127.0.0.1', port: secondary.info.controlPort };
-  let stop = false;
+  const before = load.requests;
   const killedAt = Date.now();
-  const running = Promise.all([
-    guestUntilGone(pvm, 77, args.size, () => stop, pvmCounts, 'pvm'),
-    guestUntilGone(svm, 78, args.size, () => stop, svmCounts, 'svm'),
-  ]);
-  await new Promise((r) => setTimeout(r, 50));
-  primary.child.kill('SIGKILL');
-  interface Promoted {
-    generation: number;
-    promotionMs: number;
-    promoted: { at: number; reason: string };
-  }
-  let promoted: Promoted | undefined;
-  for (let i = 0; !promoted; i++) {
-    const s = await controlCall<{
-      role: string;
-      generation: number;
-      promotionMs: number;
-      promoted: { at: number; reason: string } | null;
-    }>(sctl, 'GET', '/status');
-    if (s.role === 'primary' && s.promoted) promoted = s as Promoted;
-    else if (i > 400) throw new Error('the secondary did not take over');
-    else await new Promise((r) => setTimeout(r, 10));
-  }
-  const tookOverMs = promoted.promoted.at - killedAt;
-  stop = true;
-  const [pvmGone, svmGone] = await running;
+  loop.pvm.child.kill('SIGKILL');
+  loop.primary.child.kill('SIGKILL');
+  await sleep(2000);
+  // The client-visible gap: the longest wait between two responses around the kill.
+  const around = load.times.filter((t) => t >= killedAt - 1000);
+  let gapMs = 0;
+  for (let k = 1; k < around.length; k++) gapMs = Math.max(gapMs, around[k] - around[k - 1]);
+  if (around.length < 2 || around.at(-1)! < killedAt) gapMs = Infinity;
   say(
-    `  the secondary took over as generation ${promoted.generation}, ${tookOverMs} ms after the kill ` +
-      `(heartbeat timeout + failover grace; the promotion itself took ${promoted.promotionMs.toFixed(1)} ms)`,
+    `    the clients' longest wait for a response around the kill: ${gapMs} ms; ${args.clients - load.resets()} of ${args.clients} connections intact; ${load.requests - before} responses since`,
   );
-  say(`  the PVM's disk went away with its host (${pvmGone ?? 'no error'});`);
-  if (svmGone) throw new Error(`the SVM lost its disk during the failover: ${svmGone}`);
-  // The SVM keeps running on the promoted node, through the same connection.
-  const afterFailover = Date.now() + Math.min(600, args.intervalMs * 2);
-  await guest(svm, 79, args.size, () => Date.now() >= afterFailover, svmCounts, 'svm');
-  say(
-    `  the SVM runs on, on the promoted node, through the same NBD connection (${svmCounts.write} writes so far)`,
-  );
-  await Promise.all(pvm.map((c) => c.close().catch(() => {})));
 
-  // Phase 3: a fresh secondary, re-protection, checkpoints again.
-  const third = await startNode('secondary', [
-    '--listen', '127.0.0.1:0',
-    '--export', `disk0=${path.join(dir, 'new.img')},size=${args.size}`,
-    '--state', path.join(dir, 'new-state'),
-    '--replication-listen', '127.0.0.1:0',
-    '--control', '127.0.0.1:0',
+  // 3. Re-protect with a fresh secondary and SVM, while the load goes on.
+  say(`\n3. A fresh secondary disk node and SVM guest; one colo-blk reprotect pairs them (the load goes on)`);
+  const sec2 = await startSecondary(dir, 'svm2', '256M');
+  procs.push(sec2);
+  const svm2 = await startGuest(sec2, {
+    dir,
+    size: '256M',
+    mode: 'colo',
+    nondeterminism: args.nondeterminism,
+  });
+  procs.push(svm2);
+  const t0 = Date.now();
+  const rp = await runCli([
+    'reprotect',
+    '--control', `127.0.0.1:${loop.coloControl.port}`,
+    '--peer', `127.0.0.1:${sec2.info.replicationPort}`,
+    '--svm', `127.0.0.1:${svm2.info.port}`,
+    '--svm-control', `127.0.0.1:${svm2.info.controlPort}`,
+    '--secondary-control', `127.0.0.1:${sec2.info.controlPort}`,
   ]); // prettier-ignore
-  children.push(third.child);
-  say(`\n  started a fresh secondary (pid ${third.child.pid}); re-protecting with colo-blk reprotect:`);
-  const rp = spawn(
-    process.execPath,
-    [
-      CLI,
-      'reprotect',
-      '--control',
-      `127.0.0.1:${sctl.port}`,
-      '--peer',
-      `127.0.0.1:${third.info.replicationPort}`,
-      '--json',
-    ],
-    { stdio: ['ignore', 'pipe', args.json ? 'ignore' : 'inherit'] },
-  );
-  let rpOut = '';
-  rp.stdout!.on('data', (d: Buffer) => (rpOut += d.toString()));
-  // The new PVM (the old SVM) keeps running during the resync.
-  let resyncing = true;
-  const during = guest(svm, 80, args.size, () => !resyncing, svmCounts, 'svm');
-  const rpCode = await new Promise<number | null>((r) => rp.once('exit', r));
-  resyncing = false;
-  await during;
-  if (rpCode !== 0) throw new Error(`colo-blk reprotect failed (exit ${rpCode})`);
-  const reprotect = JSON.parse(rpOut) as {
-    decision: { mode: string; reason: string };
-    resync: {
-      mode: string;
-      sentBytes: number;
-      equalBytes: number;
-      hashBytes: number;
-      startedAt: number;
-      finishedAt: number;
-    };
-  };
-  say(
-    `  ${reprotect.resync.mode} resync: sent ${formatBytes(reprotect.resync.sentBytes)}, ` +
-      `${formatBytes(reprotect.resync.equalBytes)} found equal by ${formatBytes(reprotect.resync.hashBytes)} of hashes, ` +
-      `in ${((reprotect.resync.finishedAt - reprotect.resync.startedAt) / 1000).toFixed(2)} s\n`,
-  );
-  const newSvm = await Promise.all(
-    [0].map(() => NbdClient.connect({ port: third.info.port, exportName: 'disk0' })),
-  );
-  await loop(sctl, svm, newSvm, Math.max(deadline, Date.now() + 3 * args.intervalMs), 3);
+  if (rp.code !== 0) throw new Error(`colo-blk reprotect failed: ${rp.stderr}`);
+  say(`    ${rp.stdout.trim()} (disk resync included: ${Date.now() - t0} ms)`);
+  await sleep(args.seconds * 1000);
+  await load.pause();
 
-  const status = await controlCall<Record<string, unknown>>(sctl, 'GET', '/status');
-  await Promise.all([...svm, ...newSvm].map((c) => c.close()));
-  const alive = [secondary.child, third.child];
-  for (const c of alive) c.kill('SIGTERM');
-  const exits = await Promise.all(
-    alive.map(
-      (c) => new Promise<number | null>((r) => (c.exitCode !== null ? r(c.exitCode) : c.once('exit', r))),
-    ),
-  );
-  const after = results.filter((r) => r.phase === 3);
-  const ok =
-    results.length > 0 && after.length > 0 && results.every((r) => r.equal) && exits.every((c) => c === 0);
-  const ms = (xs: number[]) => ({ p50: quantile(xs, 0.5), p99: quantile(xs, 0.99), max: Math.max(...xs) });
-  const summary = {
-    ok,
-    seconds: (Date.now() - started) / 1000,
-    checkpoints: results.length,
-    verified: results.filter((r) => r.equal).length,
-    checkpointsAfterFailover: after.length,
-    failover: {
-      generation: promoted.generation,
-      msFromKill: tookOverMs,
-      promotionMs: promoted.promotionMs,
-    },
-    reprotect: reprotect.resync,
-    pvm: pvmCounts,
-    svm: svmCounts,
-    mirroredBytes: (status.link as { bytesSent: number }).bytesSent,
-    phasesMs: {
-      seal: ms(phases.seal),
-      durable: ms(phases.durable),
-      commit: ms(phases.commit),
-      total: ms(phases.total),
-    },
-    exitCodes: exits,
-  };
-  if (args.json) {
-    process.stdout.write(JSON.stringify(summary, null, 2) + '\n');
-  } else {
-    const f = (x: { p50: number; p99: number }) => `p50 ${x.p50.toFixed(2)} ms, p99 ${x.p99.toFixed(2)} ms`;
-    say(`\nsummary: ${results.length} checkpoints in ${summary.seconds.toFixed(1)} s`);
-    say(
-      `  PVM: ${pvmCounts.write} writes (+${pvmCounts.fua} FUA), ${pvmCounts.zero} zeroes, ${pvmCounts.trim} trims, ` +
-        `${pvmCounts.flush} flushes, ${pvmCounts.read} reads; ${formatBytes(pvmCounts.bytes)} written`,
-    );
-    say(`  SVM: ${svmCounts.write + svmCounts.fua} writes, ${formatBytes(svmCounts.bytes)}`);
-    say(
-      `  failover: primary killed, secondary took over ${tookOverMs} ms later as generation ${promoted.generation}`,
-    );
-    say(
-      `  re-protection: ${reprotect.resync.mode} resync sent ${formatBytes(reprotect.resync.sentBytes)}; ` +
-        `${after.length} checkpoints after it`,
-    );
-    say(`  seal    ${f(summary.phasesMs.seal)}`);
-    say(`  durable ${f(summary.phasesMs.durable)}`);
-    say(`  commit  ${f(summary.phasesMs.commit)}`);
-    say(`  total   ${f(summary.phasesMs.total)}`);
-    say(
-      `  SVM disk == PVM disk after ${summary.verified} of ${results.length} checkpoints (sha256 over NBD), ` +
-        `before and after the failover`,
-    );
-    say(
-      `  surviving nodes stopped cleanly: ${exits.every((c) => c === 0) ? 'yes' : `no (${exits.join(', ')})`}`,
-    );
-    say(`\n${ok ? 'demo passed' : 'demo FAILED'}`);
+  // 4. Verify.
+  say('\n4. Verify (a last checkpoint, every acknowledged PUT read back, both whole disks hashed)');
+  const last = await controlCall<CheckpointRecord>(loop.coloControl, 'POST', '/checkpoint');
+  let readable = 0;
+  for (const [key, value] of load.acked) {
+    const r = await load.conns[0].request('GET', `/kv/${key}`);
+    if (r.body.toString() === value) readable++;
   }
+  const svmNow = { host: '127.0.0.1', port: Number(loop.svm.info.controlPort) };
+  const svm2Ctl = { host: '127.0.0.1', port: Number(svm2.info.controlPort) };
+  const [h1, h2, d1, d2] = await Promise.all([
+    controlCall<{ hash: string }>(svmNow, 'GET', '/hash'),
+    controlCall<{ hash: string }>(svm2Ctl, 'GET', '/hash'),
+    controlCall<{ hash: string }>(svmNow, 'GET', '/disk-hash?whole=1', undefined, 120_000),
+    controlCall<{ hash: string }>(svm2Ctl, 'GET', '/disk-hash?whole=1', undefined, 120_000),
+  ]);
+  loop.colo.onEvent = null;
+  const status = await controlCall<{
+    byReason: Record<string, number>;
+    pauseMs: { p50: number; p99: number };
+  }>(loop.coloControl, 'GET', '/status');
+  const verified = checkpoints.filter((c) => c.verified?.state && c.verified.disk).length;
+  const afterFailover = checkpoints.filter((c) => c.at > killedAt).length;
+  const summary = {
+    requests: load.requests,
+    requestsBeforeKill: phase1,
+    errors: load.errors,
+    connections: args.clients,
+    connectionsReset: load.resets(),
+    latencyMs: { p50: quantile(load.latencies, 0.5), p99: quantile(load.latencies, 0.99) },
+    checkpoints: checkpoints.length,
+    checkpointsByReason: status.byReason,
+    verified,
+    checkpointsAfterFailover: afterFailover,
+    pauseMs: status.pauseMs,
+    failover: failovers[0] ?? null,
+    clientGapMs: gapMs,
+    acknowledgedPuts: load.acked.size,
+    readable,
+    finalCheckpoint: { epoch: last.epoch, stateEqual: h1.hash === h2.hash, diskEqual: d1.hash === d2.hash },
+  };
+  const ok =
+    load.errors.length === 0 &&
+    summary.connectionsReset === 0 &&
+    readable === load.acked.size &&
+    verified === checkpoints.length &&
+    failovers.length === 1 &&
+    afterFailover > 0 &&
+    summary.finalCheckpoint.stateEqual &&
+    summary.finalCheckpoint.diskEqual;
+  if (args.json) process.stdout.write(JSON.stringify({ ok, ...summary }) + '\n');
+  else {
+    const yes = (b: boolean) => (b ? 'yes' : 'NO');
+    say(
+      `    requests           ${load.requests} (${phase1} before the kill), errors ${load.errors.length}, p50 ${summary.latencyMs.p50.toFixed(2)} ms, p99 ${summary.latencyMs.p99.toFixed(2)} ms`,
+    );
+    say(
+      `    connections        ${args.clients} opened, ${summary.connectionsReset} reset: the same connections were served by the PVM, then by the SVM`,
+    );
+    say(
+      `    checkpoints        ${checkpoints.length}: ${Object.entries(status.byReason)
+        .map(([k, v]) => `${k} ${v}`)
+        .join(', ')}; pause p50 ${status.pauseMs.p50} ms, p99 ${status.pauseMs.p99} ms`,
+    );
+    say(
+      `    SVM = PVM          at every checkpoint (state hash and disk hash, checked while paused): ${yes(verified === checkpoints.length)} (${verified}/${checkpoints.length})`,
+    );
+    say(
+      `    failover           ${failovers[0] ? `${failovers[0].ms.toFixed(0)} ms in the coordinator; the clients waited at most ${gapMs} ms` : 'NONE'}`,
+    );
+    say(
+      `    acknowledged PUTs  ${readable} of ${load.acked.size} readable afterwards: ${yes(readable === load.acked.size)}`,
+    );
+    say(
+      `    after re-protection ${afterFailover} checkpoint(s); final state and disk equal: ${yes(summary.finalCheckpoint.stateEqual && summary.finalCheckpoint.diskEqual)}`,
+    );
+    for (const e of load.errors.slice(0, 5)) say(`    error: ${e}`);
+    say(ok ? '\ndemo: OK' : '\ndemo: FAILED');
+  }
+  for (const c of load.conns) c.close();
+  for (const p of [...procs].reverse()) await stop(p);
   process.exitCode = ok ? 0 : 1;
 }
 
 main().catch((err) => {
-  process.stderr.write(`demo: ${err instanceof Error ? err.message : String(err)}\n`);
+  process.stderr.write(`demo: ${(err as Error).stack ?? err}\n`);
   process.exitCode = 1;
 });

@@ -228,7 +228,10 @@ program
   .option('--heartbeat <ms>', 'probe every VM and disk node this often', '100')
   .option('--failover-after <ms>', 'a side that has not answered for this long is lost', '500')
   .option('--timeout <ms>', 'how long each checkpoint phase may take', '10000')
-  .option('--verify', 'after each checkpoint, check SVM = PVM (state hash and disk hash) while paused')
+  .option(
+    '--verify',
+    'after each checkpoint, check SVM = PVM while paused: state hash, and hash of the disk region the guest uses',
+  )
   .option('--json', 'print events (listening, checkpoint, failover, state) as JSON lines')
   .option('-v, --verbose', 'log more')
   .option('-q, --quiet', 'log warnings only')

@@ -93,7 +93,11 @@ export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
       }),
     },
     { method: 'GET', path: '/hash', handler: async () => ({ hash: state.hash() }) },
-    { method: 'GET', path: '/disk-hash', handler: async () => ({ hash: await state.diskHash() }) },
+    {
+      method: 'GET',
+      path: '/disk-hash',
+      handler: async (q) => state.diskHash(q.get('whole') === '1'),
+    },
     { method: 'POST', path: '/mem/pause', handler: async () => ({ conns: await server.pause() }) },
     {
       method: 'POST',

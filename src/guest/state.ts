@@ -258,13 +258,20 @@ export class GuestState {
     return h.digest('hex');
   }
 
-  /** sha256 of the whole disk, read through the guest's own disk client (what the VM would see). */
-  async diskHash(): Promise<string> {
+  /**
+   * sha256 of the disk as the guest sees it (through its own disk client):
+   * the log and the rest of its last MiB, or the whole disk if `whole`.
+   * Two guests whose states are equal cover the same range.
+   */
+  async diskHash(whole = false): Promise<{ hash: string; bytes: number }> {
     const h = createHash('sha256');
     const chunk = 1024 * 1024;
-    for (let off = 0; off < this.disk.size; off += chunk)
-      h.update(await this.disk.read(off, Math.min(chunk, this.disk.size - off)));
-    return h.digest('hex');
+    const end = whole
+      ? this.disk.size
+      : Math.min(this.disk.size, Math.ceil((this.logPos + 1) / chunk) * chunk);
+    for (let off = 0; off < end; off += chunk)
+      h.update(await this.disk.read(off, Math.min(chunk, end - off)));
+    return { hash: h.digest('hex'), bytes: end };
   }
 
   status() {

@@ -617,6 +617,7 @@ export class Coordinator extends EventEmitter {
       } catch (err) {
         const e = toColoError(err);
         h.lastError = e.message;
+        this.suspectSince ||= Date.now();
         if (/ECONNREFUSED|ECONNRESET/.test(e.message)) h.refusedInARow++;
       }
     };
@@ -664,7 +665,7 @@ export class Coordinator extends EventEmitter {
         this.requestUnprotect(
           `${this.isLost('svm') ? this.svm!.name : 'the secondary disk node'}: ${h.lastError ?? 'silent'}`,
         );
-      } else if (!lost) this.suspectSince = 0;
+      } else if (Object.values(this.health).every((h) => h.lastError === null)) this.suspectSince = 0;
       // A connection the SVM reset while it lives: that connection goes on unprotected.
       for (const id of this.opts.comparer.failedSessions('svm')) this.opts.comparer.detachSession(id);
       // A connection the PVM reset while it lives: a checkpoint makes the reset output.

@@ -52,9 +52,16 @@ export class GuestVm implements VmHook {
       .hash;
   }
 
+  /** The disk the guest uses (its log): equal states cover the same range. */
   async diskHash(): Promise<string> {
-    return (await controlCall<{ hash: string }>(this.control, 'GET', '/disk-hash', undefined, this.timeoutMs))
-      .hash;
+    const r = await controlCall<{ hash: string; bytes: number }>(
+      this.control,
+      'GET',
+      '/disk-hash',
+      undefined,
+      this.timeoutMs,
+    );
+    return `${r.bytes}:${r.hash}`;
   }
 
   async probe(timeoutMs: number): Promise<VmProbe> {
