@@ -6,7 +6,7 @@ import net from 'node:net';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { MemoryDevice } from '../src/block/memory.js';
 import { GuestServer } from '../src/guest/server.js';
-import { GuestState, LOG_START, type GuestDisk } from '../src/guest/state.js';
+import { decodeDelta, encodeDelta, GuestState, LOG_START, type GuestDisk } from '../src/guest/state.js';
 import { controlCall } from '../src/checkpoint/control.js';
 import { killAll, rmDir, startServer, tmpDir, type RunningServer } from './helpers.js';
 import { startNode } from './replication-helpers.js';
@@ -110,6 +110,36 @@ describe('guest state', () => {
     svm.receive(pvm.save(false));
     svm.load();
     expect(svm.hash()).toBe(pvm.hash());
+  });
+});
+
+describe('guest memory checkpoint encoding', () => {
+  it('round-trips a delta, takes a large state with one copy, and refuses anything else with EPROTO', () => {
+    const d = {
+      full: false,
+      ops: 7,
+      rng: [1, 2, 3, 4] as [number, number, number, number],
+      logPos: 8192,
+      logSeq: 3,
+      entries: [
+        ['a', Buffer.from('x'), 1],
+        ['ключ', Buffer.alloc(70_000, 9), 4],
+      ] as [string, Buffer, number][],
+    };
+    const b = encodeDelta(d);
+    expect(decodeDelta(b)).toEqual(d);
+    // A preloaded state: sent whole at a pairing, only its changes later.
+    const big = new GuestState(memDisk(), { seed: 3, nondeterminism: 0 });
+    expect(big.preload(8 * 1024 * 1024)).toBe(2048);
+    expect(big.save(true).length).toBeGreaterThan(8 * 1024 * 1024);
+    expect(big.save(false).length).toBeLessThan(200);
+    for (const junk of [
+      Buffer.alloc(0),
+      Buffer.from('hello world'),
+      b.subarray(0, b.length - 1),
+      Buffer.concat([b, Buffer.alloc(1)]),
+    ])
+      expect(() => decodeDelta(junk)).toThrow(expect.objectContaining({ code: 'EPROTO' }));
   });
 });
 

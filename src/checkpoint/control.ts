@@ -40,7 +40,7 @@ const statusOf: Partial<Record<ErrorCode, number>> = {
 
 const MAX_BODY = 64 * 1024;
 /** Raw routes carry memory checkpoints: bounded, but large. */
-const MAX_RAW_BODY = 1024 * 1024 * 1024;
+const MAX_RAW_BODY = 3 * 1024 * 1024 * 1024;
 
 export class ControlServer {
   private readonly server: http.Server;

@@ -2,6 +2,7 @@
 import { ColoError } from '../errors.js';
 import { GuestNode } from '../guest/node.js';
 import { parseHostPort } from '../util/address.js';
+import { parseSize } from '../util/size.js';
 import { stderrLogger } from './log.js';
 
 export interface GuestCliOptions {
@@ -12,6 +13,7 @@ export interface GuestCliOptions {
   nondeterminism: string;
   interleave?: boolean;
   jitter: string;
+  preload: string;
   json?: boolean;
   verbose?: boolean;
   quiet?: boolean;
@@ -38,6 +40,7 @@ export async function guestCommand(opts: GuestCliOptions): Promise<void> {
     ),
     interleave: opts.interleave === true,
     jitterMs: number(opts.jitter, '--jitter', (n) => n >= 0, 'a number of ms'),
+    preloadBytes: opts.preload === '0' ? 0 : parseSize(opts.preload),
     logger,
   });
   const a = node.addresses;

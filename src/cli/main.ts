@@ -193,6 +193,7 @@ program
     'show the global operation counter in responses (concurrent requests then interleave visibly)',
   )
   .option('--jitter <ms>', 'delay each answer by a random 0..ms', '0')
+  .option('--preload <size>', 'start with this much state in memory (not on the disk), like RAM in use', '0')
   .option('--json', 'print the listening addresses as one JSON line')
   .option('-v, --verbose', 'log more')
   .option('-q, --quiet', 'log warnings only')

@@ -21,6 +21,8 @@ export interface GuestNodeOptions {
   nondeterminism: number;
   interleave?: boolean;
   jitterMs?: number;
+  /** Bytes of in-memory state to start with (not on the disk), like a VM's RAM in use. */
+  preloadBytes?: number;
   logger: Logger;
 }
 
@@ -54,6 +56,7 @@ export class GuestNode {
     const state = new GuestState(disk, { seed: opts.seed, nondeterminism: opts.nondeterminism });
     const recovered = await state.recover();
     if (recovered) opts.logger.info(`recovered ${recovered} records (${state.keys} keys) from the disk`);
+    if (opts.preloadBytes) state.preload(opts.preloadBytes);
     const server = new GuestServer(state, {
       interleave: opts.interleave,
       jitterMs: opts.jitterMs,

@@ -21,7 +21,6 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { crc32 } from 'node:zlib';
-import { pack, unpack } from 'msgpackr';
 import { ColoError } from '../errors.js';
 
 /** The block device the guest keeps its log on (NbdClient, or a test's memory disk). */
@@ -74,6 +73,79 @@ export interface MemoryDelta {
   entries: [string, Buffer, number][];
 }
 
+const DELTA_MAGIC = 0x314d4743; // "CGM1"
+
+/**
+ * A memory checkpoint on the wire: magic, a JSON header (counters, the
+ * generator's state, the log position, the entry count), then each entry as
+ * key length, version, value length, key, value. Built with one copy of the
+ * values, so a full checkpoint of a large state costs a memcpy, not an
+ * encoder's growing buffer.
+ */
+export function encodeDelta(d: MemoryDelta): Buffer {
+  const head = Buffer.from(
+    JSON.stringify({
+      full: d.full,
+      ops: d.ops,
+      rng: d.rng,
+      logPos: d.logPos,
+      logSeq: d.logSeq,
+      count: d.entries.length,
+    }),
+  );
+  const parts: Buffer[] = [];
+  const top = Buffer.alloc(8);
+  top.writeUInt32LE(DELTA_MAGIC, 0);
+  top.writeUInt32LE(head.length, 4);
+  parts.push(top, head);
+  for (const [k, value, version] of d.entries) {
+    const key = Buffer.from(k, 'utf8');
+    const h = Buffer.allocUnsafe(12);
+    h.writeUInt32LE(key.length, 0);
+    h.writeUInt32LE(version, 4);
+    h.writeUInt32LE(value.length, 8);
+    parts.push(h, key, value);
+  }
+  return Buffer.concat(parts);
+}
+
+export function decodeDelta(b: Buffer): MemoryDelta {
+  const bad = (why: string) => new ColoError('EPROTO', `not a guest memory checkpoint: ${why}`);
+  if (b.length < 8 || b.readUInt32LE(0) !== DELTA_MAGIC) throw bad('bad magic');
+  const hl = b.readUInt32LE(4);
+  if (8 + hl > b.length) throw bad('truncated header');
+  let head: { full: boolean; ops: number; rng: number[]; logPos: number; logSeq: number; count: number };
+  try {
+    head = JSON.parse(b.subarray(8, 8 + hl).toString('utf8'));
+  } catch {
+    throw bad('header is not JSON');
+  }
+  if (!Array.isArray(head.rng) || head.rng.length !== 4 || !Number.isSafeInteger(head.count))
+    throw bad('bad header');
+  const entries: [string, Buffer, number][] = [];
+  let pos = 8 + hl;
+  for (let i = 0; i < head.count; i++) {
+    if (pos + 12 > b.length) throw bad(`entry ${i} truncated`);
+    const kl = b.readUInt32LE(pos);
+    const version = b.readUInt32LE(pos + 4);
+    const vl = b.readUInt32LE(pos + 8);
+    pos += 12;
+    if (pos + kl + vl > b.length) throw bad(`entry ${i} truncated`);
+    const key = b.subarray(pos, pos + kl).toString('utf8');
+    entries.push([key, b.subarray(pos + kl, pos + kl + vl), version]);
+    pos += kl + vl;
+  }
+  if (pos !== b.length) throw bad(`${b.length - pos} bytes after the last entry`);
+  return {
+    full: head.full === true,
+    ops: head.ops,
+    rng: head.rng as [number, number, number, number],
+    logPos: head.logPos,
+    logSeq: head.logSeq,
+    entries,
+  };
+}
+
 export interface GuestStateOptions {
   seed: number;
   /** Fraction (0-1) of responses that carry a timestamp and a random id. */
@@ -111,6 +183,23 @@ export class GuestState {
   get dirtyBytes(): number {
     let n = 0;
     for (const k of this.undo.keys()) n += k.length + (this.entries.get(k)?.value.length ?? 0);
+    return n;
+  }
+
+  /**
+   * Fill memory with `bytes` of state that is not on the disk (4 KiB values
+   * under keys p/0, p/1, ..., made from the seed): a VM with that much RAM in
+   * use. Both sides started alike hold the same; it counts as the state at
+   * start, not as a change.
+   */
+  preload(bytes: number): number {
+    const size = 4096;
+    const n = Math.ceil(bytes / size);
+    for (let i = 0; i < n; i++) {
+      const v = Buffer.alloc(size, (i * 31 + this.opts.seed) & 255);
+      v.writeUInt32LE(i, 0);
+      this.entries.set(`p/${i}`, { value: v, version: 1 });
+    }
     return n;
   }
 
@@ -199,7 +288,7 @@ export class GuestState {
         return e ? [[k, e.value, e.version] as [string, Buffer, number]] : [];
       }),
     };
-    return Buffer.from(pack(delta));
+    return encodeDelta(delta);
   }
 
   /** The checkpoint that carried `save()` is committed: changes count from here. */
@@ -210,9 +299,7 @@ export class GuestState {
 
   /** Hold a checkpoint received from the primary until it is committed. */
   receive(bytes: Buffer): { entries: number; bytes: number } {
-    const delta = unpack(bytes) as MemoryDelta;
-    if (!Array.isArray(delta?.entries) || !Array.isArray(delta.rng))
-      throw new ColoError('EPROTO', 'not a guest memory checkpoint');
+    const delta = decodeDelta(bytes);
     this.staged = delta;
     return { entries: delta.entries.length, bytes: bytes.length };
   }
