@@ -56,7 +56,7 @@ options:
 
 workloads: ${WORKLOADS.map((w) => w.id).join(', ')}
 groups:    ${[...new Set(WORKLOADS.map((w) => w.group))].join(', ')}
-scenarios: ${SCENARIOS.map((x) => x.id).join(', ')}
+scenarios: ${SCENARIOS.map((x) => x.id).join(', ')} (loop: all the loop-* ones)
 servers:   ${SERVERS.map((s) => s.name).join(', ')}
 `;
 
@@ -112,6 +112,10 @@ function parseOptions(argv: string[]): Options | 'help' {
   let onlyNames: string[] | null = null;
   if (values.only !== undefined) {
     onlyNames = splitList(values.only, '--only');
+    // 'loop' names every scenario of the COLO loop (loop-modes, loop-scale, ...).
+    onlyNames = onlyNames.flatMap((n) =>
+      n === 'loop' ? SCENARIOS.filter((x) => x.id.startsWith('loop-')).map((x) => x.id) : [n],
+    );
     const unknown = onlyNames.filter(
       (n) => !WORKLOADS.some((w) => w.id === n || w.group === n) && !SCENARIOS.some((x) => x.id === n),
     );

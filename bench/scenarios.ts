@@ -8,6 +8,7 @@
  *   memory     — peak RSS of both nodes with 1 GiB pending in one epoch
  *   failover   — from the primary's death to the promoted node serving writes
  *   resync, recovery — in resync.ts
+ *   loop-modes, loop-scale, loop-checkpoint, loop-failover — the COLO loop, in loop.ts
  */
 import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
@@ -25,6 +26,7 @@ import {
   type Pair,
 } from './pair.js';
 import { lastLine } from './proc.js';
+import { LOOP_SCENARIOS } from './loop.js';
 import { recoveryScenario, resyncScenario } from './resync.js';
 import type { BenchContext, ScenarioDef, ScenarioReport, Target } from './types.js';
 
@@ -546,4 +548,5 @@ export const SCENARIOS: ScenarioDef[] = [
   failoverScenario,
   resyncScenario,
   recoveryScenario,
+  ...LOOP_SCENARIOS,
 ];

@@ -30,9 +30,14 @@ function fakeVm(name: string, log: string[], identity = 'fake') {
     kill: () => (dead = true),
     pause: () => call('pause', {}),
     resume: () => call('resume', undefined),
-    save: (full) => call(full ? 'save-full' : 'save', Buffer.from('state')),
+    control: { host: '127.0.0.1', port: 1 },
+    sendState: (full: boolean) => {
+      log.push(`${name}.send${full ? '-full' : ''}`);
+      return dead
+        ? refused()
+        : ((on['send']?.() as Promise<{ bytes: number }>) ?? Promise.resolve({ bytes: 5 }));
+    },
     checkpointed: () => call('checkpointed', undefined),
-    receive: () => call('receive', undefined),
     load: () => call('load', undefined),
     discard: () => call('discard', undefined),
     hash: () => call('hash', 'h'),
@@ -120,12 +125,11 @@ describe('coordinator', () => {
     const e = r.epoch;
     before(log, 'svm.pause', 'pvm.pause');
     before(log, 'pvm.pause', 'disk.seal');
-    before(log, 'pvm.pause', 'pvm.save');
-    before(log, 'pvm.save', 'svm.receive');
+    before(log, 'pvm.pause', 'pvm.send');
     before(log, `disk.durable ${e}`, 'svm.load');
-    before(log, 'svm.receive', 'svm.load');
+    before(log, 'pvm.send', 'svm.load');
     before(log, `disk.durable ${e}`, `disk.commit ${e}`);
-    before(log, 'svm.receive', 'pvm.checkpointed');
+    before(log, 'pvm.send', 'pvm.checkpointed');
     before(log, `disk.durable ${e}`, 'pvm.checkpointed');
     before(log, 'svm.load', 'pvm.resume');
     before(log, 'svm.load', 'svm.resume');

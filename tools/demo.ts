@@ -28,7 +28,7 @@ import path from 'node:path';
 import { controlCall } from '../src/checkpoint/control.js';
 import type { CheckpointRecord, FailoverRecord } from '../src/checkpoint/coordinator/coordinator.js';
 import { checkpointLine, failoverLine } from '../src/cli/colo.js';
-import { HttpConn } from './loop/http-conn.js';
+import { Load, longestGap } from './loop/load.js';
 import { CLI, startGuest, startLoop, startSecondary, stop, type Loop, type Proc } from './loop/stack.js';
 
 interface Args {
@@ -65,63 +65,6 @@ function parseArgs(argv: string[]): Args {
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** Clients on keep-alive connections, each PUTting and GETting its own keys until stopped. */
-class Load {
-  stopped = false;
-  requests = 0;
-  errors: string[] = [];
-  readonly acked = new Map<string, string>();
-  readonly latencies: number[] = [];
-  lastResponseAt = 0;
-  /** When each response arrived (ms). */
-  readonly times: number[] = [];
-  private loops: Promise<void>[] = [];
-  constructor(readonly conns: HttpConn[]) {}
-
-  static async open(port: number, n: number): Promise<Load> {
-    return new Load(await Promise.all(Array.from({ length: n }, () => HttpConn.connect(port))));
-  }
-
-  start(): void {
-    this.stopped = false;
-    this.loops = this.conns.map((c, i) => this.run(c, i));
-  }
-
-  private async run(c: HttpConn, i: number): Promise<void> {
-    for (let n = 0; !this.stopped; n++) {
-      const key = `client${i}-key${n % 16}`;
-      const value = `value ${n} from client ${i} at ${Date.now()}`;
-      const t = performance.now();
-      try {
-        const put = n % 3 !== 2;
-        const r = put
-          ? await c.request('PUT', `/kv/${key}`, value, 20_000)
-          : await c.request('GET', `/kv/${key}`, undefined, 20_000);
-        if (r.status !== 200 && r.status !== 404) throw new Error(`HTTP ${r.status}: ${r.body.toString()}`);
-        if (put) this.acked.set(key, value);
-        else if (this.acked.has(key) && r.body.toString() !== this.acked.get(key))
-          throw new Error(`GET ${key} returned '${r.body.toString()}', expected '${this.acked.get(key)}'`);
-        this.latencies.push(performance.now() - t);
-        this.requests++;
-        this.lastResponseAt = Date.now();
-        this.times.push(this.lastResponseAt);
-      } catch (err) {
-        this.errors.push(`client ${i}: ${(err as Error).message}`);
-        return;
-      }
-    }
-  }
-
-  async pause(): Promise<void> {
-    this.stopped = true;
-    await Promise.all(this.loops);
-  }
-
-  resets(): number {
-    return this.conns.filter((c) => c.closed || c.error).length;
-  }
-}
 
 function quantile(xs: number[], q: number): number {
   const s = [...xs].sort((a, b) => a - b);
@@ -234,10 +177,7 @@ async function main(): Promise<void> {
   loop.primary.child.kill('SIGKILL');
   await sleep(2000);
   // The client-visible gap: the longest wait between two responses around the kill.
-  const around = load.times.filter((t) => t >= killedAt - 1000);
-  let gapMs = 0;
-  for (let k = 1; k < around.length; k++) gapMs = Math.max(gapMs, around[k] - around[k - 1]);
-  if (around.length < 2 || around.at(-1)! < killedAt) gapMs = Infinity;
+  const gapMs = longestGap(load.times, killedAt - 1000, killedAt);
   say(
     `    the clients' longest wait for a response around the kill: ${gapMs} ms; ${args.clients - load.resets()} of ${args.clients} connections intact; ${load.requests - before} responses since`,
   );

@@ -46,8 +46,8 @@ export function checkpointLine(r: CheckpointRecord): string {
   return (
     `checkpoint ${r.n} [${r.reasons.join(',')}] epoch ${r.epoch}: memory ${formatBytes(r.memoryBytes)}${r.full ? ' (full)' : ''}, ` +
     `disk ${formatBytes(r.diskBytes)} (${r.diskWrites} writes), released ${formatBytes(r.releasedBytes)}; ` +
-    `paused ${f(r.pauseMs)} ms (pause ${f(p.pause)} seal ${f(p.seal)} save ${f(p.save)} transfer ${f(p.transfer)} ` +
-    `release ${f(p.release)} load+commit ${f(p.load)} resume ${f(p.resume)})` +
+    `paused ${f(r.pauseMs)} ms (pause ${f(p.pause)}, seal ${f(p.seal)} + durable ${f(p.durable)} ∥ send ${f(p.send)}, ` +
+    `drain ${f(p.drain)}, release ${f(p.release)}, load ∥ commit ${f(p.load)}, resume ${f(p.resume)})` +
     (r.verified
       ? `; SVM ${r.verified.state && r.verified.disk ? '= PVM (state and disk)' : `≠ PVM (state ${r.verified.state ? 'equal' : 'DIFFERS'}, disk ${r.verified.disk ? 'equal' : 'DIFFERS'})`}`
       : '')

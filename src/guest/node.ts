@@ -5,10 +5,10 @@
  * `receive`, `load`, `resume`), plus `GET /hash` and `GET /status`.
  */
 import { ColoError } from '../errors.js';
-import { ControlServer, type Route } from '../checkpoint/control.js';
+import { ControlServer, controlRaw, type Route } from '../checkpoint/control.js';
 import { NbdClient } from '../net/client.js';
 import type { Logger } from '../net/server.js';
-import type { Endpoint } from '../util/address.js';
+import { parseHostPort, type Endpoint } from '../util/address.js';
 import { GuestServer } from './server.js';
 import { GuestState } from './state.js';
 
@@ -121,6 +121,17 @@ export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
       },
     },
     { method: 'POST', path: '/mem/receive', raw: async (_q, body) => state.receive(body) },
+    {
+      method: 'POST',
+      path: '/mem/send',
+      // The state goes straight to the other guest's /mem/receive, not through the coordinator.
+      handler: async (_q, body) => {
+        const to = parseHostPort(String(body.to ?? ''), "'to'");
+        const bytes = state.save(body.full === true);
+        await controlRaw(to, '/mem/receive', bytes);
+        return { bytes: bytes.length };
+      },
+    },
     {
       method: 'POST',
       path: '/mem/load',

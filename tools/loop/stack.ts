@@ -82,6 +82,7 @@ export interface LoopOptions {
   compareTimeoutMs?: number;
   verify?: boolean;
   guestArgs?: string[];
+  coloArgs?: string[];
   /** CPUs for each side (taskset -c); the comparer runs with the primary side. */
   pin?: { primary: string; secondary: string };
 }
@@ -170,6 +171,7 @@ export async function startLoop(opts: LoopOptions): Promise<Loop> {
           ...(opts.intervalMs ? ['--interval', String(opts.intervalMs)] : []),
           ...(opts.compareTimeoutMs ? ['--compare-timeout', String(opts.compareTimeoutMs)] : []),
           ...(opts.verify ? ['--verify'] : []),
+          ...(opts.coloArgs ?? []),
         ], // prettier-ignore
         opts.pin?.primary,
       ),

@@ -7,9 +7,10 @@
  *      requests that arrive until the cut are folded into it;
  *   2. pause the SVM, then the PVM, each with its in-flight I/O drained;
  *   3. seal the disk epoch on the primary ∥
- *   4. save the PVM's state (only what it dirtied; all of it at a pairing);
- *   5. the SVM receives it ∥ the secondary holds the epoch durably ∥ the
- *      comparer has every byte the VMs wrote before the pause;
+ *   4. the PVM sends its state straight to the SVM (only what it dirtied;
+ *      all of it at a pairing);
+ *   5. the SVM has received it ∥ the secondary holds the epoch durably;
+ *      and the comparer has every byte the VMs wrote before the pause;
  *   6. the cut: the PVM's held output is released, the SVM's unmatched
  *      output discarded (the checkpoint is now *decided*);
  *   7. the SVM loads the state ∥ the disk epoch commits;
@@ -61,7 +62,7 @@ export interface CoordinatorOptions {
   logger: Logger;
 }
 
-export const PHASES = ['pause', 'seal', 'save', 'transfer', 'release', 'load', 'resume'] as const;
+export const PHASES = ['pause', 'seal', 'send', 'durable', 'drain', 'release', 'load', 'resume'] as const;
 export type Phase = (typeof PHASES)[number];
 
 export interface CheckpointRecord {
@@ -77,8 +78,9 @@ export interface CheckpointRecord {
   /** From the first request folded in until the checkpoint started. */
   waitMs: number;
   phases: Record<Phase, number>;
-  /** How long the VMs were paused (without verification). */
+  /** How long the PVM was paused, from its pause call until it runs again (without verification). */
   pauseMs: number;
+  /** The whole transaction, from pausing the SVM until both run again. */
   totalMs: number;
   verified?: { state: boolean; disk: boolean; ms: number };
 }
@@ -283,37 +285,38 @@ export class Coordinator extends EventEmitter {
       phases[p] = t - last;
       last = t;
     };
-    let received = false;
+    /** The state on its way to the SVM (a failure before the cut discards it there once it has landed). */
+    let sending: Promise<unknown> | null = null;
     let svmPos: Positions | null = null;
     let pvmPos: Positions | null = null;
     let paused = false;
     try {
       // 2. pause the SVM, then the PVM
       svmPos = await this.svmCall(svm.pause());
+      const pvmPausedAt = performance.now();
       pvmPos = await this.guard(pvm.pause());
       paused = true;
       if (attach) await comparer.attach(svm.data, pvmPos);
       lap('pause');
-      // 3. seal ∥ 4. the PVM's state (both only need the PVM paused)
+      // 3. seal, then 5. durable ∥ 4. the PVM's state straight to the SVM (5. received)
       const timed = async <T>(p: Phase, call: Promise<T>) => {
         const t = performance.now();
         const r = await call;
         phases[p] = performance.now() - t;
         return r;
       };
-      const [seal, state] = await this.guard(
-        Promise.all([timed('seal', this.disk.seal()), timed('save', pvm.save(full))]),
-      );
-      last = performance.now();
-      // 5. received ∥ durable ∥ every byte of the cut here
-      await this.guard(
+      const [seal, sent] = await this.guard(
         Promise.all([
-          this.svmCall(svm.receive(state)).then(() => (received = true)),
-          this.disk.durable(seal.epoch),
-          comparer.drain(pvmPos, svmPos, this.opts.phaseTimeoutMs),
+          timed('seal', this.disk.seal()).then(async (s) => {
+            await timed('durable', this.disk.durable(s.epoch));
+            return s;
+          }),
+          timed('send', this.svmCall((sending = pvm.sendState(full, svm)))),
         ]),
       );
-      lap('transfer');
+      // ∥ every byte the VMs wrote before the pause is here
+      await this.guard(timed('drain', comparer.drain(pvmPos, svmPos, this.opts.phaseTimeoutMs)));
+      last = performance.now();
       // 6. the cut: from here the checkpoint counts
       const releasedBefore = comparer.stats.bytesReleased;
       const targets = comparer.cut(pvmPos, svmPos);
@@ -353,7 +356,13 @@ export class Coordinator extends EventEmitter {
         }
       }
       // 8. resume
-      await this.guard(Promise.all([this.mode === 'colo' ? this.svmCall(svm.resume()) : null, pvm.resume()]));
+      let pvmRunsAt = 0;
+      await this.guard(
+        Promise.all([
+          this.mode === 'colo' ? this.svmCall(svm.resume()) : null,
+          pvm.resume().then(() => (pvmRunsAt = performance.now())),
+        ]),
+      );
       lap('resume');
       const totalMs = performance.now() - t0;
       const record: CheckpointRecord = {
@@ -362,13 +371,13 @@ export class Coordinator extends EventEmitter {
         reasons,
         full,
         epoch: seal.epoch,
-        memoryBytes: state.length,
+        memoryBytes: sent.bytes,
         diskBytes: seal.bytes,
         diskWrites: seal.writes,
         releasedBytes,
         waitMs,
         phases,
-        pauseMs: totalMs - verifyMs,
+        pauseMs: pvmRunsAt - pvmPausedAt - verifyMs,
         totalMs,
         verified,
       };
@@ -395,7 +404,10 @@ export class Coordinator extends EventEmitter {
       if (!decided) {
         // Nothing was released: undo what was done, and try again later.
         comparer.endDrain();
-        if (received) await svm.discard().catch(() => {});
+        if (sending) {
+          await sending.catch(() => {});
+          await svm.discard().catch(() => {});
+        }
         if (paused || svmPos) {
           await Promise.allSettled([this.mode === 'colo' ? svm.resume() : null, pvm.resume()]);
         }

@@ -1,5 +1,5 @@
 /** The memory-checkpoint hook over the guest's control API (src/guest/node.ts). */
-import { controlCall, controlRaw } from '../control.js';
+import { controlCall } from '../control.js';
 import type { Positions } from '../../net/comparer/comparer.js';
 import type { Endpoint } from '../../util/address.js';
 import type { VmHook, VmProbe } from './hooks.js';
@@ -27,16 +27,12 @@ export class GuestVm implements VmHook {
     await this.post('/mem/resume');
   }
 
-  save(full: boolean): Promise<Buffer> {
-    return controlRaw(this.control, `/mem/save${full ? '?full=1' : ''}`, undefined, this.timeoutMs);
+  async sendState(full: boolean, to: VmHook): Promise<{ bytes: number }> {
+    return this.post<{ bytes: number }>('/mem/send', { to: `${to.control.host}:${to.control.port}`, full });
   }
 
   async checkpointed(): Promise<void> {
     await this.post('/mem/checkpointed');
-  }
-
-  async receive(state: Buffer): Promise<void> {
-    await controlRaw(this.control, '/mem/receive', state, this.timeoutMs);
   }
 
   async load(targets: Record<string, number>): Promise<void> {

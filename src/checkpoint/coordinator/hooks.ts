@@ -31,12 +31,16 @@ export interface VmHook {
    */
   pause(): Promise<Positions | null>;
   resume(): Promise<void>;
-  /** PVM: the state to send: what changed since its last checkpoint, or everything if `full`. */
-  save(full: boolean): Promise<Buffer>;
-  /** PVM: the checkpoint of its last save is committed; changes count from here. */
+  /** Where its memory-checkpoint hook listens (another VM sends its state there). */
+  readonly control: Endpoint;
+  /**
+   * PVM: send the state to `to` directly (not through the coordinator): what
+   * changed since its last checkpoint, or everything if `full`. `to` holds it
+   * until load or discard. Returns the bytes sent.
+   */
+  sendState(full: boolean, to: VmHook): Promise<{ bytes: number }>;
+  /** PVM: the checkpoint of its last sent state is decided; changes count from here. */
   checkpointed(): Promise<void>;
-  /** SVM: hold a received state until load (or discard). */
-  receive(state: Buffer): Promise<void>;
   /** SVM: drop its own changes, apply the received state, move each connection to `targets[port]`. */
   load(targets: Record<string, number>): Promise<void>;
   /** SVM: a received state that will not be loaded. */
