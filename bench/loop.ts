@@ -164,6 +164,15 @@ async function withLoop<T>(
   const procs = loop.all().map((p) => p.child);
   for (const c of procs) liveServers.add(c);
   try {
+    // The disk pair's first synchronisation must be over before anything is measured (in every mode).
+    const primaryControl = { host: '127.0.0.1', port: Number(loop.primary.info.controlPort) };
+    const deadline = Date.now() + 180_000;
+    while (
+      (await controlCall<{ peerState: string }>(primaryControl, 'GET', '/status')).peerState !== 'protected'
+    ) {
+      if (Date.now() > deadline) throw new Error('the disk pair did not synchronise in 180 s');
+      await sleep(50);
+    }
     if (opts.mode !== 'none') await waitState(loop, 'protected', 180_000);
     return await fn(loop);
   } finally {
@@ -184,6 +193,26 @@ async function populate(port: number, keys: number, value: number): Promise<void
   );
   for (const c of conns) c.close();
 }
+
+/** CPU seconds (user + system) a process has used so far, from /proc (0 where /proc is absent). */
+function cpuSeconds(pid: number | undefined): number {
+  try {
+    const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
+  } catch {
+    return 0;
+  }
+}
+
+/** CPU seconds by side: the primary side (primary node, PVM guest), the secondary side, the comparer. */
+function cpuBySide(l: Loop): { primary: number; secondary: number; comparer: number } {
+  const c = (p: { child: { pid?: number } }) => cpuSeconds(p.child.pid);
+  return { primary: c(l.primary) + c(l.pvm), secondary: c(l.secondary) + c(l.svm), comparer: c(l.colo) };
+}
+
+const cpuText = (c: RunFigures['cpuUsPerRequest']) =>
+  `${Math.round(c.primary)} / ${Math.round(c.secondary)} / ${Math.round(c.comparer)}`;
 
 interface ModeSpec {
   label: string;
@@ -208,6 +237,8 @@ interface RunFigures {
   diskPerCheckpoint: number;
   pauseP50: number | null;
   dirtiedPerSec: number;
+  /** CPU µs per request on each side (the load generator excluded). */
+  cpuUsPerRequest: { primary: number; secondary: number; comparer: number };
 }
 
 async function measureRun(
@@ -226,8 +257,10 @@ async function measureRun(
   return withLoop(ctx, { mode: m.mode, nondeterminism, intervalMs: m.intervalMs }, async (loop) => {
     await populate(loop.port, keys, value);
     const before = await colo(loop);
+    const cpu0 = cpuBySide(loop);
     const t0 = Date.now();
     const w = await wrk(ctx, loop.port, conns, seconds, { putFrac, keys, value });
+    const cpu1 = cpuBySide(loop);
     const after = await colo(loop);
     const recs = (
       await controlCall<{ checkpoints: CheckpointRecord[] }>(
@@ -264,6 +297,11 @@ async function measureRun(
           )
         : null,
       dirtiedPerSec: rps * putFrac * value,
+      cpuUsPerRequest: {
+        primary: ((cpu1.primary - cpu0.primary) * 1e6) / w.requests,
+        secondary: ((cpu1.secondary - cpu0.secondary) * 1e6) / w.requests,
+        comparer: ((cpu1.comparer - cpu0.comparer) * 1e6) / w.requests,
+      },
     };
   });
 }
@@ -311,6 +349,7 @@ export const loopModesScenario: ScenarioDef = {
         'memory/ckpt',
         'disk/ckpt',
         'pause p50 ms',
+        'CPU µs/req (PVM side / SVM side / comparer)',
       ],
       rows: rows.map((r) => [
         r.label,
@@ -324,6 +363,7 @@ export const loopModesScenario: ScenarioDef = {
         r.memoryPerCheckpoint ? fmtBytes(r.memoryPerCheckpoint) : '–',
         r.diskPerCheckpoint ? fmtBytes(r.diskPerCheckpoint) : '–',
         r.pauseP50 === null ? '–' : f1(r.pauseP50),
+        cpuText(r.cpuUsPerRequest),
       ]),
     };
     const targets: Target[] = [];
@@ -402,6 +442,7 @@ export const loopScaleScenario: ScenarioDef = {
         'checkpoints/s',
         'memory/ckpt',
         'disk/ckpt',
+        'CPU µs/req (PVM side / SVM side / comparer)',
       ],
       rows: rows.map((r) => [
         r.label,
@@ -415,6 +456,7 @@ export const loopScaleScenario: ScenarioDef = {
         f1(r.checkpointsPerSec),
         r.memoryPerCheckpoint ? fmtBytes(r.memoryPerCheckpoint) : '–',
         r.diskPerCheckpoint ? fmtBytes(r.diskPerCheckpoint) : '–',
+        cpuText(r.cpuUsPerRequest),
       ]),
     };
     return { tables: [{ table }], targets: [], notes: [], data: { rows } };
