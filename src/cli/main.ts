@@ -248,8 +248,10 @@ Example (guests on 8080/8081 and 8090/8091, disk nodes' control on 10950/10951):
 
 program
   .command('checkpoint')
-  .description('seal the current epoch, wait until the secondary holds it durably, then commit it')
-  .requiredOption('--control <host:port>', "the primary's control address")
+  .description(
+    'seal the current epoch, wait until the secondary holds it durably, then commit it (on a colo process: a whole checkpoint, memory and disk)',
+  )
+  .requiredOption('--control <host:port>', "the primary's control address (or a colo process's)")
   .option('--timeout <ms>', 'how long to wait for each phase', '10000')
   .option('--json', 'print {"epoch": N, ...} as JSON')
   .action(run(checkpointCommand));

@@ -15,7 +15,8 @@ import { SecondaryNode } from '../checkpoint/secondary/node.js';
 import { parseHostPort } from '../util/address.js';
 import { formatBytes, parseSize } from '../util/size.js';
 import { parseExportSpec } from './exports.js';
-import { coloStatusText } from './colo.js';
+import type { CheckpointRecord } from '../checkpoint/coordinator/coordinator.js';
+import { checkpointLine, coloStatusText } from './colo.js';
 import { stderrLogger } from './log.js';
 
 export interface NodeCliOptions {
@@ -366,6 +367,9 @@ export async function checkpointCommand(opts: {
     timeoutMs: Number(opts.timeout),
   });
   if (opts.json) process.stdout.write(JSON.stringify(r) + '\n');
+  else if ('phases' in r)
+    // a colo process: a whole checkpoint (memory and disk)
+    process.stdout.write(checkpointLine(r as unknown as CheckpointRecord) + '\n');
   else
     process.stdout.write(
       `checkpoint: epoch ${r.epoch} committed — ${r.writes} writes, ${formatBytes(r.bytes)}; ` +
