@@ -13,9 +13,9 @@
  *                    SIGKILLed under load; acknowledged PUTs lost; resets
  *
  * Every run starts a fresh stack of processes (tools/loop/stack.ts): the
- * secondary side (secondary disk node, SVM guest) pinned to its own CPU with
- * taskset, as if it were another host; the primary side and the comparer on
- * the other.
+ * secondary side (secondary disk node, SVM guest) and the comparer pinned to
+ * one CPU with taskset, as if they were another host, the primary side to
+ * the other; wrk is not pinned.
  */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -325,7 +325,8 @@ export const loopModesScenario: ScenarioDef = {
   id: 'loop-modes',
   title: 'The COLO loop: modes × nondeterminism (wrk, 16 connections, 50 % PUT)',
   method: (ctx) =>
-    `Each row is a fresh stack (disk pair, two guests, \`colo-blk colo\`), the secondary side pinned to its own CPU. ` +
+    `Each row is a fresh stack (disk pair, two guests, \`colo-blk colo\`); the primary side (primary node, PVM guest) pinned to CPU 0, ` +
+    `the secondary side and the comparer to CPU 1, wrk unpinned. ` +
     `1000 keys are written first; then \`wrk -t2 -c16 -d${secondsOf(ctx)}s\` with a Lua script of PUTs (128 B values) ` +
     `and GETs, half each, over those keys. Latency percentiles are wrk's; checkpoints and bytes are the colo ` +
     `process's counters over the run. "× none" compares with none at the same nondeterminism.`,

@@ -56,6 +56,7 @@ type Action =
   | 'crash'
   | 'restart'
   | 'failover'
+  | 'decided'
   | 'reprotect'
   | 'partition'
   | 'heal'
@@ -298,6 +299,48 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     return { epoch };
   };
 
+  /**
+   * A COLO coordinator's failover after the cut: epoch N was sealed and made
+   * durable, its output released; then the primary side dies before the
+   * commit reaches the secondary, which is promoted with `commitThrough: N`.
+   * Invariants 1 and 5: the promoted disk is exactly the cut (epoch N
+   * committed, the SVM's overlay discarded, later PVM writes dropped).
+   */
+  const decidedFailover = async (name: NodeName) => {
+    const sName = other(name);
+    const s = c.nodes[sName].secondary;
+    const p = c.nodes[name].primary;
+    if (!p || !s || s.store.promoted || !c.nodes[sName].up) return;
+    const cut = await c.read(name);
+    const sealed = await world.await(p.seal(2000), 5000);
+    if (!sealed?.ok) return c.note(`decided failover on ${name}: no seal (${sealed?.error.message})`);
+    const n = sealed.value.epoch;
+    if (rng.chance(0.5)) await mutate(name, 'pvm'); // epoch N+1: never to be seen
+    const durable = await world.await(p.waitDurable(n, 2000), 5000);
+    if (!durable?.ok) return c.note(`decided failover on ${name}: epoch ${n} not durable, nothing decided`);
+    c.note(`decided failover: epoch ${n} durable on ${sName}; ${name} dies before its commit`);
+    c.crash(name);
+    const r = await world.await(s.promote('sim: coordinator after the cut', n), 5000);
+    if (!r?.ok) fail(`promoting ${sName} with epoch ${n} decided failed: ${r?.error.message ?? 'no answer'}`);
+    promotedSeen[sName] = true;
+    res.failovers++;
+    reported[sName] = 0;
+    for (const [k, v] of [...cuts]) if (v.secondary === sName) cuts.delete(k);
+    if (s.store.lastCommitted < n)
+      fail(`${sName} promoted with epoch ${n} decided, but committed ${s.store.lastCommitted}`);
+    const actual = await c.read(sName);
+    if (cut && actual && !actual.equals(cut)) {
+      let d = 0;
+      while (
+        d < DISK / SECTOR &&
+        actual.compare(cut, d * SECTOR, (d + 1) * SECTOR, d * SECTOR, (d + 1) * SECTOR) === 0
+      )
+        d++;
+      fail(`${sName} promoted with epoch ${n} decided, but its disk differs from that cut at sector ${d}`);
+    }
+    expected[sName] = actual ? new Expected(actual, null, null) : null;
+  };
+
   /** Invariants 3, 4, 7: a restarted secondary is at a commit no older than reported, holding exactly its cut. */
   const checkRestartedSecondary = async (name: NodeName) => {
     const s = c.nodes[name].secondary;
@@ -421,6 +464,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       ['crash', up.length ? 2 : 0],
       ['restart', up.length < 2 ? 5 : 0],
       ['failover', secondaries.length ? 1.5 : 0],
+      ['decided', servers.some((n) => n.primary) && secondaries.length ? 1 : 0],
       ['reprotect', promoted.length && secondaries.length ? 4 : 0],
       ['partition', 0.7],
       ['heal', 1],
@@ -459,6 +503,10 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
         const r = await world.await(c.nodes[n].secondary!.promote('sim: operator'), 5000);
         if (r && !r.ok) c.note(`failover refused: ${r.error.message}`);
         return;
+      }
+      case 'decided': {
+        const candidates = names.filter((x) => c.nodes[x].primary && serving(x));
+        return candidates.length ? decidedFailover(rng.pick(candidates)) : undefined;
       }
       case 'reprotect': {
         const n = rng.pick(names.filter((x) => c.nodes[x].secondary?.store.promoted));

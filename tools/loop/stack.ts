@@ -5,7 +5,8 @@
  * from the CLI exactly as the README tells a user to, and stopped by PID.
  *
  * `pin` runs each side on its own CPUs with taskset (as if the secondary
- * were another host).
+ * were another host); the comparer runs with the secondary side, where the
+ * README advises to put it.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
@@ -173,7 +174,7 @@ export async function startLoop(opts: LoopOptions): Promise<Loop> {
           ...(opts.verify ? ['--verify'] : []),
           ...(opts.coloArgs ?? []),
         ], // prettier-ignore
-        opts.pin?.primary,
+        opts.pin?.secondary, // the comparer runs with the secondary side (as the README advises)
       ),
     );
     const loop: Loop = {

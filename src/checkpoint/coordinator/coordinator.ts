@@ -275,6 +275,7 @@ export class Coordinator extends EventEmitter {
     const comparer = this.opts.comparer;
     const reasons = attach ? (['pair'] as CheckpointReason[]) : [...this.requested.keys()];
     const waitMs = attach ? 0 : Date.now() - this.firstRequestAt;
+    this.inCheckpoint = true;
     this.abortP = new Promise<never>((_, reject) => (this.abortWith = reject));
     this.abortP.catch(() => {});
     const phases = Object.fromEntries(PHASES.map((p) => [p, 0])) as Record<Phase, number>;
@@ -389,6 +390,9 @@ export class Coordinator extends EventEmitter {
       if (this.records.length > KEEP_RECORDS) this.records.shift();
       this.failuresInARow = 0;
       this.retryAt = 0;
+      // Every VM and disk node answered this checkpoint's calls: they live.
+      const now = Date.now();
+      for (const h of Object.values(this.health)) h.lastOk = Math.max(h.lastOk, now);
       this.emit('checkpoint', record);
       this.armInterval();
       return record;
@@ -413,7 +417,8 @@ export class Coordinator extends EventEmitter {
         }
         this.retryAt = Date.now() + Math.min(2000, 50 * 2 ** Math.min(this.failuresInARow, 6));
       }
-      // Which side is gone? A lost side is handled here, in the same turn.
+      // Which side is gone? A lost side is handled here, in the same turn (silence counts again).
+      this.inCheckpoint = false;
       await this.probe();
       const lost = this.lostSide();
       if (lost === 'primary') await this.doFailover(`checkpoint failed: ${e.message}`);
@@ -423,6 +428,7 @@ export class Coordinator extends EventEmitter {
         );
       throw e;
     } finally {
+      this.inCheckpoint = false;
       this.abortWith = null;
       this.abortP = null;
     }
@@ -652,10 +658,19 @@ export class Coordinator extends EventEmitter {
     if (this.state === 'protected' && dirty + pending > this.opts.maxPendingBytes) this.request('pending');
   }
 
+  /**
+   * Refused connections mean the process is gone. Silence means lost only
+   * outside a checkpoint: during one, a VM may be busy saving or loading a
+   * large state, and the transaction's own calls (with their timeouts) judge
+   * it.
+   */
   private isLost(target: Target): boolean {
     const h = this.health[target];
-    return h.refusedInARow >= 2 || Date.now() - h.lastOk > this.opts.failoverAfterMs;
+    if (h.refusedInARow >= 2) return true;
+    return !this.inCheckpoint && Date.now() - h.lastOk > this.opts.failoverAfterMs;
   }
+
+  private inCheckpoint = false;
 
   private lostSide(): 'primary' | 'secondary' | null {
     if (this.isLost('pvm') || this.isLost('primary')) return 'primary';

@@ -364,11 +364,13 @@ export class PrimaryReplica {
 
   private async sealEpoch(): Promise<{ epoch: number; writes: number; bytes: number; ms: number }> {
     const t = this.clock.mono();
+    // A resync that starts while this seal runs makes the epoch no checkpoint: it counts as started before.
+    const resyncsBefore = this.resyncs;
     // Persist the next epoch number first: after a crash this node never reuses
     // an epoch number the secondary may already hold.
     await this.db.put('epoch', String(this.plog.current + 1), { sync: true });
     const seal = await this.device.seal();
-    this.resyncsAtSeal.set(seal.e, this.resyncs);
+    this.resyncsAtSeal.set(seal.e, resyncsBefore);
     for (const e of this.resyncsAtSeal.keys()) if (e < seal.e - 64) this.resyncsAtSeal.delete(e);
     const took = this.clock.mono() - t;
     this.metrics.seal.observe(took / 1000);
@@ -381,6 +383,15 @@ export class PrimaryReplica {
       throw new ColoError('EINVAL', `epoch ${epoch} is not sealed yet (current ${this.plog.current})`);
     const t = this.clock.mono();
     await Promise.all([this.link.waitDurable(epoch, timeoutMs), this.flushLocal(epoch)]);
+    // Durable must mean "a checkpoint the secondary holds": a COLO coordinator releases output on it,
+    // and a failover commits it on the secondary's word alone (SecondaryStore.promote).
+    const at = this.resyncsAtSeal.get(epoch);
+    if (this.peerState === 'syncing' || (at !== undefined && at !== this.resyncs))
+      throw new ColoError(
+        this.peerState === 'syncing' ? 'EBUSY' : 'EIO',
+        `epoch ${epoch} is no checkpoint: the secondary ${this.peerState === 'syncing' ? 'is being' : 'was'} ` +
+          `resynchronised since it was sealed; start a new checkpoint`,
+      );
     const took = this.clock.mono() - t;
     this.metrics.durable.observe(took / 1000);
     return { epoch, ms: took };

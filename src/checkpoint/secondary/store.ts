@@ -853,7 +853,7 @@ export class SecondaryStore {
           ]);
           this.lastApplied = e.epoch;
           this.epochs.delete(e.epoch);
-          e.layer.destroy();
+          this.retire(e.layer);
         },
       };
     const folded = this.folded[0];
@@ -863,10 +863,36 @@ export class SecondaryStore {
         label: 0,
         done: () => {
           this.folded.shift();
-          folded.destroy();
+          this.retire(folded);
         },
       };
     return null;
+  }
+
+  /**
+   * An applied layer's journal goes, in the order the layers were applied.
+   * Recovery re-applies every committed layer whose journal is still there
+   * (and a folded overlay is known as applied only by its journal being
+   * gone), so a later journal must never be gone while an earlier one
+   * survives a crash: that earlier layer would be applied again over newer
+   * bytes. Removals run one after the other, never concurrently (found by
+   * the simulator: two asynchronous removals finished out of order, and a
+   * crash kept only the later one).
+   */
+  private retire(layer: Layer): void {
+    layer.close();
+    this.retiring.push(layer.path);
+    if (this.retiring.length === 1) setImmediate(() => this.removeRetired());
+  }
+
+  private retiring: string[] = [];
+
+  private removeRetired(): void {
+    while (this.retiring.length) {
+      const path = this.retiring[0];
+      if (!this.closed) this.storage.remove(path);
+      this.retiring.shift();
+    }
   }
 
   /** Wait until every committed epoch is in the image. */
