@@ -42,6 +42,29 @@ describe('activity log', () => {
     await log.close();
   });
 
+  it('exact ranges of a 1 TiB disk match a model, across bitmap pages, and clear at a commit', async () => {
+    const { log } = fresh(2 ** 40);
+    let seed = 7;
+    const r = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+    const model: { offset: number; length: number }[] = [];
+    for (let i = 0; i < 400; i++) {
+      // Clustered around page edges (a page is 2^15 blocks of 4 KiB) and spread over the disk.
+      const page = Math.floor(r() * 64) * 2 ** 15 * 4096;
+      const offset = page + Math.floor((r() - 0.5) * 64) * 4096 + (i % 3 === 0 ? 2 ** 38 : 0);
+      const length = 1 + Math.floor(r() * 40_000);
+      log.mark(Math.max(0, offset), length, 1);
+      const start = Math.floor(Math.max(0, offset) / 4096) * 4096;
+      model.push({ offset: start, length: Math.ceil((Math.max(0, offset) + length) / 4096) * 4096 - start });
+    }
+    const want = mergeRanges(model);
+    expect(log.exactRanges()).toEqual(want);
+    expect(log.exactBytes).toBe(want.reduce((a, x) => a + x.length, 0));
+    log.cool(1);
+    expect(log.exactRanges()).toEqual([]);
+    expect(log.exactBytes).toBe(0);
+    await log.close();
+  });
+
   it('counts exact bytes at block granularity and merges ranges', async () => {
     const { log } = fresh();
     log.mark(0, 100, 1);

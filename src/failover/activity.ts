@@ -88,6 +88,57 @@ class Bitmap {
   }
 }
 
+/**
+ * A bitmap allocated in pages as bits are set: the exact bitmap of a 1 TiB
+ * disk has 2^28 bits, of which a node usually sets a few. Memory and the
+ * cost of clearing it (at every commit) follow what was written, not the disk.
+ */
+class SparseBitmap {
+  private static readonly PAGE_BITS = 1 << 15;
+  private readonly pages = new Map<number, Uint8Array>();
+  constructor(readonly bits: number) {}
+  get(i: number): boolean {
+    const page = this.pages.get(Math.floor(i / SparseBitmap.PAGE_BITS));
+    if (!page) return false;
+    const j = i % SparseBitmap.PAGE_BITS;
+    return (page[j >> 3] & (1 << (j & 7))) !== 0;
+  }
+  set(i: number): void {
+    const k = Math.floor(i / SparseBitmap.PAGE_BITS);
+    let page = this.pages.get(k);
+    if (!page) this.pages.set(k, (page = new Uint8Array(SparseBitmap.PAGE_BITS / 8)));
+    const j = i % SparseBitmap.PAGE_BITS;
+    page[j >> 3] |= 1 << (j & 7);
+  }
+  clearAll(): void {
+    this.pages.clear();
+  }
+  /** Runs of set bits as [first, end) bit indices, in order. */
+  *runs(): Generator<[number, number]> {
+    let start = -1;
+    let end = -1;
+    for (const k of [...this.pages.keys()].sort((a, b) => a - b)) {
+      const page = this.pages.get(k)!;
+      const base = k * SparseBitmap.PAGE_BITS;
+      for (let byte = 0; byte < page.length; byte++) {
+        const v = page[byte];
+        if (v === 0) continue;
+        for (let bit = 0; bit < 8; bit++) {
+          if ((v & (1 << bit)) === 0) continue;
+          const i = base + byte * 8 + bit;
+          if (i === end) end++;
+          else {
+            if (start >= 0) yield [start, end];
+            start = i;
+            end = i + 1;
+          }
+        }
+      }
+    }
+    if (start >= 0) yield [start, Math.min(end, this.bits)];
+  }
+}
+
 export class ActivityLog {
   readonly extentBytes: number;
   readonly blockBytes: number;
@@ -95,7 +146,7 @@ export class ActivityLog {
   /** Bits known to be on disk (a superset of `hot` for every extent a write is performed in). */
   private readonly durable: Bitmap;
   private readonly lastEpoch: Float64Array;
-  private readonly exact: Bitmap;
+  private readonly exact: SparseBitmap;
   private exactCount = 0;
   private version = 0;
   private durableVersion = 0;
@@ -118,7 +169,7 @@ export class ActivityLog {
     this.hot = new Bitmap(extents);
     this.durable = new Bitmap(extents);
     this.lastEpoch = new Float64Array(extents);
-    this.exact = new Bitmap(Math.max(1, Math.ceil(size / this.blockBytes)));
+    this.exact = new SparseBitmap(Math.max(1, Math.ceil(size / this.blockBytes)));
     this.slotBytes = Math.ceil((HEADER + this.hot.bytes.length) / 4096) * 4096;
   }
 
@@ -289,7 +340,7 @@ export class ActivityLog {
   }
 
   clearExact(): void {
-    this.exact.bytes.fill(0);
+    this.exact.clearAll();
     this.exactCount = 0;
   }
 

@@ -13,6 +13,7 @@
  * `checkpoint` runs all three. A failed step fails the checkpoint with the
  * reason; no data is lost: epoch N stays in the log and is resent.
  */
+import { deviceZeroRanges } from '../../failover/reprotect/hash.js';
 import { ColoError } from '../../errors.js';
 import { GiB, tunables, type Tunables } from '../../limits.js';
 import type { BlockDevice } from '../../block/device.js';
@@ -283,6 +284,7 @@ export class PrimaryReplica {
       {
         size: this.image.size,
         readLocal: (buf, off) => this.device.local.pread(buf, off),
+        zeroLocal: (off, len) => deviceZeroRanges(this.device.local, off, len),
         sendRange: (off, len) => this.device.resyncRange(off, len),
         requestHashes: (off, len, bs) => this.link.requestHashes(off, len, bs),
         checkpoint: (state) => this.syncCheckpoint(state, mode),

@@ -29,11 +29,16 @@
 import { ColoError, internal } from '../../errors.js';
 import { defaultTunables } from '../../limits.js';
 import type { BlockDevice } from '../../block/device.js';
-import { assertRange } from '../../block/device.js';
 import { realClock, realRandom, type Clock, type Random } from '../../sys/clock.js';
 import { crashPoint } from '../../crash.js';
-import type { ActivityLog } from '../../failover/activity.js';
-import { blockHashes } from '../../failover/reprotect/hash.js';
+import { mergeRanges, type ActivityLog, type Range } from '../../failover/activity.js';
+import {
+  blockHashes,
+  deviceZeroRanges,
+  MAX_HASH_BLOCKS,
+  MIN_HASH_BLOCK,
+  subtractRanges,
+} from '../../failover/reprotect/hash.js';
 import { readLayers, SvmDevice } from './svm-view.js';
 import type { History, SyncMode } from '../../failover/history.js';
 import { Applier, type ApplyJob } from './applier.js';
@@ -650,12 +655,43 @@ export class SecondaryStore {
    * Hashes of the PVM's disk as this node holds it at this point of the
    * stream: image, then every epoch received (committed or not), newest last.
    */
-  pvmHashes(offset: number, length: number, block: number): Promise<Buffer> {
-    assertRange(this, offset, length);
+  async pvmHashes(offset: number, length: number, block: number): Promise<Buffer> {
+    if (!Number.isSafeInteger(block) || block < MIN_HASH_BLOCK || Math.ceil(length / block) > MAX_HASH_BLOCKS)
+      throw new ColoError(
+        'EINVAL',
+        `a hash request of ${length} bytes in blocks of ${block}: blocks must be at least ${MIN_HASH_BLOCK} bytes, ` +
+          `at most ${MAX_HASH_BLOCKS} of them`,
+      );
+    if (offset + length > this.size)
+      throw new ColoError(
+        'EINVAL',
+        `a hash request for ${offset}+${length} beyond the disk's ${this.size} bytes`,
+      );
     // The layers are looked up again for every chunk read: between two chunks the background apply
     // may finish an epoch and close its journal (its data is in the image by then).
     const layers = () => [...this.epochs.values()].sort((a, b) => b.epoch - a.epoch).map((e) => e.layer);
-    return blockHashes((buf, off) => readLayers(layers(), this.image, buf, off), offset, length, block);
+    return blockHashes(
+      (buf, off) => readLayers(layers(), this.image, buf, off),
+      offset,
+      length,
+      block,
+      (off, len) => this.pvmZeroRanges(off, len),
+    );
+  }
+
+  /**
+   * Ranges of the PVM's disk, as held here, that read as zeroes without
+   * reading them: holes of the image that no received epoch writes into. The
+   * epochs are listed before the image is asked, so an apply finishing in
+   * between only moves data into the image, where its extents show it.
+   */
+  private async pvmZeroRanges(offset: number, length: number): Promise<Range[]> {
+    const held: Range[] = [];
+    for (const e of this.epochs.values())
+      for (const seg of e.layer.lookup(offset, length))
+        if (seg.extent) held.push({ offset: seg.start, length: seg.end - seg.start });
+    const holes = await deviceZeroRanges(this.image, offset, length);
+    return subtractRanges(holes, mergeRanges(held));
   }
 
   private epochMeta(e: EpochEntry): EpochMeta {

@@ -1,17 +1,58 @@
 /**
  * Block hashes for resynchronisation: both sides hash the same ranges in
  * fixed-size blocks, and only blocks whose hashes differ are sent. SHA-256,
- * truncated to 16 bytes per block: a comparison of disk contents, not a
- * security boundary (a collision would need both disks to be crafted).
+ * truncated to 16 bytes per block: a comparison of disk contents that a
+ * guest cannot steer (a guest that could craft a collision could make two
+ * different blocks compare equal, and the replicas differ for good).
+ *
+ * A block that reads as zeroes hashes to ZERO_MARK (16 zero bytes) instead,
+ * on both sides. So a block inside a hole (SEEK_HOLE, or an extent the device
+ * reports as zero) costs nothing to hash: it is not read. Two sparse images
+ * compare at the speed of their extent maps, and a block of any size works,
+ * which lets the resync ask for one hash of a whole gigabyte of hole.
  */
 import { createHash } from 'node:crypto';
+import { ExtentFlag, type BlockDevice } from '../../block/device.js';
+import type { Range } from '../activity.js';
 
 export const HASH_BYTES = 16;
 /** First-level block (whole-disk comparison); differing blocks are compared again in sub-blocks. */
 export const HASH_BLOCK = 64 * 1024;
 export const HASH_SUBBLOCK = 4 * 1024;
+/** The hash of a block of zeroes, whatever its size. */
+export const ZERO_MARK = Buffer.alloc(HASH_BYTES);
+/** Limits on a hash request a peer may make: block size and blocks per request. */
+export const MIN_HASH_BLOCK = 512;
+export const MAX_HASH_BLOCKS = 1 << 16;
 
 export type RangeReader = (buf: Buffer, offset: number) => Promise<void>;
+/** Ranges within [offset, offset+length) known to read as zeroes, sorted, without reading them. */
+export type ZeroRanges = (offset: number, length: number) => Promise<Range[]>;
+
+/** Bytes read per piece, whatever the block size. */
+const PIECE = 1024 * 1024;
+const ZEROES = Buffer.alloc(PIECE);
+
+function isZero(buf: Buffer): boolean {
+  for (let at = 0; at < buf.length; at += PIECE) {
+    const end = Math.min(buf.length, at + PIECE);
+    if (!buf.subarray(at, end).equals(ZEROES.subarray(0, end - at))) return false;
+  }
+  return true;
+}
+
+/**
+ * Whether [offset, offset+length) lies inside one of the sorted, merged
+ * ranges; asked with offsets that never go back, so it walks them once.
+ */
+function coverage(ranges: Range[]): (offset: number, length: number) => boolean {
+  let j = 0;
+  return (offset, length) => {
+    while (j < ranges.length && ranges[j].offset + ranges[j].length <= offset) j++;
+    const r = ranges[j];
+    return r !== undefined && r.offset <= offset && r.offset + r.length >= offset + length;
+  };
+}
 
 /** Hashes of [offset, offset+length) in blocks of `block` bytes (the last one may be short). */
 export async function blockHashes(
@@ -19,22 +60,99 @@ export async function blockHashes(
   offset: number,
   length: number,
   block: number,
+  zeroes?: ZeroRanges,
 ): Promise<Buffer> {
   const n = Math.ceil(length / block);
   const out = Buffer.allocUnsafe(n * HASH_BYTES);
-  const chunk = Buffer.allocUnsafe(Math.min(length, Math.max(block, 1024 * 1024)));
-  let i = 0;
-  for (let at = 0; at < length; at += chunk.length) {
-    const len = Math.min(chunk.length, length - at);
-    const view = chunk.subarray(0, len);
-    await read(view, offset + at);
-    for (let b = 0; b < len; b += block) {
-      createHash('sha256')
-        .update(view.subarray(b, Math.min(b + block, len)))
-        .digest()
-        .copy(out, i * HASH_BYTES, 0, HASH_BYTES);
+  const covered = coverage(zeroes && length > 0 ? await zeroes(offset, length) : []);
+  const buf = Buffer.allocUnsafe(Math.min(PIECE, Math.max(block, 1), Math.max(length, 1)));
+  // Blocks of up to a piece are read several at a time; larger ones piece by piece.
+  const perRead = Math.max(1, Math.floor(buf.length / block));
+  for (let i = 0; i < n;) {
+    const start = offset + i * block;
+    const len = Math.min(block, offset + length - start);
+    if (covered(start, len)) {
+      ZERO_MARK.copy(out, i * HASH_BYTES);
       i++;
+      continue;
     }
+    if (block <= buf.length) {
+      // A run of whole blocks in one read (stopping before a block known to be zero).
+      let k = 1;
+      while (
+        k < perRead &&
+        i + k < n &&
+        !covered(start + k * block, Math.min(block, offset + length - start - k * block))
+      )
+        k++;
+      const runLen = Math.min(k * block, offset + length - start);
+      const view = buf.subarray(0, runLen);
+      await read(view, start);
+      for (let j = 0; j < k; j++) {
+        const b = view.subarray(j * block, Math.min((j + 1) * block, runLen));
+        if (isZero(b)) ZERO_MARK.copy(out, (i + j) * HASH_BYTES);
+        else
+          createHash('sha256')
+            .update(b)
+            .digest()
+            .copy(out, (i + j) * HASH_BYTES, 0, HASH_BYTES);
+      }
+      i += k;
+      continue;
+    }
+    // A block larger than a piece: hash it piece by piece.
+    const h = createHash('sha256');
+    let zero = true;
+    for (let at = 0; at < len; at += buf.length) {
+      const view = buf.subarray(0, Math.min(buf.length, len - at));
+      if (covered(start + at, view.length)) view.fill(0);
+      else await read(view, start + at);
+      if (zero && !isZero(view)) zero = false;
+      h.update(view);
+    }
+    if (zero) ZERO_MARK.copy(out, i * HASH_BYTES);
+    else h.digest().copy(out, i * HASH_BYTES, 0, HASH_BYTES);
+    i++;
+  }
+  return out;
+}
+
+/** Ranges of a device that read as zeroes without reading them (its extents with the ZERO flag). */
+export async function deviceZeroRanges(dev: BlockDevice, offset: number, length: number): Promise<Range[]> {
+  if (!dev.caps.extents) return [];
+  const out: Range[] = [];
+  const end = offset + length;
+  for (let pos = offset; pos < end;) {
+    const exts = await dev.extents(pos, end - pos);
+    if (exts.length === 0) break;
+    for (const e of exts) {
+      if (e.flags & ExtentFlag.ZERO) {
+        const last = out[out.length - 1];
+        if (last && last.offset + last.length === e.offset) last.length += e.length;
+        else out.push({ offset: e.offset, length: e.length });
+      }
+      pos = e.offset + e.length;
+    }
+  }
+  return out;
+}
+
+/** `ranges` minus every range in `minus` (both sorted; the result is sorted). */
+export function subtractRanges(ranges: Range[], minus: Range[]): Range[] {
+  const out: Range[] = [];
+  let j = 0;
+  for (const r of ranges) {
+    let s = r.offset;
+    const e = r.offset + r.length;
+    while (j < minus.length && minus[j].offset + minus[j].length <= s) j++;
+    let k = j;
+    while (s < e && k < minus.length && minus[k].offset < e) {
+      const m = minus[k];
+      if (m.offset > s) out.push({ offset: s, length: m.offset - s });
+      s = Math.max(s, m.offset + m.length);
+      k++;
+    }
+    if (s < e) out.push({ offset: s, length: e - s });
   }
   return out;
 }

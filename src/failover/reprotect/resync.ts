@@ -25,12 +25,21 @@
 import { crashPoint } from '../../crash.js';
 import { ColoError } from '../../errors.js';
 import { mergeRanges, type Range } from '../activity.js';
-import { blockHashes, HASH_BLOCK, HASH_BYTES, HASH_SUBBLOCK, type RangeReader } from './hash.js';
+import {
+  blockHashes,
+  HASH_BLOCK,
+  HASH_BYTES,
+  HASH_SUBBLOCK,
+  type RangeReader,
+  type ZeroRanges,
+} from './hash.js';
 import type { SyncMode } from '../history.js';
 
 export interface ResyncHost {
   size: number;
   readLocal: RangeReader;
+  /** Ranges of the local disk known to read as zeroes (holes), without reading them. */
+  zeroLocal?: ZeroRanges;
   /** Log the range's current contents (a write record the secondary applies). */
   sendRange(offset: number, length: number): Promise<void>;
   /** The secondary's hashes of a range, as of this point of the stream. */
@@ -71,6 +80,13 @@ const SEND_CHUNK = 1024 * 1024;
 const COMPARE_CHUNK = 4 * 1024 * 1024;
 /** Requests in flight (hashes are prefetched while local hashing runs). */
 const PIPELINE = 4;
+/** How far ahead the local holes are listed at a time. */
+const HOLE_WINDOW = 1024 * 1024 * 1024;
+
+interface Chunk extends Range {
+  /** Hash block size: HASH_BLOCK, or the whole chunk for a local hole. */
+  block: number;
+}
 
 function* chunks(ranges: Range[], align: number): Generator<Range> {
   for (const r of ranges)
@@ -153,32 +169,93 @@ export class Resync {
     return this.progress;
   }
 
+  /**
+   * Compare ranges, pipelined: hash requests run ahead of the local hashing.
+   * Where the local disk has a hole of at least a chunk, the whole hole is one
+   * block (one hash each side, nothing read where the other side has a hole
+   * too); a hole that turns out to differ is compared again block by block.
+   */
   private async compareAll(): Promise<void> {
-    const list = [...chunks(this.plan.compare, COMPARE_CHUNK)];
-    const inflight: Promise<Buffer>[] = [];
-    const request = (i: number) =>
-      this.host.requestHashes(list[i].offset, list[i].length, HASH_BLOCK).then((h) => {
+    const redo: Range[] = [];
+    await this.pipeline(this.plan.compare, true, async (c, remote) => {
+      if (c.block === HASH_BLOCK) return this.compareChunk(c, remote);
+      const local = await blockHashes(this.host.readLocal, c.offset, c.length, c.block, this.host.zeroLocal);
+      if (local.equals(remote)) this.progress.equalBytes += c.length;
+      else redo.push({ offset: c.offset, length: c.length });
+    });
+    if (redo.length > 0) await this.pipeline(redo, false, (c, remote) => this.compareChunk(c, remote));
+  }
+
+  private async pipeline(
+    ranges: Range[],
+    count: boolean,
+    each: (c: Chunk, remote: Buffer) => Promise<void>,
+  ): Promise<void> {
+    const inflight: { c: Chunk; p: Promise<Buffer> }[] = [];
+    const request = (c: Chunk) => {
+      const p = this.host.requestHashes(c.offset, c.length, c.block).then((h) => {
         this.progress.hashBytes += h.length;
         return h;
       });
-    // Hash requests are prefetched; a rejected one is awaited (and rethrown) in order.
-    for (let i = 0; i < Math.min(PIPELINE, list.length); i++) inflight.push(request(i));
-    inflight.forEach((p) => p.catch(() => {}));
-    for (let i = 0; i < list.length; i++) {
-      this.check();
-      const remote = await inflight[i];
-      if (i + PIPELINE < list.length) {
-        const p = request(i + PIPELINE);
-        p.catch(() => {});
-        inflight.push(p);
+      // A rejected request is awaited (and rethrown) in order.
+      p.catch(() => {});
+      inflight.push({ c, p });
+    };
+    const plan = this.chunks(ranges, count ? this.host.zeroLocal : undefined);
+    let next = await plan.next();
+    for (;;) {
+      while (!next.done && inflight.length < PIPELINE) {
+        this.check();
+        request(next.value);
+        next = await plan.next();
       }
-      await this.compareChunk(list[i], remote);
-      this.progress.doneBytes += list[i].length;
+      const head = inflight.shift();
+      if (!head) return;
+      this.check();
+      const remote = await head.p;
+      await each(head.c, remote);
+      if (count) this.progress.doneBytes += head.c.length;
+    }
+  }
+
+  /** Chunks to compare: 4 MiB in 64 KiB blocks, or a local hole of at least that as one block. */
+  private async *chunks(ranges: Range[], zeroLocal: ZeroRanges | undefined): AsyncGenerator<Chunk> {
+    for (const r of ranges) {
+      const end = r.offset + r.length;
+      for (let pos = r.offset; pos < end;) {
+        const winEnd = Math.min(end, pos + HOLE_WINDOW);
+        const holes = zeroLocal ? await zeroLocal(pos, winEnd - pos) : [];
+        let h = 0;
+        while (pos < winEnd) {
+          while (h < holes.length && holes[h].offset + holes[h].length <= pos) h++;
+          const hole = holes[h];
+          if (hole && hole.offset <= pos) {
+            const hEnd = Math.min(winEnd, hole.offset + hole.length);
+            if (hEnd - pos >= COMPARE_CHUNK) {
+              yield { offset: pos, length: hEnd - pos, block: hEnd - pos };
+              pos = hEnd;
+              continue;
+            }
+          }
+          let cEnd = Math.min(winEnd, (Math.floor(pos / COMPARE_CHUNK) + 1) * COMPARE_CHUNK);
+          // Stop a data chunk where a long hole begins, so the hole goes in one piece.
+          for (let k = h; k < holes.length && holes[k].offset < cEnd; k++)
+            if (
+              holes[k].offset > pos &&
+              Math.min(winEnd, holes[k].offset + holes[k].length) - holes[k].offset >= COMPARE_CHUNK
+            ) {
+              cEnd = holes[k].offset;
+              break;
+            }
+          yield { offset: pos, length: cEnd - pos, block: HASH_BLOCK };
+          pos = cEnd;
+        }
+      }
     }
   }
 
   private async compareChunk(c: Range, remote: Buffer): Promise<void> {
-    const local = await blockHashes(this.host.readLocal, c.offset, c.length, HASH_BLOCK);
+    const local = await blockHashes(this.host.readLocal, c.offset, c.length, HASH_BLOCK, this.host.zeroLocal);
     if (local.length !== remote.length)
       throw new ColoError(
         'EPROTO',
@@ -203,7 +280,7 @@ export class Resync {
         continue;
       }
       const [l2, r2] = await Promise.all([
-        blockHashes(this.host.readLocal, off, len, HASH_SUBBLOCK),
+        blockHashes(this.host.readLocal, off, len, HASH_SUBBLOCK, this.host.zeroLocal),
         this.host.requestHashes(off, len, HASH_SUBBLOCK),
       ]);
       this.progress.hashBytes += r2.length;
