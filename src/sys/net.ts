@@ -11,7 +11,8 @@ import net from 'node:net';
 import { listenOn } from '../util/listen.js';
 
 export interface Conn {
-  write(buf: Buffer): boolean;
+  /** `done` runs once the bytes are handed to the kernel (or the connection is gone); `buf` may be reused then. */
+  write(buf: Buffer, done?: () => void): boolean;
   cork(): void;
   uncork(): void;
   pause(): void;
@@ -40,9 +41,16 @@ export interface Net {
   listen(host: string, port: number, onConnection: (conn: Conn) => void): Promise<Listener>;
 }
 
+/** Bytes the replication link's socket queues in memory before its sender falls back to the journal. */
+export const LINK_SOCKET_QUEUE_BYTES = 8388608;
+
 export const tcpNet: Net = {
   connect(host, port) {
-    const socket = net.connect({ host, port });
+    // The link's sender stops at the socket's high-water mark and later streams from the journal:
+    // at Node's default (16 KiB) almost every large write was read back from the journal file.
+    // A few MiB queued in memory are the frames' own buffers (no copy).
+    const opts = { host, port, writableHighWaterMark: LINK_SOCKET_QUEUE_BYTES }; // a stream option @types/node omits
+    const socket = net.connect(opts as net.NetConnectOpts);
     socket.setNoDelay(true);
     return socket as unknown as Conn;
   },

@@ -41,7 +41,12 @@ export class SimConn extends EventEmitter implements Conn {
     return this.net.world;
   }
 
-  write(buf: Buffer): boolean {
+  write(buf: Buffer, done?: () => void): boolean {
+    if (done) {
+      // The caller reuses `buf` once `done` runs: keep a copy of our own.
+      buf = Buffer.from(buf);
+      queueMicrotask(done);
+    }
     if (this.destroyed || this.ending) return false;
     let data = buf; // like a socket: the caller does not reuse what it wrote
     if (this.sent + data.length > this.cutAfter) {

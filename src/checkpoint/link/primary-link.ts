@@ -17,6 +17,7 @@
  * - Every decision (when to connect, beats and loss, what a hello or an
  *   error means, waits and their timeouts) is the core's.
  */
+import { SlabPool } from './slabs.js';
 import { EventEmitter } from 'node:events';
 import { ColoError } from '../../errors.js';
 import type { Generation } from '../../failover/history.js';
@@ -92,6 +93,7 @@ export class PrimaryLink extends EventEmitter {
   private reader: FrameReader<ToPrimary> | null = null;
   private blocked = false;
   private corked = false;
+  private readonly slabs = new SlabPool();
   private streaming = false;
   private cursor = { epoch: 0, offset: 0 };
   private waiters = new Map<
@@ -351,8 +353,12 @@ export class PrimaryLink extends EventEmitter {
     const journal = this.plog.epochs.get(epoch)!.journal!;
     // Live fast path: the sender is exactly at the end of this epoch's journal.
     if (this.cursor.epoch === epoch && this.cursor.offset + bytes === journal.size) {
-      this.write(parts[0]);
-      if (parts[1].length) this.write(parts[1]);
+      const copy = this.slabs.copy(parts, bytes);
+      if (copy) this.write(copy.view, copy.done);
+      else {
+        this.write(parts[0]);
+        if (parts[1].length) this.write(parts[1]);
+      }
       this.cursor.offset += bytes;
       this.bytesSent += bytes;
       this.releaseHashes();
@@ -367,7 +373,7 @@ export class PrimaryLink extends EventEmitter {
   }
 
   /** Frames produced in one turn of the event loop leave in one writev. */
-  private write(buf: Buffer): void {
+  private write(buf: Buffer, done?: () => void): void {
     const socket = this.socket!;
     if (!this.corked) {
       this.corked = true;
@@ -377,7 +383,7 @@ export class PrimaryLink extends EventEmitter {
         socket.uncork();
       });
     }
-    if (!socket.write(buf)) this.blocked = true;
+    if (!socket.write(buf, done)) this.blocked = true;
   }
 
   /**
