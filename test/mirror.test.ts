@@ -349,6 +349,39 @@ describe('mirror suite: the log carries every change the primary makes', () => {
     expect(sent).toBe(20 * (2 + 4 + 2));
   });
 
+  it('a write in flight at a seal is logged in the next epoch, and its extent stays hot until that commits', async () => {
+    const local = new MemoryDevice(64 << 20);
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    const slow: BlockDevice = Object.create(local, {
+      pwrite: {
+        value: async (buf: Buffer, off: number) => {
+          await held;
+          return local.pwrite(buf, off);
+        },
+      },
+    });
+    const r = replicating(slow);
+    const epoch = r.plog.current;
+    const w = r.device.pwrite(Buffer.alloc(4096, 7), 8 << 20);
+    while (r.activity.hotRanges().length === 0) await new Promise((res) => setImmediate(res));
+    const seal = await r.device.seal(); // does not wait for the write
+    expect(seal.e).toBe(epoch);
+    expect(seal.n).toBe(0);
+    // Epoch N is committed on the secondary: its extents cool, but not the one still being written.
+    r.activity.cool(epoch);
+    expect(r.activity.hotRanges().some((x) => x.offset <= 8 << 20 && 8 << 20 < x.offset + x.length)).toBe(
+      true,
+    );
+    release();
+    await w;
+    expect(r.plog.currentEpoch.epoch).toBe(epoch + 1);
+    expect(r.plog.currentEpoch.records).toBe(1);
+    r.activity.cool(epoch + 1);
+    expect(r.activity.hotRanges()).toEqual([]);
+    await r.cleanup();
+  });
+
   it('a call outside the disk is refused before anything is logged or recorded', async () => {
     const r = replicating(new MemoryDevice(1 << 20));
     await expect(r.device.pwrite(Buffer.alloc(10), (1 << 20) - 5)).rejects.toMatchObject({

@@ -35,6 +35,9 @@ import { finishPromotedStore } from '../../failover/finish-promoted.js';
 import type { StoreImage } from '../secondary/store.js';
 import { openMeta, type MetaIndex, type StateDir } from '../state-dir.js';
 
+/** Epoch numbers reserved per synced index write (a restart skips what was left unused). */
+const EPOCH_RESERVE = 256;
+
 export interface PrimaryReplicaOptions {
   exportName: string;
   /** The image's path (for status). */
@@ -362,6 +365,8 @@ export class PrimaryReplica {
 
   /** Resyncs started so far: an epoch sealed before one cannot be committed as that checkpoint any more. */
   private resyncs = 0;
+  /** Epoch numbers up to this one are on record as used (see sealEpoch). */
+  private reservedEpoch = 0;
   private resyncsAtSeal = new Map<number, number>();
 
   private async sealEpoch(): Promise<{ epoch: number; writes: number; bytes: number; ms: number }> {
@@ -369,8 +374,14 @@ export class PrimaryReplica {
     // A resync that starts while this seal runs makes the epoch no checkpoint: it counts as started before.
     const resyncsBefore = this.resyncs;
     // Persist the next epoch number first: after a crash this node never reuses
-    // an epoch number the secondary may already hold.
-    await this.db.put('epoch', String(this.plog.current + 1), { sync: true });
+    // an epoch number the secondary may already hold. Numbers are reserved in
+    // blocks, so a seal syncs the index once in EPOCH_RESERVE (a synced write
+    // queues behind the PVM's writes in the thread pool: milliseconds under load).
+    if (this.plog.current + 1 > this.reservedEpoch) {
+      const reserve = this.plog.current + EPOCH_RESERVE;
+      await this.db.put('epoch', String(reserve), { sync: true });
+      this.reservedEpoch = Math.max(this.reservedEpoch, reserve);
+    }
     const seal = await this.device.seal();
     this.resyncsAtSeal.set(seal.e, resyncsBefore);
     for (const e of this.resyncsAtSeal.keys()) if (e < seal.e - 64) this.resyncsAtSeal.delete(e);
