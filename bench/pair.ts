@@ -55,8 +55,13 @@ export async function startNode(
   role: 'primary' | 'secondary',
   args: readonly string[],
   env?: Record<string, string>,
+  cpus?: string,
 ): Promise<NodeHandle> {
-  const child = spawn(process.execPath, nodeArgs(ctx, role, args), {
+  // taskset execs the node, so the child's pid is the node's.
+  const [program, argv] = cpus
+    ? ['taskset', ['-c', cpus, process.execPath, ...nodeArgs(ctx, role, args)]]
+    : [process.execPath, nodeArgs(ctx, role, args)];
+  const child = spawn(program, argv, {
     stdio: ['ignore', 'pipe', 'pipe'],
     cwd: ctx.root,
     ...(env ? { env: { ...process.env, ...env } } : {}),
@@ -158,6 +163,8 @@ export interface PairOptions {
   prepare?(dir: string): void;
   /** How long the first synchronisation of the two disks may take (default 120 s). */
   syncTimeoutMs?: number;
+  /** CPUs each node runs on (`taskset -c`), as if the secondary were on its own host. */
+  pin?: { primary: string; secondary: string };
 }
 
 export interface Pair {
@@ -222,7 +229,13 @@ export async function startPair(ctx: BenchContext, opts: PairOptions): Promise<P
   fs.rmSync(opts.dir, { recursive: true, force: true });
   fs.mkdirSync(opts.dir, { recursive: true });
   opts.prepare?.(opts.dir);
-  const secondary = await startNode(ctx, 'secondary', pairArgs(opts, 0).secondary, opts.secondaryEnv);
+  const secondary = await startNode(
+    ctx,
+    'secondary',
+    pairArgs(opts, 0).secondary,
+    opts.secondaryEnv,
+    opts.pin?.secondary,
+  );
   let primary: NodeHandle | null = null;
   const pair: Pair = {
     secondary,
@@ -237,7 +250,13 @@ export async function startPair(ctx: BenchContext, opts: PairOptions): Promise<P
     },
   };
   try {
-    primary = await startNode(ctx, 'primary', pairArgs(opts, Number(secondary.info.replicationPort)).primary);
+    primary = await startNode(
+      ctx,
+      'primary',
+      pairArgs(opts, Number(secondary.info.replicationPort)).primary,
+      undefined,
+      opts.pin?.primary,
+    );
     const t = performance.now();
     const s = await waitProtected(pair, opts.syncTimeoutMs ?? 120_000);
     pair.initialSync = { resync: s.resync, waitedMs: performance.now() - t };

@@ -26,7 +26,7 @@ import {
   formatValue,
   markdownReport,
   overheadTargets,
-  replicationOverhead,
+  allOverheadRows,
   textTables,
   verdict,
   applies,
@@ -548,7 +548,7 @@ async function main(): Promise<number> {
       targets: [],
       notes: [],
     };
-    result.replicationOverhead = replicationOverhead(results, records, result.workloads);
+    result.replicationOverhead = allOverheadRows(results, records, result.workloads);
     result.targets = [
       ...overheadTargets(result.replicationOverhead).map((x) => ({ ...x, section: 'Replication overhead' })),
       ...scenarios.flatMap((sc) =>

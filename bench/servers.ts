@@ -171,7 +171,10 @@ const IO_SUMMARY = {
 };
 
 /** `colo-blk serve`; io undefined = the default mode (no --io option). */
-function coloBlk(io: 'sync' | 'async' | undefined, name: string): ServerDef {
+/** The CPUs of the pinned variants: the node under test and its clients on one, the secondary on the other. */
+export const PIN = { primary: '0', secondary: '1' } as const;
+
+function coloBlk(io: 'sync' | 'async' | undefined, name: string, pinned = false): ServerDef {
   const args = (ctx: BenchContext, port: number | string) => [
     path.join(ctx.root, 'bin/colo-blk.js'),
     'serve',
@@ -183,14 +186,29 @@ function coloBlk(io: 'sync' | 'async' | undefined, name: string): ServerDef {
     '--json',
     '--quiet',
   ];
+  const pin = pinned ? ['taskset', '-c', PIN.primary] : [];
   return {
     name,
     role: 'subject',
-    summary: `colo-blk serve, ${IO_SUMMARY[io ?? 'auto']}`,
+    summary:
+      `colo-blk serve, ${IO_SUMMARY[io ?? 'auto']}` +
+      (pinned ? `; the server and fio pinned to CPU ${PIN.primary} (the baseline of the pinned pair)` : ''),
+    ...(pinned ? { workloads: REPLICATED_WORKLOADS } : {}),
     version: coloVersion,
-    commandLine: (ctx, port) => shellQuote(['node', ...args(ctx, port)]).replace(ctx.root + '/', ''),
-    start: (ctx, port) =>
-      startForeground(name, process.execPath, args(ctx, port), ctx, port, coloReady(port, ctx)),
+    commandLine: (ctx, port) => shellQuote([...pin, 'node', ...args(ctx, port)]).replace(ctx.root + '/', ''),
+    start: async (ctx, port) => {
+      const server = await (pinned
+        ? startForeground(
+            name,
+            'taskset',
+            ['-c', PIN.primary, process.execPath, ...args(ctx, port)],
+            ctx,
+            port,
+            coloReady(port, ctx),
+          )
+        : startForeground(name, process.execPath, args(ctx, port), ctx, port, coloReady(port, ctx)));
+      return pinned ? { ...server, clientCpus: PIN.primary } : server;
+    },
   };
 }
 
@@ -220,133 +238,150 @@ function percentile(sorted: number[], p: number): number {
  * to a live secondary (its own fresh sparse image of the same size), and a checkpoint coordinator
  * in this process that runs POST /checkpoint every 100 ms for as long as the server is up.
  */
-const coloBlkReplicated: ServerDef = {
-  name: 'colo-blk-replicated',
-  role: 'subject',
-  summary:
-    'colo-blk primary (default I/O mode) replicating every write to a live colo-blk secondary on the same ' +
-    `machine, with a checkpoint (seal → durable → commit) every ${CHECKPOINT_INTERVAL_MS} ms run by the ` +
-    'benchmark; the secondary has its own fresh sparse image of the same size, and both state directories ' +
-    'are on tmpfs. A fresh pair (new state, new secondary image) for each workload',
-  workloads: REPLICATED_WORKLOADS,
-  // A fresh pair per workload: a pair that fell out of sync in one workload would make the
-  // next one measure an unreplicated primary.
-  freshPerWorkload: true,
-  version: coloVersion,
-  commandLine(ctx, port) {
-    const a = pairArgs(replicatedOpts(ctx, port), 'REPL_PORT');
-    const show = (role: 'primary' | 'secondary', args: string[]) =>
-      shellQuote(['node', ...nodeArgs(ctx, role, args)]).replaceAll(ctx.root + '/', '');
-    return [
-      show('secondary', a.secondary) + '   # prints its replicationPort and controlPort',
-      show('primary', a.primary),
-      `# then, in the benchmark process, every ${CHECKPOINT_INTERVAL_MS} ms (start to start) while the server is up:`,
-      `#   POST http://127.0.0.1:CONTROL_PORT/checkpoint {"timeoutMs":${CHECKPOINT_TIMEOUT_MS}}`,
-    ].join('\n');
-  },
-  async start(ctx, port) {
-    const pair = await startPair(ctx, replicatedOpts(ctx, port));
-    const totals: number[] = [];
-    const failures: { at: number; message: string }[] = [];
-    let bytes = 0;
-    let stopping = false;
-    let wake: () => void = () => {};
-    const loop = (async () => {
-      let next = performance.now();
-      while (!stopping) {
-        const wait = next - performance.now();
-        if (wait > 0)
-          await new Promise<void>((resolve) => {
-            const t = setTimeout(resolve, wait);
-            wake = () => {
-              clearTimeout(t);
-              resolve();
-            };
-          });
-        if (stopping) break;
-        next = performance.now() + CHECKPOINT_INTERVAL_MS;
-        try {
-          const r = await checkpoint(pair.primary, CHECKPOINT_TIMEOUT_MS);
-          totals.push(r.totalMs);
-          bytes += r.bytes;
-        } catch (err) {
-          failures.push({ at: totals.length + failures.length, message: (err as Error).message });
-          // A node that is gone fails every checkpoint at once; do not spin.
-          if (pair.exited()) break;
-        }
-      }
-    })();
-    const stats = (from: number, failFrom: number) => {
-      const t = totals.slice(from).sort((a, b) => a - b);
-      const f = failures.slice(failFrom);
-      return {
-        checkpoints: t.length,
-        checkpointFailures: f.length,
-        ...(t.length
-          ? {
-              checkpointP50Ms: round2(percentile(t, 0.5)),
-              checkpointP99Ms: round2(percentile(t, 0.99)),
-              checkpointMaxMs: round2(t[t.length - 1]),
-            }
-          : {}),
-        ...(f.length ? { firstFailure: f[0].message } : {}),
-      };
-    };
-    return {
-      host: HOST,
-      port: pair.primary.nbdPort,
-      uri: uriOf(ctx, pair.primary.nbdPort),
-      pid: pair.primary.pid,
-      exited: () => pair.exited(),
-      tally() {
-        const from = totals.length;
-        const failFrom = failures.length;
-        const bytesFrom = bytes;
-        const cpu = cpuTally({ primary: pair.primary.pid, secondary: pair.secondary.pid });
-        const logFrom = { primary: pair.primary.logLines.length, secondary: pair.secondary.logLines.length };
-        return async () => {
-          const out: Record<string, unknown> = {
-            ...stats(from, failFrom),
-            checkpointedBytes: bytes - bytesFrom,
-            ...(await cpu()),
-          };
+const coloBlkReplicated = replicatedServer('colo-blk-replicated', false);
+const coloBlkReplicatedPinned = replicatedServer('colo-blk-replicated-pinned', true);
+
+function replicatedServer(name: string, pinned: boolean): ServerDef {
+  return {
+    name,
+    role: 'subject',
+    summary:
+      'colo-blk primary (default I/O mode) replicating every write to a live colo-blk secondary on the same ' +
+      `machine, with a checkpoint (seal → durable → commit) every ${CHECKPOINT_INTERVAL_MS} ms run by the ` +
+      'benchmark; the secondary has its own fresh sparse image of the same size, and both state directories ' +
+      'are on tmpfs. A fresh pair (new state, new secondary image) for each workload' +
+      (pinned
+        ? `. Pinned as if the secondary were on its own host: the primary and fio on CPU ${PIN.primary} ` +
+          `(taskset -c), the secondary on CPU ${PIN.secondary}`
+        : '. Unpinned'),
+    workloads: REPLICATED_WORKLOADS,
+    // A fresh pair per workload: a pair that fell out of sync in one workload would make the
+    // next one measure an unreplicated primary.
+    freshPerWorkload: true,
+    version: coloVersion,
+    commandLine(ctx, port) {
+      const a = pairArgs(replicatedOpts(ctx, port), 'REPL_PORT');
+      const show = (role: 'primary' | 'secondary', args: string[]) =>
+        shellQuote([
+          ...(pinned ? ['taskset', '-c', PIN[role]] : []),
+          'node',
+          ...nodeArgs(ctx, role, args),
+        ]).replaceAll(ctx.root + '/', '');
+      return [
+        show('secondary', a.secondary) + '   # prints its replicationPort and controlPort',
+        show('primary', a.primary),
+        `# then, in the benchmark process, every ${CHECKPOINT_INTERVAL_MS} ms (start to start) while the server is up:`,
+        `#   POST http://127.0.0.1:CONTROL_PORT/checkpoint {"timeoutMs":${CHECKPOINT_TIMEOUT_MS}}`,
+      ].join('\n');
+    },
+    async start(ctx, port) {
+      const pair = await startPair(ctx, { ...replicatedOpts(ctx, port), ...(pinned ? { pin: PIN } : {}) });
+      const totals: number[] = [];
+      const failures: { at: number; message: string }[] = [];
+      let bytes = 0;
+      let stopping = false;
+      let wake: () => void = () => {};
+      const loop = (async () => {
+        let next = performance.now();
+        while (!stopping) {
+          const wait = next - performance.now();
+          if (wait > 0)
+            await new Promise<void>((resolve) => {
+              const t = setTimeout(resolve, wait);
+              wake = () => {
+                clearTimeout(t);
+                resolve();
+              };
+            });
+          if (stopping) break;
+          next = performance.now() + CHECKPOINT_INTERVAL_MS;
           try {
-            const s = await status(pair.primary);
-            out.lagUnsentBytes = s.lag.unsentBytes;
-            out.lagHeldBytes = s.lag.heldBytes;
-            out.linkState = s.link.state;
-            out.linkReconnects = s.link.reconnects;
-            if (s.outOfSync) out.outOfSync = s.outOfSync;
+            const r = await checkpoint(pair.primary, CHECKPOINT_TIMEOUT_MS);
+            totals.push(r.totalMs);
+            bytes += r.bytes;
           } catch (err) {
-            out.statusError = (err as Error).message;
+            failures.push({ at: totals.length + failures.length, message: (err as Error).message });
+            // A node that is gone fails every checkpoint at once; do not spin.
+            if (pair.exited()) break;
           }
-          // What the nodes logged meanwhile (link down/up and why, warnings).
-          const logged = (['primary', 'secondary'] as const).flatMap((role) =>
-            pair[role].logLines.slice(logFrom[role]).map((l) => ({ ...l, role })),
-          );
-          if (logged.length)
-            out.nodeLog = logged
-              .sort((a, b) => a.at - b.at)
-              .slice(0, 20)
-              .map((l) => `${l.role}: ${l.line}`);
-          return out;
+        }
+      })();
+      const stats = (from: number, failFrom: number) => {
+        const t = totals.slice(from).sort((a, b) => a - b);
+        const f = failures.slice(failFrom);
+        return {
+          checkpoints: t.length,
+          checkpointFailures: f.length,
+          ...(t.length
+            ? {
+                checkpointP50Ms: round2(percentile(t, 0.5)),
+                checkpointP99Ms: round2(percentile(t, 0.99)),
+                checkpointMaxMs: round2(t[t.length - 1]),
+              }
+            : {}),
+          ...(f.length ? { firstFailure: f[0].message } : {}),
         };
-      },
-      stop: async () => {
-        stopping = true;
-        wake();
-        await loop;
-        const s = stats(0, 0);
-        ctx.log(
-          `  colo-blk-replicated: ${s.checkpoints} checkpoints, ${s.checkpointFailures} failed` +
-            (s.firstFailure ? ` (first: ${s.firstFailure})` : ''),
-        );
-        await pair.stop();
-        fs.rmSync(replicatedDir(ctx), { recursive: true, force: true });
-      },
-    };
-  },
-};
+      };
+      return {
+        host: HOST,
+        port: pair.primary.nbdPort,
+        uri: uriOf(ctx, pair.primary.nbdPort),
+        pid: pair.primary.pid,
+        ...(pinned ? { clientCpus: PIN.primary } : {}),
+        exited: () => pair.exited(),
+        tally() {
+          const from = totals.length;
+          const failFrom = failures.length;
+          const bytesFrom = bytes;
+          const cpu = cpuTally({ primary: pair.primary.pid, secondary: pair.secondary.pid });
+          const logFrom = {
+            primary: pair.primary.logLines.length,
+            secondary: pair.secondary.logLines.length,
+          };
+          return async () => {
+            const out: Record<string, unknown> = {
+              ...stats(from, failFrom),
+              checkpointedBytes: bytes - bytesFrom,
+              ...(await cpu()),
+            };
+            try {
+              const s = await status(pair.primary);
+              out.lagUnsentBytes = s.lag.unsentBytes;
+              out.lagHeldBytes = s.lag.heldBytes;
+              out.linkState = s.link.state;
+              out.linkReconnects = s.link.reconnects;
+              if (s.outOfSync) out.outOfSync = s.outOfSync;
+            } catch (err) {
+              out.statusError = (err as Error).message;
+            }
+            // What the nodes logged meanwhile (link down/up and why, warnings).
+            const logged = (['primary', 'secondary'] as const).flatMap((role) =>
+              pair[role].logLines.slice(logFrom[role]).map((l) => ({ ...l, role })),
+            );
+            if (logged.length)
+              out.nodeLog = logged
+                .sort((a, b) => a.at - b.at)
+                .slice(0, 20)
+                .map((l) => `${l.role}: ${l.line}`);
+            return out;
+          };
+        },
+        stop: async () => {
+          stopping = true;
+          wake();
+          await loop;
+          const s = stats(0, 0);
+          ctx.log(
+            `  ${name}: ${s.checkpoints} checkpoints, ${s.checkpointFailures} failed` +
+              (s.firstFailure ? ` (first: ${s.firstFailure})` : ''),
+          );
+          await pair.stop();
+          fs.rmSync(replicatedDir(ctx), { recursive: true, force: true });
+        },
+      };
+    },
+  };
+}
 
 const nbdkitArgs = (ctx: BenchContext, port: number | string) => [
   '--foreground',
@@ -454,6 +489,8 @@ export const SERVERS: ServerDef[] = [
   coloBlk('sync', 'colo-blk-sync'),
   coloBlk('async', 'colo-blk-async'),
   coloBlkReplicated,
+  coloBlk(undefined, 'colo-blk-pinned', true),
+  coloBlkReplicatedPinned,
   {
     name: 'nbdkit',
     role: 'peer',

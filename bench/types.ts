@@ -34,6 +34,8 @@ export interface RunningServer {
   uri: string;
   /** The server's main process. */
   pid: number;
+  /** CPUs the clients run on (`taskset -c`), when the server is pinned. */
+  clientCpus?: string;
   /** null while it runs; otherwise why it is gone. */
   exited(): string | null;
   /** Stop every process of this server (SIGTERM, then SIGKILL) and wait for them. */

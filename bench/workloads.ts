@@ -72,9 +72,14 @@ function fio(spec: FioSpec): WorkloadDef {
     commandLine: (ctx, uri) => shellQuote(['fio', ...fioArgs(ctx, spec, uri)]),
     async run(ctx, server): Promise<Measurement> {
       const { runtime, ramp } = fioTimes(ctx);
-      const r = await runCommand('fio', fioArgs(ctx, spec, server.uri), {
-        timeoutMs: (runtime + ramp + 60) * 1000,
-      });
+      const argv = fioArgs(ctx, spec, server.uri);
+      const r = await (server.clientCpus
+        ? runCommand('taskset', ['-c', server.clientCpus, 'fio', ...argv], {
+            timeoutMs: (runtime + ramp + 60) * 1000,
+          })
+        : runCommand('fio', argv, {
+            timeoutMs: (runtime + ramp + 60) * 1000,
+          }));
       const job = parseFioJson(r.stdout);
       if (job.error) throw new Error(`fio job error ${job.error}`);
       const side = spec.rw === 'read' || spec.rw === 'randread' ? job.read : job.write;
@@ -91,6 +96,8 @@ function fio(spec: FioSpec): WorkloadDef {
           clatP99Us: us(p['99.000000']),
           clatP999Us: us(p['99.900000']),
           runtimeS: runtime,
+          bytesPerS: Math.round(side.bw_bytes),
+          ...(server.clientCpus ? { clientCpus: server.clientCpus } : {}),
         },
       };
     },
