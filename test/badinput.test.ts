@@ -43,6 +43,7 @@ import {
   type RawRequest,
   type Reply,
 } from './raw-nbd.js';
+import { itWith } from './tools.js';
 
 const SIZE = 64 * MiB;
 const RO_SIZE = 1 * MiB;
@@ -486,30 +487,36 @@ describe('disconnect at every byte of a handshake transcript', () => {
 // ===========================================================================
 
 describe('connection floods', () => {
-  it('2000 idle connections do not starve real clients (qemu-img info, NbdClient)', async () => {
-    const s = await startServer(new MemoryDevice(SIZE), { handshakeTimeoutMs: 120_000, logger });
-    try {
-      const idle: RawConn[] = [];
-      for (let i = 0; i < 2000; i += 250)
-        idle.push(...(await Promise.all(Array.from({ length: 250 }, () => RawConn.connect(s.port, 10_000)))));
-      await waitFor(() => s.server.connectionCount === 2000, 20_000, '2000 connections admitted');
-      const t0 = Date.now();
-      const info = await runOk('qemu-img', ['info', s.uri('disk0')], { timeoutMs: 30_000 });
-      expect(info.stdout).toMatch(/virtual size: 64 MiB \(67108864 bytes\)/);
-      await expectHealthy(s.port);
-      const nbdinfo = await runOk('nbdinfo', ['--size', s.uri('disk0')], { timeoutMs: 30_000 });
-      expect(nbdinfo.stdout.trim()).toBe(String(SIZE));
-      expect(Date.now() - t0, 'real clients served promptly').toBeLessThan(20_000);
-      // The idle ones were all still there: the real clients were served alongside them.
-      await waitFor(() => s.server.connectionCount === 2000, 5_000, 'the real clients to leave');
-      expect(idle.every((c) => !c.closed)).toBe(true);
-      for (const c of idle) c.destroy();
-      await waitFor(() => s.server.connectionCount === 0, 15_000, 'idle connections to be gone');
-    } finally {
-      closeAllRaw();
-      await s.close();
-    }
-  });
+  itWith(
+    ['qemu-img', 'nbdinfo'],
+    '2000 idle connections do not starve real clients (qemu-img info, NbdClient)',
+    async () => {
+      const s = await startServer(new MemoryDevice(SIZE), { handshakeTimeoutMs: 120_000, logger });
+      try {
+        const idle: RawConn[] = [];
+        for (let i = 0; i < 2000; i += 250)
+          idle.push(
+            ...(await Promise.all(Array.from({ length: 250 }, () => RawConn.connect(s.port, 10_000)))),
+          );
+        await waitFor(() => s.server.connectionCount === 2000, 20_000, '2000 connections admitted');
+        const t0 = Date.now();
+        const info = await runOk('qemu-img', ['info', s.uri('disk0')], { timeoutMs: 30_000 });
+        expect(info.stdout).toMatch(/virtual size: 64 MiB \(67108864 bytes\)/);
+        await expectHealthy(s.port);
+        const nbdinfo = await runOk('nbdinfo', ['--size', s.uri('disk0')], { timeoutMs: 30_000 });
+        expect(nbdinfo.stdout.trim()).toBe(String(SIZE));
+        expect(Date.now() - t0, 'real clients served promptly').toBeLessThan(20_000);
+        // The idle ones were all still there: the real clients were served alongside them.
+        await waitFor(() => s.server.connectionCount === 2000, 5_000, 'the real clients to leave');
+        expect(idle.every((c) => !c.closed)).toBe(true);
+        for (const c of idle) c.destroy();
+        await waitFor(() => s.server.connectionCount === 0, 15_000, 'idle connections to be gone');
+      } finally {
+        closeAllRaw();
+        await s.close();
+      }
+    },
+  );
 
   it('with a short handshakeTimeoutMs, idle and slow negotiations are dropped; a negotiated client is not', async () => {
     const TIMEOUT = 300;

@@ -25,12 +25,13 @@
  *   COLO_DIFF_SEED=<seed> npx vitest run test/differential.test.ts -t '<mode>'
  * (COLO_DIFF_OPS=<n> runs a longer workload.)
  */
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, expect, it } from 'vitest';
 import { MemoryDevice } from '../src/block/memory.js';
 import { NbdClient, type ClientExtent, type ConnectOptions } from '../src/net/client.js';
 import { StateFlag, TxFlag } from '../src/net/protocol.js';
 import { killAll, prng, randomBytes, startServer, type RunningServer } from './helpers.js';
 import { sha256, startNbdkitMemory, type Nbdkit } from './interop-helpers.js';
+import { describeWith } from './tools.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -271,7 +272,7 @@ afterAll(async () => {
   await killAll();
 });
 
-describe('differential: colo-blk MemoryDevice vs nbdkit memory', () => {
+describeWith(['nbdkit'], 'differential: colo-blk MemoryDevice vs nbdkit memory', () => {
   it.each(modes)('$mode replies: same bytes for a random workload', async ({ mode, opts, kitMode }) => {
     const seed = SEED;
     const tag = `seed=${seed} mode=${mode}`;

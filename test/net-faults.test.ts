@@ -32,6 +32,7 @@ import {
   type NetnsPair,
 } from './net-faults-helpers.js';
 import { hashExport, startPair, waitLinkUp, type NodeProc, type Pair } from './replication-helpers.js';
+import { describeWith } from './tools.js';
 
 const root = tmpDir('colo-blk-netfaults-');
 let n = 0;
@@ -348,7 +349,7 @@ describe('network faults', () => {
     await expectEqualImages(pair.primary, pair.secondary, model, files);
   });
 
-  describe('partition with network namespaces', () => {
+  describeWith(['netns', 'qemu-io'], 'partition with network namespaces', () => {
     let nsPair: NetnsPair | null = null;
     afterAll(async () => {
       await killAll();

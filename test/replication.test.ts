@@ -9,6 +9,7 @@ import { NbdClient } from '../src/net/client.js';
 import { Cmd, COMMANDS } from '../src/net/protocol.js';
 import { CLI, killAll, prng, randomBytes, rmDir, run, runOk, tmpDir } from './helpers.js';
 import { FaultProxy, hashExport, startPair, waitLinkUp, type Pair } from './replication-helpers.js';
+import { itWith } from './tools.js';
 
 const root = tmpDir('colo-blk-repl-');
 let n = 0;
@@ -398,7 +399,7 @@ describe('replication', () => {
     expect(r.stderr).toMatch(/same size/);
   });
 
-  it('qemu-io and fio on the PVM while checkpoints run in a loop', async () => {
+  itWith(['qemu-io', 'fio'], 'qemu-io and fio on the PVM while checkpoints run in a loop', async () => {
     pair = await startPair(fresh(), '32M');
     await waitLinkUp(pair.primary);
     const uri = `nbd://127.0.0.1:${pair.primary.nbdPort}/disk0`;

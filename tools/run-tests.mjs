@@ -6,8 +6,10 @@ import fs from 'node:fs';
 
 const report = '.vitest-report.json';
 const faultCounts = '.fault-counts';
+const toolSkips = '.tool-skips';
 fs.rmSync(report, { force: true });
 fs.rmSync(faultCounts, { recursive: true, force: true });
+fs.rmSync(toolSkips, { recursive: true, force: true });
 const args = [
   'vitest',
   'run',
@@ -41,6 +43,27 @@ try {
   }
 } catch {
   // no fault suite ran (e.g. a filtered run)
+}
+// Suites skipped because a tool is missing here (test/tools.ts): which ones, and how to get them.
+try {
+  const skips = new Map();
+  for (const name of fs.readdirSync(toolSkips))
+    for (const line of fs.readFileSync(`${toolSkips}/${name}`, 'utf8').split('\n'))
+      if (line.trim()) {
+        const s = JSON.parse(line);
+        skips.set(s.name, s);
+      }
+  if (skips.size) {
+    const tools = [...new Set([...skips.values()].flatMap((s) => s.missing))];
+    console.log(`skipped ${skips.size} suites or tests: they need ${tools.join(', ')}, not found here`);
+    for (const s of skips.values()) console.log(`  - ${s.name}: ${s.hint}`);
+    console.log(
+      '  install them all with: sudo apt-get install qemu-utils libnbd-bin nbdkit nbd-server fio iproute2' +
+        ' (network namespaces also need root); .ci/run does, and fails on a missing tool',
+    );
+  }
+} catch {
+  // nothing was skipped for a missing tool
 }
 console.log(`${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ''}`);
 process.exit(r.status === 0 && failed === 0 ? 0 : 1);
