@@ -11,6 +11,7 @@ import http from 'node:http';
 import type net from 'node:net';
 import { ColoError, toColoError, type ErrorCode } from '../errors.js';
 import { listenOn } from '../util/listen.js';
+import { authHeader, authorized, checkListenAllowed, TOKEN_ENV } from './control-auth.js';
 
 export type Handler = (query: URLSearchParams, body: Record<string, unknown>) => Promise<unknown>;
 /** A route that takes and may return bytes (a memory checkpoint's state). */
@@ -57,6 +58,7 @@ export class ControlServer {
   }
 
   async listen(port: number, host: string): Promise<net.AddressInfo> {
+    checkListenAllowed(host, port);
     return listenOn(this.server, port, host);
   }
 
@@ -64,6 +66,22 @@ export class ControlServer {
     const url = new URL(req.url ?? '/', 'http://control');
     const route = this.routes.get(`${req.method} ${url.pathname}`);
     try {
+      if (!authorized(req.headers.authorization, req.method ?? '', url.pathname)) {
+        // Before anything else: an unauthenticated caller learns nothing, not even the routes.
+        req.resume();
+        res.writeHead(401, { 'content-type': 'application/json', 'www-authenticate': 'Bearer' });
+        res.end(
+          JSON.stringify({
+            error: {
+              code: 'EPERM',
+              message:
+                'the control API needs its bearer token: give --token-file FILE (the file the node was started ' +
+                `with; or set ${TOKEN_ENV})`,
+            },
+          }),
+        );
+        return;
+      }
       if (!route) {
         const known = [...this.routes.keys()].join(', ');
         throw new ColoError('ENOENT', `no route ${req.method} ${url.pathname}; known: ${known}`);
@@ -143,8 +161,12 @@ export async function controlCall<T = Record<string, unknown>>(
         method,
         path,
         headers: payload
-          ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) }
-          : {},
+          ? {
+              ...authHeader(),
+              'content-type': 'application/json',
+              'content-length': Buffer.byteLength(payload),
+            }
+          : authHeader(),
         timeout: timeoutMs,
       },
       (res) => {
@@ -195,7 +217,11 @@ export async function controlRaw(
         port: address.port,
         method: 'POST',
         path,
-        headers: { 'content-type': 'application/octet-stream', 'content-length': body.length },
+        headers: {
+          ...authHeader(),
+          'content-type': 'application/octet-stream',
+          'content-length': body.length,
+        },
         timeout: timeoutMs,
       },
       (res) => {

@@ -11,6 +11,7 @@ import { traceFromEnv } from '../block/io-trace.js';
 import { armCrashPoints } from '../crash.js';
 import { ColoError, exitCodeOf, toColoError } from '../errors.js';
 import { EXPORT_SPEC_HELP } from './exports.js';
+import { readTokenFile, setControlAuth, TOKEN_ENV } from '../checkpoint/control-auth.js';
 import { coloCommand } from './colo.js';
 import { guestCommand } from './guest.js';
 import { recoverCommand } from './recover.js';
@@ -34,6 +35,11 @@ function run<A extends any[]>(action: (...args: A) => Promise<void>) {
       // Fault-injection tests: see src/crash.ts and src/block/io-trace.ts.
       armCrashPoints(process.env);
       traceFromEnv(process.env);
+      // The control API's token, for the APIs this process serves and the ones it calls.
+      const cmd = args[args.length - 1] as Command | undefined;
+      const o = (cmd instanceof Command ? cmd.opts() : {}) as { tokenFile?: string; metricsOpen?: boolean };
+      const tokenFile = o.tokenFile ?? process.env[TOKEN_ENV];
+      if (tokenFile) setControlAuth({ token: readTokenFile(tokenFile), openMetrics: o.metricsOpen === true });
       await action(...args);
     } catch (err) {
       const e = toColoError(err);
@@ -320,6 +326,19 @@ is missing or stale, and applies committed epochs not yet in the image.
 Running it twice equals running it once.`,
   )
   .action(run(recoverCommand));
+
+// Every command that serves or calls a control API takes its token.
+const SERVING = new Set(['primary', 'secondary', 'guest', 'colo']);
+for (const cmd of program.commands) {
+  if (!cmd.options.some((o) => o.long === '--control')) continue;
+  cmd.option(
+    '--token-file <file>',
+    `bearer token of the control APIs, shared by the nodes and the CLI (default: $${TOKEN_ENV}); ` +
+      'required to serve one beyond loopback',
+  );
+  if (SERVING.has(cmd.name()))
+    cmd.option('--metrics-open', 'serve GET /metrics without the token (for a scraper)');
+}
 
 // Commander's own errors (unknown option, missing argument) are usage errors: exit 2.
 program.exitOverride();
