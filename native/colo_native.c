@@ -10,7 +10,11 @@
  * - copyRange: copy_file_range(2), so the secondary applies an epoch's
  *   journal to its image inside the kernel (one copy, no trip through JS).
  *
- * Every function is synchronous and takes (fd, offset[, length]) as numbers.
+ * - crc32c: CRC-32C (Castagnoli) of a buffer, with the SSE4.2 instruction
+ *   where the CPU has it (several GB/s; zlib's CRC-32 does ~2.7 here), so
+ *   checksumming every replicated frame costs little on both sides.
+ *
+ * The file calls are synchronous and take (fd, offset[, length]) as numbers.
  * Errors become JS Errors whose `code` is the errno name ("EOPNOTSUPP", ...),
  * so the TypeScript side can fall back when a filesystem lacks the feature.
  */
@@ -23,6 +27,9 @@
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <nmmintrin.h>
+#endif
 
 static const char *errno_name(int e) {
   switch (e) {
@@ -139,7 +146,81 @@ static napi_value copy_range(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* CRC-32C, reflected polynomial 0x82F63B78; crc32c(data, prev) continues from prev like zlib's crc32. */
+static uint32_t crc32c_table[256];
+
+static void crc32c_init(void) {
+  for (uint32_t i = 0; i < 256; i++) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; k++) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+    crc32c_table[i] = c;
+  }
+}
+
+static uint32_t crc32c_soft(uint32_t crc, const uint8_t *p, size_t n) {
+  crc = ~crc;
+  while (n--) crc = crc32c_table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+  return ~crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, size_t n) {
+  crc = ~crc;
+  while (n > 0 && ((uintptr_t)p & 7) != 0) {
+    crc = _mm_crc32_u8(crc, *p++);
+    n--;
+  }
+  uint64_t c = crc;
+  while (n >= 8) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    c = _mm_crc32_u64(c, v);
+    p += 8;
+    n -= 8;
+  }
+  crc = (uint32_t)c;
+  while (n--) crc = _mm_crc32_u8(crc, *p++);
+  return ~crc;
+}
+static int have_sse42 = 0;
+#endif
+
+/* crc32c(buffer[, prev]) -> uint32 */
+static napi_value crc32c(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  size_t argc = 2;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1) {
+    napi_throw_type_error(env, "EINVAL", "crc32c(buffer[, prev])");
+    return NULL;
+  }
+  void *data = NULL;
+  size_t len = 0;
+  if (napi_get_buffer_info(env, argv[0], &data, &len) != napi_ok) {
+    napi_throw_type_error(env, "EINVAL", "crc32c: the first argument must be a Buffer");
+    return NULL;
+  }
+  uint32_t prev = 0;
+  if (argc >= 2 && napi_get_value_uint32(env, argv[1], &prev) != napi_ok) {
+    napi_throw_type_error(env, "EINVAL", "crc32c: prev must be a number");
+    return NULL;
+  }
+  uint32_t r;
+#if defined(__x86_64__)
+  r = have_sse42 ? crc32c_hw(prev, (const uint8_t *)data, len) : crc32c_soft(prev, (const uint8_t *)data, len);
+#else
+  r = crc32c_soft(prev, (const uint8_t *)data, len);
+#endif
+  napi_value out;
+  napi_create_uint32(env, r, &out);
+  return out;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
+  crc32c_init();
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  have_sse42 = __builtin_cpu_supports("sse4.2");
+#endif
   napi_property_descriptor props[] = {
       {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
       {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_default, NULL},
@@ -147,6 +228,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
       {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_default, NULL},
+      {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -2,9 +2,15 @@
 // bytes, and every single-bit corruption is detected.
 import { describe, expect, it } from 'vitest';
 import { ByteQueue } from '../src/net/bytequeue.js';
+import { crc32 } from 'node:zlib';
+import { native } from '../src/block/native.js';
 import {
+  crc32c,
+  crc32cSoft,
   decodeFrame,
   encodeFrameBuffer,
+  FRAME_MAGIC,
+  FRAME_MAGIC_C,
   FrameError,
   MAX_FRAME_BODY,
   peekFrameBytes,
@@ -62,5 +68,37 @@ describe('frame codec', () => {
     expect(() => decodeFrame(bad.subarray(0, 12))).toThrow(/out of bounds/);
     bad.writeUInt32BE(0xffffffff, 4);
     expect(() => peekFrameBytes(bad)).toThrow(FrameError);
+  });
+
+  it('CRC-32C: the standard check value, native and JavaScript agree, continuation works', () => {
+    expect(crc32cSoft(Buffer.from('123456789'))).toBe(0xe3069283);
+    expect(crc32c(Buffer.from('123456789'))).toBe(0xe3069283);
+    const rnd = prng(11);
+    for (let n = 0; n < 300; n += 7) {
+      const b = randomBytes(n + 1000, rnd).subarray(n % 8); // unaligned starts too
+      expect(crc32c(b)).toBe(crc32cSoft(b));
+      expect(crc32c(b.subarray(n), crc32c(b.subarray(0, n)))).toBe(crc32c(b));
+    }
+  });
+
+  it('writes CRC-32C frames where the native helper is loaded, and reads both kinds', () => {
+    expect(frame.readUInt32BE(0)).toBe(native ? FRAME_MAGIC_C : FRAME_MAGIC);
+    // A frame of the other kind, as an earlier version (or a node without the helper) wrote it.
+    const other = Buffer.from(frame);
+    const body = other.subarray(12);
+    if (native) {
+      other.writeUInt32BE(FRAME_MAGIC, 0);
+      other.writeUInt32BE(crc32(body), 8);
+    } else {
+      other.writeUInt32BE(FRAME_MAGIC_C, 0);
+      other.writeUInt32BE(crc32cSoft(body), 8);
+    }
+    const f = decodeFrame(other)!;
+    expect(f.meta).toEqual(meta);
+    expect(f.data.equals(data)).toBe(true);
+    // The checksum of one kind does not pass for the other.
+    const swapped = Buffer.from(other);
+    swapped.writeUInt32BE(other.readUInt32BE(0) === FRAME_MAGIC ? FRAME_MAGIC_C : FRAME_MAGIC, 0);
+    expect(() => decodeFrame(swapped)).toThrow(FrameError);
   });
 });
