@@ -3,12 +3,11 @@
 // things about their holes still agree on equal contents).
 import { createHash } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import type { Range } from '../src/failover/activity.js';
+import { subtractRanges, type Range } from '../src/failover/activity.js';
 import {
   blockHashes,
   deviceZeroRanges,
   HASH_BYTES,
-  subtractRanges,
   ZERO_MARK,
   type ZeroRanges,
 } from '../src/failover/reprotect/hash.js';

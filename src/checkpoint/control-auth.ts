@@ -35,10 +35,6 @@ export function setControlAuth(opts: { token: string | null; openMetrics?: boole
   auth.openMetrics = opts.openMetrics ?? false;
 }
 
-export function controlToken(): string | null {
-  return auth.token ? auth.token.toString('utf8') : null;
-}
-
 /** Read a token file, refusing one that others can read or that is too short to be a secret. */
 export function readTokenFile(file: string): string {
   let st: fs.Stats;

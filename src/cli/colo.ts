@@ -5,7 +5,7 @@ import { COLO_DEFAULTS, ColoNode } from '../checkpoint/coordinator/node.js';
 import type { Mode } from '../net/comparer/comparer.js';
 import { parseHostPort } from '../util/address.js';
 import { formatBytes, parseSize } from '../util/size.js';
-import { stderrLogger } from './log.js';
+import { stderrLogger, waitForSignal } from './log.js';
 
 export interface ColoCliOptions {
   listen: string;
@@ -127,14 +127,7 @@ export async function coloCommand(opts: ColoCliOptions): Promise<void> {
   co.on('state', (state: string) =>
     out(opts.json ? JSON.stringify({ event: 'state', state }) : `state: ${state}`),
   );
-  await new Promise<void>((resolve) => {
-    const stop = (sig: string) => {
-      logger.info(`${sig}: shutting down`);
-      resolve();
-    };
-    process.once('SIGINT', () => stop('SIGINT'));
-    process.once('SIGTERM', () => stop('SIGTERM'));
-  });
+  await waitForSignal(logger);
   await node.close();
 }
 

@@ -3,7 +3,7 @@ import { ColoError } from '../errors.js';
 import { GuestNode } from '../guest/node.js';
 import { parseHostPort } from '../util/address.js';
 import { parseSize } from '../util/size.js';
-import { stderrLogger } from './log.js';
+import { stderrLogger, waitForSignal } from './log.js';
 
 export interface GuestCliOptions {
   listen: string;
@@ -53,13 +53,6 @@ export async function guestCommand(opts: GuestCliOptions): Promise<void> {
     process.stdout.write(
       `guest: HTTP on ${a.http.host}:${a.http.port} (PUT/GET /kv/KEY), disk ${opts.disk}; control API on http://${a.control.host}:${a.control.port}\n`,
     );
-  await new Promise<void>((resolve) => {
-    const stop = (sig: string) => {
-      logger.info(`${sig}: shutting down`);
-      resolve();
-    };
-    process.once('SIGINT', () => stop('SIGINT'));
-    process.once('SIGTERM', () => stop('SIGTERM'));
-  });
+  await waitForSignal(logger);
   await node.close();
 }

@@ -12,3 +12,15 @@ export function stderrLogger(level: LogLevel): Logger {
     debug: (msg) => level === 'debug' && line('debug', msg),
   };
 }
+
+/** Resolve on SIGINT or SIGTERM (logged, with `what` the process does next). */
+export function waitForSignal(logger: Logger, what = 'shutting down'): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const stop = (sig: string) => {
+      logger.info(`${sig}: ${what}`);
+      resolve();
+    };
+    process.once('SIGINT', () => stop('SIGINT'));
+    process.once('SIGTERM', () => stop('SIGTERM'));
+  });
+}

@@ -17,7 +17,7 @@ import { formatBytes, parseSize } from '../util/size.js';
 import { parseExportSpec } from './exports.js';
 import type { CheckpointRecord } from '../checkpoint/coordinator/coordinator.js';
 import { checkpointLine, coloStatusText } from './colo.js';
-import { stderrLogger } from './log.js';
+import { stderrLogger, waitForSignal } from './log.js';
 
 export interface NodeCliOptions {
   heartbeatInterval: string;
@@ -51,17 +51,6 @@ function singleExport(spec: string) {
     );
   if (e.readOnly) throw new ColoError('EUSAGE', 'a replicated export cannot be read-only');
   return e;
-}
-
-async function waitForSignal(logger: ReturnType<typeof stderrLogger>): Promise<void> {
-  await new Promise<void>((resolve) => {
-    const stop = (sig: string) => {
-      logger.info(`${sig}: shutting down`);
-      resolve();
-    };
-    process.once('SIGINT', () => stop('SIGINT'));
-    process.once('SIGTERM', () => stop('SIGTERM'));
-  });
 }
 
 function heartbeatOf(opts: NodeCliOptions) {

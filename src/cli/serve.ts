@@ -5,7 +5,7 @@ import { NbdServer } from '../net/server.js';
 import { parseHostPort } from '../util/address.js';
 import { formatBytes } from '../util/size.js';
 import { openExport, parseExportSpec } from './exports.js';
-import { stderrLogger, type LogLevel } from './log.js';
+import { stderrLogger, waitForSignal, type LogLevel } from './log.js';
 
 export interface ServeOptions {
   listen: string;
@@ -74,14 +74,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
         `  ${url(e.name)}  ${formatBytes(e.device.size)}${e.readOnly ? ' read-only' : ''}  ${e.description ?? ''}\n`,
       );
   }
-  await new Promise<void>((resolve) => {
-    const stop = (sig: string) => {
-      logger.info(`${sig}: shutting down (finishing in-flight requests)`);
-      resolve();
-    };
-    process.once('SIGINT', () => stop('SIGINT'));
-    process.once('SIGTERM', () => stop('SIGTERM'));
-  });
+  await waitForSignal(logger, 'shutting down (finishing in-flight requests)');
   await server.close();
   await Promise.all(exports.map((e) => e.device.close()));
   logger.info('stopped');

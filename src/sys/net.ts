@@ -42,7 +42,7 @@ export interface Net {
 }
 
 /** Bytes the replication link's socket queues in memory before its sender falls back to the journal. */
-export const LINK_SOCKET_QUEUE_BYTES = 8388608;
+export const LINK_SOCKET_QUEUE_BYTES = 8 * 1024 * 1024;
 
 export const tcpNet: Net = {
   connect(host, port) {

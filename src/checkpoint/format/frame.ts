@@ -61,11 +61,11 @@ export function encodeFrame(meta: object, data: Buffer = EMPTY): [Buffer, Buffer
   const bodyLength = 2 + metaBytes.length + data.length;
   if (bodyLength > MAX_FRAME_BODY) throw new FrameError('length', `frame body of ${bodyLength} bytes`);
   const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES + 2 + metaBytes.length);
-  head.writeUInt32BE(hwCrc ? FRAME_MAGIC_C : FRAME_MAGIC, 0);
+  head.writeUInt32BE(native ? FRAME_MAGIC_C : FRAME_MAGIC, 0);
   head.writeUInt32BE(bodyLength, 4);
   head.writeUInt16BE(metaBytes.length, FRAME_HEADER_BYTES);
   metaBytes.copy(head, FRAME_HEADER_BYTES + 2);
-  const sum = hwCrc ?? crc32;
+  const sum = native ? crc32c : crc32;
   head.writeUInt32BE(sum(data, sum(head.subarray(FRAME_HEADER_BYTES))), 8);
   return [head, data];
 }
@@ -112,11 +112,6 @@ export function peekFrameBytes(buf: Buffer, off = 0): number | null {
 
 const EMPTY = Buffer.alloc(0);
 
-/** CRC-32C in hardware, or null (no native helper: frames are written with CRC-32). */
-const hwCrc: ((buf: Buffer, prev?: number) => number) | null = native
-  ? (b, p) => native!.crc32c(b, p ?? 0)
-  : null;
-
 let table: Uint32Array | null = null;
 /** CRC-32C in JavaScript: reads a CBLG frame where the native helper is missing (slow, but correct). */
 export function crc32cSoft(buf: Buffer, prev = 0): number {
@@ -133,5 +128,10 @@ export function crc32cSoft(buf: Buffer, prev = 0): number {
   return ~crc >>> 0;
 }
 
-/** CRC-32C, in hardware where available. */
-export const crc32c = (buf: Buffer, prev = 0): number => (hwCrc ? hwCrc(buf, prev) : crc32cSoft(buf, prev));
+/**
+ * CRC-32C: the native helper (in hardware where the CPU can), else JavaScript. Frames are written
+ * with it only where the helper is loaded (elsewhere with zlib's CRC-32).
+ */
+export const crc32c: (buf: Buffer, prev?: number) => number = native
+  ? (buf, prev = 0) => native!.crc32c(buf, prev)
+  : crc32cSoft;

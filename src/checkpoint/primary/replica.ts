@@ -131,7 +131,7 @@ export class PrimaryReplica {
     );
     plog.now = () => env.clock.now();
     this.plog = plog;
-    const device = new ReplicatingDevice(image, plog, activity, env.clock);
+    const device = new ReplicatingDevice(image, plog, activity);
     this.device = device;
     const link = new PrimaryLink(plog, {
       host: opts.peer.host,
@@ -274,9 +274,11 @@ export class PrimaryReplica {
   }
 
   private async runResync(mode: 'incremental' | 'full', peerHot: Range[]): Promise<void> {
-    if (this.plog.outOfSync)
+    if (this.plog.outOfSync) {
       // The log holds data again from a fresh epoch on; the resync covers everything before it.
-      await this.device.seal(10_000, () => this.plog.resumeLogging());
+      this.device.seal();
+      this.plog.resumeLogging(); // in the same turn: no mutation has logged into the new epoch yet
+    }
     const plan = resyncPlan(mode, this.image.size, {
       exact: this.activity.exactRanges(),
       hot: this.activity.hotRanges(),
@@ -382,7 +384,7 @@ export class PrimaryReplica {
       await this.db.put('epoch', String(reserve), { sync: true });
       this.reservedEpoch = Math.max(this.reservedEpoch, reserve);
     }
-    const seal = await this.device.seal();
+    const seal = this.device.seal();
     this.resyncsAtSeal.set(seal.e, resyncsBefore);
     for (const e of this.resyncsAtSeal.keys()) if (e < seal.e - 64) this.resyncsAtSeal.delete(e);
     const took = this.clock.mono() - t;

@@ -29,7 +29,6 @@ import {
 } from '../../block/device.js';
 import { crashPoint } from '../../crash.js';
 import { limits } from '../../limits.js';
-import { realClock, type Clock } from '../../sys/clock.js';
 import type { ActivityLog } from '../../failover/activity.js';
 import type { PrimaryLog } from './log.js';
 import type { SealRecord } from '../format/records.js';
@@ -53,7 +52,6 @@ export class ReplicatingDevice implements BlockDevice {
     readonly log: PrimaryLog,
     /** Regions are recorded here before they are written (failover/activity.ts). */
     readonly activity?: ActivityLog,
-    private readonly clock: Clock = realClock,
   ) {
     // Trim is always offered: it is implemented as a zeroing that may punch holes.
     this.caps = { ...local.caps, trim: local.caps.zero === 'none' ? 'none' : 'native' };
@@ -205,12 +203,11 @@ export class ReplicatingDevice implements BlockDevice {
    * and overlapping mutations keep their order through the range lock. The
    * seal does not wait for them: under a continuous load that wait was most of
    * a checkpoint (15 ms at QD8 of 1 MiB writes). A paused VM (COLO) has none.
-   * `inGate` runs right after the seal marker, before any mutation can log.
+   * It is synchronous: whatever the caller does right after it (the resync
+   * resumes logging in the new epoch) happens before any mutation can log.
    */
-  async seal(_drainTimeoutMs = 10_000, inGate?: () => void): Promise<SealRecord> {
-    const seal = this.log.seal();
-    inGate?.();
-    return seal;
+  seal(): SealRecord {
+    return this.log.seal();
   }
 
   close(): Promise<void> {

@@ -31,13 +31,12 @@ import { defaultTunables } from '../../limits.js';
 import type { BlockDevice } from '../../block/device.js';
 import { realClock, realRandom, type Clock, type Random } from '../../sys/clock.js';
 import { crashPoint } from '../../crash.js';
-import { mergeRanges, type ActivityLog, type Range } from '../../failover/activity.js';
+import { mergeRanges, subtractRanges, type ActivityLog, type Range } from '../../failover/activity.js';
 import {
   blockHashes,
   deviceZeroRanges,
   MAX_HASH_BLOCKS,
   MIN_HASH_BLOCK,
-  subtractRanges,
 } from '../../failover/reprotect/hash.js';
 import { readLayers, SvmDevice } from './svm-view.js';
 import type { History, SyncMode } from '../../failover/history.js';

@@ -136,23 +136,3 @@ export async function deviceZeroRanges(dev: BlockDevice, offset: number, length:
   }
   return out;
 }
-
-/** `ranges` minus every range in `minus` (both sorted; the result is sorted). */
-export function subtractRanges(ranges: Range[], minus: Range[]): Range[] {
-  const out: Range[] = [];
-  let j = 0;
-  for (const r of ranges) {
-    let s = r.offset;
-    const e = r.offset + r.length;
-    while (j < minus.length && minus[j].offset + minus[j].length <= s) j++;
-    let k = j;
-    while (s < e && k < minus.length && minus[k].offset < e) {
-      const m = minus[k];
-      if (m.offset > s) out.push({ offset: s, length: m.offset - s });
-      s = Math.max(s, m.offset + m.length);
-      k++;
-    }
-    if (s < e) out.push({ offset: s, length: e - s });
-  }
-  return out;
-}
