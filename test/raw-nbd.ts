@@ -8,6 +8,7 @@
  * it from afterEach). Every wait is bounded by a timeout.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import { expect } from 'vitest';
 import { ByteQueue } from '../src/net/bytequeue.js';
 import {
@@ -88,9 +89,30 @@ export class RawConn {
   received = 0;
   private waiters: (() => void)[] = [];
 
-  private constructor(readonly socket: net.Socket) {
+  private constructor(public socket: net.Socket) {
     openConns.add(this);
     socket.setNoDelay(true);
+    this.attach(socket);
+  }
+
+  /** After a STARTTLS ACK: the TLS handshake on this socket; resolves once it is secure. */
+  async upgrade(options: tls.ConnectionOptions, timeoutMs = DEFAULT_TIMEOUT_MS): Promise<void> {
+    const raw = this.socket;
+    raw.removeAllListeners('data');
+    const secure = tls.connect({ ...options, socket: raw });
+    this.socket = secure;
+    this.attach(secure);
+    await withTimeout(
+      new Promise<void>((resolve, reject) => {
+        secure.once('secureConnect', resolve);
+        secure.once('error', reject);
+      }),
+      timeoutMs,
+      'TLS handshake',
+    );
+  }
+
+  private attach(socket: net.Socket): void {
     socket.on('data', (chunk: Buffer) => {
       this.received += chunk.length;
       this.queue.push(chunk);

@@ -19,6 +19,7 @@ const PACKAGES: Record<string, string> = {
   'nbd-server': 'nbd-server',
   fio: 'fio',
   ip: 'iproute2',
+  openssl: 'openssl',
 };
 
 /** What a test needs: programs on PATH, or 'netns' (network namespaces: root and ip). */

@@ -16,6 +16,7 @@ import { coloCommand } from './colo.js';
 import { guestCommand } from './guest.js';
 import { recoverCommand } from './recover.js';
 import { serve } from './serve.js';
+import { addLinkTlsOptions, addNbdTlsOptions, tlsPskCommand } from './tls.js';
 import {
   checkpointCommand,
   failoverCommand,
@@ -326,6 +327,30 @@ is missing or stale, and applies committed epochs not yet in the image.
 Running it twice equals running it once.`,
   )
   .action(run(recoverCommand));
+
+program
+  .command('tls-psk')
+  .description(
+    'make a TLS pre-shared key file (for --tls-psk and --link-tls-psk; qemu and libnbd read it too)',
+  )
+  .argument('<file>', 'the file to create (never overwritten; mode 600)')
+  .option('--identity <name>', 'the identity (username) the key belongs to', 'colo')
+  .option('--json', 'print {"file", "identity"} as JSON')
+  .addHelpText(
+    'after',
+    `
+Example:
+  colo-blk tls-psk ./keys.psk --identity qemu
+  colo-blk serve --export disk0=./disk.img --tls-psk ./keys.psk
+  nbdinfo 'nbds://127.0.0.1:10809/disk0?tls-psk-file=./keys.psk&tls-username=qemu'`,
+  )
+  .action(run(tlsPskCommand));
+
+// The NBD port's TLS, on every command that serves NBD; the link's, on both nodes.
+for (const cmd of program.commands) {
+  if (['serve', 'primary', 'secondary'].includes(cmd.name())) addNbdTlsOptions(cmd);
+  if (['primary', 'secondary'].includes(cmd.name())) addLinkTlsOptions(cmd);
+}
 
 // Every command that serves or calls a control API takes its token.
 const SERVING = new Set(['primary', 'secondary', 'guest', 'colo']);

@@ -18,8 +18,9 @@ import { parseExportSpec } from './exports.js';
 import type { CheckpointRecord } from '../checkpoint/coordinator/coordinator.js';
 import { checkpointLine, coloStatusText } from './colo.js';
 import { stderrLogger, waitForSignal } from './log.js';
+import { linkTlsFromFlags, nbdTlsFromFlags, type LinkTlsFlags, type NbdTlsFlags } from './tls.js';
 
-export interface NodeCliOptions {
+export interface NodeCliOptions extends NbdTlsFlags, LinkTlsFlags {
   heartbeatInterval: string;
   heartbeatTimeout: string;
   listen: string;
@@ -91,6 +92,8 @@ export async function primaryCommand(
     heartbeat: heartbeatOf(opts),
     loneAfterMs,
     tunables: testTunables(),
+    nbdTls: nbdTlsFromFlags(opts),
+    linkTls: linkTlsFromFlags(opts, 'primary'),
     logger,
   });
   const a = node.addresses;
@@ -136,6 +139,8 @@ export async function secondaryCommand(
     discardMyData: opts.discardMyData === true,
     rejoin: opts.rejoin === true,
     tunables: { ...testTunables(), promotedFoldBytes: parseSize(opts.foldSize) },
+    nbdTls: nbdTlsFromFlags(opts),
+    linkTls: linkTlsFromFlags(opts, 'secondary'),
     logger,
   });
   const a = node.addresses;

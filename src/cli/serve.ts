@@ -6,8 +6,9 @@ import { parseHostPort } from '../util/address.js';
 import { formatBytes } from '../util/size.js';
 import { openExport, parseExportSpec } from './exports.js';
 import { stderrLogger, waitForSignal, type LogLevel } from './log.js';
+import { nbdTlsFromFlags, type NbdTlsFlags } from './tls.js';
 
-export interface ServeOptions {
+export interface ServeOptions extends NbdTlsFlags {
   listen: string;
   export: string[];
   io: string;
@@ -26,6 +27,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
   if (!['sync', 'async', 'auto'].includes(opts.io))
     throw new ColoError('EUSAGE', `--io must be sync, async or auto, not '${opts.io}'`);
   const { host, port } = parseHostPort(opts.listen, '--listen');
+  const tls = nbdTlsFromFlags(opts);
   const specs = opts.export.map(parseExportSpec);
   const exports = [];
   try {
@@ -36,6 +38,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
   }
   const server = new NbdServer(exports, {
     logger,
+    tls,
     maxConnections: opts.maxConnections ? Number(opts.maxConnections) : undefined,
     handshakeTimeoutMs: opts.handshakeTimeout ? Number(opts.handshakeTimeout) : undefined,
   });
@@ -52,13 +55,15 @@ export async function serve(opts: ServeOptions): Promise<void> {
       );
     throw err;
   }
-  const url = (name: string) => `nbd://${addr.address}:${addr.port}/${name}`;
+  const scheme = tls?.mode === 'require' ? 'nbds' : 'nbd';
+  const url = (name: string) => `${scheme}://${addr.address}:${addr.port}/${name}`;
   if (opts.json) {
     process.stdout.write(
       JSON.stringify({
         event: 'listening',
         host: addr.address,
         port: addr.port,
+        tls: tls ? { mode: tls.mode, kind: tls.creds!.kind } : null,
         exports: exports.map((e) => ({
           name: e.name,
           size: e.device.size,
@@ -68,7 +73,8 @@ export async function serve(opts: ServeOptions): Promise<void> {
       }) + '\n',
     );
   } else {
-    process.stdout.write(`listening on ${addr.address}:${addr.port}\n`);
+    const how = tls ? ` (TLS ${tls.mode}, ${tls.creds!.kind === 'psk' ? 'PSK' : 'X.509'})` : '';
+    process.stdout.write(`listening on ${addr.address}:${addr.port}${how}\n`);
     for (const e of exports)
       process.stdout.write(
         `  ${url(e.name)}  ${formatBytes(e.device.size)}${e.readOnly ? ' read-only' : ''}  ${e.description ?? ''}\n`,

@@ -13,8 +13,10 @@
  *   name, plus the server's message when it sent one.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import { ColoError, nbdErrnoName } from '../errors.js';
 import { ByteQueue } from './bytequeue.js';
+import { clientTlsOptions, type TlsCredentials } from './tls/credentials.js';
 import {
   decodeGreeting,
   decodeOptionReplyHeader,
@@ -81,6 +83,8 @@ export interface ConnectOptions {
   /** Use the old NBD_OPT_EXPORT_NAME instead of NBD_OPT_GO. */
   useExportName?: boolean;
   timeoutMs?: number;
+  /** Speak TLS (STARTTLS before any other option); the server's certificate is checked against the CA. */
+  tls?: TlsCredentials;
 }
 
 export interface ExportInfo {
@@ -155,9 +159,16 @@ export class NbdClient {
   private currentReply: { hdr: ReplyHeader; pending: Pending | undefined } | null = null;
   private idleWaiters: (() => void)[] = [];
 
-  private constructor(private readonly socket: net.Socket) {
+  private socket: net.Socket;
+
+  private constructor(socket: net.Socket) {
+    this.socket = socket;
     this.reader = new HandshakeReader(this.queue);
     socket.setNoDelay(true);
+    this.listen(socket);
+  }
+
+  private listen(socket: net.Socket): void {
     socket.on('data', (chunk: Buffer) => {
       this.queue.push(chunk);
       if (this.transmission) this.pump();
@@ -245,8 +256,31 @@ export class NbdClient {
     }
   }
 
+  /** STARTTLS, then the TLS handshake on the same socket; nothing else has been negotiated yet. */
+  private async startTls(creds: TlsCredentials, host: string): Promise<void> {
+    this.socket.write(encodeOption(Opt.STARTTLS));
+    await this.optionReply(Opt.STARTTLS);
+    if (this.queue.length > 0) throw new ProtocolError('the server sent data after its STARTTLS reply');
+    const raw = this.socket;
+    raw.removeAllListeners('data');
+    // The certificate is checked against the address we dialled (an IP SAN, or the name).
+    const secure = tls.connect({
+      ...clientTlsOptions(creds),
+      socket: raw,
+      host,
+      servername: net.isIP(host) ? undefined : host,
+    });
+    this.socket = secure;
+    this.listen(secure);
+    await new Promise<void>((resolve, reject) => {
+      secure.once('secureConnect', resolve);
+      secure.once('error', (err) => reject(new ColoError('ECONNECT', `TLS: ${err.message}`, { cause: err })));
+    });
+  }
+
   private async handshake(opts: ConnectOptions): Promise<void> {
     await this.greet();
+    if (opts.tls) await this.startTls(opts.tls, opts.host ?? '127.0.0.1');
     const name = opts.exportName ?? '';
     if (opts.extended !== false && (await this.simpleOption(Opt.EXTENDED_HEADERS))) this.mode = 'extended';
     else if (opts.structured !== false && (await this.simpleOption(Opt.STRUCTURED_REPLY)))

@@ -19,6 +19,7 @@
  *   the I/O poll phase, so batching adds no timer latency.
  */
 import type net from 'node:net';
+import tls from 'node:tls';
 import { nbdErrnoName, nbdErrnoOf, NbdErrno, toColoError } from '../errors.js';
 import { limits } from '../limits.js';
 import { ExtentFlag } from '../block/device.js';
@@ -81,6 +82,10 @@ class RequestError extends Error {
 
 export class Connection {
   private phase: Phase = 'flags';
+  /** The socket the protocol speaks over: the TCP socket, or the TLS socket on it after STARTTLS. */
+  private socket: net.Socket;
+  private tlsState: 'none' | 'handshaking' | 'active' = 'none';
+  private closed = false;
   private readonly queue = new ByteQueue();
   private readonly peer: string;
   private handshakeTimer: NodeJS.Timeout | null;
@@ -104,11 +109,23 @@ export class Connection {
 
   constructor(
     private readonly server: NbdServer,
-    private readonly socket: net.Socket,
+    private readonly raw: net.Socket,
     readonly id: number,
+    private readonly onClosed: () => void,
   ) {
-    this.peer = `${socket.remoteAddress}:${socket.remotePort}`;
-    socket.setNoDelay(true);
+    this.socket = raw;
+    this.peer = `${raw.remoteAddress}:${raw.remotePort}`;
+    raw.setNoDelay(true);
+    this.attach(raw);
+    this.handshakeTimer = setTimeout(() => {
+      this.log('warn', `handshake not finished after ${server.options.handshakeTimeoutMs} ms; disconnecting`);
+      this.destroy();
+    }, server.options.handshakeTimeoutMs);
+    this.handshakeTimer.unref();
+    raw.write(encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES));
+  }
+
+  private attach(socket: net.Socket): void {
     socket.on('data', (chunk: Buffer) => {
       this.queue.push(chunk);
       this.pump();
@@ -119,12 +136,6 @@ export class Connection {
       this.writeBlocked = false;
       this.maybeResume();
     });
-    this.handshakeTimer = setTimeout(() => {
-      this.log('warn', `handshake not finished after ${server.options.handshakeTimeoutMs} ms; disconnecting`);
-      this.destroy();
-    }, server.options.handshakeTimeoutMs);
-    this.handshakeTimer.unref();
-    socket.write(encodeGreeting(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES));
   }
 
   private log(level: 'info' | 'warn' | 'debug', msg: string): void {
@@ -136,6 +147,7 @@ export class Connection {
     if (this.phase === 'closed') return;
     this.phase = 'closed';
     this.socket.destroy();
+    if (this.socket !== this.raw) this.raw.destroy();
   }
 
   /** Server shutdown: finish what is in flight, refuse the rest. */
@@ -155,6 +167,10 @@ export class Connection {
     this.phase = 'closed';
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.queue.clear();
+    if (this.socket !== this.raw) this.raw.destroy();
+    if (this.closed) return;
+    this.closed = true;
+    this.onClosed();
   }
 
   // -------------------------------------------------------------------------
@@ -162,7 +178,7 @@ export class Connection {
 
   private pump(): void {
     try {
-      while (this.phase !== 'closed' && !this.readPaused) {
+      while (this.phase !== 'closed' && !this.readPaused && this.tlsState !== 'handshaking') {
         if (this.phase === 'flags') {
           if (!this.readClientFlags()) return;
         } else if (this.phase === 'options') {
@@ -322,6 +338,16 @@ export class Connection {
       this.optionError(option, Rep.ERR_SHUTDOWN, 'server is shutting down');
       return;
     }
+    if (this.server.options.tls?.mode === 'require' && this.tlsState !== 'active') {
+      if (option === Opt.EXPORT_NAME) {
+        // No error reply exists for EXPORT_NAME: disconnect.
+        this.log('warn', 'EXPORT_NAME in the clear on a server that requires TLS; disconnecting');
+        this.destroy();
+        return;
+      }
+      if (option !== Opt.STARTTLS && option !== Opt.ABORT)
+        return this.optionError(option, Rep.ERR_TLS_REQD, 'this server requires TLS: send STARTTLS first');
+    }
     switch (option) {
       case Opt.EXPORT_NAME: {
         const name = payload.toString('utf8');
@@ -372,10 +398,69 @@ export class Connection {
       case Opt.SET_META_CONTEXT:
         return this.handleMetaContext(option, payload);
       case Opt.STARTTLS:
-        return this.optionError(option, Rep.ERR_UNSUP, 'TLS is not supported by this server');
+        return this.startTls(option, payload);
       default:
         return this.optionError(option, Rep.ERR_UNSUP, `option ${option} is not supported`);
     }
+  }
+
+  /**
+   * STARTTLS: acknowledge in the clear, then speak TLS on the same socket.
+   * Everything negotiated before it is forgotten (reply modes, metadata
+   * contexts): an attacker in the middle could have chosen it (CVE-2021-3716).
+   */
+  private startTls(option: number, payload: Buffer): void {
+    const cfg = this.server.options.tls;
+    if (!cfg)
+      return this.optionError(
+        option,
+        Rep.ERR_UNSUP,
+        'TLS is not enabled on this server (it runs with --tls off)',
+      );
+    if (this.tlsState !== 'none') return this.optionError(option, Rep.ERR_INVALID, 'TLS is already active');
+    if (payload.length !== 0) return this.optionError(option, Rep.ERR_INVALID, 'STARTTLS takes no data');
+    if (this.queue.length > 0) {
+      // The client must wait for our reply; bytes after STARTTLS were sent in the clear
+      // and would otherwise be read as if they came through TLS (command injection).
+      this.log('warn', 'data sent in the clear right after STARTTLS; disconnecting');
+      this.destroy();
+      return;
+    }
+    this.structured = false;
+    this.extended = false;
+    this.meta = null;
+    this.mode = 'simple';
+    this.tlsState = 'handshaking';
+    const raw = this.raw;
+    // From here the bytes on the socket belong to TLS: stop reading them as NBD.
+    raw.removeAllListeners('data');
+    raw.removeAllListeners('drain');
+    raw.pause();
+    raw.write(encodeOptionReply(option, Rep.ACK), (err) => {
+      if (err || this.phase === 'closed') return;
+      // The ACK has reached the kernel: what the client sends next is its TLS hello, left
+      // in the paused socket for the TLS layer. A tls.Server of its own runs the handshake
+      // (and judges the client's certificate) for this one socket.
+      const one = tls.createServer(cfg.serverOptions);
+      one.once('tlsClientError', (e) => {
+        this.log('warn', `TLS handshake failed: ${e.message.split('\n')[0]}`);
+        this.destroy();
+      });
+      one.once('secureConnection', (secure: tls.TLSSocket) => {
+        if (this.phase === 'closed') return secure.destroy();
+        this.socket = secure;
+        this.attach(secure);
+        if (cfg.verifyPeer && !secure.authorized) {
+          this.log('warn', `TLS client certificate refused: ${secure.authorizationError}`);
+          this.destroy();
+          return;
+        }
+        this.tlsState = 'active';
+        this.log('debug', `TLS established (${secure.getProtocol()}, ${secure.getCipher().name})`);
+        this.pump();
+      });
+      one.emit('connection', raw);
+    });
   }
 
   private handleInfoOrGo(option: number, payload: Buffer): void {

@@ -15,11 +15,13 @@
  */
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
+import tls from 'node:tls';
 import { ColoError } from '../errors.js';
 import { limits } from '../limits.js';
 import type { BlockDevice } from '../block/device.js';
 import { Connection } from './connection.js';
 import { listenOn } from '../util/listen.js';
+import { serverTlsOptions, type TlsCredentials, type TlsMode } from './tls/credentials.js';
 
 export interface ExportConfig {
   name: string;
@@ -36,7 +38,25 @@ export interface Logger {
 
 export const silentLogger: Logger = { info() {}, warn() {}, debug() {} };
 
+/** TLS for the NBD port: STARTTLS during negotiation (`on`: offered; `require`: nothing else is served). */
+export interface NbdTlsConfig {
+  mode: TlsMode;
+  creds: TlsCredentials | null;
+  /** X.509: demand a client certificate signed by the CA. */
+  verifyPeer?: boolean;
+}
+
+/** What a connection needs to upgrade itself, built once per server. */
+export interface ServerTls {
+  mode: 'on' | 'require';
+  kind: 'x509' | 'psk';
+  verifyPeer: boolean;
+  /** For the one-connection tls.Server each STARTTLS hands its socket to. */
+  serverOptions: tls.TlsOptions;
+}
+
 export interface ServerOptions {
+  tls?: NbdTlsConfig;
   maxConnections?: number;
   handshakeTimeoutMs?: number;
   maxInflightRequests?: number;
@@ -80,6 +100,7 @@ export interface ServedExport extends Required<Omit<ExportConfig, 'description'>
 }
 
 export interface ResolvedServerOptions {
+  tls: ServerTls | null;
   maxConnections: number;
   handshakeTimeoutMs: number;
   maxInflightRequests: number;
@@ -115,6 +136,7 @@ export class NbdServer extends EventEmitter {
       });
     }
     this.options = {
+      tls: resolveTls(opts.tls),
       maxConnections: opts.maxConnections ?? limits.maxConnections,
       handshakeTimeoutMs: opts.handshakeTimeoutMs ?? limits.handshakeTimeoutMs,
       maxInflightRequests: opts.maxInflightRequests ?? limits.maxInflightRequests,
@@ -157,12 +179,11 @@ export class NbdServer extends EventEmitter {
       socket.destroy();
       return;
     }
-    const conn = new Connection(this, socket, this.nextConnId++);
-    this.connections.add(conn);
-    socket.once('close', () => {
+    const conn: Connection = new Connection(this, socket, this.nextConnId++, () => {
       this.connections.delete(conn);
       this.emit('disconnect', conn.id);
     });
+    this.connections.add(conn);
     this.emit('connect', conn.id);
   }
 
@@ -177,4 +198,21 @@ export class NbdServer extends EventEmitter {
     for (const conn of this.connections) conn.destroy();
     await stopped;
   }
+}
+
+function resolveTls(cfg: NbdTlsConfig | undefined): ServerTls | null {
+  if (!cfg || cfg.mode === 'off') return null;
+  if (!cfg.creds)
+    throw new ColoError('EUSAGE', `--tls ${cfg.mode} needs credentials: --tls-certs DIR or --tls-psk FILE`);
+  const verifyPeer = cfg.creds.kind === 'x509' && cfg.verifyPeer === true;
+  const options = serverTlsOptions(cfg.creds, verifyPeer);
+  // Fail now, at startup, on a key that does not match its certificate.
+  tls.createSecureContext(options);
+  // The verdict on a client certificate is ours to act on (the connection logs why it refuses).
+  return {
+    mode: cfg.mode,
+    kind: cfg.creds.kind,
+    verifyPeer,
+    serverOptions: { ...options, rejectUnauthorized: false },
+  };
 }

@@ -8,7 +8,9 @@
  * 'error' events.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import { listenOn } from '../util/listen.js';
+import { clientTlsOptions, serverTlsOptions, type TlsCredentials } from '../net/tls/credentials.js';
 
 export interface Conn {
   /** `done` runs once the bytes are handed to the kernel (or the connection is gone); `buf` may be reused then. */
@@ -65,3 +67,44 @@ export const tcpNet: Net = {
     };
   },
 };
+
+/**
+ * The link over mutually authenticated TLS: X.509 with a client certificate
+ * demanded and checked on both ends (one CA), or a PSK. The listener hands a
+ * connection to the link only after the handshake has verified the peer, so
+ * a stranger is dropped before a single frame is read; there is no plaintext
+ * fallback. `refused` hears of each peer turned away.
+ */
+export function tlsNet(creds: TlsCredentials, refused: (why: string) => void = () => {}): Net {
+  const server = creds.kind === 'x509' ? serverTlsOptions(creds, true) : serverTlsOptions(creds, false);
+  const client = clientTlsOptions(creds);
+  if (creds.kind === 'x509' && !creds.client)
+    throw new Error(`${creds.dir} has no client-cert.pem: the replication link authenticates both ends`);
+  return {
+    connect(host, port) {
+      const opts = { ...client, host, port, writableHighWaterMark: LINK_SOCKET_QUEUE_BYTES };
+      const socket = tls.connect(opts as tls.ConnectionOptions);
+      socket.setNoDelay(true);
+      return socket as unknown as Conn;
+    },
+    async listen(host, port, onConnection) {
+      const srv = tls.createServer({ ...server, noDelay: true } as tls.TlsOptions, (s) => {
+        // createServer has already refused an unverified certificate; this is belt and braces.
+        if (creds.kind === 'x509' && !s.authorized) {
+          refused(`${s.remoteAddress}: ${s.authorizationError}`);
+          s.destroy();
+          return;
+        }
+        onConnection(s as unknown as Conn);
+      });
+      srv.on('tlsClientError', (err, s) => refused(`${s.remoteAddress ?? 'a peer'}: ${err.message}`));
+      const addr = await listenOn(srv, port, host);
+      return {
+        address: addr.address,
+        port: addr.port,
+        close: () => new Promise<void>((resolve) => srv.close(() => resolve())),
+        server: srv,
+      };
+    },
+  };
+}

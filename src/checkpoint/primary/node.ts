@@ -5,8 +5,10 @@
  */
 import { FileDevice, type IoMode } from '../../block/file.js';
 import type { Tunables } from '../../limits.js';
-import { NbdServer, type Logger } from '../../net/server.js';
-import { realEnv } from '../../sys/env.js';
+import { NbdServer, type Logger, type NbdTlsConfig } from '../../net/server.js';
+import type { TlsCredentials } from '../../net/tls/credentials.js';
+import { realEnv, type Env } from '../../sys/env.js';
+import { tlsNet } from '../../sys/net.js';
 import type { Endpoint } from '../../util/address.js';
 import { ControlServer } from '../control.js';
 import type { HeartbeatOptions } from './core.js';
@@ -31,6 +33,10 @@ export interface PrimaryNodeOptions {
   /** See PrimaryReplicaOptions.loneAfterMs. */
   loneAfterMs?: number;
   tunables?: Partial<Tunables>;
+  /** TLS on the NBD port (STARTTLS). */
+  nbdTls?: NbdTlsConfig;
+  /** Mutual TLS on the replication link; without it the link is plain TCP. */
+  linkTls?: TlsCredentials | null;
   logger: Logger;
 }
 
@@ -46,11 +52,17 @@ export class PrimaryNode {
   ) {}
 
   static async start(opts: PrimaryNodeOptions): Promise<PrimaryNode> {
+    const env: Env = opts.linkTls
+      ? {
+          ...realEnv,
+          net: tlsNet(opts.linkTls, (why) => opts.logger.warn(`replication link: refused ${why}`)),
+        }
+      : realEnv;
     const image = await FileDevice.open(opts.image, { size: opts.size, io: opts.io });
     const holder: { nbd?: NbdServer } = {};
     let replica: PrimaryReplica;
     try {
-      replica = await PrimaryReplica.open(realEnv, new StateDir(opts.stateDir, realEnv.storage), image, {
+      replica = await PrimaryReplica.open(env, new StateDir(opts.stateDir, env.storage), image, {
         exportName: opts.exportName,
         image: opts.image,
         peer: opts.peer,
@@ -67,7 +79,7 @@ export class PrimaryNode {
     }
     const nbd = new NbdServer(
       [{ name: opts.exportName, device: replica.device, description: `PVM disk ${opts.image}` }],
-      { logger: opts.logger },
+      { logger: opts.logger, tls: opts.nbdTls },
     );
     holder.nbd = nbd;
     const control = new ControlServer(primaryRoutes(replica));

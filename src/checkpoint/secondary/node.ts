@@ -5,8 +5,10 @@
  */
 import { FileDevice, type IoMode } from '../../block/file.js';
 import type { Tunables } from '../../limits.js';
-import { NbdServer, type Logger } from '../../net/server.js';
-import { realEnv } from '../../sys/env.js';
+import { NbdServer, type Logger, type NbdTlsConfig } from '../../net/server.js';
+import type { TlsCredentials } from '../../net/tls/credentials.js';
+import { realEnv, type Env } from '../../sys/env.js';
+import { tlsNet } from '../../sys/net.js';
 import type { Endpoint } from '../../util/address.js';
 import { ControlServer } from '../control.js';
 import type { HeartbeatOptions } from '../primary/core.js';
@@ -29,6 +31,10 @@ export interface SecondaryNodeOptions {
   discardMyData?: boolean;
   rejoin?: boolean;
   tunables?: Partial<Tunables>;
+  /** TLS on the NBD port (STARTTLS). */
+  nbdTls?: NbdTlsConfig;
+  /** Mutual TLS on the replication link; without it the link is plain TCP. */
+  linkTls?: TlsCredentials | null;
   logger: Logger;
 }
 
@@ -44,11 +50,17 @@ export class SecondaryNode {
   ) {}
 
   static async start(opts: SecondaryNodeOptions): Promise<SecondaryNode> {
+    const env: Env = opts.linkTls
+      ? {
+          ...realEnv,
+          net: tlsNet(opts.linkTls, (why) => opts.logger.warn(`replication link: refused ${why}`)),
+        }
+      : realEnv;
     const image = await FileDevice.open(opts.image, { size: opts.size, io: opts.io });
     const holder: { nbd?: NbdServer } = {};
     let replica: SecondaryReplica;
     try {
-      replica = await SecondaryReplica.open(realEnv, new StateDir(opts.stateDir, realEnv.storage), image, {
+      replica = await SecondaryReplica.open(env, new StateDir(opts.stateDir, env.storage), image, {
         exportName: opts.exportName,
         image: opts.image,
         heartbeat: opts.heartbeat,
@@ -66,7 +78,7 @@ export class SecondaryNode {
     }
     const nbd = new NbdServer(
       [{ name: opts.exportName, device: replica.exportDevice, description: `SVM disk ${opts.image}` }],
-      { logger: opts.logger },
+      { logger: opts.logger, tls: opts.nbdTls },
     );
     holder.nbd = nbd;
     const control = new ControlServer(secondaryRoutes(replica));
