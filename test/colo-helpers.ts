@@ -27,26 +27,34 @@ export interface ColoStackOptions {
   size?: string;
   coloArgs?: string[];
   guestArgs?: string[];
+  /** Extra arguments of the disk nodes (TLS, tokens). */
+  primaryArgs?: string[];
+  secondaryArgs?: string[];
+  /** The guests reach their disks over TLS (nbds://; give the credentials in guestArgs). */
+  diskTls?: boolean;
 }
 
-export async function startGuest(nbdPort: number, args: string[] = []): Promise<NodeProc> {
+export async function startGuest(nbdPort: number, args: string[] = [], tls = false): Promise<NodeProc> {
   return startNode('guest', [
     '--listen',
     '127.0.0.1:0',
     '--control',
     '127.0.0.1:0',
     '--disk',
-    `nbd://127.0.0.1:${nbdPort}/disk0`,
+    `${tls ? 'nbds' : 'nbd'}://127.0.0.1:${nbdPort}/disk0`,
     ...args,
   ]);
 }
 
 export async function startColoStack(dir: string, opts: ColoStackOptions = {}): Promise<ColoStack> {
-  const pair = await startPair(dir, opts.size ?? '8M');
+  const pair = await startPair(dir, opts.size ?? '8M', {
+    primaryArgs: opts.primaryArgs,
+    secondaryArgs: opts.secondaryArgs,
+  });
   const gargs = ['--nondeterminism', String(opts.nondeterminism ?? 0), ...(opts.guestArgs ?? [])];
   const [pvm, svm] = await Promise.all([
-    startGuest(pair.primary.nbdPort, gargs),
-    startGuest(pair.secondary.nbdPort, gargs),
+    startGuest(pair.primary.nbdPort, gargs, opts.diskTls),
+    startGuest(pair.secondary.nbdPort, gargs, opts.diskTls),
   ]);
   const colo = await startNode('colo', [
     '--listen',

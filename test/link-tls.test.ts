@@ -11,6 +11,9 @@ import net from 'node:net';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, expect, it } from 'vitest';
 import { controlCall } from '../src/checkpoint/control.js';
+import { setControlAuth, TOKEN_ENV } from '../src/checkpoint/control-auth.js';
+import { HttpConn } from '../tools/loop/http-conn.js';
+import { startColoStack, type ColoStack } from './colo-helpers.js';
 import { encodeFrameBuffer } from '../src/checkpoint/format/frame.js';
 import { NbdClient } from '../src/net/client.js';
 import { killAll, rmDir, tmpDir } from './helpers.js';
@@ -24,6 +27,7 @@ const MARK = Buffer.from('COLO-BLK-CLEARTEXT-MARKER-0123456789');
 let root: string;
 let pki: TestPki;
 let pair: Pair | null = null;
+let stack: ColoStack | null = null;
 const proxies: Sniffer[] = [];
 
 /** A TCP relay that keeps every byte the primary sends, to look for plaintext. */
@@ -73,6 +77,10 @@ beforeAll(() => {
 afterEach(async () => {
   await pair?.stop();
   pair = null;
+  await stack?.stop();
+  stack = null;
+  setControlAuth({ token: null });
+  delete process.env[TOKEN_ENV];
   proxies.splice(0).forEach((p) => p.close());
   closeAllRaw();
   await killAll();
@@ -197,4 +205,36 @@ describeWith(['openssl'], 'replication link over mutual TLS', () => {
     await expect(waitLinkUp(pair.primary, 2_500)).rejects.toThrow(/did not come up/);
     expect(pair.secondary.stderr()).toMatch(/replication link: refused/);
   }, 60_000);
+});
+
+describeWith(['openssl'], 'the COLO loop with every port secured', () => {
+  it('guests reach their disks over nbds://, the disks replicate over mutual TLS, control calls carry the token', async () => {
+    const dir = fresh();
+    const token = path.join(dir, 'control.token');
+    fs.writeFileSync(token, 'Zq7vN2pL9xK4mR8tW3yB6cF1hJ5dG0sA\n', { mode: 0o600 });
+    process.env[TOKEN_ENV] = token;
+    setControlAuth({ token: 'Zq7vN2pL9xK4mR8tW3yB6cF1hJ5dG0sA' });
+    const nbdPsk = makePsk(path.join(dir, 'nbd-psk'), 'vm');
+    const node = ['--tls-psk', nbdPsk.file, '--link-tls-certs', pki.both];
+    stack = await startColoStack(dir, {
+      primaryArgs: node,
+      secondaryArgs: node,
+      diskTls: true,
+      guestArgs: ['--tls-psk', nbdPsk.file],
+      coloArgs: ['--interval', '200'],
+    });
+    await stack.waitState('protected', 30_000);
+    const c = await HttpConn.connect(stack.port);
+    for (let i = 0; i < 10; i++) expect((await c.request('PUT', `/kv/k${i}`, `v${i}`)).status).toBe(200);
+    expect((await c.request('GET', '/kv/k3')).body.toString()).toBe('v3');
+    await c.close();
+    await controlCall(stack.colo.control, 'POST', '/checkpoint');
+    expect((await stack.status()).checkpoints).toBeGreaterThanOrEqual(2);
+    // The disks refuse a plaintext NBD client.
+    const plain = await NbdClient.connect({ port: stack.pair.primary.nbdPort, exportName: 'disk0' }).catch(
+      (e: Error) => e,
+    );
+    expect(plain).toBeInstanceOf(Error);
+    expect(String(plain)).toMatch(/TLS/);
+  }, 90_000);
 });

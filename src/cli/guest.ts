@@ -4,6 +4,7 @@ import { GuestNode } from '../guest/node.js';
 import { parseHostPort } from '../util/address.js';
 import { parseSize } from '../util/size.js';
 import { stderrLogger, waitForSignal } from './log.js';
+import { credentialsFromFlags } from '../net/tls/credentials.js';
 
 export interface GuestCliOptions {
   listen: string;
@@ -14,6 +15,8 @@ export interface GuestCliOptions {
   interleave?: boolean;
   jitter: string;
   preload: string;
+  tlsCerts?: string;
+  tlsPsk?: string;
   json?: boolean;
   verbose?: boolean;
   quiet?: boolean;
@@ -31,6 +34,7 @@ export async function guestCommand(opts: GuestCliOptions): Promise<void> {
     listen: parseHostPort(opts.listen, '--listen'),
     control: parseHostPort(opts.control, '--control'),
     disk: opts.disk,
+    diskTls: credentialsFromFlags({ certs: opts.tlsCerts, psk: opts.tlsPsk }, []),
     seed: number(opts.seed, '--seed', (n) => Number.isSafeInteger(n) && n >= 0, 'a non-negative integer'),
     nondeterminism: number(
       opts.nondeterminism,

@@ -190,7 +190,7 @@ program
   .option('--listen <host:port>', 'HTTP address (PUT and GET /kv/KEY)', '127.0.0.1:8080')
   .requiredOption(
     '--disk <nbd-uri>',
-    "its disk: nbd://HOST:PORT/EXPORT (a primary export, or a secondary's SVM export)",
+    "its disk: nbd://HOST:PORT/EXPORT, or nbds:// over TLS (a primary export, or a secondary's SVM export)",
   )
   .option('--control <host:port>', 'control API (memory checkpoints, hash, status)', '127.0.0.1:8081')
   .option('--seed <n>', 'seed of its deterministic choices (the same on both sides)', '1')
@@ -201,6 +201,11 @@ program
   )
   .option('--jitter <ms>', 'delay each answer by a random 0..ms', '0')
   .option('--preload <size>', 'start with this much state in memory (not on the disk), like RAM in use', '0')
+  .option(
+    '--tls-certs <dir>',
+    'nbds:// disk: a directory with ca-cert.pem (and client-cert/key.pem if asked for)',
+  )
+  .option('--tls-psk <file>', 'nbds:// disk: a psktool file (its first identity is used)')
   .option('--json', 'print the listening addresses as one JSON line')
   .option('-v, --verbose', 'log more')
   .option('-q, --quiet', 'log warnings only')

@@ -8,6 +8,7 @@ import { ColoError } from '../errors.js';
 import { ControlServer, controlRaw, type Route } from '../checkpoint/control.js';
 import { NbdClient } from '../net/client.js';
 import type { Logger } from '../net/server.js';
+import type { TlsCredentials } from '../net/tls/credentials.js';
 import { parseHostPort, type Endpoint } from '../util/address.js';
 import { GuestServer } from './server.js';
 import { GuestState } from './state.js';
@@ -15,8 +16,10 @@ import { GuestState } from './state.js';
 export interface GuestNodeOptions {
   listen: Endpoint;
   control: Endpoint;
-  /** nbd://HOST:PORT/EXPORT */
+  /** nbd://HOST:PORT/EXPORT, or nbds:// for TLS */
   disk: string;
+  /** TLS credentials for the disk (a CA to check the node with, or a PSK). */
+  diskTls?: TlsCredentials | null;
   seed: number;
   nondeterminism: number;
   interleave?: boolean;
@@ -26,14 +29,14 @@ export interface GuestNodeOptions {
   logger: Logger;
 }
 
-export function parseNbdUri(uri: string): { host: string; port: number; exportName: string } {
-  const m = /^nbd:\/\/([^/:]+|\[[^\]]+\]):(\d+)\/(.+)$/.exec(uri);
+export function parseNbdUri(uri: string): { host: string; port: number; exportName: string; tls: boolean } {
+  const m = /^nbd(s?):\/\/([^/:]+|\[[^\]]+\]):(\d+)\/(.+)$/.exec(uri);
   if (!m)
     throw new ColoError(
       'EUSAGE',
-      `bad NBD address '${uri}': expected nbd://HOST:PORT/EXPORT, e.g. nbd://127.0.0.1:10809/disk0`,
+      `bad NBD address '${uri}': expected nbd://HOST:PORT/EXPORT (nbds:// for TLS), e.g. nbd://127.0.0.1:10809/disk0`,
     );
-  return { host: m[1].replace(/^\[|\]$/g, ''), port: Number(m[2]), exportName: m[3] };
+  return { host: m[2].replace(/^\[|\]$/g, ''), port: Number(m[3]), exportName: m[4], tls: m[1] === 's' };
 }
 
 export class GuestNode {
@@ -52,7 +55,15 @@ export class GuestNode {
         'EUSAGE',
         `--nondeterminism must be a fraction from 0 to 1, not ${opts.nondeterminism}`,
       );
-    const disk = await NbdClient.connect(parseNbdUri(opts.disk));
+    const where = parseNbdUri(opts.disk);
+    if (where.tls && !opts.diskTls)
+      throw new ColoError(
+        'EUSAGE',
+        `${opts.disk} asks for TLS: give --tls-certs DIR (with ca-cert.pem) or --tls-psk FILE`,
+      );
+    if (!where.tls && opts.diskTls)
+      throw new ColoError('EUSAGE', `TLS credentials were given but ${opts.disk} is plain: write nbds://`);
+    const disk = await NbdClient.connect({ ...where, tls: opts.diskTls ?? undefined });
     const state = new GuestState(disk, { seed: opts.seed, nondeterminism: opts.nondeterminism });
     const recovered = await state.recover();
     if (recovered) opts.logger.info(`recovered ${recovered} records (${state.keys} keys) from the disk`);
