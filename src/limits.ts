@@ -23,6 +23,8 @@ export const limits = {
   maxMetaQueries: 128,
   /** Simultaneous client connections per server (default; configurable). */
   maxConnections: 4096,
+  /** Simultaneous connections from one client address (default; configurable). */
+  maxConnectionsPerAddress: 256,
   /** A client that has not finished the handshake after this is disconnected. */
   handshakeTimeoutMs: 10_000,
   /** Requests read but not yet answered, per connection, before reading pauses. */

@@ -491,7 +491,11 @@ describe('connection floods', () => {
     ['qemu-img', 'nbdinfo'],
     '2000 idle connections do not starve real clients (qemu-img info, NbdClient)',
     async () => {
-      const s = await startServer(new MemoryDevice(SIZE), { handshakeTimeoutMs: 120_000, logger });
+      const s = await startServer(new MemoryDevice(SIZE), {
+        handshakeTimeoutMs: 120_000,
+        maxConnectionsPerAddress: 4096,
+        logger,
+      });
       try {
         const idle: RawConn[] = [];
         for (let i = 0; i < 2000; i += 250)
@@ -563,16 +567,13 @@ describe('connection floods', () => {
     }
   });
 
-  it('with maxConnections N, the (N+1)-th is refused and a slot frees once one closes', async () => {
+  it('with maxConnections N full of negotiated clients, the (N+1)-th is refused and a slot frees once one closes', async () => {
     const N = 5;
     const s = await startServer(new MemoryDevice(SIZE), { maxConnections: N, logger });
     try {
-      const conns: RawConn[] = [];
-      for (let i = 0; i < N; i++) {
-        const c = await RawConn.connect(s.port);
-        await c.greeting(); // admitted
-        conns.push(c);
-      }
+      const clients: NbdClient[] = [];
+      for (let i = 0; i < N; i++)
+        clients.push(await NbdClient.connect({ port: s.port, exportName: 'disk0' }));
       expect(s.server.connectionCount).toBe(N);
       const extra = await RawConn.connect(s.port);
       expect(await extra.waitClosed(3_000), 'the (N+1)-th is closed').toBe(true);
@@ -580,14 +581,68 @@ describe('connection floods', () => {
       expect(s.server.rejectedConnections).toBe(1);
       await expect(NbdClient.connect({ port: s.port, timeoutMs: 3_000 })).rejects.toThrow();
       expect(s.server.rejectedConnections).toBe(2);
+      expect(s.server.evictedConnections, 'negotiated clients are never evicted').toBe(0);
       expect(s.server.connectionCount).toBe(N);
-      conns[0].destroy();
+      await clients[0].close();
       await waitFor(() => s.server.connectionCount === N - 1, 3_000, 'a slot to free');
       await expectHealthy(s.port);
       await waitFor(() => s.server.connectionCount === N - 1, 3_000, 'the healthy client to leave');
       const again = await RawConn.connect(s.port);
       expect(await again.greeting()).toBeGreaterThan(0);
       expect(s.server.connectionCount).toBe(N);
+      for (const c of clients.slice(1)) await c.close();
+    } finally {
+      closeAllRaw();
+      await s.close();
+    }
+  });
+
+  it("with maxConnections N full of unfinished handshakes, a new client takes the oldest one's slot", async () => {
+    const N = 5;
+    const s = await startServer(new MemoryDevice(SIZE), { maxConnections: N, logger });
+    try {
+      const idle: RawConn[] = [];
+      for (let i = 0; i < N; i++) {
+        const c = await RawConn.connect(s.port);
+        await c.greeting();
+        idle.push(c);
+      }
+      // A real client gets in: the oldest idle connection is dropped for it.
+      const c = await NbdClient.connect({ port: s.port, exportName: 'disk0', timeoutMs: 3_000 });
+      expect(await idle[0].waitClosed(3_000)).toBe(true);
+      expect(idle.slice(1).every((r) => !r.closed)).toBe(true);
+      expect(s.server.evictedConnections).toBe(1);
+      expect(s.server.rejectedConnections).toBe(0);
+      const data = randomBytes(4096, prng(3));
+      await c.write(data, 0);
+      expect((await c.read(0, 4096)).equals(data)).toBe(true);
+      await c.close();
+    } finally {
+      closeAllRaw();
+      await s.close();
+    }
+  });
+
+  it('with maxConnectionsPerAddress N, an address past N is refused while others are admitted', async () => {
+    const N = 3;
+    const s = await startServer(new MemoryDevice(SIZE), { maxConnectionsPerAddress: N, logger });
+    try {
+      const mine: RawConn[] = [];
+      for (let i = 0; i < N; i++) {
+        const c = await RawConn.connect(s.port, 5_000, '127.0.0.2');
+        await c.greeting();
+        mine.push(c);
+      }
+      const over = await RawConn.connect(s.port, 5_000, '127.0.0.2');
+      expect(await over.waitClosed(3_000)).toBe(true);
+      expect(over.received).toBe(0);
+      expect(s.server.rejectedConnections).toBe(1);
+      // Another address is not affected, and a slot of the first frees when one leaves.
+      await expectHealthy(s.port);
+      mine[0].destroy();
+      await waitFor(() => s.server.connectionCount === N - 1, 3_000, 'a slot to free');
+      const again = await RawConn.connect(s.port, 5_000, '127.0.0.2');
+      expect(await again.greeting()).toBeGreaterThan(0);
     } finally {
       closeAllRaw();
       await s.close();

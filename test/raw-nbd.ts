@@ -128,9 +128,9 @@ export class RawConn {
     });
   }
 
-  static connect(port: number, timeoutMs = DEFAULT_TIMEOUT_MS): Promise<RawConn> {
+  static connect(port: number, timeoutMs = DEFAULT_TIMEOUT_MS, localAddress?: string): Promise<RawConn> {
     return new Promise((resolve, reject) => {
-      const socket = net.connect({ host: '127.0.0.1', port });
+      const socket = net.connect({ host: '127.0.0.1', port, localAddress });
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new Error(`raw connect to port ${port} timed out`));

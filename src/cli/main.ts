@@ -80,7 +80,11 @@ program
       .choices(['sync', 'async', 'auto'])
       .default('auto'),
   )
-  .option('--max-connections <n>', 'refuse connections beyond this many')
+  .option(
+    '--max-connections <n>',
+    'connections at once; when full, the oldest unfinished handshake makes room (default 4096)',
+  )
+  .option('--max-connections-per-address <n>', 'connections at once from one client address (default 256)')
   .option('--handshake-timeout <ms>', 'drop clients that have not finished the handshake after this long')
   .option('--json', 'print the listening address as one JSON line')
   .option('-v, --verbose', 'log every connection and error')

@@ -13,10 +13,19 @@ export interface ServeOptions extends NbdTlsFlags {
   export: string[];
   io: string;
   maxConnections?: string;
+  maxConnectionsPerAddress?: string;
   handshakeTimeout?: string;
   verbose?: boolean;
   quiet?: boolean;
   json?: boolean;
+}
+
+function positive(text: string | undefined, flag: string): number | undefined {
+  if (text === undefined) return undefined;
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n < 1)
+    throw new ColoError('EUSAGE', `${flag} must be a positive integer, not '${text}'`);
+  return n;
 }
 
 export async function serve(opts: ServeOptions): Promise<void> {
@@ -39,8 +48,9 @@ export async function serve(opts: ServeOptions): Promise<void> {
   const server = new NbdServer(exports, {
     logger,
     tls,
-    maxConnections: opts.maxConnections ? Number(opts.maxConnections) : undefined,
-    handshakeTimeoutMs: opts.handshakeTimeout ? Number(opts.handshakeTimeout) : undefined,
+    maxConnections: positive(opts.maxConnections, '--max-connections'),
+    maxConnectionsPerAddress: positive(opts.maxConnectionsPerAddress, '--max-connections-per-address'),
+    handshakeTimeoutMs: positive(opts.handshakeTimeout, '--handshake-timeout'),
   });
   let addr;
   try {

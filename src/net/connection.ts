@@ -88,6 +88,8 @@ export class Connection {
   private closed = false;
   private readonly queue = new ByteQueue();
   private readonly peer: string;
+  /** The client's address, for the per-address cap. */
+  readonly address: string;
   private handshakeTimer: NodeJS.Timeout | null;
   private noZeroes = false;
   private structured = false;
@@ -114,6 +116,7 @@ export class Connection {
     private readonly onClosed: () => void,
   ) {
     this.socket = raw;
+    this.address = raw.remoteAddress ?? '?';
     this.peer = `${raw.remoteAddress}:${raw.remotePort}`;
     raw.setNoDelay(true);
     this.attach(raw);
@@ -534,6 +537,7 @@ export class Connection {
     this.exp = exp;
     this.mode = this.extended ? 'extended' : this.structured ? 'structured' : 'simple';
     this.phase = 'transmission';
+    this.server.negotiated(this);
     if (this.meta && this.findExport(this.meta.exportName) !== exp) this.meta = null;
     if (this.handshakeTimer) {
       clearTimeout(this.handshakeTimer);

@@ -6,10 +6,18 @@
  * - One BlockDevice per export, shared by every connection to it; that is what
  *   makes CAN_MULTI_CONN honest (a FLUSH on one connection flushes the shared
  *   device, covering writes completed on any connection).
- * - Admission is bounded: past `maxConnections` a new socket is closed at once,
- *   and a client that does not finish the handshake within
- *   `handshakeTimeoutMs` is dropped, so idle or slow clients cannot starve
- *   real ones (see the tests shaped after NBD server CVEs).
+ * - Admission is bounded, so idle or slow clients cannot starve real ones
+ *   (see the tests shaped after NBD server CVEs and test/load.test.ts):
+ *   - one address holds at most `maxConnectionsPerAddress`; past that its new
+ *     sockets are closed at once;
+ *   - at `maxConnections`, the oldest connection still negotiating makes room
+ *     for the new one (a real client negotiates in milliseconds; a slowloris
+ *     never finishes); only when every slot is a negotiated client is the new
+ *     socket refused;
+ *   - a client that does not finish the handshake within `handshakeTimeoutMs`
+ *     is dropped.
+ *   Refusals and evictions are counted, and logged at most once per second
+ *   with a count, so a flood cannot flood the log too.
  * - `close()` stops accepting, lets in-flight requests finish (answering new
  *   ones with ESHUTDOWN), then drops what is left after a grace period.
  */
@@ -58,6 +66,7 @@ export interface ServerTls {
 export interface ServerOptions {
   tls?: NbdTlsConfig;
   maxConnections?: number;
+  maxConnectionsPerAddress?: number;
   handshakeTimeoutMs?: number;
   maxInflightRequests?: number;
   maxInflightBytes?: number;
@@ -102,6 +111,7 @@ export interface ServedExport extends Required<Omit<ExportConfig, 'description'>
 export interface ResolvedServerOptions {
   tls: ServerTls | null;
   maxConnections: number;
+  maxConnectionsPerAddress: number;
   handshakeTimeoutMs: number;
   maxInflightRequests: number;
   maxInflightBytes: number;
@@ -114,10 +124,16 @@ export class NbdServer extends EventEmitter {
   readonly options: ResolvedServerOptions;
   private readonly server: net.Server;
   private readonly connections = new Set<Connection>();
+  /** Connections still negotiating, oldest first (a Set keeps insertion order). */
+  private readonly negotiating = new Set<Connection>();
+  private readonly perAddress = new Map<string, number>();
   private nextConnId = 1;
   private closing = false;
-  /** Connections refused because of the connection cap. */
+  /** Connections refused: the server was full of negotiated clients, or their address was at its cap. */
   rejectedConnections = 0;
+  /** Negotiating connections dropped to make room for a new one. */
+  evictedConnections = 0;
+  private readonly quietLog = new CountingLog(() => this.options.logger);
 
   constructor(exports: ExportConfig[], opts: ServerOptions = {}) {
     super();
@@ -138,6 +154,7 @@ export class NbdServer extends EventEmitter {
     this.options = {
       tls: resolveTls(opts.tls),
       maxConnections: opts.maxConnections ?? limits.maxConnections,
+      maxConnectionsPerAddress: opts.maxConnectionsPerAddress ?? limits.maxConnectionsPerAddress,
       handshakeTimeoutMs: opts.handshakeTimeoutMs ?? limits.handshakeTimeoutMs,
       maxInflightRequests: opts.maxInflightRequests ?? limits.maxInflightRequests,
       maxInflightBytes: opts.maxInflightBytes ?? limits.maxInflightBytes,
@@ -170,21 +187,51 @@ export class NbdServer extends EventEmitter {
   }
 
   private admit(socket: net.Socket): void {
-    if (this.closing || this.connections.size >= this.options.maxConnections) {
+    const address = socket.remoteAddress ?? '?';
+    const fromThere = this.perAddress.get(address) ?? 0;
+    let refusal: string | null = null;
+    if (this.closing) refusal = 'the server is shutting down';
+    else if (fromThere >= this.options.maxConnectionsPerAddress)
+      refusal = `${address} already has ${fromThere} connections (--max-connections-per-address)`;
+    else if (this.connections.size >= this.options.maxConnections) {
+      const oldest: Connection | undefined = this.negotiating.values().next().value;
+      if (oldest) {
+        this.evictedConnections++;
+        this.quietLog.note('dropped the oldest unfinished handshake to admit a new connection (server full)');
+        this.forget(oldest);
+        oldest.destroy();
+      } else refusal = `${this.connections.size} negotiated clients already (--max-connections)`;
+    }
+    if (refusal) {
       this.rejectedConnections++;
-      this.options.logger.warn(
-        `refusing connection from ${socket.remoteAddress}:${socket.remotePort}: ` +
-          (this.closing ? 'server is shutting down' : `${this.connections.size} connections (the limit)`),
-      );
+      this.quietLog.note(`refused a connection: ${refusal}`);
       socket.destroy();
       return;
     }
+    this.perAddress.set(address, fromThere + 1);
     const conn: Connection = new Connection(this, socket, this.nextConnId++, () => {
-      this.connections.delete(conn);
+      this.forget(conn);
       this.emit('disconnect', conn.id);
     });
     this.connections.add(conn);
+    this.negotiating.add(conn);
     this.emit('connect', conn.id);
+  }
+
+  /** Take a connection out of the counts (once); false if it already was. */
+  private forget(conn: Connection): boolean {
+    this.negotiating.delete(conn);
+    if (!this.connections.delete(conn)) return false;
+    const address = conn.address;
+    const left = (this.perAddress.get(address) ?? 1) - 1;
+    if (left > 0) this.perAddress.set(address, left);
+    else this.perAddress.delete(address);
+    return true;
+  }
+
+  /** A connection finished negotiating: it is a client now, never evicted for room. */
+  negotiated(conn: Connection): void {
+    this.negotiating.delete(conn);
   }
 
   /** Stop accepting, finish in-flight requests, then close every connection. */
@@ -197,6 +244,33 @@ export class NbdServer extends EventEmitter {
     while (this.connections.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
     for (const conn of this.connections) conn.destroy();
     await stopped;
+  }
+}
+
+/**
+ * Warnings that a flood could repeat thousands of times a second: the first
+ * of each kind is logged at once, the rest as one line with a count per second.
+ */
+class CountingLog {
+  private counts = new Map<string, number>();
+  private timer: NodeJS.Timeout | null = null;
+  constructor(private readonly logger: () => Logger) {}
+  note(msg: string): void {
+    const n = this.counts.get(msg);
+    if (n === undefined) {
+      this.logger().warn(msg);
+      this.counts.set(msg, 0);
+    } else this.counts.set(msg, n + 1);
+    if (!this.timer) {
+      this.timer = setTimeout(() => this.flush(), 1000);
+      this.timer.unref();
+    }
+  }
+  private flush(): void {
+    this.timer = null;
+    for (const [msg, n] of this.counts)
+      if (n > 0) this.logger().warn(`${msg} (${n} more in the last second)`);
+    this.counts.clear();
   }
 }
 
