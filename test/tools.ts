@@ -20,6 +20,7 @@ const PACKAGES: Record<string, string> = {
   fio: 'fio',
   ip: 'iproute2',
   openssl: 'openssl',
+  'c++': 'g++',
 };
 
 /** What a test needs: programs on PATH, or 'netns' (network namespaces: root and ip). */

@@ -1,5 +1,4 @@
 #!/usr/bin/env node
-/* global Buffer, setInterval, clearInterval, setTimeout */
 // A connection flood against an NBD server, from its own process: COUNT
 // connections from one source address that never finish the handshake,
 // either idle (they read the greeting and say nothing) or slowloris (they
