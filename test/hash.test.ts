@@ -12,6 +12,7 @@ import {
   type ZeroRanges,
 } from '../src/failover/reprotect/hash.js';
 import { MemoryDevice } from '../src/block/memory.js';
+import { HashPool } from '../src/failover/reprotect/hash-pool.js';
 
 /** A small deterministic generator (mulberry32). */
 function rng(seed: number): () => number {
@@ -96,6 +97,33 @@ describe('block hashes', () => {
         expect(bytesRead).toBeLessThanOrEqual(size - holeBytes + holes.length * 2 * Math.min(block, 1 << 20));
       }
       expect(reads).toBeGreaterThan(0);
+    }
+  });
+
+  it('a pool of any size hashes like one thread, and a failed read fails the call with nothing left behind', async () => {
+    const { disk } = sparseDisk(42, 9 * 1024 * 1024 + 512);
+    const read = async (buf: Buffer, off: number) => void disk.copy(buf, 0, off, off + buf.length);
+    const want = reference(disk, 0, disk.length, 65536);
+    for (const size of [1, 3]) {
+      const pool = new HashPool(size);
+      try {
+        expect((await blockHashes(read, 0, disk.length, 65536, undefined, pool)).equals(want)).toBe(true);
+        expect(
+          (await blockHashes(read, 512, disk.length - 512, 4096, undefined, pool)).equals(
+            reference(disk, 512, disk.length - 512, 4096),
+          ),
+        ).toBe(true);
+        let n = 0;
+        const failing = async (buf: Buffer, off: number) => {
+          if (++n === 5) throw new Error('EIO: the disk went away');
+          await read(buf, off);
+        };
+        await expect(blockHashes(failing, 0, disk.length, 65536, undefined, pool)).rejects.toThrow(/EIO/);
+        // The pool still works after a failed call.
+        expect((await blockHashes(read, 0, disk.length, 65536, undefined, pool)).equals(want)).toBe(true);
+      } finally {
+        await pool.close();
+      }
     }
   });
 

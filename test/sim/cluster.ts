@@ -17,11 +17,14 @@ import { SimMeta } from './meta.js';
 import { SimNet } from './net.js';
 import { SimDisk } from './storage.js';
 import { Owner, type SimWorld } from './world.js';
+import { HashPool } from '../../src/failover/reprotect/hash-pool.js';
 
 export type NodeName = 'a' | 'b';
 export const other = (n: NodeName): NodeName => (n === 'a' ? 'b' : 'a');
 
 export const DISK = 1024 * 1024;
+/** Hashing on the simulator's own thread: worker threads would make a run depend on real time. */
+const INLINE_HASHING = new HashPool(0);
 export const SECTOR = 512;
 export const REPL_PORT = 900;
 const STATE = '/state';
@@ -132,6 +135,7 @@ export class Cluster {
       clock: this.world.clock(owner),
       random: this.world.random(),
       net: this.net.forHost(node.name, owner),
+      hashing: INLINE_HASHING,
     };
   }
 

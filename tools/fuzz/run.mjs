@@ -89,8 +89,15 @@ function runTarget(target) {
     }, 1000);
     child.on('close', (code) => {
       clearInterval(pulse);
-      const stat = (name) => Number(new RegExp(`stat::${name}:\\s+(\\d+)`).exec(out)?.[1] ?? NaN);
-      const cov = [...out.matchAll(/cov: (\d+)/g)].at(-1)?.[1];
+      // libFuzzer's final stats; its last status line when they are missing.
+      const lastLine = [...out.matchAll(/#(\d+)\s+\w+\s+cov: (\d+).*?exec\/s: (\d+) rss: (\d+)Mb/g)].at(-1);
+      const fallback = { number_of_executed_units: 1, average_exec_per_sec: 3, peak_rss_mb: 4 };
+      const stat = (name) =>
+        Number(
+          new RegExp(`stat::${name}:\\s+(\\d+)`).exec(out)?.[1] ??
+            (fallback[name] && lastLine ? lastLine[fallback[name]] : NaN),
+        );
+      const cov = lastLine?.[2] ?? [...out.matchAll(/cov: (\d+)/g)].at(-1)?.[1];
       const crashes = fs.readdirSync(artifacts).map((f) => path.join(artifacts, f));
       resolve({
         target,

@@ -295,6 +295,7 @@ export class PrimaryReplica {
         checkpoint: (state) => this.syncCheckpoint(state, mode),
         commitBytes: this.tunables.resyncCommitBytes,
         now: () => this.clock.now(),
+        hashing: this.env.hashing,
       },
       plan,
     );

@@ -144,6 +144,7 @@ export class SecondaryReplica {
         meta: opts.meta,
         clock: env.clock,
         random: env.random,
+        hashing: env.hashing,
         log: (m) => opts.logger.info(m),
         onApplyError: (err) => {
           opts.logger.warn(`applying a committed epoch to ${opts.image} failed: ${err.message}`);

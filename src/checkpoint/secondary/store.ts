@@ -32,6 +32,7 @@ import type { BlockDevice } from '../../block/device.js';
 import { realClock, realRandom, type Clock, type Random } from '../../sys/clock.js';
 import { crashPoint } from '../../crash.js';
 import { mergeRanges, subtractRanges, type ActivityLog, type Range } from '../../failover/activity.js';
+import type { HashPool } from '../../failover/reprotect/hash-pool.js';
 import {
   blockHashes,
   deviceZeroRanges,
@@ -94,6 +95,8 @@ export interface SecondaryStoreOptions {
   /** Time and ids (the simulator's own; real ones by default). */
   clock?: Clock;
   random?: Random;
+  /** Threads for block hashing (the process's pool by default). */
+  hashing?: HashPool;
   /** The metadata index (opened from the state directory by default). */
   meta?: MetaIndex;
   /** This node's generation history (promotion mints a generation; a finished resync adopts one). */
@@ -675,6 +678,7 @@ export class SecondaryStore {
       length,
       block,
       (off, len) => this.pvmZeroRanges(off, len),
+      this.opts.hashing,
     );
   }
 

@@ -14,6 +14,7 @@
 import { createHash } from 'node:crypto';
 import { ExtentFlag, type BlockDevice } from '../../block/device.js';
 import type { Range } from '../activity.js';
+import { hashPool, isZero, type HashPool } from './hash-pool.js';
 
 export const HASH_BYTES = 16;
 /** First-level block (whole-disk comparison); differing blocks are compared again in sub-blocks. */
@@ -31,15 +32,6 @@ export type ZeroRanges = (offset: number, length: number) => Promise<Range[]>;
 
 /** Bytes read per piece, whatever the block size. */
 const PIECE = 1024 * 1024;
-const ZEROES = Buffer.alloc(PIECE);
-
-function isZero(buf: Buffer): boolean {
-  for (let at = 0; at < buf.length; at += PIECE) {
-    const end = Math.min(buf.length, at + PIECE);
-    if (!buf.subarray(at, end).equals(ZEROES.subarray(0, end - at))) return false;
-  }
-  return true;
-}
 
 /**
  * Whether [offset, offset+length) lies inside one of the sorted, merged
@@ -54,66 +46,98 @@ function coverage(ranges: Range[]): (offset: number, length: number) => boolean 
   };
 }
 
-/** Hashes of [offset, offset+length) in blocks of `block` bytes (the last one may be short). */
+/**
+ * Hashes of [offset, offset+length) in blocks of `block` bytes (the last one
+ * may be short). Pieces are read one after another while the pool hashes the
+ * ones already read, on every core.
+ */
 export async function blockHashes(
   read: RangeReader,
   offset: number,
   length: number,
   block: number,
   zeroes?: ZeroRanges,
+  pool: HashPool = hashPool,
 ): Promise<Buffer> {
   const n = Math.ceil(length / block);
   const out = Buffer.allocUnsafe(n * HASH_BYTES);
   const covered = coverage(zeroes && length > 0 ? await zeroes(offset, length) : []);
-  const buf = Buffer.allocUnsafe(Math.min(PIECE, Math.max(block, 1), Math.max(length, 1)));
+  const pieceBytes = Math.min(PIECE, Math.max(block, 1), Math.max(length, 1));
   // Blocks of up to a piece are read several at a time; larger ones piece by piece.
-  const perRead = Math.max(1, Math.floor(buf.length / block));
-  for (let i = 0; i < n;) {
-    const start = offset + i * block;
-    const len = Math.min(block, offset + length - start);
-    if (covered(start, len)) {
-      ZERO_MARK.copy(out, i * HASH_BYTES);
-      i++;
-      continue;
-    }
-    if (block <= buf.length) {
-      // A run of whole blocks in one read (stopping before a block known to be zero).
-      let k = 1;
-      while (
-        k < perRead &&
-        i + k < n &&
-        !covered(start + k * block, Math.min(block, offset + length - start - k * block))
-      )
-        k++;
-      const runLen = Math.min(k * block, offset + length - start);
-      const view = buf.subarray(0, runLen);
-      await read(view, start);
-      for (let j = 0; j < k; j++) {
-        const b = view.subarray(j * block, Math.min((j + 1) * block, runLen));
-        if (isZero(b)) ZERO_MARK.copy(out, (i + j) * HASH_BYTES);
-        else
-          createHash('sha256')
-            .update(b)
-            .digest()
-            .copy(out, (i + j) * HASH_BYTES, 0, HASH_BYTES);
+  const perRead = Math.max(1, Math.floor(pieceBytes / block));
+  // Pieces being hashed; their buffers come back to `free`.
+  const depth = pool.depth;
+  const free: ArrayBuffer[] = [];
+  const inflight = new Set<Promise<void>>();
+  let buffers = 0;
+  let failure: Error | null = null;
+  const takeBuffer = async (): Promise<ArrayBuffer> => {
+    while (free.length === 0) {
+      if (buffers < depth) {
+        buffers++;
+        return new ArrayBuffer(pieceBytes);
       }
-      i += k;
-      continue;
+      await Promise.race(inflight);
+      if (failure) throw failure;
     }
-    // A block larger than a piece: hash it piece by piece.
-    const h = createHash('sha256');
-    let zero = true;
-    for (let at = 0; at < len; at += buf.length) {
-      const view = buf.subarray(0, Math.min(buf.length, len - at));
-      if (covered(start + at, view.length)) view.fill(0);
-      else await read(view, start + at);
-      if (zero && !isZero(view)) zero = false;
-      h.update(view);
+    return free.pop()!;
+  };
+  try {
+    for (let i = 0; i < n;) {
+      const start = offset + i * block;
+      const len = Math.min(block, offset + length - start);
+      if (covered(start, len)) {
+        ZERO_MARK.copy(out, i * HASH_BYTES);
+        i++;
+        continue;
+      }
+      if (block <= pieceBytes) {
+        // A run of whole blocks in one read (stopping before a block known to be zero).
+        let k = 1;
+        while (
+          k < perRead &&
+          i + k < n &&
+          !covered(start + k * block, Math.min(block, offset + length - start - k * block))
+        )
+          k++;
+        const runLen = Math.min(k * block, offset + length - start);
+        const ab = await takeBuffer();
+        await read(Buffer.from(ab, 0, runLen), start);
+        const at = i * HASH_BYTES;
+        const job = pool.hash(ab, runLen, block, HASH_BYTES).then(
+          (r) => {
+            r.hashes.copy(out, at);
+            free.push(r.buffer);
+          },
+          (err: Error) => {
+            failure ??= err;
+          },
+        );
+        inflight.add(job);
+        void job.then(() => inflight.delete(job));
+        i += k;
+        continue;
+      }
+      // A block larger than a piece: hash it piece by piece, here.
+      const buf = Buffer.allocUnsafe(pieceBytes);
+      const h = createHash('sha256');
+      let zero = true;
+      for (let at = 0; at < len; at += buf.length) {
+        const view = buf.subarray(0, Math.min(buf.length, len - at));
+        if (covered(start + at, view.length)) view.fill(0);
+        else await read(view, start + at);
+        if (zero && !isZero(view)) zero = false;
+        h.update(view);
+      }
+      if (zero) ZERO_MARK.copy(out, i * HASH_BYTES);
+      else h.digest().copy(out, i * HASH_BYTES, 0, HASH_BYTES);
+      i++;
     }
-    if (zero) ZERO_MARK.copy(out, i * HASH_BYTES);
-    else h.digest().copy(out, i * HASH_BYTES, 0, HASH_BYTES);
-    i++;
+  } finally {
+    // Never leave a job behind (its buffer and its error), even when a read failed.
+    await Promise.all(inflight);
   }
+  if (failure) throw failure;
   return out;
 }
 

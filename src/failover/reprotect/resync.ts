@@ -33,6 +33,7 @@ import {
   type RangeReader,
   type ZeroRanges,
 } from './hash.js';
+import type { HashPool } from './hash-pool.js';
 import type { SyncMode } from '../history.js';
 
 export interface ResyncHost {
@@ -50,6 +51,8 @@ export interface ResyncHost {
   commitBytes: number;
   /** Wall clock (for the progress record). */
   now(): number;
+  /** Threads for block hashing (the process's pool by default). */
+  hashing?: HashPool;
 }
 
 export interface ResyncPlan {
@@ -179,7 +182,14 @@ export class Resync {
     const redo: Range[] = [];
     await this.pipeline(this.plan.compare, true, async (c, remote) => {
       if (c.block === HASH_BLOCK) return this.compareChunk(c, remote);
-      const local = await blockHashes(this.host.readLocal, c.offset, c.length, c.block, this.host.zeroLocal);
+      const local = await blockHashes(
+        this.host.readLocal,
+        c.offset,
+        c.length,
+        c.block,
+        this.host.zeroLocal,
+        this.host.hashing,
+      );
       if (local.equals(remote)) this.progress.equalBytes += c.length;
       else redo.push({ offset: c.offset, length: c.length });
     });
@@ -255,7 +265,14 @@ export class Resync {
   }
 
   private async compareChunk(c: Range, remote: Buffer): Promise<void> {
-    const local = await blockHashes(this.host.readLocal, c.offset, c.length, HASH_BLOCK, this.host.zeroLocal);
+    const local = await blockHashes(
+      this.host.readLocal,
+      c.offset,
+      c.length,
+      HASH_BLOCK,
+      this.host.zeroLocal,
+      this.host.hashing,
+    );
     if (local.length !== remote.length)
       throw new ColoError(
         'EPROTO',
@@ -280,7 +297,7 @@ export class Resync {
         continue;
       }
       const [l2, r2] = await Promise.all([
-        blockHashes(this.host.readLocal, off, len, HASH_SUBBLOCK, this.host.zeroLocal),
+        blockHashes(this.host.readLocal, off, len, HASH_SUBBLOCK, this.host.zeroLocal, this.host.hashing),
         this.host.requestHashes(off, len, HASH_SUBBLOCK),
       ]);
       this.progress.hashBytes += r2.length;
