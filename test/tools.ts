@@ -21,6 +21,9 @@ const PACKAGES: Record<string, string> = {
   ip: 'iproute2',
   openssl: 'openssl',
   'c++': 'g++',
+  'qemu-system-x86_64': 'qemu-system-x86',
+  busybox: 'busybox-static',
+  cpio: 'cpio',
 };
 
 /** What a test needs: programs on PATH, or 'netns' (network namespaces: root and ip). */

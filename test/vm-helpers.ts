@@ -1,0 +1,109 @@
+/**
+ * The small Linux guest under QEMU (TCG) for the VM tests: built once from
+ * Debian packages by tools/vm/build-guest.mjs into a cache directory, booted
+ * with its RAM in a shared file (as a protected VM runs) and a QMP socket.
+ * QEMU processes are tracked by PID and killed by killAll().
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { ROOT, track } from './helpers.js';
+import type { ChildProcess } from 'node:child_process';
+
+export const GUEST_DIR =
+  process.env.COLO_BLK_GUEST_DIR ?? path.join(os.homedir(), '.cache', 'colo-blk', 'guest');
+
+/** Build the guest kit unless it is there already. */
+export function ensureGuest(): { vmlinuz: string; initramfs: string } {
+  const vmlinuz = path.join(GUEST_DIR, 'vmlinuz');
+  const initramfs = path.join(GUEST_DIR, 'initramfs.cpio.gz');
+  if (!fs.existsSync(vmlinuz) || !fs.existsSync(initramfs))
+    execFileSync(
+      process.execPath,
+      [path.join(ROOT, 'tools', 'vm', 'build-guest.mjs'), '--out', GUEST_DIR, '--json'],
+      {
+        stdio: ['ignore', 'pipe', 'pipe'],
+        timeout: 300_000,
+      },
+    );
+  return { vmlinuz, initramfs };
+}
+
+export interface BootedGuest {
+  child: ChildProcess;
+  qmpPath: string;
+  ramPath: string;
+  serial: () => string;
+  waitSerial: (re: RegExp, timeoutMs?: number) => Promise<RegExpMatchArray>;
+  kill: () => Promise<void>;
+}
+
+export async function bootGuest(
+  dir: string,
+  opts: { workload?: 'idle' | 'fsync-loop'; disk?: string; ramMiB?: number } = {},
+): Promise<BootedGuest> {
+  const { vmlinuz, initramfs } = ensureGuest();
+  const ramMiB = opts.ramMiB ?? 256;
+  const qmpPath = path.join(dir, 'qmp.sock');
+  const ramPath = path.join('/dev/shm', `colo-blk-test-ram-${process.pid}-${path.basename(dir)}`);
+  const args = [
+    '-machine',
+    'q35,accel=tcg,memory-backend=mem',
+    '-object',
+    `memory-backend-file,id=mem,size=${ramMiB}M,mem-path=${ramPath},share=on`,
+    '-m',
+    `${ramMiB}M`,
+    '-display',
+    'none',
+    '-serial',
+    'stdio',
+    '-monitor',
+    'none',
+    '-no-reboot',
+    '-kernel',
+    vmlinuz,
+    '-initrd',
+    initramfs,
+    '-append',
+    `console=ttyS0 quiet panic=-1 colo.work=${opts.workload ?? 'idle'}`,
+    '-qmp',
+    `unix:${qmpPath},server=on,wait=off`,
+    ...(opts.disk ? ['-drive', `file=${opts.disk},format=raw,if=virtio,cache=none,aio=threads`] : []),
+  ];
+  const child = track(spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] }));
+  let out = '';
+  child.stdout!.on('data', (d: Buffer) => (out += d.toString('latin1')));
+  child.stderr!.on('data', (d: Buffer) => (out += d.toString('latin1')));
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  const waitSerial = async (re: RegExp, timeoutMs = 60_000) => {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const m = out.match(re);
+      if (m) return m;
+      if (child.exitCode !== null || child.signalCode !== null)
+        throw new Error(
+          `QEMU exited (${child.exitCode ?? child.signalCode}) before ${re}:\n${out.slice(-2000)}`,
+        );
+      if (Date.now() > deadline)
+        throw new Error(`no ${re} on the guest's console after ${timeoutMs} ms:\n${out.slice(-2000)}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  };
+  const guest: BootedGuest = {
+    child,
+    qmpPath,
+    ramPath,
+    serial: () => out,
+    waitSerial,
+    kill: async () => {
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill('SIGKILL');
+        await exited;
+      }
+      fs.rmSync(ramPath, { force: true });
+    },
+  };
+  await waitSerial(/colo-guest: ready/);
+  return guest;
+}

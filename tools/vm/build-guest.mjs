@@ -1,0 +1,134 @@
+#!/usr/bin/env node
+// Builds the small Linux guest the VM tests and demos boot under QEMU (TCG):
+// Debian's kernel (linux-image-amd64, fetched with `apt-get download` and
+// unpacked, not installed) and an initramfs of busybox-static with the few
+// modules a virtio disk with ext4 needs. Its /init mounts what a shell needs,
+// loads the modules, says "colo-guest: ready" on the serial console, and
+// then runs the workload named on the kernel command line (colo.work=...):
+//   idle        wait (the default)
+//   fsync-loop  mount the virtio disk (ext4, made on the host), then write
+//               numbered files, each fsync'ed, logging "colo-guest: synced N"
+//
+//   node tools/vm/build-guest.mjs [--out DIR] [--json]
+//
+// Output (default ~/.cache/colo-blk/guest): vmlinuz, initramfs.cpio.gz and
+// guest.json (kernel version, sizes). Needs apt-get, dpkg-deb, cpio, gzip and
+// busybox-static (apt-get install busybox-static cpio).
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+
+const { values: o } = parseArgs({
+  options: { out: { type: 'string' }, json: { type: 'boolean', default: false } },
+});
+const out = path.resolve(o.out ?? process.env.COLO_BLK_GUEST_DIR ?? path.join(os.homedir(), '.cache', 'colo-blk', 'guest'));
+const say = (msg) => {
+  if (!o.json) process.stderr.write(`build-guest: ${msg}\n`);
+};
+function sh(cmd, args, opts = {}) {
+  try {
+    return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], ...opts });
+  } catch (err) {
+    const why = err.code === 'ENOENT' ? 'not found' : (err.stderr || err.message).trim().split('\n').pop();
+    throw new Error(`${cmd} ${args.join(' ')}: ${why}`);
+  }
+}
+
+const MODULES = [
+  'lib/crc16.ko',
+  'crypto/crc32c_generic.ko',
+  'fs/mbcache.ko',
+  'fs/jbd2/jbd2.ko',
+  'fs/ext4/ext4.ko',
+  'drivers/virtio/virtio.ko',
+  'drivers/virtio/virtio_ring.ko',
+  'drivers/virtio/virtio_pci_legacy_dev.ko',
+  'drivers/virtio/virtio_pci_modern_dev.ko',
+  'drivers/virtio/virtio_pci.ko',
+  'drivers/block/virtio_blk.ko',
+];
+
+const INIT = `#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev /mnt /tmp
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in ${MODULES.map((m) => path.basename(m, '.ko')).join(' ')}; do insmod /lib/modules/$m.ko 2>/dev/null; done
+work=idle
+for arg in $(cat /proc/cmdline); do case "$arg" in colo.work=*) work="\${arg#colo.work=}";; esac; done
+echo "colo-guest: ready ($work)"
+case "$work" in
+  fsync-loop)
+    for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
+    mount -t ext4 /dev/vda /mnt || { echo "colo-guest: cannot mount /dev/vda (make it with mkfs.ext4 on the host)"; poweroff -f; }
+    n=$(ls /mnt | grep -c '^f')
+    echo "colo-guest: mounted, $n files"
+    while :; do
+      n=$((n + 1))
+      head -c 4096 /dev/urandom > /mnt/f$n.tmp
+      echo "file $n" >> /mnt/f$n.tmp
+      fsync /mnt/f$n.tmp
+      mv /mnt/f$n.tmp /mnt/f$n
+      fsync /mnt
+      echo "colo-guest: synced $n"
+    done
+    ;;
+  *) while :; do sleep 3600; done ;;
+esac
+`;
+
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-blk-guest-'));
+try {
+  say(`fetching linux-image-amd64 in ${work}`);
+  sh('apt-get', ['download', 'linux-image-amd64'], { cwd: work });
+  const meta = fs.readdirSync(work).find((f) => f.startsWith('linux-image-amd64_'));
+  const dep = sh('dpkg-deb', ['-f', path.join(work, meta), 'Depends']).trim();
+  const pkg = /^(linux-image-[^\s(,]+)/.exec(dep)?.[1];
+  if (!pkg) throw new Error(`cannot tell the kernel package from '${dep}'`);
+  sh('apt-get', ['download', pkg], { cwd: work });
+  const deb = fs.readdirSync(work).find((f) => f.startsWith(`${pkg}_`));
+  const root = path.join(work, 'pkg');
+  sh('dpkg-deb', ['-x', path.join(work, deb), root]);
+  const vmlinuz = fs.readdirSync(path.join(root, 'boot')).find((f) => f.startsWith('vmlinuz-'));
+  const release = vmlinuz.slice('vmlinuz-'.length);
+  const modRoot = path.join(root, 'lib', 'modules', release, 'kernel');
+
+  say(`kernel ${release}; building the initramfs`);
+  const initrd = path.join(work, 'initrd');
+  for (const d of ['bin', 'lib/modules', 'proc', 'sys', 'dev', 'mnt', 'tmp']) fs.mkdirSync(path.join(initrd, d), { recursive: true });
+  const busybox = ['/bin/busybox', '/usr/bin/busybox'].find((p) => fs.existsSync(p));
+  if (!busybox) throw new Error('busybox not found: apt-get install busybox-static');
+  if (/dynamically linked/.test(sh('file', [busybox]).trim()))
+    throw new Error(`${busybox} is dynamically linked: apt-get install busybox-static`);
+  fs.copyFileSync(busybox, path.join(initrd, 'bin', 'busybox'));
+  fs.chmodSync(path.join(initrd, 'bin', 'busybox'), 0o755);
+  for (const m of MODULES) fs.copyFileSync(path.join(modRoot, m), path.join(initrd, 'lib', 'modules', path.basename(m)));
+  fs.writeFileSync(path.join(initrd, 'init'), INIT, { mode: 0o755 });
+  const files = sh('find', ['.', '-mindepth', '1'], { cwd: initrd });
+  const cpio = execFileSync('cpio', ['-o', '-H', 'newc', '--quiet'], { cwd: initrd, input: files, maxBuffer: 1 << 30 });
+  const gz = execFileSync('gzip', ['-9'], { input: cpio, maxBuffer: 1 << 30 });
+
+  fs.mkdirSync(out, { recursive: true });
+  fs.copyFileSync(path.join(root, 'boot', vmlinuz), path.join(out, 'vmlinuz'));
+  fs.writeFileSync(path.join(out, 'initramfs.cpio.gz'), gz);
+  const info = {
+    dir: out,
+    kernel: release,
+    package: pkg,
+    vmlinuzBytes: fs.statSync(path.join(out, 'vmlinuz')).size,
+    initramfsBytes: gz.length,
+    workloads: ['idle', 'fsync-loop'],
+  };
+  fs.writeFileSync(path.join(out, 'guest.json'), JSON.stringify(info, null, 2) + '\n');
+  if (o.json) process.stdout.write(JSON.stringify(info) + '\n');
+  else say(`wrote ${out}/vmlinuz and initramfs.cpio.gz (${(gz.length / 1024).toFixed(0)} KiB)`);
+} catch (err) {
+  process.stderr.write(`build-guest: ${err.message}\n`);
+  process.exitCode = 1;
+} finally {
+  fs.rmSync(work, { recursive: true, force: true });
+}
