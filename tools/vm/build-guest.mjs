@@ -23,7 +23,9 @@ import { parseArgs } from 'node:util';
 const { values: o } = parseArgs({
   options: { out: { type: 'string' }, json: { type: 'boolean', default: false } },
 });
-const out = path.resolve(o.out ?? process.env.COLO_BLK_GUEST_DIR ?? path.join(os.homedir(), '.cache', 'colo-blk', 'guest'));
+const out = path.resolve(
+  o.out ?? process.env.COLO_BLK_GUEST_DIR ?? path.join(os.homedir(), '.cache', 'colo-blk', 'guest'),
+);
 const say = (msg) => {
   if (!o.json) process.stderr.write(`build-guest: ${msg}\n`);
 };
@@ -99,17 +101,23 @@ try {
 
   say(`kernel ${release}; building the initramfs`);
   const initrd = path.join(work, 'initrd');
-  for (const d of ['bin', 'lib/modules', 'proc', 'sys', 'dev', 'mnt', 'tmp']) fs.mkdirSync(path.join(initrd, d), { recursive: true });
+  for (const d of ['bin', 'lib/modules', 'proc', 'sys', 'dev', 'mnt', 'tmp'])
+    fs.mkdirSync(path.join(initrd, d), { recursive: true });
   const busybox = ['/bin/busybox', '/usr/bin/busybox'].find((p) => fs.existsSync(p));
   if (!busybox) throw new Error('busybox not found: apt-get install busybox-static');
   if (/dynamically linked/.test(sh('file', [busybox]).trim()))
     throw new Error(`${busybox} is dynamically linked: apt-get install busybox-static`);
   fs.copyFileSync(busybox, path.join(initrd, 'bin', 'busybox'));
   fs.chmodSync(path.join(initrd, 'bin', 'busybox'), 0o755);
-  for (const m of MODULES) fs.copyFileSync(path.join(modRoot, m), path.join(initrd, 'lib', 'modules', path.basename(m)));
+  for (const m of MODULES)
+    fs.copyFileSync(path.join(modRoot, m), path.join(initrd, 'lib', 'modules', path.basename(m)));
   fs.writeFileSync(path.join(initrd, 'init'), INIT, { mode: 0o755 });
   const files = sh('find', ['.', '-mindepth', '1'], { cwd: initrd });
-  const cpio = execFileSync('cpio', ['-o', '-H', 'newc', '--quiet'], { cwd: initrd, input: files, maxBuffer: 1 << 30 });
+  const cpio = execFileSync('cpio', ['-o', '-H', 'newc', '--quiet'], {
+    cwd: initrd,
+    input: files,
+    maxBuffer: 1 << 30,
+  });
   const gz = execFileSync('gzip', ['-9'], { input: cpio, maxBuffer: 1 << 30 });
 
   fs.mkdirSync(out, { recursive: true });
