@@ -14,6 +14,11 @@
  *   where the CPU has it (several GB/s; zlib's CRC-32 does ~2.7 here), so
  *   checksumming every replicated frame costs little on both sides.
  *
+ * - mapShared / diffPages: a read-only view of a VM's RAM file (QEMU's
+ *   memory-backend-file, share=on) and a page-by-page compare against the
+ *   last checkpoint's copy, on several threads, that copies the changed pages
+ *   into the copy and lists them: what a memory checkpoint must send.
+ *
  * The file calls are synchronous and take (fd, offset[, length]) as numbers.
  * Errors become JS Errors whose `code` is the errno name ("EOPNOTSUPP", ...),
  * so the TypeScript side can fall back when a filesystem lacks the feature.
@@ -26,6 +31,9 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #if defined(__x86_64__)
 #include <nmmintrin.h>
@@ -215,6 +223,114 @@ static napi_value crc32c(napi_env env, napi_callback_info info) {
   return out;
 }
 
+static void unmap_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  munmap(data, (size_t)(uintptr_t)hint);
+}
+
+/* mapShared(fd, offset, length) -> ArrayBuffer: a read-only MAP_SHARED view of the file. */
+static napi_value map_shared(napi_env env, napi_callback_info info) {
+  int64_t a[3];
+  if (get_args(env, info, 3, a) < 0) return NULL;
+  if (a[2] <= 0) {
+    napi_throw_range_error(env, "EINVAL", "mapShared: length must be positive");
+    return NULL;
+  }
+  void *p = mmap(NULL, (size_t)a[2], PROT_READ, MAP_SHARED, (int)a[0], (off_t)a[1]);
+  if (p == MAP_FAILED) return throw_errno(env, errno, "mmap");
+  napi_value out;
+  if (napi_create_external_arraybuffer(env, p, (size_t)a[2], unmap_finalize, (void *)(uintptr_t)a[2], &out) != napi_ok) {
+    munmap(p, (size_t)a[2]);
+    napi_throw_error(env, "EIO", "mapShared: cannot wrap the mapping");
+    return NULL;
+  }
+  return out;
+}
+
+struct diff_job {
+  const uint8_t *cur;
+  uint8_t *ref;
+  size_t page, first, last; /* pages [first, last) */
+  uint32_t *out;            /* room for last - first indexes */
+  size_t count;
+};
+
+static void *diff_run(void *arg) {
+  struct diff_job *j = arg;
+  size_t n = 0;
+  for (size_t i = j->first; i < j->last; i++) {
+    const uint8_t *c = j->cur + i * j->page;
+    uint8_t *r = j->ref + i * j->page;
+    if (memcmp(c, r, j->page) != 0) {
+      memcpy(r, c, j->page);
+      j->out[n++] = (uint32_t)i;
+    }
+  }
+  j->count = n;
+  return NULL;
+}
+
+/*
+ * diffPages(current, reference, pageBytes, out: Uint32Array, threads) -> count
+ * Pages of `current` that differ from `reference` are copied into it and their
+ * indexes written to `out` in ascending order.
+ */
+static napi_value diff_pages(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  size_t argc = 5;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) {
+    napi_throw_type_error(env, "EINVAL", "diffPages(current, reference, pageBytes, out, threads)");
+    return NULL;
+  }
+  void *cur = NULL, *ref = NULL;
+  size_t cur_len = 0, ref_len = 0;
+  uint32_t page = 0, threads = 0;
+  napi_typedarray_type type;
+  size_t out_len = 0;
+  void *out = NULL;
+  if (napi_get_buffer_info(env, argv[0], &cur, &cur_len) != napi_ok ||
+      napi_get_buffer_info(env, argv[1], &ref, &ref_len) != napi_ok ||
+      napi_get_value_uint32(env, argv[2], &page) != napi_ok ||
+      napi_get_typedarray_info(env, argv[3], &type, &out_len, &out, NULL, NULL) != napi_ok ||
+      napi_get_value_uint32(env, argv[4], &threads) != napi_ok || type != napi_uint32_array) {
+    napi_throw_type_error(env, "EINVAL", "diffPages(Buffer, Buffer, number, Uint32Array, number)");
+    return NULL;
+  }
+  if (page == 0 || cur_len != ref_len || cur_len % page != 0 || out_len < cur_len / page) {
+    napi_throw_range_error(env, "EINVAL", "diffPages: equal lengths, a whole number of pages, room for every index");
+    return NULL;
+  }
+  size_t pages = cur_len / page;
+  if (threads < 1) threads = 1;
+  if (threads > 64) threads = 64;
+  if (threads > pages) threads = pages ? (uint32_t)pages : 1;
+  struct diff_job jobs[64];
+  pthread_t tids[64];
+  size_t per = (pages + threads - 1) / threads;
+  for (uint32_t t = 0; t < threads; t++) {
+    size_t first = t * per, last = first + per > pages ? pages : first + per;
+    if (first > pages) first = pages;
+    jobs[t] = (struct diff_job){cur, ref, page, first, last, (uint32_t *)out + first, 0};
+  }
+  uint32_t started = 1;
+  for (uint32_t t = 1; t < threads; t++) {
+    if (pthread_create(&tids[t], NULL, diff_run, &jobs[t]) != 0) break;
+    started++;
+  }
+  for (uint32_t t = started; t < threads; t++) diff_run(&jobs[t]); /* could not start a thread: do it here */
+  diff_run(&jobs[0]);
+  for (uint32_t t = 1; t < started; t++) pthread_join(tids[t], NULL);
+  /* Compact each thread's indexes behind the previous ones. */
+  size_t n = jobs[0].count;
+  for (uint32_t t = 1; t < threads; t++) {
+    memmove((uint32_t *)out + n, (uint32_t *)out + jobs[t].first, jobs[t].count * sizeof(uint32_t));
+    n += jobs[t].count;
+  }
+  napi_value result;
+  napi_create_double(env, (double)n, &result);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   crc32c_init();
 #if defined(__x86_64__)
@@ -229,6 +345,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
       {"copyRange", NULL, copy_range, NULL, NULL, NULL, napi_default, NULL},
       {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_default, NULL},
+      {"mapShared", NULL, map_shared, NULL, NULL, NULL, napi_default, NULL},
+      {"diffPages", NULL, diff_pages, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -24,6 +24,7 @@ const PACKAGES: Record<string, string> = {
   'qemu-system-x86_64': 'qemu-system-x86',
   busybox: 'busybox-static',
   cpio: 'cpio',
+  'mkfs.ext4': 'e2fsprogs',
 };
 
 /** What a test needs: programs on PATH, or 'netns' (network namespaces: root and ip). */

@@ -20,6 +20,13 @@ export interface NativeHelpers {
   copyRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
   /** CRC-32C of `buf`, continuing from `prev` (0 to start), in hardware where the CPU can. */
   crc32c(buf: Buffer, prev?: number): number;
+  /** A read-only MAP_SHARED view of [offset, offset+length) of the file (unmapped when collected). */
+  mapShared(fd: number, offset: number, length: number): ArrayBuffer;
+  /**
+   * Pages of `current` that differ from `reference` are copied into it and their
+   * indexes written, ascending, to `out`; returns how many. Runs on `threads` threads.
+   */
+  diffPages(current: Buffer, reference: Buffer, pageBytes: number, out: Uint32Array, threads: number): number;
 }
 
 function load(): NativeHelpers | null {
