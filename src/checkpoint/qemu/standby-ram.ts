@@ -1,0 +1,238 @@
+/**
+ * The secondary's copy of a protected VM's memory: the RAM image and device
+ * state of the last committed checkpoint, durable, and replaced atomically at
+ * the next commit, like a disk epoch. On failover QEMU starts from these two
+ * files (the RAM image as its memory-backend-file, the device state by
+ * `migrate-incoming` with x-ignore-shared).
+ *
+ * Files in the directory:
+ *   ram.img              the committed RAM image
+ *   dev-<N>.bin          device state of checkpoint N
+ *   ram-<N>.journal      the pages checkpoint N changed (frames: meta {t:'p', e, p: [page...]}, data: the pages)
+ *   commits.log          commit records, frames {t:'c', epoch, device, journal}: the last whole one holds
+ *
+ * Notes on the design:
+ * - Receiving writes a checkpoint's pages to its journal and its device state
+ *   to its own file; nothing touches ram.img.
+ * - Commit: sync both files, then append and sync a commit record naming
+ *   them (the commit point), then copy the pages into ram.img, sync it, and
+ *   append a record without the journal. A crash after the commit point
+ *   leaves a last record that names the journal: opening replays it (page
+ *   writes are idempotent). A crash before it leaves the previous checkpoint,
+ *   whole (a torn record at the end of the log is cut off).
+ * - The log is rewritten (a new file with the current record, synced, then
+ *   renamed over it) once it passes LOG_COMPACT_BYTES.
+ * - Opening deletes what no commit record names: a checkpoint received but
+ *   not committed is gone with the process that was receiving it.
+ */
+import path from 'node:path';
+import { ColoError } from '../../errors.js';
+import type { Storage, StorageFile } from '../../sys/storage.js';
+import { JournalWriter, scanJournal } from '../format/journal.js';
+import { PAGE_BYTES } from './ram.js';
+
+/** Pages per journal frame (1 MiB of data). */
+const PAGES_PER_FRAME = 256;
+const LOG = 'commits.log';
+const LOG_COMPACT_BYTES = 64 * 1024;
+
+interface CommitRecord {
+  t: 'c';
+  epoch: number;
+  /** The RAM's size. */
+  size: number;
+  device: string | null;
+  journal: string | null;
+}
+
+interface PageFrame {
+  t: 'p';
+  e: number;
+  p: number[];
+}
+
+export class StandbyRam {
+  private pending: { epoch: number; journal: JournalWriter; device: string; pages: number } | null = null;
+
+  private constructor(
+    private readonly storage: Storage,
+    readonly dir: string,
+    readonly size: number,
+    private readonly image: StorageFile,
+    private record: CommitRecord,
+    private log: JournalWriter,
+    private readonly compactBytes: number,
+  ) {}
+
+  /** Open (creating) the store for a RAM of `size` bytes, finishing a commit a crash interrupted. */
+  static async open(
+    storage: Storage,
+    dir: string,
+    size: number,
+    opts: { compactBytes?: number } = {},
+  ): Promise<StandbyRam> {
+    if (size <= 0 || size % PAGE_BYTES !== 0)
+      throw new ColoError('EINVAL', `a RAM of ${size} bytes is not a whole number of 4 KiB pages`);
+    storage.mkdirp(dir);
+    // The last whole commit record; a torn one at the end (a cut mid-append) is cut off.
+    let record: CommitRecord = { t: 'c', epoch: 0, size, device: null, journal: null };
+    let validEnd = 0;
+    const logPath = path.join(dir, LOG);
+    if (storage.exists(logPath)) {
+      const scan = scanJournal<CommitRecord>(storage, logPath, (r) => {
+        if (r.meta.t === 'c') record = r.meta;
+      });
+      if (scan.corruption)
+        throw new ColoError(
+          'EIO',
+          `${logPath} is damaged at ${scan.corruption.offset}, before its last record`,
+        );
+      validEnd = scan.validEnd;
+    }
+    if (record.epoch > 0 && record.size !== size)
+      throw new ColoError(
+        'EINVAL',
+        `${dir} holds the RAM of a ${record.size}-byte VM; this one has ${size} bytes: use another directory`,
+      );
+    // A shorter image (its extension at creation was never synced) reads as zeroes past its end: extend it.
+    const image = storage.open(path.join(dir, 'ram.img'));
+    if (image.size() !== size) image.truncate(size);
+    const log = JournalWriter.open(storage, logPath, validEnd);
+    const store = new StandbyRam(
+      storage,
+      dir,
+      size,
+      image,
+      record,
+      log,
+      opts.compactBytes ?? LOG_COMPACT_BYTES,
+    );
+    if (record.journal) await store.apply(record.journal, record.epoch);
+    // Nothing else survives: uncommitted checkpoints, replaced device states, applied journals.
+    for (const name of storage.list(dir))
+      if (/^(dev-\d+\.bin|ram-\d+\.journal)(\.tmp)?$/.test(name) && name !== store.record.device)
+        storage.remove(path.join(dir, name));
+    return store;
+  }
+
+  /** The last committed checkpoint: its number, and the files QEMU starts from. */
+  get committed(): { epoch: number; ram: string; device: string | null } {
+    return {
+      epoch: this.record.epoch,
+      ram: path.join(this.dir, 'ram.img'),
+      device: this.record.device ? path.join(this.dir, this.record.device) : null,
+    };
+  }
+
+  /** Hold checkpoint `epoch`: the pages it changed (their contents in `data`, in order) and the device state. */
+  receive(epoch: number, pages: ArrayLike<number>, data: Buffer, device: Buffer): void {
+    if (epoch <= this.record.epoch)
+      throw new ColoError('EINVAL', `checkpoint ${epoch} is not after the committed ${this.record.epoch}`);
+    if (data.length !== pages.length * PAGE_BYTES)
+      throw new ColoError(
+        'EINVAL',
+        `${pages.length} pages need ${pages.length * PAGE_BYTES} bytes, not ${data.length}`,
+      );
+    for (let i = 0; i < pages.length; i++)
+      if (!(Number.isInteger(pages[i]) && pages[i] >= 0 && (pages[i] + 1) * PAGE_BYTES <= this.size))
+        throw new ColoError('EINVAL', `page ${pages[i]} is outside a RAM of ${this.size} bytes`);
+    this.discard();
+    const journalName = `ram-${epoch}.journal`;
+    const journal = JournalWriter.open(this.storage, path.join(this.dir, journalName), 0);
+    for (let i = 0; i < pages.length; i += PAGES_PER_FRAME) {
+      const n = Math.min(PAGES_PER_FRAME, pages.length - i);
+      const frame: PageFrame = { t: 'p', e: epoch, p: Array.from({ length: n }, (_, k) => pages[i + k]) };
+      journal.append(frame, data.subarray(i * PAGE_BYTES, (i + n) * PAGE_BYTES));
+    }
+    const deviceName = `dev-${epoch}.bin`;
+    const f = this.storage.open(path.join(this.dir, deviceName));
+    f.truncate(0);
+    if (device.length > 0) f.writev([device], 0);
+    f.close();
+    this.pending = { epoch, journal, device: deviceName, pages: pages.length };
+  }
+
+  /** Copy a committed checkpoint's pages into ram.img, sync it, and drop the journal from the record. */
+  private async apply(journalName: string, epoch: number): Promise<void> {
+    const scan = scanJournal<PageFrame>(
+      this.storage,
+      path.join(this.dir, journalName),
+      (rec) => {
+        if (rec.meta.t !== 'p' || rec.meta.e !== epoch || rec.data === undefined)
+          throw new ColoError(
+            'EPROTO',
+            `${journalName}: a record that is not a page list of checkpoint ${epoch}`,
+          );
+        rec.meta.p.forEach((page, k) =>
+          this.image.writev([rec.data!.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES)], page * PAGE_BYTES),
+        );
+      },
+      { withData: true },
+    );
+    if (scan.tornTail || scan.corruption)
+      throw new ColoError(
+        'EIO',
+        `${journalName} is damaged at ${(scan.tornTail ?? scan.corruption)!.offset} though it was synced before its commit`,
+      );
+    await this.image.datasync();
+    await this.writeRecord({ t: 'c', epoch, size: this.size, device: this.record.device, journal: null });
+    this.storage.remove(path.join(this.dir, journalName));
+  }
+
+  /** Make the received checkpoint the committed one: atomic, durable when this resolves. */
+  async commit(epoch: number): Promise<void> {
+    const p = this.pending;
+    if (!p || p.epoch !== epoch) throw new ColoError('EINVAL', `checkpoint ${epoch} was not received`);
+    await p.journal.sync();
+    p.journal.close();
+    const dev = this.storage.open(path.join(this.dir, p.device));
+    await dev.datasync();
+    dev.close();
+    const previous = this.record.device;
+    this.pending = null;
+    await this.writeRecord({
+      t: 'c',
+      epoch,
+      size: this.size,
+      device: p.device,
+      journal: `ram-${epoch}.journal`,
+    });
+    await this.apply(this.record.journal!, epoch);
+    if (previous && previous !== p.device) this.storage.remove(path.join(this.dir, previous));
+  }
+
+  /** Append a commit record and make it durable (compacting the log when it has grown). */
+  private async writeRecord(r: CommitRecord): Promise<void> {
+    this.record = r;
+    if (this.log.size >= this.compactBytes && !r.journal) {
+      const fresh = path.join(this.dir, `${LOG}.new`);
+      this.storage.remove(fresh);
+      const w = JournalWriter.open(this.storage, fresh, 0);
+      w.append(r);
+      await w.sync();
+      w.close();
+      this.log.close();
+      this.storage.rename(fresh, path.join(this.dir, LOG));
+      this.log = JournalWriter.open(this.storage, path.join(this.dir, LOG));
+      return;
+    }
+    this.log.append(r);
+    await this.log.sync();
+  }
+
+  /** Drop a received checkpoint that will not be committed. */
+  discard(): void {
+    const p = this.pending;
+    if (!p) return;
+    this.pending = null;
+    p.journal.close();
+    this.storage.remove(path.join(this.dir, `ram-${p.epoch}.journal`));
+    this.storage.remove(path.join(this.dir, p.device));
+  }
+
+  close(): void {
+    this.discard();
+    this.image.close();
+    this.log.close();
+  }
+}
