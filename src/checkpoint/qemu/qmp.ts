@@ -64,7 +64,16 @@ export class QmpClient extends EventEmitter {
     super();
     socket.setEncoding('utf8');
     socket.on('data', (chunk: string) => this.feed(chunk));
-    socket.on('error', (err) => this.shut(new ColoError('ECONNECT', `QMP ${this.where}: ${err.message}`)));
+    socket.on('error', (err: NodeJS.ErrnoException) =>
+      this.shut(
+        new ColoError(
+          'ECONNECT',
+          err.code === 'ECONNRESET' || err.code === 'EPIPE'
+            ? `QMP ${this.where}: QEMU closed the connection (${err.code})`
+            : `QMP ${this.where}: ${err.message}`,
+        ),
+      ),
+    );
     socket.on('close', () =>
       this.shut(new ColoError('ECONNECT', `QMP ${this.where}: QEMU closed the connection`)),
     );
