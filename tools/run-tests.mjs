@@ -57,9 +57,17 @@ try {
     const tools = [...new Set([...skips.values()].flatMap((s) => s.missing))];
     console.log(`skipped ${skips.size} suites or tests: they need ${tools.join(', ')}, not found here`);
     for (const s of skips.values()) console.log(`  - ${s.name}: ${s.hint}`);
+    // One command for every skip: the union of the packages their hints name.
+    const pkgs = new Set();
+    for (const s of skips.values())
+      for (const p of (/apt-get install ([^()]+?)(?: and run|$)/.exec(s.hint)?.[1] ?? '').split(/\s+/))
+        if (p) pkgs.add(p);
+    const root = [...skips.values()].some((s) => /netns|namespaces/.test(s.hint))
+      ? ' (and root, for network namespaces)'
+      : '';
     console.log(
-      '  install them all with: sudo apt-get install qemu-utils libnbd-bin nbdkit nbd-server fio iproute2' +
-        ' (network namespaces also need root); .ci/run does, and fails on a missing tool',
+      `  install them all with: sudo apt-get install ${[...pkgs].join(' ')}${root}; ` +
+        '.ci/run does, and fails on a missing tool',
     );
   }
 } catch {
