@@ -14,11 +14,18 @@ import type { ChildProcess } from 'node:child_process';
 export const GUEST_DIR =
   process.env.COLO_BLK_GUEST_DIR ?? path.join(os.homedir(), '.cache', 'colo-blk', 'guest');
 
-/** Build the guest kit unless it is there already. */
+/** The kit version the tests need (tools/vm/build-guest.mjs KIT_VERSION). */
+const KIT_VERSION = 2;
+
+/** Build the guest kit unless it is there already, at this version. */
 export function ensureGuest(): { vmlinuz: string; initramfs: string } {
   const vmlinuz = path.join(GUEST_DIR, 'vmlinuz');
   const initramfs = path.join(GUEST_DIR, 'initramfs.cpio.gz');
-  if (!fs.existsSync(vmlinuz) || !fs.existsSync(initramfs))
+  const info = path.join(GUEST_DIR, 'guest.json');
+  const version = fs.existsSync(info)
+    ? (JSON.parse(fs.readFileSync(info, 'utf8')) as { version?: number }).version
+    : 0;
+  if (!fs.existsSync(vmlinuz) || !fs.existsSync(initramfs) || version !== KIT_VERSION)
     execFileSync(
       process.execPath,
       [path.join(ROOT, 'tools', 'vm', 'build-guest.mjs'), '--out', GUEST_DIR, '--json'],
@@ -41,12 +48,19 @@ export interface BootedGuest {
 
 export async function bootGuest(
   dir: string,
-  opts: { workload?: 'idle' | 'fsync-loop'; disk?: string; ramMiB?: number } = {},
+  opts: {
+    workload?: 'idle' | 'counter' | 'fsync-loop';
+    disk?: string;
+    ramMiB?: number;
+    /** Start paused, waiting for a migration (`-incoming defer`), from this RAM file. */
+    incoming?: { ramPath: string };
+  } = {},
 ): Promise<BootedGuest> {
   const { vmlinuz, initramfs } = ensureGuest();
   const ramMiB = opts.ramMiB ?? 256;
   const qmpPath = path.join(dir, 'qmp.sock');
-  const ramPath = path.join('/dev/shm', `colo-blk-test-ram-${process.pid}-${path.basename(dir)}`);
+  const ramPath =
+    opts.incoming?.ramPath ?? path.join('/dev/shm', `colo-blk-test-ram-${process.pid}-${path.basename(dir)}`);
   const args = [
     '-machine',
     'q35,accel=tcg,memory-backend=mem',
@@ -69,6 +83,7 @@ export async function bootGuest(
     `console=ttyS0 quiet panic=-1 colo.work=${opts.workload ?? 'idle'}`,
     '-qmp',
     `unix:${qmpPath},server=on,wait=off`,
+    ...(opts.incoming ? ['-incoming', 'defer'] : []),
     ...(opts.disk ? ['-drive', `file=${opts.disk},format=raw,if=virtio,cache=none,aio=threads`] : []),
   ];
   const child = track(spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] }));
@@ -101,9 +116,17 @@ export async function bootGuest(
         child.kill('SIGKILL');
         await exited;
       }
-      fs.rmSync(ramPath, { force: true });
+      if (!opts.incoming) fs.rmSync(ramPath, { force: true });
     },
   };
-  await waitSerial(/colo-guest: ready/);
+  if (opts.incoming) {
+    // Paused before the first instruction: the QMP socket is the sign of life.
+    const deadline = Date.now() + 30_000;
+    while (!fs.existsSync(qmpPath)) {
+      if (child.exitCode !== null) throw new Error(`QEMU exited (${child.exitCode}):\n${out.slice(-2000)}`);
+      if (Date.now() > deadline) throw new Error(`QEMU made no QMP socket in 30 s:\n${out.slice(-2000)}`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  } else await waitSerial(/colo-guest: ready/);
   return guest;
 }

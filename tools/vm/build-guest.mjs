@@ -6,6 +6,8 @@
 // loads the modules, says "colo-guest: ready" on the serial console, and
 // then runs the workload named on the kernel command line (colo.work=...):
 //   idle        wait (the default)
+//   counter     print "colo-guest: tick N" ten times a second (state in memory:
+//               a VM resumed from a checkpoint goes on from its N)
 //   fsync-loop  mount the virtio disk (ext4, made on the host), then write
 //               numbered files, each fsync'ed, logging "colo-guest: synced N"
 //
@@ -37,6 +39,9 @@ function sh(cmd, args, opts = {}) {
     throw new Error(`${cmd} ${args.join(' ')}: ${why}`);
   }
 }
+
+/** Bumped when the guest changes: a cached kit older than this is rebuilt. */
+const KIT_VERSION = 2;
 
 const MODULES = [
   'lib/crc16.ko',
@@ -78,6 +83,10 @@ case "$work" in
       fsync /mnt
       echo "colo-guest: synced $n"
     done
+    ;;
+  counter)
+    n=0
+    while :; do n=$((n + 1)); echo "colo-guest: tick $n"; usleep 100000; done
     ;;
   *) while :; do sleep 3600; done ;;
 esac
@@ -124,12 +133,13 @@ try {
   fs.copyFileSync(path.join(root, 'boot', vmlinuz), path.join(out, 'vmlinuz'));
   fs.writeFileSync(path.join(out, 'initramfs.cpio.gz'), gz);
   const info = {
+    version: KIT_VERSION,
     dir: out,
     kernel: release,
     package: pkg,
     vmlinuzBytes: fs.statSync(path.join(out, 'vmlinuz')).size,
     initramfsBytes: gz.length,
-    workloads: ['idle', 'fsync-loop'],
+    workloads: ['idle', 'counter', 'fsync-loop'],
   };
   fs.writeFileSync(path.join(out, 'guest.json'), JSON.stringify(info, null, 2) + '\n');
   if (o.json) process.stdout.write(JSON.stringify(info) + '\n');

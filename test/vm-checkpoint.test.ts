@@ -1,0 +1,101 @@
+/**
+ * A real VM checkpointed into a durable standby and resumed from it on
+ * another QEMU (issue 12's loop without the network yet): a guest counting
+ * in memory under QEMU (TCG, RAM in a shared file) is checkpointed five
+ * times (stop, device state by x-ignore-shared migration, changed RAM pages,
+ * cont) into a StandbyRam; the QEMU is SIGKILLed later, and a new QEMU started
+ * on the standby's committed RAM image with its device state goes on counting
+ * from the last checkpoint, not from where the dead one got to, nor from 1.
+ */
+import path from 'node:path';
+import { afterAll, expect, it } from 'vitest';
+import { QmpClient } from '../src/checkpoint/qemu/qmp.js';
+import { StandbyRam } from '../src/checkpoint/qemu/standby-ram.js';
+import { QemuVm, resumeFromCheckpoint } from '../src/checkpoint/qemu/vm.js';
+import { nodeStorage } from '../src/sys/storage.js';
+import { killAll, rmDir, tmpDir } from './helpers.js';
+import { describeWith } from './tools.js';
+import { bootGuest } from './vm-helpers.js';
+
+const dirs: string[] = [];
+afterAll(async () => {
+  await killAll();
+  dirs.forEach(rmDir);
+});
+const fresh = (name: string) => {
+  const d = tmpDir(`colo-blk-vmcp-${name}-`);
+  dirs.push(d);
+  return d;
+};
+
+function lastTick(serial: string): number {
+  const all = [...serial.matchAll(/colo-guest: tick (\d+)/g)];
+  return all.length ? Number(all[all.length - 1][1]) : 0;
+}
+
+describeWith(
+  ['qemu-system-x86_64', 'busybox', 'cpio'],
+  'a real VM checkpointed and resumed elsewhere',
+  () => {
+    it('goes on from its last committed checkpoint on a new QEMU after the first is killed', async () => {
+      const pvm = await bootGuest(fresh('pvm'), { workload: 'counter' });
+      const qmp = await QmpClient.connect({ path: pvm.qmpPath });
+      const vm = await QemuVm.attach(qmp, pvm.ramPath);
+      const standby = await StandbyRam.open(
+        nodeStorage,
+        path.join(fresh('standby'), 'ram'),
+        256 * 1024 * 1024,
+      );
+      await pvm.waitSerial(/colo-guest: tick 5\b/);
+      const pauses: number[] = [];
+      let atCheckpoint = 0;
+      for (let epoch = 1; epoch <= 5; epoch++) {
+        await new Promise((r) => setTimeout(r, 200));
+        const cp = await vm.checkpoint({ keepPaused: true });
+        await new Promise((r) => setTimeout(r, 30)); // let the console's last line reach us
+        atCheckpoint = lastTick(pvm.serial());
+        await qmp.execute('cont');
+        pauses.push(cp.timings.pause);
+        standby.receive(epoch, cp.pages, cp.data, cp.device);
+        await standby.commit(epoch);
+        if (epoch === 1) expect(cp.pages.length).toBeGreaterThan(1000);
+        else expect(cp.pages.length).toBeLessThan(16384);
+        expect(cp.device.length).toBeGreaterThan(1024);
+      }
+      // The PVM goes on after the last checkpoint, then dies.
+      await pvm.waitSerial(new RegExp(`colo-guest: tick ${atCheckpoint + 6}\\b`));
+      const died = lastTick(pvm.serial());
+      await pvm.kill();
+      qmp.close();
+      vm.close();
+
+      const committed = standby.committed;
+      expect(committed.epoch).toBe(5);
+      standby.close();
+      const t0 = Date.now();
+      const svm = await bootGuest(fresh('svm'), { incoming: { ramPath: committed.ram } });
+      const qmp2 = await QmpClient.connect({ path: svm.qmpPath });
+      try {
+        await resumeFromCheckpoint(qmp2, committed.device!);
+        const m = await svm.waitSerial(/colo-guest: tick (\d+)/, 30_000);
+        const first = Number(m[1]);
+        const resumedMs = Date.now() - t0;
+        // It counts on from the checkpoint (the tick after the last one it had printed, give or take
+        // the one being printed at the pause): not from 1 (a reboot), not from where the dead VM got to.
+        expect(first).toBeGreaterThanOrEqual(atCheckpoint);
+        expect(first).toBeLessThanOrEqual(atCheckpoint + 2);
+        expect(first).toBeLessThan(died);
+        await svm.waitSerial(new RegExp(`colo-guest: tick ${first + 3}\\b`));
+        pauses.sort((a, b) => a - b);
+        console.log(
+          `checkpoints of a 256 MiB guest: pause ${pauses.map((p) => p.toFixed(1)).join(', ')} ms ` +
+            `(the first is full); resumed on a new QEMU at tick ${first} (checkpoint at ${atCheckpoint}, ` +
+            `the dead one got to ${died}) ${resumedMs} ms after starting it`,
+        );
+      } finally {
+        qmp2.close();
+        await svm.kill();
+      }
+    }, 180_000);
+  },
+);
