@@ -58,6 +58,7 @@ describeWith(
         pauses.push(cp.timings.pause);
         standby.receive(epoch, cp.pages, cp.data, cp.device);
         await standby.commit(epoch);
+        vm.checkpointed();
         if (epoch === 1) expect(cp.pages.length).toBeGreaterThan(1000);
         else expect(cp.pages.length).toBeLessThan(16384);
         expect(cp.device.length).toBeGreaterThan(1024);

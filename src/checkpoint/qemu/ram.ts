@@ -12,6 +12,9 @@
  *   few GiB, and a segment is one mapping), so guests of any size work.
  * - The first diff after opening finds every page that is not zero (the
  *   copy starts as zeroes, like a fresh guest's RAM): a full checkpoint.
+ * - A diff lists the pages changed since the last *checkpointed()*, not since
+ *   the last diff: if a checkpoint fails after its pages were taken (the
+ *   secondary never committed them), the next one carries them again.
  * - Soft-dirty page tracking (/proc/PID/clear_refs, pagemap bit 55) would
  *   find the pages without comparing them, but needs CONFIG_MEM_SOFT_DIRTY,
  *   which this machine's kernel lacks; the compare works everywhere.
@@ -39,13 +42,18 @@ export interface RamDiff {
 }
 
 export class RamImage {
+  /** Pages taken by a diff and not yet part of a committed checkpoint (one byte each). */
+  private readonly uncommitted: Uint8Array;
+
   private constructor(
     readonly path: string,
     readonly size: number,
     private readonly fd: number,
     private readonly segments: Segment[],
     readonly threads: number,
-  ) {}
+  ) {
+    this.uncommitted = new Uint8Array(size / PAGE_BYTES);
+  }
 
   static open(path: string, threads = Math.max(1, os.availableParallelism())): RamImage {
     if (!native) throw new ColoError('ENOTSUP', 'RAM checkpoints need the native helpers (npm run install)');
@@ -76,26 +84,34 @@ export class RamImage {
     return new RamImage(path, size, fd, segments, threads);
   }
 
-  /** Pages changed since the last diff (or since zero), with the copy brought up to date. */
+  /**
+   * Pages changed since the last checkpointed() (or since zero), with the copy
+   * brought up to date: the compare finds what changed since the last diff,
+   * and the pages of diffs not yet checkpointed are added to it.
+   */
   diff(): RamDiff {
     const t0 = performance.now();
-    const parts: Uint32Array[] = [];
     let total = 0;
     for (const s of this.segments) {
       const n = native!.diffPages(s.current, s.reference, PAGE_BYTES, s.out, this.threads);
       const base = s.offset / PAGE_BYTES;
-      const part = s.out.slice(0, n);
-      if (base) for (let i = 0; i < n; i++) part[i] += base;
-      parts.push(part);
-      total += n;
+      for (let i = 0; i < n; i++) this.uncommitted[base + s.out[i]] = 1;
     }
+    for (let i = 0; i < this.uncommitted.length; i++) total += this.uncommitted[i];
     const pages = new Uint32Array(total);
-    let at = 0;
-    for (const p of parts) {
-      pages.set(p, at);
-      at += p.length;
-    }
+    for (let i = 0, at = 0; i < this.uncommitted.length; i++) if (this.uncommitted[i]) pages[at++] = i;
     return { pages, ms: performance.now() - t0 };
+  }
+
+  /** The last diff's pages are committed at the other side: the next diff starts from here. */
+  checkpointed(): void {
+    this.uncommitted.fill(0);
+  }
+
+  /** Forget what the other side holds: the next diff lists every page that is not zero (a new secondary). */
+  forgetPeer(): void {
+    for (const s of this.segments) s.reference.fill(0);
+    this.uncommitted.fill(0);
   }
 
   /** Page `i` as of the last diff (a view of the copy: valid until the next diff). */

@@ -21,7 +21,7 @@ import type { QmpClient } from './qmp.js';
 import { PAGE_BYTES, RamImage } from './ram.js';
 
 export interface VmCheckpoint {
-  /** Pages changed since the previous checkpoint (all non-zero pages the first time), ascending. */
+  /** Pages changed since the last committed checkpoint (all non-zero pages the first time), ascending. */
   pages: Uint32Array;
   /** Their contents, in the same order. */
   data: Buffer;
@@ -115,6 +115,11 @@ export class QemuVm {
       device,
       timings: { stop: t1 - t0, device: t2 - t1, ram: t3 - t2, cont: t4 - t3, pause: t4 - t0 },
     };
+  }
+
+  /** The last checkpoint is committed at the secondary: the next carries only what changes from here. */
+  checkpointed(): void {
+    this.ram.checkpointed();
   }
 
   close(): void {
