@@ -15,7 +15,7 @@ export const GUEST_DIR =
   process.env.COLO_BLK_GUEST_DIR ?? path.join(os.homedir(), '.cache', 'colo-blk', 'guest');
 
 /** The kit version the tests need (tools/vm/build-guest.mjs KIT_VERSION). */
-const KIT_VERSION = 2;
+const KIT_VERSION = 3;
 
 /** Build the guest kit unless it is there already, at this version. */
 export function ensureGuest(): { vmlinuz: string; initramfs: string } {
@@ -49,7 +49,7 @@ export interface BootedGuest {
 export async function bootGuest(
   dir: string,
   opts: {
-    workload?: 'idle' | 'counter' | 'fsync-loop';
+    workload?: 'idle' | 'counter' | 'dirty' | 'fsync-loop';
     disk?: string;
     ramMiB?: number;
     /** Start paused, waiting for a migration (`-incoming defer`), from this RAM file. */

@@ -8,6 +8,8 @@
 //   idle        wait (the default)
 //   counter     print "colo-guest: tick N" ten times a second (state in memory:
 //               a VM resumed from a checkpoint goes on from its N)
+//   dirty       rewrite 15 MiB of memory over and over (two patterns in turn):
+//               a guest that dirties ~15 MiB per checkpoint, the figure
 //   fsync-loop  mount the virtio disk (ext4, made on the host), then write
 //               numbered files, each fsync'ed, logging "colo-guest: synced N"
 //
@@ -41,7 +43,7 @@ function sh(cmd, args, opts = {}) {
 }
 
 /** Bumped when the guest changes: a cached kit older than this is rebuilt. */
-const KIT_VERSION = 2;
+const KIT_VERSION = 3;
 
 const MODULES = [
   'lib/crc16.ko',
@@ -82,6 +84,12 @@ case "$work" in
       mv /mnt/f$n.tmp /mnt/f$n
       fsync /mnt
       echo "colo-guest: synced $n"
+    done
+    ;;
+  dirty)
+    mkdir -p /run/dirty && mount -t tmpfs -o size=32m tmpfs /run/dirty
+    while :; do
+      for c in a b; do tr '\\0' "$c" < /dev/zero | head -c 15728640 > /run/dirty/blob; echo "colo-guest: dirtied $c"; done
     done
     ;;
   counter)
@@ -139,7 +147,7 @@ try {
     package: pkg,
     vmlinuzBytes: fs.statSync(path.join(out, 'vmlinuz')).size,
     initramfsBytes: gz.length,
-    workloads: ['idle', 'counter', 'fsync-loop'],
+    workloads: ['idle', 'counter', 'dirty', 'fsync-loop'],
   };
   fs.writeFileSync(path.join(out, 'guest.json'), JSON.stringify(info, null, 2) + '\n');
   if (o.json) process.stdout.write(JSON.stringify(info) + '\n');
