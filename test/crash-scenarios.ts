@@ -453,6 +453,11 @@ function promotedScenario(point: (typeof PROMOTED_POINTS)[number] | 'random'): S
       const writes = planMutations(ctx.rng, r.size, ctx.rng.int(12, 24), 24 * 1024).filter(
         (m) => m.t === 'w',
       );
+      // Enough bytes for at least four folds of 32 KiB, whatever the draw: a plan that names the
+      // second fold must be able to reach it (a draw of five small writes once never did).
+      const bytes = () => writes.reduce((n, m) => n + (m.t === 'w' ? m.data.length : 0), 0);
+      for (let extra = 0; bytes() < 4 * 32 * 1024 && extra < 64; extra++)
+        writes.push(...planMutations(ctx.rng, r.size, 4, 24 * 1024).filter((m) => m.t === 'w'));
       const at = plan.kind === 'random' ? Math.floor(plan.at * writes.length) : -1;
       const svm = await NbdClient.connect({ port: r.node.nbdPort, exportName: 'disk0' });
       try {

@@ -449,7 +449,8 @@ describeWith(CLIENTS, 'read-only export', () => {
 
 describeWith(CLIENTS, 'CLI process', () => {
   beforeAll(async () => {
-    if (!fs.existsSync(path.join(ROOT, 'dist', 'tools', 'colo-blk.js')))
+    // npm test builds first (pretest); a run of this file alone may not have.
+    if (!fs.existsSync(path.join(ROOT, 'dist', 'src', 'cli', 'main.js')))
       await runOk('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: ROOT, timeoutMs: 55_000 });
   });
 
