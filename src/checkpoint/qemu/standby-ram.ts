@@ -15,7 +15,8 @@
  * - Receiving writes a checkpoint's pages to its journal and its device state
  *   to its own file; nothing touches ram.img.
  * - Commit: sync both files, then append and sync a commit record naming
- *   them (the commit point), then copy the pages into ram.img, sync it, and
+ *   them (the commit point), then copy the pages (still in memory: the
+ *   journal is read back only after a crash) into ram.img, sync it, and
  *   append a record without the journal. A crash after the commit point
  *   leaves a last record that names the journal: opening replays it (page
  *   writes are idempotent). A crash before it leaves the previous checkpoint,
@@ -52,7 +53,15 @@ interface PageFrame {
 }
 
 export class StandbyRam {
-  private pending: { epoch: number; journal: JournalWriter; device: string; pages: number } | null = null;
+  /** The received checkpoint: its files, and its pages still in memory (applied from there at commit). */
+  private pending: {
+    epoch: number;
+    journal: JournalWriter;
+    device: string;
+    deviceFile: StorageFile;
+    pages: Uint32Array;
+    data: Buffer;
+  } | null = null;
 
   private constructor(
     private readonly storage: Storage,
@@ -107,7 +116,7 @@ export class StandbyRam {
       log,
       opts.compactBytes ?? LOG_COMPACT_BYTES,
     );
-    if (record.journal) await store.apply(record.journal, record.epoch);
+    if (record.journal) await store.replay(record.journal, record.epoch);
     // Nothing else survives: uncommitted checkpoints, replaced device states, applied journals.
     for (const name of storage.list(dir))
       if (/^(dev-\d+\.bin|ram-\d+\.journal)(\.tmp)?$/.test(name) && name !== store.record.device)
@@ -124,7 +133,10 @@ export class StandbyRam {
     };
   }
 
-  /** Hold checkpoint `epoch`: the pages it changed (their contents in `data`, in order) and the device state. */
+  /**
+   * Hold checkpoint `epoch`: the pages it changed (their contents in `data`, in order) and the device
+   * state. `data` is kept until the commit or the discard: the caller must not reuse it before.
+   */
   receive(epoch: number, pages: ArrayLike<number>, data: Buffer, device: Buffer): void {
     if (epoch <= this.record.epoch)
       throw new ColoError('EINVAL', `checkpoint ${epoch} is not after the committed ${this.record.epoch}`);
@@ -145,15 +157,19 @@ export class StandbyRam {
       journal.append(frame, data.subarray(i * PAGE_BYTES, (i + n) * PAGE_BYTES));
     }
     const deviceName = `dev-${epoch}.bin`;
-    const f = this.storage.open(path.join(this.dir, deviceName));
-    f.truncate(0);
-    if (device.length > 0) f.writev([device], 0);
-    f.close();
-    this.pending = { epoch, journal, device: deviceName, pages: pages.length };
+    const deviceFile = this.storage.open(path.join(this.dir, deviceName));
+    deviceFile.truncate(0);
+    if (device.length > 0) deviceFile.writev([device], 0);
+    this.pending = { epoch, journal, device: deviceName, deviceFile, pages: Uint32Array.from(pages), data };
   }
 
-  /** Copy a committed checkpoint's pages into ram.img, sync it, and drop the journal from the record. */
-  private async apply(journalName: string, epoch: number): Promise<void> {
+  private writePages(pages: ArrayLike<number>, data: Buffer): void {
+    for (let k = 0; k < pages.length; k++)
+      this.image.writev([data.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES)], pages[k] * PAGE_BYTES);
+  }
+
+  /** After a crash past a commit point: copy the committed journal's pages into ram.img. */
+  private async replay(journalName: string, epoch: number): Promise<void> {
     const scan = scanJournal<PageFrame>(
       this.storage,
       path.join(this.dir, journalName),
@@ -163,9 +179,7 @@ export class StandbyRam {
             'EPROTO',
             `${journalName}: a record that is not a page list of checkpoint ${epoch}`,
           );
-        rec.meta.p.forEach((page, k) =>
-          this.image.writev([rec.data!.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES)], page * PAGE_BYTES),
-        );
+        this.writePages(rec.meta.p, rec.data);
       },
       { withData: true },
     );
@@ -174,6 +188,11 @@ export class StandbyRam {
         'EIO',
         `${journalName} is damaged at ${(scan.tornTail ?? scan.corruption)!.offset} though it was synced before its commit`,
       );
+    await this.applied(journalName, epoch);
+  }
+
+  /** The pages are in ram.img: sync it, and drop the journal from the record. */
+  private async applied(journalName: string, epoch: number): Promise<void> {
     await this.image.datasync();
     await this.writeRecord({ t: 'c', epoch, size: this.size, device: this.record.device, journal: null });
     this.storage.remove(path.join(this.dir, journalName));
@@ -183,11 +202,9 @@ export class StandbyRam {
   async commit(epoch: number): Promise<void> {
     const p = this.pending;
     if (!p || p.epoch !== epoch) throw new ColoError('EINVAL', `checkpoint ${epoch} was not received`);
-    await p.journal.sync();
+    await Promise.all([p.journal.sync(), p.deviceFile.datasync()]);
     p.journal.close();
-    const dev = this.storage.open(path.join(this.dir, p.device));
-    await dev.datasync();
-    dev.close();
+    p.deviceFile.close();
     const previous = this.record.device;
     this.pending = null;
     await this.writeRecord({
@@ -197,7 +214,9 @@ export class StandbyRam {
       device: p.device,
       journal: `ram-${epoch}.journal`,
     });
-    await this.apply(this.record.journal!, epoch);
+    // The pages are still in memory: the journal is only read back after a crash.
+    this.writePages(p.pages, p.data);
+    await this.applied(this.record.journal!, epoch);
     if (previous && previous !== p.device) this.storage.remove(path.join(this.dir, previous));
   }
 
@@ -226,6 +245,7 @@ export class StandbyRam {
     if (!p) return;
     this.pending = null;
     p.journal.close();
+    p.deviceFile.close();
     this.storage.remove(path.join(this.dir, `ram-${p.epoch}.journal`));
     this.storage.remove(path.join(this.dir, p.device));
   }
