@@ -61,7 +61,7 @@ export function addLinkTlsOptions(cmd: Command): Command {
 }
 
 export function nbdTlsFromFlags(o: NbdTlsFlags): NbdTlsConfig | undefined {
-  const creds = credentialsFromFlags({ certs: o.tlsCerts, psk: o.tlsPsk }, o.tlsCerts ? ['server'] : []);
+  const creds = credentialsFromFlags({ certs: o.tlsCerts, psk: o.tlsPsk }, ['server']);
   const mode: TlsMode = (o.tls as TlsMode | undefined) ?? (creds ? 'require' : 'off');
   if (mode === 'off') {
     if (creds)

@@ -57,7 +57,6 @@ export interface NbdTlsConfig {
 /** What a connection needs to upgrade itself, built once per server. */
 export interface ServerTls {
   mode: 'on' | 'require';
-  kind: 'x509' | 'psk';
   verifyPeer: boolean;
   /** For the one-connection tls.Server each STARTTLS hands its socket to. */
   serverOptions: tls.TlsOptions;
@@ -218,15 +217,13 @@ export class NbdServer extends EventEmitter {
     this.emit('connect', conn.id);
   }
 
-  /** Take a connection out of the counts (once); false if it already was. */
-  private forget(conn: Connection): boolean {
+  /** Take a connection out of the counts (once: an evicted one is forgotten before it closes). */
+  private forget(conn: Connection): void {
     this.negotiating.delete(conn);
-    if (!this.connections.delete(conn)) return false;
-    const address = conn.address;
-    const left = (this.perAddress.get(address) ?? 1) - 1;
-    if (left > 0) this.perAddress.set(address, left);
-    else this.perAddress.delete(address);
-    return true;
+    if (!this.connections.delete(conn)) return;
+    const left = (this.perAddress.get(conn.address) ?? 1) - 1;
+    if (left > 0) this.perAddress.set(conn.address, left);
+    else this.perAddress.delete(conn.address);
   }
 
   /** A connection finished negotiating: it is a client now, never evicted for room. */
@@ -285,7 +282,6 @@ function resolveTls(cfg: NbdTlsConfig | undefined): ServerTls | null {
   // The verdict on a client certificate is ours to act on (the connection logs why it refuses).
   return {
     mode: cfg.mode,
-    kind: cfg.creds.kind,
     verifyPeer,
     serverOptions: { ...options, rejectUnauthorized: false },
   };

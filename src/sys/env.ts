@@ -5,7 +5,8 @@
  * them one simulated clock and network.
  */
 import { realClock, realRandom, type Clock, type Random } from './clock.js';
-import { tcpNet, type Net } from './net.js';
+import { tcpNet, tlsNet, type Net } from './net.js';
+import type { TlsCredentials } from '../net/tls/credentials.js';
 import { nodeStorage, type Storage } from './storage.js';
 import { hashPool, type HashPool } from '../failover/reprotect/hash-pool.js';
 
@@ -25,3 +26,9 @@ export const realEnv: Env = {
   net: tcpNet,
   hashing: hashPool,
 };
+
+/** A node's environment: realEnv, with the replication link over mutual TLS when it has credentials. */
+export function nodeEnv(linkTls: TlsCredentials | null | undefined, warn: (msg: string) => void): Env {
+  if (!linkTls) return realEnv;
+  return { ...realEnv, net: tlsNet(linkTls, (why) => warn(`replication link: refused ${why}`)) };
+}

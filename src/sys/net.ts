@@ -76,7 +76,8 @@ export const tcpNet: Net = {
  * fallback. `refused` hears of each peer turned away.
  */
 export function tlsNet(creds: TlsCredentials, refused: (why: string) => void = () => {}): Net {
-  const server = creds.kind === 'x509' ? serverTlsOptions(creds, true) : serverTlsOptions(creds, false);
+  // X.509: a client certificate is demanded (a PSK is mutual by itself).
+  const server = serverTlsOptions(creds, creds.kind === 'x509');
   const client = clientTlsOptions(creds);
   if (creds.kind === 'x509' && !creds.client)
     throw new Error(`${creds.dir} has no client-cert.pem: the replication link authenticates both ends`);

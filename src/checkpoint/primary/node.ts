@@ -7,8 +7,7 @@ import { FileDevice, type IoMode } from '../../block/file.js';
 import type { Tunables } from '../../limits.js';
 import { NbdServer, type Logger, type NbdTlsConfig } from '../../net/server.js';
 import type { TlsCredentials } from '../../net/tls/credentials.js';
-import { realEnv, type Env } from '../../sys/env.js';
-import { tlsNet } from '../../sys/net.js';
+import { nodeEnv } from '../../sys/env.js';
 import type { Endpoint } from '../../util/address.js';
 import { ControlServer } from '../control.js';
 import type { HeartbeatOptions } from './core.js';
@@ -52,12 +51,7 @@ export class PrimaryNode {
   ) {}
 
   static async start(opts: PrimaryNodeOptions): Promise<PrimaryNode> {
-    const env: Env = opts.linkTls
-      ? {
-          ...realEnv,
-          net: tlsNet(opts.linkTls, (why) => opts.logger.warn(`replication link: refused ${why}`)),
-        }
-      : realEnv;
+    const env = nodeEnv(opts.linkTls, (msg) => opts.logger.warn(msg));
     const image = await FileDevice.open(opts.image, { size: opts.size, io: opts.io });
     const holder: { nbd?: NbdServer } = {};
     let replica: PrimaryReplica;
