@@ -10,7 +10,9 @@
  *   caller gets it back with the hashes, to read the next piece into.
  * - The worker's code is a string evaluated in the worker (CommonJS, only
  *   node:crypto): it needs no file of its own, so it runs the same from dist/
- *   and from the TypeScript sources under test.
+ *   and from the TypeScript sources under test. It is hashInline and isZero
+ *   again, in the one form a worker can load: change them together (the
+ *   hash tests compare the pool with one thread against a plain SHA-256).
  * - Small jobs are hashed inline: below POOL_MIN_BYTES a message round trip
  *   costs more than the hash. A pool of size 0 hashes everything inline (the
  *   simulator's: worker threads would make its runs depend on real time).
