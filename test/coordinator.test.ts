@@ -42,7 +42,7 @@ function fakeVm(name: string, log: string[], identity = 'fake') {
     discard: () => call('discard', undefined),
     hash: () => call('hash', 'h'),
     diskHash: () => call('diskHash', 'd'),
-    probe: () => (dead ? refused() : Promise.resolve({ dirtyBytes: 0, identity })),
+    probe: () => (dead ? refused() : Promise.resolve({ dirtyBytes: 0, identity, standby: false })),
   };
   return vm;
 }

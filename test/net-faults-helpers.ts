@@ -553,7 +553,7 @@ export async function startNodeInNs(
       .split('\n')
       .filter((l) => l.startsWith('{'))
       .map((l) => JSON.parse(l) as Record<string, unknown>);
-  return { child, info, stderr: () => stderr, events, exit };
+  return { child, info, stderr: () => stderr, events, stdout: () => lines, exit };
 }
 
 // The forwarder that runs inside a namespace: Unix socket (visible from every

@@ -17,6 +17,8 @@ export interface NodeProc {
   stderr: () => string;
   /** Every JSON line it printed on stdout so far (events of `colo --json`). */
   events: () => Record<string, unknown>[];
+  /** All it printed on stdout (a VM's console, for vm-standby's QEMU). */
+  stdout: () => string;
   control: { host: string; port: number };
   nbdPort: number;
   exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
@@ -24,7 +26,7 @@ export interface NodeProc {
 
 /** Start `colo-blk <role> ... --json` and wait for its listening line. */
 export async function startNode(
-  role: 'primary' | 'secondary' | 'guest' | 'colo',
+  role: 'primary' | 'secondary' | 'guest' | 'colo' | 'vm' | 'vm-standby',
   args: string[],
   env: NodeJS.ProcessEnv = {},
   timeoutMs = 20_000,
@@ -68,6 +70,7 @@ export async function startNode(
     info,
     stderr: () => stderr,
     events,
+    stdout: () => stdout,
     control: { host: '127.0.0.1', port: Number(info.controlPort) },
     nbdPort: Number(info.port),
     exit,

@@ -15,7 +15,7 @@ export const GUEST_DIR =
   process.env.COLO_BLK_GUEST_DIR ?? path.join(os.homedir(), '.cache', 'colo-blk', 'guest');
 
 /** The kit version the tests need (tools/vm/build-guest.mjs KIT_VERSION). */
-const KIT_VERSION = 3;
+const KIT_VERSION = 4;
 
 /** Build the guest kit unless it is there already, at this version. */
 export function ensureGuest(): { vmlinuz: string; initramfs: string } {
@@ -37,35 +37,26 @@ export function ensureGuest(): { vmlinuz: string; initramfs: string } {
   return { vmlinuz, initramfs };
 }
 
-export interface BootedGuest {
-  child: ChildProcess;
-  qmpPath: string;
+/**
+ * The test guest's QEMU command line without QMP: RAM in `ramPath` (shared),
+ * serial on stdio, the workload on the kernel command line, `disk` (an NBD
+ * URI) as a virtio disk. This is the command line a protected VM is given.
+ */
+export function guestQemuArgs(opts: {
+  workload?: Workload;
+  disk?: string;
+  ramMiB?: number;
   ramPath: string;
-  serial: () => string;
-  waitSerial: (re: RegExp, timeoutMs?: number) => Promise<RegExpMatchArray>;
-  kill: () => Promise<void>;
-}
-
-export async function bootGuest(
-  dir: string,
-  opts: {
-    workload?: 'idle' | 'counter' | 'dirty' | 'fsync-loop';
-    disk?: string;
-    ramMiB?: number;
-    /** Start paused, waiting for a migration (`-incoming defer`), from this RAM file. */
-    incoming?: { ramPath: string };
-  } = {},
-): Promise<BootedGuest> {
+  /** The guest's port 80 on this host's 127.0.0.1:httpPort (QEMU user networking, virtio-net). */
+  httpPort?: number;
+}): string[] {
   const { vmlinuz, initramfs } = ensureGuest();
   const ramMiB = opts.ramMiB ?? 256;
-  const qmpPath = path.join(dir, 'qmp.sock');
-  const ramPath =
-    opts.incoming?.ramPath ?? path.join('/dev/shm', `colo-blk-test-ram-${process.pid}-${path.basename(dir)}`);
-  const args = [
+  return [
     '-machine',
     'q35,accel=tcg,memory-backend=mem',
     '-object',
-    `memory-backend-file,id=mem,size=${ramMiB}M,mem-path=${ramPath},share=on`,
+    `memory-backend-file,id=mem,size=${ramMiB}M,mem-path=${opts.ramPath},share=on`,
     '-m',
     `${ramMiB}M`,
     '-display',
@@ -81,10 +72,48 @@ export async function bootGuest(
     initramfs,
     '-append',
     `console=ttyS0 quiet panic=-1 colo.work=${opts.workload ?? 'idle'}`,
+    ...(opts.disk ? ['-drive', `file=${opts.disk},format=raw,if=virtio,cache=none,aio=threads`] : []),
+    ...(opts.httpPort
+      ? [
+          '-netdev',
+          `user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:${opts.httpPort}-:80`,
+          '-device',
+          'virtio-net-pci,netdev=net0',
+        ]
+      : ['-nic', 'none']),
+  ];
+}
+
+export type Workload = 'idle' | 'counter' | 'dirty' | 'fsync-loop' | 'web';
+
+export interface BootedGuest {
+  child: ChildProcess;
+  qmpPath: string;
+  ramPath: string;
+  serial: () => string;
+  waitSerial: (re: RegExp, timeoutMs?: number) => Promise<RegExpMatchArray>;
+  kill: () => Promise<void>;
+}
+
+export async function bootGuest(
+  dir: string,
+  opts: {
+    workload?: Workload;
+    disk?: string;
+    ramMiB?: number;
+    httpPort?: number;
+    /** Start paused, waiting for a migration (`-incoming defer`), from this RAM file. */
+    incoming?: { ramPath: string };
+  } = {},
+): Promise<BootedGuest> {
+  const qmpPath = path.join(dir, 'qmp.sock');
+  const ramPath =
+    opts.incoming?.ramPath ?? path.join('/dev/shm', `colo-blk-test-ram-${process.pid}-${path.basename(dir)}`);
+  const args = [
+    ...guestQemuArgs({ ...opts, ramPath }),
     '-qmp',
     `unix:${qmpPath},server=on,wait=off`,
     ...(opts.incoming ? ['-incoming', 'defer'] : []),
-    ...(opts.disk ? ['-drive', `file=${opts.disk},format=raw,if=virtio,cache=none,aio=threads`] : []),
   ];
   // At the lowest CPU priority: a guest under TCG keeps a core busy, and the timing-sensitive
   // suites that run beside it (failover, crash points) must not starve. `nice` execs QEMU (same PID).

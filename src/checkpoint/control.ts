@@ -203,11 +203,11 @@ export async function controlCall<T = Record<string, unknown>>(
   });
 }
 
-/** Call a raw route: bytes in, bytes (or JSON, parsed) out. */
+/** Call a raw route: bytes in (one buffer, or several sent in order without joining them), bytes out. */
 export async function controlRaw(
   address: { host: string; port: number },
   path: string,
-  body: Buffer = Buffer.alloc(0),
+  body: Buffer | Buffer[] = Buffer.alloc(0),
   timeoutMs = 30_000,
 ): Promise<Buffer> {
   return new Promise<Buffer>((resolve, reject) => {
@@ -220,7 +220,7 @@ export async function controlRaw(
         headers: {
           ...authHeader(),
           'content-type': 'application/octet-stream',
-          'content-length': body.length,
+          'content-length': Array.isArray(body) ? body.reduce((n, b) => n + b.length, 0) : body.length,
         },
         timeout: timeoutMs,
       },
@@ -247,6 +247,10 @@ export async function controlRaw(
     req.on('error', (err) =>
       reject(new ColoError('ECONNECT', `cannot reach ${address.host}:${address.port}: ${err.message}`)),
     );
-    req.end(body);
+    if (Array.isArray(body)) {
+      req.cork();
+      for (const b of body) req.write(b);
+      req.end();
+    } else req.end(body);
   });
 }

@@ -1,6 +1,10 @@
 /** `colo-blk colo`: the comparer and the checkpoint coordinator (src/checkpoint/coordinator/). */
 import { ColoError } from '../errors.js';
-import type { CheckpointRecord, FailoverRecord } from '../checkpoint/coordinator/coordinator.js';
+import {
+  verdict,
+  type CheckpointRecord,
+  type FailoverRecord,
+} from '../checkpoint/coordinator/coordinator.js';
 import { COLO_DEFAULTS, ColoNode } from '../checkpoint/coordinator/node.js';
 import type { Mode } from '../net/comparer/comparer.js';
 import { parseHostPort } from '../util/address.js';
@@ -49,7 +53,7 @@ export function checkpointLine(r: CheckpointRecord): string {
     `paused ${f(r.pauseMs)} ms (pause ${f(p.pause)}, seal ${f(p.seal)} + durable ${f(p.durable)} ∥ send ${f(p.send)}, ` +
     `drain ${f(p.drain)}, release ${f(p.release)}, load ∥ commit ${f(p.load)}, resume ${f(p.resume)})` +
     (r.verified
-      ? `; SVM ${r.verified.state && r.verified.disk ? '= PVM (state and disk)' : `≠ PVM (state ${r.verified.state ? 'equal' : 'DIFFERS'}, disk ${r.verified.disk ? 'equal' : 'DIFFERS'})`}`
+      ? `; SVM ${r.verified.state !== false && r.verified.disk !== false ? '= PVM' : '≠ PVM'} (state ${verdict(r.verified.state)}, disk ${verdict(r.verified.disk)})`
       : '')
   );
 }

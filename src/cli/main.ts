@@ -14,6 +14,7 @@ import { EXPORT_SPEC_HELP } from './exports.js';
 import { readTokenFile, setControlAuth, TOKEN_ENV } from '../checkpoint/control-auth.js';
 import { coloCommand } from './colo.js';
 import { guestCommand } from './guest.js';
+import { vmCommand, vmStandbyCommand } from './vm.js';
 import { recoverCommand } from './recover.js';
 import { serve } from './serve.js';
 import { addLinkTlsOptions, addNbdTlsOptions, tlsPskCommand } from './tls.js';
@@ -216,6 +217,65 @@ program
   .action(run(guestCommand));
 
 program
+  .command('vm')
+  .description(
+    'protect a running QEMU VM: its memory-checkpoint hook (pause, send its changed RAM and device state, resume) over QMP',
+  )
+  .requiredOption('--qmp <path>', "the VM's QMP socket (QEMU: -qmp unix:PATH,server=on,wait=off)")
+  .requiredOption(
+    '--ram <file>',
+    "the VM's RAM file (QEMU: -object memory-backend-file,id=mem,size=…,mem-path=FILE,share=on -machine memory-backend=mem)",
+  )
+  .option('--control <host:port>', 'control API (the coordinator drives the VM here)', '127.0.0.1:8081')
+  .option('--json', 'print the listening address as one JSON line')
+  .option('-v, --verbose', 'log more')
+  .option('-q, --quiet', 'log warnings only')
+  .addHelpText(
+    'after',
+    `
+The VM is yours: start QEMU with its RAM in a shared file and a QMP socket, and its
+disk on a colo-blk primary's export. Pair it with a \`vm-standby\` on the secondary
+through \`colo-blk colo --mode remus\`. See README "Protect a QEMU VM".`,
+  )
+  .action(run(vmCommand));
+
+program
+  .command('vm-standby')
+  .description(
+    "the secondary's side of a protected QEMU VM: holds its last committed memory, and runs the VM from it at failover",
+  )
+  .usage('--dir <dir> [options] -- <qemu command line>')
+  .requiredOption(
+    '--dir <dir>',
+    'where the committed RAM image and device state are kept (its own directory)',
+  )
+  .option(
+    '--control <host:port>',
+    "control API (the coordinator and the PVM's agent call it)",
+    '127.0.0.1:8082',
+  )
+  .option('--json', 'print the listening address as one JSON line')
+  .option('-v, --verbose', 'log more')
+  .option('-q, --quiet', 'log warnings only')
+  .argument('<qemu...>', "the VM's QEMU command line, as on the primary; its disk the secondary's export")
+  .addHelpText(
+    'after',
+    `
+At failover QEMU is started from this command line with its memory-backend-file's
+mem-path replaced by the committed image, -incoming defer and a QMP socket of ours;
+it is given the committed device state and continued.
+
+Example:
+  colo-blk vm-standby --dir /var/lib/colo/vm0 --control 127.0.0.1:8082 -- \\
+    qemu-system-x86_64 -machine q35,memory-backend=mem -m 256M \\
+      -object memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/vm0,share=on \\
+      -drive file=nbd://127.0.0.1:10810/disk0,format=raw,if=virtio,cache=none ...`,
+  )
+  .action(
+    run((qemu: string[], opts: Parameters<typeof vmStandbyCommand>[0]) => vmStandbyCommand(opts, qemu)),
+  );
+
+program
   .command('colo')
   .description(
     'the COLO loop: a comparer in front of the PVM and the SVM guests, and the checkpoint coordinator',
@@ -362,7 +422,7 @@ for (const cmd of program.commands) {
 }
 
 // Every command that serves or calls a control API takes its token.
-const SERVING = new Set(['primary', 'secondary', 'guest', 'colo']);
+const SERVING = new Set(['primary', 'secondary', 'guest', 'colo', 'vm', 'vm-standby']);
 for (const cmd of program.commands) {
   if (!cmd.options.some((o) => o.long === '--control')) continue;
   cmd.option(

@@ -12,6 +12,8 @@
 //               a guest that dirties ~15 MiB per checkpoint, the issue's figure
 //   fsync-loop  mount the virtio disk (ext4, made on the host), then write
 //               numbered files, each fsync'ed, logging "colo-guest: synced N"
+//   web         fsync-loop, and busybox httpd on port 80 (virtio-net, 10.0.2.15,
+//               QEMU user networking): GET /cgi-bin/synced answers the last N
 //
 //   node tools/vm/build-guest.mjs [--out DIR] [--json]
 //
@@ -43,7 +45,7 @@ function sh(cmd, args, opts = {}) {
 }
 
 /** Bumped when the guest changes: a cached kit older than this is rebuilt. */
-const KIT_VERSION = 3;
+const KIT_VERSION = 4;
 
 const MODULES = [
   'lib/crc16.ko',
@@ -57,6 +59,9 @@ const MODULES = [
   'drivers/virtio/virtio_pci_modern_dev.ko',
   'drivers/virtio/virtio_pci.ko',
   'drivers/block/virtio_blk.ko',
+  'net/core/failover.ko',
+  'drivers/net/net_failover.ko',
+  'drivers/net/virtio_net.ko',
 ];
 
 const INIT = `#!/bin/busybox sh
@@ -70,21 +75,36 @@ for m in ${MODULES.map((m) => path.basename(m, '.ko')).join(' ')}; do insmod /li
 work=idle
 for arg in $(cat /proc/cmdline); do case "$arg" in colo.work=*) work="\${arg#colo.work=}";; esac; done
 echo "colo-guest: ready ($work)"
+# Numbered files on the virtio disk's ext4, each fsync'ed (busybox sync FILE is fsync), then
+# its number in /run/synced (memory: what the web workload answers).
+syncloop() {
+  mkdir -p /run
+  for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
+  mount -t ext4 /dev/vda /mnt || { echo "colo-guest: cannot mount /dev/vda (make it with mkfs.ext4 on the host)"; poweroff -f; }
+  n=$(ls /mnt | grep -c '^f')
+  echo "colo-guest: mounted, $n files"
+  while :; do
+    n=$((n + 1))
+    head -c 4096 /dev/urandom > /mnt/f$n.tmp
+    echo "file $n" >> /mnt/f$n.tmp
+    sync /mnt/f$n.tmp || { echo "colo-guest: fsync failed"; poweroff -f; }
+    mv /mnt/f$n.tmp /mnt/f$n
+    sync /mnt
+    echo $n > /run/synced
+    echo "colo-guest: synced $n"
+  done
+}
 case "$work" in
-  fsync-loop)
-    for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/vda ] && break; sleep 0.2; done
-    mount -t ext4 /dev/vda /mnt || { echo "colo-guest: cannot mount /dev/vda (make it with mkfs.ext4 on the host)"; poweroff -f; }
-    n=$(ls /mnt | grep -c '^f')
-    echo "colo-guest: mounted, $n files"
-    while :; do
-      n=$((n + 1))
-      head -c 4096 /dev/urandom > /mnt/f$n.tmp
-      echo "file $n" >> /mnt/f$n.tmp
-      fsync /mnt/f$n.tmp
-      mv /mnt/f$n.tmp /mnt/f$n
-      fsync /mnt
-      echo "colo-guest: synced $n"
-    done
+  fsync-loop) syncloop ;;
+  web)
+    # The service a client sees: GET /cgi-bin/synced answers the last file synced.
+    ifconfig lo 127.0.0.1 up
+    ifconfig eth0 10.0.2.15 netmask 255.255.255.0 up && route add default gw 10.0.2.2
+    mkdir -p /www/cgi-bin
+    printf '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n"\ncat /run/synced 2>/dev/null || echo 0\n' > /www/cgi-bin/synced
+    chmod 755 /www/cgi-bin/synced
+    httpd -p 80 -h /www && echo "colo-guest: httpd on port 80"
+    syncloop
     ;;
   dirty)
     mkdir -p /run/dirty && mount -t tmpfs -o size=32m tmpfs /run/dirty
@@ -147,7 +167,7 @@ try {
     package: pkg,
     vmlinuzBytes: fs.statSync(path.join(out, 'vmlinuz')).size,
     initramfsBytes: gz.length,
-    workloads: ['idle', 'counter', 'dirty', 'fsync-loop'],
+    workloads: ['idle', 'counter', 'dirty', 'fsync-loop', 'web'],
   };
   fs.writeFileSync(path.join(out, 'guest.json'), JSON.stringify(info, null, 2) + '\n');
   if (o.json) process.stdout.write(JSON.stringify(info) + '\n');

@@ -82,7 +82,8 @@ export interface CheckpointRecord {
   pauseMs: number;
   /** The whole transaction, from pausing the SVM until both run again. */
   totalMs: number;
-  verified?: { state: boolean; disk: boolean; ms: number };
+  /** null: that VM cannot give a hash of it (a QEMU VM's disk is the disk pair's to compare). */
+  verified?: { state: boolean | null; disk: boolean | null; ms: number };
 }
 
 export interface FailoverRecord {
@@ -108,6 +109,8 @@ interface Health {
 }
 
 const KEEP_RECORDS = 1000;
+
+export const verdict = (v: boolean | null) => (v === null ? 'not checked' : v ? 'equal' : 'DIFFERS');
 
 class Aborted extends Error {}
 
@@ -297,7 +300,7 @@ export class Coordinator extends EventEmitter {
       const pvmPausedAt = performance.now();
       pvmPos = await this.guard(pvm.pause());
       paused = true;
-      if (attach) await comparer.attach(svm.data, pvmPos);
+      if (attach) await comparer.attach(this.svmStandby ? null : svm.data, pvmPos);
       lap('pause');
       // 3. seal, then 5. durable ∥ 4. the PVM's state straight to the SVM (5. received)
       const timed = async <T>(p: Phase, call: Promise<T>) => {
@@ -347,12 +350,17 @@ export class Coordinator extends EventEmitter {
           Promise.all([pvm.hash(), svm.hash(), pvm.diskHash(), svm.diskHash()]),
         );
         verifyMs = performance.now() - tv;
-        verified = { state: a === b, disk: da === db, ms: verifyMs };
+        // What a VM cannot hash (null) is not checked: it counts as neither equal nor different.
+        verified = {
+          state: a === null || b === null ? null : a === b,
+          disk: da === null || db === null ? null : da === db,
+          ms: verifyMs,
+        };
         last += verifyMs;
-        if (!verified.state || !verified.disk) {
+        if (verified.state === false || verified.disk === false) {
           this.counts.verifyFailures++;
           this.log.warn(
-            `checkpoint of epoch ${seal.epoch}: SVM ≠ PVM after the checkpoint (state ${verified.state ? 'equal' : 'DIFFERS'}, disk ${verified.disk ? 'equal' : 'DIFFERS'})`,
+            `checkpoint of epoch ${seal.epoch}: SVM ≠ PVM after the checkpoint (state ${verdict(verified.state)}, disk ${verdict(verified.disk)})`,
           );
         }
       }
@@ -455,6 +463,13 @@ export class Coordinator extends EventEmitter {
         this.pvm.probe(this.opts.phaseTimeoutMs),
         this.svm.probe(this.opts.phaseTimeoutMs),
       ]);
+      if (b.standby && this.mode !== 'remus')
+        throw new ColoError(
+          'EUSAGE',
+          `the SVM at ${this.svm.control.host}:${this.svm.control.port} is a standby that runs only after failover (a QEMU VM): ` +
+            `${this.mode} mode needs an SVM running in lockstep; start colo with --mode remus`,
+        );
+      this.svmStandby = b.standby;
       if (a.identity !== null && b.identity !== null && a.identity !== b.identity)
         throw new ColoError(
           'EUSAGE',
@@ -544,8 +559,11 @@ export class Coordinator extends EventEmitter {
       else if (!decided) await svm.discard().catch(() => {});
       await svm.checkpointed();
       const tLoad = performance.now();
+      // A standby is started first: clients are sent to it once it runs (it listens from then on).
+      if (this.svmStandby) await svm.resume();
       const { survived, lost } = this.opts.comparer.failover(svm.data);
-      await svm.resume();
+      if (!this.svmStandby) await svm.resume();
+      this.svmStandby = false;
       const tSwitch = performance.now();
       this.decided = null;
       this.pvm = svm;
@@ -671,6 +689,8 @@ export class Coordinator extends EventEmitter {
   }
 
   private inCheckpoint = false;
+  /** The SVM runs only after failover (probe's `standby`): the comparer connects nothing to it. */
+  private svmStandby = false;
 
   private lostSide(): 'primary' | 'secondary' | null {
     if (this.isLost('pvm') || this.isLost('primary')) return 'primary';

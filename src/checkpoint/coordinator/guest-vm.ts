@@ -43,31 +43,32 @@ export class GuestVm implements VmHook {
     await this.post('/mem/discard');
   }
 
-  async hash(): Promise<string> {
-    return (await controlCall<{ hash: string }>(this.control, 'GET', '/hash', undefined, this.timeoutMs))
-      .hash;
+  async hash(): Promise<string | null> {
+    return (
+      await controlCall<{ hash: string | null }>(this.control, 'GET', '/hash', undefined, this.timeoutMs)
+    ).hash;
   }
 
-  /** The disk the guest uses (its log): equal states cover the same range. */
-  async diskHash(): Promise<string> {
-    const r = await controlCall<{ hash: string; bytes: number }>(
+  /** The disk the guest uses (its log): equal states cover the same range. Null: the VM cannot say. */
+  async diskHash(): Promise<string | null> {
+    const r = await controlCall<{ hash: string | null; bytes: number | null }>(
       this.control,
       'GET',
       '/disk-hash',
       undefined,
       this.timeoutMs,
     );
-    return `${r.bytes}:${r.hash}`;
+    return r.hash === null ? null : `${r.bytes}:${r.hash}`;
   }
 
   async probe(timeoutMs: number): Promise<VmProbe> {
-    const s = await controlCall<{ dirtyBytes?: number; identity?: string }>(
+    const s = await controlCall<{ dirtyBytes?: number; identity?: string; standby?: boolean }>(
       this.control,
       'GET',
       '/status',
       undefined,
       timeoutMs,
     );
-    return { dirtyBytes: s.dirtyBytes ?? null, identity: s.identity ?? null };
+    return { dirtyBytes: s.dirtyBytes ?? null, identity: s.identity ?? null, standby: s.standby === true };
   }
 }

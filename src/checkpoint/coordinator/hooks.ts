@@ -16,6 +16,12 @@ export interface VmProbe {
   dirtyBytes: number | null;
   /** The VM's configuration, which must be the same on both sides of a pair (null: cannot say). */
   identity: string | null;
+  /**
+   * An SVM that does not run until failover (a QEMU standby holding the last
+   * committed memory): nothing listens at its data address, so the comparer
+   * connects no client to it, and it can be paired in remus mode only.
+   */
+  standby: boolean;
 }
 
 export interface VmHook {

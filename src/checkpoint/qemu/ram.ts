@@ -121,6 +121,27 @@ export class RamImage {
     return s.reference.subarray(off - s.offset, off - s.offset + PAGE_BYTES);
   }
 
+  /** `n` consecutive pages from `first` as of the last diff: a view of the copy (a new buffer only across a segment boundary). */
+  pages(first: number, n: number): Buffer {
+    const off = first * PAGE_BYTES;
+    const s = this.segments[Math.floor(off / SEGMENT_BYTES)];
+    const end = off - s.offset + n * PAGE_BYTES;
+    if (end > s.reference.length) {
+      // Across a segment boundary: split.
+      const head = s.reference.length - (off - s.offset);
+      return Buffer.concat([
+        s.reference.subarray(off - s.offset),
+        this.pages(first + head / PAGE_BYTES, n - head / PAGE_BYTES),
+      ]);
+    }
+    return s.reference.subarray(off - s.offset, end);
+  }
+
+  /** The whole copy as of the last diff, in order (for hashing). */
+  copyParts(): Buffer[] {
+    return this.segments.map((s) => s.reference);
+  }
+
   close(): void {
     fs.closeSync(this.fd);
   }

@@ -18,7 +18,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { ColoError } from '../../errors.js';
 import type { QmpClient } from './qmp.js';
-import { PAGE_BYTES, RamImage } from './ram.js';
+import { RamImage } from './ram.js';
 
 export interface VmCheckpoint {
   /** Pages changed since the last committed checkpoint (all non-zero pages the first time), ascending. */
@@ -87,11 +87,32 @@ export class QemuVm {
     return new QemuVm(qmp, RamImage.open(ramPath));
   }
 
-  async checkpoint(opts: { keepPaused?: boolean } = {}): Promise<VmCheckpoint> {
-    const t0 = performance.now();
+  /** Stop the vCPUs (QEMU drains and flushes in-flight disk I/O before it says STOP). */
+  async pause(): Promise<void> {
+    const status = await this.qmp.execute<{ status: string }>('query-status');
+    if (status.status !== 'running') return;
     const stopped = this.qmp.waitEvent('STOP', 10_000);
     await this.qmp.execute('stop');
     await stopped;
+  }
+
+  async resume(): Promise<void> {
+    const status = await this.qmp.execute<{ status: string }>('query-status');
+    if (status.status !== 'running') await this.qmp.execute('cont');
+  }
+
+  /**
+   * While paused: the device state, and the pages changed since the last
+   * checkpointed() (or every non-zero page after forgetPeer()). The pages'
+   * contents are `ranges`: views of runs of consecutive pages in the
+   * checkpoint copy, valid until the next capture (no copy is made).
+   */
+  async capture(): Promise<{
+    pages: Uint32Array;
+    ranges: Buffer[];
+    device: Buffer;
+    timings: { device: number; ram: number };
+  }> {
     const t1 = performance.now();
     const sink = await receiveStream();
     let device: Buffer;
@@ -104,16 +125,37 @@ export class QemuVm {
     }
     const t2 = performance.now();
     const { pages } = this.ram.diff();
-    const data = Buffer.allocUnsafe(pages.length * PAGE_BYTES);
-    for (let i = 0; i < pages.length; i++) this.ram.page(pages[i]).copy(data, i * PAGE_BYTES);
+    const ranges: Buffer[] = [];
+    for (let i = 0; i < pages.length;) {
+      let j = i + 1;
+      while (j < pages.length && pages[j] === pages[j - 1] + 1 && j - i < 16384) j++;
+      ranges.push(this.ram.pages(pages[i], j - i));
+      i = j;
+    }
+    return { pages, ranges, device, timings: { device: t2 - t1, ram: performance.now() - t2 } };
+  }
+
+  /** A whole checkpoint in this process: pause, capture (the pages copied out), resume unless `keepPaused`. */
+  async checkpoint(opts: { keepPaused?: boolean } = {}): Promise<VmCheckpoint> {
+    const t0 = performance.now();
+    await this.pause();
+    const t1 = performance.now();
+    const c = await this.capture();
+    const data = Buffer.concat(c.ranges);
     const t3 = performance.now();
     if (!opts.keepPaused) await this.qmp.execute('cont');
     const t4 = performance.now();
     return {
-      pages,
+      pages: c.pages,
       data,
-      device,
-      timings: { stop: t1 - t0, device: t2 - t1, ram: t3 - t2, cont: t4 - t3, pause: t4 - t0 },
+      device: c.device,
+      timings: {
+        stop: t1 - t0,
+        device: c.timings.device,
+        ram: t3 - t1 - c.timings.device,
+        cont: t4 - t3,
+        pause: t4 - t0,
+      },
     };
   }
 

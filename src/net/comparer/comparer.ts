@@ -95,8 +95,15 @@ export class Comparer implements SessionHost {
     return a;
   }
 
+  /**
+   * Paired with an SVM that does not run until failover (a QEMU standby in
+   * remus mode): output is held until each checkpoint, and no connection is
+   * made to the SVM (there is nothing to connect to).
+   */
+  standby = false;
+
   get protected(): boolean {
-    return this.svm !== null;
+    return this.svm !== null || this.standby;
   }
 
   private connect(to: Endpoint): net.Socket {
@@ -209,8 +216,25 @@ export class Comparer implements SessionHost {
     for (const s of this.sessions.values()) s.updateFlow();
   }
 
-  /** Pair an SVM: new connections go to both; open sessions join from the PVM's position. */
-  async attach(svm: Endpoint, pvmRep: Positions | null): Promise<{ joined: number; unprotected: number }> {
+  /**
+   * Pair an SVM: new connections go to both; open sessions join from the
+   * PVM's position. `null`: a standby SVM (remus only), which takes no
+   * connections: every session's output is held from here.
+   */
+  async attach(
+    svm: Endpoint | null,
+    pvmRep: Positions | null,
+  ): Promise<{ joined: number; unprotected: number }> {
+    if (svm === null) {
+      if (this.mode !== 'remus')
+        throw new ColoError(
+          'EUSAGE',
+          'an SVM that runs only after failover can be paired in remus mode only',
+        );
+      this.standby = true;
+      for (const s of this.sessions.values()) s.step();
+      return { joined: this.sessions.size, unprotected: 0 };
+    }
     this.svm = svm;
     let joined = 0;
     let unprotected = 0;
@@ -240,6 +264,7 @@ export class Comparer implements SessionHost {
   /** The SVM side is lost: every session passes the PVM's output through. */
   detach(): void {
     this.svm = null;
+    this.standby = false;
     this.endDrain();
     for (const s of [...this.sessions.values()]) s.detachSecondary();
   }
@@ -258,6 +283,7 @@ export class Comparer implements SessionHost {
     let lost = 0;
     this.pvm = newPvm;
     this.svm = null;
+    this.standby = false;
     this.draining = false;
     for (const s of [...this.sessions.values()]) {
       if (s.failover()) survived++;

@@ -58,6 +58,8 @@ export interface SessionLimits {
 
 export interface SessionHost {
   readonly mode: Mode;
+  /** Paired with a standby SVM (remus): output is held though this session has no SVM connection. */
+  readonly standby: boolean;
   readonly draining: boolean;
   readonly limits: SessionLimits;
   now(): number;
@@ -244,14 +246,14 @@ export class Session {
   step(): void {
     if (this.closed) return;
     const svm = this.svm;
-    if (!svm || this.host.mode === 'none') {
+    if ((!svm && !this.host.standby) || this.host.mode === 'none') {
       // Unprotected: pass the PVM's output through.
       this.releaseTo(this.pvm.buf.end);
       if (this.pvm.ended) this.releaseFin();
       else if (this.pvm.failed && !this.pvm.dropped) this.client.destroy();
       return;
     }
-    if (this.host.mode === 'remus') {
+    if (this.host.mode === 'remus' || !svm) {
       // Everything is held until the next checkpoint.
       this.checkQueue(this.pvm, this.pvm.buf.end - this.released);
       return;
