@@ -2,6 +2,7 @@
 // the disk pair played by the test behind the hook interfaces: the order of a
 // checkpoint's phases, coalescing, a failed phase that releases nothing, and
 // a failover before and after the cut.
+import net from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Coordinator } from '../src/checkpoint/coordinator/coordinator.js';
 import type { DiskHook, VmHook } from '../src/checkpoint/coordinator/hooks.js';
@@ -15,7 +16,12 @@ const refused = () => Promise.reject(new Error('connect ECONNREFUSED 127.0.0.1:1
 type Step = () => Promise<unknown>;
 
 /** A VM behind the hook: logs each call; `on[name]` replaces a call's behaviour. */
-function fakeVm(name: string, log: string[], identity = 'fake') {
+function fakeVm(
+  name: string,
+  log: string[],
+  identity = 'fake',
+  kind: { standby?: boolean; earlyResume?: boolean } = {},
+) {
   const on: Record<string, Step> = {};
   let dead = false;
   const call = <T>(op: string, result: T) => {
@@ -37,12 +43,21 @@ function fakeVm(name: string, log: string[], identity = 'fake') {
         ? refused()
         : ((on['send']?.() as Promise<{ bytes: number }>) ?? Promise.resolve({ bytes: 5 }));
     },
+    capture: () => call('capture', undefined),
     checkpointed: () => call('checkpointed', undefined),
     load: () => call('load', undefined),
     discard: () => call('discard', undefined),
     hash: () => call('hash', 'h'),
     diskHash: () => call('diskHash', 'd'),
-    probe: () => (dead ? refused() : Promise.resolve({ dirtyBytes: 0, identity, standby: false })),
+    probe: () =>
+      dead
+        ? refused()
+        : Promise.resolve({
+            dirtyBytes: 0,
+            identity,
+            standby: kind.standby === true,
+            earlyResume: kind.earlyResume === true,
+          }),
   };
   return vm;
 }
@@ -242,5 +257,73 @@ describe('coordinator', () => {
     expect(co.state).toBe('unprotected');
     expect(co.lastError).toMatch(/not the same VM.*nondeterminism=0\.1.*nondeterminism=0'/);
     expect(log).not.toContain('pvm.pause');
+  });
+
+  it('remus with a standby SVM and a PVM that resumes early: output made after the resume waits for the next cut', async () => {
+    // The PVM's service: a real TCP server; the test decides when it writes.
+    const conns: net.Socket[] = [];
+    const server = net.createServer((c) => conns.push(c));
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    running.push(() => new Promise<void>((r) => server.close(() => r())));
+    const pvmData = { host: '127.0.0.1', port: (server.address() as net.AddressInfo).port };
+    const log: string[] = [];
+    const pvm = Object.assign(fakeVm('pvm', log, 'qemu', { earlyResume: true }), { data: pvmData });
+    const svm = fakeVm('svm', log, 'qemu', { standby: true });
+    const disk = fakeDisk(log);
+    const comparer = new Comparer({ mode: 'remus', pvm: pvmData, compareTimeoutMs: 200, logger: quiet });
+    const front = await comparer.listen(0, '127.0.0.1');
+    running.push(() => comparer.close());
+    const co = new Coordinator({
+      mode: 'remus',
+      comparer,
+      pvm,
+      svm,
+      disk,
+      intervalMs: 600_000,
+      maxPendingBytes: 1 << 30,
+      heartbeatMs: 20,
+      failoverAfterMs: 5000,
+      phaseTimeoutMs: 5000,
+      verify: false,
+      logger: quiet,
+    });
+    co.start();
+    running.push(() => co.close());
+    for (let i = 0; co.state !== 'protected'; i++) {
+      if (i > 200) throw new Error(`never protected: ${co.lastError}`);
+      await sleep(10);
+    }
+    const client = net.connect(front.port, '127.0.0.1');
+    let got = '';
+    client.on('data', (d: Buffer) => (got += d.toString()));
+    for (let i = 0; conns.length === 0; i++) {
+      if (i > 200) throw new Error('the comparer never connected to the PVM');
+      await sleep(5);
+    }
+    conns[0].write('before-pause;');
+    await sleep(50);
+    expect(got).toBe(''); // remus: held
+    // While the state is on its way (the PVM runs again), the PVM answers more.
+    pvm.on['send'] = async () => {
+      conns[0].write('after-resume;');
+      await sleep(50);
+      return { bytes: 5 };
+    };
+    log.length = 0;
+    const r = await co.checkpointNow();
+    await sleep(50);
+    expect(got).toBe('before-pause;');
+    before(log, 'pvm.pause', 'pvm.capture');
+    before(log, 'pvm.capture', 'pvm.resume');
+    before(log, 'pvm.resume', 'pvm.send');
+    before(log, 'pvm.send', `disk.commit ${r.epoch}`);
+    expect(log).not.toContain('svm.resume');
+    expect(r.pauseMs).toBeLessThan(r.totalMs);
+    // The next checkpoint covers it.
+    delete pvm.on['send'];
+    await co.checkpointNow();
+    await sleep(50);
+    expect(got).toBe('before-pause;after-resume;');
+    client.destroy();
   });
 });

@@ -50,7 +50,10 @@ export function checkpointLine(r: CheckpointRecord): string {
   return (
     `checkpoint ${r.n} [${r.reasons.join(',')}] epoch ${r.epoch}: memory ${formatBytes(r.memoryBytes)}${r.full ? ' (full)' : ''}, ` +
     `disk ${formatBytes(r.diskBytes)} (${r.diskWrites} writes), released ${formatBytes(r.releasedBytes)}; ` +
-    `paused ${f(r.pauseMs)} ms (pause ${f(p.pause)}, seal ${f(p.seal)} + durable ${f(p.durable)} ∥ send ${f(p.send)}, ` +
+    `paused ${f(r.pauseMs)} ms (pause ${f(p.pause)}, ` +
+    (p.capture
+      ? `seal ${f(p.seal)} ∥ capture ${f(p.capture)}; running again: durable ${f(p.durable)} ∥ send ${f(p.send)}, `
+      : `seal ${f(p.seal)} + durable ${f(p.durable)} ∥ send ${f(p.send)}, `) +
     `drain ${f(p.drain)}, release ${f(p.release)}, load ∥ commit ${f(p.load)}, resume ${f(p.resume)})` +
     (r.verified
       ? `; SVM ${r.verified.state !== false && r.verified.disk !== false ? '= PVM' : '≠ PVM'} (state ${verdict(r.verified.state)}, disk ${verdict(r.verified.disk)})`

@@ -62,7 +62,17 @@ export interface CoordinatorOptions {
   logger: Logger;
 }
 
-export const PHASES = ['pause', 'seal', 'send', 'durable', 'drain', 'release', 'load', 'resume'] as const;
+export const PHASES = [
+  'pause',
+  'seal',
+  'capture',
+  'send',
+  'durable',
+  'drain',
+  'release',
+  'load',
+  'resume',
+] as const;
 export type Phase = (typeof PHASES)[number];
 
 export interface CheckpointRecord {
@@ -294,6 +304,9 @@ export class Coordinator extends EventEmitter {
     let svmPos: Positions | null = null;
     let pvmPos: Positions | null = null;
     let paused = false;
+    let pvmRunsAt = 0;
+    // Remus with a PVM that can be captured: it runs again before the send and the commit.
+    const early = this.mode === 'remus' && this.pvmEarlyResume && !this.opts.verify;
     try {
       // 2. pause the SVM, then the PVM
       svmPos = await this.svmCall(svm.pause());
@@ -302,28 +315,51 @@ export class Coordinator extends EventEmitter {
       paused = true;
       if (attach) await comparer.attach(this.svmStandby ? null : svm.data, pvmPos);
       lap('pause');
-      // 3. seal, then 5. durable ∥ 4. the PVM's state straight to the SVM (5. received)
       const timed = async <T>(p: Phase, call: Promise<T>) => {
         const t = performance.now();
         const r = await call;
         phases[p] = performance.now() - t;
         return r;
       };
-      const [seal, sent] = await this.guard(
-        Promise.all([
-          timed('seal', this.disk.seal()).then(async (s) => {
-            await timed('durable', this.disk.durable(s.epoch));
-            return s;
-          }),
-          timed('send', this.svmCall((sending = pvm.sendState(full, svm)))),
-        ]),
-      );
+      let seal: { epoch: number; writes: number; bytes: number };
+      let sent: { bytes: number };
+      if (early) {
+        // Remus's speculative execution: the PVM's state is taken and the epoch sealed while it
+        // is paused, then it runs again; its output from here is held until a later cut.
+        const [s] = await this.guard(
+          Promise.all([timed('seal', this.disk.seal()), timed('capture', pvm.capture(full))]),
+        );
+        seal = s;
+        comparer.mark();
+        await this.guard(pvm.resume());
+        pvmRunsAt = performance.now();
+        last = pvmRunsAt;
+        [, sent] = await this.guard(
+          Promise.all([
+            timed('durable', this.disk.durable(seal.epoch)),
+            timed('send', this.svmCall((sending = pvm.sendState(full, svm, true)))),
+          ]),
+        );
+      } else {
+        // 3. seal, then 5. durable ∥ 4. the PVM's state straight to the SVM (5. received)
+        [seal, sent] = await this.guard(
+          Promise.all([
+            timed('seal', this.disk.seal()).then(async (s) => {
+              await timed('durable', this.disk.durable(s.epoch));
+              return s;
+            }),
+            timed('send', this.svmCall((sending = pvm.sendState(full, svm)))),
+          ]),
+        );
+      }
       // ∥ every byte the VMs wrote before the pause is here
-      await this.guard(timed('drain', comparer.drain(pvmPos, svmPos, this.opts.phaseTimeoutMs)));
+      await this.guard(
+        timed('drain', comparer.drain(early ? null : pvmPos, svmPos, this.opts.phaseTimeoutMs)),
+      );
       last = performance.now();
       // 6. the cut: from here the checkpoint counts
       const releasedBefore = comparer.stats.bytesReleased;
-      const targets = comparer.cut(pvmPos, svmPos);
+      const targets = comparer.cut(early ? null : pvmPos, svmPos);
       this.decided = { epoch: seal.epoch, targets, loaded: false };
       // Requests that came in until now are answered by this checkpoint: folded in.
       for (const r of this.requested.keys()) if (!reasons.includes(r)) reasons.push(r);
@@ -365,11 +401,10 @@ export class Coordinator extends EventEmitter {
         }
       }
       // 8. resume
-      let pvmRunsAt = 0;
       await this.guard(
         Promise.all([
           this.mode === 'colo' ? this.svmCall(svm.resume()) : null,
-          pvm.resume().then(() => (pvmRunsAt = performance.now())),
+          early ? null : pvm.resume().then(() => (pvmRunsAt = performance.now())),
         ]),
       );
       lap('resume');
@@ -470,6 +505,7 @@ export class Coordinator extends EventEmitter {
             `${this.mode} mode needs an SVM running in lockstep; start colo with --mode remus`,
         );
       this.svmStandby = b.standby;
+      this.pvmEarlyResume = a.earlyResume;
       if (a.identity !== null && b.identity !== null && a.identity !== b.identity)
         throw new ColoError(
           'EUSAGE',
@@ -691,6 +727,8 @@ export class Coordinator extends EventEmitter {
   private inCheckpoint = false;
   /** The SVM runs only after failover (probe's `standby`): the comparer connects nothing to it. */
   private svmStandby = false;
+  /** The PVM's probe said `earlyResume` (learned at pairing). */
+  private pvmEarlyResume = false;
 
   private lostSide(): 'primary' | 'secondary' | null {
     if (this.isLost('pvm') || this.isLost('primary')) return 'primary';

@@ -27,8 +27,16 @@ export class GuestVm implements VmHook {
     await this.post('/mem/resume');
   }
 
-  async sendState(full: boolean, to: VmHook): Promise<{ bytes: number }> {
-    return this.post<{ bytes: number }>('/mem/send', { to: `${to.control.host}:${to.control.port}`, full });
+  async sendState(full: boolean, to: VmHook, captured = false): Promise<{ bytes: number }> {
+    return this.post<{ bytes: number }>('/mem/send', {
+      to: `${to.control.host}:${to.control.port}`,
+      full,
+      captured,
+    });
+  }
+
+  async capture(full: boolean): Promise<void> {
+    await this.post('/mem/capture', { full });
   }
 
   async checkpointed(): Promise<void> {
@@ -62,13 +70,17 @@ export class GuestVm implements VmHook {
   }
 
   async probe(timeoutMs: number): Promise<VmProbe> {
-    const s = await controlCall<{ dirtyBytes?: number; identity?: string; standby?: boolean }>(
-      this.control,
-      'GET',
-      '/status',
-      undefined,
-      timeoutMs,
-    );
-    return { dirtyBytes: s.dirtyBytes ?? null, identity: s.identity ?? null, standby: s.standby === true };
+    const s = await controlCall<{
+      dirtyBytes?: number;
+      identity?: string;
+      standby?: boolean;
+      earlyResume?: boolean;
+    }>(this.control, 'GET', '/status', undefined, timeoutMs);
+    return {
+      dirtyBytes: s.dirtyBytes ?? null,
+      identity: s.identity ?? null,
+      standby: s.standby === true,
+      earlyResume: s.earlyResume === true,
+    };
   }
 }

@@ -22,6 +22,12 @@ export interface VmProbe {
    * connects no client to it, and it can be paired in remus mode only.
    */
   standby: boolean;
+  /**
+   * Its state can be captured while paused (`capture`) and sent after it runs
+   * again: in remus mode the coordinator then resumes it before the send and
+   * the commit, holding its output meanwhile (Remus's speculative execution).
+   */
+  earlyResume: boolean;
 }
 
 export interface VmHook {
@@ -42,9 +48,12 @@ export interface VmHook {
   /**
    * PVM: send the state to `to` directly (not through the coordinator): what
    * changed since its last checkpoint, or everything if `full`. `to` holds it
-   * until load or discard. Returns the bytes sent.
+   * until load or discard. `captured`: send what `capture` took at the pause
+   * (the VM may be running again). Returns the bytes sent.
    */
-  sendState(full: boolean, to: VmHook): Promise<{ bytes: number }>;
+  sendState(full: boolean, to: VmHook, captured?: boolean): Promise<{ bytes: number }>;
+  /** PVM, paused, when its probe says `earlyResume`: take the state for a later `sendState(…, captured)`. */
+  capture(full: boolean): Promise<void>;
   /** PVM: the checkpoint of its last sent state is decided; changes count from here. */
   checkpointed(): Promise<void>;
   /** SVM: drop its own changes, apply the received state, move each connection to `targets[port]`. */

@@ -147,6 +147,8 @@ export class QemuAgent extends EventEmitter {
       last: this.last,
       failedOverAt: this.failedOverAt,
       dirtyBytes: null,
+      // Its state can be captured while paused and sent once it runs again.
+      earlyResume: this.role === 'active',
     };
   }
 
@@ -163,13 +165,44 @@ export class QemuAgent extends EventEmitter {
     this.paused = false;
   }
 
-  /** Send D^p (or every page, `full`) and the device state to the standby at `to`. */
-  async send(to: string, full: boolean): Promise<{ bytes: number }> {
-    const vm = this.activeVm('send');
-    if (!this.paused) throw new ColoError('EINVAL', 'send: the VM runs; pause it first');
-    const target = parseHostPort(to, "'to'");
+  /** The state taken at the last pause, for a send after the VM resumed (remus's early resume). */
+  private captured: {
+    full: boolean;
+    pages: Uint32Array;
+    ranges: Buffer[];
+    device: Buffer;
+    timings: { device: number; ram: number };
+  } | null = null;
+
+  /**
+   * While paused: take D^p (or every page, `full`) and the device state into
+   * this process, so that the VM can run again before they are sent. The
+   * pages stay in the checkpoint copy, which only the next capture changes.
+   */
+  async capture(full: boolean): Promise<{ pages: number }> {
+    const vm = this.activeVm('capture');
+    if (!this.paused) throw new ColoError('EINVAL', 'capture: the VM runs; pause it first');
     if (full) vm.ram.forgetPeer();
-    const c = await vm.capture();
+    this.captured = { full, ...(await vm.capture()) };
+    return { pages: this.captured.pages.length };
+  }
+
+  /**
+   * Send D^p (or every page, `full`) and the device state to the standby at
+   * `to`: taken now (the VM must be paused), or `captured` at the last pause.
+   */
+  async send(to: string, full: boolean, captured = false): Promise<{ bytes: number }> {
+    const vm = this.activeVm('send');
+    const target = parseHostPort(to, "'to'");
+    if (!captured) await this.capture(full);
+    const c = this.captured;
+    if (!c) throw new ColoError('EINVAL', 'send: nothing was captured since the last send');
+    if (c.full !== full)
+      throw new ColoError(
+        'EINVAL',
+        `send: the capture was ${c.full ? '' : 'not '}full, the send ${full ? '' : 'not '}full`,
+      );
+    this.captured = null;
     const t = performance.now();
     const body = encodeCheckpoint(vm.ram.size, c.pages, c.ranges, c.device);
     const bytes = body.reduce((n, b) => n + b.length, 0);
@@ -282,7 +315,13 @@ export class QemuAgent extends EventEmitter {
       {
         method: 'POST',
         path: '/mem/send',
-        handler: async (_q, body) => this.send(String(body.to ?? ''), body.full === true),
+        handler: async (_q, body) =>
+          this.send(String(body.to ?? ''), body.full === true, body.captured === true),
+      },
+      {
+        method: 'POST',
+        path: '/mem/capture',
+        handler: async (_q, body) => this.capture(body.full === true),
       },
       {
         method: 'POST',

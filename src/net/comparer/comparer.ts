@@ -123,6 +123,8 @@ export class Comparer implements SessionHost {
     const pvm = this.connect(this.pvm);
     const svm = this.svm && this.mode !== 'none' ? this.connect(this.svm) : null;
     const s = new Session(id, client, pvm, svm, this);
+    // Opened while the PVM runs ahead of a checkpoint: none of its output is that checkpoint's.
+    if (this.marking) s.mark = 0;
     client.on('data', (d: Buffer) => (this.stats.bytesIn += d.length));
     this.sessions.set(id, s);
     this.stats.sessionsOpened++;
@@ -210,8 +212,27 @@ export class Comparer implements SessionHost {
     return targets;
   }
 
+  /**
+   * The paused PVM's state is captured and it is about to run again before
+   * the cut (remus with early resume, positions unknown): the output that has
+   * arrived is what the checkpoint covers; anything later, on these sessions
+   * or on sessions opened from now on, waits for the next checkpoint.
+   */
+  mark(): void {
+    this.marking = true;
+    for (const s of this.sessions.values()) s.mark = s.pvm.buf.end;
+  }
+
+  private marking = false;
+
+  private clearMarks(): void {
+    this.marking = false;
+    for (const s of this.sessions.values()) s.mark = null;
+  }
+
   /** The checkpoint failed: nothing is released; reading goes back to normal. */
   endDrain(): void {
+    this.clearMarks();
     this.draining = false;
     for (const s of this.sessions.values()) s.updateFlow();
   }
@@ -284,6 +305,7 @@ export class Comparer implements SessionHost {
     this.pvm = newPvm;
     this.svm = null;
     this.standby = false;
+    this.clearMarks();
     this.draining = false;
     for (const s of [...this.sessions.values()]) {
       if (s.failover()) survived++;

@@ -122,6 +122,11 @@ export class Session {
   clientSlow = false;
   clientIn = 0;
   closed = false;
+  /**
+   * The PVM's output taken by a checkpoint whose VM runs again before the cut
+   * (Comparer.mark): what arrived before it resumed. Null: no mark.
+   */
+  mark: number | null = null;
   readonly kept = new StreamBuffer();
   readonly openedAt: number;
 
@@ -339,7 +344,10 @@ export class Session {
    */
   cut(pvmRep: Positions | null, svmRep: Positions | null): { port: number; target: number } | null {
     const pr = pvmRep?.[this.pvm.port];
-    const pvmTo = pvmRep ? Math.min(pr?.written ?? 0, this.pvm.buf.end) : this.pvm.buf.end;
+    const pvmTo = pvmRep
+      ? Math.min(pr?.written ?? 0, this.pvm.buf.end)
+      : Math.min(this.mark ?? this.pvm.buf.end, this.pvm.buf.end);
+    this.mark = null;
     this.releaseTo(Math.max(pvmTo, this.released));
     this.pvmBase = this.released;
     this.matched = 0;
