@@ -1,32 +1,19 @@
 /**
- * A protected QEMU VM as real processes, as a user runs it: a disk pair (an
- * ext4 image on the primary, synced to the secondary), the VM booted with
- * its RAM in a shared file and its disk on the primary's export, `colo-blk
- * vm` beside it, `colo-blk vm-standby` with the same command line (its disk
- * the secondary's export), and `colo-blk colo --mode remus` driving them.
+ * A protected QEMU VM for the tests (tools/vm/stack.ts), watched from
+ * outside: the PVM's console ("synced N" lines) and a client asking the
+ * guest's web service through the comparer all along (its answers are
+ * released output: what the VM acknowledged).
  */
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
-import path from 'node:path';
-import { controlCall } from '../src/checkpoint/control.js';
 import { NbdClient } from '../src/net/client.js';
-import { freePort } from './helpers.js';
-import { startNode, startPair, waitLinkUp, type NodeProc, type Pair } from './replication-helpers.js';
-import { bootGuest, guestQemuArgs, type BootedGuest } from './vm-helpers.js';
+import { startVmStack, type VmStack } from '../tools/vm/stack.js';
+import { track } from './helpers.js';
 
-export interface ProtectedVm {
-  pair: Pair;
-  guest: BootedGuest;
-  vm: NodeProc;
-  standby: NodeProc;
-  colo: NodeProc;
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any
-  status: () => Promise<any>;
+export interface ProtectedVm extends VmStack {
   /** Highest "synced N" the PVM's console showed, with when this process saw it. */
   synced: { n: number; at: number }[];
-  /** Where clients reach the guest's web service (through the comparer). */
-  port: number;
   /** Every answer a client had from GET /cgi-bin/synced (released output: acknowledged), with when. */
   acked: { n: number; at: number }[];
   stopWatch: () => void;
@@ -50,105 +37,38 @@ export function getSynced(port: number, timeoutMs = 2000): Promise<number | null
   });
 }
 
-export const DISK_SIZE = '64M';
-
 /** The numbers of "colo-guest: synced N" lines in a console's text. */
 export function syncedNumbers(text: string): number[] {
   return [...text.matchAll(/colo-guest: synced (\d+)/g)].map((m) => Number(m[1]));
 }
 
+/** The stack of tools/vm/stack.ts with the web workload, watched: the console's synced files, a client's answers. */
 export async function startProtectedVm(dir: string, coloArgs: string[] = []): Promise<ProtectedVm> {
-  const img = path.join(dir, 'pvm.img');
-  fs.writeFileSync(img, '');
-  fs.truncateSync(img, 64 * 1024 * 1024);
-  execFileSync('mkfs.ext4', ['-q', '-F', img], { stdio: 'ignore' });
-  const pair = await startPair(dir, DISK_SIZE);
-  await waitLinkUp(pair.primary, 60_000);
-  const [pvmHttp, svmHttp] = [await freePort(), await freePort()];
-  const guest = await bootGuest(dir, {
-    workload: 'web',
-    disk: `nbd://127.0.0.1:${pair.primary.nbdPort}/disk0`,
-    httpPort: pvmHttp,
-  });
-  const vm = await startNode('vm', [
-    '--qmp',
-    guest.qmpPath,
-    '--ram',
-    guest.ramPath,
-    '--control',
-    '127.0.0.1:0',
-  ]);
-  const standbyDir = path.join(dir, 'standby');
-  const standby = await startNode('vm-standby', [
-    '--dir',
-    standbyDir,
-    '--control',
-    '127.0.0.1:0',
-    '--',
-    'nice',
-    '-n',
-    '19',
-    'qemu-system-x86_64',
-    ...guestQemuArgs({
-      workload: 'web',
-      disk: `nbd://127.0.0.1:${pair.secondary.nbdPort}/disk0`,
-      ramPath: '/dev/null/replaced-by-colo-blk',
-      httpPort: svmHttp,
-    }),
-  ]);
-  const colo = await startNode('colo', [
-    '--listen',
-    '127.0.0.1:0',
-    '--control',
-    '127.0.0.1:0',
-    '--mode',
-    'remus',
-    '--pvm',
-    `127.0.0.1:${pvmHttp}`,
-    '--pvm-control',
-    `127.0.0.1:${vm.control.port}`,
-    '--svm',
-    `127.0.0.1:${svmHttp}`,
-    '--svm-control',
-    `127.0.0.1:${standby.control.port}`,
-    '--primary-control',
-    `127.0.0.1:${pair.primary.control.port}`,
-    '--secondary-control',
-    `127.0.0.1:${pair.secondary.control.port}`,
-    ...coloArgs,
-  ]);
+  const stack = await startVmStack({ dir, workload: 'web', coloArgs, track: (c) => void track(c) });
   const synced: { n: number; at: number }[] = [];
   const watch = setInterval(() => {
-    const ns = syncedNumbers(guest.serial());
+    const ns = syncedNumbers(stack.guest.serial());
     const n = ns.length ? ns[ns.length - 1] : 0;
     if (n > (synced.at(-1)?.n ?? 0)) synced.push({ n, at: Date.now() });
   }, 10);
   // A client asking the service, one request at a time, all along.
-  const port = Number(colo.info.port);
   const acked: { n: number; at: number }[] = [];
   let polling = true;
   void (async () => {
     while (polling) {
-      const n = await getSynced(port);
+      const n = await getSynced(stack.port);
       if (n !== null) acked.push({ n, at: Date.now() });
       else await new Promise((r) => setTimeout(r, 20));
     }
   })();
-  return {
-    pair,
-    guest,
-    vm,
-    standby,
-    colo,
-    status: () => controlCall(colo.control, 'GET', '/status'),
+  return Object.assign(stack, {
     synced,
-    port,
     acked,
     stopWatch: () => {
       clearInterval(watch);
       polling = false;
     },
-  };
+  });
 }
 
 /**
@@ -157,8 +77,7 @@ export async function startProtectedVm(dir: string, coloArgs: string[] = []): Pr
  * of (the VM's memory and disk at that pause are what the secondary holds).
  */
 export function committedSynced(p: ProtectedVm, before: number): number {
-  const cps = p.colo
-    .events()
+  const cps = p.events
     .filter((e) => e.event === 'checkpoint' && (e.at as number) <= before)
     .map((e) => (e.at as number) - (e.totalMs as number));
   const start = cps.length ? Math.max(...cps) : 0;

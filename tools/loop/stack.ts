@@ -9,10 +9,16 @@
  * README advises to put it.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+/** The repository root, from tools/loop/ (tests) or dist/tools/loop/ (the demo, the benchmark). */
+const ROOT = (() => {
+  let d = path.dirname(fileURLToPath(import.meta.url));
+  while (!fs.existsSync(path.join(d, 'package.json'))) d = path.dirname(d);
+  return d;
+})();
 export const CLI = path.join(ROOT, 'bin', 'colo-blk.js');
 
 export interface Proc {
@@ -22,6 +28,8 @@ export interface Proc {
   /** JSON lines printed after the listening line (colo's events). */
   onEvent: ((e: Record<string, unknown>) => void) | null;
   stderr: () => string;
+  /** What it printed on stdout that is not a JSON line (a VM's console, for vm-standby's QEMU); the last 4 MiB. */
+  console: () => string;
   exited: Promise<void>;
 }
 
@@ -41,7 +49,8 @@ export async function spawnRole(role: string, args: string[], cpus?: string): Pr
     if (err.length > 32_768) err = err.slice(-16_384);
   });
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  const proc: Proc = { role, child, info: {}, onEvent: null, stderr: () => err, exited };
+  let text = '';
+  const proc: Proc = { role, child, info: {}, onEvent: null, stderr: () => err, console: () => text, exited };
   proc.info = await new Promise<Record<string, number | string>>((resolve, reject) => {
     let out = '';
     let listening = false;
@@ -51,8 +60,18 @@ export async function spawnRole(role: string, args: string[], cpus?: string): Pr
       while ((nl = out.indexOf('\n')) >= 0) {
         const line = out.slice(0, nl);
         out = out.slice(nl + 1);
-        if (!line.startsWith('{')) continue;
-        const e = JSON.parse(line) as Record<string, unknown>;
+        if (!line.startsWith('{')) {
+          text += line + '\n';
+          if (text.length > 4 * 1024 * 1024) text = text.slice(-2 * 1024 * 1024);
+          continue;
+        }
+        let e: Record<string, unknown>;
+        try {
+          e = JSON.parse(line) as Record<string, unknown>;
+        } catch {
+          text += line + '\n';
+          continue;
+        }
         if (!listening && e.event === 'listening') {
           listening = true;
           resolve(e as Record<string, number | string>);
@@ -118,6 +137,26 @@ export async function startSecondary(dir: string, name: string, size: string, cp
   );
 }
 
+export async function startPrimary(
+  dir: string,
+  name: string,
+  size: string,
+  secondary: Proc,
+  cpus?: string,
+): Promise<Proc> {
+  return spawnRole(
+    'primary',
+    [
+      '--listen', '127.0.0.1:0',
+      '--export', `disk0=${path.join(dir, `${name}.img`)},size=${size}`,
+      '--state', path.join(dir, `${name}-state`),
+      '--peer', at(secondary, 'replicationPort'),
+      '--control', '127.0.0.1:0',
+    ], // prettier-ignore
+    cpus,
+  );
+}
+
 export async function startGuest(nbd: Proc, opts: LoopOptions, cpus?: string): Promise<Proc> {
   return spawnRole(
     'guest',
@@ -141,19 +180,7 @@ export async function startLoop(opts: LoopOptions): Promise<Loop> {
   };
   try {
     const secondary = await track(startSecondary(opts.dir, 'svm', opts.size, opts.pin?.secondary));
-    const primary = await track(
-      spawnRole(
-        'primary',
-        [
-          '--listen', '127.0.0.1:0',
-          '--export', `disk0=${path.join(opts.dir, 'pvm.img')},size=${opts.size}`,
-          '--state', path.join(opts.dir, 'pvm-state'),
-          '--peer', at(secondary, 'replicationPort'),
-          '--control', '127.0.0.1:0',
-        ], // prettier-ignore
-        opts.pin?.primary,
-      ),
-    );
+    const primary = await track(startPrimary(opts.dir, 'pvm', opts.size, secondary, opts.pin?.primary));
     const [pvm, svm] = await Promise.all([
       track(startGuest(primary, opts, opts.pin?.primary)),
       track(startGuest(secondary, opts, opts.pin?.secondary)),
