@@ -3,6 +3,7 @@
 // side killed, re-protection), and the disk pair's own demo.
 import { describe, expect, it } from 'vitest';
 import { ROOT, runOk } from './helpers.js';
+import { describeWith } from './tools.js';
 
 describe('demo', () => {
   it('the COLO loop: load, checkpoints verified, the primary side killed, re-protected, nothing lost', async () => {
@@ -37,4 +38,20 @@ describe('demo', () => {
     expect(s.reprotect.mode).toBe('full');
     expect(s.exitCodes).toEqual([0, 0]);
   });
+});
+
+describeWith(['qemu-system-x86_64', 'busybox', 'cpio', 'mkfs.ext4', 'e2fsck', 'debugfs'], 'demo:vm', () => {
+  it('a real QEMU VM: protected, the primary side killed, the guest carries on, nothing a client was told is lost', async () => {
+    const r = await runOk(process.execPath, ['dist/tools/demo-vm.js', '--seconds', '2', '--json'], {
+      timeoutMs: 180_000,
+      cwd: ROOT,
+    });
+    const s = JSON.parse(r.stdout);
+    expect(s.ok).toBe(true);
+    expect(s.checkpoints).toBeGreaterThan(0);
+    expect(s.fsckClean).toBe(true);
+    expect(s.damaged).toEqual([]);
+    expect(s.answeredAfter).toBeGreaterThanOrEqual(s.told);
+    expect(s.files).toBeGreaterThanOrEqual(s.lastAnswer);
+  }, 180_000);
 });
