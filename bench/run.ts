@@ -56,7 +56,7 @@ options:
 
 workloads: ${WORKLOADS.map((w) => w.id).join(', ')}
 groups:    ${[...new Set(WORKLOADS.map((w) => w.group))].join(', ')}
-scenarios: ${SCENARIOS.map((x) => x.id).join(', ')} (loop: all the loop-* ones)
+scenarios: ${SCENARIOS.map((x) => x.id).join(', ')} (loop: all the loop-* ones; vm: the vm-* ones)
 servers:   ${SERVERS.map((s) => s.name).join(', ')}
 `;
 
@@ -114,7 +114,7 @@ function parseOptions(argv: string[]): Options | 'help' {
     onlyNames = splitList(values.only, '--only');
     // 'loop' names every scenario of the COLO loop (loop-modes, loop-scale, ...).
     onlyNames = onlyNames.flatMap((n) =>
-      n === 'loop' ? SCENARIOS.filter((x) => x.id.startsWith('loop-')).map((x) => x.id) : [n],
+      n === 'loop' || n === 'vm' ? SCENARIOS.filter((x) => x.id.startsWith(`${n}-`)).map((x) => x.id) : [n],
     );
     const unknown = onlyNames.filter(
       (n) => !WORKLOADS.some((w) => w.id === n || w.group === n) && !SCENARIOS.some((x) => x.id === n),

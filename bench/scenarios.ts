@@ -27,6 +27,7 @@ import {
 } from './pair.js';
 import { lastLine } from './proc.js';
 import { LOOP_SCENARIOS } from './loop.js';
+import { VM_SCENARIOS } from './vm.js';
 import { recoveryScenario, resyncScenario } from './resync.js';
 import type { BenchContext, ScenarioDef, ScenarioReport, Target } from './types.js';
 
@@ -658,4 +659,5 @@ export const SCENARIOS: ScenarioDef[] = [
   recoveryScenario,
   freshPairScenario,
   ...LOOP_SCENARIOS,
+  ...VM_SCENARIOS,
 ];
