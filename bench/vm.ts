@@ -169,7 +169,7 @@ export const vmCheckpointScenario: ScenarioDef = {
       ],
       targets,
       notes: [
-        'Without dirty-page tracking from QEMU or the kernel (soft-dirty is not built into this kernel), the changed pages are found by comparing the whole RAM file with the last checkpoint’s copy, on every core: the capture grows with the RAM size.',
+        'Without dirty-page tracking from QEMU or the kernel (soft-dirty is not built into this kernel), the changed pages are found by comparing the RAM file with the last checkpoint’s copy on every core, but only where the file has data (SEEK_DATA: the pages the guest ever touched): the capture grows with the RAM the guest uses, not the RAM it is given.',
       ],
       data: { rows },
     };

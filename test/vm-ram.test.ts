@@ -80,6 +80,46 @@ describeWith(native ? [] : ['c++'], 'RAM pages changed since the last checkpoint
 });
 
 describeWith(['qemu-system-x86_64', 'busybox', 'cpio', 'mkfs.ext4'], 'RAM of a real guest under QEMU', () => {
+  it('in a sparse RAM file compares only the data and what was data, and sees pages punched back to holes', () => {
+    const dir = tmpDir('colo-blk-ram-');
+    dirs.push(dir);
+    const file = path.join(dir, 'ram');
+    const pages = 64 * 1024; // 256 MiB of holes
+    fs.writeFileSync(file, '');
+    fs.truncateSync(file, pages * PAGE_BYTES);
+    const fd = fs.openSync(file, 'r+');
+    const rand = prng(23);
+    try {
+      const ram = RamImage.open(file, 2);
+      expect(ram.diff().pages.length).toBe(0);
+      ram.checkpointed();
+      // Pages scattered over the file: many separate data ranges, some close, some far apart.
+      const written = new Set<number>();
+      for (let k = 0; k < 40; k++) written.add(rand() % pages);
+      written.add(pages - 1);
+      written.add(0);
+      const page = (v: number) => Buffer.alloc(PAGE_BYTES, v);
+      for (const p of written) fs.writeSync(fd, page(7), 0, PAGE_BYTES, p * PAGE_BYTES);
+      expect([...ram.diff().pages]).toEqual([...written].sort((a, b) => a - b));
+      ram.checkpointed();
+      expect(ram.diff().pages.length).toBe(0);
+      // A page given back to the file system (a hole again) reads as zeroes: that is a change.
+      const gone = [...written][3];
+      native!.punchHole(fd, gone * PAGE_BYTES, PAGE_BYTES);
+      const other = [...written][5];
+      fs.writeSync(fd, page(9), 0, PAGE_BYTES, other * PAGE_BYTES);
+      expect([...ram.diff().pages]).toEqual([gone, other].sort((a, b) => a - b));
+      expect(ram.page(gone).every((b) => b === 0)).toBe(true);
+      expect(ram.page(other).equals(page(9))).toBe(true);
+      ram.checkpointed();
+      // And the hole stays unchanged after.
+      expect(ram.diff().pages.length).toBe(0);
+      ram.close();
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+
   it('finds the pages a running guest dirtied between two pauses, and the copy equals the RAM', async () => {
     const dir = tmpDir('colo-blk-ram-vm-');
     dirs.push(dir);

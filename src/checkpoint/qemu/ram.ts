@@ -15,6 +15,10 @@
  * - A diff lists the pages changed since the last *checkpointed()*, not since
  *   the last diff: if a checkpoint fails after its pages were taken (the
  *   secondary never committed them), the next one carries them again.
+ * - Only the file's data is compared: a guest's RAM file on tmpfs has holes
+ *   where the guest never wrote (SEEK_DATA/SEEK_HOLE), which read as zeroes.
+ *   The ranges compared are those with data now or at the last diff, so a
+ *   page the copy holds non-zero is always looked at again.
  * - Soft-dirty page tracking (/proc/PID/clear_refs, pagemap bit 55) would
  *   find the pages without comparing them, but needs CONFIG_MEM_SOFT_DIRTY,
  *   which this machine's kernel lacks; the compare works everywhere.
@@ -41,9 +45,25 @@ export interface RamDiff {
   ms: number;
 }
 
+const MERGE_GAP = 1024 * 1024;
+
+/** Sorted, overlapping or close ranges joined. */
+function mergeRanges(ranges: [number, number][]): [number, number][] {
+  const sorted = [...ranges].sort((x, y) => x[0] - y[0]);
+  const out: [number, number][] = [];
+  for (const [a, b] of sorted) {
+    const last = out.at(-1);
+    if (last && a <= last[1] + MERGE_GAP) last[1] = Math.max(last[1], b);
+    else out.push([a, b]);
+  }
+  return out;
+}
+
 export class RamImage {
   /** Pages taken by a diff and not yet part of a committed checkpoint (one byte each). */
   private readonly uncommitted: Uint8Array;
+  /** Where the file had data at the last diff (the copy is zero everywhere else). */
+  private lastData: [number, number][] = [];
 
   private constructor(
     readonly path: string,
@@ -92,15 +112,50 @@ export class RamImage {
   diff(): RamDiff {
     const t0 = performance.now();
     let total = 0;
-    for (const s of this.segments) {
-      const n = native!.diffPages(s.current, s.reference, PAGE_BYTES, s.out, this.threads);
-      const base = s.offset / PAGE_BYTES;
-      for (let i = 0; i < n; i++) this.uncommitted[base + s.out[i]] = 1;
+    // Only where the file has data now or had it at the last diff: a hole reads as zeroes, and
+    // the copy is zero wherever the file had no data at the last diff (see dataRanges).
+    const data = this.dataRanges();
+    for (const [from, to] of mergeRanges([...data, ...this.lastData])) {
+      for (const s of this.segments) {
+        const a = Math.max(from, s.offset);
+        const b = Math.min(to, s.offset + s.current.length);
+        if (a >= b) continue;
+        const first = (a - s.offset) / PAGE_BYTES;
+        const out = s.out.subarray(first);
+        const n = native!.diffPages(
+          s.current.subarray(a - s.offset, b - s.offset),
+          s.reference.subarray(a - s.offset, b - s.offset),
+          PAGE_BYTES,
+          out,
+          b - a >= 16 * 1024 * 1024 ? this.threads : 1,
+        );
+        const base = s.offset / PAGE_BYTES + first;
+        for (let i = 0; i < n; i++) this.uncommitted[base + out[i]] = 1;
+      }
     }
+    this.lastData = data;
     for (let i = 0; i < this.uncommitted.length; i++) total += this.uncommitted[i];
     const pages = new Uint32Array(total);
     for (let i = 0, at = 0; i < this.uncommitted.length; i++) if (this.uncommitted[i]) pages[at++] = i;
     return { pages, ms: performance.now() - t0 };
+  }
+
+  /** Byte ranges the file has data in (all of it where holes cannot be told), page-aligned, gaps under 1 MiB merged. */
+  private dataRanges(): [number, number][] {
+    const out: [number, number][] = [];
+    try {
+      for (let at = 0; at < this.size;) {
+        const from = native!.seekData(this.fd, at);
+        if (from < 0 || from >= this.size) break;
+        let to = native!.seekHole(this.fd, from);
+        if (to < 0 || to > this.size) to = this.size;
+        out.push([Math.floor(from / PAGE_BYTES) * PAGE_BYTES, Math.ceil(to / PAGE_BYTES) * PAGE_BYTES]);
+        at = to;
+      }
+    } catch {
+      return [[0, this.size]];
+    }
+    return mergeRanges(out);
   }
 
   /** The last diff's pages are committed at the other side: the next diff starts from here. */
