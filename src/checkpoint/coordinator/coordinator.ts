@@ -699,7 +699,7 @@ export class Coordinator extends EventEmitter {
       one('pvm', async () => (dirty = (await this.pvm.probe(t)).dirtyBytes ?? 0)),
       one('primary', async () => {
         const s = await this.disk.primaryStatus(t);
-        this.peerState = s.peerState;
+        this.peerState = s.peerState ?? 'none';
         pending = s.pending?.find((p) => p.state === 'open')?.bytes ?? 0;
       }),
     ];

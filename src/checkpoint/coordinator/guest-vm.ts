@@ -1,4 +1,4 @@
-/** The memory-checkpoint hook over the guest's control API (src/guest/node.ts). */
+/** The memory-checkpoint hook over a VM's control API: the guest's (src/guest/node.ts) or a QEMU agent's (src/checkpoint/qemu/agent.ts). */
 import { controlCall } from '../control.js';
 import type { Positions } from '../../net/comparer/comparer.js';
 import type { Endpoint } from '../../util/address.js';
@@ -12,7 +12,7 @@ export class GuestVm implements VmHook {
     readonly control: Endpoint,
     private readonly timeoutMs = 10_000,
   ) {
-    this.name = `guest ${control.host}:${control.port}`;
+    this.name = `VM at ${control.host}:${control.port}`;
   }
 
   private post<T = Record<string, unknown>>(path: string, body?: object): Promise<T> {
