@@ -13,8 +13,10 @@
 import path from 'node:path';
 import { afterAll, expect, it } from 'vitest';
 import { controlCall } from '../src/checkpoint/control.js';
-import { spawnRole, type Proc } from '../tools/loop/stack.js';
-import { killAll, prng, rmDir, tmpDir, track } from './helpers.js';
+import { spawnRole, startSecondary, type Proc } from '../tools/loop/stack.js';
+import { guestQemuArgs, QEMU_COMMAND } from '../tools/vm/guest.js';
+import { DISK_SIZE } from '../tools/vm/stack.js';
+import { CLI, freePort, killAll, prng, rmDir, run, tmpDir, track } from './helpers.js';
 import { describeWith } from './tools.js';
 import {
   checkDisk,
@@ -83,11 +85,12 @@ async function runProtected(p: ProtectedVm, files: number): Promise<void> {
  * are answered again from at least what they were told; then the VM is
  * killed too and its disk checked. Returns the figures.
  */
-async function failoverAndCheck(p: ProtectedVm, kill: () => void) {
+async function failoverAndCheck(p: ProtectedVm, kill: () => void, opts: { pvmConsole?: boolean } = {}) {
   const killedAt = Date.now();
   kill();
   const told = Math.max(0, ...p.acked.filter((a) => a.at <= killedAt).map((a) => a.n));
-  const mustHave = Math.max(committedSynced(p, killedAt), told);
+  // What the PVM's console showed synced before the last commit (when the PVM is the booted guest).
+  const mustHave = Math.max(opts.pvmConsole === false ? 0 : committedSynced(p, killedAt), told);
   await waitFor('the VM started on the standby', () => p.standbyQemuPid(), 30_000);
   const runningMs = Date.now() - killedAt;
   const before = syncedNumbers(p.standby.console()).length;
@@ -102,7 +105,7 @@ async function failoverAndCheck(p: ProtectedVm, kill: () => void) {
     () => p.acked.find((a) => a.at > killedAt) ?? null,
     30_000,
   );
-  const failover = (await p.status()).failovers[0];
+  const failover = (await p.status()).failovers.at(-1);
   expect(failover, 'a failover record').toBeTruthy();
   expect(after[0], 'the standby guest goes on from the committed state').toBeGreaterThanOrEqual(mustHave + 1);
   expect(answer.n, 'clients are never told less than before').toBeGreaterThanOrEqual(told);
@@ -195,6 +198,69 @@ describeWith(
       expect(s.checkpoints).toBeGreaterThan(0);
       await runProtected(p, 5);
       await failoverAndCheck(p, () => p.killPrimarySide());
+      await p.close();
+    }, 300_000);
+
+    it('after a failover a new standby re-protects the VM (colo-blk reprotect), and it survives a second failover', async () => {
+      const p = await protectedVm();
+      await runProtected(p, 5);
+      // The first failover: the standby runs the VM.
+      p.killPrimarySide();
+      await waitFor('the VM started on the standby', () => p.standbyQemuPid(), 30_000);
+      await p.waitState('unprotected', 30_000);
+      const firstQemu = p.standbyQemuPid()!;
+      const dir = path.dirname(p.guest.qmpPath);
+      // A new secondary side: a disk node and a standby with the same VM's command line.
+      const secondary = await startSecondary(dir, 'svm2', DISK_SIZE);
+      track(secondary.child);
+      const httpPort = await freePort();
+      const standby = await spawnRole('vm-standby', [
+        '--dir', path.join(dir, 'standby2'),
+        '--control', '127.0.0.1:0',
+        '--',
+        ...QEMU_COMMAND,
+        ...guestQemuArgs({
+          workload: 'web',
+          disk: `nbd://127.0.0.1:${secondary.info.port}/disk0`,
+          ramPath: '/dev/shm/replaced-by-colo-blk',
+          httpPort,
+        }),
+      ]); // prettier-ignore
+      track(standby.child);
+      const r = await run(process.execPath, [
+        CLI, 'reprotect', '--json',
+        '--control', `127.0.0.1:${p.colo.info.controlPort}`,
+        '--peer', `127.0.0.1:${secondary.info.replicationPort}`,
+        '--svm', `127.0.0.1:${httpPort}`,
+        '--svm-control', `127.0.0.1:${standby.info.controlPort}`,
+        '--secondary-control', `127.0.0.1:${secondary.info.controlPort}`,
+      ], { timeoutMs: 120_000 }); // prettier-ignore
+      expect(r.code, r.stderr).toBe(0);
+      await p.waitState('protected', 120_000);
+      // The VM that runs on the first standby is the PVM now: its QEMU, its agent, the promoted node.
+      const oldStandby = p.standby;
+      const promoted = p.secondary;
+      let pid: number | null = null;
+      standby.onEvent = (e) => {
+        if (e.event === 'vm-started') pid = e.pid as number;
+      };
+      Object.assign(p, { secondary, standby, standbyQemuPid: () => pid });
+      const before = (await p.status()).checkpoints;
+      await waitFor(
+        'checkpoints of the re-protected VM, and answers',
+        async () => (await p.status()).checkpoints >= before + 10 && p.acked.at(-1)!.at > Date.now() - 500,
+        60_000,
+      );
+      await failoverAndCheck(
+        p,
+        () => {
+          process.kill(firstQemu, 'SIGKILL');
+          oldStandby.child.kill('SIGKILL');
+          promoted.child.kill('SIGKILL');
+        },
+        { pvmConsole: false },
+      );
+      expect((await p.status()).failovers).toHaveLength(2);
       await p.close();
     }, 300_000);
   },

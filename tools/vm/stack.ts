@@ -54,6 +54,9 @@ export interface VmStack {
   close: () => Promise<void>;
 }
 
+/** The VM's disk by default. */
+export const DISK_SIZE = '64M';
+
 async function freePort(): Promise<number> {
   const s = net.createServer();
   await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
@@ -72,7 +75,7 @@ export async function startVmStack(opts: VmStackOptions): Promise<VmStack> {
     return x;
   };
   const diskMiB = opts.diskMiB ?? 64;
-  const size = `${diskMiB}M`;
+  const size = diskMiB === 64 ? DISK_SIZE : `${diskMiB}M`;
   const img = path.join(opts.dir, 'pvm.img');
   fs.writeFileSync(img, '');
   fs.truncateSync(img, diskMiB * 1024 * 1024);
