@@ -29,7 +29,21 @@ export interface VmStandbyCliOptions extends Common {
   dir: string;
 }
 
-const out = (line: string) => process.stdout.write(line + '\n');
+/**
+ * stdout carries this process's lines and, after a failover, the VM's
+ * console: a line of ours starts on a line of its own, whatever the console
+ * was in the middle of.
+ */
+let atLineStart = true;
+const out = (line: string) => {
+  process.stdout.write(`${atLineStart ? '' : '\n'}${line}\n`);
+  atLineStart = true;
+};
+const vmConsole = (d: Buffer) => {
+  if (d.length === 0) return;
+  process.stdout.write(d);
+  atLineStart = d[d.length - 1] === 0x0a;
+};
 
 async function serveAgent(agent: QemuAgent, opts: Common, describe: string): Promise<void> {
   const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
@@ -87,7 +101,7 @@ export async function vmStandbyCommand(opts: VmStandbyCliOptions, qemu: string[]
   const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
   const command = parseVmCommand(qemu);
   const dir = path.resolve(opts.dir);
-  const agent = await QemuAgent.standbyFor(nodeStorage, dir, command, logger);
+  const agent = await QemuAgent.standbyFor(nodeStorage, dir, command, logger, vmConsole);
   const epoch = agent.status().committedEpoch;
   await serveAgent(
     agent,

@@ -60,7 +60,12 @@ export class QemuAgent extends EventEmitter {
   private constructor(
     readonly ramBytes: number,
     private readonly logger: Logger,
-    private readonly standbyOf?: { dir: string; command: VmCommand; storage: Storage },
+    private readonly standbyOf?: {
+      dir: string;
+      command: VmCommand;
+      storage: Storage;
+      console?: (d: Buffer) => void;
+    },
   ) {
     super();
   }
@@ -76,11 +81,13 @@ export class QemuAgent extends EventEmitter {
   }
 
   /** On the secondary: the committed state in `dir`, and how to start the VM from it. */
+  /** `console`: where the VM's stdout goes once it runs (default: this process's stdout). */
   static async standbyFor(
     storage: Storage,
     dir: string,
     command: VmCommand,
     logger: Logger,
+    console?: (d: Buffer) => void,
   ): Promise<QemuAgent> {
     const mark = path.join(dir, ACTIVE_MARK);
     if (fs.existsSync(mark))
@@ -89,7 +96,7 @@ export class QemuAgent extends EventEmitter {
         `${dir} is the memory of a VM that runs since a failover (${fs.readFileSync(mark, 'utf8').trim()}): ` +
           `give a new standby its own empty directory`,
       );
-    const agent = new QemuAgent(command.ramBytes, logger, { dir, command, storage });
+    const agent = new QemuAgent(command.ramBytes, logger, { dir, command, storage, console });
     agent.standby = await StandbyRam.open(storage, dir, command.ramBytes);
     return agent;
   }
@@ -271,7 +278,7 @@ export class QemuAgent extends EventEmitter {
   }
 
   private async startVm(): Promise<void> {
-    const { dir, command } = this.standbyOf!;
+    const { dir, command, console } = this.standbyOf!;
     const ram = this.standbyRam('resume');
     const committed = ram.committed;
     if (!committed.device)
@@ -283,7 +290,9 @@ export class QemuAgent extends EventEmitter {
       `checkpoint ${committed.epoch}, ${new Date().toISOString()}\n`,
     );
     const qmpPath = path.join(dir, 'qmp.sock');
-    const { child, qmp } = await launchQemu(standbyArgv(command, committed.ram, qmpPath), qmpPath);
+    const { child, qmp } = await launchQemu(standbyArgv(command, committed.ram, qmpPath), qmpPath, {
+      console,
+    });
     this.child = child;
     const t1 = performance.now();
     await resumeFromCheckpoint(qmp, committed.device);

@@ -73,10 +73,16 @@ export function standbyArgv(cmd: VmCommand, ramPath: string, qmpPath: string): s
 export async function launchQemu(
   argv: string[],
   qmpPath: string,
-  timeoutMs = 30_000,
+  opts: { timeoutMs?: number; console?: (d: Buffer) => void } = {},
 ): Promise<{ child: ChildProcess; qmp: QmpClient }> {
+  const timeoutMs = opts.timeoutMs ?? 30_000;
   fs.rmSync(qmpPath, { force: true });
-  const child = spawn(argv[0], argv.slice(1), { stdio: ['ignore', 'inherit', 'pipe'] });
+  // Its stdout (the serial console, often) goes to `console`, so that the caller keeps its own
+  // output whole (a JSON event line never glued to half a console line).
+  const child = spawn(argv[0], argv.slice(1), {
+    stdio: ['ignore', opts.console ? 'pipe' : 'inherit', 'pipe'],
+  });
+  if (opts.console) child.stdout!.on('data', opts.console);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => {
     stderr += d.toString();

@@ -33,31 +33,61 @@ export interface VmCheckpoint {
 
 const MIGRATION_TIMEOUT_MS = 30_000;
 
-/** Accept one connection and collect everything sent on it until it ends. */
-async function receiveStream(): Promise<{ uri: string; done: Promise<Buffer>; close: () => void }> {
-  const server = net.createServer();
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => resolve());
-  });
-  const port = (server.address() as net.AddressInfo).port;
-  const done = new Promise<Buffer>((resolve, reject) => {
-    const timer = setTimeout(
-      () => reject(new ColoError('ECONNECT', 'QEMU sent no device state')),
-      MIGRATION_TIMEOUT_MS,
-    );
-    server.once('connection', (s) => {
-      server.close();
-      const parts: Buffer[] = [];
-      s.on('data', (d: Buffer) => parts.push(d));
-      s.on('error', (err) => reject(err));
-      s.on('end', () => {
-        clearTimeout(timer);
-        resolve(Buffer.concat(parts));
-      });
+/**
+ * Where QEMU sends the device state: one listening socket for the VM's life
+ * (a migration connects, sends, closes), so that a checkpoint does not set
+ * one up while the VM is paused.
+ */
+class DeviceSink {
+  private waiter: ((s: net.Socket) => void) | null = null;
+
+  private constructor(
+    private readonly server: net.Server,
+    readonly uri: string,
+  ) {
+    server.on('connection', (s) => {
+      const w = this.waiter;
+      this.waiter = null;
+      if (w) w(s);
+      else s.destroy(); // nobody asked: not a migration of ours
     });
-  });
-  return { uri: `tcp:127.0.0.1:${port}`, done, close: () => server.close() };
+  }
+
+  static async open(): Promise<DeviceSink> {
+    const server = net.createServer();
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(0, '127.0.0.1', () => resolve());
+    });
+    server.unref();
+    return new DeviceSink(server, `tcp:127.0.0.1:${(server.address() as net.AddressInfo).port}`);
+  }
+
+  /** Everything the next connection sends, until it ends. */
+  next(): Promise<Buffer> {
+    return new Promise<Buffer>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiter = null;
+        reject(new ColoError('ECONNECT', 'QEMU sent no device state'));
+      }, MIGRATION_TIMEOUT_MS);
+      this.waiter = (s) => {
+        const parts: Buffer[] = [];
+        s.on('data', (d: Buffer) => parts.push(d));
+        s.on('error', (err) => {
+          clearTimeout(timer);
+          reject(err);
+        });
+        s.on('end', () => {
+          clearTimeout(timer);
+          resolve(Buffer.concat(parts));
+        });
+      };
+    });
+  }
+
+  close(): void {
+    this.server.close();
+  }
 }
 
 async function waitMigration(qmp: QmpClient, what: string): Promise<void> {
@@ -74,31 +104,40 @@ async function waitMigration(qmp: QmpClient, what: string): Promise<void> {
 }
 
 export class QemuVm {
+  /** Whether the vCPUs run, from QEMU's STOP and RESUME events. */
+  private running: boolean;
+
   private constructor(
     readonly qmp: QmpClient,
     readonly ram: RamImage,
-  ) {}
+    private readonly sink: DeviceSink,
+    running: boolean,
+  ) {
+    this.running = running;
+    qmp.on('STOP', () => (this.running = false));
+    qmp.on('RESUME', () => (this.running = true));
+  }
 
   /** Take charge of a running VM whose RAM is the shared file `ramPath`. */
   static async attach(qmp: QmpClient, ramPath: string): Promise<QemuVm> {
     await qmp.execute('migrate-set-capabilities', {
       capabilities: [{ capability: 'x-ignore-shared', state: true }],
     });
-    return new QemuVm(qmp, RamImage.open(ramPath));
+    const status = await qmp.execute<{ status: string }>('query-status');
+    return new QemuVm(qmp, RamImage.open(ramPath), await DeviceSink.open(), status.status === 'running');
   }
 
   /** Stop the vCPUs (QEMU drains and flushes in-flight disk I/O before it says STOP). */
   async pause(): Promise<void> {
-    const status = await this.qmp.execute<{ status: string }>('query-status');
-    if (status.status !== 'running') return;
+    if (!this.running) return;
     const stopped = this.qmp.waitEvent('STOP', 10_000);
     await this.qmp.execute('stop');
     await stopped;
   }
 
+  /** Run the vCPUs (`cont` also leaves the post-migration state a capture leaves them in). */
   async resume(): Promise<void> {
-    const status = await this.qmp.execute<{ status: string }>('query-status');
-    if (status.status !== 'running') await this.qmp.execute('cont');
+    if (!this.running) await this.qmp.execute('cont');
   }
 
   /**
@@ -114,22 +153,16 @@ export class QemuVm {
     timings: { device: number; ram: number };
   }> {
     const t1 = performance.now();
-    const sink = await receiveStream();
-    let device: Buffer;
-    let pages: Uint32Array;
-    let ramMs: number;
-    try {
-      await this.qmp.execute('migrate', { uri: sink.uri });
-      // QEMU writes the device state into the socket while the pages are compared here (the
-      // kernel's socket buffers hold it); it is read once the compare is done.
-      const t = performance.now();
-      pages = this.ram.diff().pages;
-      ramMs = performance.now() - t;
-      await waitMigration(this.qmp, 'saving the device state');
-      device = await sink.done;
-    } finally {
-      sink.close();
-    }
+    const received = this.sink.next();
+    received.catch(() => {}); // awaited below, unless the migrate command itself fails
+    await this.qmp.execute('migrate', { uri: this.sink.uri });
+    // QEMU writes the device state into the socket while the pages are compared here (the
+    // kernel's socket buffers hold it); it is read once the compare is done.
+    const t = performance.now();
+    const pages = this.ram.diff().pages;
+    const ramMs = performance.now() - t;
+    await waitMigration(this.qmp, 'saving the device state');
+    const device = await received;
     const t2 = performance.now();
     const ranges: Buffer[] = [];
     for (let i = 0; i < pages.length;) {
@@ -150,7 +183,7 @@ export class QemuVm {
     const c = await this.capture();
     const data = Buffer.concat(c.ranges);
     const t3 = performance.now();
-    if (!opts.keepPaused) await this.qmp.execute('cont');
+    if (!opts.keepPaused) await this.resume();
     const t4 = performance.now();
     return {
       pages: c.pages,
@@ -172,6 +205,7 @@ export class QemuVm {
   }
 
   close(): void {
+    this.sink.close();
     this.ram.close();
   }
 }
