@@ -15,6 +15,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { NbdClient } from '../src/net/client.js';
+import { percentile } from '../src/util/stats.js';
 import {
   checkpoint,
   memoryOf,
@@ -42,10 +43,7 @@ const fmtMs = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) :
 const fmtMiB = (bytes: number) => `${Math.round(bytes / MiB)} MiB`;
 const sizeName = (bytes: number) => (bytes >= GiB ? `${bytes / GiB} GiB` : `${bytes / MiB} MiB`);
 
-/** Nearest-rank percentile of sorted values (p99 of 30 samples is the largest). */
-export function percentile(sorted: number[], p: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))];
-}
+export { percentile };
 
 const sortNum = (xs: number[]) => [...xs].sort((a, b) => a - b);
 

@@ -28,6 +28,7 @@ import {
   type PairOptions,
 } from './pair.js';
 import type { BenchContext, RunningServer, ServerDef } from './types.js';
+import { percentile } from '../src/util/stats.js';
 
 const HOST = '127.0.0.1';
 const round2 = (x: number) => Math.round(x * 100) / 100;
@@ -228,10 +229,6 @@ const replicatedOpts = (ctx: BenchContext, port: number | string): PairOptions =
   exportName: ctx.exportName,
   port,
 });
-
-function percentile(sorted: number[], p: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(p * sorted.length) - 1))];
-}
 
 /**
  * A COLO pair under steady divergence: a primary serving the bench image, mirroring every write

@@ -9,17 +9,15 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import type { CheckpointRecord } from '../src/checkpoint/coordinator/coordinator.js';
-import { getSynced } from '../tools/vm/check.js';
+import { quantile } from '../src/util/stats.js';
+import { askAllAlong } from '../tools/vm/check.js';
 import { ensureGuest } from '../tools/vm/guest.js';
 import { startVmStack, type VmStack } from '../tools/vm/stack.js';
 import type { BenchContext, ScenarioDef, ScenarioReport, Target } from './types.js';
 
 const MiB = 2 ** 20;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const pct = (xs: number[], q: number) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length ? s[Math.min(s.length - 1, Math.floor(q * s.length))] : NaN;
-};
+const pct = quantile;
 const f1 = (x: number) => (Number.isFinite(x) ? x.toFixed(1) : '–');
 
 function requireTools(): void {
@@ -92,29 +90,15 @@ export const vmCheckpointScenario: ScenarioDef = {
           const cps = (
             s.events.slice(from).filter((e) => e.event === 'checkpoint') as unknown as CheckpointRecord[]
           ).filter((c) => !c.full);
+          const p = (f: (c: CheckpointRecord) => number, q = 0.5) => pct(cps.map(f), q);
           return {
             ramMiB,
             n: cps.length,
-            p50: pct(
-              cps.map((c) => c.pauseMs),
-              0.5,
-            ),
-            p99: pct(
-              cps.map((c) => c.pauseMs),
-              0.99,
-            ),
-            capture: pct(
-              cps.map((c) => c.phases.capture),
-              0.5,
-            ),
-            memory: pct(
-              cps.map((c) => c.memoryBytes),
-              0.5,
-            ),
-            send: pct(
-              cps.map((c) => c.phases.send),
-              0.5,
-            ),
+            p50: p((c) => c.pauseMs),
+            p99: p((c) => c.pauseMs, 0.99),
+            capture: p((c) => c.phases.capture),
+            memory: p((c) => c.memoryBytes),
+            send: p((c) => c.phases.send),
           };
         }),
       );
@@ -199,15 +183,8 @@ export const vmFailoverScenario: ScenarioDef = {
       ctx.log(`vm: failover round ${i + 1} of ${rounds}`);
       rows.push(
         await withVm(ctx, { workload: 'web', ramMiB: 256 }, async (s) => {
-          const answers: { n: number; at: number }[] = [];
-          let asking = true;
-          const client = (async () => {
-            while (asking) {
-              const n = await getSynced(s.port, 1000);
-              if (n !== null) answers.push({ n, at: Date.now() });
-              else await sleep(10);
-            }
-          })();
+          const client = askAllAlong(s.port);
+          const answers = client.answers;
           await sleep(3000);
           const killedAt = Date.now();
           const told = Math.max(0, ...answers.map((a) => a.n));
@@ -215,8 +192,7 @@ export const vmFailoverScenario: ScenarioDef = {
           while (!s.standbyQemuPid() && Date.now() - killedAt < 30_000) await sleep(2);
           const runningMs = Date.now() - killedAt;
           while (!answers.some((a) => a.at > killedAt) && Date.now() - killedAt < 30_000) await sleep(2);
-          asking = false;
-          await client;
+          await client.stop();
           const first = answers.find((a) => a.at > killedAt);
           const fo = s.events.find((e) => e.event === 'failover') as { ms?: number } | undefined;
           return {

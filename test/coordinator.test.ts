@@ -4,7 +4,7 @@
 // a failover before and after the cut.
 import net from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Coordinator } from '../src/checkpoint/coordinator/coordinator.js';
+import { Coordinator, type CoordinatorOptions } from '../src/checkpoint/coordinator/coordinator.js';
 import type { DiskHook, VmHook } from '../src/checkpoint/coordinator/hooks.js';
 import { Comparer } from '../src/net/comparer/comparer.js';
 
@@ -91,6 +91,22 @@ function fakeDisk(log: string[]) {
   return disk;
 }
 
+/** A coordinator as the tests run it: no interval, a fast heartbeat, quiet. */
+function coordinator(
+  o: Pick<CoordinatorOptions, 'mode' | 'comparer' | 'pvm' | 'svm' | 'disk'> & Partial<CoordinatorOptions>,
+) {
+  return new Coordinator({
+    intervalMs: 600_000,
+    maxPendingBytes: 1 << 30,
+    heartbeatMs: 20,
+    failoverAfterMs: 100,
+    phaseTimeoutMs: 5000,
+    verify: false,
+    logger: quiet,
+    ...o,
+  });
+}
+
 const running: (() => Promise<void>)[] = [];
 afterEach(async () => {
   for (const f of running.splice(0)) await f();
@@ -102,20 +118,7 @@ async function setup() {
   const svm = fakeVm('svm', log);
   const disk = fakeDisk(log);
   const comparer = new Comparer({ mode: 'colo', pvm: pvm.data, compareTimeoutMs: 200, logger: quiet });
-  const co = new Coordinator({
-    mode: 'colo',
-    comparer,
-    pvm,
-    svm,
-    disk,
-    intervalMs: 600_000,
-    maxPendingBytes: 1 << 30,
-    heartbeatMs: 20,
-    failoverAfterMs: 100,
-    phaseTimeoutMs: 5000,
-    verify: false,
-    logger: quiet,
-  });
+  const co = coordinator({ mode: 'colo', comparer, pvm, svm, disk: disk });
   co.start();
   running.push(() => co.close());
   for (let i = 0; co.state !== 'protected'; i++) {
@@ -237,20 +240,7 @@ describe('coordinator', () => {
     const pvm = fakeVm('pvm', log, 'guest nondeterminism=0.1');
     const svm = fakeVm('svm', log, 'guest nondeterminism=0');
     const comparer = new Comparer({ mode: 'colo', pvm: pvm.data, compareTimeoutMs: 200, logger: quiet });
-    const co = new Coordinator({
-      mode: 'colo',
-      comparer,
-      pvm,
-      svm,
-      disk: fakeDisk(log),
-      intervalMs: 600_000,
-      maxPendingBytes: 1 << 30,
-      heartbeatMs: 20,
-      failoverAfterMs: 100,
-      phaseTimeoutMs: 5000,
-      verify: false,
-      logger: quiet,
-    });
+    const co = coordinator({ mode: 'colo', comparer, pvm, svm, disk: fakeDisk(log) });
     co.start();
     running.push(() => co.close());
     await sleep(100);
@@ -273,20 +263,7 @@ describe('coordinator', () => {
     const comparer = new Comparer({ mode: 'remus', pvm: pvmData, compareTimeoutMs: 200, logger: quiet });
     const front = await comparer.listen(0, '127.0.0.1');
     running.push(() => comparer.close());
-    const co = new Coordinator({
-      mode: 'remus',
-      comparer,
-      pvm,
-      svm,
-      disk,
-      intervalMs: 600_000,
-      maxPendingBytes: 1 << 30,
-      heartbeatMs: 20,
-      failoverAfterMs: 5000,
-      phaseTimeoutMs: 5000,
-      verify: false,
-      logger: quiet,
-    });
+    const co = coordinator({ mode: 'remus', comparer, pvm, svm, disk: disk, failoverAfterMs: 5000 });
     co.start();
     running.push(() => co.close());
     for (let i = 0; co.state !== 'protected'; i++) {

@@ -4,7 +4,7 @@
  * guest's web service through the comparer all along (its answers are
  * released output: what the VM acknowledged).
  */
-import { getSynced } from '../tools/vm/check.js';
+import { askAllAlong } from '../tools/vm/check.js';
 import { startVmStack, type VmStack } from '../tools/vm/stack.js';
 import { track } from './helpers.js';
 
@@ -33,21 +33,13 @@ export async function startProtectedVm(dir: string, coloArgs: string[] = []): Pr
     if (n > (synced.at(-1)?.n ?? 0)) synced.push({ n, at: Date.now() });
   }, 10);
   // A client asking the service, one request at a time, all along.
-  const acked: { n: number; at: number }[] = [];
-  let polling = true;
-  void (async () => {
-    while (polling) {
-      const n = await getSynced(stack.port);
-      if (n !== null) acked.push({ n, at: Date.now() });
-      else await new Promise((r) => setTimeout(r, 20));
-    }
-  })();
+  const client = askAllAlong(stack.port);
   return Object.assign(stack, {
     synced,
-    acked,
+    acked: client.answers,
     stopWatch: () => {
       clearInterval(watch);
-      polling = false;
+      void client.stop();
     },
   });
 }

@@ -25,7 +25,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { CheckpointRecord, FailoverRecord } from '../src/checkpoint/coordinator/coordinator.js';
 import { failoverLine } from '../src/cli/colo.js';
-import { checkDisk, getSynced } from './vm/check.js';
+import { quantile } from '../src/util/stats.js';
+import { askAllAlong, checkDisk } from './vm/check.js';
 import { ensureGuest } from './vm/guest.js';
 import { startVmStack, type VmStack } from './vm/stack.js';
 
@@ -70,10 +71,7 @@ function parseArgs(argv: string[]): Args {
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const pct = (xs: number[], q: number) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length ? s[Math.min(s.length - 1, Math.floor(q * s.length))] : 0;
-};
+const pct = (xs: number[], q: number) => (xs.length ? quantile(xs, q) : 0);
 
 async function main(): Promise<void> {
   const args = parseArgs(process.argv.slice(2));
@@ -128,15 +126,8 @@ async function main(): Promise<void> {
   );
 
   // A client asks all along; each answer was released by a committed checkpoint.
-  const answers: { n: number; at: number }[] = [];
-  let asking = true;
-  const client = (async () => {
-    while (asking) {
-      const n = await getSynced(s.port, 1000);
-      if (n !== null) answers.push({ n, at: Date.now() });
-      else await sleep(20);
-    }
-  })();
+  const client = askAllAlong(s.port);
+  const answers = client.answers;
   const checkpoints = () => s.events.filter((e) => e.event === 'checkpoint') as unknown as CheckpointRecord[];
   const report = async (seconds: number) => {
     for (let t = 0; t < seconds; t++) {
@@ -186,8 +177,7 @@ async function main(): Promise<void> {
       `the client was answered again ${first.at - killedAt} ms after it: ${first.n} files synced (it had been told ${told})`,
   );
   await report(Math.min(args.seconds, 3));
-  asking = false;
-  await client;
+  await client.stop();
 
   say("4. stop the VM and check its disk (the promoted secondary's export)");
   process.kill(s.standbyQemuPid()!, 'SIGKILL');
@@ -201,20 +191,12 @@ async function main(): Promise<void> {
       `${contiguous ? `f1..f${last} all there (the last a client was told: ${last})` : `MISSING some of f1..f${last}`}`,
   );
   const ok = disk.fsckCode === 0 && disk.bad.length === 0 && contiguous && first.n >= told;
+  const pauses = protectedCps.map((c) => c.pauseMs);
   const summary = {
     ok,
     ramMiB: args.ramMiB,
     checkpoints: protectedCps.length,
-    pauseMs: {
-      p50: pct(
-        protectedCps.map((c) => c.pauseMs),
-        0.5,
-      ),
-      p99: pct(
-        protectedCps.map((c) => c.pauseMs),
-        0.99,
-      ),
-    },
+    pauseMs: { p50: pct(pauses, 0.5), p99: pct(pauses, 0.99) },
     memoryBytesPerCheckpoint: protectedCps.length
       ? protectedCps.reduce((n, c) => n + c.memoryBytes, 0) / protectedCps.length
       : 0,

@@ -28,6 +28,32 @@ export function getSynced(port: number, timeoutMs = 2000): Promise<number | null
 }
 
 /**
+ * A client asking all along, one request at a time (every answer is released
+ * output: what the VM acknowledged), until `stop`.
+ */
+export function askAllAlong(port: number): {
+  answers: { n: number; at: number }[];
+  stop: () => Promise<void>;
+} {
+  const answers: { n: number; at: number }[] = [];
+  let asking = true;
+  const loop = (async () => {
+    while (asking) {
+      const n = await getSynced(port, 1000);
+      if (n !== null) answers.push({ n, at: Date.now() });
+      else await new Promise((r) => setTimeout(r, 10));
+    }
+  })();
+  return {
+    answers,
+    stop: async () => {
+      asking = false;
+      await loop;
+    },
+  };
+}
+
+/**
  * Copy an export to a file, replay its ext4 journal (as a mount would), and
  * check it: fsck's verdict, and every file f1..fN the fsync loop wrote.
  */

@@ -40,6 +40,7 @@ import { ColoError, toColoError } from '../../errors.js';
 import type { Comparer, CheckpointReason, Mode, Positions } from '../../net/comparer/comparer.js';
 import type { Logger } from '../../net/server.js';
 import type { Endpoint } from '../../util/address.js';
+import { quantile } from '../../util/stats.js';
 import type { DiskHook, VmHook } from './hooks.js';
 
 export type CoordinatorState = 'unprotected' | 'pairing' | 'protected' | 'failing-over';
@@ -769,11 +770,7 @@ export class Coordinator extends EventEmitter {
   // Status ----------------------------------------------------------------------
 
   status() {
-    const pct = (xs: number[], q: number) => {
-      if (!xs.length) return null;
-      const s = [...xs].sort((a, b) => a - b);
-      return Number(s[Math.min(s.length - 1, Math.floor(q * s.length))].toFixed(3));
-    };
+    const pct = (xs: number[], q: number) => (xs.length ? Number(quantile(xs, q).toFixed(3)) : null);
     const recent = this.records.slice(-KEEP_RECORDS);
     const health = Object.fromEntries(
       (Object.keys(this.health) as Target[]).map((k) => [
