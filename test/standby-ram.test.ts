@@ -35,12 +35,19 @@ const PAGES = 512; // a 2 MiB RAM
 const SIZE = PAGES * PAGE_BYTES;
 const sha = (b: Buffer) => crypto.createHash('sha256').update(b).digest('hex').slice(0, 16);
 
-/** A run of checkpoints: each changes some pages of the RAM and has its own device state. */
-function checkpoints(seed: number, count: number) {
+/**
+ * A run of checkpoints: each changes some pages of the RAM and has its own
+ * device state; checkpoint `fullAt` is a pairing's: a new RAM from zero,
+ * carrying its every non-zero page (the pages it does not carry are zero).
+ */
+function checkpoints(seed: number, count: number, fullAt = 0) {
   const rand = prng(seed);
   const ram = Buffer.alloc(SIZE);
-  const out: { epoch: number; pages: number[]; data: Buffer; device: Buffer; ram: Buffer }[] = [];
+  const out: { epoch: number; pages: number[]; data: Buffer; device: Buffer; ram: Buffer; full: boolean }[] =
+    [];
   for (let e = 1; e <= count; e++) {
+    const full = e === fullAt;
+    if (full) ram.fill(0);
     const set = new Set<number>();
     const n = 1 + (rand() % 300);
     for (let k = 0; k < n; k++) set.add(rand() % PAGES);
@@ -53,7 +60,7 @@ function checkpoints(seed: number, count: number) {
       page.copy(ram, p * PAGE_BYTES);
     });
     const device = Buffer.from(`device state of checkpoint ${e} `.repeat(1 + (rand() % 500)));
-    out.push({ epoch: e, pages, data, device, ram: Buffer.from(ram) });
+    out.push({ epoch: e, pages, data, device, ram: Buffer.from(ram), full });
   }
   return out;
 }
@@ -91,14 +98,14 @@ describe('the standby copy of a VM memory', () => {
     await expect(StandbyRam.open(nodeStorage, dir, SIZE * 2)).rejects.toThrow(/use another directory/);
   });
 
-  it('after a power cut anywhere, holds exactly one committed checkpoint, never older than the last commit that returned', async () => {
+  it('after a power cut anywhere, holds exactly one committed checkpoint, never older than the last commit that returned (a full one among them: the image replaced, not patched)', async () => {
     const CHOICES: CutOptions[] = [
       { writeback: 'none', tear: 'none', metadata: 'guaranteed' },
       { writeback: 'mixed', tear: 'sector', metadata: 'random' },
       { writeback: 'all', tear: 'none', metadata: 'all' },
     ];
     const dir = path.join(root, 'cuts');
-    const cps = checkpoints(11, 6);
+    const cps = checkpoints(11, 6, 4);
     const rams = [Buffer.alloc(SIZE), ...cps.map((c) => c.ram)];
     const devices = [null, ...cps.map((c) => c.device)];
     fs.mkdirSync(dir, { recursive: true });
@@ -111,7 +118,7 @@ describe('the standby copy of a VM memory', () => {
       // A tiny log limit: the log is rewritten during the run, and cuts land in that too.
       const s = await StandbyRam.open(nodeStorage, dir, SIZE, { compactBytes: 200 });
       for (const c of cps) {
-        s.receive(c.epoch, c.pages, c.data, c.device);
+        s.receive(c.epoch, c.pages, c.data, c.device, c.full);
         await s.commit(c.epoch);
         returned.push({ epoch: c.epoch, at: trace.position });
       }

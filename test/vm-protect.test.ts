@@ -58,10 +58,10 @@ async function respawn(old: Proc): Promise<Proc> {
 
 const ROUNDS = Number(process.env.COLO_BLK_VM_ROUNDS ?? 2);
 
-async function protectedVm(): Promise<ProtectedVm> {
+async function protectedVm(coloArgs: string[] = []): Promise<ProtectedVm> {
   const dir = tmpDir('colo-blk-vmprot-');
   dirs.push(dir);
-  const p = await startProtectedVm(dir);
+  const p = await startProtectedVm(dir, coloArgs);
   stacks.push(p);
   await p.waitState('protected', 90_000);
   return p;
@@ -172,9 +172,16 @@ describeWith(
       await p.close();
     }, 300_000);
 
-    it('the secondary side dies and comes back: the VM is re-protected, then survives the primary side dying', async () => {
-      const p = await protectedVm();
+    it('the secondary side dies and comes back: the VM is re-protected, then survives the primary side dying (every checkpoint verified)', async () => {
+      // --verify: after each checkpoint the PVM's RAM as checkpointed and the standby's committed image hash the same.
+      const p = await protectedVm(['--verify']);
       await runProtected(p, 5);
+      const verified = () =>
+        p.events
+          .filter((e) => e.event === 'checkpoint')
+          .map((e) => e.verified as { state: boolean | null; disk: boolean | null });
+      expect(verified().length).toBeGreaterThan(0);
+      expect(verified().every((v) => v.state === true && v.disk === null)).toBe(true);
       // The secondary side dies: the VM goes on unprotected (its output passes through).
       p.standby.child.kill('SIGKILL');
       p.secondary.child.kill('SIGKILL');
@@ -197,6 +204,8 @@ describeWith(
       const s = await p.status();
       expect(s.checkpoints).toBeGreaterThan(0);
       await runProtected(p, 5);
+      expect(s.verifyFailures).toBe(0);
+      expect(verified().every((v) => v.state === true)).toBe(true);
       await failoverAndCheck(p, () => p.killPrimarySide());
       await p.close();
     }, 300_000);

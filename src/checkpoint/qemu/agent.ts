@@ -211,7 +211,7 @@ export class QemuAgent extends EventEmitter {
       );
     this.captured = null;
     const t = performance.now();
-    const body = encodeCheckpoint(vm.ram.size, c.pages, c.ranges, c.device);
+    const body = encodeCheckpoint(vm.ram.size, c.pages, c.ranges, c.device, c.full);
     const bytes = body.reduce((n, b) => n + b.length, 0);
     await controlRaw(target, '/mem/receive', body, 60_000);
     this.last = {
@@ -239,7 +239,7 @@ export class QemuAgent extends EventEmitter {
         `the PVM has ${c.ramBytes} bytes of RAM, this standby's VM ${this.ramBytes}: not the same VM`,
       );
     const epoch = ram.committed.epoch + 1;
-    ram.receive(epoch, c.pages, c.data, c.device);
+    ram.receive(epoch, c.pages, c.data, c.device, c.full);
     return { epoch, pages: c.pages.length };
   }
 

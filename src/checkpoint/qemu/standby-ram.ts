@@ -44,6 +44,8 @@ interface CommitRecord {
   size: number;
   device: string | null;
   journal: string | null;
+  /** The journal holds every non-zero page: the image is zeroed before it is applied. */
+  full?: boolean;
 }
 
 interface PageFrame {
@@ -61,6 +63,7 @@ export class StandbyRam {
     deviceFile: StorageFile;
     pages: Uint32Array;
     data: Buffer;
+    full: boolean;
   } | null = null;
 
   private constructor(
@@ -116,7 +119,7 @@ export class StandbyRam {
       log,
       opts.compactBytes ?? LOG_COMPACT_BYTES,
     );
-    if (record.journal) await store.replay(record.journal, record.epoch);
+    if (record.journal) await store.replay(record.journal, record.epoch, record.full === true);
     // Nothing else survives: uncommitted checkpoints, replaced device states, applied journals.
     for (const name of storage.list(dir))
       if (/^(dev-\d+\.bin|ram-\d+\.journal)(\.tmp)?$/.test(name) && name !== store.record.device)
@@ -136,8 +139,10 @@ export class StandbyRam {
   /**
    * Hold checkpoint `epoch`: the pages it changed (their contents in `data`, in order) and the device
    * state. `data` is kept until the commit or the discard: the caller must not reuse it before.
+   * `full`: the pages are every non-zero page of the RAM (a pairing): every other page is zero,
+   * whatever the image held before.
    */
-  receive(epoch: number, pages: ArrayLike<number>, data: Buffer, device: Buffer): void {
+  receive(epoch: number, pages: ArrayLike<number>, data: Buffer, device: Buffer, full = false): void {
     if (epoch <= this.record.epoch)
       throw new ColoError('EINVAL', `checkpoint ${epoch} is not after the committed ${this.record.epoch}`);
     if (data.length !== pages.length * PAGE_BYTES)
@@ -160,7 +165,15 @@ export class StandbyRam {
     const deviceFile = this.storage.open(path.join(this.dir, deviceName));
     deviceFile.truncate(0);
     if (device.length > 0) deviceFile.writev([device], 0);
-    this.pending = { epoch, journal, device: deviceName, deviceFile, pages: Uint32Array.from(pages), data };
+    this.pending = {
+      epoch,
+      journal,
+      device: deviceName,
+      deviceFile,
+      pages: Uint32Array.from(pages),
+      data,
+      full,
+    };
   }
 
   private writePages(pages: ArrayLike<number>, data: Buffer): void {
@@ -168,8 +181,15 @@ export class StandbyRam {
       this.image.writev([data.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES)], pages[k] * PAGE_BYTES);
   }
 
+  /** A full checkpoint replaces the whole image: zero it (sparse) before its pages go in. */
+  private zeroImage(): void {
+    this.image.truncate(0);
+    this.image.truncate(this.size);
+  }
+
   /** After a crash past a commit point: copy the committed journal's pages into ram.img. */
-  private async replay(journalName: string, epoch: number): Promise<void> {
+  private async replay(journalName: string, epoch: number, full: boolean): Promise<void> {
+    if (full) this.zeroImage();
     const scan = scanJournal<PageFrame>(
       this.storage,
       path.join(this.dir, journalName),
@@ -213,8 +233,10 @@ export class StandbyRam {
       size: this.size,
       device: p.device,
       journal: `ram-${epoch}.journal`,
+      ...(p.full ? { full: true } : {}),
     });
     // The pages are still in memory: the journal is only read back after a crash.
+    if (p.full) this.zeroImage();
     this.writePages(p.pages, p.data);
     await this.applied(this.record.journal!, epoch);
     if (previous && previous !== p.device) this.storage.remove(path.join(this.dir, previous));

@@ -3,7 +3,8 @@
  * (`POST /mem/receive`):
  *
  *   u32 LE   header length H
- *   H bytes  msgpack header {v: 1, ramBytes, pages: N, deviceBytes}
+ *   H bytes  msgpack header {v: 1, ramBytes, full, pages: N, deviceBytes}
+ *            (full: the pages are every non-zero page; every other page is zero)
  *   N × u32 LE   page numbers, ascending
  *   N × 4096     the pages' contents, in that order
  *   deviceBytes  QEMU's device state (an x-ignore-shared migration stream)
@@ -19,6 +20,8 @@ const MAX_HEADER = 4096;
 
 export interface WireCheckpoint {
   ramBytes: number;
+  /** Every non-zero page of the RAM (a pairing): the others are zero. */
+  full: boolean;
   pages: Uint32Array;
   data: Buffer;
   device: Buffer;
@@ -30,8 +33,9 @@ export function encodeCheckpoint(
   pages: Uint32Array,
   ranges: Buffer[],
   device: Buffer,
+  full = false,
 ): Buffer[] {
-  const header = pack({ v: 1, ramBytes, pages: pages.length, deviceBytes: device.length });
+  const header = pack({ v: 1, ramBytes, full, pages: pages.length, deviceBytes: device.length });
   const len = Buffer.alloc(4);
   len.writeUInt32LE(header.length, 0);
   const numbers = Buffer.alloc(pages.length * 4);
@@ -50,7 +54,7 @@ export function decodeCheckpoint(body: Buffer): WireCheckpoint {
   } catch {
     throw bad('its header is not msgpack');
   }
-  const { v, ramBytes, pages: n, deviceBytes } = (header ?? {}) as Record<string, unknown>;
+  const { v, ramBytes, full, pages: n, deviceBytes } = (header ?? {}) as Record<string, unknown>;
   const count = (x: unknown) => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
   if (v !== 1) throw bad(`version ${String(v)}`);
   if (!count(ramBytes) || (ramBytes as number) % PAGE_BYTES !== 0 || !count(n) || !count(deviceBytes))
@@ -72,6 +76,7 @@ export function decodeCheckpoint(body: Buffer): WireCheckpoint {
   }
   return {
     ramBytes: ramBytes as number,
+    full: full === true,
     pages,
     data: body.subarray(dataAt, deviceAt),
     device: body.subarray(deviceAt),
