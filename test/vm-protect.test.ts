@@ -144,8 +144,17 @@ describeWith(
         const seed = Number(process.env.COLO_BLK_SEED ?? Date.now() % 100_000);
         const rand = prng(seed);
         for (let round = 0; round < ROUNDS; round++) {
-          const p = await protectedVm();
+          // --verify: every checkpoint compares the PVM's checkpointed RAM with the standby's committed image.
+          const p = await protectedVm(['--verify']);
           await runProtected(p, 10);
+          const checked = p.events
+            .filter((e) => e.event === 'checkpoint')
+            .map((e) => e.verified as { state: boolean | null });
+          expect(checked.length).toBeGreaterThan(0);
+          expect(
+            checked.every((v) => v.state === true),
+            'SVM = PVM after every checkpoint',
+          ).toBe(true);
           await new Promise((r) => setTimeout(r, rand() * 1500));
           const f = await failoverAndCheck(p, () => p.killPrimarySide());
           expect(f.runningMs, `seed ${seed}`).toBeLessThan(5000);

@@ -306,8 +306,9 @@ export class Coordinator extends EventEmitter {
     let pvmPos: Positions | null = null;
     let paused = false;
     let pvmRunsAt = 0;
-    // Remus with a PVM that can be captured: it runs again before the send and the commit.
-    const early = this.mode === 'remus' && this.pvmEarlyResume && !this.opts.verify;
+    // Remus with a PVM that can be captured: it runs again before the send and the commit
+    // (its hash() is of the state it captured, so --verify holds while it runs).
+    const early = this.mode === 'remus' && this.pvmEarlyResume;
     try {
       // 2. pause the SVM, then the PVM
       svmPos = await this.svmCall(svm.pause());
@@ -422,7 +423,8 @@ export class Coordinator extends EventEmitter {
         releasedBytes,
         waitMs,
         phases,
-        pauseMs: pvmRunsAt - pvmPausedAt - verifyMs,
+        // Verification runs while the VMs are paused, after the load (with early resume: after the PVM runs again).
+        pauseMs: pvmRunsAt - pvmPausedAt - (early ? 0 : verifyMs),
         totalMs,
         verified,
       };

@@ -60,7 +60,11 @@ export interface VmHook {
   load(targets: Record<string, number>): Promise<void>;
   /** SVM: a received state that will not be loaded. */
   discard(): Promise<void>;
-  /** A hash of the state (to verify SVM = PVM), null if the VM cannot give one. */
+  /**
+   * A hash of the state (to verify SVM = PVM), null if the VM cannot give one.
+   * A VM with `earlyResume` hashes the state as of its last capture (it runs
+   * again while the checkpoint completes).
+   */
   hash(): Promise<string | null>;
   /** A hash of the disk as the VM sees it, null if it cannot give one. */
   diskHash(): Promise<string | null>;
