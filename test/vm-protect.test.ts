@@ -219,8 +219,8 @@ describeWith(
       await p.close();
     }, 300_000);
 
-    it('after a failover a new standby re-protects the VM (colo-blk reprotect), and it survives a second failover', async () => {
-      const p = await protectedVm();
+    it('after a failover a new standby re-protects the VM (colo-blk reprotect; every checkpoint verified), and it survives a second failover', async () => {
+      const p = await protectedVm(['--verify']);
       await runProtected(p, 5);
       // The first failover: the standby runs the VM.
       p.killPrimarySide();
@@ -278,7 +278,10 @@ describeWith(
         },
         { pvmConsole: false },
       );
-      expect((await p.status()).failovers).toHaveLength(2);
+      const end = await p.status();
+      expect(end.failovers).toHaveLength(2);
+      // Every checkpoint, before and after the re-protection, found SVM = PVM.
+      expect(end.verifyFailures).toBe(0);
       await p.close();
     }, 300_000);
   },
