@@ -141,8 +141,8 @@ class Mirror {
     this.device = new MemoryDevice(size);
   }
   attach(plog: PrimaryLog): void {
-    plog.onAppend = (_epoch, parts) => {
-      const f = decodeFrame<MutationRecord | { t: 'seal' }>(Buffer.concat(parts))!;
+    plog.onAppend = (_epoch, r) => {
+      const f = decodeFrame<MutationRecord | { t: 'seal' }>(Buffer.concat(r.parts))!;
       const rec = f.meta;
       const data = Buffer.from(f.data);
       if (rec.t === 'seal') return;

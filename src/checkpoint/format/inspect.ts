@@ -5,7 +5,7 @@
 import { crc32 } from 'node:zlib';
 import { ExtentMap } from './extent-map.js';
 import { scanJournal } from './journal.js';
-import { nodeStorage, readFully, type Storage } from '../../sys/storage.js';
+import { nodeStorage, readFully, type Storage, type StorageFile } from '../../sys/storage.js';
 
 export interface LoggedExtent {
   seq: number;
@@ -37,7 +37,12 @@ export interface JournalReport {
 const hex = (n: number) => n.toString(16).padStart(8, '0');
 
 /** Read a journal and describe it; at most `limit` extents of each kind are listed. */
-export function inspectJournal(path: string, limit = 10_000, storage: Storage = nodeStorage): JournalReport {
+export function inspectJournal(
+  path: string,
+  limit = 10_000,
+  storage: Storage = nodeStorage,
+  file?: StorageFile,
+): JournalReport {
   const map = new ExtentMap();
   const logged: LoggedExtent[] = [];
   let records = 0;
@@ -70,10 +75,10 @@ export function inspectJournal(path: string, limit = 10_000, storage: Storage = 
         });
       else truncated = true;
     },
-    { withData: true },
+    { withData: true, file },
   );
   const merged: MergedExtent[] = [];
-  const fd = storage.openRead(path);
+  const fd = file ?? storage.openRead(path);
   try {
     for (const e of map.extents()) {
       if (merged.length >= limit) {

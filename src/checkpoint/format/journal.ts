@@ -235,9 +235,10 @@ export function scanJournal<M = Record<string, unknown>>(
   storage: Storage,
   path: string,
   onRecord: (rec: ScannedRecord<M>) => void,
-  opts: { withData?: boolean } = {},
+  opts: { withData?: boolean; file?: StorageFile } = {},
 ): ScanResult {
-  const fd = storage.openRead(path);
+  // `file`: a journal already open (a primary's resend buffer in memory), read instead of `path`.
+  const fd = opts.file ?? storage.openRead(path);
   try {
     const fileSize = fd.size();
     let pos = 0;

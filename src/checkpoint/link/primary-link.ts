@@ -25,7 +25,7 @@ import { defaultTunables } from '../../limits.js';
 import { realClock, type Clock, type TimerHandle } from '../../sys/clock.js';
 import { tcpNet, type Conn, type Net } from '../../sys/net.js';
 import { FRAME_HEADER_BYTES, peekFrameBytes } from '../format/frame.js';
-import type { JournalWriter } from '../format/journal.js';
+import type { ResendAppend, ResendJournal } from '../format/resend-journal.js';
 import type { PrimaryLog } from '../primary/log.js';
 import {
   DEFAULT_HEARTBEAT,
@@ -137,7 +137,7 @@ export class PrimaryLink extends EventEmitter {
       reconnectMaxMs: opts.reconnectMaxMs ?? 2000,
       loneAfterMs: opts.loneAfterMs ?? Infinity,
     });
-    plog.onAppend = (epoch, parts, bytes) => this.onAppend(epoch, parts, bytes);
+    plog.onAppend = (epoch, r) => this.onAppend(epoch, r);
     plog.onOutOfSync = (reason) => {
       this.dispatch({ t: 'outOfSync', now: this.clock.mono(), reason });
       this.releaseRoom(); // nothing is held for it any more: the PVM must not wait
@@ -348,16 +348,23 @@ export class PrimaryLink extends EventEmitter {
     });
   }
 
-  private onAppend(epoch: number, parts: [Buffer, Buffer], bytes: number): void {
+  private onAppend(epoch: number, r: ResendAppend): void {
     if (!this.streaming || this.blocked || !this.socket) return;
     const journal = this.plog.epochs.get(epoch)!.journal!;
+    const { parts, bytes, views } = r;
     // Live fast path: the sender is exactly at the end of this epoch's journal.
     if (this.cursor.epoch === epoch && this.cursor.offset + bytes === journal.size) {
-      const copy = this.slabs.copy(parts, bytes);
-      if (copy) this.write(copy.view, copy.done);
-      else {
-        this.write(parts[0]);
-        if (parts[1].length) this.write(parts[1]);
+      if (views) {
+        // The resend buffer's own bytes, held until the socket has written them.
+        const release = r.hold();
+        views.forEach((v, i) => this.write(v, i === views.length - 1 ? release : undefined));
+      } else {
+        const copy = this.slabs.copy(parts, bytes);
+        if (copy) this.write(copy.view, copy.done);
+        else {
+          this.write(parts[0]);
+          if (parts[1].length) this.write(parts[1]);
+        }
       }
       this.cursor.offset += bytes;
       this.bytesSent += bytes;
@@ -455,7 +462,7 @@ export class PrimaryLink extends EventEmitter {
    * frame, however large). Every write of the sender therefore ends on a frame
    * boundary, so control frames (commit, beat) can always go in between.
    */
-  private readWholeFrames(journal: JournalWriter, offset: number, size: number): Buffer {
+  private readWholeFrames(journal: ResendJournal, offset: number, size: number): Buffer {
     const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
     let end = offset;
     while (end < size) {

@@ -3,11 +3,12 @@
  * the secondary holds it durably.
  *
  * Notes on the design:
- * - One journal per epoch (`<state>/epochs/<N>.journal`), made of the same
- *   frames the link carries. The replication stream *is* the concatenation of
- *   these journals, so the sender can resend after a disconnect by streaming
- *   file bytes, and the heap never holds an epoch (RSS stays flat whatever the
- *   epoch size).
+ * - One resend buffer per epoch (format/resend-journal.ts), made of the same
+ *   frames the link carries: in memory up to RESEND_MEMORY_BYTES for all
+ *   epochs, then in `<state>/epochs/<N>.journal`. The replication stream *is*
+ *   the concatenation of these buffers, so the sender can resend after a
+ *   disconnect by streaming their bytes, and memory stays bounded whatever the
+ *   epoch size.
  * - Sequence numbers increase strictly within a session (one run of the
  *   primary); the secondary drops any record of the session it already holds,
  *   which makes resends idempotent. A new session makes the secondary drop
@@ -22,13 +23,13 @@ import path from 'node:path';
 import { internal } from '../../errors.js';
 import { realRandom, type Random } from '../../sys/clock.js';
 import type { Storage } from '../../sys/storage.js';
-import { JournalWriter } from '../format/journal.js';
+import { ResendJournal, ResendMemory, type ResendAppend } from '../format/resend-journal.js';
 import type { MutationRecord, SealRecord } from '../format/records.js';
 
 export interface LogEpoch {
   epoch: number;
   /** The epoch's frames; null while the peer is out of sync (nothing is held for it). */
-  journal: JournalWriter | null;
+  journal: ResendJournal | null;
   records: number;
   bytes: number;
   sealed: boolean;
@@ -39,7 +40,11 @@ export type NewMutation =
   | { t: 'z'; o: number; l: number; h?: boolean; f?: boolean }
   | { t: 't'; o: number; l: number; f?: boolean };
 
+/** The resend buffer's memory, shared by every epoch held. */
+export const RESEND_MEMORY_BYTES = 64 * 1024 * 1024;
+
 export class PrimaryLog {
+  private readonly memory: ResendMemory;
   readonly epochs = new Map<number, LogEpoch>();
   current: number;
   /** Sequence numbers count per session; a session is one run of the primary. */
@@ -51,7 +56,7 @@ export class PrimaryLog {
   /** Bytes of journals not yet durable at the secondary. */
   heldBytes = 0;
   /** Called after every append, so the link can send it. */
-  onAppend: (epoch: number, parts: [Buffer, Buffer], bytes: number) => void = () => {};
+  onAppend: (epoch: number, r: ResendAppend) => void = () => {};
   /** A resync is streaming: its data is paced by flow control and released by its own commits, not budgeted. */
   budgetSuspended = false;
   /** Called once when the peer is marked out of sync. */
@@ -63,7 +68,10 @@ export class PrimaryLog {
     firstEpoch: number,
     readonly budgetBytes: number,
     random: Random = realRandom,
+    /** Frames held in memory (past it, in journal files). */
+    resendMemoryBytes = RESEND_MEMORY_BYTES,
   ) {
+    this.memory = new ResendMemory(resendMemoryBytes);
     this.session = random.id(8);
     storage.mkdirp(dir);
     // Journals from an earlier run describe writes that run cannot vouch for; the
@@ -78,7 +86,7 @@ export class PrimaryLog {
       epoch: n,
       journal: this.outOfSync
         ? null
-        : JournalWriter.open(this.storage, path.join(this.dir, `${n}.journal`), 0),
+        : new ResendJournal(this.storage, path.join(this.dir, `${n}.journal`), this.memory),
       records: 0,
       bytes: 0,
       sealed: false,
@@ -107,7 +115,7 @@ export class PrimaryLog {
       return rec;
     }
     this.heldBytes += r.bytes;
-    this.onAppend(e.epoch, r.parts, r.bytes);
+    this.onAppend(e.epoch, r);
     if (this.heldBytes > this.budgetBytes && !this.budgetSuspended)
       this.markOutOfSync(
         `the secondary fell ${this.heldBytes} bytes behind, more than the budget of ${this.budgetBytes} bytes`,
@@ -122,7 +130,7 @@ export class PrimaryLog {
     if (!this.outOfSync && e.journal) {
       const r = e.journal.append(seal);
       this.heldBytes += r.bytes;
-      this.onAppend(e.epoch, r.parts, r.bytes);
+      this.onAppend(e.epoch, r);
     }
     e.sealed = true;
     this.current = e.epoch + 1;
@@ -175,16 +183,16 @@ export class PrimaryLog {
     return e;
   }
 
-  /** Close and delete an epoch's journal (off the acknowledgement path: deleting a big file takes milliseconds). */
+  /** Let an epoch's frames go: its memory back to the pool, its file (if it spilled) deleted off the acknowledgement path. */
   private drop(e: LogEpoch): void {
     if (!e.journal) return;
     this.heldBytes -= e.journal.size;
     e.journal.close();
-    this.storage.removeLater(e.journal.path);
     e.journal = null;
   }
 
   close(): void {
-    for (const e of this.epochs.values()) e.journal?.close();
+    // Held epochs stay readable for `colo-blk inspect --state` after a clean stop.
+    for (const e of this.epochs.values()) e.journal?.close({ keep: true });
   }
 }

@@ -597,7 +597,7 @@ export class PrimaryReplica {
 
   inspect(epoch?: number, limit = 10_000) {
     const held = this.plog.heldEpochs().filter((e) => epoch === undefined || e.epoch === epoch);
-    for (const e of held) e.journal?.flush(); // the file must hold every append before it is read
+    for (const e of held) e.journal?.flush(); // a spilled file must hold every append before it is read
     if (epoch !== undefined && held.length === 0)
       throw new ColoError(
         'ENOENT',
@@ -614,7 +614,7 @@ export class PrimaryReplica {
         epoch: e.epoch,
         state: e.sealed ? (e.epoch <= this.link.durableEpoch ? 'durable' : 'sealed') : 'open',
         ...(e.journal
-          ? inspectJournal(e.journal.path, limit, this.env.storage)
+          ? inspectJournal(e.journal.path, limit, this.env.storage, e.journal.asFile())
           : { records: e.records, bytes: e.bytes, note: 'not held: the secondary is out of sync' }),
       })),
     };

@@ -1,0 +1,241 @@
+/**
+ * The primary's resend buffer for one epoch: the frames the link carries,
+ * kept until the secondary holds the epoch durably, so that a reconnect can
+ * resend them. In memory while a budget shared by every epoch allows, in a
+ * journal file past it.
+ *
+ * Why memory first: the buffer exists only within one run (a restarted
+ * primary resynchronises its peer instead), so nothing needs it on disk; and
+ * writing every byte of every PVM write to a file a second time was a third
+ * of the primary's CPU under sequential writes (the image write is the
+ * first). Frames are copied once into long-lived chunks, and the live link
+ * sends those very bytes (`AppendResult.views`), so the PVM's payload dies
+ * young and no slab copy is needed either.
+ *
+ * Byte positions are those of the journal the epoch would have been: the
+ * memory part is [0, inMemory), the file part follows. An epoch that
+ * overflowed keeps appending to its file; the next epoch tries memory again.
+ * A chunk goes back to the pool when its epoch is dropped and no socket
+ * write queued from it is still waiting (ResendMemory's references).
+ */
+import { encodeFrame } from './frame.js';
+import { JournalWriter, type AppendResult } from './journal.js';
+import type { Storage, StorageFile } from '../../sys/storage.js';
+
+export const CHUNK_BYTES = 4 * 1024 * 1024;
+
+/**
+ * The memory every epoch's resend buffer shares, in chunks. A chunk is
+ * reused only when nothing refers to it: its epoch dropped, and every socket
+ * write queued from it handed to the kernel (a dropped epoch's bytes may
+ * still sit in a socket's queue when the peer is marked out of sync).
+ */
+export class ResendMemory {
+  private readonly free: Buffer[] = [];
+  private readonly refs = new Map<Buffer, number>();
+  private chunks = 0;
+
+  constructor(readonly limitBytes: number) {}
+
+  /** A chunk (held once), or null when the budget is spent. */
+  take(): Buffer | null {
+    let c = this.free.pop();
+    if (!c) {
+      if ((this.chunks + 1) * CHUNK_BYTES > this.limitBytes) return null;
+      this.chunks++;
+      c = Buffer.allocUnsafeSlow(CHUNK_BYTES);
+    }
+    this.refs.set(c, 1);
+    return c;
+  }
+
+  hold(c: Buffer): void {
+    this.refs.set(c, (this.refs.get(c) ?? 0) + 1);
+  }
+
+  release(c: Buffer): void {
+    const n = (this.refs.get(c) ?? 1) - 1;
+    if (n > 0) this.refs.set(c, n);
+    else {
+      this.refs.delete(c);
+      this.free.push(c);
+    }
+  }
+
+  /** Bytes of chunks in use (by epochs, or by writes still queued). */
+  get usedBytes(): number {
+    return (this.chunks - this.free.length) * CHUNK_BYTES;
+  }
+}
+
+export interface ResendAppend extends AppendResult {
+  /**
+   * The frame's bytes where the journal keeps them (in memory), to send as
+   * they are: `hold()` before queuing them, and call what it returns once
+   * the socket has written them. Null when the frame went to the file.
+   */
+  views: Buffer[] | null;
+  hold: () => () => void;
+}
+
+export class ResendJournal {
+  private readonly chunks: Buffer[] = [];
+  /** Bytes held in memory (the first `inMemory` bytes of the epoch's stream). */
+  private inMemory = 0;
+  private file: JournalWriter | null = null;
+  private closed = false;
+
+  constructor(
+    private readonly storage: Storage,
+    readonly path: string,
+    private readonly memory: ResendMemory,
+  ) {}
+
+  get size(): number {
+    return this.inMemory + (this.file?.size ?? 0);
+  }
+
+  /** Whether a file was needed (past the memory budget). */
+  get spilled(): boolean {
+    return this.file !== null;
+  }
+
+  append(meta: object, data?: Buffer): ResendAppend {
+    const parts = encodeFrame(meta, data);
+    const bytes = parts[0].length + parts[1].length;
+    const offset = this.size;
+    const views = this.file ? null : this.toMemory(parts, bytes);
+    if (!views) {
+      this.file ??= JournalWriter.open(this.storage, this.path, 0);
+      this.file.appendEncoded(parts);
+    }
+    const used = views ? [...new Set(views.map((v) => this.chunkOf(v)))] : [];
+    const hold = () => {
+      for (const c of used) this.memory.hold(c);
+      let done = false;
+      return () => {
+        if (done) return;
+        done = true;
+        for (const c of used) this.memory.release(c);
+      };
+    };
+    return { offset, dataPos: offset + parts[0].length, bytes, parts, views, hold };
+  }
+
+  private chunkOf(view: Buffer): Buffer {
+    return this.chunks.find((c) => c.buffer === view.buffer)!;
+  }
+
+  /** Copy a frame into the chunks; null (nothing copied) if the budget cannot hold it. */
+  private toMemory(parts: Buffer[], bytes: number): Buffer[] | null {
+    const room = this.chunks.length * CHUNK_BYTES - this.inMemory;
+    const needed = Math.ceil(Math.max(0, bytes - room) / CHUNK_BYTES);
+    const fresh: Buffer[] = [];
+    for (let i = 0; i < needed; i++) {
+      const c = this.memory.take();
+      if (!c) {
+        for (const f of fresh) this.memory.release(f);
+        return null;
+      }
+      fresh.push(c);
+    }
+    this.chunks.push(...fresh);
+    const views: Buffer[] = [];
+    let at = this.inMemory;
+    for (const p of parts) {
+      let from = 0;
+      while (from < p.length) {
+        const chunk = this.chunks[Math.floor(at / CHUNK_BYTES)];
+        const into = at % CHUNK_BYTES;
+        const n = Math.min(p.length - from, CHUNK_BYTES - into);
+        p.copy(chunk, into, from, from + n);
+        const last = views.at(-1);
+        // Extend the last view when this piece follows it in the same chunk.
+        if (last && last.buffer === chunk.buffer && last.byteOffset + last.length === chunk.byteOffset + into)
+          views[views.length - 1] = chunk.subarray(last.byteOffset - chunk.byteOffset, into + n);
+        else views.push(chunk.subarray(into, into + n));
+        from += n;
+        at += n;
+      }
+    }
+    this.inMemory = at;
+    return views;
+  }
+
+  /** Read `buf.length` bytes of the epoch's stream at `pos`. */
+  read(buf: Buffer, pos: number): void {
+    let done = 0;
+    while (done < buf.length && pos + done < this.inMemory) {
+      const at = pos + done;
+      const chunk = this.chunks[Math.floor(at / CHUNK_BYTES)];
+      const into = at % CHUNK_BYTES;
+      const n = Math.min(CHUNK_BYTES - into, buf.length - done, this.inMemory - at);
+      done += chunk.copy(buf, done, into, into + n);
+    }
+    if (done < buf.length) this.file!.read(buf.subarray(done), pos + done - this.inMemory);
+  }
+
+  /** Everything appended is readable (the file part written out). */
+  flush(): void {
+    this.file?.flush();
+  }
+
+  /** The stream as a read-only file (for inspection). */
+  asFile(): StorageFile {
+    const size = this.size;
+    return {
+      path: this.path,
+      fd: null,
+      size: () => size,
+      read: (buf, pos) => {
+        const n = Math.max(0, Math.min(buf.length, size - pos));
+        this.read(buf.subarray(0, n), pos);
+        return n;
+      },
+      writev: () => {
+        throw new Error(`${this.path}: a resend buffer is read-only here`);
+      },
+      truncate: () => {
+        throw new Error(`${this.path}: a resend buffer is read-only here`);
+      },
+      datasync: async () => {},
+      datasyncSync: () => {},
+      close: () => {},
+    };
+  }
+
+  /**
+   * Give the memory back. The file part is removed, unless `keep`: then the
+   * whole stream is left in the journal file at `path` (a primary shutting
+   * down leaves its pending epochs for `colo-blk inspect --state`).
+   */
+  close(opts: { keep?: boolean } = {}): void {
+    if (this.closed) return;
+    if (opts.keep && this.size > 0) this.persist();
+    this.closed = true;
+    for (const c of this.chunks) this.memory.release(c);
+    this.chunks.length = 0;
+    if (this.file) {
+      this.file.close();
+      if (!opts.keep) this.storage.removeLater(this.path);
+    }
+  }
+
+  /** Write the stream, memory part first, into the file at `path`. */
+  private persist(): void {
+    if (this.inMemory === 0) return this.file?.flush();
+    const tmp = `${this.path}.tmp`;
+    this.storage.remove(tmp);
+    const out = JournalWriter.open(this.storage, tmp, 0);
+    const step = CHUNK_BYTES;
+    for (let at = 0; at < this.size; at += step) {
+      const buf = Buffer.allocUnsafe(Math.min(step, this.size - at));
+      this.read(buf, at);
+      out.appendRaw([buf], 0);
+    }
+    out.close();
+    this.file?.close();
+    this.file = null;
+    this.storage.rename(tmp, this.path);
+  }
+}

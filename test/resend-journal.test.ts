@@ -1,0 +1,131 @@
+/**
+ * The primary's resend buffer (src/checkpoint/format/resend-journal.ts):
+ * frames in memory chunks up to a shared budget, then in a file; read back
+ * as one stream at any position; the live views are the frames' bytes; a
+ * chunk is reused only when its epoch is dropped and no queued write holds
+ * it; a clean stop leaves the whole stream in the journal file.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { encodeFrame } from '../src/checkpoint/format/frame.js';
+import { scanJournal } from '../src/checkpoint/format/journal.js';
+import { CHUNK_BYTES, ResendJournal, ResendMemory } from '../src/checkpoint/format/resend-journal.js';
+import { nodeStorage } from '../src/sys/storage.js';
+import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
+
+const dirs: string[] = [];
+afterAll(() => dirs.forEach(rmDir));
+const fresh = () => {
+  const d = tmpDir('colo-blk-resend-');
+  dirs.push(d);
+  return d;
+};
+
+/** Frames of random sizes, some larger than a chunk. */
+function frames(seed: number, n: number) {
+  const rand = prng(seed);
+  return Array.from({ length: n }, (_, i) => {
+    const big = i % 5 === 4;
+    const len = big ? CHUNK_BYTES + (rand() % 100_000) : rand() % 200_000;
+    return { meta: { t: 'w', o: i * 4096, s: i + 1, e: 1 }, data: randomBytes(len, rand) };
+  });
+}
+
+describe('resend journal', () => {
+  for (const budget of [0, 2 * CHUNK_BYTES, 64 * CHUNK_BYTES])
+    it(`holds the stream exactly, in memory and past the budget (${budget / CHUNK_BYTES} chunks)`, () => {
+      const dir = fresh();
+      const memory = new ResendMemory(budget);
+      const j = new ResendJournal(nodeStorage, path.join(dir, '1.journal'), memory);
+      const fs_ = frames(budget + 5, 30);
+      const expected: Buffer[] = [];
+      let border = -1;
+      for (const f of fs_) {
+        const r = j.append(f.meta, f.data);
+        if (!r.views && border < 0) border = r.offset;
+        const bytes = Buffer.concat(encodeFrame(f.meta, f.data));
+        expect(r.offset).toBe(Buffer.concat(expected).length);
+        expect(r.bytes).toBe(bytes.length);
+        if (r.views) expect(Buffer.concat(r.views).equals(bytes)).toBe(true);
+        expected.push(bytes);
+      }
+      const all = Buffer.concat(expected);
+      expect(j.size).toBe(all.length);
+      expect(j.spilled).toBe(budget < all.length);
+      // Any range reads back, across chunks and across the memory/file border.
+      expect(border !== 0 || budget === 0).toBe(true);
+      if (border > 0) {
+        const buf = Buffer.alloc(Math.min(300, all.length - border + 100));
+        j.read(buf, border - 100);
+        expect(buf.equals(all.subarray(border - 100, border - 100 + buf.length)), 'across the border').toBe(
+          true,
+        );
+      }
+      const rand = prng(9);
+      for (let k = 0; k < 200; k++) {
+        const from = rand() % all.length;
+        const len = Math.min(all.length - from, rand() % (2 * CHUNK_BYTES));
+        const buf = Buffer.alloc(len);
+        j.read(buf, from);
+        expect(buf.equals(all.subarray(from, from + len)), `${from}+${len}`).toBe(true);
+      }
+      // Scanned as a journal (inspection): every frame.
+      const scan = scanJournal(nodeStorage, j.path, () => {}, { file: j.asFile() });
+      expect(scan.records).toBe(fs_.length);
+      expect(scan.corruption).toBeNull();
+      j.close();
+      expect(memory.usedBytes).toBe(0);
+    });
+
+  it('reuses a chunk only once its epoch is dropped and no queued write holds it', () => {
+    const dir = fresh();
+    const memory = new ResendMemory(2 * CHUNK_BYTES);
+    const a = new ResendJournal(nodeStorage, path.join(dir, '1.journal'), memory);
+    const r = a.append({ t: 'w', o: 0, s: 1, e: 1 }, Buffer.alloc(CHUNK_BYTES + 10, 7));
+    expect(r.views).not.toBeNull();
+    const release = r.hold(); // a socket still has it queued
+    a.close();
+    expect(memory.usedBytes).toBe(2 * CHUNK_BYTES);
+    // The budget is held: a new epoch goes to its file.
+    const b = new ResendJournal(nodeStorage, path.join(dir, '2.journal'), memory);
+    expect(b.append({ t: 'w', o: 0, s: 2, e: 2 }, Buffer.alloc(100, 1)).views).toBeNull();
+    // The write went out: the chunks come back, and the queued bytes were never overwritten.
+    expect(
+      Buffer.concat(r.views!)
+        .subarray(-10)
+        .every((x) => x === 7),
+    ).toBe(true);
+    release();
+    release(); // twice is once
+    expect(memory.usedBytes).toBe(0);
+    const c = new ResendJournal(nodeStorage, path.join(dir, '3.journal'), memory);
+    expect(c.append({ t: 'w', o: 0, s: 3, e: 3 }, Buffer.alloc(100, 2)).views).not.toBeNull();
+    b.close();
+    c.close();
+  });
+
+  it('a clean stop leaves the whole stream, memory part first, in its journal file', () => {
+    const dir = fresh();
+    const memory = new ResendMemory(CHUNK_BYTES);
+    const file = path.join(dir, '4.journal');
+    const j = new ResendJournal(nodeStorage, file, memory);
+    // Small frames in memory, then one that does not fit: the rest in the file.
+    const fs_ = [
+      ...frames(3, 12).filter((f) => f.data.length < CHUNK_BYTES / 16),
+      { meta: { t: 'w', o: 0, s: 99, e: 1 }, data: Buffer.alloc(CHUNK_BYTES, 5) },
+      { meta: { t: 'w', o: 0, s: 100, e: 1 }, data: Buffer.alloc(1000, 6) },
+    ];
+    const all = Buffer.concat(fs_.map((f) => Buffer.concat(encodeFrame(f.meta, f.data))));
+    for (const f of fs_) j.append(f.meta, f.data);
+    expect(j.spilled).toBe(true);
+    j.close({ keep: true });
+    expect(fs.readFileSync(file).equals(all)).toBe(true);
+    expect(fs.existsSync(`${file}.tmp`)).toBe(false);
+    // Dropped (not kept): nothing is left.
+    const k = new ResendJournal(nodeStorage, path.join(dir, '5.journal'), memory);
+    k.append({ t: 'w', o: 0, s: 1, e: 5 }, Buffer.alloc(10));
+    k.close();
+    expect(fs.existsSync(path.join(dir, '5.journal'))).toBe(false);
+  });
+});
