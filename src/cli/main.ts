@@ -374,7 +374,10 @@ program
 program
   .command('inspect')
   .description('show the pending write sets: per epoch its state, writes, bytes and extents')
-  .option('--state <dir>', 'a stopped node: read its state directory')
+  .option(
+    '--state <dir>',
+    'a stopped node: read its state directory (a primary that was killed, not stopped, leaves there only what its resend buffer had spilled to disk)',
+  )
   .option('--control <host:port>', 'a running node: ask its control API')
   .option('--epoch <n>', 'only this epoch')
   .option('--merged', 'show the final state of each range instead of the records as logged')
