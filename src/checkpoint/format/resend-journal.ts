@@ -109,8 +109,11 @@ export class ResendJournal {
       this.file ??= JournalWriter.open(this.storage, this.path, 0);
       this.file.appendEncoded(parts);
     }
-    const used = views ? [...new Set(views.map((v) => this.chunkOf(v)))] : [];
+    // The chunks the frame lies in: from its first byte's to its last's.
+    const first = Math.floor(offset / CHUNK_BYTES);
+    const last = Math.floor((offset + bytes - 1) / CHUNK_BYTES);
     const hold = () => {
+      const used = views ? this.chunks.slice(first, last + 1) : [];
       for (const c of used) this.memory.hold(c);
       let done = false;
       return () => {
@@ -120,10 +123,6 @@ export class ResendJournal {
       };
     };
     return { offset, dataPos: offset + parts[0].length, bytes, parts, views, hold };
-  }
-
-  private chunkOf(view: Buffer): Buffer {
-    return this.chunks.find((c) => c.buffer === view.buffer)!;
   }
 
   /** Copy a frame into the chunks; null (nothing copied) if the budget cannot hold it. */
@@ -175,11 +174,6 @@ export class ResendJournal {
     if (done < buf.length) this.file!.read(buf.subarray(done), pos + done - this.inMemory);
   }
 
-  /** Everything appended is readable (the file part written out). */
-  flush(): void {
-    this.file?.flush();
-  }
-
   /** The stream as a read-only file (for inspection). */
   asFile(): StorageFile {
     const size = this.size;
@@ -223,7 +217,7 @@ export class ResendJournal {
 
   /** Write the stream, memory part first, into the file at `path`. */
   private persist(): void {
-    if (this.inMemory === 0) return this.file?.flush();
+    if (this.inMemory === 0) return; // all in the file already (closing it writes it out)
     const tmp = `${this.path}.tmp`;
     this.storage.remove(tmp);
     const out = JournalWriter.open(this.storage, tmp, 0);
