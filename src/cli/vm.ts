@@ -11,6 +11,7 @@ import { QmpClient } from '../checkpoint/qemu/qmp.js';
 import { nodeStorage } from '../sys/storage.js';
 import { parseHostPort } from '../util/address.js';
 import { formatBytes } from '../util/size.js';
+import type { Logger } from '../net/server.js';
 import { stderrLogger, waitForSignal } from './log.js';
 
 interface Common {
@@ -45,8 +46,9 @@ const vmConsole = (d: Buffer) => {
   atLineStart = d[d.length - 1] === 0x0a;
 };
 
-async function serveAgent(agent: QemuAgent, opts: Common, describe: string): Promise<void> {
-  const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
+const loggerFor = (opts: Common) => stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
+
+async function serveAgent(agent: QemuAgent, opts: Common, logger: Logger, describe: string): Promise<void> {
   const control = new ControlServer(agent.routes());
   const where = parseHostPort(opts.control, '--control');
   const a = await control.listen(where.port, where.host);
@@ -81,7 +83,7 @@ async function serveAgent(agent: QemuAgent, opts: Common, describe: string): Pro
 }
 
 export async function vmCommand(opts: VmCliOptions): Promise<void> {
-  const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
+  const logger = loggerFor(opts);
   const qmp = await QmpClient.connect({ path: opts.qmp });
   let agent: QemuAgent;
   try {
@@ -93,12 +95,13 @@ export async function vmCommand(opts: VmCliOptions): Promise<void> {
   await serveAgent(
     agent,
     opts,
+    logger,
     `QEMU ${qmp.version} at ${opts.qmp}, ${formatBytes(agent.ramBytes)} of RAM in ${opts.ram}`,
   );
 }
 
 export async function vmStandbyCommand(opts: VmStandbyCliOptions, qemu: string[]): Promise<void> {
-  const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
+  const logger = loggerFor(opts);
   const command = parseVmCommand(qemu);
   const dir = path.resolve(opts.dir);
   const agent = await QemuAgent.standbyFor(nodeStorage, dir, command, logger, vmConsole);
@@ -106,6 +109,7 @@ export async function vmStandbyCommand(opts: VmStandbyCliOptions, qemu: string[]
   await serveAgent(
     agent,
     opts,
+    logger,
     `standby for a ${formatBytes(command.ramBytes)} VM in ${dir}${epoch ? ` (checkpoint ${epoch} committed)` : ''}; ` +
       `at failover it runs ${path.basename(command.argv[0])}`,
   );

@@ -51,7 +51,6 @@ export class QemuAgent extends EventEmitter {
   private vm: QemuVm | null = null;
   private standby: StandbyRam | null = null;
   private child: ChildProcess | null = null;
-  private paused = false;
   private resuming: Promise<void> | null = null;
   checkpoints = 0;
   last: CaptureRecord | null = null;
@@ -75,13 +74,14 @@ export class QemuAgent extends EventEmitter {
     const vm = await QemuVm.attach(qmp, ramPath);
     const agent = new QemuAgent(vm.ram.size, logger);
     agent.adopt(vm);
-    const s = await qmp.execute<{ status: string }>('query-status');
-    agent.paused = s.status !== 'running';
     return agent;
   }
 
-  /** On the secondary: the committed state in `dir`, and how to start the VM from it. */
-  /** `console`: where the VM's stdout goes once it runs (default: this process's stdout). */
+  /**
+   * On the secondary: the committed state in `dir`, and how to start the VM
+   * from it. `console`: where the VM's stdout goes once it runs (default:
+   * this process's stdout).
+   */
   static async standbyFor(
     storage: Storage,
     dir: string,
@@ -142,7 +142,7 @@ export class QemuAgent extends EventEmitter {
     return {
       role: 'vm',
       agent: this.role,
-      state: this.vm ? (this.paused ? 'paused' : 'running') : 'standby',
+      state: this.vm ? (this.vm.running ? 'running' : 'paused') : 'standby',
       // Nothing listens until failover: the comparer must not connect to a standby.
       standby: this.role === 'standby',
       identity: `qemu ram=${this.ramBytes}`,
@@ -162,14 +162,12 @@ export class QemuAgent extends EventEmitter {
   async pause(): Promise<null> {
     if (this.role === 'standby') return null;
     await this.activeVm('pause').pause();
-    this.paused = true;
     return null;
   }
 
   async resume(): Promise<void> {
     if (this.role === 'standby') return this.failover();
     await this.activeVm('resume').resume();
-    this.paused = false;
   }
 
   /** The state taken at the last pause, for a send after the VM resumed (remus's early resume). */
@@ -188,7 +186,7 @@ export class QemuAgent extends EventEmitter {
    */
   async capture(full: boolean): Promise<{ pages: number }> {
     const vm = this.activeVm('capture');
-    if (!this.paused) throw new ColoError('EINVAL', 'capture: the VM runs; pause it first');
+    if (vm.running) throw new ColoError('EINVAL', 'capture: the VM runs; pause it first');
     if (full) vm.ram.forgetPeer();
     this.captured = { full, ...(await vm.capture()) };
     return { pages: this.captured.pages.length };
@@ -298,7 +296,6 @@ export class QemuAgent extends EventEmitter {
     await resumeFromCheckpoint(qmp, committed.device);
     this.standby = null;
     this.adopt(await QemuVm.attach(qmp, committed.ram));
-    this.paused = false;
     this.failedOverAt = Date.now();
     this.logger.warn(
       `the VM runs here from checkpoint ${committed.epoch} (QEMU ${child.pid} started in ${(t1 - t0).toFixed(0)} ms, running ${(performance.now() - t0).toFixed(0)} ms after the failover's resume)`,

@@ -171,9 +171,7 @@ export class RamImage {
 
   /** Page `i` as of the last diff (a view of the copy: valid until the next diff). */
   page(i: number): Buffer {
-    const off = i * PAGE_BYTES;
-    const s = this.segments[Math.floor(off / SEGMENT_BYTES)];
-    return s.reference.subarray(off - s.offset, off - s.offset + PAGE_BYTES);
+    return this.pages(i, 1);
   }
 
   /** `n` consecutive pages from `first` as of the last diff: a view of the copy (a new buffer only across a segment boundary). */

@@ -176,9 +176,14 @@ export class StandbyRam {
     };
   }
 
+  /** Pages (ascending) into the image: one write per run of consecutive pages. */
   private writePages(pages: ArrayLike<number>, data: Buffer): void {
-    for (let k = 0; k < pages.length; k++)
-      this.image.writev([data.subarray(k * PAGE_BYTES, (k + 1) * PAGE_BYTES)], pages[k] * PAGE_BYTES);
+    for (let i = 0; i < pages.length;) {
+      let j = i + 1;
+      while (j < pages.length && pages[j] === pages[j - 1] + 1) j++;
+      this.image.writev([data.subarray(i * PAGE_BYTES, j * PAGE_BYTES)], pages[i] * PAGE_BYTES);
+      i = j;
+    }
   }
 
   /** A full checkpoint replaces the whole image: zero it (sparse) before its pages go in. */

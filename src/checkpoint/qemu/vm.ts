@@ -90,6 +90,13 @@ class DeviceSink {
   }
 }
 
+/** Migrations leave the RAM out: it is in the shared file (the checkpoint's pages travel on their own). */
+function ignoreShared(qmp: QmpClient): Promise<unknown> {
+  return qmp.execute('migrate-set-capabilities', {
+    capabilities: [{ capability: 'x-ignore-shared', state: true }],
+  });
+}
+
 async function waitMigration(qmp: QmpClient, what: string): Promise<void> {
   const deadline = Date.now() + MIGRATION_TIMEOUT_MS;
   for (;;) {
@@ -105,7 +112,11 @@ async function waitMigration(qmp: QmpClient, what: string): Promise<void> {
 
 export class QemuVm {
   /** Whether the vCPUs run, from QEMU's STOP and RESUME events. */
-  private running: boolean;
+  private vcpus: boolean;
+
+  get running(): boolean {
+    return this.vcpus;
+  }
 
   private constructor(
     readonly qmp: QmpClient,
@@ -113,23 +124,21 @@ export class QemuVm {
     private readonly sink: DeviceSink,
     running: boolean,
   ) {
-    this.running = running;
-    qmp.on('STOP', () => (this.running = false));
-    qmp.on('RESUME', () => (this.running = true));
+    this.vcpus = running;
+    qmp.on('STOP', () => (this.vcpus = false));
+    qmp.on('RESUME', () => (this.vcpus = true));
   }
 
   /** Take charge of a running VM whose RAM is the shared file `ramPath`. */
   static async attach(qmp: QmpClient, ramPath: string): Promise<QemuVm> {
-    await qmp.execute('migrate-set-capabilities', {
-      capabilities: [{ capability: 'x-ignore-shared', state: true }],
-    });
+    await ignoreShared(qmp);
     const status = await qmp.execute<{ status: string }>('query-status');
     return new QemuVm(qmp, RamImage.open(ramPath), await DeviceSink.open(), status.status === 'running');
   }
 
   /** Stop the vCPUs (QEMU drains and flushes in-flight disk I/O before it says STOP). */
   async pause(): Promise<void> {
-    if (!this.running) return;
+    if (!this.vcpus) return;
     const stopped = this.qmp.waitEvent('STOP', 10_000);
     await this.qmp.execute('stop');
     await stopped;
@@ -137,7 +146,7 @@ export class QemuVm {
 
   /** Run the vCPUs (`cont` also leaves the post-migration state a capture leaves them in). */
   async resume(): Promise<void> {
-    if (!this.running) await this.qmp.execute('cont');
+    if (!this.vcpus) await this.qmp.execute('cont');
   }
 
   /**
@@ -216,9 +225,7 @@ export class QemuVm {
  */
 export async function resumeFromCheckpoint(qmp: QmpClient, devicePath: string): Promise<void> {
   if (!fs.existsSync(devicePath)) throw new ColoError('ENOENT', `no device state at ${devicePath}`);
-  await qmp.execute('migrate-set-capabilities', {
-    capabilities: [{ capability: 'x-ignore-shared', state: true }],
-  });
+  await ignoreShared(qmp);
   await qmp.execute('migrate-incoming', { uri: `exec:cat ${shellQuote(devicePath)}` });
   await waitMigration(qmp, 'loading the device state');
   const status = await qmp.execute<{ status: string }>('query-status');
