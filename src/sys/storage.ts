@@ -48,8 +48,8 @@ export interface Storage {
   list(dir: string): string[];
   /** Delete a file now (no error if it is gone). */
   remove(path: string): void;
-  /** Delete a file off the caller's path (unlinking a large file takes milliseconds). */
-  removeLater(path: string): void;
+  /** Delete a file off the caller's path (unlinking a large file takes milliseconds); resolves once it is gone. */
+  removeLater(path: string): Promise<void>;
   /** Delete a directory and everything below it. */
   removeTree(dir: string): void;
   rename(from: string, to: string): void;
@@ -163,8 +163,8 @@ export class NodeStorage implements Storage {
     fs.rmSync(path, { force: true });
   }
 
-  removeLater(path: string): void {
-    fs.rm(path, { force: true }, () => {});
+  removeLater(path: string): Promise<void> {
+    return new Promise((resolve) => fs.rm(path, { force: true }, () => resolve()));
   }
 
   removeTree(dir: string): void {

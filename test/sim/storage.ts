@@ -352,9 +352,18 @@ class SimStorage implements Storage {
     if (!this.dead) this.disk.unlink(path);
   }
 
-  removeLater(path: string): void {
+  removeLater(path: string): Promise<void> {
     const world = this.disk.world;
-    world.schedule(world.rng.range(0, 1), () => this.remove(path), this.owner);
+    return new Promise((resolve) =>
+      world.schedule(
+        world.rng.range(0, 1),
+        () => {
+          this.remove(path);
+          resolve();
+        },
+        this.owner,
+      ),
+    );
   }
 
   removeTree(dir: string): void {

@@ -921,15 +921,21 @@ export class SecondaryStore {
   private retire(layer: Layer): void {
     layer.close();
     this.retiring.push(layer.path);
-    if (this.retiring.length === 1) setImmediate(() => this.removeRetired());
+    if (this.retiring.length === 1) this.removing = this.removeRetired();
   }
 
   private retiring: string[] = [];
+  /** The removals running; close waits for them, so none lands after (on a path a new store may reuse). */
+  private removing: Promise<void> = Promise.resolve();
 
-  private removeRetired(): void {
+  /**
+   * Off the event loop: unlinking a journal of tens of MiB takes milliseconds
+   * of kernel time, which would otherwise delay the next seal or commit.
+   */
+  private async removeRetired(): Promise<void> {
     while (this.retiring.length) {
       const path = this.retiring[0];
-      if (!this.closed) this.storage.remove(path);
+      if (!this.closed) await this.storage.removeLater(path);
       this.retiring.shift();
     }
   }
@@ -980,6 +986,7 @@ export class SecondaryStore {
     if (this.closed) return;
     this.closed = true;
     await this.applier.close();
+    await this.removing;
     for (const e of this.epochs.values()) e.layer.close();
     if (this.folding) await this.folding;
     for (const l of this.folded) l.close();
