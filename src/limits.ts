@@ -56,6 +56,12 @@ export interface Tunables {
   replicationHighWaterBytes: number;
   /** ... until the backlog is down to this. */
   replicationLowWaterBytes: number;
+  /**
+   * Bytes of log on the wire (sent, not yet taken by the secondary). Socket
+   * buffers would otherwise hold megabytes that a seal's durable answer and a
+   * commit must wait behind.
+   */
+  replicationWindowBytes: number;
   /** On a promoted node, the overlay is folded into the image once it holds this much. */
   promotedFoldBytes: number;
   /** A resync commits (with a 'partial' mark) every so many bytes sent, so the logs on both sides stay bounded. */
@@ -68,8 +74,9 @@ export interface Tunables {
 }
 
 export const defaultTunables: Tunables = {
-  replicationHighWaterBytes: 64 * MiB,
-  replicationLowWaterBytes: 16 * MiB,
+  replicationHighWaterBytes: 2 * MiB,
+  replicationLowWaterBytes: 1 * MiB,
+  replicationWindowBytes: 2 * MiB,
   promotedFoldBytes: 64 * MiB,
   resyncCommitBytes: 64 * MiB,
   activityExtentBytes: 1 * MiB,

@@ -206,3 +206,20 @@ export function randomBytes(n: number, rand: () => number): Buffer {
   for (; i < n; i++) buf[i] = rand() & 0xff;
   return buf;
 }
+
+/** Poll `what` until `ok` holds (every `everyMs`), or throw with `label` and the last value after `ms`. */
+export async function waitFor<T>(
+  what: () => Promise<T>,
+  ok: (v: T) => boolean,
+  label: string,
+  ms = 10_000,
+  everyMs = 25,
+): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await what();
+    if (ok(v)) return v;
+    if (Date.now() > deadline) throw new Error(`${label}: ${JSON.stringify(v)}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}

@@ -438,7 +438,7 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
       `mirrored      ${formatBytes(s.link.bytesSent)} sent; durable epoch ${s.link.durableEpoch}, committed ${s.link.committedEpoch}`,
     );
     out.push(
-      `lag           ${formatBytes(s.lag.unsentBytes)} unsent, ${formatBytes(s.lag.heldBytes)} held, ${s.lag.epochs} epoch(s) uncommitted`,
+      `lag           ${formatBytes(s.lag.unsentBytes)} unsent, ${formatBytes(s.lag.inFlightBytes)} on the wire, ${formatBytes(s.lag.heldBytes)} held, ${s.lag.epochs} epoch(s) uncommitted`,
     );
     if (s.outOfSync) out.push(`OUT OF SYNC   since ${ago(s.outOfSync.since)}: ${s.outOfSync.reason}`);
     if (s.deposed) out.push(`DEPOSED       writes are refused: ${s.deposed}`);

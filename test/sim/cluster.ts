@@ -45,6 +45,7 @@ export const defaultSimOptions: SimOptions = {
     activityExtentBytes: 64 * 1024,
     replicationHighWaterBytes: 512 * 1024,
     replicationLowWaterBytes: 128 * 1024,
+    replicationWindowBytes: 64 * 1024,
   },
   heartbeat: { intervalMs: 50, timeoutMs: 300 },
   loneAfterMs: 3000,

@@ -174,6 +174,33 @@ export class ResendJournal {
     if (done < buf.length) this.file!.read(buf.subarray(done), pos + done - this.inMemory);
   }
 
+  /**
+   * The bytes [pos, pos + length) where memory keeps them, held until the
+   * returned `release` (the sender's zero-copy path); null if any of them lie
+   * in the file part.
+   */
+  viewsAt(pos: number, length: number): { views: Buffer[]; release: () => void } | null {
+    if (pos + length > this.inMemory || length <= 0) return null;
+    const views: Buffer[] = [];
+    const used: Buffer[] = [];
+    for (let at = pos; at < pos + length; ) {
+      const chunk = this.chunks[Math.floor(at / CHUNK_BYTES)];
+      const into = at % CHUNK_BYTES;
+      const n = Math.min(CHUNK_BYTES - into, pos + length - at);
+      views.push(chunk.subarray(into, into + n));
+      used.push(chunk);
+      this.memory.hold(chunk);
+      at += n;
+    }
+    let done = false;
+    const release = () => {
+      if (done) return;
+      done = true;
+      for (const c of used) this.memory.release(c);
+    };
+    return { views, release };
+  }
+
   /** The stream as a read-only file (for inspection). */
   asFile(): StorageFile {
     const size = this.size;

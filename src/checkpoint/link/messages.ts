@@ -12,7 +12,7 @@ import type { Range } from '../../failover/activity.js';
 import type { Decision, Generation, SyncMode } from '../../failover/history.js';
 import type { MutationRecord, SealRecord } from '../format/records.js';
 
-export const LINK_PROTOCOL = 1;
+export const LINK_PROTOCOL = 2;
 
 /** A resync's mark on a commit: 'partial' makes the secondary inconsistent; 'done' carries the history to adopt. */
 export interface SyncMark {
@@ -33,6 +33,8 @@ export interface PrimaryHello {
   history: Generation[];
   /** The primary cannot resend from its log what the secondary may lack. */
   needsResync: boolean;
+  /** Flow control: the bytes of log the primary keeps on the wire; the secondary says what it took ('got') every quarter of it. */
+  window?: number;
 }
 
 /** The secondary's answer: its state and decision, or (bare) the prelude of a refusal. */
@@ -74,6 +76,11 @@ export interface CommittedReply {
   epochs?: number[];
   overlayDiscarded?: { records: number; bytes: number };
 }
+/** Flow control: the secondary has taken `n` bytes of the log's frames on this connection. */
+export interface Received {
+  t: 'got';
+  n: number;
+}
 export interface HashReply {
   t: 'hash';
   id: number;
@@ -87,7 +94,7 @@ export interface ErrorReply {
 }
 
 export type ToSecondary = PrimaryHello | Beat | MutationRecord | SealRecord | CommitRequest | HashRequest;
-export type ToPrimary = SecondaryHello | Beat | DurableReply | CommittedReply | HashReply | ErrorReply;
+export type ToPrimary = SecondaryHello | Beat | Received | DurableReply | CommittedReply | HashReply | ErrorReply;
 
 // -----------------------------------------------------------------------------
 // Field checks
@@ -222,6 +229,7 @@ export function parseToSecondary(meta: unknown): ToSecondary {
         session: str(m, 'session', 'hello', 128),
         history: m.history === undefined ? [] : generations(m.history, 'hello.history'),
         needsResync: optBool(m, 'needsResync', 'hello') ?? false,
+        window: optUint(m, 'window', 'hello'),
       };
     case 'beat':
       return { t: 'beat' };
@@ -263,6 +271,8 @@ export function parseToPrimary(meta: unknown): ToPrimary {
       };
     case 'beat':
       return { t: 'beat' };
+    case 'got':
+      return { t: 'got', n: uint(m, 'n', 'got') };
     case 'durable':
       return { t: 'durable', e: uint(m, 'e', 'durable') };
     case 'committed': {

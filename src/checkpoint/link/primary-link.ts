@@ -74,6 +74,8 @@ export interface PrimaryLinkOptions {
   /** Flow control: PVM writes wait while this much log is unsent, until it is down to the low mark. */
   highWaterBytes?: number;
   lowWaterBytes?: number;
+  /** Flow control on the wire: at most this many bytes of the log sent and not yet taken by the secondary. */
+  windowBytes?: number;
   /** This primary's generation history and whether it can resend what the secondary lacks. */
   handshake?: () => { history: Generation[]; needsResync: boolean };
 }
@@ -96,6 +98,13 @@ export class PrimaryLink extends EventEmitter {
   private readonly slabs = new SlabPool();
   private streaming = false;
   private cursor = { epoch: 0, offset: 0 };
+  /**
+   * Log bytes sent on this connection, and taken by the secondary (its 'got'
+   * frames). What is in between sits in socket buffers, where nothing can
+   * overtake it: a seal's durable answer and a commit wait behind all of it.
+   */
+  private sentOnConn = 0;
+  private takenOnConn = 0;
   private waiters = new Map<
     number,
     {
@@ -239,6 +248,7 @@ export class PrimaryLink extends EventEmitter {
             size: this.opts.size,
             epoch: this.plog.current,
             session: this.plog.session,
+            window: this.windowBytes,
             ...(this.opts.handshake?.() ?? { history: [], needsResync: false }),
           });
         return;
@@ -254,6 +264,7 @@ export class PrimaryLink extends EventEmitter {
         const oldest = this.plog.heldEpochs()[0];
         this.cursor = { epoch: oldest?.epoch ?? this.plog.current, offset: 0 };
         this.streaming = true;
+        this.sentOnConn = this.takenOnConn = 0;
         this.log(`resending from epoch ${this.cursor.epoch}`);
         this.emit('peer', this.core.peer);
         this.pump();
@@ -318,6 +329,13 @@ export class PrimaryLink extends EventEmitter {
       socket,
       parseToPrimary,
       (msg, _frame, data) => {
+        if (msg.t === 'got') {
+          if (this.conn !== conn) return;
+          const full = this.windowFull();
+          this.takenOnConn = Math.max(this.takenOnConn, msg.n);
+          if (full && !this.windowFull()) this.pump();
+          return;
+        }
         if (msg.t === 'hash') {
           const w = this.hashWaiters.get(msg.id);
           this.hashWaiters.delete(msg.id);
@@ -349,7 +367,7 @@ export class PrimaryLink extends EventEmitter {
   }
 
   private onAppend(epoch: number, r: ResendAppend): void {
-    if (!this.streaming || this.blocked || !this.socket) return;
+    if (!this.streaming || this.blocked || !this.socket || this.windowFull()) return;
     const journal = this.plog.epochs.get(epoch)!.journal!;
     const { parts, bytes, views } = r;
     // Live fast path: the sender is exactly at the end of this epoch's journal.
@@ -368,8 +386,19 @@ export class PrimaryLink extends EventEmitter {
       }
       this.cursor.offset += bytes;
       this.bytesSent += bytes;
+      this.sentOnConn += bytes;
       this.releaseHashes();
+      this.releaseRoom();
     } else this.pump();
+  }
+
+  /** The secondary has not yet taken a window's worth of what was sent: send nothing more for now. */
+  private windowFull(): boolean {
+    return this.sentOnConn - this.takenOnConn >= this.windowBytes;
+  }
+
+  private get windowBytes(): number {
+    return this.opts.windowBytes ?? defaultTunables.replicationWindowBytes;
   }
 
   /** True when the sender is between two frames of the stream. */
@@ -399,14 +428,18 @@ export class PrimaryLink extends EventEmitter {
    * is back under the low-water mark (or the link is lost). This keeps a slow
    * secondary from falling behind until the log budget runs out.
    */
-  waitForRoom(): Promise<void> | null {
+  waitForRoom(admitted = 0): Promise<void> | null {
     const high = this.opts.highWaterBytes ?? defaultTunables.replicationHighWaterBytes;
-    if (!this.core.connected || this.plog.outOfSync || this.unsentBytes < high) return null;
+    if (!this.core.connected || this.plog.outOfSync) return null;
+    // `admitted`: bytes of writes already let through and not yet logged (they wake the
+    // waiters as they finish: releaseRoom).
+    if (this.unsentBytes + admitted < high) return null;
     this.throttled++;
     return new Promise((resolve) => this.roomWaiters.push(resolve));
   }
 
-  private releaseRoom(): void {
+  /** Wake the PVM writes waiting for room if the backlog is under the low mark (they ask again). */
+  releaseRoom(): void {
     if (this.roomWaiters.length === 0) return;
     const low = this.opts.lowWaterBytes ?? defaultTunables.replicationLowWaterBytes;
     if (this.core.connected && !this.plog.outOfSync && this.unsentBytes > low) return;
@@ -432,7 +465,7 @@ export class PrimaryLink extends EventEmitter {
   }
 
   private pumpFrames(): void {
-    while (this.streaming && !this.blocked && this.socket && !this.plog.outOfSync) {
+    while (this.streaming && !this.blocked && this.socket && !this.plog.outOfSync && !this.windowFull()) {
       const e = this.plog.epochs.get(this.cursor.epoch);
       if (!e) {
         const next = this.plog.heldEpochs().find((h) => h.epoch > this.cursor.epoch);
@@ -443,10 +476,10 @@ export class PrimaryLink extends EventEmitter {
       const journal = e.journal!; // held while in sync
       const size = journal.size;
       if (this.cursor.offset < size) {
-        const buf = this.readWholeFrames(journal, this.cursor.offset, size);
-        this.write(buf);
-        this.cursor.offset += buf.length;
-        this.bytesSent += buf.length;
+        const n = this.sendWholeFrames(journal, this.cursor.offset, size);
+        this.cursor.offset += n;
+        this.bytesSent += n;
+        this.sentOnConn += n;
         continue;
       }
       if (e.sealed) {
@@ -458,11 +491,11 @@ export class PrimaryLink extends EventEmitter {
   }
 
   /**
-   * Read up to READ_CHUNK bytes of whole frames from `offset` (at least one
+   * Send up to READ_CHUNK bytes of whole frames from `offset` (at least one
    * frame, however large). Every write of the sender therefore ends on a frame
    * boundary, so control frames (commit, beat) can always go in between.
    */
-  private readWholeFrames(journal: ResendJournal, offset: number, size: number): Buffer {
+  private sendWholeFrames(journal: ResendJournal, offset: number, size: number): number {
     const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
     let end = offset;
     while (end < size) {
@@ -471,9 +504,15 @@ export class PrimaryLink extends EventEmitter {
       if (end > offset && end + frame - offset > READ_CHUNK) break;
       end += frame;
     }
-    const buf = Buffer.allocUnsafe(end - offset);
-    journal.read(buf, offset);
-    return buf;
+    // Bytes still in memory go as they are (held until written), the file's are read.
+    const held = journal.viewsAt(offset, end - offset);
+    if (held) held.views.forEach((v, i) => this.write(v, i === held.views.length - 1 ? held.release : undefined));
+    else {
+      const buf = Buffer.allocUnsafe(end - offset);
+      journal.read(buf, offset);
+      this.write(buf);
+    }
+    return end - offset;
   }
 
   /** Point the link at another secondary (re-protection) and connect to it now. */
@@ -494,6 +533,11 @@ export class PrimaryLink extends EventEmitter {
   }
   resyncFailed(error: string): void {
     this.dispatch({ t: 'resyncFailed', now: this.clock.mono(), error });
+  }
+
+  /** Bytes of log sent on this connection that the secondary has not said it took (at most about a window). */
+  get inFlightBytes(): number {
+    return this.socket && this.streaming ? this.sentOnConn - this.takenOnConn : 0;
   }
 
   /** Bytes appended to the log that have not been sent yet. */

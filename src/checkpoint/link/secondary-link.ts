@@ -24,6 +24,9 @@ import {
 } from './messages.js';
 import { FrameReader, send } from './transport.js';
 
+/** How often a secondary says what it took, when the primary's hello names no window. */
+const DEFAULT_GOT_EVERY = 256 * 1024;
+
 // -----------------------------------------------------------------------------
 // Secondary side: the driver of secondary/core.ts
 
@@ -224,11 +227,16 @@ export class SecondaryLink extends EventEmitter {
       this.bytesReceived += d.length;
       this.core.step({ t: 'rx', now: now(), conn });
     });
+    // Flow control: the log's bytes taken from this connection, and the last count told to the primary.
+    const flow = { taken: 0, told: 0, every: DEFAULT_GOT_EVERY };
     const reader = new FrameReader<ToSecondary>(
       socket,
       parseToSecondary,
       (msg, frame, data) => {
-        if (msg.t === 'hello') return this.dispatch({ t: 'hello', now: now(), conn, msg });
+        if (msg.t === 'hello') {
+          if (msg.window) flow.every = Math.max(1, Math.floor(msg.window / 4));
+          return this.dispatch({ t: 'hello', now: now(), conn, msg });
+        }
         if (msg.t === 'beat') return;
         if (!this.core.accepting(conn)) {
           this.dispatch({
@@ -240,7 +248,15 @@ export class SecondaryLink extends EventEmitter {
           });
           return;
         }
-        return this.onData(conn, socket, msg, frame, data);
+        const r = this.onData(conn, socket, msg, frame, data);
+        if (msg.t === 'seal' || isMutation(msg)) {
+          flow.taken += frame.length;
+          if (flow.taken - flow.told >= flow.every) {
+            flow.told = flow.taken;
+            send(socket, { t: 'got', n: flow.taken });
+          }
+        }
+        return r;
       },
       (err) => {
         const message =

@@ -141,13 +141,15 @@ export class PrimaryReplica {
       loneAfterMs: opts.loneAfterMs ?? 10_000,
       highWaterBytes: this.tunables.replicationHighWaterBytes,
       lowWaterBytes: this.tunables.replicationLowWaterBytes,
+      windowBytes: this.tunables.replicationWindowBytes,
       clock: env.clock,
       net: env.net,
       log: (m, level) => (level === 'warn' ? opts.logger.warn(`link: ${m}`) : opts.logger.info(`link: ${m}`)),
       handshake: () => ({ history: [...history.generations], needsResync: this.needsResync }),
     });
     this.link = link;
-    device.throttle = () => link.waitForRoom();
+    device.throttle = (admitted) => link.waitForRoom(admitted);
+    device.roomChanged = () => link.releaseRoom();
     // The core decides (primary/core.ts); this replica carries out what needs the disk.
     link.on('deposed', (why: string) => {
       device.deposed = why;
@@ -582,6 +584,7 @@ export class PrimaryReplica {
       },
       lag: {
         unsentBytes: this.link.unsentBytes,
+        inFlightBytes: this.link.inFlightBytes,
         heldBytes: this.plog.heldBytes,
         epochs: this.plog.current - 1 - this.link.committedEpoch,
       },

@@ -45,7 +45,11 @@ export class ReplicatingDevice implements BlockDevice {
   /** Set when this primary was deposed (its secondary was promoted): writes are refused. */
   deposed: string | null = null;
   /** Flow control: returns a promise to wait on when the secondary is too far behind. */
-  throttle: () => Promise<void> | null = () => null;
+  throttle: (admitted: number) => Promise<void> | null = () => null;
+  /** Payload bytes of writes past the throttle and not yet in the log. */
+  private admitted = 0;
+  /** Called when an admitted write is logged (or failed): waiters may fit now. */
+  roomChanged: () => void = () => {};
 
   constructor(
     readonly local: BlockDevice,
@@ -71,14 +75,19 @@ export class ReplicatingDevice implements BlockDevice {
     length: number,
     run: () => Promise<void>,
     resync = false,
+    payload = false,
   ): Promise<void> {
     // Before anything is recorded: a call outside the disk is a bug of the caller, not a write.
     assertRange(this, start, length);
     // One writer per generation: a deposed primary never writes again.
     if (this.deposed)
       throw new ColoError('ESTALE', `this primary was deposed and serves no writes: ${this.deposed}`);
-    const room = this.throttle();
-    if (room) await room;
+    // Admitted writes count from here until they are logged: the PVM's writes in flight
+    // (QD × size) would otherwise all pass the mark before any of them is in the log.
+    // Woken waiters ask again, so a release admits only what fits.
+    const logged = payload ? length : 0;
+    for (let room = this.throttle(this.admitted); room; room = this.throttle(this.admitted)) await room;
+    this.admitted += logged;
     const end = start + length;
     const before = this.inflight.filter((f) => f.start < end && start < f.end).map((f) => f.done);
     let finish!: () => void;
@@ -97,6 +106,10 @@ export class ReplicatingDevice implements BlockDevice {
       }
       await run();
     } finally {
+      if (logged) {
+        this.admitted -= logged;
+        this.roomChanged();
+      }
       this.inflight.splice(this.inflight.indexOf(me), 1);
       finish();
     }
@@ -139,7 +152,7 @@ export class ReplicatingDevice implements BlockDevice {
       await this.local_(offset, buf.length, () => this.local.pwrite(buf, offset, opts));
       crashPoint('primary-after-local-write');
       if (buf.length > 0) this.log.append({ t: 'w', o: offset, f: opts.fua || undefined }, buf);
-    });
+    }, false, true);
   }
 
   zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
