@@ -1126,7 +1126,7 @@ describe('option payload parsers', () => {
 // ---------------------------------------------------------------------------
 
 describe('ByteQueue', () => {
-  it('matches a flat-buffer model under random push/peek/take/skip', () => {
+  it('matches a flat-buffer model under random push/peek/take/takePieces/skip', () => {
     for (let seed = 500; seed < 540; seed++) {
       const r = prng(seed);
       const q = new ByteQueue();
@@ -1149,6 +1149,13 @@ describe('ByteQueue', () => {
           const n = r() % (model.length + 10);
           expect(q.skip(n)).toBe(Math.min(n, model.length));
           model = model.subarray(Math.min(n, model.length));
+        } else if (r() % 3 === 0) {
+          // takePieces: views of the queued chunks, in order, no empty piece, no copy.
+          const n = r() % (model.length + 1);
+          const pieces = q.takePieces(n);
+          expect(pieces.every((p) => p.length > 0)).toBe(true);
+          expect(Buffer.concat(pieces).equals(model.subarray(0, n))).toBe(true);
+          model = model.subarray(n);
         } else if (r() % 20 === 0) {
           q.clear();
           model = Buffer.alloc(0);

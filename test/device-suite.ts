@@ -5,8 +5,8 @@
  */
 import { describe, expect, it, afterEach } from 'vitest';
 import { ColoError } from '../src/errors.js';
-import type { BlockDevice } from '../src/block/device.js';
-import { prng, randomBytes } from './helpers.js';
+import { writePieces, type BlockDevice } from '../src/block/device.js';
+import { prng, randomBytes, splitPieces } from './helpers.js';
 
 export interface DeviceFixture {
   device: BlockDevice;
@@ -58,6 +58,17 @@ export function deviceSuite(name: string, factory: (size: number) => Promise<Dev
       // Neighbours untouched.
       expect((await read(dev, 65_000, 531)).equals(Buffer.alloc(531))).toBe(true);
       expect((await read(dev, 65_531 + data.length, 777)).equals(Buffer.alloc(777))).toBe(true);
+    });
+
+    it('writes pieces exactly as one write of their concatenation', async () => {
+      const dev = await open();
+      const data = randomBytes(300_001, prng(2));
+      const cuts = [0, 1, 1, 65_536, 65_537, 200_000, 299_999, 300_001];
+      const pieces = cuts.slice(1).map((c, i) => data.subarray(cuts[i], c)); // one of them empty
+      await writePieces(dev, pieces, 4093, { fua: true });
+      expect((await read(dev, 4093, data.length)).equals(data)).toBe(true);
+      expect((await read(dev, 4000, 93)).equals(Buffer.alloc(93))).toBe(true);
+      expect((await read(dev, 4093 + data.length, 100)).equals(Buffer.alloc(100))).toBe(true);
     });
 
     it('writes at the very end and the very start', async () => {
@@ -184,7 +195,9 @@ export function deviceSuite(name: string, factory: (size: number) => Promise<Dev
         const len = 1 + (rand() % Math.min(200_000, SIZE - off));
         if (op < 4) {
           const data = randomBytes(len, rand);
-          await dev.pwrite(data, off, { fua: op === 0 });
+          // Half of the writes as pieces (pwritev where the device has it).
+          if (op % 2 === 0) await writePieces(dev, splitPieces(data, rand), off, { fua: op === 0 });
+          else await dev.pwrite(data, off, { fua: op === 0 });
           data.copy(model, off);
         } else if (op < 6) {
           await dev.zero(off, len, { mayTrim: op === 4 });

@@ -83,6 +83,30 @@ describe('FileDevice specifics', () => {
     await dev.close();
   });
 
+  it('goes on after a short pwritev from where it stopped, mid-piece', async () => {
+    const p = path.join(dir, `short-${n++}.img`);
+    const dev = await FileDevice.open(p, { size: 1 << 20, io: 'sync' });
+    const real = fs.writevSync;
+    let calls = 0;
+    // The kernel may write less than asked: at most 1000 bytes per call here.
+    fs.writevSync = ((fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
+      calls++;
+      const first = Buffer.from(bufs[0].buffer, bufs[0].byteOffset, Math.min(1000, bufs[0].byteLength));
+      return real(fd, [first], pos);
+    }) as typeof fs.writevSync;
+    try {
+      const data = Buffer.from(Array.from({ length: 5000 }, (_, i) => (i * 7) & 0xff));
+      await dev.pwritev([data.subarray(0, 2500), data.subarray(2500, 2500), data.subarray(2500)], 777);
+      expect(calls).toBeGreaterThanOrEqual(5);
+      const back = Buffer.alloc(5000);
+      await dev.pread(back, 777);
+      expect(back.equals(data)).toBe(true);
+    } finally {
+      fs.writevSync = real;
+      await dev.close();
+    }
+  });
+
   it('keeps data across close and reopen', async () => {
     const p = path.join(dir, 'persist.img');
     const dev = await FileDevice.open(p, { size: 1024 * 1024 });

@@ -223,3 +223,15 @@ export async function waitFor<T>(
     await new Promise((r) => setTimeout(r, everyMs));
   }
 }
+
+/** `buf` cut at random points into views (some empty): a payload as a socket may deliver it. */
+export function splitPieces(buf: Buffer, rand: () => number): Buffer[] {
+  const out: Buffer[] = [];
+  let at = 0;
+  while (at < buf.length) {
+    const n = rand() % 7 === 0 ? 0 : 1 + (rand() % Math.max(1, buf.length >> 2));
+    out.push(buf.subarray(at, Math.min(buf.length, at + n)));
+    at += n;
+  }
+  return out;
+}

@@ -11,7 +11,14 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../src/block/device.js';
+import {
+  writePieces,
+  type BlockDevice,
+  type Capabilities,
+  type Extent,
+  type WriteOptions,
+  type ZeroOptions,
+} from '../src/block/device.js';
 import { MemoryDevice } from '../src/block/memory.js';
 import { SwitchDevice } from '../src/block/switch.js';
 import { decodeFrame } from '../src/checkpoint/format/frame.js';
@@ -23,7 +30,7 @@ import { ActivityLog } from '../src/failover/activity.js';
 import { NbdClient } from '../src/net/client.js';
 import { Cmd, COMMANDS } from '../src/net/protocol.js';
 import { deviceSuite } from './device-suite.js';
-import { prng, randomBytes, rmDir, startServer, tmpDir } from './helpers.js';
+import { prng, randomBytes, rmDir, splitPieces, startServer, tmpDir } from './helpers.js';
 import { nodeStorage } from '../src/sys/storage.js';
 
 const dirs: string[] = [];
@@ -224,7 +231,8 @@ async function mirrorRun(
         const fua = rand() % 2 === 0;
         const k = rand() % 8;
         stats.ops++;
-        if (k < 3) ops.push(dev.pwrite(randomBytes(len, rand), off, { fua }));
+        if (k < 2) ops.push(dev.pwrite(randomBytes(len, rand), off, { fua }));
+        else if (k === 2) ops.push(writePieces(dev, splitPieces(randomBytes(len, rand), rand), off, { fua }));
         else if (k === 3) ops.push(dev.zero(off, len, { mayTrim: true, fua }));
         else if (k === 4) ops.push(dev.zero(off, len, { mayTrim: false, fua }));
         else if (k === 5) ops.push(dev.trim(off, len, { fua }));

@@ -64,6 +64,11 @@ export interface BlockDevice {
   readonly caps: Capabilities;
   /** Fill `buf` with the bytes at [offset, offset + buf.length). */
   pread(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * Optional: write the pieces' concatenation at `offset`, without making it
+   * (an NBD payload as the socket delivered it). Same semantics as pwrite.
+   */
+  pwritev?(bufs: readonly Buffer[], offset: number, opts?: WriteOptions): Promise<void>;
   pwrite(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void>;
   flush(): Promise<void>;
   trim(offset: number, length: number, opts?: WriteOptions): Promise<void>;
@@ -95,4 +100,16 @@ export function coalesceExtents(extents: Extent[]): Extent[] {
     else out.push({ ...e });
   }
   return out;
+}
+
+/** Write pieces through a device: its pwritev if it has one, else one pwrite of their concatenation. */
+export function writePieces(
+  dev: BlockDevice,
+  bufs: readonly Buffer[],
+  offset: number,
+  opts?: WriteOptions,
+): Promise<void> {
+  if (bufs.length === 1) return dev.pwrite(bufs[0], offset, opts);
+  if (dev.pwritev) return dev.pwritev(bufs, offset, opts);
+  return dev.pwrite(Buffer.concat(bufs), offset, opts);
 }

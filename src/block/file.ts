@@ -54,6 +54,10 @@ function readAsync(fd: number, buf: Buffer, off: number, len: number, pos: numbe
   );
 }
 
+function writevAsync(fd: number, bufs: Buffer[], pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.writev(fd, bufs, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
 function writeAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) =>
     fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))),
@@ -193,6 +197,43 @@ export class FileDevice implements BlockDevice {
       if (n <= 0) throw new ColoError('EIO', `short write at ${offset + done} on ${this.path}`);
       ioTracer?.write(this.path, offset + done, buf.subarray(done, done + n), fd === this.fdSync);
       done += n;
+    }
+  }
+
+  /** pwritev(2) of the pieces: an NBD payload that arrived in many socket chunks is never assembled. */
+  async pwritev(bufs: readonly Buffer[], offset: number, opts: WriteOptions = {}): Promise<void> {
+    let length = 0;
+    for (const b of bufs) length += b.length;
+    assertRange(this, offset, length);
+    this.checkWritable();
+    const fd = opts.fua ? this.fdSync : this.fd;
+    const sync = this.syncFor(length);
+    let left = bufs.filter((b) => b.length > 0);
+    let done = 0;
+    while (left.length) {
+      const n = sync ? fs.writevSync(fd, left, offset + done) : await writevAsync(fd, left, offset + done);
+      if (n <= 0) throw new ColoError('EIO', `short write at ${offset + done} on ${this.path}`);
+      if (ioTracer) {
+        let at = 0;
+        for (const b of left) {
+          if (at >= n) break;
+          const piece = b.subarray(0, Math.min(b.length, n - at));
+          ioTracer.write(this.path, offset + done + at, piece, fd === this.fdSync);
+          at += piece.length;
+        }
+      }
+      done += n;
+      // Drop what was written: whole pieces, then the front of a partly written one.
+      let skip = n;
+      while (skip > 0 && left.length) {
+        if (left[0].length <= skip) {
+          skip -= left[0].length;
+          left = left.slice(1);
+        } else {
+          left = [left[0].subarray(skip), ...left.slice(1)];
+          skip = 0;
+        }
+      }
     }
   }
 

@@ -9,7 +9,7 @@
  * client negotiated them at its handshake).
  */
 import { internal } from '../errors.js';
-import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from './device.js';
+import { writePieces, type BlockDevice, type Capabilities, type Extent, type WriteOptions, type ZeroOptions } from './device.js';
 
 export class SwitchDevice implements BlockDevice {
   private inflight = 0;
@@ -60,6 +60,9 @@ export class SwitchDevice implements BlockDevice {
   }
   pwrite(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {
     return this.run((d) => d.pwrite(buf, offset, opts));
+  }
+  pwritev(bufs: readonly Buffer[], offset: number, opts?: WriteOptions): Promise<void> {
+    return this.run((d) => writePieces(d, bufs, offset, opts));
   }
   flush(): Promise<void> {
     return this.run((d) => d.flush());

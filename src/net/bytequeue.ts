@@ -40,6 +40,21 @@ export class ByteQueue {
     return out;
   }
 
+  /** Remove the first n bytes as views of the chunks they lie in (never a copy). */
+  takePieces(n: number): Buffer[] {
+    if (n > this.total) throw new RangeError(`takePieces(${n}) with ${this.total} bytes queued`);
+    const out: Buffer[] = [];
+    let left = n;
+    while (left > 0) {
+      const first = this.chunks[0];
+      const m = Math.min(first.length - this.head, left);
+      out.push(first.subarray(this.head, this.head + m));
+      left -= m;
+      this.skip(m);
+    }
+    return out;
+  }
+
   /** Drop up to n bytes; returns how many were dropped. */
   skip(n: number): number {
     const want = Math.min(n, this.total);

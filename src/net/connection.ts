@@ -22,7 +22,7 @@ import type net from 'node:net';
 import tls from 'node:tls';
 import { nbdErrnoName, nbdErrnoOf, NbdErrno, toColoError } from '../errors.js';
 import { limits } from '../limits.js';
-import { ExtentFlag } from '../block/device.js';
+import { ExtentFlag, writePieces } from '../block/device.js';
 import { ByteQueue } from './bytequeue.js';
 import {
   allocReadReply,
@@ -233,7 +233,7 @@ export class Connection {
       const { req, length } = this.pendingPayload;
       if (this.queue.length < length) return false;
       this.pendingPayload = null;
-      this.dispatch(req, this.queue.take(length));
+      this.dispatch(req, this.queue.takePieces(length), length);
       return true;
     }
     const hdrBytes = requestHeaderBytes(this.extended);
@@ -256,7 +256,7 @@ export class Connection {
         this.pendingPayload = { req, length: payloadLength };
         return false;
       }
-      this.dispatch(req, this.queue.take(payloadLength));
+      this.dispatch(req, this.queue.takePieces(payloadLength), payloadLength);
       return true;
     }
     this.dispatch(req, null);
@@ -549,7 +549,8 @@ export class Connection {
   // -------------------------------------------------------------------------
   // Transmission
 
-  private dispatch(req: Request, payload: Buffer | null): void {
+  /** `payload`: a WRITE's bytes as the socket delivered them (views of its chunks, never assembled). */
+  private dispatch(req: Request, payload: Buffer[] | null, payloadLength = 0): void {
     const exp = this.exp!;
     if (req.type === Cmd.DISC) {
       this.disconnecting = true;
@@ -557,14 +558,14 @@ export class Connection {
       if (this.inflight === 0) this.endGracefully();
       return;
     }
-    const bytes = this.costOf(req, payload?.length ?? 0);
+    const bytes = this.costOf(req, payloadLength);
     this.inflight++;
     this.inflightBytes += bytes;
     let work: Promise<Buffer>;
     try {
       if (this.shuttingDown) throw new RequestError(NbdErrno.ESHUTDOWN, 'server is shutting down');
-      this.validate(req, payload, exp);
-      work = this.execute(req, payload, exp);
+      this.validate(req, payload ? payloadLength : null, exp);
+      work = this.execute(req, payload, payloadLength, exp);
     } catch (err) {
       work = Promise.reject(err);
     }
@@ -589,7 +590,7 @@ export class Connection {
   }
 
   /** Client mistakes become NBD errors here; devices only see valid requests. */
-  private validate(req: Request, payload: Buffer | null, exp: ServedExport): void {
+  private validate(req: Request, payloadLength: number | null, exp: ServedExport): void {
     const spec = COMMANDS[req.type];
     if (spec === undefined) throw new RequestError(NbdErrno.EINVAL, `unknown command ${req.type}`);
     const allowed = spec.flags;
@@ -615,7 +616,7 @@ export class Connection {
       throw new RequestError(NbdErrno.EPERM, `export '${exp.name}' is read-only`);
     const caps = exp.device.caps;
     const size = exp.device.size;
-    const length = payload ? payload.length : req.length;
+    const length = payloadLength ?? req.length;
     const beyond = req.offset + length > size;
     const where = `offset ${req.offset} + length ${length} > size ${size}`;
     switch (req.type) {
@@ -653,7 +654,12 @@ export class Connection {
     }
   }
 
-  private async execute(req: Request, payload: Buffer | null, exp: ServedExport): Promise<Buffer> {
+  private async execute(
+    req: Request,
+    payload: Buffer[] | null,
+    payloadLength: number,
+    exp: ServedExport,
+  ): Promise<Buffer> {
     const dev = exp.device;
     const stats = exp.stats;
     const fua = (req.flags & CmdFlag.FUA) !== 0;
@@ -668,9 +674,9 @@ export class Connection {
       }
       case Cmd.WRITE:
         stats.writes++;
-        if (payload && payload.length > 0) {
-          stats.bytesWritten += payload.length;
-          await dev.pwrite(payload, req.offset, { fua });
+        if (payload && payloadLength > 0) {
+          stats.bytesWritten += payloadLength;
+          await writePieces(dev, payload, req.offset, { fua });
         }
         return encodeStatusReply(this.mode, req, 0);
       case Cmd.FLUSH:

@@ -54,11 +54,14 @@ export interface Frame<M = Record<string, unknown>> {
   bytes: number;
 }
 
-/** Encode a frame as [header+meta, data] for a writev (data may be empty). */
-export function encodeFrame(meta: object, data: Buffer = EMPTY): [Buffer, Buffer] {
+/** Encode a frame as [header+meta, ...data] for a writev (the data's pieces as given, empty ones left out). */
+export function encodeFrame(meta: object, data: Buffer | readonly Buffer[] = EMPTY): Buffer[] {
   const metaBytes = packr.pack(meta);
   if (metaBytes.length > 0xffff) throw new FrameError('meta', `frame metadata of ${metaBytes.length} bytes`);
-  const bodyLength = 2 + metaBytes.length + data.length;
+  const pieces = Buffer.isBuffer(data) ? [data] : data;
+  let dataLength = 0;
+  for (const p of pieces) dataLength += p.length;
+  const bodyLength = 2 + metaBytes.length + dataLength;
   if (bodyLength > MAX_FRAME_BODY) throw new FrameError('length', `frame body of ${bodyLength} bytes`);
   const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES + 2 + metaBytes.length);
   head.writeUInt32BE(native ? FRAME_MAGIC_C : FRAME_MAGIC, 0);
@@ -66,14 +69,16 @@ export function encodeFrame(meta: object, data: Buffer = EMPTY): [Buffer, Buffer
   head.writeUInt16BE(metaBytes.length, FRAME_HEADER_BYTES);
   metaBytes.copy(head, FRAME_HEADER_BYTES + 2);
   const sum = native ? crc32c : crc32;
-  head.writeUInt32BE(sum(data, sum(head.subarray(FRAME_HEADER_BYTES))), 8);
-  return [head, data];
+  let crc = sum(head.subarray(FRAME_HEADER_BYTES));
+  for (const p of pieces) crc = sum(p, crc);
+  head.writeUInt32BE(crc, 8);
+  return [head, ...pieces.filter((p) => p.length > 0)];
 }
 
 /** Encode into one Buffer (tests and small control frames). */
 export function encodeFrameBuffer(meta: object, data: Buffer = EMPTY): Buffer {
-  const [head, body] = encodeFrame(meta, data);
-  return body.length ? Buffer.concat([head, body]) : head;
+  const parts = encodeFrame(meta, data);
+  return parts.length > 1 ? Buffer.concat(parts) : parts[0];
 }
 
 /** Decode one frame at `off`; null if incomplete. */

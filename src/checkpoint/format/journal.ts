@@ -39,7 +39,7 @@ export interface AppendResult {
   /** Total bytes appended. */
   bytes: number;
   /** The encoded frame (header+meta, data), for forwarding without re-encoding. */
-  parts: [Buffer, Buffer];
+  parts: Buffer[];
 }
 
 /** Pending appends are written out once they reach this size, without waiting for the turn to end. */
@@ -91,13 +91,15 @@ export class JournalWriter {
     return this.end - this.syncedEnd;
   }
 
-  append(meta: object, data?: Buffer): AppendResult {
+  append(meta: object, data?: Buffer | readonly Buffer[]): AppendResult {
     return this.appendEncoded(encodeFrame(meta, data));
   }
 
-  /** Append an already-encoded frame (e.g. as received from the link). */
-  appendEncoded(parts: [Buffer, Buffer]): AppendResult {
-    const r = this.appendRaw(parts[1].length ? parts : [parts[0]], parts[1].length);
+  /** Append an already-encoded frame: encodeFrame's parts, the header first. */
+  appendEncoded(parts: Buffer[]): AppendResult {
+    let dataLength = 0;
+    for (let i = 1; i < parts.length; i++) dataLength += parts[i].length;
+    const r = this.appendRaw(parts, dataLength);
     return { ...r, parts };
   }
 

@@ -100,9 +100,10 @@ export class ResendJournal {
     return this.file !== null;
   }
 
-  append(meta: object, data?: Buffer): ResendAppend {
+  append(meta: object, data?: Buffer | readonly Buffer[]): ResendAppend {
     const parts = encodeFrame(meta, data);
-    const bytes = parts[0].length + parts[1].length;
+    let bytes = 0;
+    for (const p of parts) bytes += p.length;
     const offset = this.size;
     const views = this.file ? null : this.toMemory(parts, bytes);
     if (!views) {

@@ -379,10 +379,7 @@ export class PrimaryLink extends EventEmitter {
       } else {
         const copy = this.slabs.copy(parts, bytes);
         if (copy) this.write(copy.view, copy.done);
-        else {
-          this.write(parts[0]);
-          if (parts[1].length) this.write(parts[1]);
-        }
+        else for (const p of parts) this.write(p);
       }
       this.cursor.offset += bytes;
       this.bytesSent += bytes;

@@ -100,11 +100,11 @@ export class PrimaryLog {
   }
 
   /** Log a mutation in the current epoch; returns its full record. */
-  append(m: NewMutation, data?: Buffer): MutationRecord {
+  append(m: NewMutation, data?: Buffer | readonly Buffer[]): MutationRecord {
     const e = this.currentEpoch;
     const rec = { ...m, e: e.epoch, s: ++this.seq } as MutationRecord;
     e.records++;
-    if (rec.t === 'w') e.bytes += data!.length;
+    if (rec.t === 'w') e.bytes += Buffer.isBuffer(data) ? data.length : data!.reduce((n, b) => n + b.length, 0);
     if (this.outOfSync || !e.journal) return rec; // counted, not held: a resync will carry it
     let r;
     try {

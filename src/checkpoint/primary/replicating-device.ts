@@ -26,6 +26,7 @@ import {
   type Extent,
   type WriteOptions,
   type ZeroOptions,
+  writePieces,
 } from '../../block/device.js';
 import { crashPoint } from '../../crash.js';
 import { limits } from '../../limits.js';
@@ -148,11 +149,24 @@ export class ReplicatingDevice implements BlockDevice {
   }
 
   pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
-    return this.mutate(offset, buf.length, async () => {
-      await this.local_(offset, buf.length, () => this.local.pwrite(buf, offset, opts));
-      crashPoint('primary-after-local-write');
-      if (buf.length > 0) this.log.append({ t: 'w', o: offset, f: opts.fua || undefined }, buf);
-    }, false, true);
+    return this.pwritev([buf], offset, opts);
+  }
+
+  /** pwrite of the pieces' concatenation, never made: the local disk and the log take the pieces. */
+  pwritev(bufs: readonly Buffer[], offset: number, opts: WriteOptions = {}): Promise<void> {
+    let length = 0;
+    for (const b of bufs) length += b.length;
+    return this.mutate(
+      offset,
+      length,
+      async () => {
+        await this.local_(offset, length, () => writePieces(this.local, bufs, offset, opts));
+        crashPoint('primary-after-local-write');
+        if (length > 0) this.log.append({ t: 'w', o: offset, f: opts.fua || undefined }, bufs);
+      },
+      false,
+      true,
+    );
   }
 
   zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
