@@ -22,6 +22,8 @@ export interface BenchContext {
   workDir: string;
   /** Shorter runs, for a smoke check. */
   quick: boolean;
+  /** Runs of each workload per server; the best is reported. */
+  runs?: number;
   /** A progress line on stderr. */
   log(message: string): void;
 }
