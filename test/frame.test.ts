@@ -8,6 +8,8 @@ import {
   crc32c,
   crc32cSoft,
   decodeFrame,
+  decodeFramePieces,
+  encodeFrame,
   encodeFrameBuffer,
   FRAME_MAGIC,
   FRAME_MAGIC_C,
@@ -15,7 +17,7 @@ import {
   MAX_FRAME_BODY,
   peekFrameBytes,
 } from '../src/checkpoint/format/frame.js';
-import { prng, randomBytes } from './helpers.js';
+import { prng, randomBytes, splitPieces } from './helpers.js';
 
 describe('frame codec', () => {
   const meta = { t: 'w', e: 12, s: 3456789, o: 2 ** 40 + 17, f: true };
@@ -41,6 +43,35 @@ describe('frame codec', () => {
       if (n !== null) expect(n).toBe(total);
       expect(decodeFrame(q.take(total))!.meta).toEqual(meta);
     }
+  });
+
+  it('decodes a frame given in pieces exactly as the whole, split anywhere; data stays in views', () => {
+    const rand = prng(77);
+    for (let k = 0; k < 300; k++) {
+      const pieces = splitPieces(frame, rand).filter((p) => p.length > 0);
+      const f = decodeFramePieces(pieces);
+      expect(f.meta).toEqual(meta);
+      expect(f.bytes).toBe(frame.length);
+      expect(Buffer.concat(f.data).equals(data)).toBe(true);
+      for (const d of f.data) expect(d.buffer).toBe(frame.buffer); // views, not copies
+    }
+    // A frame encoded from pieces is the frame encoded from their concatenation.
+    expect(Buffer.concat(encodeFrame(meta, splitPieces(data, rand))).equals(frame)).toBe(true);
+    // Every single-bit flip is caught, whichever piece it lands in.
+    for (let i = 0; i < frame.length; i += 7) {
+      const bad = Buffer.from(frame);
+      bad[i] ^= 0x10;
+      const pieces = [bad.subarray(0, 5), bad.subarray(5, 100), bad.subarray(100)];
+      let threw = false;
+      try {
+        decodeFramePieces(pieces);
+      } catch (err) {
+        expect(err).toBeInstanceOf(FrameError);
+        threw = true;
+      }
+      expect(threw, `flip in byte ${i}`).toBe(true);
+    }
+    expect(() => decodeFramePieces([frame, Buffer.alloc(1)])).toThrow(FrameError);
   });
 
   it('detects every single-bit flip', () => {

@@ -92,15 +92,63 @@ export function decodeFrame<M = Record<string, unknown>>(buf: Buffer, off = 0): 
   if (sum(body) !== want) throw new FrameError('crc', `frame checksum mismatch at ${off}`);
   const metaLength = body.readUInt16BE(0);
   if (2 + metaLength > bodyLength) throw new FrameError('meta', `frame metadata overruns the body at ${off}`);
+  const meta = unpackMeta<M>(body.subarray(2, 2 + metaLength), off);
+  return { meta, data: body.subarray(2 + metaLength), bytes: FRAME_HEADER_BYTES + bodyLength };
+}
+
+function unpackMeta<M>(bytes: Buffer, off: number): M {
   let meta: M;
   try {
-    meta = packr.unpack(body.subarray(2, 2 + metaLength)) as M;
+    meta = packr.unpack(bytes) as M;
   } catch (err) {
     throw new FrameError('meta', `undecodable frame metadata at ${off}: ${(err as Error).message}`);
   }
   if (meta === null || typeof meta !== 'object')
     throw new FrameError('meta', `frame metadata is not a map at ${off}`);
-  return { meta, data: body.subarray(2 + metaLength), bytes: FRAME_HEADER_BYTES + bodyLength };
+  return meta;
+}
+
+/** Bytes [from, to) of the pieces' concatenation, as views of them. */
+export function piecesRange(pieces: readonly Buffer[], from: number, to: number): Buffer[] {
+  const out: Buffer[] = [];
+  let at = 0;
+  for (const p of pieces) {
+    const end = at + p.length;
+    if (end > from && at < to) out.push(p.subarray(Math.max(0, from - at), Math.min(p.length, to - at)));
+    at = end;
+    if (at >= to) break;
+  }
+  return out;
+}
+
+/** Bytes [from, from + length) of the pieces, a view when they lie in one piece, else a copy. */
+function gather(pieces: readonly Buffer[], from: number, length: number): Buffer {
+  const r = piecesRange(pieces, from, from + length);
+  return r.length === 1 ? r[0] : Buffer.concat(r, length);
+}
+
+/**
+ * Decode one whole frame given as pieces (views of the socket's chunks, as a
+ * reader takes it): only the header and metadata are gathered, the checksum
+ * runs over the pieces in turn, and the data stays in pieces.
+ */
+export function decodeFramePieces<M = Record<string, unknown>>(
+  pieces: readonly Buffer[],
+): { meta: M; data: Buffer[]; bytes: number } {
+  const head = gather(pieces, 0, FRAME_HEADER_BYTES + 2);
+  const total = peekFrameBytes(head)!;
+  let have = 0;
+  for (const p of pieces) have += p.length;
+  if (have !== total) throw new FrameError('length', `a frame of ${total} bytes given as ${have}`);
+  const sum = head.readUInt32BE(0) === FRAME_MAGIC_C ? crc32c : crc32;
+  let crc = 0;
+  for (const p of piecesRange(pieces, FRAME_HEADER_BYTES, total)) crc = sum(p, crc);
+  if (crc !== head.readUInt32BE(8)) throw new FrameError('crc', 'frame checksum mismatch at 0');
+  const metaLength = head.readUInt16BE(FRAME_HEADER_BYTES);
+  const dataAt = FRAME_HEADER_BYTES + 2 + metaLength;
+  if (dataAt > total) throw new FrameError('meta', 'frame metadata overruns the body at 0');
+  const meta = unpackMeta<M>(gather(pieces, FRAME_HEADER_BYTES + 2, metaLength), 0);
+  return { meta, data: piecesRange(pieces, dataAt, total), bytes: total };
 }
 
 /** Peek the total size of the frame at `off` (header must be present); validates magic and bounds. */

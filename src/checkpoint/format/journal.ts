@@ -104,7 +104,7 @@ export class JournalWriter {
   }
 
   /** Append whole frame bytes whose last `dataLength` bytes are the frame's data. */
-  appendRaw(buffers: Buffer[], dataLength: number): Omit<AppendResult, 'parts'> {
+  appendRaw(buffers: readonly Buffer[], dataLength: number): Omit<AppendResult, 'parts'> {
     if (this.failure) throw this.failure;
     if (this.closed) throw new ColoError('ESHUTDOWN', `journal ${this.path} is closed`);
     const offset = this.end;

@@ -75,8 +75,8 @@ export class Layer {
   }
 
   /** Append the raw bytes of a frame carrying `rec` (forwarded from the link as is). */
-  appendFrame(rec: MutationRecord, frame: Buffer, dataLength: number): number {
-    const r = this.journal.appendRaw([frame], dataLength);
+  appendFrame(rec: MutationRecord, frame: readonly Buffer[], dataLength: number): number {
+    const r = this.journal.appendRaw(frame, dataLength);
     this.index_(rec, r.dataPos, dataLength);
     return r.bytes;
   }

@@ -339,7 +339,7 @@ export class PrimaryLink extends EventEmitter {
         if (msg.t === 'hash') {
           const w = this.hashWaiters.get(msg.id);
           this.hashWaiters.delete(msg.id);
-          w?.resolve(Buffer.from(data));
+          w?.resolve(Buffer.concat(data));
         }
         this.dispatch({ t: 'received', now: now(), conn, msg });
       },

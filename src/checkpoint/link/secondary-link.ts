@@ -250,7 +250,7 @@ export class SecondaryLink extends EventEmitter {
         }
         const r = this.onData(conn, socket, msg, frame, data);
         if (msg.t === 'seal' || isMutation(msg)) {
-          flow.taken += frame.length;
+          for (const p of frame) flow.taken += p.length;
           if (flow.taken - flow.told >= flow.every) {
             flow.told = flow.taken;
             send(socket, { t: 'got', n: flow.taken });
@@ -288,13 +288,15 @@ export class SecondaryLink extends EventEmitter {
     conn: number,
     socket: Conn,
     meta: Exclude<ToSecondary, PrimaryHello | { t: 'beat' }>,
-    frame: Buffer,
-    data: Buffer,
+    frame: Buffer[],
+    data: Buffer[],
   ): void | Promise<void> {
     const drop = () => this.apply({ t: 'close', conn, reason: 'store error', graceful: true });
     if (isMutation(meta)) {
+      let dataLength = 0;
+      for (const p of data) dataLength += p.length;
       try {
-        if (this.store.receive(meta, frame, data.length)) this.records++;
+        if (this.store.receive(meta, frame, dataLength)) this.records++;
         else this.duplicates++;
       } catch (err) {
         const e = toColoError(err);

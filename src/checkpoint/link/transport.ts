@@ -6,7 +6,7 @@
  */
 import { ByteQueue } from '../../net/bytequeue.js';
 import type { Conn } from '../../sys/net.js';
-import { decodeFrame, encodeFrameBuffer, FRAME_HEADER_BYTES, peekFrameBytes } from '../format/frame.js';
+import { decodeFramePieces, encodeFrameBuffer, FRAME_HEADER_BYTES, peekFrameBytes } from '../format/frame.js';
 
 /**
  * Parses frames from a socket, validates each message (`parse`: the link's
@@ -25,7 +25,11 @@ export class FrameReader<M> {
   constructor(
     private readonly socket: Conn,
     private readonly parse: (meta: unknown) => M,
-    private readonly handle: (msg: M, frame: Buffer, data: Buffer) => void | Promise<void>,
+    /**
+     * `frame`: the whole frame's bytes and `data` its payload, as views of the socket's chunks
+     * (a frame that arrived in many chunks is never assembled).
+     */
+    private readonly handle: (msg: M, frame: Buffer[], data: Buffer[]) => void | Promise<void>,
     private readonly fail: (err: Error) => void,
     /** Called when handling a frame starts and ends waiting (the socket is paused meanwhile). */
     private readonly onBusy: (busy: boolean) => void = () => {},
@@ -47,8 +51,8 @@ export class FrameReader<M> {
       while (!this.stopped && this.queue.length >= FRAME_HEADER_BYTES) {
         const total = peekFrameBytes(this.queue.peek(FRAME_HEADER_BYTES))!;
         if (this.queue.length < total) break;
-        const frame = this.queue.take(total);
-        const f = decodeFrame<unknown>(frame)!;
+        const frame = this.queue.takePieces(total);
+        const f = decodeFramePieces<unknown>(frame);
         const r = this.handle(this.parse(f.meta), frame, f.data);
         if (r) {
           this.socket.pause();
