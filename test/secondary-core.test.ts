@@ -1,7 +1,7 @@
 // The secondary's replication core (src/checkpoint/secondary/core.ts) on its
 // own: events in, actions out, the node's durable state read through a view.
 import { describe, expect, it } from 'vitest';
-import type { PrimaryHello } from '../src/checkpoint/link/messages.js';
+import { LINK_PROTOCOL, type PrimaryHello } from '../src/checkpoint/link/messages.js';
 import { SecondaryCore, type SecondaryAction, type SecondaryView } from '../src/checkpoint/secondary/core.js';
 import type { Generation } from '../src/failover/history.js';
 
@@ -30,7 +30,7 @@ function setup(opts: { history?: Generation[]; promoted?: boolean; failover?: 'a
 
 const hello = (history: Generation[], extra: Partial<PrimaryHello> = {}): PrimaryHello => ({
   t: 'hello',
-  proto: 1,
+  proto: LINK_PROTOCOL,
   size: 1 << 20,
   epoch: 6,
   session: 's',
@@ -75,7 +75,7 @@ describe('SecondaryCore', () => {
       [[g1], {}, [g1, g2], 'ESTALE', /older than the secondary's generation 2/],
       [[g1, g2x], {}, [g1, g2], 'ESPLIT', /split brain/],
       [[g1], { size: 4096 }, [g1], 'EUSAGE', /4096 bytes but this secondary's image is 1048576/],
-      [[g1], { proto: 2 }, [g1], 'EPROTO', /link protocol 2 is not 1/],
+      [[g1], { proto: 1 }, [g1], 'EPROTO', /link protocol 1 is not 2/],
     ];
     for (const [theirs, extra, ours, code, why] of cases) {
       const { core } = setup({ history: ours });

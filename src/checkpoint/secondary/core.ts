@@ -267,7 +267,13 @@ export class SecondaryCore {
       out.push({
         t: 'send',
         conn: c.id,
-        msg: { t: 'error', code: 'EPROTO', message: `link protocol ${msg.proto} is not ${LINK_PROTOCOL}` },
+        msg: {
+          t: 'error',
+          code: 'EPROTO',
+          message:
+            `link protocol ${msg.proto} is not ${LINK_PROTOCOL} (this secondary's): ` +
+            `run the same colo-blk version on both nodes`,
+        },
       });
       out.push({ t: 'close', conn: c.id, reason: 'protocol version', graceful: true });
       return;
