@@ -207,6 +207,24 @@ describe('coordinator', () => {
     expect(co.pvm.name).toBe('svm');
   });
 
+  it('the primary side killed after the cut, its call failing at once: the failure is pinned on it and the SVM takes over', async () => {
+    const { log, co, disk, pvm } = await setup();
+    // The PVM dies as the cut's calls go out: its call is refused at once (no hang for the heartbeat to
+    // notice), and its first probe is only one refusal.
+    pvm.on['checkpointed'] = () => {
+      pvm.kill();
+      disk.killPrimary();
+      return refused();
+    };
+    co.request('mismatch');
+    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    expect(co.failovers).toHaveLength(1);
+    expect(co.failovers[0]).toMatchObject({ committedEpoch: 3, loadedDecided: true });
+    expect(disk.promotions).toEqual([3]);
+    expect(co.pvm.name).toBe('svm');
+    expect(log.at(-1)).toBe('svm.resume');
+  });
+
   it('losing the primary before the cut: the epoch is dropped and the SVM carries on from its own state', async () => {
     const { log, co, disk, pvm } = await setup();
     disk.on['durable 3'] = never;

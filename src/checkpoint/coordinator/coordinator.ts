@@ -466,7 +466,17 @@ export class Coordinator extends EventEmitter {
       // Which side is gone? A lost side is handled here, in the same turn (silence counts again).
       this.inCheckpoint = false;
       await this.probe();
-      const lost = this.lostSide();
+      let lost = this.lostSide();
+      // After the cut the failure must be pinned on a side before choosing. A PVM side killed
+      // mid-checkpoint fails its call at once but is lost only at its second refused probe:
+      // unprotecting on the first would leave the clients with a dead PVM, and an SVM that holds
+      // this very checkpoint unused (the bench's loop-failover found it, 1 round in 7).
+      const until = Date.now() + this.opts.failoverAfterMs;
+      while (decided && lost === null && !this.closed && Date.now() < until) {
+        await new Promise((r) => setTimeout(r, this.opts.heartbeatMs));
+        await this.probe();
+        lost = this.lostSide();
+      }
       if (lost === 'primary') await this.doFailover(`checkpoint failed: ${e.message}`);
       else if (lost === 'secondary' || decided)
         await this.doUnprotect(
