@@ -282,7 +282,7 @@ function buildNotes(r: BenchResult, ctx: BenchContext): string[] {
   if ((ctx.runs ?? 1) > 1)
     notes.push(
       `Every figure in the results table is the best of ${ctx.runs} runs of the workload against the same ` +
-        'server (`--runs`; each run\'s figure is in the JSON output); a single run on this machine moves by ±15 %.',
+        "server (`--runs`; each run's figure is in the JSON output); a single run on this machine moves by ±15 %.",
     );
   const has = (kind: string) => r.workloads.some((w) => w.group === kind || w.id === kind);
   const serving = (name: string) => r.servers.some((s) => s.name === name && !s.startError);

@@ -13,7 +13,16 @@ describe('link messages', () => {
   it('accepts every well-formed message in each direction, typed', () => {
     const toSecondary = [
       { t: 'hello', proto: 1, size: 4096, epoch: 3, session: 's1', history: [gen], needsResync: true },
-      { t: 'hello', proto: 2, size: 4096, epoch: 3, session: 's1', history: [], needsResync: false, window: 1 << 21 },
+      {
+        t: 'hello',
+        proto: 2,
+        size: 4096,
+        epoch: 3,
+        session: 's1',
+        history: [],
+        needsResync: false,
+        window: 1 << 21,
+      },
       { t: 'beat' },
       { t: 'w', e: 3, s: 7, o: 512, f: true },
       { t: 'z', e: 3, s: 8, o: 0, l: 4096, h: true },
@@ -72,7 +81,11 @@ describe('link messages', () => {
       [parseToPrimary, { t: 'hello', proto: 1, size: 1, hot: [{ offset: 0 }] }, /length/],
       [parseToPrimary, { t: 'durable' }, /durable.e/],
       [parseToPrimary, { t: 'got', n: -1 }, /got.n is not a non-negative integer/],
-      [parseToSecondary, { t: 'hello', proto: 2, size: 1, epoch: 1, session: 's', window: 'big' }, /hello.window/],
+      [
+        parseToSecondary,
+        { t: 'hello', proto: 2, size: 1, epoch: 1, session: 's', window: 'big' },
+        /hello.window/,
+      ],
       [parseToPrimary, [1, 2], /not a map/],
     ];
     for (const [parse, m, why] of bad) {

@@ -391,21 +391,7 @@ type SStatus = {
 export const primaryStatus = (p: NodeProc) => controlCall<PStatus>(p.control, 'GET', '/status');
 export const secondaryStatus = (s: NodeProc) => controlCall<SStatus>(s.control, 'GET', '/status');
 
-export async function waitFor<T>(
-  what: () => Promise<T>,
-  ok: (v: T) => boolean,
-  label: string,
-  ms = 10_000,
-  everyMs = 25,
-): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await what();
-    if (ok(v)) return v;
-    if (Date.now() > deadline) throw new Error(`${label}: ${JSON.stringify(v)}`);
-    await new Promise((r) => setTimeout(r, everyMs));
-  }
-}
+export { waitFor } from './helpers.js';
 
 /** Run a checkpoint through the primary's control API; the error (if any) instead of a throw. */
 export async function tryCheckpoint(

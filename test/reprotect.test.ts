@@ -7,7 +7,7 @@ import path from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { controlCall } from '../src/checkpoint/control.js';
 import { NbdClient } from '../src/net/client.js';
-import { CLI, killAll, rmDir, run, runOk, tmpDir } from './helpers.js';
+import { CLI, killAll, rmDir, run, runOk, tmpDir, waitFor as poll } from './helpers.js';
 import {
   FaultProxy,
   hashExport,
@@ -54,20 +54,9 @@ interface PStatus {
 const status = (n: { control: { host: string; port: number } }) =>
   controlCall<PStatus>(n.control, 'GET', '/status');
 
-async function waitFor<T>(
-  what: () => Promise<T>,
-  ok: (v: T) => boolean,
-  label: string,
-  ms = 15_000,
-): Promise<T> {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await what();
-    if (ok(v)) return v;
-    if (Date.now() > deadline) throw new Error(`${label}: ${JSON.stringify(v)}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+/** helpers' waitFor with this file's patience (15 s, every 50 ms). */
+const waitFor = <T>(what: () => Promise<T>, ok: (v: T) => boolean, label: string, ms = 15_000): Promise<T> =>
+  poll(what, ok, label, ms, 50);
 
 /** A secondary process on an existing state directory and image (a returning node or a new one). */
 async function secondaryOn(

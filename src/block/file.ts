@@ -55,7 +55,9 @@ function readAsync(fd: number, buf: Buffer, off: number, len: number, pos: numbe
 }
 
 function writevAsync(fd: number, bufs: Buffer[], pos: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.writev(fd, bufs, pos, (err, n) => (err ? reject(err) : resolve(n))));
+  return new Promise((resolve, reject) =>
+    fs.writev(fd, bufs, pos, (err, n) => (err ? reject(err) : resolve(n))),
+  );
 }
 
 function writeAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {

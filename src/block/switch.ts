@@ -9,7 +9,14 @@
  * client negotiated them at its handshake).
  */
 import { internal } from '../errors.js';
-import { writePieces, type BlockDevice, type Capabilities, type Extent, type WriteOptions, type ZeroOptions } from './device.js';
+import {
+  writePieces,
+  type BlockDevice,
+  type Capabilities,
+  type Extent,
+  type WriteOptions,
+  type ZeroOptions,
+} from './device.js';
 
 export class SwitchDevice implements BlockDevice {
   private inflight = 0;

@@ -184,7 +184,7 @@ export class ResendJournal {
     if (pos + length > this.inMemory || length <= 0) return null;
     const views: Buffer[] = [];
     const used: Buffer[] = [];
-    for (let at = pos; at < pos + length; ) {
+    for (let at = pos; at < pos + length;) {
       const chunk = this.chunks[Math.floor(at / CHUNK_BYTES)];
       const into = at % CHUNK_BYTES;
       const n = Math.min(CHUNK_BYTES - into, pos + length - at);

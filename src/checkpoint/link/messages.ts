@@ -94,7 +94,8 @@ export interface ErrorReply {
 }
 
 export type ToSecondary = PrimaryHello | Beat | MutationRecord | SealRecord | CommitRequest | HashRequest;
-export type ToPrimary = SecondaryHello | Beat | Received | DurableReply | CommittedReply | HashReply | ErrorReply;
+export type ToPrimary =
+  SecondaryHello | Beat | Received | DurableReply | CommittedReply | HashReply | ErrorReply;
 
 // -----------------------------------------------------------------------------
 // Field checks

@@ -503,7 +503,8 @@ export class PrimaryLink extends EventEmitter {
     }
     // Bytes still in memory go as they are (held until written), the file's are read.
     const held = journal.viewsAt(offset, end - offset);
-    if (held) held.views.forEach((v, i) => this.write(v, i === held.views.length - 1 ? held.release : undefined));
+    if (held)
+      held.views.forEach((v, i) => this.write(v, i === held.views.length - 1 ? held.release : undefined));
     else {
       const buf = Buffer.allocUnsafe(end - offset);
       journal.read(buf, offset);

@@ -104,7 +104,8 @@ export class PrimaryLog {
     const e = this.currentEpoch;
     const rec = { ...m, e: e.epoch, s: ++this.seq } as MutationRecord;
     e.records++;
-    if (rec.t === 'w') e.bytes += Buffer.isBuffer(data) ? data.length : data!.reduce((n, b) => n + b.length, 0);
+    if (rec.t === 'w')
+      e.bytes += Buffer.isBuffer(data) ? data.length : data!.reduce((n, b) => n + b.length, 0);
     if (this.outOfSync || !e.journal) return rec; // counted, not held: a resync will carry it
     let r;
     try {
