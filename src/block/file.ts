@@ -60,12 +60,6 @@ function writevAsync(fd: number, bufs: Buffer[], pos: number): Promise<number> {
   );
 }
 
-function writeAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
-  return new Promise((resolve, reject) =>
-    fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))),
-  );
-}
-
 function fdatasyncAsync(fd: number): Promise<void> {
   return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
 }
@@ -186,20 +180,8 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  async pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
-    assertRange(this, offset, buf.length);
-    this.checkWritable();
-    const fd = opts.fua ? this.fdSync : this.fd;
-    const sync = this.syncFor(buf.length);
-    let done = 0;
-    while (done < buf.length) {
-      const n = sync
-        ? fs.writeSync(fd, buf, done, buf.length - done, offset + done)
-        : await writeAsync(fd, buf, done, buf.length - done, offset + done);
-      if (n <= 0) throw new ColoError('EIO', `short write at ${offset + done} on ${this.path}`);
-      ioTracer?.write(this.path, offset + done, buf.subarray(done, done + n), fd === this.fdSync);
-      done += n;
-    }
+  pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
+    return this.pwritev([buf], offset, opts);
   }
 
   /** pwritev(2) of the pieces: an NBD payload that arrived in many socket chunks is never assembled. */
@@ -210,31 +192,20 @@ export class FileDevice implements BlockDevice {
     this.checkWritable();
     const fd = opts.fua ? this.fdSync : this.fd;
     const sync = this.syncFor(length);
-    let left = bufs.filter((b) => b.length > 0);
+    const left = bufs.filter((b) => b.length > 0);
     let done = 0;
-    while (left.length) {
-      const n = sync ? fs.writevSync(fd, left, offset + done) : await writevAsync(fd, left, offset + done);
+    // A short write leaves `left` starting where it stopped: whole pieces dropped, the next one cut.
+    for (let i = 0; i < left.length;) {
+      const rest = i === 0 ? left : left.slice(i);
+      const n = sync ? fs.writevSync(fd, rest, offset + done) : await writevAsync(fd, rest, offset + done);
       if (n <= 0) throw new ColoError('EIO', `short write at ${offset + done} on ${this.path}`);
-      if (ioTracer) {
-        let at = 0;
-        for (const b of left) {
-          if (at >= n) break;
-          const piece = b.subarray(0, Math.min(b.length, n - at));
-          ioTracer.write(this.path, offset + done + at, piece, fd === this.fdSync);
-          at += piece.length;
-        }
-      }
-      done += n;
-      // Drop what was written: whole pieces, then the front of a partly written one.
-      let skip = n;
-      while (skip > 0 && left.length) {
-        if (left[0].length <= skip) {
-          skip -= left[0].length;
-          left = left.slice(1);
-        } else {
-          left = [left[0].subarray(skip), ...left.slice(1)];
-          skip = 0;
-        }
+      for (let skip = n; skip > 0;) {
+        const piece = left[i].subarray(0, Math.min(left[i].length, skip));
+        ioTracer?.write(this.path, offset + done, piece, fd === this.fdSync);
+        done += piece.length;
+        skip -= piece.length;
+        if (piece.length === left[i].length) i++;
+        else left[i] = left[i].subarray(piece.length);
       }
     }
   }
