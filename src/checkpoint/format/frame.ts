@@ -85,15 +85,8 @@ export function encodeFrameBuffer(meta: object, data: Buffer = EMPTY): Buffer {
 export function decodeFrame<M = Record<string, unknown>>(buf: Buffer, off = 0): Frame<M> | null {
   const total = peekFrameBytes(buf, off);
   if (total === null || buf.length - off < total) return null;
-  const bodyLength = total - FRAME_HEADER_BYTES;
-  const body = buf.subarray(off + FRAME_HEADER_BYTES, off + FRAME_HEADER_BYTES + bodyLength);
-  const want = buf.readUInt32BE(off + 8);
-  const sum = buf.readUInt32BE(off) === FRAME_MAGIC_C ? crc32c : crc32;
-  if (sum(body) !== want) throw new FrameError('crc', `frame checksum mismatch at ${off}`);
-  const metaLength = body.readUInt16BE(0);
-  if (2 + metaLength > bodyLength) throw new FrameError('meta', `frame metadata overruns the body at ${off}`);
-  const meta = unpackMeta<M>(body.subarray(2, 2 + metaLength), off);
-  return { meta, data: body.subarray(2 + metaLength), bytes: FRAME_HEADER_BYTES + bodyLength };
+  const f = decodeFramePieces<M>([buf.subarray(off, off + total)], off);
+  return { meta: f.meta, data: f.data[0] ?? EMPTY, bytes: total };
 }
 
 function unpackMeta<M>(bytes: Buffer, off: number): M {
@@ -134,6 +127,8 @@ function gather(pieces: readonly Buffer[], from: number, length: number): Buffer
  */
 export function decodeFramePieces<M = Record<string, unknown>>(
   pieces: readonly Buffer[],
+  /** Where the frame starts in its file or stream, for the error messages. */
+  off = 0,
 ): { meta: M; data: Buffer[]; bytes: number } {
   const head = gather(pieces, 0, FRAME_HEADER_BYTES + 2);
   const total = peekFrameBytes(head)!;
@@ -143,11 +138,11 @@ export function decodeFramePieces<M = Record<string, unknown>>(
   const sum = head.readUInt32BE(0) === FRAME_MAGIC_C ? crc32c : crc32;
   let crc = 0;
   for (const p of piecesRange(pieces, FRAME_HEADER_BYTES, total)) crc = sum(p, crc);
-  if (crc !== head.readUInt32BE(8)) throw new FrameError('crc', 'frame checksum mismatch at 0');
+  if (crc !== head.readUInt32BE(8)) throw new FrameError('crc', `frame checksum mismatch at ${off}`);
   const metaLength = head.readUInt16BE(FRAME_HEADER_BYTES);
   const dataAt = FRAME_HEADER_BYTES + 2 + metaLength;
-  if (dataAt > total) throw new FrameError('meta', 'frame metadata overruns the body at 0');
-  const meta = unpackMeta<M>(gather(pieces, FRAME_HEADER_BYTES + 2, metaLength), 0);
+  if (dataAt > total) throw new FrameError('meta', `frame metadata overruns the body at ${off}`);
+  const meta = unpackMeta<M>(gather(pieces, FRAME_HEADER_BYTES + 2, metaLength), off);
   return { meta, data: piecesRange(pieces, dataAt, total), bytes: total };
 }
 
