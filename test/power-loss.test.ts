@@ -10,7 +10,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { FileDevice } from '../src/block/file.js';
 import { readIoTrace, setIoTracer, type IoEvent } from '../src/block/io-trace.js';
-import { encodeFrameBuffer } from '../src/checkpoint/format/frame.js';
+import { encodeFrame } from '../src/checkpoint/format/frame.js';
 import { JournalWriter, scanJournal } from '../src/checkpoint/format/journal.js';
 import type { MutationRecord } from '../src/checkpoint/format/records.js';
 import { SecondaryStore } from '../src/checkpoint/secondary/store.js';
@@ -273,7 +273,7 @@ async function secondaryWorkload(
         pvm.fill(0, o, o + len);
       }
       ranges.push([o, len]);
-      store.receive(m, encodeFrameBuffer(m, data), data?.length ?? 0);
+      store.receive(m, encodeFrame(m, data), data?.length ?? 0);
       if (rand() % 4 === 0) svmOp();
       if (rand() % 3 === 0) await tick(); // journals write out in several pieces; the apply runs
     }

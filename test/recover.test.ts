@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { FileDevice } from '../src/block/file.js';
-import { encodeFrameBuffer } from '../src/checkpoint/format/frame.js';
+import { encodeFrame, encodeFrameBuffer } from '../src/checkpoint/format/frame.js';
 import type { MutationRecord } from '../src/checkpoint/format/records.js';
 import { SecondaryStore } from '../src/checkpoint/secondary/store.js';
 import { CLI, prng, randomBytes, rmDir, run, tmpDir } from './helpers.js';
@@ -36,7 +36,7 @@ async function secondaryState(): Promise<{ dir: string; image: string; model: Bu
     for (let i = 0; i < 10; i++) {
       const rec: MutationRecord = { t: 'w', e, s: ++s, o: (rand() % 100) * 65536 };
       const data = randomBytes(65536, rand);
-      store.receive(rec, encodeFrameBuffer(rec, data), data.length);
+      store.receive(rec, encodeFrame(rec, data), data.length);
       if (e === 1) data.copy(model, rec.o);
       bytes += data.length;
     }

@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { FileDevice } from '../src/block/file.js';
-import { encodeFrameBuffer } from '../src/checkpoint/format/frame.js';
+import { encodeFrame } from '../src/checkpoint/format/frame.js';
 import type { MutationRecord } from '../src/checkpoint/format/records.js';
 import { SecondaryStore } from '../src/checkpoint/secondary/store.js';
 import { deviceSuite } from './device-suite.js';
@@ -26,7 +26,7 @@ async function openStore(dir?: string, image?: string) {
 
 /** Feed a mutation the way the link does. */
 function feed(store: SecondaryStore, rec: MutationRecord, data?: Buffer) {
-  return store.receive(rec, encodeFrameBuffer(rec, data), data?.length ?? 0);
+  return store.receive(rec, encodeFrame(rec, data), data?.length ?? 0);
 }
 
 async function readSvm(store: SecondaryStore, off: number, len: number) {

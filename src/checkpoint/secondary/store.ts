@@ -432,7 +432,7 @@ export class SecondaryStore {
    * Store one PVM mutation. Records at or below the highest sequence number
    * already held are duplicates from a resend and are ignored (returns false).
    */
-  receive(rec: MutationRecord, frame: Buffer | readonly Buffer[], dataLength: number): boolean {
+  receive(rec: MutationRecord, frame: readonly Buffer[], dataLength: number): boolean {
     if (this.promoted || this.promoting) throw this.staleError();
     if (rec.s <= this.highestSeq) return false;
     const e = this.entry(rec.e);
@@ -446,7 +446,7 @@ export class SecondaryStore {
         `record ${rec.s} of epoch ${rec.e} follows record ${this.highestSeq}: records were lost on the way and must be resent`,
       );
     try {
-      e.layer.appendFrame(rec, Buffer.isBuffer(frame) ? [frame] : frame, dataLength);
+      e.layer.appendFrame(rec, frame, dataLength);
     } catch (err) {
       // The journal could not take it (disk full...): it is unusable now. Forget every
       // epoch not yet durable, so that the primary's resend rebuilds them from scratch.
