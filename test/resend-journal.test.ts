@@ -43,11 +43,15 @@ describe('resend journal', () => {
       let border = -1;
       for (const f of fs_) {
         const r = j.append(f.meta, f.data);
-        if (!r.views && border < 0) border = r.offset;
+        if (!r.inMemory && border < 0) border = r.offset;
         const bytes = Buffer.concat(encodeFrame(f.meta, f.data));
         expect(r.offset).toBe(Buffer.concat(expected).length);
         expect(r.bytes).toBe(bytes.length);
-        if (r.views) expect(Buffer.concat(r.views).equals(bytes)).toBe(true);
+        if (r.inMemory) {
+          const held = j.viewsAt(r.offset, r.bytes)!;
+          expect(Buffer.concat(held.views).equals(bytes)).toBe(true);
+          held.release();
+        }
         expected.push(bytes);
       }
       const all = Buffer.concat(expected);
@@ -95,16 +99,17 @@ describe('resend journal', () => {
     const memory = new ResendMemory(2 * CHUNK_BYTES);
     const a = new ResendJournal(nodeStorage, path.join(dir, '1.journal'), memory);
     const r = a.append({ t: 'w', o: 0, s: 1, e: 1 }, Buffer.alloc(CHUNK_BYTES + 10, 7));
-    expect(r.views).not.toBeNull();
-    const release = r.hold(); // a socket still has it queued
+    expect(r.inMemory).toBe(true);
+    const held = a.viewsAt(r.offset, r.bytes)!; // a socket still has it queued
+    const release = held.release;
     a.close();
     expect(memory.usedBytes).toBe(2 * CHUNK_BYTES);
     // The budget is held: a new epoch goes to its file.
     const b = new ResendJournal(nodeStorage, path.join(dir, '2.journal'), memory);
-    expect(b.append({ t: 'w', o: 0, s: 2, e: 2 }, Buffer.alloc(100, 1)).views).toBeNull();
+    expect(b.append({ t: 'w', o: 0, s: 2, e: 2 }, Buffer.alloc(100, 1)).inMemory).toBe(false);
     // The write went out: the chunks come back, and the queued bytes were never overwritten.
     expect(
-      Buffer.concat(r.views!)
+      Buffer.concat(held.views)
         .subarray(-10)
         .every((x) => x === 7),
     ).toBe(true);
@@ -112,7 +117,7 @@ describe('resend journal', () => {
     release(); // twice is once
     expect(memory.usedBytes).toBe(0);
     const c = new ResendJournal(nodeStorage, path.join(dir, '3.journal'), memory);
-    expect(c.append({ t: 'w', o: 0, s: 3, e: 3 }, Buffer.alloc(100, 2)).views).not.toBeNull();
+    expect(c.append({ t: 'w', o: 0, s: 3, e: 3 }, Buffer.alloc(100, 2)).inMemory).toBe(true);
     b.close();
     c.close();
   });

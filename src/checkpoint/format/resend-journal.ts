@@ -9,7 +9,7 @@
  * writing every byte of every PVM write to a file a second time was a third
  * of the primary's CPU under sequential writes (the image write is the
  * first). Frames are copied once into long-lived chunks, and the live link
- * sends those very bytes (`AppendResult.views`), so the PVM's payload dies
+ * sends those very bytes (`viewsAt`), so the PVM's payload dies
  * young and no slab copy is needed either.
  *
  * Byte positions are those of the journal the epoch would have been: the
@@ -69,13 +69,8 @@ export class ResendMemory {
 }
 
 export interface ResendAppend extends AppendResult {
-  /**
-   * The frame's bytes where the journal keeps them (in memory), to send as
-   * they are: `hold()` before queuing them, and call what it returns once
-   * the socket has written them. Null when the frame went to the file.
-   */
-  views: Buffer[] | null;
-  hold: () => () => void;
+  /** The frame went to memory (the sender can take it with `viewsAt`), not to the file. */
+  inMemory: boolean;
 }
 
 export class ResendJournal {
@@ -105,29 +100,16 @@ export class ResendJournal {
     let bytes = 0;
     for (const p of parts) bytes += p.length;
     const offset = this.size;
-    const views = this.file ? null : this.toMemory(parts, bytes);
-    if (!views) {
+    const inMemory = !this.file && this.toMemory(parts, bytes);
+    if (!inMemory) {
       this.file ??= JournalWriter.open(this.storage, this.path, 0);
       this.file.appendEncoded(parts);
     }
-    // The chunks the frame lies in: from its first byte's to its last's.
-    const first = Math.floor(offset / CHUNK_BYTES);
-    const last = Math.floor((offset + bytes - 1) / CHUNK_BYTES);
-    const hold = () => {
-      const used = views ? this.chunks.slice(first, last + 1) : [];
-      for (const c of used) this.memory.hold(c);
-      let done = false;
-      return () => {
-        if (done) return;
-        done = true;
-        for (const c of used) this.memory.release(c);
-      };
-    };
-    return { offset, dataPos: offset + parts[0].length, bytes, parts, views, hold };
+    return { offset, dataPos: offset + parts[0].length, bytes, parts, inMemory };
   }
 
-  /** Copy a frame into the chunks; null (nothing copied) if the budget cannot hold it. */
-  private toMemory(parts: Buffer[], bytes: number): Buffer[] | null {
+  /** Copy a frame into the chunks; false (nothing copied) if the budget cannot hold it. */
+  private toMemory(parts: Buffer[], bytes: number): boolean {
     const room = this.chunks.length * CHUNK_BYTES - this.inMemory;
     const needed = Math.ceil(Math.max(0, bytes - room) / CHUNK_BYTES);
     const fresh: Buffer[] = [];
@@ -135,12 +117,11 @@ export class ResendJournal {
       const c = this.memory.take();
       if (!c) {
         for (const f of fresh) this.memory.release(f);
-        return null;
+        return false;
       }
       fresh.push(c);
     }
     this.chunks.push(...fresh);
-    const views: Buffer[] = [];
     let at = this.inMemory;
     for (const p of parts) {
       let from = 0;
@@ -149,17 +130,12 @@ export class ResendJournal {
         const into = at % CHUNK_BYTES;
         const n = Math.min(p.length - from, CHUNK_BYTES - into);
         p.copy(chunk, into, from, from + n);
-        const last = views.at(-1);
-        // Extend the last view when this piece follows it in the same chunk.
-        if (last && last.buffer === chunk.buffer && last.byteOffset + last.length === chunk.byteOffset + into)
-          views[views.length - 1] = chunk.subarray(last.byteOffset - chunk.byteOffset, into + n);
-        else views.push(chunk.subarray(into, into + n));
         from += n;
         at += n;
       }
     }
     this.inMemory = at;
-    return views;
+    return true;
   }
 
   /** Read `buf.length` bytes of the epoch's stream at `pos`. */

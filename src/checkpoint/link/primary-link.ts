@@ -369,14 +369,12 @@ export class PrimaryLink extends EventEmitter {
   private onAppend(epoch: number, r: ResendAppend): void {
     if (!this.streaming || this.blocked || !this.socket || this.windowFull()) return;
     const journal = this.plog.epochs.get(epoch)!.journal!;
-    const { parts, bytes, views } = r;
+    const { parts, bytes } = r;
     // Live fast path: the sender is exactly at the end of this epoch's journal.
     if (this.cursor.epoch === epoch && this.cursor.offset + bytes === journal.size) {
-      if (views) {
-        // The resend buffer's own bytes, held until the socket has written them.
-        const release = r.hold();
-        views.forEach((v, i) => this.write(v, i === views.length - 1 ? release : undefined));
-      } else {
+      const held = r.inMemory ? journal.viewsAt(this.cursor.offset, bytes) : null;
+      if (held) this.writeHeld(held);
+      else {
         const copy = this.slabs.copy(parts, bytes);
         if (copy) this.write(copy.view, copy.done);
         else for (const p of parts) this.write(p);
@@ -396,6 +394,11 @@ export class PrimaryLink extends EventEmitter {
 
   private get windowBytes(): number {
     return this.opts.windowBytes ?? defaultTunables.replicationWindowBytes;
+  }
+
+  /** The resend buffer's own bytes, its chunks held until the socket has written the last of them. */
+  private writeHeld(held: { views: Buffer[]; release: () => void }): void {
+    held.views.forEach((v, i) => this.write(v, i === held.views.length - 1 ? held.release : undefined));
   }
 
   /** True when the sender is between two frames of the stream. */
@@ -503,8 +506,7 @@ export class PrimaryLink extends EventEmitter {
     }
     // Bytes still in memory go as they are (held until written), the file's are read.
     const held = journal.viewsAt(offset, end - offset);
-    if (held)
-      held.views.forEach((v, i) => this.write(v, i === held.views.length - 1 ? held.release : undefined));
+    if (held) this.writeHeld(held);
     else {
       const buf = Buffer.allocUnsafe(end - offset);
       journal.read(buf, offset);
