@@ -291,16 +291,19 @@ export class FileDevice implements BlockDevice {
 
   /**
    * Copy `length` bytes from another file (at `srcPos`) into this image at
-   * `offset` inside the kernel (copy_file_range), without a trip through the
-   * JS heap. Returns false if the kernel or filesystem cannot, so the caller
-   * copies by hand; never a partial copy reported as done.
+   * `offset` inside the kernel (copy_file_range, on a thread-pool thread: the
+   * event loop is not held for the copy), without a trip through the JS heap.
+   * Resolves false if the kernel or filesystem cannot, so the caller copies by
+   * hand; never a partial copy reported as done.
    */
-  copyFromFile(srcFd: number, srcPos: number, offset: number, length: number): boolean {
+  async copyFromFile(srcFd: number, srcPos: number, offset: number, length: number): Promise<boolean> {
     assertRange(this, offset, length);
     this.checkWritable();
     if (!this.canCopyRange || !native) return false;
     try {
-      const n = native.copyRange(srcFd, srcPos, this.fd, offset, length);
+      const n = native.copyRangeAsync
+        ? await native.copyRangeAsync(srcFd, srcPos, this.fd, offset, length)
+        : native.copyRange(srcFd, srcPos, this.fd, offset, length);
       if (n !== length)
         throw new ColoError('EIO', `copied ${n} of ${length} bytes into ${this.path} at ${offset}`);
       ioTracer?.copied(this.path, this.fd, offset, length);

@@ -18,6 +18,14 @@ export interface NativeHelpers {
   seekHole(fd: number, offset: number): number;
   /** copy_file_range: bytes copied (may be short at end of file). */
   copyRange(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): number;
+  /** copyRange on a thread-pool thread (absent from builds before it). */
+  copyRangeAsync?(
+    fdIn: number,
+    offIn: number,
+    fdOut: number,
+    offOut: number,
+    length: number,
+  ): Promise<number>;
   /** CRC-32C of `buf`, continuing from `prev` (0 to start), in hardware where the CPU can. */
   crc32c(buf: Buffer, prev?: number): number;
   /** A read-only MAP_SHARED view of [offset, offset+length) of the file (unmapped when collected). */

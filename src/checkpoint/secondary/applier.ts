@@ -6,10 +6,11 @@
  * - An epoch is applied as its *merged* final state (from its extent index),
  *   so applying twice equals applying once (invariant 7): a crash mid-apply
  *   is repaired by applying again on start.
- * - Data is copied journal → image inside the kernel (copy_file_range) when
- *   the image can; otherwise read and written in 1 MiB chunks. The apply
- *   yields to the event loop after each chunk: it is background work and must
- *   not delay the link or the SVM's I/O.
+ * - Data is copied journal → image inside the kernel (copy_file_range, on a
+ *   thread-pool thread) when the image can; otherwise read and written in
+ *   1 MiB chunks. The apply yields to the event loop after each chunk: it is
+ *   background work and must not delay the link or the SVM's I/O (a seal
+ *   that arrives mid-apply waits for no copy).
  * - The image is flushed before a job is done; only then does the store
  *   forget the layer (`job.done()`). Reads meanwhile resolve through the
  *   layers, so a commit never waits for its apply.
@@ -106,7 +107,7 @@ export class Applier {
         const src = ext.pos + (off - ext.start);
         layer.journal.flush();
         const fd = layer.journal.descriptor;
-        if (fd === null || !this.image.copyFromFile?.(fd, src, off, len)) {
+        if (fd === null || !(await this.image.copyFromFile?.(fd, src, off, len))) {
           const view = chunk.subarray(0, len);
           layer.journal.read(view, src);
           await this.image.pwrite(view, off);

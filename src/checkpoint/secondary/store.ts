@@ -88,7 +88,7 @@ export interface RecoveryReport {
 /** The image under a store: a block device that may offer an in-kernel copy from a journal file. */
 export interface StoreImage extends BlockDevice {
   /** Copy `length` bytes of file `srcFd` at `srcPos` to `offset`; false if it cannot (the caller writes instead). */
-  copyFromFile?(srcFd: number, srcPos: number, offset: number, length: number): boolean;
+  copyFromFile?(srcFd: number, srcPos: number, offset: number, length: number): Promise<boolean>;
 }
 
 export interface SecondaryStoreOptions {
