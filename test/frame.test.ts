@@ -112,6 +112,37 @@ describe('frame codec', () => {
     }
   });
 
+  it("CRC-32C agrees with the JavaScript one across the native code's three-stream block sizes", () => {
+    // The native CRC runs three streams over blocks of 3 × 256 B and 3 × 8 KiB and joins them:
+    // lengths around and across those sizes, unaligned starts, and a running CRC carried in.
+    const rnd = prng(12);
+    const lengths = [
+      767,
+      768,
+      769,
+      1535,
+      1536,
+      2304,
+      4096 + 48,
+      24_575,
+      24_576,
+      24_577,
+      49_152 + 777,
+      100_003,
+    ];
+    for (const n of lengths) {
+      const b = randomBytes(n + 8, rnd)
+        .subarray(rnd() % 8, n + 8)
+        .subarray(0, n);
+      expect(b.length).toBe(n);
+      const prev = rnd() >>> 0;
+      expect(crc32c(b), `length ${n}`).toBe(crc32cSoft(b));
+      expect(crc32c(b, prev), `length ${n} after ${prev}`).toBe(crc32cSoft(b, prev));
+      const cut = rnd() % n;
+      expect(crc32c(b.subarray(cut), crc32c(b.subarray(0, cut)))).toBe(crc32cSoft(b));
+    }
+  });
+
   it('writes CRC-32C frames where the native helper is loaded, and reads both kinds', () => {
     expect(frame.readUInt32BE(0)).toBe(native ? FRAME_MAGIC_C : FRAME_MAGIC);
     // A frame of the other kind, as an earlier version (or a node without the helper) wrote it.
