@@ -480,15 +480,16 @@ export function allocReadReply(
   mode: ReplyMode,
   req: Pick<Request, 'cookieHi' | 'cookieLo' | 'offset'>,
   length: number,
+  alloc: (n: number) => Buffer = Buffer.allocUnsafe,
 ): { buf: Buffer; dataOffset: number } {
   if (mode === 'simple') {
-    const buf = Buffer.allocUnsafe(SIMPLE_REPLY_HEADER_BYTES + length);
+    const buf = alloc(SIMPLE_REPLY_HEADER_BYTES + length);
     writeSimpleReplyHeader(buf, 0, 0, req.cookieHi, req.cookieLo);
     return { buf, dataOffset: SIMPLE_REPLY_HEADER_BYTES };
   }
   const extended = mode === 'extended';
   const hdr = chunkHeaderBytes(extended);
-  const buf = Buffer.allocUnsafe(hdr + 8 + length);
+  const buf = alloc(hdr + 8 + length);
   writeChunkHeader(
     buf,
     0,

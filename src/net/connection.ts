@@ -24,6 +24,7 @@ import { nbdErrnoName, nbdErrnoOf, NbdErrno, toColoError } from '../errors.js';
 import { limits } from '../limits.js';
 import { ExtentFlag, writePieces } from '../block/device.js';
 import { ByteQueue } from './bytequeue.js';
+import { MIN_BYTES as REPLY_POOL_MIN_BYTES } from './reply-buffers.js';
 import {
   allocReadReply,
   decodeOptionHeader,
@@ -304,7 +305,12 @@ export class Connection {
       this.socket.cork();
       setImmediate(() => this.uncork());
     }
-    if (!this.socket.write(buf)) {
+    // A large read reply's buffer serves the next read once the socket has taken it (reply-buffers.ts).
+    const done =
+      buf.length >= REPLY_POOL_MIN_BYTES
+        ? (err?: Error | null) => err || this.server.replyBuffers.give(buf)
+        : undefined;
+    if (!this.socket.write(buf, done)) {
       this.writeBlocked = true;
       this.pauseReading();
     }
@@ -668,7 +674,7 @@ export class Connection {
         stats.reads++;
         stats.bytesRead += req.length;
         if (req.length === 0) return encodeStatusReply(this.mode, req, 0);
-        const { buf, dataOffset } = allocReadReply(this.mode, req, req.length);
+        const { buf, dataOffset } = allocReadReply(this.mode, req, req.length, this.server.replyBuffers.take);
         await dev.pread(buf.subarray(dataOffset), req.offset);
         return buf;
       }

@@ -28,6 +28,7 @@ import { ColoError } from '../errors.js';
 import { limits } from '../limits.js';
 import type { BlockDevice } from '../block/device.js';
 import { Connection } from './connection.js';
+import { ReplyBuffers } from './reply-buffers.js';
 import { listenOn } from '../util/listen.js';
 import { serverTlsOptions, type TlsCredentials, type TlsMode } from './tls/credentials.js';
 
@@ -121,6 +122,8 @@ export interface ResolvedServerOptions {
 export class NbdServer extends EventEmitter {
   readonly exports = new Map<string, ServedExport>();
   readonly options: ResolvedServerOptions;
+  /** Large read replies' buffers, used again once sent (shared by this server's connections). */
+  readonly replyBuffers = new ReplyBuffers();
   private readonly server: net.Server;
   private readonly connections = new Set<Connection>();
   /** Connections still negotiating, oldest first (a Set keeps insertion order). */
