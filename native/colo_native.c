@@ -67,8 +67,8 @@ static napi_value throw_errno(napi_env env, int e, const char *what) {
 }
 
 static int get_args(napi_env env, napi_callback_info info, size_t want, int64_t *out) {
-  napi_value argv[3];
-  size_t argc = 3;
+  napi_value argv[5];
+  size_t argc = 5;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) {
     napi_throw_type_error(env, "EINVAL", "wrong number of arguments");
     return -1;
@@ -124,32 +124,28 @@ static napi_value seek_hole(napi_env env, napi_callback_info info) {
   return do_seek(env, info, SEEK_HOLE, "lseek(SEEK_HOLE)");
 }
 
-/* copy_file_range(fdIn, offIn, fdOut, offOut, length): copy inside the kernel; returns bytes copied. */
-static napi_value copy_range(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  size_t argc = 5;
-  int64_t a[5];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) {
-    napi_throw_type_error(env, "EINVAL", "wrong number of arguments");
-    return NULL;
-  }
-  for (int i = 0; i < 5; i++) {
-    if (napi_get_value_int64(env, argv[i], &a[i]) != napi_ok) {
-      napi_throw_type_error(env, "EINVAL", "arguments must be numbers");
-      return NULL;
-    }
-  }
-  off64_t in = (off64_t)a[1], out = (off64_t)a[3];
-  int64_t done = 0;
-  while (done < a[4]) {
-    ssize_t r = copy_file_range((int)a[0], &in, (int)a[2], &out, (size_t)(a[4] - done), 0);
+/* The copy of copyRange and copyRangeAsync: bytes copied go to *done (short at end of file); 0 or an errno. */
+static int copy_loop(int fd_in, int64_t off_in, int fd_out, int64_t off_out, int64_t length, int64_t *done) {
+  off64_t in = (off64_t)off_in, out = (off64_t)off_out;
+  *done = 0;
+  while (*done < length) {
+    ssize_t r = copy_file_range(fd_in, &in, fd_out, &out, (size_t)(length - *done), 0);
     if (r < 0) {
       if (errno == EINTR) continue;
-      return throw_errno(env, errno, "copy_file_range");
+      return errno;
     }
     if (r == 0) break;
-    done += r;
+    *done += r;
   }
+  return 0;
+}
+
+/* copy_file_range(fdIn, offIn, fdOut, offOut, length): copy inside the kernel; returns bytes copied. */
+static napi_value copy_range(napi_env env, napi_callback_info info) {
+  int64_t a[5], done;
+  if (get_args(env, info, 5, a) < 0) return NULL;
+  int e = copy_loop((int)a[0], a[1], (int)a[2], a[3], a[4], &done);
+  if (e) return throw_errno(env, e, "copy_file_range");
   napi_value result;
   napi_create_int64(env, done, &result);
   return result;
@@ -171,17 +167,7 @@ struct copy_work {
 static void copy_execute(napi_env env, void *data) {
   (void)env;
   struct copy_work *w = data;
-  off64_t in = (off64_t)w->off_in, out = (off64_t)w->off_out;
-  while (w->done < w->length) {
-    ssize_t r = copy_file_range(w->fd_in, &in, w->fd_out, &out, (size_t)(w->length - w->done), 0);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      w->err = errno;
-      return;
-    }
-    if (r == 0) break;
-    w->done += r;
-  }
+  w->err = copy_loop(w->fd_in, w->off_in, w->fd_out, w->off_out, w->length, &w->done);
 }
 
 static void copy_complete(napi_env env, napi_status status, void *data) {
@@ -205,19 +191,8 @@ static void copy_complete(napi_env env, napi_status status, void *data) {
 }
 
 static napi_value copy_range_async(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  size_t argc = 5;
   int64_t a[5];
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) {
-    napi_throw_type_error(env, "EINVAL", "wrong number of arguments");
-    return NULL;
-  }
-  for (int i = 0; i < 5; i++) {
-    if (napi_get_value_int64(env, argv[i], &a[i]) != napi_ok) {
-      napi_throw_type_error(env, "EINVAL", "arguments must be numbers");
-      return NULL;
-    }
-  }
+  if (get_args(env, info, 5, a) < 0) return NULL;
   struct copy_work *w = calloc(1, sizeof *w);
   if (!w) return throw_errno(env, ENOMEM, "copyRangeAsync");
   w->fd_in = (int)a[0];
