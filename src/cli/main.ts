@@ -8,6 +8,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, Option } from 'commander';
 import { traceFromEnv } from '../block/io-trace.js';
+import { applyV8Flags } from '../sys/v8-flags.js';
 import { armCrashPoints } from '../crash.js';
 import { ColoError, exitCodeOf, toColoError } from '../errors.js';
 import { EXPORT_SPEC_HELP } from './exports.js';
@@ -34,6 +35,7 @@ const collect = (value: string, previous: string[] = []) => [...previous, value]
 function run<A extends any[]>(action: (...args: A) => Promise<void>) {
   return async (...args: A) => {
     try {
+      applyV8Flags();
       // Fault-injection tests: see src/crash.ts and src/block/io-trace.ts.
       armCrashPoints(process.env);
       traceFromEnv(process.env);
