@@ -45,6 +45,9 @@ export interface FileDeviceOptions {
 }
 
 const zeroChunk = Buffer.alloc(limits.zeroChunkBytes);
+/** copyFromFile of at least this many bytes runs on the thread pool. */
+const ASYNC_COPY_BYTES = 1024 * 1024;
+
 /** In 'auto' I/O mode, requests of at least this size use the thread pool. */
 const AUTO_ASYNC_BYTES = 256 * 1024;
 
@@ -291,8 +294,9 @@ export class FileDevice implements BlockDevice {
 
   /**
    * Copy `length` bytes from another file (at `srcPos`) into this image at
-   * `offset` inside the kernel (copy_file_range, on a thread-pool thread: the
-   * event loop is not held for the copy), without a trip through the JS heap.
+   * `offset` inside the kernel (copy_file_range; from 1 MiB on a thread-pool
+   * thread, so the event loop is not held for it; below, the trip to the pool
+   * would cost more than the copy), without a trip through the JS heap.
    * Resolves false if the kernel or filesystem cannot, so the caller copies by
    * hand; never a partial copy reported as done.
    */
@@ -301,9 +305,10 @@ export class FileDevice implements BlockDevice {
     this.checkWritable();
     if (!this.canCopyRange || !native) return false;
     try {
-      const n = native.copyRangeAsync
-        ? await native.copyRangeAsync(srcFd, srcPos, this.fd, offset, length)
-        : native.copyRange(srcFd, srcPos, this.fd, offset, length);
+      const n =
+        native.copyRangeAsync && length >= ASYNC_COPY_BYTES
+          ? await native.copyRangeAsync(srcFd, srcPos, this.fd, offset, length)
+          : native.copyRange(srcFd, srcPos, this.fd, offset, length);
       if (n !== length)
         throw new ColoError('EIO', `copied ${n} of ${length} bytes into ${this.path} at ${offset}`);
       ioTracer?.copied(this.path, this.fd, offset, length);

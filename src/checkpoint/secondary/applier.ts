@@ -6,11 +6,12 @@
  * - An epoch is applied as its *merged* final state (from its extent index),
  *   so applying twice equals applying once (invariant 7): a crash mid-apply
  *   is repaired by applying again on start.
- * - Data is copied journal → image inside the kernel (copy_file_range, on a
- *   thread-pool thread) when the image can; otherwise read and written in
- *   1 MiB chunks. The apply yields to the event loop after each chunk: it is
- *   background work and must not delay the link or the SVM's I/O (a seal
- *   that arrives mid-apply waits for no copy).
+ * - Data is copied journal → image inside the kernel (copy_file_range) when
+ *   the image can, up to 8 MiB at a time, large copies on a thread-pool
+ *   thread; otherwise read and written in 1 MiB chunks. The apply lets the
+ *   event loop turn after every MiB: it is background work and must not delay
+ *   the link or the SVM's I/O (a seal that arrives mid-apply waits for no
+ *   large copy).
  * - The image is flushed before a job is done; only then does the store
  *   forget the layer (`job.done()`). Reads meanwhile resolve through the
  *   layers, so a commit never waits for its apply.
@@ -21,6 +22,11 @@ import { crashPoint } from '../../crash.js';
 import { limits } from '../../limits.js';
 import type { Layer } from '../format/layers.js';
 import type { StoreImage } from './store.js';
+
+/** Bytes per in-kernel copy (a large one runs on the thread pool: FileDevice.copyFromFile). */
+const COPY_STEP_BYTES = 8 * 1024 * 1024;
+/** The apply lets the event loop turn at least this often. */
+const YIELD_EVERY_BYTES = 1024 * 1024;
 
 export interface ApplyJob {
   layer: Layer;
@@ -94,6 +100,7 @@ export class Applier {
     const extents = [...layer.index.extents()];
     const total = extents.reduce((a, x) => a + (x.end - x.start), 0);
     let done = 0;
+    let sinceYield = 0;
     for (const ext of extents) {
       this.opts.onProgress?.(label, done, total);
       done += ext.end - ext.start;
@@ -102,18 +109,24 @@ export class Applier {
         await this.image.zero(ext.start, ext.end - ext.start, { mayTrim: ext.kind === 'hole' });
         continue;
       }
-      for (let off = ext.start; off < ext.end; off += chunk.length) {
-        const len = Math.min(chunk.length, ext.end - off);
+      for (let off = ext.start; off < ext.end;) {
         const src = ext.pos + (off - ext.start);
         layer.journal.flush();
         const fd = layer.journal.descriptor;
+        let len = Math.min(COPY_STEP_BYTES, ext.end - off);
         if (fd === null || !(await this.image.copyFromFile?.(fd, src, off, len))) {
+          len = Math.min(chunk.length, ext.end - off);
           const view = chunk.subarray(0, len);
           layer.journal.read(view, src);
           await this.image.pwrite(view, off);
         }
         crashPoint('secondary-mid-apply');
-        await new Promise<void>((r) => setImmediate(r));
+        off += len;
+        // Small extents are copied on the loop (a thread-pool trip costs more): let it turn every MiB.
+        if ((sinceYield += len) >= YIELD_EVERY_BYTES) {
+          sinceYield = 0;
+          await new Promise<void>((r) => setImmediate(r));
+        }
       }
     }
     await this.image.flush();
