@@ -272,6 +272,28 @@ static inline uint32_t crc32c_shift(uint32_t tab[4][256], uint32_t s) {
   return tab[0][s & 0xff] ^ tab[1][(s >> 8) & 0xff] ^ tab[2][(s >> 16) & 0xff] ^ tab[3][s >> 24];
 }
 
+/* Whole groups of three blocks of `len` bytes at *p, three streams at once; advances *p and *n. */
+__attribute__((target("sse4.2"), always_inline)) static inline uint64_t crc32c_blocks(uint64_t c, const uint8_t **pp,
+                                                                                     size_t *np, size_t len,
+                                                                                     uint32_t tab[4][256]) {
+  const uint8_t *p = *pp;
+  size_t n = *np;
+  while (n >= 3 * len) {
+    uint64_t a = c, b = 0, d = 0;
+    for (const uint8_t *end = p + len; p < end; p += 8) {
+      a = _mm_crc32_u64(a, load64(p));
+      b = _mm_crc32_u64(b, load64(p + len));
+      d = _mm_crc32_u64(d, load64(p + 2 * len));
+    }
+    c = crc32c_shift(tab, crc32c_shift(tab, (uint32_t)a) ^ (uint32_t)b) ^ (uint32_t)d;
+    p += 2 * len;
+    n -= 3 * len;
+  }
+  *pp = p;
+  *np = n;
+  return c;
+}
+
 __attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, size_t n) {
   crc = ~crc;
   while (n > 0 && ((uintptr_t)p & 7) != 0) {
@@ -279,28 +301,8 @@ __attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const 
     n--;
   }
   uint64_t c = crc;
-  while (n >= 3 * CRC_LONG) {
-    uint64_t a = c, b = 0, d = 0;
-    for (const uint8_t *end = p + CRC_LONG; p < end; p += 8) {
-      a = _mm_crc32_u64(a, load64(p));
-      b = _mm_crc32_u64(b, load64(p + CRC_LONG));
-      d = _mm_crc32_u64(d, load64(p + 2 * CRC_LONG));
-    }
-    c = crc32c_shift(crc_long_shift, crc32c_shift(crc_long_shift, (uint32_t)a) ^ (uint32_t)b) ^ (uint32_t)d;
-    p += 2 * CRC_LONG;
-    n -= 3 * CRC_LONG;
-  }
-  while (n >= 3 * CRC_SHORT) {
-    uint64_t a = c, b = 0, d = 0;
-    for (const uint8_t *end = p + CRC_SHORT; p < end; p += 8) {
-      a = _mm_crc32_u64(a, load64(p));
-      b = _mm_crc32_u64(b, load64(p + CRC_SHORT));
-      d = _mm_crc32_u64(d, load64(p + 2 * CRC_SHORT));
-    }
-    c = crc32c_shift(crc_short_shift, crc32c_shift(crc_short_shift, (uint32_t)a) ^ (uint32_t)b) ^ (uint32_t)d;
-    p += 2 * CRC_SHORT;
-    n -= 3 * CRC_SHORT;
-  }
+  c = crc32c_blocks(c, &p, &n, CRC_LONG, crc_long_shift);
+  c = crc32c_blocks(c, &p, &n, CRC_SHORT, crc_short_shift);
   while (n >= 8) {
     c = _mm_crc32_u64(c, load64(p));
     p += 8;
