@@ -68,24 +68,44 @@ class DeviceSink {
     return new Promise<Buffer>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.waiter = null;
+        this.pending = null;
         reject(new ColoError('ECONNECT', 'QEMU sent no device state'));
       }, MIGRATION_TIMEOUT_MS);
+      const fail = (err: Error) => {
+        clearTimeout(timer);
+        this.pending = null;
+        reject(err);
+      };
+      this.pending = { fail };
       this.waiter = (s) => {
         const parts: Buffer[] = [];
         s.on('data', (d: Buffer) => parts.push(d));
-        s.on('error', (err) => {
-          clearTimeout(timer);
-          reject(err);
-        });
+        s.on('error', fail);
         s.on('end', () => {
           clearTimeout(timer);
+          this.pending = null;
           resolve(Buffer.concat(parts));
         });
+        this.pending = {
+          fail: (err) => {
+            s.destroy();
+            fail(err);
+          },
+        };
       };
     });
   }
 
+  /** A wait for QEMU's device state in progress (so that close can end it). */
+  private pending: { fail: (err: Error) => void } | null = null;
+
+  /**
+   * Stop listening, and end a wait in progress: a QEMU that died mid-checkpoint never connects,
+   * and the wait's timer would otherwise keep an agent whose VM is gone alive until it fires.
+   */
   close(): void {
+    this.waiter = null;
+    this.pending?.fail(new ColoError('ECONNECT', 'the VM is gone: no device state will come'));
     this.server.close();
   }
 }
