@@ -38,7 +38,7 @@ const MIGRATION_TIMEOUT_MS = 30_000;
  * (a migration connects, sends, closes), so that a checkpoint does not set
  * one up while the VM is paused.
  */
-class DeviceSink {
+export class DeviceSink {
   private waiter: ((s: net.Socket) => void) | null = null;
 
   private constructor(
