@@ -25,12 +25,11 @@ export const MIN_BYTES = 64 * KiB;
 
 export class ReplyBuffers {
   private readonly idle = new Map<number, ArrayBuffer[]>();
-  private readonly idleSet = new Set<ArrayBuffer>();
-  private readonly ours = new WeakSet<ArrayBuffer>();
+  /** Every buffer this pool made: true while it waits here, false while a request has it. */
+  private readonly isIdle = new WeakMap<ArrayBuffer, boolean>();
   private idleBytes = 0;
-  /** Buffers handed out again (for tests and status). */
+  /** Buffers handed out again (for tests). */
   reused = 0;
-  made = 0;
 
   constructor(private readonly maxIdleBytes = 32 * MiB) {}
 
@@ -38,30 +37,26 @@ export class ReplyBuffers {
   take = (length: number): Buffer => {
     if (length < MIN_BYTES) return Buffer.allocUnsafe(length);
     const size = Math.ceil(length / UNIT) * UNIT;
-    const list = this.idle.get(size);
-    let ab = list?.pop();
+    let ab = this.idle.get(size)?.pop();
     if (ab) {
-      this.idleSet.delete(ab);
       this.idleBytes -= size;
       this.reused++;
-    } else {
-      ab = new ArrayBuffer(size);
-      this.ours.add(ab);
-      this.made++;
-    }
+    } else ab = new ArrayBuffer(size);
+    this.isIdle.set(ab, false);
     return Buffer.from(ab, 0, length);
   };
 
   /** `buf` (from take) is no longer used by anyone. */
   give(buf: Buffer): void {
     const ab = buf.buffer as ArrayBuffer;
-    if (!this.ours.has(ab) || this.idleSet.has(ab)) return;
+    // Not ours (undefined), or already given back (true).
+    if (this.isIdle.get(ab) !== false) return;
     const size = ab.byteLength;
     if (this.idleBytes + size > this.maxIdleBytes) return;
     let list = this.idle.get(size);
     if (!list) this.idle.set(size, (list = []));
     list.push(ab);
-    this.idleSet.add(ab);
+    this.isIdle.set(ab, true);
     this.idleBytes += size;
   }
 
