@@ -15,12 +15,7 @@
  */
 import v8 from 'node:v8';
 
-export const V8_FLAGS = ['--no-concurrent-array-buffer-sweeping'] as const;
-
-let applied = false;
-
+/** Setting a flag again is harmless: each CLI command calls this once. */
 export function applyV8Flags(): void {
-  if (applied) return;
-  applied = true;
-  for (const flag of V8_FLAGS) v8.setFlagsFromString(flag);
+  v8.setFlagsFromString('--no-concurrent-array-buffer-sweeping');
 }
