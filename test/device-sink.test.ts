@@ -34,4 +34,15 @@ describe("the VM agent's device-state sink", () => {
     expect(Date.now() - t).toBeLessThan(10_000); // ended by close, not by the wait's 30 s timer
     c.destroy();
   });
+
+  it('a new wait ends the one left over, and the new one still gets the next connection', async () => {
+    const sink = await DeviceSink.open();
+    const first = sink.next(); // its migrate command failed: nobody will connect for it
+    const second = sink.next();
+    await expect(first).rejects.toMatchObject({ code: 'ECONNECT' });
+    const port = Number(sink.uri.split(':').at(-1));
+    const c = net.connect(port, '127.0.0.1', () => c.end(Buffer.from('state')));
+    expect((await second).toString()).toBe('state');
+    sink.close();
+  });
 });

@@ -65,47 +65,48 @@ export class DeviceSink {
 
   /** Everything the next connection sends, until it ends. */
   next(): Promise<Buffer> {
+    // One wait at a time: one left over (its migrate command failed) ends here, so that
+    // settling it later cannot clear this one's state.
+    this.abort?.(new ColoError('ECONNECT', 'a new checkpoint started before QEMU sent its device state'));
     return new Promise<Buffer>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.waiter = null;
-        this.pending = null;
-        reject(new ColoError('ECONNECT', 'QEMU sent no device state'));
-      }, MIGRATION_TIMEOUT_MS);
-      const fail = (err: Error) => {
+      let socket: net.Socket | null = null;
+      let settled = false;
+      // The one way a wait ends: data, a socket error, the timeout, or close.
+      const settle = (err: Error | null, data?: Buffer) => {
+        if (settled) return;
+        settled = true;
         clearTimeout(timer);
-        this.pending = null;
-        reject(err);
+        this.waiter = null;
+        this.abort = null;
+        if (err) {
+          socket?.destroy();
+          reject(err);
+        } else resolve(data!);
       };
-      this.pending = { fail };
+      const timer = setTimeout(
+        () => settle(new ColoError('ECONNECT', 'QEMU sent no device state')),
+        MIGRATION_TIMEOUT_MS,
+      );
+      this.abort = (err) => settle(err);
       this.waiter = (s) => {
+        socket = s;
         const parts: Buffer[] = [];
         s.on('data', (d: Buffer) => parts.push(d));
-        s.on('error', fail);
-        s.on('end', () => {
-          clearTimeout(timer);
-          this.pending = null;
-          resolve(Buffer.concat(parts));
-        });
-        this.pending = {
-          fail: (err) => {
-            s.destroy();
-            fail(err);
-          },
-        };
+        s.on('error', (err) => settle(err));
+        s.on('end', () => settle(null, Buffer.concat(parts)));
       };
     });
   }
 
-  /** A wait for QEMU's device state in progress (so that close can end it). */
-  private pending: { fail: (err: Error) => void } | null = null;
+  /** Ends the wait in progress, if any (so that close can). */
+  private abort: ((err: Error) => void) | null = null;
 
   /**
    * Stop listening, and end a wait in progress: a QEMU that died mid-checkpoint never connects,
    * and the wait's timer would otherwise keep an agent whose VM is gone alive until it fires.
    */
   close(): void {
-    this.waiter = null;
-    this.pending?.fail(new ColoError('ECONNECT', 'the VM is gone: no device state will come'));
+    this.abort?.(new ColoError('ECONNECT', 'the VM is gone: no device state will come'));
     this.server.close();
   }
 }
