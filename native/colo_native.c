@@ -59,10 +59,19 @@ static const char *errno_name(int e) {
   }
 }
 
-static napi_value throw_errno(napi_env env, int e, const char *what) {
+/* An Error whose code is the errno name and whose message is "what: strerror". */
+static napi_value errno_error(napi_env env, int e, const char *what) {
   char msg[256];
   snprintf(msg, sizeof msg, "%s: %s", what, strerror(e));
-  napi_throw_error(env, errno_name(e), msg);
+  napi_value code, text, err;
+  napi_create_string_utf8(env, errno_name(e), NAPI_AUTO_LENGTH, &code);
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &text);
+  napi_create_error(env, code, text, &err);
+  return err;
+}
+
+static napi_value throw_errno(napi_env env, int e, const char *what) {
+  napi_throw(env, errno_error(env, e, what));
   return NULL;
 }
 
@@ -174,14 +183,7 @@ static void copy_complete(napi_env env, napi_status status, void *data) {
   struct copy_work *w = data;
   napi_value v;
   if (status != napi_ok || w->err) {
-    int e = status != napi_ok ? ECANCELED : w->err;
-    char msg[256];
-    snprintf(msg, sizeof msg, "copy_file_range: %s", strerror(e));
-    napi_value code, text;
-    napi_create_string_utf8(env, errno_name(e), NAPI_AUTO_LENGTH, &code);
-    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &text);
-    napi_create_error(env, code, text, &v);
-    napi_reject_deferred(env, w->deferred, v);
+    napi_reject_deferred(env, w->deferred, errno_error(env, status != napi_ok ? ECANCELED : w->err, "copy_file_range"));
   } else {
     napi_create_int64(env, w->done, &v);
     napi_resolve_deferred(env, w->deferred, v);
