@@ -164,7 +164,10 @@ describe('PrimaryCore', () => {
     expect(
       c.step({ t: 'wait', now: 3, id: 2, kind: 'durable', epoch: 4, timeoutMs: 1000, resync: false }),
     ).toEqual([]);
-    expect(kinds(c.step({ t: 'received', now: 4, conn, msg: { t: 'durable', e: 4 } }))).toEqual(['resolve']);
+    expect(kinds(c.step({ t: 'received', now: 4, conn, msg: { t: 'durable', e: 4 } }))).toEqual([
+      'resolve',
+      'release',
+    ]);
     // A commit request goes out as soon as its wait is admitted.
     const commit = c.step({
       t: 'wait',
@@ -184,7 +187,7 @@ describe('PrimaryCore', () => {
     });
     expect(answered).toEqual([
       { t: 'resolve', id: 3, epoch: 4, overlayDiscarded: { records: 2, bytes: 1024 } },
-      { t: 'committed', epoch: 4 },
+      { t: 'release', epoch: 4 },
     ]);
     c.step({ t: 'wait', now: 7, id: 4, kind: 'durable', epoch: 5, timeoutMs: 100, resync: false });
     c.step({ t: 'wait', now: 7, id: 5, kind: 'durable', epoch: 6, timeoutMs: 1000, resync: false });

@@ -270,7 +270,7 @@ export class PrimaryLink extends EventEmitter {
         this.pump();
         return;
       }
-      case 'committed':
+      case 'release':
         this.plog.releaseThrough(a.epoch);
         return;
       case 'commit':

@@ -95,8 +95,8 @@ export type PrimaryAction =
    * `release`), and stream the log again from the oldest epoch still held.
    */
   | { t: 'linkUp'; conn: number; release: number; resync: boolean }
-  /** The secondary committed through `epoch`: its journals can go. */
-  | { t: 'committed'; epoch: number }
+  /** The secondary holds `epoch` (and older) durably: their resend buffers can go. */
+  | { t: 'release'; epoch: number }
   | { t: 'resolve'; id: number; epoch: number; overlayDiscarded?: { records: number; bytes: number } }
   | { t: 'reject'; id: number; error: ColoError }
   /** A deposed primary never writes again (one writer per generation). */
@@ -372,13 +372,17 @@ export class PrimaryCore {
       case 'durable':
         this.durableEpoch = Math.max(this.durableEpoch, msg.e);
         this.settle('durable', msg.e, out);
+        // What a reconnect would do (it releases through the durable epoch the
+        // secondary reports): nothing resends an epoch the secondary holds
+        // durably. Releasing now rather than at commit halves the memory the
+        // resend buffer needs under load (the next epoch fills while this one
+        // commits); a spilled file is removed off the event loop.
+        out.push({ t: 'release', epoch: msg.e });
         return;
       case 'committed':
         this.committedEpoch = Math.max(this.committedEpoch, msg.e);
         this.settle('commit', msg.e, out, msg.overlayDiscarded);
-        // Only now drop the journals: freeing their pages costs milliseconds of
-        // kernel time, which must not fall inside the checkpoint's phases.
-        out.push({ t: 'committed', epoch: msg.e });
+        out.push({ t: 'release', epoch: msg.e });
         return;
       case 'error': {
         if (msg.code === 'ESTALE') {

@@ -13,8 +13,9 @@
  *   primary); the secondary drops any record of the session it already holds,
  *   which makes resends idempotent. A new session makes the secondary drop
  *   what it holds of epochs that were never sealed durable.
- * - A journal is deleted once the secondary has committed its epoch (or, after
- *   a reconnect, reports it durable): never inside a checkpoint's phases.
+ * - An epoch's buffer goes once the secondary holds it durably (its answer to
+ *   the checkpoint's durable phase, or what it reports after a reconnect):
+ *   its memory back to the pool, a spilled file removed off the event loop.
  * - Budget: if the bytes held for a secondary that is not keeping up exceed
  *   `budgetBytes`, the log stops holding data, and the peer is marked out of
  *   sync (a resync is then required; checkpoints fail until it is done).
