@@ -164,9 +164,9 @@ describe('PrimaryCore', () => {
     expect(
       c.step({ t: 'wait', now: 3, id: 2, kind: 'durable', epoch: 4, timeoutMs: 1000, resync: false }),
     ).toEqual([]);
-    expect(kinds(c.step({ t: 'received', now: 4, conn, msg: { t: 'durable', e: 4 } }))).toEqual([
-      'resolve',
-      'release',
+    expect(c.step({ t: 'received', now: 4, conn, msg: { t: 'durable', e: 4 } })).toEqual([
+      { t: 'resolve', id: 2, epoch: 4 },
+      { t: 'release', epoch: 4, keepSpilled: true },
     ]);
     // A commit request goes out as soon as its wait is admitted.
     const commit = c.step({

@@ -11,6 +11,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { encodeFrame } from '../src/checkpoint/format/frame.js';
 import { scanJournal } from '../src/checkpoint/format/journal.js';
 import { CHUNK_BYTES, ResendJournal, ResendMemory } from '../src/checkpoint/format/resend-journal.js';
+import { PrimaryLog } from '../src/checkpoint/primary/log.js';
+import { realRandom } from '../src/sys/clock.js';
 import { nodeStorage } from '../src/sys/storage.js';
 import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
 
@@ -158,5 +160,30 @@ describe('resend journal', () => {
     k.append({ t: 'w', o: 0, s: 1, e: 5 }, Buffer.alloc(10));
     k.close();
     expect(fs.existsSync(path.join(dir, '5.journal'))).toBe(false);
+  });
+});
+
+describe('primary log: releasing epochs the secondary holds durably', () => {
+  it('lets an in-memory epoch go at once, a spilled one only without keepSpilled (at the commit)', () => {
+    const dir = fresh();
+    const plog = new PrimaryLog(nodeStorage, dir, 1, 1 << 30, realRandom, 2 * CHUNK_BYTES);
+    const rand = prng(7);
+    // Epoch 1 fits in memory; epoch 2 overflows the two chunks (a file part).
+    plog.append({ t: 'w', o: 0 }, randomBytes(1000, rand));
+    plog.seal();
+    for (let i = 0; i < 3; i++) plog.append({ t: 'w', o: i * 4096 }, randomBytes(CHUNK_BYTES, rand));
+    plog.seal();
+    expect(plog.epoch(1).journal!.spilled).toBe(false);
+    expect(plog.epoch(2).journal!.spilled).toBe(true);
+    expect(fs.existsSync(path.join(dir, '2.journal'))).toBe(true);
+    // The durable answer for 2 (covering 1): 1 goes, 2 (spilled) stays, file and all.
+    plog.releaseThrough(2, { keepSpilled: true });
+    expect(plog.heldEpochs().map((e) => e.epoch)).toEqual([2, 3]);
+    expect(plog.epoch(2).journal).not.toBeNull();
+    // The commit: 2 goes too.
+    plog.releaseThrough(2);
+    expect(plog.heldEpochs().map((e) => e.epoch)).toEqual([3]);
+    expect(plog.heldBytes).toBe(0);
+    plog.close();
   });
 });

@@ -271,7 +271,7 @@ export class PrimaryLink extends EventEmitter {
         return;
       }
       case 'release':
-        this.plog.releaseThrough(a.epoch);
+        this.plog.releaseThrough(a.epoch, { keepSpilled: a.keepSpilled });
         return;
       case 'commit':
         if (a.conn === this.conn && this.socket) {

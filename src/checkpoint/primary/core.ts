@@ -95,8 +95,13 @@ export type PrimaryAction =
    * `release`), and stream the log again from the oldest epoch still held.
    */
   | { t: 'linkUp'; conn: number; release: number; resync: boolean }
-  /** The secondary holds `epoch` (and older) durably: their resend buffers can go. */
-  | { t: 'release'; epoch: number }
+  /**
+   * The secondary holds `epoch` (and older) durably: their resend buffers can
+   * go; with `keepSpilled`, those that spilled into a file stay until the
+   * commit (removing a large file costs milliseconds of kernel time, which
+   * must not fall inside a checkpoint's phases).
+   */
+  | { t: 'release'; epoch: number; keepSpilled?: boolean }
   | { t: 'resolve'; id: number; epoch: number; overlayDiscarded?: { records: number; bytes: number } }
   | { t: 'reject'; id: number; error: ColoError }
   /** A deposed primary never writes again (one writer per generation). */
@@ -376,8 +381,8 @@ export class PrimaryCore {
         // secondary reports): nothing resends an epoch the secondary holds
         // durably. Releasing now rather than at commit halves the memory the
         // resend buffer needs under load (the next epoch fills while this one
-        // commits); a spilled file is removed off the event loop.
-        out.push({ t: 'release', epoch: msg.e });
+        // commits).
+        out.push({ t: 'release', epoch: msg.e, keepSpilled: true });
         return;
       case 'committed':
         this.committedEpoch = Math.max(this.committedEpoch, msg.e);

@@ -15,7 +15,9 @@
  *   what it holds of epochs that were never sealed durable.
  * - An epoch's buffer goes once the secondary holds it durably (its answer to
  *   the checkpoint's durable phase, or what it reports after a reconnect):
- *   its memory back to the pool, a spilled file removed off the event loop.
+ *   its memory back to the pool. One that spilled into a file waits for the
+ *   commit: removing the file takes milliseconds of kernel time, which must
+ *   not fall inside the checkpoint's phases.
  * - Budget: if the bytes held for a secondary that is not keeping up exceed
  *   `budgetBytes`, the log stops holding data, and the peer is marked out of
  *   sync (a resync is then required; checkpoints fail until it is done).
@@ -148,10 +150,14 @@ export class PrimaryLog {
     return seal;
   }
 
-  /** The secondary holds epoch N durably: its journal (and older ones) can go. */
-  releaseThrough(n: number): void {
+  /**
+   * The secondary holds epoch N durably: its buffer (and older ones) can go;
+   * with `keepSpilled`, not those with a file part (see the 'release' action).
+   */
+  releaseThrough(n: number, opts: { keepSpilled?: boolean } = {}): void {
     for (const e of [...this.epochs.values()]) {
       if (e.epoch > n || !e.sealed) continue;
+      if (opts.keepSpilled && e.journal?.spilled) continue;
       this.drop(e);
       this.epochs.delete(e.epoch);
     }
