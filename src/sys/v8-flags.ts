@@ -13,11 +13,11 @@
  *   QD8, tmpfs). Sweeping young ArrayBuffers on the main thread (a scavenge's
  *   worth of frees) keeps the count true.
  * - `--no-incremental-marking`: our JavaScript heap is small (~10 MB) and
- *   almost all garbage is young, but V8 sizes the old generation's limit from
- *   that small heap, finds the room left under it smaller than the young
- *   generation, and so keeps scheduling incremental marking "soon": the
- *   replicated primary ran ~20 mark-compacts a second under 1 MiB writes,
- *   with concurrent marking a quarter of its CPU. Without incremental
+ *   almost all garbage is young, yet under 1 MiB writes the replicated
+ *   primary ran ~20 mark-compacts a second, each started by V8's scheduled
+ *   marking task (`--trace-incremental-marking`: "Start (task)") with the old
+ *   generation at 8 of its 20 MB limit, and concurrent marking took a quarter
+ *   of its CPU (which heuristic schedules the task we did not pin down). Without incremental
  *   marking a mark-compact runs only when the old generation really is full
  *   (9–14 in 8 s instead of ~200), in one pause of a few milliseconds on
  *   heaps this size. Replicated 1 MiB writes, pinned pair: 372–404 →
