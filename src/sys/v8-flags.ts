@@ -17,11 +17,11 @@
  *   primary ran ~20 mark-compacts a second, each started by V8's scheduled
  *   marking task (`--trace-incremental-marking`: "Start (task)") with the old
  *   generation at 8 of its 20 MB limit, and concurrent marking took a quarter
- *   of its CPU (which heuristic schedules the task we did not pin down). Without incremental
- *   marking a mark-compact runs only when the old generation really is full
- *   (9–14 in 8 s instead of ~200), in one pause of a few milliseconds on
- *   heaps this size. Replicated 1 MiB writes, pinned pair: 372–404 →
- *   548–555 MB/s, the primary 2.2–2.4 → 1.5 CPU-s/GiB.
+ *   of its CPU (which heuristic schedules the task we did not pin down).
+ *   Without incremental marking a mark-compact runs only when the old
+ *   generation really is full (9–14 in 8 s instead of ~200), in one pause of
+ *   a few milliseconds on heaps this size. Replicated 1 MiB writes, pinned
+ *   pair: 372–404 → 548–555 MB/s, the primary 2.2–2.4 → 1.5 CPU-s/GiB.
  */
 import v8 from 'node:v8';
 

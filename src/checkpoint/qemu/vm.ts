@@ -40,6 +40,8 @@ const MIGRATION_TIMEOUT_MS = 30_000;
  */
 export class DeviceSink {
   private waiter: ((s: net.Socket) => void) | null = null;
+  /** Ends the wait in progress, if any (a new wait, or close). */
+  private abort: ((err: Error) => void) | null = null;
 
   private constructor(
     private readonly server: net.Server,
@@ -97,9 +99,6 @@ export class DeviceSink {
       };
     });
   }
-
-  /** Ends the wait in progress, if any (so that close can). */
-  private abort: ((err: Error) => void) | null = null;
 
   /**
    * Stop listening, and end a wait in progress: a QEMU that died mid-checkpoint never connects,
