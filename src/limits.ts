@@ -71,6 +71,11 @@ export interface Tunables {
    * get larger extents (at most 65536 of them). Recorded in the bitmap file.
    */
   activityExtentBytes: number;
+  /**
+   * A secondary keeps applied epoch journals, up to this many bytes together,
+   * to write later epochs over (fresh pages cost more than reused ones; 0: none).
+   */
+  spareJournalBytes: number;
 }
 
 export const defaultTunables: Tunables = {
@@ -80,6 +85,7 @@ export const defaultTunables: Tunables = {
   promotedFoldBytes: 64 * MiB,
   resyncCommitBytes: 64 * MiB,
   activityExtentBytes: 1 * MiB,
+  spareJournalBytes: 256 * MiB,
 };
 
 export function tunables(t: Partial<Tunables> = {}): Tunables {

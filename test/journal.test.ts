@@ -84,4 +84,55 @@ describe('journal', () => {
     expect(r.records).toBe(3);
     expect(r.tornTail?.offset).toBe(offsets[3]);
   });
+
+  describe('an epoch journal written over a spare (scanned with its epoch)', () => {
+    /** A spare holding `old` frames of epoch 3 (4 KiB of data each), then `fresh` frames of epoch 5 written over its start. */
+    function overSpare(name: string, old: number, fresh: number) {
+      const p = path.join(dir, name);
+      const spare = JournalWriter.open(nodeStorage, p);
+      for (let i = 0; i < old; i++) spare.append({ t: 'w', e: 3, s: i, o: i * 4096 }, Buffer.alloc(4096, 3));
+      spare.close();
+      const j = JournalWriter.overwrite(nodeStorage, p);
+      const offsets: number[] = [];
+      for (let i = 0; i < fresh; i++)
+        offsets.push(j.append({ t: 'w', e: 5, s: 100 + i, o: i * 4096 }, Buffer.alloc(4096, 5)).offset);
+      j.close();
+      return { p, offsets, end: j.size };
+    }
+
+    it('ends at the first frame of another epoch: the bytes left from the earlier use', () => {
+      const { p, end } = overSpare('spare-a.journal', 6, 2);
+      const seen: number[] = [];
+      const r = scanJournal<{ e: number }>(nodeStorage, p, (rec) => seen.push(rec.meta.e), { epoch: 5 });
+      expect(seen).toEqual([5, 5]);
+      expect(r).toMatchObject({ records: 2, validEnd: end, tornTail: null, corruption: null });
+      expect(r.leftover).toEqual({ offset: end });
+      // Without its epoch, the scan would take the leftover frames for its own.
+      expect(scanJournal(nodeStorage, p, () => {}).records).toBe(6);
+    });
+
+    it('a torn frame followed by leftover frames is a torn tail, not corruption', () => {
+      const { p, offsets } = overSpare('spare-b.journal', 6, 2);
+      const buf = fs.readFileSync(p);
+      buf[offsets[1] + 100] ^= 0xff; // the second frame of epoch 5, half written
+      fs.writeFileSync(p, buf);
+      const r = scanJournal(nodeStorage, p, () => {}, { epoch: 5 });
+      expect(r.records).toBe(1);
+      expect(r.tornTail?.offset).toBe(offsets[1]);
+      expect(r.corruption).toBeNull();
+      // Unscoped, the intact frame after it looks like data past a damaged one.
+      expect(scanJournal(nodeStorage, p, () => {}).corruption?.offset).toBe(offsets[1]);
+    });
+
+    it('a damaged frame followed by a frame of the same epoch is still corruption', () => {
+      const { p, offsets } = overSpare('spare-c.journal', 6, 4);
+      const buf = fs.readFileSync(p);
+      buf[offsets[1] + 100] ^= 0xff;
+      fs.writeFileSync(p, buf);
+      const r = scanJournal(nodeStorage, p, () => {}, { epoch: 5 });
+      expect(r.records).toBe(1);
+      expect(r.corruption?.offset).toBe(offsets[1]);
+      expect(r.tornTail).toBeNull();
+    });
+  });
 });

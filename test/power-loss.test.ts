@@ -366,13 +366,18 @@ function checkCommitOrder(run: SecondaryRun, state: string, image: Buffer): stri
       let seal: { n: number; b: number } | undefined;
       let records = 0;
       let bytes = 0;
-      const scan = scanJournal<{ t: string; n: number; b: number }>(nodeStorage, file, (r) => {
-        if (r.meta.t === 'seal') seal = r.meta;
-        else {
-          records++;
-          if (r.meta.t === 'w') bytes += r.dataLength;
-        }
-      });
+      const scan = scanJournal<{ t: string; n: number; b: number }>(
+        nodeStorage,
+        file,
+        (r) => {
+          if (r.meta.t === 'seal') seal = r.meta;
+          else {
+            records++;
+            if (r.meta.t === 'w') bytes += r.dataLength;
+          }
+        },
+        { epoch: e }, // written over a spare, it may hold older epochs' frames past its own
+      );
       if (!seal || seal.n !== records || seal.b !== bytes || scan.corruption)
         return (
           `the commit record of epoch ${last} is on disk, but epoch ${e}'s journal is not complete ` +

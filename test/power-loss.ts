@@ -24,10 +24,12 @@
  *   and an fdatasync of a newly created file that returned makes its creation
  *   (and so everything before it) durable, because it forces the metadata
  *   journal past that point. Past the last such point a seeded number of
- *   further operations persisted. This is stronger than bare POSIX, which
+ *   further operations persisted; so did every operation made before a
+ *   directory fsync that returned. This is stronger than bare POSIX, which
  *   makes a new directory entry durable only by an fsync of the directory:
- *   colo-blk never fsyncs a directory, so under bare POSIX no file it creates
- *   would survive a power cut — the test would only say that, every time.
+ *   colo-blk fsyncs a directory only where a rename must be durable (a
+ *   recycled journal, a replaced small file), so under bare POSIX no journal
+ *   it creates would survive a power cut — the test would only say that.
  *   (Deletions are never forced: an applied epoch journal or a discarded
  *   overlay may come back after a cut, and recovery must cope.)
  * - LevelDB (meta/) is not traced: it is only an index rebuilt from the
@@ -156,6 +158,9 @@ export function powerCut(
   const startNs = new Map(ns);
   const metaOps: MetaOp[] = [];
   const syncById = new Map<number, { inode: Inode; s: { start: number; end: number } }>();
+  /** Directory syncs: the trace index where each started, by id, and those that returned. */
+  const dirSyncStart = new Map<number, number>();
+  let dirSynced = -1;
   const need = (p: string, i: number): Inode => {
     const ino = ns.get(p);
     if (!ino) throw new Error(`trace event ${i} (${events[i].op}) names ${p}, which is not a known file`);
@@ -200,13 +205,21 @@ export function powerCut(
         if (s) s.s.end = i;
         break;
       }
+      case 'dirsync':
+        dirSyncStart.set(ev.id, i);
+        break;
+      case 'dirsynced':
+        dirSynced = Math.max(dirSynced, dirSyncStart.get(ev.id) ?? -1);
+        break;
     }
   }
 
   // Metadata: an ordered prefix, at least up to the creation of the last file synced since.
+  // (And every operation made before a directory sync that returned.)
   let guaranteed = 0;
   metaOps.forEach((m, j) => {
     if (m.kind === 'create' && m.inode.syncs.some((s) => s.end < k && s.start > m.idx)) guaranteed = j + 1;
+    if (m.idx < dirSynced) guaranteed = j + 1;
   });
   const persisted =
     opts.metadata === 'guaranteed'

@@ -15,12 +15,13 @@ const root = tmpDir();
 afterAll(() => rmDir(root));
 let n = 0;
 const SIZE = 4 * 1024 * 1024;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function openStore(dir?: string, image?: string) {
+async function openStore(dir?: string, image?: string, opts: { spareJournalBytes?: number } = {}) {
   dir ??= path.join(root, `s${n++}`);
   image ??= path.join(dir + '.img');
   const dev = await FileDevice.open(image, { size: SIZE });
-  const store = await SecondaryStore.open(dir, dev);
+  const store = await SecondaryStore.open(dir, dev, opts);
   return { store, dev, dir, image };
 }
 
@@ -164,6 +165,74 @@ describe('SecondaryStore', () => {
     expect(img.equals(model)).toBe(true);
     await again.store.close();
     await again.dev.close();
+  });
+
+  it('writes later epochs over applied journals kept as spares, and recovers one with leftover frames', async () => {
+    const { store, dev, dir, image } = await openStore();
+    const epochs = path.join(dir, 'epochs');
+    const rand = prng(11);
+    const model = Buffer.alloc(SIZE);
+    const inodes = new Map<number, number>();
+    let s = 0;
+    /** Epoch e: `count` writes of 16 KiB (the first epochs write more, so later ones leave a leftover). */
+    const epoch = async (e: number, count: number) => {
+      for (let i = 0; i < count; i++) {
+        const off = (rand() % (SIZE / 16_384)) * 16_384;
+        const data = randomBytes(16_384, rand);
+        feed(store, { t: 'w', e, s: ++s, o: off }, data);
+        data.copy(model, off);
+      }
+      inodes.set(e, fs.statSync(path.join(epochs, `${e}.journal`)).ino);
+      await store.seal({ t: 'seal', e, n: count, b: count * 16_384 });
+    };
+    for (let e = 1; e <= 6; e++) {
+      await epoch(e, e <= 3 ? 12 : 5);
+      await store.commit(e);
+      await store.drainApply();
+      for (let i = 0; i < 200 && store.spareJournals.ready === 0; i++) await sleep(5);
+    }
+    // Epochs 4-6 went into files epochs 1-3 had (each spare: renamed, never deleted).
+    expect([4, 5, 6].every((e) => [1, 2, 3].map((o) => inodes.get(o)).includes(inodes.get(e)))).toBe(true);
+    expect(store.spareJournals.files).toBeGreaterThan(0);
+    expect(fs.readdirSync(epochs).some((f) => /^spare-\d+\.journal$/.test(f))).toBe(true);
+    await epoch(7, 3); // durable, not committed, over a spare that holds 12 frames of an older epoch
+    expect(fs.statSync(path.join(epochs, '7.journal')).size).toBeGreaterThan(4 * 16_384);
+    await store.close();
+    await dev.close();
+    const again = await openStore(dir, image);
+    expect(again.store.pendingEpochs()).toMatchObject([{ epoch: 7, state: 'durable', records: 3 }]);
+    expect(again.store.recovery.tornTails).toEqual([]);
+    expect(fs.readdirSync(epochs).filter((f) => f.startsWith('spare-'))).toEqual([]); // deleted at start
+    await again.store.commit(7);
+    await again.store.drainApply();
+    const img = Buffer.alloc(SIZE);
+    await again.dev.pread(img, 0);
+    expect(img.equals(model)).toBe(true);
+    await again.store.close();
+    await again.dev.close();
+  });
+
+  it('keeps no spare when told to (spareJournalBytes 0), and none larger than the bound', async () => {
+    for (const bound of [0, 100_000]) {
+      const { store, dev, dir } = await openStore(undefined, undefined, { spareJournalBytes: bound });
+      let s = 0;
+      for (let e = 1; e <= 4; e++) {
+        const count = e === 1 ? 8 : 2; // 128 KiB of data (over the bound), then 32 KiB
+        for (let i = 0; i < count; i++)
+          feed(store, { t: 'w', e, s: ++s, o: i * 16_384 }, Buffer.alloc(16_384, e));
+        await store.seal({ t: 'seal', e, n: count, b: count * 16_384 });
+        await store.commit(e);
+        await store.drainApply();
+        for (let i = 0; i < 200 && store.spareJournals.files > store.spareJournals.ready; i++) await sleep(5);
+        await sleep(5);
+        expect(store.spareJournals.files).toBe(e === 1 || bound === 0 ? 0 : 1);
+        expect(store.spareJournals.bytes).toBeLessThanOrEqual(bound);
+      }
+      const spares = fs.readdirSync(path.join(dir, 'epochs')).filter((f) => f.startsWith('spare-'));
+      expect(spares.length).toBe(bound === 0 ? 0 : 1);
+      await store.close();
+      await dev.close();
+    }
   });
 
   it('keeps the SVM overlay across a restart (flushed writes are real data after a failover)', async () => {

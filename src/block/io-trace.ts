@@ -13,7 +13,8 @@
  *   file (with a copy of the bytes; `dsync` for the O_DSYNC descriptor, durable
  *   on return), ranges zeroed or punched, truncations, fdatasync calls (when
  *   they start: they cover what was written before; and when they return),
- *   file creation, deletion and renaming.
+ *   file creation, deletion and renaming, and directory syncs (started and
+ *   returned, like fdatasync).
  * - Data writes, truncates and syncs are hooked where they happen (journal.ts,
  *   file.ts). Deletions and renames happen in many modules, so while a tracer
  *   is set, `fs.rm`, `fs.rmSync`, `fs.unlink`, `fs.unlinkSync`, `fs.rename`
@@ -33,7 +34,9 @@ export type IoEvent =
   | { op: 'synced'; path: string; id: number }
   | { op: 'create'; path: string }
   | { op: 'delete'; path: string }
-  | { op: 'rename'; path: string; to: string };
+  | { op: 'rename'; path: string; to: string }
+  | { op: 'dirsync'; path: string; id: number }
+  | { op: 'dirsynced'; path: string; id: number };
 
 export interface IoTraceSink {
   record(ev: IoEvent): void;
@@ -81,6 +84,20 @@ export class IoTraceHooks {
     const id = ++this.syncs;
     this.sink.record({ op: 'sync', path, id });
     return done.then(() => this.sink.record({ op: 'synced', path, id }));
+  }
+
+  /** An fsync of directory `path` that was just started; `done` records its success. */
+  dirSync(path: string, done: Promise<void>): Promise<void> {
+    const id = ++this.syncs;
+    this.sink.record({ op: 'dirsync', path, id });
+    return done.then(() => this.sink.record({ op: 'dirsynced', path, id }));
+  }
+
+  /** A synchronous fsync of directory `path` returned (nothing happened while it ran). */
+  dirSynced(path: string): void {
+    const id = ++this.syncs;
+    this.sink.record({ op: 'dirsync', path, id });
+    this.sink.record({ op: 'dirsynced', path, id });
   }
 }
 

@@ -531,7 +531,7 @@ async function inspectStateDir(
     const m = /^(\d+)\.journal$/.exec(name);
     if (!m) continue;
     const n = Number(m[1]);
-    const report = inspectJournal(path.join(epochDir, name), limit);
+    const report = inspectJournal(path.join(epochDir, name), limit, undefined, undefined, n);
     let state = states.get(n) ?? (report.sealed ? 'sealed' : 'open');
     if (n <= committed) state = 'committed-not-yet-applied';
     if (node.role === 'secondary' && state === 'open') state = 'receiving';

@@ -55,6 +55,8 @@ export interface Storage {
   rename(from: string, to: string): void;
   /** Make the directory's entries (creations, renames) durable. */
   syncDir(dir: string): void;
+  /** The same off the caller's path (an fsync of a directory may wait for a file system journal commit). */
+  syncDirLater(dir: string): Promise<void>;
   /** Whole-file helpers for small files. */
   readFile(path: string): Buffer;
   /** Replace a small file atomically and durably (temporary file, sync, rename, directory sync). */
@@ -182,6 +184,21 @@ export class NodeStorage implements Storage {
     } finally {
       fs.closeSync(fd);
     }
+    ioTracer?.dirSynced(dir);
+  }
+
+  syncDirLater(dir: string): Promise<void> {
+    const done = (async () => {
+      const handle = await fs.promises.open(dir, 'r');
+      try {
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+    })().catch((err) => {
+      throw toColoError(err);
+    });
+    return ioTracer?.dirSync(dir, done) ?? done;
   }
 
   readFile(path: string): Buffer {

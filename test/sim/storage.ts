@@ -24,10 +24,11 @@ import type { Storage, StorageFile } from '../../src/sys/storage.js';
 import type { Owner, SimWorld } from './world.js';
 
 type DataOp = { kind: 'write'; pos: number; data: Buffer } | { kind: 'truncate'; size: number };
-type NameOp =
+type NameOp = (
   | { kind: 'link'; path: string; inode: Inode }
   | { kind: 'unlink'; path: string }
-  | { kind: 'rename'; from: string; to: string };
+  | { kind: 'rename'; from: string; to: string }
+) & { seq: number };
 
 /** A growable byte array: a file's contents. */
 class Content {
@@ -92,6 +93,8 @@ export class SimDisk {
   private names = new Map<string, Inode>();
   private durableNames = new Map<string, Inode>();
   private pendingNames: NameOp[] = [];
+  /** Namespace operations made so far (a directory sync covers those made before it started). */
+  private nameSeq = 0;
   private dirs = new Set<string>(['/']);
   private incarnation = 0;
   /** Storage failures to inject: called before each write, may throw. */
@@ -120,7 +123,7 @@ export class SimDisk {
   create(path: string): Inode {
     const inode = new Inode(this.nextInode++);
     this.names.set(path, inode);
-    this.pendingNames.push({ kind: 'link', path, inode });
+    this.pendingNames.push({ kind: 'link', path, inode, seq: ++this.nameSeq });
     this.mkdirp(nodePath.dirname(path));
     return inode;
   }
@@ -128,7 +131,7 @@ export class SimDisk {
   unlink(path: string): void {
     if (!this.names.has(path)) return;
     this.names.delete(path);
-    this.pendingNames.push({ kind: 'unlink', path });
+    this.pendingNames.push({ kind: 'unlink', path, seq: ++this.nameSeq });
   }
 
   rename(from: string, to: string): void {
@@ -136,7 +139,7 @@ export class SimDisk {
     if (!inode) throw new ColoError('ENOENT', `rename: ${from} does not exist`);
     this.names.delete(from);
     this.names.set(to, inode);
-    this.pendingNames.push({ kind: 'rename', from, to });
+    this.pendingNames.push({ kind: 'rename', from, to, seq: ++this.nameSeq });
   }
 
   mkdirp(dir: string): void {
@@ -163,8 +166,19 @@ export class SimDisk {
 
   /** Namespace operations up to now are durable. */
   syncNames(): void {
-    for (const op of this.pendingNames) this.applyName(op, this.durableNames);
-    this.pendingNames = [];
+    this.syncNamesThrough(this.nameSeq);
+  }
+
+  /** The namespace operations made so far (for a directory sync started now). */
+  get namesMade(): number {
+    return this.nameSeq;
+  }
+
+  /** Namespace operations up to number `seq` are durable. */
+  syncNamesThrough(seq: number): void {
+    const n = this.pendingNames.filter((op) => op.seq <= seq).length;
+    for (const op of this.pendingNames.slice(0, n)) this.applyName(op, this.durableNames);
+    this.pendingNames = this.pendingNames.slice(n);
   }
 
   /** A datasync of `inode` completed: if its creation is pending, the namespace up to it is durable. */
@@ -376,6 +390,23 @@ class SimStorage implements Storage {
 
   syncDir(): void {
     if (!this.dead) this.disk.syncNames();
+  }
+
+  syncDirLater(): Promise<void> {
+    if (this.dead) return new Promise(() => {});
+    const upTo = this.disk.namesMade;
+    const world = this.disk.world;
+    return new Promise((resolve) =>
+      world.schedule(
+        world.rng.range(0, 2),
+        () => {
+          if (this.dead) return;
+          this.disk.syncNamesThrough(upTo);
+          resolve();
+        },
+        this.owner,
+      ),
+    );
   }
 
   readFile(path: string): Buffer {

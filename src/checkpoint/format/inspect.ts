@@ -36,12 +36,17 @@ export interface JournalReport {
 
 const hex = (n: number) => n.toString(16).padStart(8, '0');
 
-/** Read a journal and describe it; at most `limit` extents of each kind are listed. */
+/**
+ * Read a journal and describe it; at most `limit` extents of each kind are
+ * listed. `epoch`: the journal of that epoch (it may be written over a spare
+ * file: frames of other epochs past its end are not its own).
+ */
 export function inspectJournal(
   path: string,
   limit = 10_000,
   storage: Storage = nodeStorage,
   file?: StorageFile,
+  epoch?: number,
 ): JournalReport {
   const map = new ExtentMap();
   const logged: LoggedExtent[] = [];
@@ -75,7 +80,7 @@ export function inspectJournal(
         });
       else truncated = true;
     },
-    { withData: true, file },
+    { withData: true, file, epoch },
   );
   const merged: MergedExtent[] = [];
   const fd = file ?? storage.openRead(path);

@@ -18,6 +18,12 @@
  *   by a crash): it is reported with its offset so the caller can truncate.
  *   A bad frame followed by more data is corruption in the middle: it is
  *   reported as such and must never be applied.
+ * - A secondary's epoch journal may be written over a spare file (an applied
+ *   epoch's journal, kept to save the cost of fresh pages): past its own
+ *   frames lie the bytes of the file's earlier use. Scanned with `epoch`, a
+ *   frame of any other epoch ends the journal (`leftover`), and a damaged
+ *   frame is corruption only if a frame of that epoch follows it. (A spare
+ *   only ever held older epochs of the same numbering: a rebase deletes them.)
  */
 import { crashPoint } from '../../crash.js';
 import { ColoError, toColoError } from '../../errors.js';
@@ -78,12 +84,25 @@ export class JournalWriter {
     return new JournalWriter(file, end);
   }
 
+  /**
+   * Open an existing file to be written over from its start, its old bytes
+   * left in place past the end (a recycled epoch journal: see the notes).
+   */
+  static overwrite(storage: Storage, path: string): JournalWriter {
+    return new JournalWriter(storage.open(path), 0);
+  }
+
   get path(): string {
     return this.file.path;
   }
 
   get size(): number {
     return this.end;
+  }
+
+  /** Bytes the file holds: what was appended, or more if it was written over (see `overwrite`). */
+  get fileBytes(): number {
+    return this.closed ? this.end : Math.max(this.end, this.file.size());
   }
 
   /** Bytes appended but not yet covered by a completed sync. */
@@ -225,6 +244,8 @@ export interface ScanResult {
   tornTail: { offset: number; reason: string } | null;
   /** Set when a damaged frame is followed by more data: never apply past it. */
   corruption: { offset: number; reason: string } | null;
+  /** Scanned with `epoch`: where the bytes left from the file's earlier use begin (after the seal, or a frame of another epoch). */
+  leftover?: { offset: number };
 }
 
 const SCAN_CHUNK = 4 * 1024 * 1024;
@@ -237,7 +258,7 @@ export function scanJournal<M = Record<string, unknown>>(
   storage: Storage,
   path: string,
   onRecord: (rec: ScannedRecord<M>) => void,
-  opts: { withData?: boolean; file?: StorageFile } = {},
+  opts: { withData?: boolean; file?: StorageFile; epoch?: number } = {},
 ): ScanResult {
   // `file`: a journal already open (a primary's resend buffer in memory), read instead of `path`.
   const fd = opts.file ?? storage.openRead(path);
@@ -253,7 +274,7 @@ export function scanJournal<M = Record<string, unknown>>(
       try {
         total = peekFrameBytes(head);
       } catch (err) {
-        return damaged(pos, fileSize, records, (err as Error).message, fd);
+        return damaged(pos, fileSize, records, (err as Error).message, fd, opts.epoch);
       }
       if (total === null || pos + total > fileSize)
         return {
@@ -271,8 +292,17 @@ export function scanJournal<M = Record<string, unknown>>(
         frame = decodeFrame<M>(view);
       } catch (err) {
         if (!(err instanceof FrameError)) throw err;
-        return damaged(pos, fileSize, records, err.message, fd, total);
+        return damaged(pos, fileSize, records, err.message, fd, opts.epoch, total);
       }
+      if (opts.epoch !== undefined && !ofEpoch(frame!.meta, opts.epoch))
+        return {
+          records,
+          validEnd: pos,
+          fileSize,
+          tornTail: null,
+          corruption: null,
+          leftover: { offset: pos },
+        };
       const dataLength = frame!.data.length;
       onRecord({
         meta: frame!.meta,
@@ -283,11 +313,25 @@ export function scanJournal<M = Record<string, unknown>>(
       });
       records++;
       pos += total;
+      // An epoch journal ends with its seal: what follows is left from the file's earlier use.
+      if (opts.epoch !== undefined && (frame!.meta as { t?: unknown }).t === 'seal' && pos < fileSize)
+        return {
+          records,
+          validEnd: pos,
+          fileSize,
+          tornTail: null,
+          corruption: null,
+          leftover: { offset: pos },
+        };
     }
     return { records, validEnd: pos, fileSize, tornTail: null, corruption: null };
   } finally {
     fd.close();
   }
+}
+
+function ofEpoch(meta: unknown, epoch: number): boolean {
+  return typeof meta === 'object' && meta !== null && (meta as { e?: unknown }).e === epoch;
 }
 
 /** A bad frame at `pos`: a torn tail if nothing valid could follow it, corruption otherwise. */
@@ -297,18 +341,20 @@ function damaged(
   records: number,
   reason: string,
   fd: StorageFile,
+  epoch: number | undefined,
   claimed?: number,
 ): ScanResult {
   // If the damaged frame (as claimed) reaches the end of the file, or no frame
-  // magic can be found after it, it is the last append: a torn tail.
+  // (of this epoch, for an epoch journal) can be found after it, it is the last
+  // append: a torn tail.
   const after = claimed !== undefined ? pos + claimed : pos + FRAME_HEADER_BYTES;
-  if (after >= fileSize || !hasFrameAfter(fd, after, fileSize))
+  if (after >= fileSize || !hasFrameAfter(fd, after, fileSize, epoch))
     return { records, validEnd: pos, fileSize, tornTail: { offset: pos, reason }, corruption: null };
   return { records, validEnd: pos, fileSize, tornTail: null, corruption: { offset: pos, reason } };
 }
 
-/** Is there a decodable frame starting at `pos`? */
-function hasFrameAfter(fd: StorageFile, pos: number, fileSize: number): boolean {
+/** Is there a decodable frame (of `epoch`, if given) starting at `pos`? */
+function hasFrameAfter(fd: StorageFile, pos: number, fileSize: number, epoch: number | undefined): boolean {
   if (fileSize - pos < FRAME_HEADER_BYTES) return false;
   const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
   readFully(fd, head, pos);
@@ -317,7 +363,8 @@ function hasFrameAfter(fd: StorageFile, pos: number, fileSize: number): boolean 
     if (total === null || pos + total > fileSize) return false;
     const buf = Buffer.allocUnsafe(total);
     readFully(fd, buf, pos);
-    return decodeFrame(buf) !== null;
+    const frame = decodeFrame(buf);
+    return frame !== null && (epoch === undefined || ofEpoch(frame.meta, epoch));
   } catch {
     return false;
   }

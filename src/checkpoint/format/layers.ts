@@ -35,6 +35,21 @@ export class Layer {
   }
 
   /**
+   * A new, empty epoch layer written over the file at `path` (a spare just
+   * renamed there: see journal.ts). `named` settles when that rename is
+   * durable; the layer's syncs wait for it.
+   */
+  static overwrite(storage: Storage, epoch: number, path: string, named: Promise<void>): Layer {
+    const layer = new Layer(storage, epoch, JournalWriter.overwrite(storage, path));
+    layer.named = named;
+    named.catch(() => {}); // reported by the next sync
+    return layer;
+  }
+
+  /** Set on a layer written over a spare: the rename that gave the file its name, made durable. */
+  private named: Promise<void> | null = null;
+
+  /**
    * Open an existing layer by scanning its journal. A torn tail is cut;
    * corruption in the middle is returned for the caller to refuse.
    */
@@ -42,18 +57,24 @@ export class Layer {
     storage: Storage,
     id: number,
     path: string,
+    opts: { epoch?: number } = {},
   ): { layer: Layer; scan: ScanResult; others: Record<string, unknown>[] } {
     const others: Record<string, unknown>[] = [];
     const pending: { rec: MutationRecord; dataPos: number; dataLength: number }[] = [];
-    const scan = scanJournal<Record<string, unknown>>(storage, path, (r) => {
-      if (isMutation(r.meta as { t: string }))
-        pending.push({
-          rec: r.meta as unknown as MutationRecord,
-          dataPos: r.dataPos,
-          dataLength: r.dataLength,
-        });
-      else others.push(r.meta);
-    });
+    const scan = scanJournal<Record<string, unknown>>(
+      storage,
+      path,
+      (r) => {
+        if (isMutation(r.meta as { t: string }))
+          pending.push({
+            rec: r.meta as unknown as MutationRecord,
+            dataPos: r.dataPos,
+            dataLength: r.dataLength,
+          });
+        else others.push(r.meta);
+      },
+      { epoch: opts.epoch },
+    );
     const layer = new Layer(
       storage,
       id,
@@ -108,8 +129,9 @@ export class Layer {
     else this.journal.read(view, e.pos + (seg.start - e.start));
   }
 
-  sync(): Promise<void> {
-    return this.journal.sync();
+  async sync(): Promise<void> {
+    if (this.named) await this.named;
+    await this.journal.sync();
   }
 
   close(): void {

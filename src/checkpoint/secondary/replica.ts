@@ -141,6 +141,7 @@ export class SecondaryReplica {
         history,
         activity,
         foldBytes: tunables(opts.tunables).promotedFoldBytes,
+        spareJournalBytes: tunables(opts.tunables).spareJournalBytes,
         meta: opts.meta,
         clock: env.clock,
         random: env.random,
@@ -294,7 +295,7 @@ export class SecondaryReplica {
       epochs: pending.map((e) => ({
         epoch: e.epoch,
         state: e.state === 'committed' ? 'committed-not-yet-applied' : e.state,
-        ...inspectJournal(this.store.epochLayer(e.epoch)!.path, limit, this.env.storage),
+        ...inspectJournal(this.store.epochLayer(e.epoch)!.path, limit, this.env.storage, undefined, e.epoch),
       })),
       overlay: inspectJournal(this.store.overlayLayer.path, limit, this.env.storage),
     };

@@ -44,6 +44,7 @@ import type { History, SyncMode } from '../../failover/history.js';
 import { Applier, type ApplyJob } from './applier.js';
 import { CommitJournal } from './commit-journal.js';
 import { epochKey, IndexMirror } from './index-mirror.js';
+import { SpareJournals } from './spare-journals.js';
 import type { Storage } from '../../sys/storage.js';
 import { Layer } from '../format/layers.js';
 import { openMeta, StateDir, type MetaIndex, type MetaOp } from '../state-dir.js';
@@ -109,6 +110,8 @@ export interface SecondaryStoreOptions {
   onApplyProgress?: (epoch: number, doneBytes: number, totalBytes: number) => void;
   /** On a promoted node, the overlay is folded once it holds this many bytes (default: the tunable). */
   foldBytes?: number;
+  /** Applied epoch journals kept to be written over, at most this many bytes (default: the tunable; 0: none). */
+  spareJournalBytes?: number;
   log?: (msg: string) => void;
 }
 
@@ -144,6 +147,7 @@ export class SecondaryStore {
   readonly svmDevice: SvmDevice;
   private readonly applier: Applier;
   private readonly index: IndexMirror;
+  private readonly spares: SpareJournals;
 
   private readonly storage: Storage;
   private readonly clock: Clock;
@@ -158,6 +162,12 @@ export class SecondaryStore {
     this.clock = opts.clock ?? realClock;
     this.svmDevice = new SvmDevice(this);
     this.index = new IndexMirror(db, (m) => this.log(m));
+    this.spares = new SpareJournals(
+      this.storage,
+      state.epochsDir,
+      opts.spareJournalBytes ?? defaultTunables.spareJournalBytes,
+      (m) => this.log(m),
+    );
     this.applier = new Applier(image, {
       next: () => this.nextApply(),
       onError: (err) => opts.onApplyError?.(err),
@@ -252,6 +262,10 @@ export class SecondaryStore {
     // Epoch journals: committed ones are applied again (idempotent, in order);
     // sealed ones with matching counts are durable; the rest are incomplete.
     for (const name of this.storage.list(this.state.epochsDir).sort()) {
+      if (SpareJournals.isSpare(name)) {
+        this.storage.remove(`${this.state.epochsDir}/${name}`); // nothing in it is needed
+        continue;
+      }
       const n = StateDir.journalNumber(name);
       if (n === null) continue;
       const file = this.state.epoch(n);
@@ -259,7 +273,8 @@ export class SecondaryStore {
         this.storage.remove(file); // applied before the crash, journal not yet deleted
         continue;
       }
-      const { layer, scan, others } = Layer.recover(this.storage, n, file);
+      // The journal may have been written over a spare: frames of other epochs are not its own.
+      const { layer, scan, others } = Layer.recover(this.storage, n, file, { epoch: n });
       if (scan.corruption) {
         layer.close();
         this.refuseCorrupt(file, scan.corruption.offset, scan.corruption.reason);
@@ -422,7 +437,12 @@ export class SecondaryStore {
           'EPROTO',
           `the primary sent epoch ${n}, which is already committed here (last committed ${this.lastCommitted})`,
         );
-      e = { epoch: n, layer: Layer.create(this.storage, n, this.epochPath(n)), state: 'receiving' };
+      const file = this.epochPath(n);
+      const named = this.spares.take(file);
+      const layer = named
+        ? Layer.overwrite(this.storage, n, file, named)
+        : Layer.create(this.storage, n, file);
+      e = { epoch: n, layer, state: 'receiving' };
       this.epochs.set(n, e);
     }
     return e;
@@ -625,9 +645,12 @@ export class SecondaryStore {
   ): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
     const { dropped } = this.dropEpochs('keep-committed');
     await this.drainApply();
-    // Nothing may linger under the old numbering (deletions of applied journals run in the background).
+    // Nothing may linger under the old numbering: not an applied journal whose deletion is queued
+    // (it would land on a new epoch of the same number), not a spare (its frames would pass for one).
+    while (this.retiring.length) await this.removing;
     for (const name of this.storage.list(this.state.epochsDir))
       this.storage.remove(`${this.state.epochsDir}/${name}`);
+    this.spares.clear();
     const base = primaryEpoch - 1;
     await this.commits.record({ t: 'rebase', e: base, at: this.clock.now() });
     crashPoint('secondary-after-rebase');
@@ -892,7 +915,7 @@ export class SecondaryStore {
           ]);
           this.lastApplied = e.epoch;
           this.epochs.delete(e.epoch);
-          this.retire(e.layer);
+          this.retire(e.layer, true);
         },
       };
     const folded = this.folded[0];
@@ -918,25 +941,39 @@ export class SecondaryStore {
    * the simulator: two asynchronous removals finished out of order, and a
    * crash kept only the later one).
    */
-  private retire(layer: Layer): void {
+  private retire(layer: Layer, spare = false): void {
+    const bytes = layer.journal.fileBytes;
     layer.close();
-    this.retiring.push(layer.path);
+    this.retiring.push({ path: layer.path, bytes: spare ? bytes : null });
     if (this.retiring.length === 1) this.removing = this.removeRetired();
   }
 
-  private retiring: string[] = [];
+  /** Applied journals to delete, or to keep as spares (`bytes` set: an epoch's), in the order applied. */
+  private retiring: { path: string; bytes: number | null }[] = [];
   /** The removals running; close waits for them, so none lands after (on a path a new store may reuse). */
   private removing: Promise<void> = Promise.resolve();
 
   /**
    * Off the event loop: unlinking a journal of tens of MiB takes milliseconds
-   * of kernel time, which would otherwise delay the next seal or commit.
+   * of kernel time, which would otherwise delay the next seal or commit. An
+   * epoch's journal is kept as a spare instead while there is room (a
+   * rename: spare-journals.ts).
    */
   private async removeRetired(): Promise<void> {
     while (this.retiring.length) {
-      const path = this.retiring[0];
-      if (!this.closed) await this.storage.removeLater(path);
+      const { path, bytes } = this.retiring[0];
+      if (!this.closed && !(bytes !== null && this.keepSpare(path, bytes)))
+        await this.storage.removeLater(path);
       this.retiring.shift();
+    }
+  }
+
+  private keepSpare(path: string, bytes: number): boolean {
+    try {
+      return this.spares.keep(path, bytes);
+    } catch (err) {
+      this.log(`keeping ${path} as a spare failed (${(err as Error).message}): deleting it`);
+      return false;
     }
   }
 
@@ -976,6 +1013,11 @@ export class SecondaryStore {
   /** Per-epoch view for status and inspect. */
   pendingEpochs(): EpochMeta[] {
     return [...this.epochs.values()].sort((a, b) => a.epoch - b.epoch).map((e) => this.epochMeta(e));
+  }
+
+  /** Applied epoch journals kept to be written over (spare-journals.ts). */
+  get spareJournals(): { files: number; ready: number; bytes: number } {
+    return this.spares.held;
   }
 
   epochLayer(n: number): Layer | undefined {
