@@ -30,6 +30,19 @@ function feed(store: SecondaryStore, rec: MutationRecord, data?: Buffer) {
   return store.receive(rec, encodeFrame(rec, data), data?.length ?? 0);
 }
 
+/** The image once every committed epoch is applied. */
+async function appliedImage(s: { store: SecondaryStore; dev: FileDevice }): Promise<Buffer> {
+  await s.store.drainApply();
+  const img = Buffer.alloc(SIZE);
+  await s.dev.pread(img, 0);
+  return img;
+}
+
+async function closeStore(s: { store: SecondaryStore; dev: FileDevice }): Promise<void> {
+  await s.store.close();
+  await s.dev.close();
+}
+
 async function readSvm(store: SecondaryStore, off: number, len: number) {
   const buf = Buffer.alloc(len);
   await store.svmDevice.pread(buf, off);
@@ -159,12 +172,8 @@ describe('SecondaryStore', () => {
     expect(states.filter(([e]) => e === 1).every(([, st]) => st === 'committed')).toBe(true);
     await again.store.commit(3);
     expect((await readSvm(again.store, 0, SIZE)).equals(model)).toBe(true);
-    await again.store.drainApply();
-    const img = Buffer.alloc(SIZE);
-    await again.dev.pread(img, 0);
-    expect(img.equals(model)).toBe(true);
-    await again.store.close();
-    await again.dev.close();
+    expect((await appliedImage(again)).equals(model)).toBe(true);
+    await closeStore(again);
   });
 
   it('writes later epochs over applied journals kept as spares, and recovers one with leftover frames', async () => {
@@ -204,12 +213,29 @@ describe('SecondaryStore', () => {
     expect(again.store.recovery.tornTails).toEqual([]);
     expect(fs.readdirSync(epochs).filter((f) => f.startsWith('spare-'))).toEqual([]); // deleted at start
     await again.store.commit(7);
-    await again.store.drainApply();
-    const img = Buffer.alloc(SIZE);
-    await again.dev.pread(img, 0);
-    expect(img.equals(model)).toBe(true);
-    await again.store.close();
-    await again.dev.close();
+    expect((await appliedImage(again)).equals(model)).toBe(true);
+    await closeStore(again);
+  });
+
+  it('a promotion deletes the spares and keeps no more (no epoch is written there again)', async () => {
+    const { store, dev, dir } = await openStore();
+    let s = 0;
+    for (let e = 1; e <= 3; e++) {
+      feed(store, { t: 'w', e, s: ++s, o: 0 }, Buffer.alloc(16_384, e));
+      await store.seal({ t: 'seal', e, n: 1, b: 16_384 });
+      if (e < 3) {
+        await store.commit(e);
+        await store.drainApply();
+      }
+    }
+    expect(store.spareJournals.files).toBeGreaterThan(0);
+    await store.promote('test: spares go');
+    expect(store.spareJournals.files).toBe(0);
+    const spares = () => fs.readdirSync(path.join(dir, 'epochs')).filter((f) => f.startsWith('spare-'));
+    for (let i = 0; i < 200 && spares().length; i++) await sleep(5);
+    expect(spares()).toEqual([]);
+    await store.close();
+    await dev.close();
   });
 
   it('keeps no spare when told to (spareJournalBytes 0), and none larger than the bound', async () => {

@@ -251,6 +251,25 @@ export class SimDisk {
   }
 }
 
+/**
+ * A sync that completes when the world's scheduler says (0-2 ms later): `done`
+ * runs then, unless the incarnation died meanwhile (then it never completes).
+ */
+function completeLater(world: SimWorld, owner: Owner, dead: () => boolean, done: () => void): Promise<void> {
+  if (dead()) return new Promise(() => {});
+  return new Promise((resolve) =>
+    world.schedule(
+      world.rng.range(0, 2),
+      () => {
+        if (dead()) return;
+        done();
+        resolve();
+      },
+      owner,
+    ),
+  );
+}
+
 class SimFile implements StorageFile {
   readonly fd = null;
   private closed = false;
@@ -293,20 +312,15 @@ class SimFile implements StorageFile {
   }
 
   datasync(): Promise<void> {
-    if (this.dead) return new Promise(() => {});
     const n = this.inode.pending.length;
-    const world = this.disk.world;
-    return new Promise((resolve) =>
-      world.schedule(
-        world.rng.range(0, 2),
-        () => {
-          if (this.dead) return;
-          this.inode.makeDurable(n);
-          this.disk.syncedInode(this.inode);
-          resolve();
-        },
-        this.owner,
-      ),
+    return completeLater(
+      this.disk.world,
+      this.owner,
+      () => this.dead,
+      () => {
+        this.inode.makeDurable(n);
+        this.disk.syncedInode(this.inode);
+      },
     );
   }
 
@@ -393,19 +407,12 @@ class SimStorage implements Storage {
   }
 
   syncDirLater(): Promise<void> {
-    if (this.dead) return new Promise(() => {});
     const upTo = this.disk.namesMade;
-    const world = this.disk.world;
-    return new Promise((resolve) =>
-      world.schedule(
-        world.rng.range(0, 2),
-        () => {
-          if (this.dead) return;
-          this.disk.syncNamesThrough(upTo);
-          resolve();
-        },
-        this.owner,
-      ),
+    return completeLater(
+      this.disk.world,
+      this.owner,
+      () => this.dead,
+      () => this.disk.syncNamesThrough(upTo),
     );
   }
 

@@ -20,10 +20,11 @@
  *   reported as such and must never be applied.
  * - A secondary's epoch journal may be written over a spare file (an applied
  *   epoch's journal, kept to save the cost of fresh pages): past its own
- *   frames lie the bytes of the file's earlier use. Scanned with `epoch`, a
- *   frame of any other epoch ends the journal (`leftover`), and a damaged
- *   frame is corruption only if a frame of that epoch follows it. (A spare
- *   only ever held older epochs of the same numbering: a rebase deletes them.)
+ *   frames lie the bytes of the file's earlier use. Scanned with `epoch`,
+ *   its seal or a frame of any other epoch ends the journal (`leftover`),
+ *   and a damaged frame is corruption only if a frame of that epoch follows
+ *   it. (A spare only ever held older epochs of the same numbering: a rebase
+ *   deletes them.)
  */
 import { crashPoint } from '../../crash.js';
 import { ColoError, toColoError } from '../../errors.js';
@@ -266,6 +267,14 @@ export function scanJournal<M = Record<string, unknown>>(
     const fileSize = fd.size();
     let pos = 0;
     let records = 0;
+    const leftover = (at: number): ScanResult => ({
+      records,
+      validEnd: at,
+      fileSize,
+      tornTail: null,
+      corruption: null,
+      leftover: { offset: at },
+    });
     let buf = Buffer.allocUnsafe(Math.min(SCAN_CHUNK, Math.max(fileSize, FRAME_HEADER_BYTES)));
     while (pos < fileSize) {
       const head = Buffer.allocUnsafe(Math.min(FRAME_HEADER_BYTES, fileSize - pos));
@@ -294,15 +303,7 @@ export function scanJournal<M = Record<string, unknown>>(
         if (!(err instanceof FrameError)) throw err;
         return damaged(pos, fileSize, records, err.message, fd, opts.epoch, total);
       }
-      if (opts.epoch !== undefined && !ofEpoch(frame!.meta, opts.epoch))
-        return {
-          records,
-          validEnd: pos,
-          fileSize,
-          tornTail: null,
-          corruption: null,
-          leftover: { offset: pos },
-        };
+      if (opts.epoch !== undefined && !ofEpoch(frame!.meta, opts.epoch)) return leftover(pos);
       const dataLength = frame!.data.length;
       onRecord({
         meta: frame!.meta,
@@ -315,14 +316,7 @@ export function scanJournal<M = Record<string, unknown>>(
       pos += total;
       // An epoch journal ends with its seal: what follows is left from the file's earlier use.
       if (opts.epoch !== undefined && (frame!.meta as { t?: unknown }).t === 'seal' && pos < fileSize)
-        return {
-          records,
-          validEnd: pos,
-          fileSize,
-          tornTail: null,
-          corruption: null,
-          leftover: { offset: pos },
-        };
+        return leftover(pos);
     }
     return { records, validEnd: pos, fileSize, tornTail: null, corruption: null };
   } finally {

@@ -265,6 +265,8 @@ export class SecondaryReplica {
       epoch: pending.length ? pending[pending.length - 1].epoch : this.store.lastCommitted,
       pending: pending.map((e) => ({ epoch: e.epoch, state: e.state, writes: e.records, bytes: e.bytes })),
       overlay: { writes: this.store.overlayLayer.records, bytes: this.store.overlayLayer.dataBytes },
+      // Applied epoch journals kept to be written over (epochs/spare-<k>.journal).
+      spareJournals: this.store.spareJournals,
       link: {
         state: this.link.connected ? 'connected' : 'down',
         peer: this.link.peer,

@@ -57,6 +57,7 @@ export class SpareJournals {
   private syncing = false;
   private waiters: Waiter[] = [];
   private failed: Error | null = null;
+  private discarded = false;
 
   constructor(
     private readonly storage: Storage,
@@ -70,21 +71,24 @@ export class SpareJournals {
     return /^spare-\d+\.journal$/.test(name);
   }
 
-  /** Spares held, how many of them may be written over now, and their bytes. */
-  get held(): { files: number; ready: number; bytes: number } {
+  /** Spares held, how many of them may be written over now, their bytes, and how many were written over so far. */
+  get held(): { files: number; ready: number; bytes: number; reused: number } {
     return {
       files: this.ready.length + this.settling.length,
       ready: this.ready.length,
       bytes: this.heldBytes,
+      reused: this.reused,
     };
   }
+
+  private reused = 0;
 
   /**
    * Keep the applied journal at `file` (`bytes` long) as a spare: renamed
    * now. False when the pool is full or off: the caller deletes it.
    */
   keep(file: string, bytes: number): boolean {
-    if (this.failed || bytes > this.maxBytes - this.heldBytes) return false;
+    if (this.failed || this.discarded || bytes > this.maxBytes - this.heldBytes) return false;
     if (this.ready.length + this.settling.length >= MAX_SPARES) return false;
     const spare = path.join(this.dir, `spare-${this.nextId++}.journal`);
     this.storage.rename(file, spare);
@@ -104,10 +108,18 @@ export class SpareJournals {
     if (!spare) return null;
     this.heldBytes -= spare.bytes;
     this.storage.rename(spare.path, file);
+    this.reused++;
     const rename = ++this.renames;
     const named = new Promise<void>((resolve, reject) => this.waiters.push({ rename, resolve, reject }));
     this.pump();
     return named;
+  }
+
+  /** Delete every spare (a promoted node receives no more epochs). */
+  discard(): void {
+    this.discarded = true;
+    for (const s of [...this.ready, ...this.settling]) void this.storage.removeLater(s.path);
+    this.clear();
   }
 
   /** Forget every spare (their files were deleted by the caller). */
@@ -137,8 +149,7 @@ export class SpareJournals {
         this.log(
           `syncing ${this.dir} failed (${err.message}): applied epoch journals are deleted from now on`,
         );
-        for (const s of [...this.ready, ...this.settling]) void this.storage.removeLater(s.path);
-        this.clear();
+        this.discard();
         this.settle(Infinity, err);
       },
     );

@@ -832,6 +832,7 @@ export class SecondaryStore {
     });
     crashPoint('secondary-after-promote-record');
     const droppedEpochs = this.dropEpochs('keep-committed', 'later').dropped;
+    this.spares.discard(); // no epoch will be written here again
     this.generation = generation;
     this.promoted = { generation, at, reason };
     this.session = null;
@@ -1016,7 +1017,7 @@ export class SecondaryStore {
   }
 
   /** Applied epoch journals kept to be written over (spare-journals.ts). */
-  get spareJournals(): { files: number; ready: number; bytes: number } {
+  get spareJournals(): { files: number; ready: number; bytes: number; reused: number } {
     return this.spares.held;
   }
 
