@@ -67,6 +67,18 @@ describe('colo-blk recover', () => {
 
   it('cuts a torn tail and reports its offset', async () => {
     const { dir } = await secondaryState();
+    // Epoch 3 was being received: one whole frame, then half of the next.
+    const file = path.join(dir, 'epochs', '3.journal');
+    const whole = encodeFrameBuffer({ t: 'w', e: 3, s: 21, o: 0 }, Buffer.alloc(4096, 1));
+    const torn = encodeFrameBuffer({ t: 'w', e: 3, s: 22, o: 4096 }, Buffer.alloc(4096, 2)).subarray(0, 1000);
+    fs.writeFileSync(file, Buffer.concat([whole, torn]));
+    const r = JSON.parse((await recover(dir)).stdout);
+    expect(r.tornTails).toEqual([{ file, offset: whole.length, reason: 'incomplete frame' }]);
+    expect(fs.statSync(file).size).toBe(whole.length);
+  });
+
+  it('past a seal, bytes are what the file held before (a recycled journal): cut, not a torn tail', async () => {
+    const { dir } = await secondaryState();
     const file = path.join(dir, 'epochs', '2.journal');
     const size = fs.statSync(file).size;
     fs.appendFileSync(
@@ -74,7 +86,8 @@ describe('colo-blk recover', () => {
       encodeFrameBuffer({ t: 'w', e: 2, s: 99, o: 0 }, Buffer.alloc(4096, 1)).subarray(0, 1000),
     );
     const r = JSON.parse((await recover(dir)).stdout);
-    expect(r.tornTails).toEqual([{ file, offset: size, reason: 'incomplete frame' }]);
+    expect(r.tornTails).toEqual([]);
+    expect(r.pending).toEqual([{ epoch: 2, state: 'durable', writes: 10, bytes: 655360 }]);
     expect(fs.statSync(file).size).toBe(size);
   });
 
