@@ -20,6 +20,10 @@
  *   last checkpoint's copy, on several threads, that copies the changed pages
  *   into the copy and lists them: what a memory checkpoint must send.
  *
+ * - tuneMalloc: glibc's mallopt(3), so freed memory stays in the heap for the
+ *   next allocation instead of being given back (brk shrink) and faulted in
+ *   again as fresh, zeroed pages (see src/sys/malloc.ts).
+ *
  * The file calls are synchronous and take (fd, offset[, length]) as numbers.
  * Errors become JS Errors whose `code` is the errno name ("EOPNOTSUPP", ...),
  * so the TypeScript side can fall back when a filesystem lacks the feature.
@@ -36,6 +40,9 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #if defined(__x86_64__)
 #include <nmmintrin.h>
 #endif
@@ -455,6 +462,24 @@ static napi_value diff_pages(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* tuneMalloc(mmapThreshold, trimThreshold, topPad): true if glibc took all three. */
+static napi_value tune_malloc(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  double v[3] = {0, 0, 0};
+  for (size_t i = 0; i < 3 && i < argc; i++) napi_get_value_double(env, argv[i], &v[i]);
+  bool ok = false;
+#if defined(__GLIBC__)
+  ok = mallopt(M_MMAP_THRESHOLD, (int)v[0]) == 1;
+  ok = mallopt(M_TRIM_THRESHOLD, (int)v[1]) == 1 && ok;
+  ok = mallopt(M_TOP_PAD, (int)v[2]) == 1 && ok;
+#endif
+  napi_value result;
+  napi_get_boolean(env, ok, &result);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   crc32c_init();
 #if defined(__x86_64__)
@@ -476,6 +501,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_default, NULL},
       {"mapShared", NULL, map_shared, NULL, NULL, NULL, napi_default, NULL},
       {"diffPages", NULL, diff_pages, NULL, NULL, NULL, napi_default, NULL},
+      {"tuneMalloc", NULL, tune_malloc, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -35,6 +35,8 @@ export interface NativeHelpers {
    * indexes written, ascending, to `out`; returns how many. Runs on `threads` threads.
    */
   diffPages(current: Buffer, reference: Buffer, pageBytes: number, out: Uint32Array, threads: number): number;
+  /** glibc's mallopt: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD; true if all were taken (absent before it). */
+  tuneMalloc?(mmapThreshold: number, trimThreshold: number, topPad: number): boolean;
 }
 
 function load(): NativeHelpers | null {

@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, Option } from 'commander';
 import { traceFromEnv } from '../block/io-trace.js';
 import { applyV8Flags } from '../sys/v8-flags.js';
+import { tuneMalloc } from '../sys/malloc.js';
 import { armCrashPoints } from '../crash.js';
 import { ColoError, exitCodeOf, toColoError } from '../errors.js';
 import { EXPORT_SPEC_HELP } from './exports.js';
@@ -36,6 +37,7 @@ function run<A extends any[]>(action: (...args: A) => Promise<void>) {
   return async (...args: A) => {
     try {
       applyV8Flags();
+      tuneMalloc();
       // Fault-injection tests: see src/crash.ts and src/block/io-trace.ts.
       armCrashPoints(process.env);
       traceFromEnv(process.env);
