@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { JournalWriter, scanJournal } from '../src/checkpoint/format/journal.js';
+import { epochJournal } from '../src/checkpoint/format/records.js';
 import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
 import { nodeStorage } from '../src/sys/storage.js';
 
@@ -103,7 +104,9 @@ describe('journal', () => {
     it('ends at the first frame of another epoch: the bytes left from the earlier use', () => {
       const { p, end } = overSpare('spare-a.journal', 6, 2);
       const seen: number[] = [];
-      const r = scanJournal<{ e: number }>(nodeStorage, p, (rec) => seen.push(rec.meta.e), { epoch: 5 });
+      const r = scanJournal<{ e: number }>(nodeStorage, p, (rec) => seen.push(rec.meta.e), {
+        bounds: epochJournal(5),
+      });
       expect(seen).toEqual([5, 5]);
       expect(r).toMatchObject({ records: 2, validEnd: end, tornTail: null, corruption: null });
       expect(r.leftover).toEqual({ offset: end });
@@ -116,7 +119,7 @@ describe('journal', () => {
       const buf = fs.readFileSync(p);
       buf[offsets[1] + 100] ^= 0xff; // the second frame of epoch 5, half written
       fs.writeFileSync(p, buf);
-      const r = scanJournal(nodeStorage, p, () => {}, { epoch: 5 });
+      const r = scanJournal(nodeStorage, p, () => {}, { bounds: epochJournal(5) });
       expect(r.records).toBe(1);
       expect(r.tornTail?.offset).toBe(offsets[1]);
       expect(r.corruption).toBeNull();
@@ -129,7 +132,7 @@ describe('journal', () => {
       const buf = fs.readFileSync(p);
       buf[offsets[1] + 100] ^= 0xff;
       fs.writeFileSync(p, buf);
-      const r = scanJournal(nodeStorage, p, () => {}, { epoch: 5 });
+      const r = scanJournal(nodeStorage, p, () => {}, { bounds: epochJournal(5) });
       expect(r.records).toBe(1);
       expect(r.corruption?.offset).toBe(offsets[1]);
       expect(r.tornTail).toBeNull();

@@ -12,7 +12,7 @@ import { FileDevice } from '../src/block/file.js';
 import { readIoTrace, setIoTracer, type IoEvent } from '../src/block/io-trace.js';
 import { encodeFrame } from '../src/checkpoint/format/frame.js';
 import { JournalWriter, scanJournal } from '../src/checkpoint/format/journal.js';
-import type { MutationRecord } from '../src/checkpoint/format/records.js';
+import { epochJournal, type MutationRecord } from '../src/checkpoint/format/records.js';
 import { SecondaryStore } from '../src/checkpoint/secondary/store.js';
 import { recordFaults } from './fault-counts.js';
 import { prng, randomBytes, rmDir, ROOT, tmpDir } from './helpers.js';
@@ -376,7 +376,7 @@ function checkCommitOrder(run: SecondaryRun, state: string, image: Buffer): stri
             if (r.meta.t === 'w') bytes += r.dataLength;
           }
         },
-        { epoch: e }, // written over a spare, it may hold older epochs' frames past its own
+        { bounds: epochJournal(e) }, // written over a spare, it may hold older epochs' frames past its own
       );
       if (!seal || seal.n !== records || seal.b !== bytes || scan.corruption)
         return (

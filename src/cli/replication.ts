@@ -10,6 +10,7 @@ import type { IoMode } from '../block/file.js';
 import type { Tunables } from '../limits.js';
 import { controlCall } from '../checkpoint/control.js';
 import { inspectJournal, type JournalReport } from '../checkpoint/format/inspect.js';
+import { epochJournal } from '../checkpoint/format/records.js';
 import { PrimaryNode } from '../checkpoint/primary/node.js';
 import { SecondaryNode } from '../checkpoint/secondary/node.js';
 import { parseHostPort } from '../util/address.js';
@@ -531,7 +532,7 @@ async function inspectStateDir(
     const m = /^(\d+)\.journal$/.exec(name);
     if (!m) continue;
     const n = Number(m[1]);
-    const report = inspectJournal(path.join(epochDir, name), limit, undefined, undefined, n);
+    const report = inspectJournal(path.join(epochDir, name), { limit, bounds: epochJournal(n) });
     let state = states.get(n) ?? (report.sealed ? 'sealed' : 'open');
     if (n <= committed) state = 'committed-not-yet-applied';
     if (node.role === 'secondary' && state === 'open') state = 'receiving';
@@ -542,7 +543,7 @@ async function inspectStateDir(
     const ovDir = path.join(dir, 'overlay');
     const cur = fs.existsSync(ovDir) ? fs.readdirSync(ovDir).filter((f) => f.endsWith('.journal')) : [];
     if (cur.length)
-      overlay = inspectJournal(path.join(ovDir, cur.sort((a, b) => parseInt(b) - parseInt(a))[0]), limit);
+      overlay = inspectJournal(path.join(ovDir, cur.sort((a, b) => parseInt(b) - parseInt(a))[0]), { limit });
   }
   return { role: node.role, epochs, overlay };
 }

@@ -4,7 +4,7 @@
  */
 import { crc32 } from 'node:zlib';
 import { ExtentMap } from './extent-map.js';
-import { scanJournal } from './journal.js';
+import { scanJournal, type JournalBounds } from './journal.js';
 import { nodeStorage, readFully, type Storage, type StorageFile } from '../../sys/storage.js';
 
 export interface LoggedExtent {
@@ -38,16 +38,14 @@ const hex = (n: number) => n.toString(16).padStart(8, '0');
 
 /**
  * Read a journal and describe it; at most `limit` extents of each kind are
- * listed. `epoch`: the journal of that epoch (it may be written over a spare
- * file: frames of other epochs past its end are not its own).
+ * listed. `file`: the journal already open; `bounds`: its own frames, when it
+ * may be written over an older file (records.ts `epochJournal`).
  */
 export function inspectJournal(
   path: string,
-  limit = 10_000,
-  storage: Storage = nodeStorage,
-  file?: StorageFile,
-  epoch?: number,
+  opts: { limit?: number; storage?: Storage; file?: StorageFile; bounds?: JournalBounds } = {},
 ): JournalReport {
+  const { limit = 10_000, storage = nodeStorage, file, bounds } = opts;
   const map = new ExtentMap();
   const logged: LoggedExtent[] = [];
   let records = 0;
@@ -80,7 +78,7 @@ export function inspectJournal(
         });
       else truncated = true;
     },
-    { withData: true, file, epoch },
+    { withData: true, file, bounds },
   );
   const merged: MergedExtent[] = [];
   const fd = file ?? storage.openRead(path);

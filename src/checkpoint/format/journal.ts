@@ -18,13 +18,13 @@
  *   by a crash): it is reported with its offset so the caller can truncate.
  *   A bad frame followed by more data is corruption in the middle: it is
  *   reported as such and must never be applied.
- * - A secondary's epoch journal may be written over a spare file (an applied
- *   epoch's journal, kept to save the cost of fresh pages): past its own
- *   frames lie the bytes of the file's earlier use. Scanned with `epoch`,
- *   its seal or a frame of any other epoch ends the journal (`leftover`),
- *   and a damaged frame is corruption only if a frame of that epoch follows
- *   it. (A spare only ever held older epochs of the same numbering: a rebase
- *   deletes them.)
+ * - A journal may be written over an older file (a secondary's epoch journal
+ *   over a spare: an applied epoch's journal, kept to save the cost of fresh
+ *   pages): past its own frames lie the bytes of the file's earlier use. The
+ *   caller says which frames are its own and which one is its last
+ *   (`JournalBounds`; records.ts `epochJournal` for an epoch): a frame not
+ *   its own, or anything after its last, ends the scan (`leftover`), and a
+ *   damaged frame is corruption only if a frame of its own follows it.
  */
 import { crashPoint } from '../../crash.js';
 import { ColoError, toColoError } from '../../errors.js';
@@ -225,6 +225,13 @@ export class JournalWriter {
   }
 }
 
+/** Which frames belong to a journal written over an older file (see the notes). */
+export interface JournalBounds {
+  owns(meta: unknown): boolean;
+  /** Nothing of the journal follows this frame. */
+  isLast(meta: unknown): boolean;
+}
+
 export interface ScannedRecord<M> {
   meta: M;
   /** File offset of the frame. */
@@ -245,7 +252,7 @@ export interface ScanResult {
   tornTail: { offset: number; reason: string } | null;
   /** Set when a damaged frame is followed by more data: never apply past it. */
   corruption: { offset: number; reason: string } | null;
-  /** Scanned with `epoch`: where the bytes left from the file's earlier use begin (after the seal, or a frame of another epoch). */
+  /** Scanned with `bounds`: where the bytes left from the file's earlier use begin. */
   leftover?: { offset: number };
 }
 
@@ -259,7 +266,7 @@ export function scanJournal<M = Record<string, unknown>>(
   storage: Storage,
   path: string,
   onRecord: (rec: ScannedRecord<M>) => void,
-  opts: { withData?: boolean; file?: StorageFile; epoch?: number } = {},
+  opts: { withData?: boolean; file?: StorageFile; bounds?: JournalBounds } = {},
 ): ScanResult {
   // `file`: a journal already open (a primary's resend buffer in memory), read instead of `path`.
   const fd = opts.file ?? storage.openRead(path);
@@ -283,7 +290,7 @@ export function scanJournal<M = Record<string, unknown>>(
       try {
         total = peekFrameBytes(head);
       } catch (err) {
-        return damaged(pos, fileSize, records, (err as Error).message, fd, opts.epoch);
+        return damaged(pos, fileSize, records, (err as Error).message, fd, opts.bounds);
       }
       if (total === null || pos + total > fileSize)
         return {
@@ -301,9 +308,9 @@ export function scanJournal<M = Record<string, unknown>>(
         frame = decodeFrame<M>(view);
       } catch (err) {
         if (!(err instanceof FrameError)) throw err;
-        return damaged(pos, fileSize, records, err.message, fd, opts.epoch, total);
+        return damaged(pos, fileSize, records, err.message, fd, opts.bounds, total);
       }
-      if (opts.epoch !== undefined && !ofEpoch(frame!.meta, opts.epoch)) return leftover(pos);
+      if (opts.bounds && !opts.bounds.owns(frame!.meta)) return leftover(pos);
       const dataLength = frame!.data.length;
       onRecord({
         meta: frame!.meta,
@@ -314,18 +321,12 @@ export function scanJournal<M = Record<string, unknown>>(
       });
       records++;
       pos += total;
-      // An epoch journal ends with its seal: what follows is left from the file's earlier use.
-      if (opts.epoch !== undefined && (frame!.meta as { t?: unknown }).t === 'seal' && pos < fileSize)
-        return leftover(pos);
+      if (opts.bounds?.isLast(frame!.meta) && pos < fileSize) return leftover(pos);
     }
     return { records, validEnd: pos, fileSize, tornTail: null, corruption: null };
   } finally {
     fd.close();
   }
-}
-
-function ofEpoch(meta: unknown, epoch: number): boolean {
-  return typeof meta === 'object' && meta !== null && (meta as { e?: unknown }).e === epoch;
 }
 
 /** A bad frame at `pos`: a torn tail if nothing valid could follow it, corruption otherwise. */
@@ -335,20 +336,25 @@ function damaged(
   records: number,
   reason: string,
   fd: StorageFile,
-  epoch: number | undefined,
+  bounds: JournalBounds | undefined,
   claimed?: number,
 ): ScanResult {
   // If the damaged frame (as claimed) reaches the end of the file, or no frame
-  // (of this epoch, for an epoch journal) can be found after it, it is the last
-  // append: a torn tail.
+  // (of its own, for a journal with bounds) can be found after it, it is the
+  // last append: a torn tail.
   const after = claimed !== undefined ? pos + claimed : pos + FRAME_HEADER_BYTES;
-  if (after >= fileSize || !hasFrameAfter(fd, after, fileSize, epoch))
+  if (after >= fileSize || !hasFrameAfter(fd, after, fileSize, bounds))
     return { records, validEnd: pos, fileSize, tornTail: { offset: pos, reason }, corruption: null };
   return { records, validEnd: pos, fileSize, tornTail: null, corruption: { offset: pos, reason } };
 }
 
-/** Is there a decodable frame (of `epoch`, if given) starting at `pos`? */
-function hasFrameAfter(fd: StorageFile, pos: number, fileSize: number, epoch: number | undefined): boolean {
+/** Is there a decodable frame (one of its own, with `bounds`) starting at `pos`? */
+function hasFrameAfter(
+  fd: StorageFile,
+  pos: number,
+  fileSize: number,
+  bounds: JournalBounds | undefined,
+): boolean {
   if (fileSize - pos < FRAME_HEADER_BYTES) return false;
   const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
   readFully(fd, head, pos);
@@ -358,7 +364,7 @@ function hasFrameAfter(fd: StorageFile, pos: number, fileSize: number, epoch: nu
     const buf = Buffer.allocUnsafe(total);
     readFully(fd, buf, pos);
     const frame = decodeFrame(buf);
-    return frame !== null && (epoch === undefined || ofEpoch(frame.meta, epoch));
+    return frame !== null && (!bounds || bounds.owns(frame.meta));
   } catch {
     return false;
   }

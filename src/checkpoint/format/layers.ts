@@ -12,7 +12,7 @@
  * read data from the journal. Discarding a layer is O(1): close and unlink.
  */
 import { ExtentMap, type Segment } from './extent-map.js';
-import { JournalWriter, scanJournal, type ScanResult } from './journal.js';
+import { JournalWriter, scanJournal, type JournalBounds, type ScanResult } from './journal.js';
 import { isMutation, mutationLength, type MutationRecord } from './records.js';
 import type { Storage } from '../../sys/storage.js';
 
@@ -57,7 +57,8 @@ export class Layer {
     storage: Storage,
     id: number,
     path: string,
-    opts: { epoch?: number } = {},
+    /** Its own frames, when it may be written over an older file (records.ts `epochJournal`). */
+    bounds?: JournalBounds,
   ): { layer: Layer; scan: ScanResult; others: Record<string, unknown>[] } {
     const others: Record<string, unknown>[] = [];
     const pending: { rec: MutationRecord; dataPos: number; dataLength: number }[] = [];
@@ -73,7 +74,7 @@ export class Layer {
           });
         else others.push(r.meta);
       },
-      { epoch: opts.epoch },
+      { bounds },
     );
     const layer = new Layer(
       storage,

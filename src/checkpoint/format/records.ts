@@ -8,6 +8,7 @@
  * (durability on the secondary is the checkpoint's business: a commit is a
  * flush barrier). The mirror suite sends every mutating command and checks.
  */
+import type { JournalBounds } from './journal.js';
 
 export type MutationKind = 'w' | 'z' | 't';
 
@@ -55,6 +56,18 @@ export interface SealRecord {
 }
 
 export type EpochRecord = MutationRecord | SealRecord;
+
+/**
+ * The bounds of epoch `e`'s journal, which may be written over a spare that
+ * held older epochs (journal.ts): its frames carry `e`, its seal is its last.
+ * (A spare only ever held older epochs of the same numbering: a rebase
+ * deletes them.)
+ */
+export function epochJournal(e: number): JournalBounds {
+  const field = (meta: unknown, key: 'e' | 't') =>
+    typeof meta === 'object' && meta !== null ? (meta as Record<string, unknown>)[key] : undefined;
+  return { owns: (meta) => field(meta, 'e') === e, isLast: (meta) => field(meta, 't') === 'seal' };
+}
 
 export function isMutation(rec: { t: string }): rec is MutationRecord {
   return rec.t === 'w' || rec.t === 'z' || rec.t === 't';

@@ -616,7 +616,7 @@ export class PrimaryReplica {
         epoch: e.epoch,
         state: e.sealed ? (e.epoch <= this.link.durableEpoch ? 'durable' : 'sealed') : 'open',
         ...(e.journal
-          ? inspectJournal(e.journal.path, limit, this.env.storage, e.journal.asFile())
+          ? inspectJournal(e.journal.path, { limit, storage: this.env.storage, file: e.journal.asFile() })
           : { records: e.records, bytes: e.bytes, note: 'not held: the secondary is out of sync' }),
       })),
     };

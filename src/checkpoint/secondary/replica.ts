@@ -18,6 +18,7 @@ import { parseHostPort } from '../../util/address.js';
 import type { Route } from '../control.js';
 import { finishPromotedStore } from '../../failover/finish-promoted.js';
 import { inspectJournal } from '../format/inspect.js';
+import { epochJournal } from '../format/records.js';
 import { SecondaryLink } from '../link/secondary-link.js';
 import type { HeartbeatOptions } from '../primary/core.js';
 import { renderPrometheus } from '../metrics.js';
@@ -297,9 +298,13 @@ export class SecondaryReplica {
       epochs: pending.map((e) => ({
         epoch: e.epoch,
         state: e.state === 'committed' ? 'committed-not-yet-applied' : e.state,
-        ...inspectJournal(this.store.epochLayer(e.epoch)!.path, limit, this.env.storage, undefined, e.epoch),
+        ...inspectJournal(this.store.epochLayer(e.epoch)!.path, {
+          limit,
+          storage: this.env.storage,
+          bounds: epochJournal(e.epoch),
+        }),
       })),
-      overlay: inspectJournal(this.store.overlayLayer.path, limit, this.env.storage),
+      overlay: inspectJournal(this.store.overlayLayer.path, { limit, storage: this.env.storage }),
     };
   }
 

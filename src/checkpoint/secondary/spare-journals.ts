@@ -49,15 +49,17 @@ interface Waiter {
 export class SpareJournals {
   private ready: Spare[] = [];
   private settling: Spare[] = [];
-  private heldBytes = 0;
   private nextId = 1;
   /** Renames made so far, and how many of them a returned directory sync covers. */
   private renames = 0;
   private synced = 0;
   private syncing = false;
   private waiters: Waiter[] = [];
-  private failed: Error | null = null;
-  private discarded = false;
+  /** Set once a directory sync failed: no more syncs. */
+  private failed = false;
+  /** Set by discard (a promotion, or that failure): no more spares. */
+  private off = false;
+  private reused = 0;
 
   constructor(
     private readonly storage: Storage,
@@ -76,23 +78,26 @@ export class SpareJournals {
     return {
       files: this.ready.length + this.settling.length,
       ready: this.ready.length,
-      bytes: this.heldBytes,
+      bytes: this.bytes,
       reused: this.reused,
     };
   }
 
-  private reused = 0;
+  private get bytes(): number {
+    let n = 0;
+    for (const s of [...this.ready, ...this.settling]) n += s.bytes;
+    return n;
+  }
 
   /**
    * Keep the applied journal at `file` (`bytes` long) as a spare: renamed
    * now. False when the pool is full or off: the caller deletes it.
    */
   keep(file: string, bytes: number): boolean {
-    if (this.failed || this.discarded || bytes > this.maxBytes - this.heldBytes) return false;
+    if (this.off || bytes > this.maxBytes - this.bytes) return false;
     if (this.ready.length + this.settling.length >= MAX_SPARES) return false;
     const spare = path.join(this.dir, `spare-${this.nextId++}.journal`);
     this.storage.rename(file, spare);
-    this.heldBytes += bytes;
     this.settling.push({ path: spare, bytes, rename: ++this.renames });
     this.pump();
     return true;
@@ -103,10 +108,8 @@ export class SpareJournals {
    * that settles once the rename is durable, or null when no spare is ready.
    */
   take(file: string): Promise<void> | null {
-    if (this.failed) return null;
     const spare = this.ready.pop();
     if (!spare) return null;
-    this.heldBytes -= spare.bytes;
     this.storage.rename(spare.path, file);
     this.reused++;
     const rename = ++this.renames;
@@ -117,7 +120,7 @@ export class SpareJournals {
 
   /** Delete every spare (a promoted node receives no more epochs). */
   discard(): void {
-    this.discarded = true;
+    this.off = true;
     for (const s of [...this.ready, ...this.settling]) void this.storage.removeLater(s.path);
     this.clear();
   }
@@ -126,7 +129,6 @@ export class SpareJournals {
   clear(): void {
     this.ready = [];
     this.settling = [];
-    this.heldBytes = 0;
   }
 
   /** One directory sync at a time, covering every rename made before it started. */
@@ -145,7 +147,7 @@ export class SpareJournals {
       },
       (err: Error) => {
         this.syncing = false;
-        this.failed = err;
+        this.failed = true;
         this.log(
           `syncing ${this.dir} failed (${err.message}): applied epoch journals are deleted from now on`,
         );

@@ -49,7 +49,7 @@ import type { Storage } from '../../sys/storage.js';
 import { Layer } from '../format/layers.js';
 import { openMeta, StateDir, type MetaIndex, type MetaOp } from '../state-dir.js';
 import type { SyncMark } from '../link/messages.js';
-import type { MutationRecord, SealRecord } from '../format/records.js';
+import { epochJournal, type MutationRecord, type SealRecord } from '../format/records.js';
 
 export type EpochState = 'receiving' | 'sealed' | 'durable' | 'committed';
 
@@ -274,7 +274,7 @@ export class SecondaryStore {
         continue;
       }
       // The journal may have been written over a spare: frames of other epochs are not its own.
-      const { layer, scan, others } = Layer.recover(this.storage, n, file, { epoch: n });
+      const { layer, scan, others } = Layer.recover(this.storage, n, file, epochJournal(n));
       if (scan.corruption) {
         layer.close();
         this.refuseCorrupt(file, scan.corruption.offset, scan.corruption.reason);
@@ -943,9 +943,9 @@ export class SecondaryStore {
    * crash kept only the later one).
    */
   private retire(layer: Layer, spare = false): void {
-    const bytes = layer.journal.fileBytes;
+    const bytes = spare ? layer.journal.fileBytes : null;
     layer.close();
-    this.retiring.push({ path: layer.path, bytes: spare ? bytes : null });
+    this.retiring.push({ path: layer.path, bytes });
     if (this.retiring.length === 1) this.removing = this.removeRetired();
   }
 
@@ -963,8 +963,8 @@ export class SecondaryStore {
   private async removeRetired(): Promise<void> {
     while (this.retiring.length) {
       const { path, bytes } = this.retiring[0];
-      if (!this.closed && !(bytes !== null && this.keepSpare(path, bytes)))
-        await this.storage.removeLater(path);
+      const kept = !this.closed && bytes !== null && this.keepSpare(path, bytes);
+      if (!this.closed && !kept) await this.storage.removeLater(path);
       this.retiring.shift();
     }
   }
