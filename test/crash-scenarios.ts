@@ -1006,9 +1006,21 @@ async function cli(
 }
 
 /** A secondary part-way through a resync matches no checkpoint: `colo-blk failover` must refuse (exit 1). */
-async function expectFailoverRefused(ctx: PointContext, node: NodeProc, when: string): Promise<void> {
+async function expectFailoverRefused(
+  ctx: PointContext,
+  node: NodeProc,
+  when: string,
+  state: string,
+): Promise<void> {
   const f = await cli(ctx, ['failover', '--control', `127.0.0.1:${node.control.port}`]);
-  if (f.code !== 1 || !/part-way through a resync/.test(f.stderr))
+  // The primary may have reconnected and finished the resync meanwhile: then the promotion is
+  // right, and its record follows the 'done' mark in commits.journal.
+  const records = commitRecords(state) as { t: string; sync?: { state: string } }[];
+  const done = records.findIndex((c) => c.t === 'commit' && c.sync?.state === 'done');
+  const promote = records.findIndex((c) => c.t === 'promote');
+  if (f.code === 0 && done >= 0 && promote > done)
+    ctx.notes.push(`${when}: the resync finished before the failover, which then promoted the node`);
+  else if (f.code !== 1 || !/part-way through a resync/.test(f.stderr))
     ctx.problems.push(
       `${when}: the secondary is part-way through a resync, but colo-blk failover exited ${f.code}: ` +
         `${(f.stderr || f.stdout).trim().split('\n').pop()}`,
@@ -1339,7 +1351,8 @@ function resyncSecondaryScenario(
           `restarted, the secondary says syncing ${JSON.stringify(st.syncing)}, but its commits.journal says ${m.syncing ? 'part-way' : 'not part-way'}`,
         );
       // The journal is the truth: whatever the node says, a part-way node must not be promoted.
-      if (st.syncing || m.syncing) await expectFailoverRefused(ctx, again, 'restarted mid-resync');
+      if (st.syncing || m.syncing)
+        await expectFailoverRefused(ctx, again, 'restarted mid-resync', path.join(r.dir, 'svm-state'));
       if (ctx.problems.length) return;
       await resyncAgainAndCompare(ctx, r, again);
     },
