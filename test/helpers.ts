@@ -148,10 +148,15 @@ export interface CliServer {
 }
 
 /** Start `colo-blk serve` as a real process on an ephemeral port and wait until it listens. */
-export async function startCliServer(args: string[], timeoutMs = 20_000): Promise<CliServer> {
+export async function startCliServer(
+  args: string[],
+  timeoutMs = 20_000,
+  env: NodeJS.ProcessEnv = process.env,
+): Promise<CliServer> {
   const child = track(
     spawn(process.execPath, [CLI, 'serve', '--listen', '127.0.0.1:0', '--json', ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
+      env,
     }),
   );
   let stderr = '';

@@ -131,6 +131,7 @@ export class Connection {
 
   private attach(socket: net.Socket): void {
     socket.on('data', (chunk: Buffer) => {
+      if (this.phase === 'closed') return; // after our end: read only to see the client's
       this.queue.push(chunk);
       this.pump();
     });
@@ -165,6 +166,9 @@ export class Connection {
     this.phase = 'closed';
     this.uncork();
     this.socket.end();
+    // Read on, to see the client close its side: a paused socket stops its kernel reads
+    // (sys/slab-reads.ts) and would never see the end of the stream.
+    this.socket.resume();
   }
 
   private onClose(): void {

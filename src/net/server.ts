@@ -30,6 +30,7 @@ import type { BlockDevice } from '../block/device.js';
 import { Connection } from './connection.js';
 import { ReplyBuffers } from './reply-buffers.js';
 import { listenOn } from '../util/listen.js';
+import { readIntoSlabs } from '../sys/slab-reads.js';
 import { serverTlsOptions, type TlsCredentials, type TlsMode } from './tls/credentials.js';
 
 export interface ExportConfig {
@@ -163,7 +164,8 @@ export class NbdServer extends EventEmitter {
       shutdownGraceMs: opts.shutdownGraceMs ?? limits.shutdownGraceMs,
       logger: opts.logger ?? silentLogger,
     };
-    this.server = net.createServer({ noDelay: true }, (socket) => this.admit(socket));
+    // Paused until admitted: an admitted socket is read into slabs (sys/slab-reads.ts), a refused one never read.
+    this.server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.admit(socket));
     // Listen errors are returned by listen(); later ones go to 'error' listeners, if any.
     this.server.on('error', (err) => {
       if (this.listenerCount('error') > 0) this.emit('error', err);
@@ -211,6 +213,9 @@ export class NbdServer extends EventEmitter {
       return;
     }
     this.perAddress.set(address, fromThere + 1);
+    // STARTTLS reads the TCP socket's handle itself: a server that may speak TLS reads the usual way.
+    if (this.options.tls) socket.resume();
+    else socket = readIntoSlabs(socket);
     const conn: Connection = new Connection(this, socket, this.nextConnId++, () => {
       this.forget(conn);
       this.emit('disconnect', conn.id);

@@ -9,6 +9,7 @@
  */
 import net from 'node:net';
 import tls from 'node:tls';
+import { readIntoSlabs } from './slab-reads.js';
 import { listenOn } from '../util/listen.js';
 import { clientTlsOptions, serverTlsOptions, type TlsCredentials } from '../net/tls/credentials.js';
 
@@ -57,7 +58,10 @@ export const tcpNet: Net = {
     return socket as unknown as Conn;
   },
   async listen(host, port, onConnection) {
-    const server = net.createServer({ noDelay: true }, (s) => onConnection(s as unknown as Conn));
+    // The secondary receives every replicated byte here: read into slabs (slab-reads.ts).
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (s) =>
+      onConnection(readIntoSlabs(s) as unknown as Conn),
+    );
     const addr = await listenOn(server, port, host);
     return {
       address: addr.address,
