@@ -4,7 +4,15 @@ import { pathToFileURL } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MemoryDevice } from '../src/block/memory.js';
 import { NbdClient } from '../src/net/client.js';
-import { MIN_READ_BYTES, readIntoSlabs, SLAB_BYTES, slabReadStats, Slabs } from '../src/sys/slab-reads.js';
+import {
+  BULK_READ_BYTES,
+  BULK_TOTAL_BYTES,
+  MIN_READ_BYTES,
+  readIntoSlabs,
+  SLAB_BYTES,
+  slabReadStats,
+  Slabs,
+} from '../src/sys/slab-reads.js';
 import {
   killAll,
   prng,
@@ -35,22 +43,28 @@ function connect(port: number): Promise<net.Socket> {
 }
 
 describe('socket reads into slabs', () => {
-  it('hands out each byte of a slab once, and a new slab when less than a read is left', () => {
-    const slabs = new Slabs(1000, 300);
+  it('copies reads out of a shared buffer until one is in bulk; then hands out each byte of a slab once', () => {
+    const slabs = new Slabs(100_000, 30_000);
+    const shared = slabs.next();
+    const first = slabs.took(shared, 100); // a handshake's few bytes: copied out of the shared buffer
+    expect(first.buffer).not.toBe(shared.buffer);
+    expect(slabs.next().buffer).toBe(shared.buffer); // still small reads
+    slabs.took(slabs.next(), BULK_READ_BYTES); // a bulk read: slabs from now on
     const a = slabs.next();
-    expect(a.length).toBe(1000);
-    const va = slabs.took(a, 600);
-    const b = slabs.next(); // 400 left: still this slab
+    expect(a.buffer).not.toBe(shared.buffer);
+    expect(a.length).toBe(100_000);
+    const va = slabs.took(a, 60_000);
+    const b = slabs.next(); // 40,000 left: still this slab
     expect(b.buffer).toBe(a.buffer);
-    expect(b.byteOffset).toBe(a.byteOffset + 600);
-    expect(b.length).toBe(400);
+    expect(b.byteOffset).toBe(a.byteOffset + 60_000);
+    expect(b.length).toBe(40_000);
     va.fill(1);
-    const vb = slabs.took(b, 200);
+    const vb = slabs.took(b, 20_000);
     vb.fill(2);
     expect(va.every((x) => x === 1)).toBe(true); // the second read did not touch the first one's bytes
-    const c = slabs.next(); // 200 left < 300: a new slab
+    const c = slabs.next(); // 20,000 left < 30,000: a new slab
     expect(c.buffer).not.toBe(a.buffer);
-    expect(c.length).toBe(1000);
+    expect(c.length).toBe(100_000);
   });
 
   let cleanup: (() => Promise<void> | void)[] = [];
@@ -79,13 +93,45 @@ describe('socket reads into slabs', () => {
     client.end();
     await ended;
     expect(Buffer.concat(chunks).equals(sent)).toBe(true);
-    const slabsUsed = new Set(chunks.map((c) => c.buffer));
-    // Views of 1 MiB slabs, not one buffer per read.
+    // After the first bulk reads: views of 1 MiB slabs, not one buffer per read.
+    let seen = 0;
+    const bulk = chunks.filter((c) => (seen += c.length) > BULK_TOTAL_BYTES + SLAB_BYTES);
+    expect(bulk.length).toBeGreaterThan(0);
+    const slabsUsed = new Set(bulk.map((c) => c.buffer));
     for (const ab of slabsUsed) expect(ab.byteLength).toBe(SLAB_BYTES);
     expect(slabsUsed.size).toBeLessThanOrEqual(Math.ceil(sent.length / (SLAB_BYTES - MIN_READ_BYTES)) + 1);
     expect(slabReadStats.sockets).toBe(before.sockets + 1);
     expect(slabReadStats.bytes - before.bytes).toBe(sent.length);
     expect(slabReadStats.reads - before.reads).toBe(chunks.length);
+  });
+
+  it('an idle or handshaking connection holds no slab; one reading in bulk takes its own', async () => {
+    const server = net.createServer({ pauseOnConnect: true }, (s) => readIntoSlabs(s).on('data', () => {}));
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    cleanup.push(() => new Promise<void>((r) => server.close(() => r())));
+    const port = (server.address() as net.AddressInfo).port;
+    const before = slabReadStats.slabs;
+    const clients = await Promise.all(Array.from({ length: 64 }, () => connect(port)));
+    cleanup.push(() => clients.forEach((c) => c.destroy()));
+    const reads = slabReadStats.reads;
+    clients.forEach((c) => c.write(Buffer.alloc(300, 1)));
+    await new Promise<void>((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error('the small writes were not all read')), 10_000);
+      const check = setInterval(() => {
+        if (slabReadStats.reads - reads >= clients.length) {
+          clearTimeout(t);
+          clearInterval(check);
+          resolve();
+        }
+      }, 5);
+    });
+    expect(slabReadStats.slabs).toBe(before);
+    clients[0].write(Buffer.alloc(4 * MiB, 2));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(slabReadStats.slabs).toBeGreaterThan(before);
+    expect(slabReadStats.slabs - before).toBeLessThanOrEqual(
+      Math.ceil((4 * MiB) / (SLAB_BYTES - MIN_READ_BYTES)) + 1,
+    );
   });
 
   it('pause() stops the reads (TCP backpressure) and resume() restarts them', async () => {

@@ -13,7 +13,10 @@
  * the part after the last one, and a new slab is taken when less than
  * MIN_READ_BYTES is left. So every view handed on stays valid for as long as
  * its holder keeps it, like Node's own chunks (ByteQueue relies on that), and
- * a slab is freed by the garbage collector once no view of it is left.
+ * a slab is freed by the garbage collector once no view of it is left. A
+ * socket takes slabs only once it reads in bulk; before that (a handshake, an
+ * idle connection) its reads go into one buffer all sockets share, and are
+ * copied out.
  *
  * The socket still emits 'data' with each view (emitted here, not by the
  * stream), so its users do not change; pause() and resume() stop and restart
@@ -38,13 +41,30 @@ export const MIN_READ_BYTES = 64 * 1024;
 /** COLO_BLK_NO_SLAB_READS=1 reads every socket the usual way (benchmarks, and a way out). */
 export const slabReadsEnabled = !process.env.COLO_BLK_NO_SLAB_READS;
 
-/** Reads done into slabs, process-wide (status and tests). */
-export const slabReadStats = { sockets: 0, reads: 0, bytes: 0 };
+/** Reads done through slab sockets, and slabs allocated, process-wide (status and tests). */
+export const slabReadStats = { sockets: 0, reads: 0, bytes: 0, slabs: 0 };
+
+/**
+ * Until a socket reads in bulk it reads into this one buffer, shared by every
+ * socket, and each read's bytes are copied out: an idle or handshaking
+ * connection holds no slab (ten thousand slowloris connections would
+ * otherwise hold 10 GiB of address space, and as much V8 external memory).
+ * Sharing is safe: libuv allocates, reads and calls back for one socket at a
+ * time on this thread, and the bytes are copied before the callback returns.
+ */
+const SMALL_READ_BYTES = 64 * 1024;
+let smallReads: Buffer | null = null;
+
+/** A socket takes slabs of its own once one read brings this much, or once it has read this much in all. */
+export const BULK_READ_BYTES = 16 * 1024;
+export const BULK_TOTAL_BYTES = 256 * 1024;
 
 /** Hands out the unread part of the current slab, and a new slab when little is left. */
 export class Slabs {
   private slab = Buffer.alloc(0);
   private pos = 0;
+  private bulk = false;
+  private total = 0;
 
   constructor(
     private readonly slabBytes = SLAB_BYTES,
@@ -53,15 +73,22 @@ export class Slabs {
 
   /** The buffer the next read fills. */
   next(): Buffer {
+    if (!this.bulk) return (smallReads ??= Buffer.allocUnsafeSlow(SMALL_READ_BYTES));
     if (this.slab.length - this.pos < this.minRead) {
       this.slab = Buffer.allocUnsafeSlow(this.slabBytes); // never a view of Node's small-buffer pool
       this.pos = 0;
+      slabReadStats.slabs++;
     }
     return this.slab.subarray(this.pos);
   }
 
-  /** `n` bytes were read into `buf` (the last `next()`): their view, and they are never handed out again. */
+  /** `n` bytes were read into `buf` (the last `next()`): they are never handed out again. */
   took(buf: Buffer, n: number): Buffer {
+    if (!this.bulk) {
+      this.total += n;
+      if (n >= BULK_READ_BYTES || this.total >= BULK_TOTAL_BYTES) this.bulk = true;
+      return Buffer.from(buf.subarray(0, n)); // the shared buffer is read into again next time
+    }
     this.pos += n;
     return buf.subarray(0, n);
   }
