@@ -20,6 +20,12 @@
  *   last checkpoint's copy, on several threads, that copies the changed pages
  *   into the copy and lists them: what a memory checkpoint must send.
  *
+ * - sendFileReply: an NBD read reply straight from the image's page cache to
+ *   the client's socket: send(2) of the reply header, then sendfile(2) of the
+ *   data, non-blocking (it stops where the socket is full and says how far it
+ *   got). Over TCP the kernel sends the file's pages by reference: no copy
+ *   into a user buffer and none into the socket (see src/net/file-replies.ts).
+ *
  * - tuneMalloc: glibc's mallopt(3), so freed memory stays in the heap for the
  *   next allocation instead of being given back (brk shrink) and faulted in
  *   again as fresh, zeroed pages (see src/sys/malloc.ts).
@@ -39,6 +45,8 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
 #include <unistd.h>
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -462,6 +470,61 @@ static napi_value diff_pages(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * sendFileReply(sockFd, header, fileFd, offset, length) -> bytes sent, the
+ * header's included. The socket is non-blocking: the call sends what fits and
+ * returns (EAGAIN is not an error); the caller queues the rest, in order.
+ * The header goes with MSG_MORE, so header and data leave in the same segments.
+ */
+static napi_value send_file_reply(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) {
+    napi_throw_type_error(env, "EINVAL", "wrong number of arguments");
+    return NULL;
+  }
+  int64_t sock, fd, off, len;
+  void *hdr = NULL;
+  size_t hdr_len = 0;
+  if (napi_get_value_int64(env, argv[0], &sock) != napi_ok || napi_get_buffer_info(env, argv[1], &hdr, &hdr_len) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &fd) != napi_ok || napi_get_value_int64(env, argv[3], &off) != napi_ok ||
+      napi_get_value_int64(env, argv[4], &len) != napi_ok || len < 0 || off < 0) {
+    napi_throw_type_error(env, "EINVAL", "sendFileReply(sockFd, header, fileFd, offset, length)");
+    return NULL;
+  }
+  int64_t sent = 0;
+  int e = 0;
+  while ((size_t)sent < hdr_len) {
+    ssize_t n = send((int)sock, (char *)hdr + sent, hdr_len - (size_t)sent, MSG_NOSIGNAL | (len > 0 ? MSG_MORE : 0));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) e = errno;
+      break;
+    }
+    sent += n;
+  }
+  if (!e && (size_t)sent == hdr_len) {
+    off_t pos = (off_t)off;
+    int64_t left = len;
+    while (left > 0) {
+      ssize_t n = sendfile((int)sock, (int)fd, &pos, (size_t)(left > 0x40000000 ? 0x40000000 : left));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) e = errno;
+        break;
+      }
+      if (n == 0) break; /* the file ended before the range did: the caller sends zeroes */
+      sent += n;
+      left -= n;
+    }
+  }
+  if (e && sent == 0) return throw_errno(env, e, "sendfile");
+  /* An error after some bytes went: report those; the next write on the socket meets the error. */
+  napi_value result;
+  napi_create_int64(env, sent, &result);
+  return result;
+}
+
 /* tuneMalloc(mmapThreshold, trimThreshold, topPad): true if glibc took all three. */
 static napi_value tune_malloc(napi_env env, napi_callback_info info) {
   size_t argc = 3;
@@ -502,6 +565,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"mapShared", NULL, map_shared, NULL, NULL, NULL, napi_default, NULL},
       {"diffPages", NULL, diff_pages, NULL, NULL, NULL, napi_default, NULL},
       {"tuneMalloc", NULL, tune_malloc, NULL, NULL, NULL, napi_default, NULL},
+      {"sendFileReply", NULL, send_file_reply, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

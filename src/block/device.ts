@@ -81,6 +81,18 @@ export interface BlockDevice {
   /** A hint that the range will be read soon. */
   cache(offset: number, length: number): Promise<void>;
   close(): Promise<void>;
+  /**
+   * Optional: the open file and offset where [offset, offset+length) lies as
+   * is, for a reader that sends it straight from there (sendfile); null when
+   * it does not (an overlay, a closed device, a backend being switched). Valid
+   * only until the caller yields: use it in the same synchronous step.
+   */
+  fileRange?(offset: number, length: number): FileRange | null;
+}
+
+export interface FileRange {
+  fd: number;
+  offset: number;
 }
 
 /** Assert that a range lies within a device: broken internal invariants, not client errors. */

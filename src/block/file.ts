@@ -29,6 +29,7 @@ import {
   type BlockDevice,
   type Capabilities,
   type Extent,
+  type FileRange,
   type WriteOptions,
   type ZeroOptions,
 } from './device.js';
@@ -358,6 +359,11 @@ export class FileDevice implements BlockDevice {
     // bounded, since CACHE is only a hint.
     const n = Math.min(length, limits.maxPayloadBytes);
     if (n > 0) await this.pread(Buffer.allocUnsafe(n), offset);
+  }
+
+  fileRange(offset: number, length: number): FileRange | null {
+    assertRange(this, offset, length);
+    return this.closed ? null : { fd: this.fd, offset };
   }
 
   async close(): Promise<void> {

@@ -37,6 +37,12 @@ export interface NativeHelpers {
   diffPages(current: Buffer, reference: Buffer, pageBytes: number, out: Uint32Array, threads: number): number;
   /** glibc's mallopt: M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD; true if all were taken (absent before it). */
   tuneMalloc?(mmapThreshold: number, trimThreshold: number, topPad: number): boolean;
+  /**
+   * send(2) of `header` then sendfile(2) of [offset, offset+length) of `fileFd`, on a non-blocking
+   * socket: returns the bytes sent, header included, stopping where the socket is full or the file
+   * ends (absent before it).
+   */
+  sendFileReply?(sockFd: number, header: Buffer, fileFd: number, offset: number, length: number): number;
 }
 
 function load(): NativeHelpers | null {

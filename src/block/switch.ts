@@ -14,6 +14,7 @@ import {
   type BlockDevice,
   type Capabilities,
   type Extent,
+  type FileRange,
   type WriteOptions,
   type ZeroOptions,
 } from './device.js';
@@ -79,6 +80,10 @@ export class SwitchDevice implements BlockDevice {
   }
   zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
     return this.run((d) => d.zero(offset, length, opts));
+  }
+  /** None while a switch is under way: the reader takes the path that waits for it. */
+  fileRange(offset: number, length: number): FileRange | null {
+    return this.hold ? null : (this.current.fileRange?.(offset, length) ?? null);
   }
   extents(offset: number, length: number): Promise<Extent[]> {
     return this.run((d) => d.extents(offset, length));

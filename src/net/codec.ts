@@ -482,14 +482,30 @@ export function allocReadReply(
   length: number,
   alloc: (n: number) => Buffer = Buffer.allocUnsafe,
 ): { buf: Buffer; dataOffset: number } {
+  const dataOffset = readReplyHeaderBytes(mode);
+  const buf = alloc(dataOffset + length);
+  writeReadReplyHeader(buf, mode, req, length);
+  return { buf, dataOffset };
+}
+
+/** Bytes of a read reply before its data: the simple reply header, or an OFFSET_DATA chunk's header and offset. */
+export function readReplyHeaderBytes(mode: ReplyMode): number {
+  return mode === 'simple' ? SIMPLE_REPLY_HEADER_BYTES : chunkHeaderBytes(mode === 'extended') + 8;
+}
+
+/** A read reply's bytes before its `length` bytes of data, written at the start of `buf`. */
+export function writeReadReplyHeader(
+  buf: Buffer,
+  mode: ReplyMode,
+  req: Pick<Request, 'cookieHi' | 'cookieLo' | 'offset'>,
+  length: number,
+): void {
   if (mode === 'simple') {
-    const buf = alloc(SIMPLE_REPLY_HEADER_BYTES + length);
     writeSimpleReplyHeader(buf, 0, 0, req.cookieHi, req.cookieLo);
-    return { buf, dataOffset: SIMPLE_REPLY_HEADER_BYTES };
+    return;
   }
   const extended = mode === 'extended';
   const hdr = chunkHeaderBytes(extended);
-  const buf = alloc(hdr + 8 + length);
   writeChunkHeader(
     buf,
     0,
@@ -502,7 +518,6 @@ export function allocReadReply(
     8 + length,
   );
   writeU64(buf, req.offset, hdr);
-  return { buf, dataOffset: hdr + 8 };
 }
 
 /** A final OFFSET_HOLE chunk covering the whole read (used when the range is known to be zero). */

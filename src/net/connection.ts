@@ -22,11 +22,14 @@ import type net from 'node:net';
 import tls from 'node:tls';
 import { nbdErrnoName, nbdErrnoOf, NbdErrno, toColoError } from '../errors.js';
 import { limits } from '../limits.js';
-import { ExtentFlag, writePieces } from '../block/device.js';
+import { ExtentFlag, writePieces, type BlockDevice } from '../block/device.js';
+import { fileRepliesAvailable, FILE_REPLY_MIN_BYTES, sendFromFile, socketFd } from './file-replies.js';
 import { ByteQueue } from './bytequeue.js';
 import { MIN_BYTES as REPLY_POOL_MIN_BYTES } from './reply-buffers.js';
 import {
   allocReadReply,
+  readReplyHeaderBytes,
+  writeReadReplyHeader,
   decodeOptionHeader,
   decodeRequest,
   encodeBlockStatusReply,
@@ -320,6 +323,36 @@ export class Connection {
     }
   }
 
+  /**
+   * A read reply straight from the image file (file-replies.ts), sent now, if
+   * the device maps the range to a file and nothing is queued on the socket
+   * ahead of it. False: nothing was sent, the caller reads into a buffer.
+   */
+  private sendReadFromFile(req: Request, dev: BlockDevice): boolean {
+    if (!fileRepliesAvailable || !dev.fileRange || this.tlsState !== 'none' || this.phase === 'closed')
+      return false;
+    this.uncork(); // what this turn queued so far goes first
+    // Anything still queued (a reply the kernel took only part of) must go before this one's bytes.
+    // Rare: reading pauses once 16 KiB wait (send()), until the queue has drained.
+    if (this.socket.writableLength > 0) return false;
+    const fd = socketFd(this.socket);
+    if (fd < 0) return false;
+    const header = Buffer.allocUnsafe(readReplyHeaderBytes(this.mode));
+    writeReadReplyHeader(header, this.mode, req, req.length);
+    let rest: Buffer | null | false;
+    try {
+      rest = sendFromFile(fd, header, dev, req.offset, req.length);
+    } catch (err) {
+      this.log('debug', `sending a read reply failed: ${(err as Error).message}`);
+      this.destroy();
+      return true;
+    }
+    if (rest === false) return false;
+    this.exp!.stats.readsSentFromFile++;
+    if (rest) this.send(rest);
+    return true;
+  }
+
   private uncork(): void {
     if (!this.corked) return;
     this.corked = false;
@@ -571,7 +604,7 @@ export class Connection {
     const bytes = this.costOf(req, payloadLength);
     this.inflight++;
     this.inflightBytes += bytes;
-    let work: Promise<Buffer>;
+    let work: Promise<Buffer | null>;
     try {
       if (this.shuttingDown) throw new RequestError(NbdErrno.ESHUTDOWN, 'server is shutting down');
       this.validate(req, payload ? payloadLength : null, exp);
@@ -591,8 +624,9 @@ export class Connection {
     );
   }
 
-  private complete(reply: Buffer, bytes: number): void {
-    this.send(reply);
+  /** `reply` null: it was sent already (a read sent from the file). */
+  private complete(reply: Buffer | null, bytes: number): void {
+    if (reply) this.send(reply);
     this.inflight--;
     this.inflightBytes -= bytes;
     if (this.inflight === 0 && (this.disconnecting || this.shuttingDown)) this.endGracefully();
@@ -669,7 +703,7 @@ export class Connection {
     payload: Buffer[] | null,
     payloadLength: number,
     exp: ServedExport,
-  ): Promise<Buffer> {
+  ): Promise<Buffer | null> {
     const dev = exp.device;
     const stats = exp.stats;
     const fua = (req.flags & CmdFlag.FUA) !== 0;
@@ -678,6 +712,7 @@ export class Connection {
         stats.reads++;
         stats.bytesRead += req.length;
         if (req.length === 0) return encodeStatusReply(this.mode, req, 0);
+        if (req.length >= FILE_REPLY_MIN_BYTES && this.sendReadFromFile(req, dev)) return null;
         const { buf, dataOffset } = allocReadReply(this.mode, req, req.length, this.server.replyBuffers.take);
         await dev.pread(buf.subarray(dataOffset), req.offset);
         return buf;

@@ -87,6 +87,8 @@ export interface ExportStats {
   errors: number;
   bytesRead: number;
   bytesWritten: number;
+  /** Reads answered straight from the image file (sendfile), of `reads`. */
+  readsSentFromFile: number;
 }
 
 export function newExportStats(): ExportStats {
@@ -101,6 +103,7 @@ export function newExportStats(): ExportStats {
     errors: 0,
     bytesRead: 0,
     bytesWritten: 0,
+    readsSentFromFile: 0,
   };
 }
 

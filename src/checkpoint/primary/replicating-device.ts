@@ -24,6 +24,7 @@ import {
   type BlockDevice,
   type Capabilities,
   type Extent,
+  type FileRange,
   type WriteOptions,
   type ZeroOptions,
   writePieces,
@@ -68,6 +69,11 @@ export class ReplicatingDevice implements BlockDevice {
 
   pread(buf: Buffer, offset: number): Promise<void> {
     return this.local.pread(buf, offset);
+  }
+
+  /** Reads are the local disk's: so is the file they may be sent from. */
+  fileRange(offset: number, length: number): FileRange | null {
+    return this.local.fileRange?.(offset, length) ?? null;
   }
 
   /** Run a mutation under the range lock. */
