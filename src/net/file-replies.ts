@@ -41,8 +41,8 @@ export const FILE_REPLY_MIN_BYTES = 128 * 1024;
 export const fileRepliesAvailable =
   typeof native?.sendFileReply === 'function' && !process.env.COLO_BLK_NO_FILE_REPLIES;
 
-/** Replies sent from files, process-wide (tests and benchmarks); `partial`: the socket took only part. */
-export const fileReplyStats = { replies: 0, bytes: 0, partial: 0 };
+/** Replies the socket took only part of, process-wide (tests; the export's stats count those sent from files). */
+export const fileReplyStats = { partial: 0 };
 
 /** The file descriptor of a plain TCP socket, or -1. */
 export function socketFd(socket: net.Socket): number {
@@ -67,8 +67,6 @@ export function sendFromFile(
   const range = dev.fileRange?.(offset, length) ?? null;
   if (!range) return false;
   const sent = native!.sendFileReply!(sockFd, header, range.fd, range.offset, length);
-  fileReplyStats.replies++;
-  fileReplyStats.bytes += length;
   if (sent === header.length + length) return null;
   fileReplyStats.partial++;
   return rest(header, length, range, sent);
