@@ -88,6 +88,12 @@ export interface BlockDevice {
    * only until the caller yields: use it in the same synchronous step.
    */
   fileRange?(offset: number, length: number): FileRange | null;
+  /**
+   * Optional: true when pwrite/pwritev hold none of the caller's buffers once
+   * their promise has settled (nothing queued or kept from them), so the
+   * caller may fill them again at once. Absent means they may be kept.
+   */
+  readonly releasesWrites?: boolean;
 }
 
 export interface FileRange {

@@ -75,6 +75,8 @@ function isUnsupported(err: unknown): boolean {
 
 export class FileDevice implements BlockDevice {
   readonly caps: Capabilities;
+  /** Writes are done with the caller's buffers when they settle (the I/O trace copies what it keeps). */
+  readonly releasesWrites = true;
   private closed = false;
   /** Cleared the first time the filesystem refuses the operation. */
   private canPunch = native !== null;

@@ -69,11 +69,35 @@ import {
   TxFlag,
 } from './protocol.js';
 import type { NbdServer, ServedExport } from './server.js';
+import { directNextRead } from '../sys/slab-reads.js';
 
 type Phase = 'flags' | 'options' | 'transmission' | 'closed';
 
+/**
+ * The rest of a WRITE payload read straight into a pooled buffer when it is
+ * this large (smaller: the slab it arrives in is as good) and no larger (the
+ * pool keeps at most 32 MiB idle).
+ */
+const DIRECT_PAYLOAD_MIN_BYTES = 64 * 1024;
+const DIRECT_PAYLOAD_MAX_BYTES = 4 * 1024 * 1024;
+
 /** Largest block-status query in compact mode, so every descriptor length fits 32 bits. */
 const MAX_STATUS_QUERY_COMPACT = 2 ** 31;
+
+/**
+ * Whether the payload's last piece ends where `buffer` does: all the bytes read
+ * into it belong to this payload, none to a request after it still in the
+ * queue, so it may go back to the pool after the write. (directPayload sizes it
+ * so; a buffer failing this is left to the garbage collector.)
+ */
+function endsAt(pieces: Buffer[], buffer: Buffer): boolean {
+  const last = pieces[pieces.length - 1];
+  return (
+    last !== undefined &&
+    last.buffer === buffer.buffer &&
+    last.byteOffset + last.length === buffer.byteOffset + buffer.length
+  );
+}
 
 class RequestError extends Error {
   constructor(
@@ -103,8 +127,11 @@ export class Connection {
   private meta: { exportName: string; ids: number[] } | null = null;
   private exp: ServedExport | null = null;
   private mode: ReplyMode = 'simple';
-  /** A request header whose payload has not fully arrived. */
-  private pendingPayload: { req: Request; length: number } | null = null;
+  /**
+   * A request header whose payload has not fully arrived; `buffer`: the
+   * payload buffer the socket reads its rest into (directPayload).
+   */
+  private pendingPayload: { req: Request; length: number; buffer: Buffer | null } | null = null;
   private inflight = 0;
   private inflightBytes = 0;
   private readPaused = false;
@@ -238,10 +265,11 @@ export class Connection {
     if (this.inflight >= this.server.options.maxInflightRequests) return this.pauseReading();
     if (this.inflightBytes >= this.server.options.maxInflightBytes) return this.pauseReading();
     if (this.pendingPayload) {
-      const { req, length } = this.pendingPayload;
+      const { req, length, buffer } = this.pendingPayload;
       if (this.queue.length < length) return false;
       this.pendingPayload = null;
-      this.dispatch(req, this.queue.takePieces(length), length);
+      const pieces = this.queue.takePieces(length);
+      this.dispatch(req, pieces, length, buffer && endsAt(pieces, buffer) ? buffer : null);
       return true;
     }
     const hdrBytes = requestHeaderBytes(this.extended);
@@ -261,7 +289,7 @@ export class Connection {
           `${cmdName(req.type)} payload of ${payloadLength} bytes exceeds the limit of ${limits.maxPayloadBytes}`,
         );
       if (this.queue.length < payloadLength) {
-        this.pendingPayload = { req, length: payloadLength };
+        this.pendingPayload = { req, length: payloadLength, buffer: this.directPayload(req, payloadLength) };
         return false;
       }
       this.dispatch(req, this.queue.takePieces(payloadLength), payloadLength);
@@ -269,6 +297,28 @@ export class Connection {
     }
     this.dispatch(req, null);
     return true;
+  }
+
+  /**
+   * Have the socket read the rest of a large WRITE's payload straight into a
+   * buffer of the server's pool, given back once the write has settled: the
+   * kernel then copies into memory the last writes left in cache, where a new
+   * slab is memory untouched for a while (sys/slab-reads.ts, directNextRead).
+   * Only where the device keeps none of the buffer after the write
+   * (`releasesWrites`: a file, not a replicating primary whose link may still
+   * queue it), and only over a socket read into slabs (not TLS). The queue
+   * holds nothing but this payload's first bytes here, so the buffer, sized to
+   * the rest, receives this payload's bytes and no others.
+   */
+  private directPayload(req: Request, payloadLength: number): Buffer | null {
+    const rest = payloadLength - this.queue.length;
+    if (req.type !== Cmd.WRITE || rest < DIRECT_PAYLOAD_MIN_BYTES || rest > DIRECT_PAYLOAD_MAX_BYTES)
+      return null;
+    if (!this.exp?.device.releasesWrites) return null;
+    const buf = this.server.payloadBuffers.take(rest);
+    if (directNextRead(this.socket, buf)) return buf;
+    this.server.payloadBuffers.give(buf);
+    return null;
   }
 
   /** Bytes a request holds while in flight: its payload, or its read reply. */
@@ -593,8 +643,15 @@ export class Connection {
   // Transmission
 
   /** `payload`: a WRITE's bytes as the socket delivered them (views of its chunks, never assembled). */
-  private dispatch(req: Request, payload: Buffer[] | null, payloadLength = 0): void {
+  private dispatch(
+    req: Request,
+    payload: Buffer[] | null,
+    payloadLength = 0,
+    /** The pooled buffer part of the payload was read into: given back once the request settles. */
+    payloadBuffer: Buffer | null = null,
+  ): void {
     const exp = this.exp!;
+    if (payloadBuffer) exp.stats.writesReceivedDirect++;
     if (req.type === Cmd.DISC) {
       this.disconnecting = true;
       this.pauseReading();
@@ -613,8 +670,12 @@ export class Connection {
       work = Promise.reject(err);
     }
     work.then(
-      (reply) => this.complete(reply, bytes),
+      (reply) => {
+        if (payloadBuffer) this.server.payloadBuffers.give(payloadBuffer);
+        this.complete(reply, bytes);
+      },
       (err) => {
+        if (payloadBuffer) this.server.payloadBuffers.give(payloadBuffer);
         exp.stats.errors++;
         const errno = err instanceof RequestError ? err.errno : nbdErrnoOf(err);
         const message = err instanceof RequestError ? err.message : toColoError(err).message;

@@ -89,6 +89,8 @@ export interface ExportStats {
   bytesWritten: number;
   /** Reads answered straight from the image file (sendfile), of `reads`. */
   readsSentFromFile: number;
+  /** Writes whose payload the socket read straight into a reused buffer (of `writes`). */
+  writesReceivedDirect: number;
 }
 
 export function newExportStats(): ExportStats {
@@ -104,6 +106,7 @@ export function newExportStats(): ExportStats {
     bytesRead: 0,
     bytesWritten: 0,
     readsSentFromFile: 0,
+    writesReceivedDirect: 0,
   };
 }
 
@@ -128,6 +131,12 @@ export class NbdServer extends EventEmitter {
   readonly options: ResolvedServerOptions;
   /** Large read replies' buffers, used again once sent (shared by this server's connections). */
   readonly replyBuffers = new ReplyBuffers();
+  /**
+   * Large WRITE payloads' buffers, used again once the write has settled: the
+   * socket reads the rest of a payload straight into one (sys/slab-reads.ts,
+   * directNextRead), so the kernel copies into memory still in cache.
+   */
+  readonly payloadBuffers = new ReplyBuffers();
   private readonly server: net.Server;
   private readonly connections = new Set<Connection>();
   /** Connections still negotiating, oldest first (a Set keeps insertion order). */

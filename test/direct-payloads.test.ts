@@ -1,0 +1,173 @@
+// WRITE payloads read straight into reused buffers (Connection.directPayload,
+// sys/slab-reads.ts directNextRead): the slab side hands out exactly the bytes
+// asked for and no more; the server writes them byte-exact in every reply mode,
+// only where the device keeps no buffer, and a buffer goes back to the pool only
+// once its write has settled, so payloads in flight never share one.
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { FileDevice } from '../src/block/file.js';
+import { MemoryDevice } from '../src/block/memory.js';
+import { Cmd, CmdFlag } from '../src/net/protocol.js';
+import { SLAB_BYTES, Slabs } from '../src/sys/slab-reads.js';
+import { prng, randomBytes, rmDir, startServer, tmpDir, type RunningServer } from './helpers.js';
+import { closeAllRaw, MODES, openSession, sleep, type Session } from './raw-nbd.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const SIZE = 64 * MiB;
+const dirs: string[] = [];
+afterAll(() => dirs.forEach(rmDir));
+
+async function fileDevice(): Promise<{ dev: FileDevice; file: string }> {
+  const dir = tmpDir('colo-blk-direct-');
+  dirs.push(dir);
+  const file = path.join(dir, 'disk.img');
+  return { dev: await FileDevice.open(file, { size: SIZE }), file };
+}
+
+/**
+ * Send a WRITE's header and its payload's first `head` bytes, then, after the
+ * server has read them, the rest: the server sees the payload arrive in two
+ * parts, as a large one does under load.
+ */
+async function writeInTwo(s: Session, offset: number, data: Buffer, head: number): Promise<number> {
+  const flags = s.mode === 'extended' ? CmdFlag.PAYLOAD_LEN : 0;
+  const { cookie, bytes } = s.encode({ type: Cmd.WRITE, flags, offset, length: data.length, payload: data });
+  const cut = bytes.length - data.length + head;
+  s.conn.send(bytes.subarray(0, cut));
+  await sleep(5);
+  s.conn.send(bytes.subarray(cut));
+  return cookie;
+}
+
+describe('the slab side: a directed read', () => {
+  it('fills exactly the given buffer, then goes back to slabs; only once in bulk, one at a time', () => {
+    const slabs = new Slabs();
+    const target = Buffer.alloc(100 * KiB);
+    expect(slabs.direct(target)).toBe(false); // not in bulk yet: the shared buffer is copied out
+    slabs.took(slabs.next(), SLAB_BYTES / 2); // one large read: in bulk from now on
+    expect(slabs.direct(target)).toBe(true);
+    expect(slabs.direct(Buffer.alloc(10))).toBe(false); // the first is still being filled
+    const first = slabs.next();
+    expect(first.buffer).toBe(target.buffer);
+    expect(first.length).toBe(target.length);
+    const a = slabs.took(first, 30 * KiB);
+    const second = slabs.next();
+    expect(second.byteOffset).toBe(target.byteOffset + 30 * KiB);
+    expect(second.length).toBe(70 * KiB); // never more than the rest: no byte of what follows lands here
+    const b = slabs.took(second, 70 * KiB);
+    expect(a.buffer).toBe(target.buffer);
+    expect(b.byteOffset + b.length).toBe(target.byteOffset + target.length);
+    const after = slabs.next();
+    expect(after.buffer).not.toBe(target.buffer); // full: back to a slab
+    expect(slabs.direct(Buffer.alloc(10))).toBe(true);
+  });
+});
+
+describe('the NBD server: WRITE payloads read into reused buffers', () => {
+  let s: RunningServer | null = null;
+  afterEach(async () => {
+    closeAllRaw();
+    await s?.close();
+    s = null;
+  });
+
+  for (const mode of MODES)
+    it(`writes payloads that arrive in parts byte-exact, into buffers it uses again (${mode})`, async () => {
+      const { dev, file } = await fileDevice();
+      s = await startServer([{ name: 'disk0', device: dev }]);
+      const stats = s.server.exports.get('disk0')!.stats;
+      const session = await openSession(s.port, { mode });
+      const rand = prng(41 + mode.length);
+      const expected = Buffer.alloc(SIZE);
+      // A large write sent at once puts the connection in bulk.
+      const warm = randomBytes(MiB, rand);
+      expect(
+        (await session.call({ type: Cmd.WRITE, offset: 0, length: warm.length, payload: warm })).error,
+      ).toBe(0);
+      warm.copy(expected, 0);
+      const sizes = [64 * KiB + 1, 256 * KiB, MiB, MiB + 4097, 4 * MiB, 4 * MiB + 512 * KiB];
+      for (let round = 0; round < 3; round++)
+        for (const size of sizes) {
+          const offset = (rand() % (SIZE / 512 - size / 512 - 1)) * 512;
+          const data = randomBytes(size, rand);
+          const cookie = await writeInTwo(session, offset, data, rand() % 4096);
+          const reply = await session.reply();
+          expect(reply.cookieLo).toBe(cookie);
+          expect(reply.error).toBe(0);
+          data.copy(expected, offset);
+        }
+      expect(fs.readFileSync(file).equals(expected)).toBe(true);
+      // Every write whose rest was 64 KiB to 4 MiB went the direct way (the 4.5 MiB ones did
+      // not; the warm-up may have), and the pool handed its buffers out again.
+      expect(stats.writesReceivedDirect).toBeGreaterThanOrEqual(3 * (sizes.length - 2));
+      expect(stats.writesReceivedDirect).toBeLessThanOrEqual(3 * (sizes.length - 1) + 1);
+      expect(s.server.payloadBuffers.reused).toBeGreaterThan(0);
+    });
+
+  it('keeps payloads in flight apart: many large writes pipelined on one connection, split anywhere', async () => {
+    const { dev, file } = await fileDevice();
+    s = await startServer([{ name: 'disk0', device: dev }]);
+    const stats = s.server.exports.get('disk0')!.stats;
+    const session = await openSession(s.port, { mode: 'structured' });
+    const rand = prng(97);
+    const expected = Buffer.alloc(SIZE);
+    const warm = randomBytes(MiB, rand);
+    await session.call({ type: Cmd.WRITE, offset: 0, length: warm.length, payload: warm });
+    warm.copy(expected, 0);
+    // 48 writes of 1 MiB to distinct places, all sent before any reply is read, in
+    // pieces cut at random places (so headers and payloads straddle the reads).
+    const stream: Buffer[] = [];
+    for (let i = 0; i < 48; i++) {
+      const offset = (1 + i) * MiB;
+      const data = randomBytes(MiB - (rand() % 3) * 512, rand);
+      data.copy(expected, offset);
+      stream.push(session.encode({ type: Cmd.WRITE, offset, length: data.length, payload: data }).bytes);
+    }
+    const all = Buffer.concat(stream);
+    for (let at = 0; at < all.length;) {
+      const n = Math.min(all.length - at, 1 + (rand() % (300 * KiB)));
+      session.conn.send(all.subarray(at, at + n));
+      at += n;
+      if (rand() % 3 === 0) await sleep(1);
+    }
+    for (let i = 0; i < 48; i++) expect((await session.reply()).error).toBe(0);
+    expect(fs.readFileSync(file).equals(expected)).toBe(true);
+    expect(stats.writesReceivedDirect).toBeGreaterThan(0);
+    expect(s.server.payloadBuffers.reused).toBeGreaterThan(0);
+  });
+
+  it('gives the buffer back after a refused write too, and a device that may keep buffers never gets one', async () => {
+    const { dev } = await fileDevice();
+    const mem = new MemoryDevice(SIZE);
+    s = await startServer([
+      { name: 'disk0', device: dev, readOnly: true },
+      { name: 'mem', device: mem },
+    ]);
+    const ro = await openSession(s.port, { mode: 'simple' });
+    const rand = prng(5);
+    const warm = randomBytes(MiB, rand);
+    expect(
+      (await ro.call({ type: Cmd.WRITE, offset: 0, length: warm.length, payload: warm })).error,
+    ).not.toBe(0);
+    for (let i = 0; i < 4; i++) {
+      await writeInTwo(ro, i * MiB, randomBytes(MiB, rand), 100);
+      expect((await ro.reply()).error).not.toBe(0); // EPERM: read-only, yet the payload was consumed
+    }
+    // Read into pooled buffers all the same (the data must be consumed), and each given back.
+    // (the warm-up may have gone that way too, depending on how much of it the first read took)
+    expect(s.server.exports.get('disk0')!.stats.writesReceivedDirect).toBeGreaterThanOrEqual(4);
+    expect(s.server.payloadBuffers.reused).toBeGreaterThanOrEqual(3);
+    expect(s.server.payloadBuffers.idleByteCount).toBeGreaterThanOrEqual(MiB - 100);
+    const m = await openSession(s.port, { mode: 'simple', exportName: 'mem' });
+    await m.call({ type: Cmd.WRITE, offset: 0, length: warm.length, payload: warm });
+    const data = randomBytes(2 * MiB, rand);
+    await writeInTwo(m, MiB, data, 100);
+    expect((await m.reply()).error).toBe(0);
+    const back = Buffer.alloc(data.length);
+    await mem.pread(back, MiB);
+    expect(back.equals(data)).toBe(true);
+    expect(s.server.exports.get('mem')!.stats.writesReceivedDirect).toBe(0);
+  });
+});
