@@ -88,6 +88,65 @@ describe('activity log', () => {
     await log.close();
   });
 
+  it('after a commit, cools the least recently written extents past a working set, and idle ones', async () => {
+    const { log } = fresh();
+    // Extents 0..9 written in epochs 1..10, extent 10 in epoch 3 as well.
+    for (let x = 0; x < 10; x++) await log.ensureHot(x * MiB, 4096, x + 1);
+    await log.ensureHot(10 * MiB, 4096, 3);
+    expect(log.hotExtents).toBe(11);
+    // Committed through 8: 9 candidates; keep 6 → the 5 oldest go (epochs 1, 2, both of 3, 4).
+    log.coolLeastRecent(8, 6, 0);
+    expect(log.hotExtents).toBe(6);
+    expect(log.hotRanges()).toEqual([{ offset: 4 * MiB, length: 6 * MiB }]);
+    // Of two extents of the cut epoch, only as many go as the budget needs.
+    await log.ensureHot(20 * MiB, 4096, 5);
+    log.coolLeastRecent(8, 6, 0); // 7 hot: one of the two of epoch 5 (extents 4 and 20) goes
+    expect(log.hotExtents).toBe(6);
+    const hot = log.hotRanges();
+    const has = (x: number) => hot.some((r) => r.offset <= x * MiB && x * MiB < r.offset + r.length);
+    expect([has(4), has(20)].filter(Boolean).length).toBe(1);
+    expect([5, 6, 7, 8, 9].every(has)).toBe(true);
+    // Within the working set nothing more cools; idle ones do, whatever the count.
+    log.coolLeastRecent(8, 100, 0);
+    expect(log.hotExtents).toBe(6);
+    log.coolLeastRecent(8, 100, 7);
+    expect(log.hotRanges()).toEqual([{ offset: 7 * MiB, length: 3 * MiB }]);
+    // Never an extent whose last write is not committed, even far over the budget.
+    log.coolLeastRecent(8, 0, 0);
+    expect(log.hotRanges()).toEqual([{ offset: 8 * MiB, length: 2 * MiB }]);
+    await log.close();
+  });
+
+  it('a sequential writer rewriting the disk waits for the bitmap once per extent, not once per pass', async () => {
+    const passes = async (coolAfter: (log: ActivityLog, epoch: number) => void) => {
+      const { log } = fresh(32 * MiB);
+      let epoch = 1;
+      const waitsPerPass: number[] = [];
+      for (let pass = 0; pass < 3; pass++) {
+        let waits = 0;
+        // One extent per epoch, committed as the next one is written (a checkpoint every 100 ms).
+        for (let x = 0; x < 32; x++, epoch++) {
+          const p = log.ensureHot(x * MiB, MiB, epoch);
+          if (p) {
+            waits++;
+            await p;
+          }
+          coolAfter(log, epoch - 1);
+        }
+        waitsPerPass.push(waits);
+      }
+      await log.close();
+      return waitsPerPass;
+    };
+    const lru = await passes((log, committed) => log.coolLeastRecent(committed - 4, 64, committed - 600));
+    expect(lru).toEqual([32, 0, 0]); // the disk is the working set: it stays hot
+    const eager = await passes((log, committed) => log.cool(committed - 4));
+    expect(eager[1]).toBeGreaterThanOrEqual(28); // cooling every committed extent: a wait per extent, every pass
+    // Past the working set the oldest cool, so a disk larger than it waits again, as it must.
+    const small = await passes((log, committed) => log.coolLeastRecent(committed - 4, 16, committed - 600));
+    expect(small[1]).toBeGreaterThanOrEqual(16);
+  });
+
   it('cools only extents whose last write is committed, and rewrites the file lazily', async () => {
     const { dir, log } = fresh();
     await log.ensureHot(0, 4096, 3);

@@ -339,6 +339,75 @@ export class ActivityLog {
     }
   }
 
+  /**
+   * The steady-state cooling after a commit, as DRBD keeps an LRU of active
+   * extents: of the extents whose writes all belong to epochs ≤ `through`
+   * (committed on a synchronised secondary), only the least recently written
+   * cool, just enough to leave at most `keep` extents hot; and any extent last
+   * written in an epoch ≤ `idleThrough`, whatever the count. A working set of
+   * up to `keep` extents stays hot while it is rewritten, so its writes never
+   * wait for the bitmap's sync again (cooling every committed extent made a
+   * sequential writer sync the bitmap for every extent of every pass). An
+   * extent kept hot costs only a hash comparison in a later resync. The exact
+   * bitmap starts over, as in `cool`.
+   */
+  coolLeastRecent(through: number, keep: number, idleThrough: number): void {
+    let hotCount = 0;
+    const candidates: number[] = [];
+    for (let x = 0; x < this.hot.bits; x++) {
+      if ((x & 7) === 0 && this.hot.bytes[x >> 3] === 0) {
+        x += 7;
+        continue;
+      }
+      if (!this.hot.get(x)) continue;
+      hotCount++;
+      if (this.lastEpoch[x] <= through) candidates.push(x);
+    }
+    // The oldest `excess` candidates go: find the epoch below which all of them do (a count
+    // per epoch, not a sort), and how many of that epoch itself.
+    const excess = Math.max(0, hotCount - keep);
+    let cutEpoch = -Infinity;
+    let atCut = 0;
+    if (excess > 0) {
+      const perEpoch = new Map<number, number>();
+      for (const x of candidates) perEpoch.set(this.lastEpoch[x], (perEpoch.get(this.lastEpoch[x]) ?? 0) + 1);
+      let left = excess;
+      for (const e of [...perEpoch.keys()].sort((a, b) => a - b)) {
+        const n = perEpoch.get(e)!;
+        if (n >= left) {
+          cutEpoch = e;
+          atCut = left;
+          break;
+        }
+        left -= n;
+      }
+      if (cutEpoch === -Infinity) cutEpoch = Infinity; // fewer candidates than the excess: all go
+    }
+    let changed = false;
+    for (const x of candidates) {
+      const e = this.lastEpoch[x];
+      let go = e <= idleThrough || e < cutEpoch;
+      if (!go && e === cutEpoch && atCut > 0) {
+        atCut--;
+        go = true;
+      }
+      if (go) {
+        this.hot.clear(x);
+        changed = true;
+      }
+    }
+    this.clearExact();
+    if (changed) {
+      this.version++;
+      this.persist().catch(() => {}); // best effort, as in cool()
+    }
+  }
+
+  /** Extents hot now (tests and status). */
+  get hotExtents(): number {
+    return this.hot.count();
+  }
+
   clearExact(): void {
     this.exact.clearAll();
     this.exactCount = 0;

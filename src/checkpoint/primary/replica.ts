@@ -75,8 +75,16 @@ export interface CheckpointResult {
   totalMs: number;
 }
 
-/** Hot extents cool this many epochs after their last write is committed (DRBD keeps an LRU for the same reason). */
+/** Hot extents may cool this many epochs after their last write is committed. */
 const COOL_LAG_EPOCHS = 4;
+/**
+ * Of those, only as many as keep the hot set within this many bytes (the least
+ * recently written first; DRBD's default activity log covers ~4.8 GiB), so a
+ * working set rewritten more slowly than COOL_LAG_EPOCHS stays hot and costs
+ * no bitmap syncs; extents not written for IDLE_COOL_EPOCHS cool regardless.
+ */
+const HOT_WORKING_SET_BYTES = 1024 * 1024 * 1024;
+const IDLE_COOL_EPOCHS = 600;
 
 export class PrimaryReplica {
   readonly metrics = {
@@ -458,8 +466,13 @@ export class PrimaryReplica {
     const t = this.clock.mono();
     const r = await this.link.commit(epoch, timeoutMs);
     // Regions written in epochs up to N are on the (synchronised) secondary now. They
-    // cool a few epochs late, so a steady working set stays hot and costs no syncs.
-    if (this.peerState === 'protected') this.activity.cool(epoch - COOL_LAG_EPOCHS);
+    // cool a few epochs late, and only past a working set, which stays hot and costs no syncs.
+    if (this.peerState === 'protected')
+      this.activity.coolLeastRecent(
+        epoch - COOL_LAG_EPOCHS,
+        Math.floor(HOT_WORKING_SET_BYTES / this.activity.extentBytes),
+        epoch - IDLE_COOL_EPOCHS,
+      );
     const took = this.clock.mono() - t;
     this.metrics.commit.observe(took / 1000);
     return { epoch, ms: took, overlayDiscarded: r.overlayDiscarded };
