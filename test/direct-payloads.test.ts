@@ -5,14 +5,14 @@
 // once its write has settled, so payloads in flight never share one.
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { FileDevice } from '../src/block/file.js';
 import { MemoryDevice } from '../src/block/memory.js';
 import { Cmd, CmdFlag } from '../src/net/protocol.js';
 import { SLAB_BYTES, Slabs } from '../src/sys/slab-reads.js';
-import { killAll, prng, randomBytes, rmDir, startServer, tmpDir, type RunningServer } from './helpers.js';
+import { killAll, prng, randomBytes, rmDir, startServer, tmpDir } from './helpers.js';
 import { hashExport, startPair, waitLinkUp } from './replication-helpers.js';
-import { closeAllRaw, MODES, openSession, sleep, type Session } from './raw-nbd.js';
+import { closeAllRaw, MODES, openSession, serversPerTest, sleep, type Session } from './raw-nbd.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -99,17 +99,12 @@ describe('the slab side: a directed read', () => {
 });
 
 describe('the NBD server: WRITE payloads read into reused buffers', () => {
-  let s: RunningServer | null = null;
-  afterEach(async () => {
-    closeAllRaw();
-    await s?.close();
-    s = null;
-  });
+  const track = serversPerTest();
 
   for (const mode of MODES)
     it(`writes payloads that arrive in parts byte-exact, into buffers it uses again (${mode})`, async () => {
       const { dev, file } = await fileDevice();
-      s = await startServer([{ name: 'disk0', device: dev }]);
+      const s = track(await startServer([{ name: 'disk0', device: dev }]));
       const stats = s.server.exports.get('disk0')!.stats;
       const session = await openSession(s.port, { mode });
       const rand = prng(41 + mode.length);
@@ -141,7 +136,7 @@ describe('the NBD server: WRITE payloads read into reused buffers', () => {
 
   it('keeps payloads in flight apart: many large writes pipelined on one connection, split anywhere', async () => {
     const { dev, file } = await fileDevice();
-    s = await startServer([{ name: 'disk0', device: dev }]);
+    const s = track(await startServer([{ name: 'disk0', device: dev }]));
     const stats = s.server.exports.get('disk0')!.stats;
     const session = await openSession(s.port, { mode: 'structured' });
     const rand = prng(97);
@@ -162,10 +157,12 @@ describe('the NBD server: WRITE payloads read into reused buffers', () => {
   it('gives the buffer back after a refused write too, and a device that may keep buffers never gets one', async () => {
     const { dev } = await fileDevice();
     const mem = new MemoryDevice(SIZE);
-    s = await startServer([
-      { name: 'disk0', device: dev, readOnly: true },
-      { name: 'mem', device: mem },
-    ]);
+    const s = track(
+      await startServer([
+        { name: 'disk0', device: dev, readOnly: true },
+        { name: 'mem', device: mem },
+      ]),
+    );
     const ro = await openSession(s.port, { mode: 'simple' });
     const rand = prng(5);
     const warm = randomBytes(MiB, rand);

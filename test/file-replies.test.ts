@@ -4,7 +4,7 @@
 // lies (a file device under a replicating primary under a switch).
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { FileDevice } from '../src/block/file.js';
 import { MemoryDevice } from '../src/block/memory.js';
 import { native } from '../src/block/native.js';
@@ -15,8 +15,8 @@ import { ActivityLog } from '../src/failover/activity.js';
 import { FILE_REPLY_MIN_BYTES, fileReplyStats } from '../src/net/file-replies.js';
 import { Cmd } from '../src/net/protocol.js';
 import { nodeStorage } from '../src/sys/storage.js';
-import { prng, randomBytes, rmDir, startServer, tmpDir, type RunningServer } from './helpers.js';
-import { closeAllRaw, MODES, openSession } from './raw-nbd.js';
+import { prng, randomBytes, rmDir, startServer, tmpDir } from './helpers.js';
+import { MODES, openSession, serversPerTest } from './raw-nbd.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
@@ -37,17 +37,12 @@ async function filledDevice(
 }
 
 describe.runIf(native?.sendFileReply)('read replies sent from the file', () => {
-  let s: RunningServer | null = null;
-  afterEach(async () => {
-    closeAllRaw();
-    await s?.close();
-    s = null;
-  });
+  const track = serversPerTest();
 
   for (const mode of MODES)
     it(`answers large reads from the file, byte-exact (${mode} replies); small ones from a buffer`, async () => {
       const { dev, data } = await filledDevice(1);
-      s = await startServer([{ name: 'disk0', device: dev }]);
+      const s = track(await startServer([{ name: 'disk0', device: dev }]));
       const stats = s.server.exports.get('disk0')!.stats;
       const session = await openSession(s.port, { mode });
       const reads = [
@@ -69,7 +64,7 @@ describe.runIf(native?.sendFileReply)('read replies sent from the file', () => {
 
   it('queues the rest of a reply the full socket did not take at once, before any other reply', async () => {
     const { dev, data } = await filledDevice(2);
-    s = await startServer([{ name: 'disk0', device: dev }]);
+    const s = track(await startServer([{ name: 'disk0', device: dev }]));
     const session = await openSession(s.port, { mode: 'structured' });
     const before = fileReplyStats.partial;
     // The client stops reading: the server's sends fill the socket buffers part-way through a reply.
@@ -95,7 +90,7 @@ describe.runIf(native?.sendFileReply)('read replies sent from the file', () => {
 
   it('sends zeroes past the end of a file shortened behind its back', async () => {
     const { dev, file, data } = await filledDevice(4);
-    s = await startServer([{ name: 'disk0', device: dev }]);
+    const s = track(await startServer([{ name: 'disk0', device: dev }]));
     fs.truncateSync(file, MiB + 100);
     const session = await openSession(s.port, { mode: 'simple' });
     const reply = await session.call({ type: Cmd.READ, offset: MiB - 4096, length: MiB });

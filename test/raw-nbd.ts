@@ -9,7 +9,7 @@
  */
 import net from 'node:net';
 import tls from 'node:tls';
-import { expect } from 'vitest';
+import { afterEach, expect } from 'vitest';
 import { ByteQueue } from '../src/net/bytequeue.js';
 import {
   decodeGreeting,
@@ -38,7 +38,7 @@ import {
   ReplyFlag,
   ReplyType,
 } from '../src/net/protocol.js';
-import { prng, randomBytes } from './helpers.js';
+import { prng, randomBytes, type RunningServer } from './helpers.js';
 
 export type Mode = 'simple' | 'structured' | 'extended';
 export const MODES: Mode[] = ['simple', 'structured', 'extended'];
@@ -48,6 +48,22 @@ const DEFAULT_TIMEOUT_MS = 5_000;
 const openConns = new Set<RawConn>();
 
 /** Destroy every raw socket still open (afterEach). */
+/**
+ * Servers closed after each test of the enclosing describe block, raw
+ * connections first: `const s = track(await startServer(...))` in a test.
+ */
+export function serversPerTest(): (s: RunningServer) => RunningServer {
+  const open: RunningServer[] = [];
+  afterEach(async () => {
+    closeAllRaw();
+    for (const s of open.splice(0)) await s.close();
+  });
+  return (s) => {
+    open.push(s);
+    return s;
+  };
+}
+
 export function closeAllRaw(): void {
   for (const c of openConns) c.destroy();
   openConns.clear();
