@@ -93,22 +93,22 @@ describe('activity log', () => {
     // Extents 0..9 written in epochs 1..10, extent 10 in epoch 3 as well.
     for (let x = 0; x < 10; x++) await log.ensureHot(x * MiB, 4096, x + 1);
     await log.ensureHot(10 * MiB, 4096, 3);
-    expect(log.hotExtents).toBe(11);
+    expect(log.hotBytes).toBe(11 * MiB);
     // Committed through 8: 9 candidates; keep 6 → the 5 oldest go (epochs 1, 2, both of 3, 4).
     log.coolLeastRecent(8, 6, 0);
-    expect(log.hotExtents).toBe(6);
+    expect(log.hotBytes).toBe(6 * MiB);
     expect(log.hotRanges()).toEqual([{ offset: 4 * MiB, length: 6 * MiB }]);
     // Of two extents of the cut epoch, only as many go as the budget needs.
     await log.ensureHot(20 * MiB, 4096, 5);
     log.coolLeastRecent(8, 6, 0); // 7 hot: one of the two of epoch 5 (extents 4 and 20) goes
-    expect(log.hotExtents).toBe(6);
+    expect(log.hotBytes).toBe(6 * MiB);
     const hot = log.hotRanges();
     const has = (x: number) => hot.some((r) => r.offset <= x * MiB && x * MiB < r.offset + r.length);
     expect([has(4), has(20)].filter(Boolean).length).toBe(1);
     expect([5, 6, 7, 8, 9].every(has)).toBe(true);
     // Within the working set nothing more cools; idle ones do, whatever the count.
     log.coolLeastRecent(8, 100, 0);
-    expect(log.hotExtents).toBe(6);
+    expect(log.hotBytes).toBe(6 * MiB);
     log.coolLeastRecent(8, 100, 7);
     expect(log.hotRanges()).toEqual([{ offset: 7 * MiB, length: 3 * MiB }]);
     // Never an extent whose last write is not committed, even far over the budget.

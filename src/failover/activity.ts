@@ -326,17 +326,7 @@ export class ActivityLog {
    * the epoch log). The file shrinks lazily.
    */
   cool(through: number): void {
-    let changed = false;
-    for (let x = 0; x < this.hot.bits; x++)
-      if (this.hot.get(x) && this.lastEpoch[x] <= through) {
-        this.hot.clear(x);
-        changed = true;
-      }
-    this.clearExact();
-    if (changed) {
-      this.version++;
-      this.persist().catch(() => {}); // best effort: a stale hot extent costs a hash comparison, no more
-    }
+    this.coolLeastRecent(through, Infinity, through); // every committed extent is "idle"
   }
 
   /**
@@ -349,7 +339,7 @@ export class ActivityLog {
    * wait for the bitmap's sync again (cooling every committed extent made a
    * sequential writer sync the bitmap for every extent of every pass). An
    * extent kept hot costs only a hash comparison in a later resync. The exact
-   * bitmap starts over, as in `cool`.
+   * bitmap starts over (what is written from now on is in the epoch log).
    */
   coolLeastRecent(through: number, keep: number, idleThrough: number): void {
     let hotCount = 0;
@@ -399,13 +389,8 @@ export class ActivityLog {
     this.clearExact();
     if (changed) {
       this.version++;
-      this.persist().catch(() => {}); // best effort, as in cool()
+      this.persist().catch(() => {}); // best effort: a stale hot extent costs a hash comparison, no more
     }
-  }
-
-  /** Extents hot now (tests and status). */
-  get hotExtents(): number {
-    return this.hot.count();
   }
 
   clearExact(): void {
