@@ -670,23 +670,23 @@ export class Connection {
       work = Promise.reject(err);
     }
     work.then(
-      (reply) => {
-        if (payloadBuffer) this.server.payloadBuffers.give(payloadBuffer);
-        this.complete(reply, bytes);
-      },
+      (reply) => this.complete(reply, bytes, payloadBuffer),
       (err) => {
-        if (payloadBuffer) this.server.payloadBuffers.give(payloadBuffer);
         exp.stats.errors++;
         const errno = err instanceof RequestError ? err.errno : nbdErrnoOf(err);
         const message = err instanceof RequestError ? err.message : toColoError(err).message;
         this.log('debug', `${cmdName(req.type)} failed with ${nbdErrnoName(errno)}: ${message}`);
-        this.complete(encodeStatusReply(this.mode, req, errno, message), bytes);
+        this.complete(encodeStatusReply(this.mode, req, errno, message), bytes, payloadBuffer);
       },
     );
   }
 
-  /** `reply` null: it was sent already (a read sent from the file). */
-  private complete(reply: Buffer | null, bytes: number): void {
+  /**
+   * A request settled: `reply` null if it was sent already (a read sent from the file);
+   * `payloadBuffer` (dispatch) goes back to the pool, the device being done with it.
+   */
+  private complete(reply: Buffer | null, bytes: number, payloadBuffer: Buffer | null): void {
+    if (payloadBuffer) this.server.payloadBuffers.give(payloadBuffer);
     if (reply) this.send(reply);
     this.inflight--;
     this.inflightBytes -= bytes;

@@ -7,7 +7,10 @@
  * quarter of the server's CPU. A reply's buffer is free again as soon as the
  * socket's write of it has completed (the kernel holds a copy), so the
  * connection gives it back here and the next read of that size reuses it:
- * no new allocation, no external memory growth, no collection.
+ * no new allocation, no external memory growth, no collection. The server
+ * keeps a second pool of the same kind for large WRITE payloads, which the
+ * socket reads into and the connection gives back once the write has settled
+ * (Connection.directPayload).
  *
  * - Only buffers of at least `MIN_BYTES` are kept (smaller ones are cheap and
  *   come from Node's own pool); sizes are rounded up to 64 KiB classes.

@@ -106,12 +106,8 @@ export class Slabs {
       if (n >= BULK_READ_BYTES || this.total >= BULK_TOTAL_BYTES) this.bulk = true;
       return Buffer.from(buf.subarray(0, n)); // the shared buffer is read into again next time
     }
-    if (this.target) {
-      this.targetFilled += n;
-      if (this.targetFilled >= this.target.length) this.target = null;
-      return buf.subarray(0, n);
-    }
-    this.pos += n;
+    if (!this.target) this.pos += n;
+    else if ((this.targetFilled += n) >= this.target.length) this.target = null;
     return buf.subarray(0, n);
   }
 }
