@@ -476,7 +476,8 @@ export class PrimaryLink extends EventEmitter {
       const journal = e.journal!; // held while in sync
       const size = journal.size;
       if (this.cursor.offset < size) {
-        const n = this.sendWholeFrames(journal, this.cursor.offset, size);
+        const room = this.windowBytes - (this.sentOnConn - this.takenOnConn);
+        const n = this.sendWholeFrames(journal, this.cursor.offset, size, Math.min(READ_CHUNK, room));
         this.cursor.offset += n;
         this.bytesSent += n;
         this.sentOnConn += n;
@@ -491,17 +492,19 @@ export class PrimaryLink extends EventEmitter {
   }
 
   /**
-   * Send up to READ_CHUNK bytes of whole frames from `offset` (at least one
+   * Send up to `limit` bytes of whole frames from `offset` (at least one
    * frame, however large). Every write of the sender therefore ends on a frame
-   * boundary, so control frames (commit, beat) can always go in between.
+   * boundary, so control frames (commit, beat) can always go in between. The
+   * limit is what the window has room for (at most READ_CHUNK), so the wire
+   * never holds more than the window plus one frame, as on the live path.
    */
-  private sendWholeFrames(journal: ResendJournal, offset: number, size: number): number {
+  private sendWholeFrames(journal: ResendJournal, offset: number, size: number, limit: number): number {
     const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES);
     let end = offset;
     while (end < size) {
       journal.read(head, end);
       const frame = peekFrameBytes(head)!;
-      if (end > offset && end + frame - offset > READ_CHUNK) break;
+      if (end > offset && end + frame - offset > limit) break;
       end += frame;
     }
     // Bytes still in memory go as they are (held until written), the file's are read.
