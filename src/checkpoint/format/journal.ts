@@ -120,7 +120,8 @@ export class JournalWriter {
     let dataLength = 0;
     for (let i = 1; i < parts.length; i++) dataLength += parts[i].length;
     const r = this.appendRaw(parts, dataLength);
-    return { ...r, parts };
+    // A literal, not `{ ...r, parts }`: a spread result gets a hidden class of its own once optimised (see PrimaryLog.append).
+    return { offset: r.offset, dataPos: r.dataPos, bytes: r.bytes, parts };
   }
 
   /** Append whole frame bytes whose last `dataLength` bytes are the frame's data. */

