@@ -53,6 +53,36 @@ describe('ExtentMap', () => {
     }
   });
 
+  it('keeps a bucket of thousands of entries right: a log appended in order, then overwrites anywhere', () => {
+    // The guest's log: 512-byte records in order, each at its own journal place
+    // (frame headers between them, so they never coalesce), all in one bucket.
+    for (let seed = 1; seed <= 4; seed++) {
+      const rand = prng(seed);
+      const size = 1 << 20;
+      const map = new ExtentMap();
+      const model = new Int32Array(size).fill(-1);
+      let nextPos = 0;
+      for (let at = 0; at + 512 <= size; at += 512) {
+        map.set(at, 512, 'data', 1, nextPos);
+        for (let i = 0; i < 512; i++) model[at + i] = nextPos + i;
+        nextPos += 512 + 40;
+      }
+      expect(map.size).toBe(2048);
+      for (let step = 0; step < 300; step++) {
+        const start = rand() % size;
+        const len = 1 + (rand() % Math.min(rand() % 2 ? 600 : 20_000, size - start));
+        map.set(start, len, 'data', 1, nextPos);
+        for (let i = 0; i < len; i++) model[start + i] = nextPos + i;
+        nextPos += len + 40;
+        // A lookup that starts inside the bucket, not at its first entry.
+        const from = rand() % size;
+        const seg = map.lookup(from, 1)[0];
+        expect(seg.extent!.pos + (from - seg.extent!.start), `seed ${seed} step ${step}`).toBe(model[from]);
+      }
+      check(map, model, seed, 300);
+    }
+  });
+
   it('coalesces sequential writes into one extent', () => {
     const map = new ExtentMap();
     for (let i = 0; i < 256; i++) map.set(i * 4096, 4096, 'data', 7, 1000 + i * 4096);

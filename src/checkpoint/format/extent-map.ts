@@ -77,29 +77,40 @@ export class ExtentMap {
   }
 
   private setInBucket(b: number, ext: Extent): void {
-    const list = this.buckets.get(b) ?? [];
-    const out: Extent[] = [];
-    let i = 0;
-    while (i < list.length && list[i].end <= ext.start) out.push(list[i++]);
+    this.entries++;
+    this.heldBytes += ext.end - ext.start;
+    const list = this.buckets.get(b);
+    if (!list) {
+      this.buckets.set(b, [ext]);
+      return;
+    }
+    // The entries [first, i) overlap the new extent; they are replaced in place,
+    // so an append after the last entry (a log written in order) costs O(log n).
+    const first = firstEndingAfter(list, ext.start);
+    let i = first;
     // Overlapping entries keep only their parts outside the new extent.
+    let head: Extent | null = null;
     let tail: Extent | null = null;
     while (i < list.length && list[i].start < ext.end) {
       const old = list[i++];
       this.entries--;
       this.heldBytes -= old.end - old.start;
-      if (old.start < ext.start) out.push(this.slice(old, old.start, ext.start));
+      if (old.start < ext.start) head = this.slice(old, old.start, ext.start);
       if (old.end > ext.end) tail = this.slice(old, ext.end, old.end);
     }
-    this.entries++;
-    this.heldBytes += ext.end - ext.start;
-    const prev = out[out.length - 1];
+    const prev = head ?? (first > 0 ? list[first - 1] : null);
+    let merged = false;
     if (prev && continues(prev, ext)) {
       prev.end = ext.end; // sequential writes coalesce into one entry
       this.entries--;
-    } else out.push(ext);
-    if (tail) out.push(tail);
-    while (i < list.length) out.push(list[i++]);
-    this.buckets.set(b, out);
+      merged = true;
+    }
+    const put: Extent[] = [];
+    if (head) put.push(head);
+    if (!merged) put.push(ext);
+    if (tail) put.push(tail);
+    if (first === list.length) list.push(...put);
+    else list.splice(first, i - first, ...put);
   }
 
   private slice(e: Extent, start: number, end: number): Extent {
@@ -139,8 +150,8 @@ export class ExtentMap {
       const bucketEnd = Math.min(end, (b + 1) * this.bucketBytes);
       const list = this.buckets.get(b);
       if (list) {
-        for (const e of list) {
-          if (e.end <= pos) continue;
+        for (let i = firstEndingAfter(list, pos); i < list.length; i++) {
+          const e = list[i];
           if (e.start >= bucketEnd) break;
           if (e.start > pos) out.push({ start: pos, end: e.start, extent: null });
           const s = Math.max(e.start, pos);
@@ -167,6 +178,18 @@ export class ExtentMap {
     const keys = [...this.buckets.keys()].sort((a, b) => a - b);
     for (const k of keys) yield* this.buckets.get(k)!;
   }
+}
+
+/** Index of the first entry of a bucket (sorted, non-overlapping) that ends after `pos`. */
+function firstEndingAfter(list: readonly Extent[], pos: number): number {
+  let lo = 0;
+  let hi = list.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (list[mid].end <= pos) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 /** `b` starts where `a` ends and continues it in the same place. */
