@@ -84,6 +84,38 @@ describe('FileDevice specifics', () => {
     await dev.close();
   });
 
+  it('copies a batch of ranges from another file on a pool thread, in any order, small and large', async () => {
+    const src = path.join(dir, 'ranges-src.bin');
+    const data = Buffer.from(Array.from({ length: 3 << 20 }, (_, i) => (i * 131 + (i >> 12)) & 0xff));
+    fs.writeFileSync(src, data);
+    const dev = await FileDevice.open(path.join(dir, 'ranges-dst.img'), { size: 4 << 20 });
+    const want = Buffer.alloc(4 << 20);
+    // [srcPos, offset, length]: neighbours in the source (read together), one far away,
+    // one large (copied in the kernel), given out of source order.
+    const list = [
+      [5000, 3_000_000, 4096],
+      [0, 100, 4000],
+      [4010, 2_000_000, 900],
+      [1 << 20, 1_000_000, 700_000],
+      [2_900_000, 5, 95],
+      [8200, 3_500_000, 65_536],
+    ];
+    const ranges = new Float64Array(list.flat());
+    for (const [from, to, len] of list) data.copy(want, to, from, from + len);
+    const fd = fs.openSync(src, 'r');
+    expect(await dev.copyRangesFromFile(fd, ranges, list.length)).toBe(true);
+    const got = Buffer.alloc(4 << 20);
+    await dev.pread(got, 0);
+    expect(got.equals(want)).toBe(true);
+    // A range past the source's end is an error, not a short copy reported as done.
+    await expect(dev.copyRangesFromFile(fd, new Float64Array([3 << 20, 0, 4096]), 1)).rejects.toMatchObject({
+      code: 'EIO',
+    });
+    fs.closeSync(fd);
+    await expect(dev.copyRangesFromFile(fd, ranges, 1)).rejects.toThrow(/Bad file descriptor/);
+    await dev.close();
+  });
+
   it('goes on after a short pwritev from where it stopped, mid-piece', async () => {
     const p = path.join(dir, `short-${n++}.img`);
     const dev = await FileDevice.open(p, { size: 1 << 20, io: 'sync' });

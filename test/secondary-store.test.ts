@@ -120,6 +120,42 @@ describe('SecondaryStore', () => {
     await dev.close();
   });
 
+  it('applies an epoch of thousands of small writes, overwrites, zeroes and a large write byte-exact (the batched apply)', async () => {
+    for (const seed of [1, 2, 3]) {
+      const s = await openStore();
+      const rand = prng(seed);
+      const model = Buffer.alloc(SIZE);
+      let seq = 0;
+      let records = 0;
+      let bytes = 0;
+      for (let i = 0; i < 3000; i++) {
+        const kind = rand() % 20;
+        if (kind === 0) {
+          const o = (rand() % (SIZE / 4096 - 64)) * 4096;
+          const l = 4096 * (1 + (rand() % 32));
+          feed(s.store, { t: 'z', e: 1, s: ++seq, o, l });
+          model.fill(0, o, o + l);
+          records++;
+          continue;
+        }
+        // Mostly 512 B to 4 KiB at any byte offset (neighbours in the journal, far apart on the
+        // disk), a few of 96 to 200 KiB (copied in the kernel, not through the buffer).
+        const l = kind === 1 ? 96 * 1024 + (rand() % (104 * 1024)) : 512 + (rand() % 3585);
+        const o = rand() % (SIZE - l);
+        const data = randomBytes(l, rand);
+        feed(s.store, { t: 'w', e: 1, s: ++seq, o }, data);
+        data.copy(model, o);
+        records++;
+        bytes += l;
+      }
+      await s.store.seal({ t: 'seal', e: 1, n: records, b: bytes });
+      await s.store.commit(1);
+      const img = await appliedImage(s);
+      expect(img.equals(model), `seed ${seed}`).toBe(true);
+      await closeStore(s);
+    }
+  });
+
   it('refuses to make an incomplete epoch durable, and a commit of a non-durable epoch', async () => {
     const { store, dev } = await openStore();
     feed(store, { t: 'w', e: 1, s: 1, o: 0 }, Buffer.alloc(512, 1));

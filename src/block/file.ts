@@ -326,6 +326,35 @@ export class FileDevice implements BlockDevice {
     }
   }
 
+  /**
+   * Copy many ranges of file `srcFd` into this image at once, on a thread-pool
+   * thread (`ranges`: [srcPos, offset, length] per range, `count` of them; no
+   * two overlap at either end). Small ranges are read from the source in its
+   * order, neighbours in one read, and written one by one; large ones are
+   * copied in the kernel. Resolves false, having copied nothing, when the
+   * native helper cannot (the caller copies range by range).
+   */
+  async copyRangesFromFile(srcFd: number, ranges: Float64Array, count: number): Promise<boolean> {
+    this.checkWritable();
+    if (!native?.copyRangesAsync) return false;
+    let total = 0;
+    for (let i = 0; i < count; i++) {
+      assertRange(this, ranges[3 * i + 1], ranges[3 * i + 2]);
+      total += ranges[3 * i + 2];
+    }
+    let n: number;
+    try {
+      n = await native.copyRangesAsync(srcFd, this.fd, ranges, count);
+    } catch (err) {
+      throw toColoError(err);
+    }
+    if (n !== total) throw new ColoError('EIO', `copied ${n} of ${total} bytes into ${this.path}`);
+    if (ioTracer)
+      for (let i = 0; i < count; i++)
+        ioTracer.copied(this.path, this.fd, ranges[3 * i + 1], ranges[3 * i + 2]);
+    return true;
+  }
+
   async extents(offset: number, length: number): Promise<Extent[]> {
     assertRange(this, offset, length);
     const end = offset + length;

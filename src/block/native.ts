@@ -26,6 +26,12 @@ export interface NativeHelpers {
     offOut: number,
     length: number,
   ): Promise<number>;
+  /**
+   * Many copies from `fdIn` to `fdOut` on a thread-pool thread: `ranges` holds
+   * [posIn, posOut, length] per range, `count` of them, none overlapping;
+   * resolves to the bytes copied (absent from builds before it).
+   */
+  copyRangesAsync?(fdIn: number, fdOut: number, ranges: Float64Array, count: number): Promise<number>;
   /** CRC-32C of `buf`, continuing from `prev` (0 to start), in hardware where the CPU can. */
   crc32c(buf: Buffer, prev?: number): number;
   /** A read-only MAP_SHARED view of [offset, offset+length) of the file (unmapped when collected). */

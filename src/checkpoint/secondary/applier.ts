@@ -6,12 +6,15 @@
  * - An epoch is applied as its *merged* final state (from its extent index),
  *   so applying twice equals applying once (invariant 7): a crash mid-apply
  *   is repaired by applying again on start.
- * - Data is copied journal → image inside the kernel (copy_file_range) when
- *   the image can, up to 8 MiB at a time, large copies on a thread-pool
- *   thread; otherwise read and written in 1 MiB chunks. The apply lets the
- *   event loop turn after every MiB: it is background work and must not delay
- *   the link or the SVM's I/O (a seal that arrives mid-apply waits for no
- *   large copy).
+ * - Data extents are copied journal → image in batches of up to 4,096
+ *   extents or 16 MiB, each one call on a thread-pool thread
+ *   (FileDevice.copyRangesFromFile): small extents read in journal order,
+ *   neighbours in one read, large ones copy_file_range. Where the image
+ *   cannot (simulated storage, no native helper), range by range: in the
+ *   kernel up to 8 MiB at a time, else read and written in 1 MiB chunks,
+ *   letting the event loop turn after every MiB. The apply is background
+ *   work and must not delay the link or the SVM's I/O (a seal that arrives
+ *   mid-apply waits for no copy).
  * - The image is flushed before a job is done; only then does the store
  *   forget the layer (`job.done()`). Reads meanwhile resolve through the
  *   layers, so a commit never waits for its apply.
@@ -27,6 +30,9 @@ import type { StoreImage } from './store.js';
 const COPY_STEP_BYTES = 8 * 1024 * 1024;
 /** The apply lets the event loop turn at least this often. */
 const YIELD_EVERY_BYTES = 1024 * 1024;
+/** A batch of data extents copied in one call on a pool thread: at most this many, or this many bytes. */
+const BATCH_RANGES = 4096;
+const BATCH_BYTES = 16 * 1024 * 1024;
 
 export interface ApplyJob {
   layer: Layer;
@@ -47,6 +53,8 @@ export class Applier {
   private running: Promise<void> | null = null;
   error: Error | null = null;
   private closed = false;
+  /** Bytes copied on the event loop since it last turned (one job runs at a time). */
+  private sinceYield = 0;
 
   constructor(
     private readonly image: StoreImage,
@@ -91,16 +99,32 @@ export class Applier {
   /** Write a layer's merged final state into the image and make it durable; false if interrupted by close. */
   private async apply(job: ApplyJob): Promise<boolean> {
     const { layer, label } = job;
-    // What is applied must be durable in the layer first: after a crash the layer is applied
-    // again from its journal, and a journal missing a tail the image already holds would
-    // write older bytes over newer ones. (Epochs are durable since their seal; a folded
-    // overlay may still have unsynced appends.)
     await layer.sync();
     const chunk = Buffer.allocUnsafe(limits.zeroChunkBytes);
     const extents = [...layer.index.extents()];
     const total = extents.reduce((a, x) => a + (x.end - x.start), 0);
     let done = 0;
-    let sinceYield = 0;
+    // Data extents go in batches, each one call on a pool thread, where the image can
+    // (one call per extent cost ~2.7 µs of the secondary per 4 KiB extent of random writes).
+    const batching = !!this.image.copyRangesFromFile && layer.journal.descriptor !== null;
+    const batch = batching ? new Float64Array(3 * BATCH_RANGES) : null;
+    let queued = 0;
+    let queuedBytes = 0;
+    let batchOk = batching;
+    const copyBatch = async (): Promise<void> => {
+      const n = queued;
+      queued = 0;
+      queuedBytes = 0;
+      if (n === 0) return;
+      layer.journal.flush();
+      if (batchOk && (await this.image.copyRangesFromFile!(layer.journal.descriptor!, batch!, n))) {
+        crashPoint('secondary-mid-apply');
+        return;
+      }
+      batchOk = false; // the helper cannot: these ranges, and the rest, one by one
+      for (let i = 0; i < n; i++)
+        await this.copyRange(layer, batch![3 * i], batch![3 * i + 1], batch![3 * i + 2], chunk);
+    };
     for (const ext of extents) {
       this.opts.onProgress?.(label, done, total);
       done += ext.end - ext.start;
@@ -109,28 +133,50 @@ export class Applier {
         await this.image.zero(ext.start, ext.end - ext.start, { mayTrim: ext.kind === 'hole' });
         continue;
       }
-      for (let off = ext.start; off < ext.end;) {
-        const src = ext.pos + (off - ext.start);
-        layer.journal.flush();
-        const fd = layer.journal.descriptor;
-        let len = Math.min(COPY_STEP_BYTES, ext.end - off);
-        if (fd === null || !(await this.image.copyFromFile?.(fd, src, off, len))) {
-          len = Math.min(chunk.length, ext.end - off);
-          const view = chunk.subarray(0, len);
-          layer.journal.read(view, src);
-          await this.image.pwrite(view, off);
-        }
-        crashPoint('secondary-mid-apply');
-        off += len;
-        // Small extents are copied on the loop (a thread-pool trip costs more): let it turn every MiB.
-        if ((sinceYield += len) >= YIELD_EVERY_BYTES) {
-          sinceYield = 0;
-          await new Promise<void>((r) => setImmediate(r));
-        }
+      if (batch && batchOk) {
+        // The merged extents of one layer never overlap: the batch may copy them in any order.
+        batch[3 * queued] = ext.pos;
+        batch[3 * queued + 1] = ext.start;
+        batch[3 * queued + 2] = ext.end - ext.start;
+        queued++;
+        queuedBytes += ext.end - ext.start;
+        if (queued === BATCH_RANGES || queuedBytes >= BATCH_BYTES) await copyBatch();
+        continue;
       }
+      await this.copyRange(layer, ext.pos, ext.start, ext.end - ext.start, chunk);
     }
+    if (this.closed) return false;
+    await copyBatch();
     await this.image.flush();
     this.opts.onProgress?.(label, total, total);
     return true;
+  }
+
+  /** One range, in steps: in the kernel where the image can, else read and written through `chunk`. */
+  private async copyRange(
+    layer: Layer,
+    pos: number,
+    start: number,
+    length: number,
+    chunk: Buffer,
+  ): Promise<void> {
+    for (let off = start; off < start + length;) {
+      const src = pos + (off - start);
+      layer.journal.flush();
+      const fd = layer.journal.descriptor;
+      let len = Math.min(COPY_STEP_BYTES, start + length - off);
+      if (fd === null || !(await this.image.copyFromFile?.(fd, src, off, len))) {
+        len = Math.min(chunk.length, start + length - off);
+        const view = chunk.subarray(0, len);
+        layer.journal.read(view, src);
+        await this.image.pwrite(view, off);
+      }
+      crashPoint('secondary-mid-apply');
+      off += len;
+      if ((this.sinceYield += len) >= YIELD_EVERY_BYTES) {
+        this.sinceYield = 0;
+        await new Promise<void>((r) => setImmediate(r));
+      }
+    }
   }
 }

@@ -90,6 +90,8 @@ export interface RecoveryReport {
 export interface StoreImage extends BlockDevice {
   /** Copy `length` bytes of file `srcFd` at `srcPos` to `offset`; false if it cannot (the caller writes instead). */
   copyFromFile?(srcFd: number, srcPos: number, offset: number, length: number): Promise<boolean>;
+  /** Copy a batch of [srcPos, offset, length] ranges of file `srcFd`; false (nothing copied) if it cannot. */
+  copyRangesFromFile?(srcFd: number, ranges: Float64Array, count: number): Promise<boolean>;
 }
 
 export interface SecondaryStoreOptions {
