@@ -194,16 +194,22 @@ static void copy_execute(napi_env env, void *data) {
   w->err = copy_loop(w->fd_in, w->off_in, w->fd_out, w->off_out, w->length, &w->done);
 }
 
+/* Settle a pool copy's promise: the bytes copied, or the errno as an error naming `what`; the work is deleted. */
+static void settle_copy(napi_env env, napi_status status, napi_async_work work, napi_deferred deferred, int err,
+                        int64_t done, const char *what) {
+  napi_value v;
+  if (status != napi_ok || err) {
+    napi_reject_deferred(env, deferred, errno_error(env, status != napi_ok ? ECANCELED : err, what));
+  } else {
+    napi_create_int64(env, done, &v);
+    napi_resolve_deferred(env, deferred, v);
+  }
+  napi_delete_async_work(env, work);
+}
+
 static void copy_complete(napi_env env, napi_status status, void *data) {
   struct copy_work *w = data;
-  napi_value v;
-  if (status != napi_ok || w->err) {
-    napi_reject_deferred(env, w->deferred, errno_error(env, status != napi_ok ? ECANCELED : w->err, "copy_file_range"));
-  } else {
-    napi_create_int64(env, w->done, &v);
-    napi_resolve_deferred(env, w->deferred, v);
-  }
-  napi_delete_async_work(env, w->work);
+  settle_copy(env, status, w->work, w->deferred, w->err, w->done, "copy_file_range");
   free(w);
 }
 
@@ -340,14 +346,7 @@ static void ranges_execute(napi_env env, void *data) {
 
 static void ranges_complete(napi_env env, napi_status status, void *data) {
   struct ranges_work *w = data;
-  napi_value v;
-  if (status != napi_ok || w->err) {
-    napi_reject_deferred(env, w->deferred, errno_error(env, status != napi_ok ? ECANCELED : w->err, "copyRanges"));
-  } else {
-    napi_create_int64(env, w->done, &v);
-    napi_resolve_deferred(env, w->deferred, v);
-  }
-  napi_delete_async_work(env, w->work);
+  settle_copy(env, status, w->work, w->deferred, w->err, w->done, "copyRanges");
   free(w->r);
   free(w);
 }
