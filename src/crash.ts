@@ -51,6 +51,11 @@ export function armCrashPoints(env: NodeJS.ProcessEnv): void {
   skip = Number(env.COLO_BLK_CRASH_SKIP ?? 0);
 }
 
+/** True when this process is armed to die at `name` (code that batches work sizes its batches so the point still falls between parts). */
+export function crashArmed(name: CrashPointName): boolean {
+  return target === name;
+}
+
 export function crashPoint(name: CrashPointName): void {
   if (target !== name) return;
   if (skip-- > 0) return;

@@ -21,7 +21,7 @@
  * - A failure stops the applier (the store reports it); close interrupts it
  *   between chunks.
  */
-import { crashPoint } from '../../crash.js';
+import { crashArmed, crashPoint } from '../../crash.js';
 import { limits } from '../../limits.js';
 import type { Layer } from '../format/layers.js';
 import type { StoreImage } from './store.js';
@@ -107,7 +107,11 @@ export class Applier {
     // Data extents go in batches, each one call on a pool thread, where the image can
     // (one call per extent cost ~2.7 µs of the secondary per 4 KiB extent of random writes).
     const batching = !!this.image.copyRangesFromFile && layer.journal.descriptor !== null;
-    const batch = batching ? new Float64Array(3 * BATCH_RANGES) : null;
+    // A process armed to die mid-apply copies one extent per batch, so that its crash point
+    // falls between extents as it did before batching: the crash tests then leave images
+    // applied part-way, not only before or after a whole epoch.
+    const perBatch = crashArmed('secondary-mid-apply') ? 1 : BATCH_RANGES;
+    const batch = batching ? new Float64Array(3 * perBatch) : null;
     let queued = 0;
     let queuedBytes = 0;
     let batchOk = batching;
@@ -140,7 +144,7 @@ export class Applier {
         batch[3 * queued + 2] = ext.end - ext.start;
         queued++;
         queuedBytes += ext.end - ext.start;
-        if (queued === BATCH_RANGES || queuedBytes >= BATCH_BYTES) await copyBatch();
+        if (queued === perBatch || queuedBytes >= BATCH_BYTES) await copyBatch();
         continue;
       }
       await this.copyRange(layer, ext.pos, ext.start, ext.end - ext.start, chunk);
