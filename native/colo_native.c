@@ -374,16 +374,19 @@ static napi_value copy_ranges_async(napi_env env, napi_callback_info info) {
     return throw_errno(env, ENOMEM, "copyRangesAsync");
   }
   const double *d = data;
+  for (int64_t k = 0; k < 3 * count; k++) {
+    /* Whole numbers in [0, 2^53] only: converting NaN or an out-of-range double to an integer is undefined. */
+    if (!(d[k] >= 0 && d[k] <= 9007199254740992.0) || d[k] != (double)(int64_t)d[k]) {
+      free(w);
+      free(r);
+      napi_throw_range_error(env, "EINVAL", "copyRangesAsync: a position or length that is not a whole number >= 0");
+      return NULL;
+    }
+  }
   for (int64_t k = 0; k < count; k++) {
     r[k].in = (int64_t)d[3 * k];
     r[k].out = (int64_t)d[3 * k + 1];
     r[k].len = (int64_t)d[3 * k + 2];
-    if (r[k].in < 0 || r[k].out < 0 || r[k].len < 0) {
-      free(w);
-      free(r);
-      napi_throw_range_error(env, "EINVAL", "copyRangesAsync: negative position or length");
-      return NULL;
-    }
   }
   w->fd_in = (int)fd_in;
   w->fd_out = (int)fd_out;

@@ -111,6 +111,10 @@ describe('FileDevice specifics', () => {
     await expect(dev.copyRangesFromFile(fd, new Float64Array([3 << 20, 0, 4096]), 1)).rejects.toMatchObject({
       code: 'EIO',
     });
+    // A source position that is no whole number is refused before anything is copied.
+    await expect(dev.copyRangesFromFile(fd, new Float64Array([NaN, 0, 4096]), 1)).rejects.toThrow(
+      /whole number/,
+    );
     fs.closeSync(fd);
     await expect(dev.copyRangesFromFile(fd, ranges, 1)).rejects.toThrow(/Bad file descriptor/);
     await dev.close();
