@@ -16,8 +16,22 @@ import { JournalWriter, scanJournal, type JournalBounds, type ScanResult } from 
 import { isMutation, mutationLength, type MutationRecord } from './records.js';
 import type { Storage } from '../../sys/storage.js';
 
+/** Kinds of a pending index entry, by code. */
+const KINDS = ['data', 'zero', 'hole'] as const;
+
 export class Layer {
-  readonly index = new ExtentMap();
+  private readonly map = new ExtentMap();
+  /**
+   * Records appended but not yet in the map, four numbers each: offset,
+   * length, kind code, journal position. The link appends one per frame;
+   * nobody reads an epoch's map until it is committed (the SVM sees only
+   * committed layers and its own overlay), so the map is built when first
+   * asked for, in one loop. Inserting as frames arrived, between socket
+   * reads and journal writes, cost ~0.6 µs each in cache misses (4 % of the
+   * secondary at 4 KiB writes), against ~0.1 µs in a loop.
+   */
+  private pending = new Float64Array(4 * 64);
+  private pendingCount = 0;
   /** Mutation records held and bytes of write data. */
   records = 0;
   dataBytes = 0;
@@ -108,14 +122,37 @@ export class Layer {
     this.journal.append(meta);
   }
 
+  /** Where each range's newest bytes are (built from the records appended so far). */
+  get index(): ExtentMap {
+    if (this.pendingCount > 0) this.buildIndex();
+    return this.map;
+  }
+
   private index_(rec: MutationRecord, dataPos: number, dataLength: number): void {
     const length = mutationLength(rec, dataLength);
     if (length === 0) return;
-    if (rec.t === 'w') {
-      this.index.set(rec.o, length, 'data', this.id, dataPos);
-      this.dataBytes += length;
-    } else this.index.set(rec.o, length, rec.t === 't' || (rec.t === 'z' && rec.h) ? 'hole' : 'zero');
+    if (rec.t === 'w') this.dataBytes += length;
     this.records++;
+    if (4 * (this.pendingCount + 1) > this.pending.length) {
+      const grown = new Float64Array(this.pending.length * 2);
+      grown.set(this.pending);
+      this.pending = grown;
+    }
+    const p = 4 * this.pendingCount++;
+    this.pending[p] = rec.o;
+    this.pending[p + 1] = length;
+    this.pending[p + 2] = rec.t === 'w' ? 0 : rec.t === 't' || (rec.t === 'z' && rec.h) ? 2 : 1;
+    this.pending[p + 3] = rec.t === 'w' ? dataPos : 0;
+  }
+
+  /** Put the pending records into the map, in the order they were appended. */
+  private buildIndex(): void {
+    const p = this.pending;
+    for (let i = 0; i < 4 * this.pendingCount; i += 4)
+      if (p[i + 2] === 0) this.map.set(p[i], p[i + 1], 'data', this.id, p[i + 3]);
+      else this.map.set(p[i], p[i + 1], KINDS[p[i + 2]]);
+    this.pendingCount = 0;
+    if (p.length > 4 * 4096) this.pending = new Float64Array(4 * 64); // an epoch's worth: let it go
   }
 
   lookup(offset: number, length: number): Segment[] {
