@@ -69,8 +69,9 @@ deviceSuite('SwitchDevice over a ReplicatingDevice', async (size) => {
 });
 
 /**
- * A local disk that misbehaves on request: random delays (so concurrent
- * requests complete out of order), and failures part-way through a mutation
+ * A local disk that misbehaves on request: random delays before a mutation
+ * lands and after (so concurrent requests land and complete out of order, and
+ * not always in the same order as each other), and failures part-way through a mutation
  * (part of a write lands, a zeroing stops after a chunk) or a failing read.
  */
 class FaultyDevice implements BlockDevice {
@@ -111,7 +112,10 @@ class FaultyDevice implements BlockDevice {
       throw new ColoError('EIO', `injected failure after ${part} of ${buf.length} bytes`);
     }
     void opts; // a memory disk is durable as soon as written
-    return this.inner.pwrite(buf, offset);
+    await this.inner.pwrite(buf, offset);
+    // The bytes have landed; the completion may still come late (a pool thread's callback
+    // queued behind another's): overlapping writes then complete in another order than they landed.
+    await this.jitter();
   }
   async zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
     await this.jitter();
@@ -121,7 +125,8 @@ class FaultyDevice implements BlockDevice {
       if (part) await this.inner.zero(offset, part, opts);
       throw new ColoError('EIO', `injected failure after zeroing ${part} of ${length} bytes`);
     }
-    return this.inner.zero(offset, length, opts);
+    await this.inner.zero(offset, length, opts);
+    await this.jitter(); // landed; the completion may come late
   }
   async trim(offset: number, length: number, opts?: WriteOptions): Promise<void> {
     return this.zero(offset, length, { ...opts, mayTrim: true });
