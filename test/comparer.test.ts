@@ -143,6 +143,21 @@ describe('comparer', () => {
     expect(requests).toEqual(['mismatch']);
   });
 
+  it('a difference deep inside large outputs, each sent whole, is a mismatch at that byte', async () => {
+    const { p, s, client, requests } = await setup('colo');
+    const pvmOut = Buffer.alloc(64 * 1024, 'a');
+    const svmOut = Buffer.from(pvmOut);
+    svmOut[40_000] = 'b'.charCodeAt(0);
+    p.write(pvmOut);
+    s!.write(svmOut);
+    await until(() => requests.length === 1);
+    expect(requests).toEqual(['mismatch']);
+    // Everything before the differing byte matched and went out; nothing after it.
+    await until(() => client.data.length === 40_000);
+    await sleep(20);
+    expect(client.data.length).toBe(40_000);
+  });
+
   it('output one side does not match within the timeout asks for a checkpoint', async () => {
     const { p, client, requests } = await setup('colo', { timeout: 50 });
     p.write('only the PVM speaks');
