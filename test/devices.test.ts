@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { FileDevice } from '../src/block/file.js';
@@ -118,6 +119,34 @@ describe('FileDevice specifics', () => {
     fs.closeSync(fd);
     await expect(dev.copyRangesFromFile(fd, ranges, 1)).rejects.toThrow(/Bad file descriptor/);
     await dev.close();
+  });
+
+  it('copies large ranges in a batch between filesystems, through its buffer where the kernel refuses (EXDEV)', async () => {
+    // The source in this suite's directory (tmpfs where there is /dev/shm), the image in the OS's
+    // temporary directory (a disk here and on CI): copy_file_range between them is refused.
+    const src = path.join(dir, 'xfs-src.bin');
+    const data = Buffer.from(Array.from({ length: 3 << 20 }, (_, i) => (i * 7 + (i >> 16)) & 0xff));
+    fs.writeFileSync(src, data);
+    const other = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-blk-xfs-'));
+    try {
+      const dev = await FileDevice.open(path.join(other, 'img'), { size: 4 << 20 });
+      const list = [
+        [0, 100, 1_500_000], // larger than the 1 MiB buffer: two rounds
+        [2 << 20, 3_000_000, 70_000],
+        [1_600_000, 2_000_000, 4096],
+      ];
+      const fd = fs.openSync(src, 'r');
+      expect(await dev.copyRangesFromFile(fd, new Float64Array(list.flat()), list.length)).toBe(true);
+      fs.closeSync(fd);
+      const want = Buffer.alloc(4 << 20);
+      for (const [from, to, len] of list) data.copy(want, to, from, from + len);
+      const got = Buffer.alloc(4 << 20);
+      await dev.pread(got, 0);
+      expect(got.equals(want)).toBe(true);
+      await dev.close();
+    } finally {
+      fs.rmSync(other, { recursive: true, force: true });
+    }
   });
 
   it('goes on after a short pwritev from where it stopped, mid-piece', async () => {
