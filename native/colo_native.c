@@ -351,6 +351,9 @@ static void ranges_complete(napi_env env, napi_status status, void *data) {
   free(w);
 }
 
+/* A whole number in [0, 2^53]: converting NaN or an out-of-range double to an integer is undefined. */
+static int whole(double x) { return x >= 0 && x <= 9007199254740992.0 && x == (double)(int64_t)x; }
+
 static napi_value copy_ranges_async(napi_env env, napi_callback_info info) {
   napi_value argv[4];
   size_t argc = 4;
@@ -373,20 +376,17 @@ static napi_value copy_ranges_async(napi_env env, napi_callback_info info) {
     free(r);
     return throw_errno(env, ENOMEM, "copyRangesAsync");
   }
-  const double *d = data;
-  for (int64_t k = 0; k < 3 * count; k++) {
-    /* Whole numbers in [0, 2^53] only: converting NaN or an out-of-range double to an integer is undefined. */
-    if (!(d[k] >= 0 && d[k] <= 9007199254740992.0) || d[k] != (double)(int64_t)d[k]) {
+  for (int64_t k = 0; k < count; k++) {
+    const double *t = (const double *)data + 3 * k;
+    if (!whole(t[0]) || !whole(t[1]) || !whole(t[2])) {
       free(w);
       free(r);
       napi_throw_range_error(env, "EINVAL", "copyRangesAsync: a position or length that is not a whole number >= 0");
       return NULL;
     }
-  }
-  for (int64_t k = 0; k < count; k++) {
-    r[k].in = (int64_t)d[3 * k];
-    r[k].out = (int64_t)d[3 * k + 1];
-    r[k].len = (int64_t)d[3 * k + 2];
+    r[k].in = (int64_t)t[0];
+    r[k].out = (int64_t)t[1];
+    r[k].len = (int64_t)t[2];
   }
   w->fd_in = (int)fd_in;
   w->fd_out = (int)fd_out;

@@ -16,7 +16,7 @@ import { JournalWriter, scanJournal, type JournalBounds, type ScanResult } from 
 import { isMutation, mutationLength, type MutationRecord } from './records.js';
 import type { Storage } from '../../sys/storage.js';
 
-/** Kinds of a pending index entry, by code. */
+/** Kinds of a pending index entry, by code (a data entry's file is the layer, the others' 0). */
 const KINDS = ['data', 'zero', 'hole'] as const;
 
 export class Layer {
@@ -149,8 +149,7 @@ export class Layer {
   private buildIndex(): void {
     const p = this.pending;
     for (let i = 0; i < 4 * this.pendingCount; i += 4)
-      if (p[i + 2] === 0) this.map.set(p[i], p[i + 1], 'data', this.id, p[i + 3]);
-      else this.map.set(p[i], p[i + 1], KINDS[p[i + 2]]);
+      this.map.set(p[i], p[i + 1], KINDS[p[i + 2]], p[i + 2] === 0 ? this.id : 0, p[i + 3]);
     this.pendingCount = 0;
     if (p.length > 4 * 4096) this.pending = new Float64Array(4 * 64); // an epoch's worth: let it go
   }

@@ -99,6 +99,10 @@ export class Applier {
   /** Write a layer's merged final state into the image and make it durable; false if interrupted by close. */
   private async apply(job: ApplyJob): Promise<boolean> {
     const { layer, label } = job;
+    // What is applied must be durable in the layer first: after a crash the layer is applied
+    // again from its journal, and a journal missing a tail the image already holds would
+    // write older bytes over newer ones. (Epochs are durable since their seal; a folded
+    // overlay may still have unsynced appends.)
     await layer.sync();
     const chunk = Buffer.allocUnsafe(limits.zeroChunkBytes);
     const extents = [...layer.index.extents()];
@@ -106,28 +110,30 @@ export class Applier {
     let done = 0;
     // Data extents go in batches, each one call on a pool thread, where the image can
     // (one call per extent cost ~2.7 µs of the secondary per 4 KiB extent of random writes).
-    const batching = !!this.image.copyRangesFromFile && layer.journal.descriptor !== null;
     // A process armed to die mid-apply copies one extent per batch, so that its crash point
     // falls between extents as it did before batching: the crash tests then leave images
     // applied part-way, not only before or after a whole epoch.
     const perBatch = crashArmed('secondary-mid-apply') ? 1 : BATCH_RANGES;
-    const batch = batching ? new Float64Array(3 * perBatch) : null;
+    let batch =
+      this.image.copyRangesFromFile && layer.journal.descriptor !== null
+        ? new Float64Array(3 * perBatch)
+        : null;
     let queued = 0;
     let queuedBytes = 0;
-    let batchOk = batching;
     const copyBatch = async (): Promise<void> => {
+      const ranges = batch;
       const n = queued;
       queued = 0;
       queuedBytes = 0;
-      if (n === 0) return;
+      if (!ranges || n === 0) return;
       layer.journal.flush();
-      if (batchOk && (await this.image.copyRangesFromFile!(layer.journal.descriptor!, batch!, n))) {
+      if (await this.image.copyRangesFromFile!(layer.journal.descriptor!, ranges, n)) {
         crashPoint('secondary-mid-apply');
         return;
       }
-      batchOk = false; // the helper cannot: these ranges, and the rest, one by one
+      batch = null; // the helper cannot: these ranges, and the rest, one by one
       for (let i = 0; i < n; i++)
-        await this.copyRange(layer, batch![3 * i], batch![3 * i + 1], batch![3 * i + 2], chunk);
+        await this.copyRange(layer, ranges[3 * i], ranges[3 * i + 1], ranges[3 * i + 2], chunk);
     };
     for (const ext of extents) {
       this.opts.onProgress?.(label, done, total);
@@ -137,7 +143,7 @@ export class Applier {
         await this.image.zero(ext.start, ext.end - ext.start, { mayTrim: ext.kind === 'hole' });
         continue;
       }
-      if (batch && batchOk) {
+      if (batch) {
         // The merged extents of one layer never overlap: the batch may copy them in any order.
         batch[3 * queued] = ext.pos;
         batch[3 * queued + 1] = ext.start;
@@ -177,6 +183,7 @@ export class Applier {
       }
       crashPoint('secondary-mid-apply');
       off += len;
+      // Small copies run on the loop (a thread-pool trip costs more): let it turn every MiB.
       if ((this.sinceYield += len) >= YIELD_EVERY_BYTES) {
         this.sinceYield = 0;
         await new Promise<void>((r) => setImmediate(r));
