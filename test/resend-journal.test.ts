@@ -206,5 +206,6 @@ describe('primary log: records keep one hidden class', () => {
     }
     for (const r of kept.slice(1)) expect(sameMap(kept[0], r)).toBe(true);
     expect(kept[0]).toMatchObject({ t: 'w', e: plog.current - 1, s: 59_991 });
+    plog.close();
   });
 });
