@@ -6,8 +6,9 @@
  * - An epoch is applied as its *merged* final state (from its extent index),
  *   so applying twice equals applying once (invariant 7): a crash mid-apply
  *   is repaired by applying again on start.
- * - Data extents are copied journal → image in batches of up to 4,096
- *   extents or 16 MiB, each one call on a thread-pool thread
+ * - Zeroes go first, then data extents in journal order, copied journal →
+ *   image in batches of up to 4,096 extents or 16 MiB, each one call on a
+ *   thread-pool thread
  *   (FileDevice.copyRangesFromFile): small extents read in journal order,
  *   neighbours in one read, large ones copy_file_range. Where the image
  *   cannot (simulated storage, no native helper), range by range: in the
@@ -105,7 +106,13 @@ export class Applier {
     // overlay may still have unsynced appends.)
     await layer.sync();
     const chunk = Buffer.allocUnsafe(limits.zeroChunkBytes);
+    // Zeroes and holes first, then data in journal order: the extents never overlap, so any
+    // order gives the same image, and in journal order each batch reads runs of neighbouring
+    // frames (in image order a batch held every other frame of a random-write epoch, and
+    // read them one pread each).
     const extents = [...layer.index.extents()];
+    const data = extents.filter((x) => x.kind === 'data').sort((a, b) => a.pos - b.pos);
+    const rest = extents.filter((x) => x.kind !== 'data');
     const total = extents.reduce((a, x) => a + (x.end - x.start), 0);
     let done = 0;
     // Data extents go in batches, each one call on a pool thread, where the image can
@@ -135,7 +142,7 @@ export class Applier {
       for (let i = 0; i < n; i++)
         await this.copyRange(layer, ranges[3 * i], ranges[3 * i + 1], ranges[3 * i + 2], chunk);
     };
-    for (const ext of extents) {
+    for (const ext of [...rest, ...data]) {
       this.opts.onProgress?.(label, done, total);
       done += ext.end - ext.start;
       if (this.closed) return false;
