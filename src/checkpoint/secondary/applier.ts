@@ -8,9 +8,9 @@
  *   is repaired by applying again on start.
  * - Zeroes go first, then data extents in journal order, copied journal →
  *   image in batches of up to 4,096 extents or 16 MiB, each one call on a
- *   thread-pool thread
- *   (FileDevice.copyRangesFromFile): small extents read in journal order,
- *   neighbours in one read, large ones copy_file_range. Where the image
+ *   thread-pool thread (FileDevice.copyRangesFromFile): small extents
+ *   read in journal order, neighbours in one read, large ones
+ *   copy_file_range. Where the image
  *   cannot (simulated storage, no native helper), range by range: in the
  *   kernel up to 8 MiB at a time, else read and written in 1 MiB chunks,
  *   letting the event loop turn after every MiB. The apply is background
