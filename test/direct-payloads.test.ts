@@ -202,12 +202,17 @@ describe('the NBD server: WRITE payloads read into reused buffers', () => {
       const rand = prng(321);
       const warm = randomBytes(MiB, rand);
       await session.call({ type: Cmd.WRITE, offset: 0, length: warm.length, payload: warm });
-      // 120 MiB in one epoch: more than the primary's 96 MiB of resend memory.
-      for (let round = 0; round < 2; round++) {
+      // 180 MiB in one epoch: more than the primary's 128 MiB of resend memory.
+      for (let round = 0; round < 3; round++) {
         const { bytes } = writeStream(session, 60, rand);
         await sendCut(session, bytes, rand);
         for (let i = 0; i < 60; i++) expect((await session.reply()).error).toBe(0);
       }
+      // The epoch outgrew the resend memory: its tail is in a journal file.
+      const spilled = fs
+        .readdirSync(path.join(dir, 'pvm-state', 'epochs'))
+        .filter((f) => f.endsWith('.journal'));
+      expect(spilled.length).toBeGreaterThan(0);
       await pair.checkpoint();
       expect(await hashExport(pair.secondary.nbdPort)).toBe(await hashExport(pair.primary.nbdPort));
     } finally {

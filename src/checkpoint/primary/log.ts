@@ -50,9 +50,13 @@ export type NewMutation =
  * file with a synchronous write on the event loop into fresh pages: at 64 MiB
  * the tail of the epochs spilled, and 1 MiB writes ran 538/624 MB/s against
  * 604/670 at 96 MiB (the primary 1.59/1.41 → 1.31/1.18 CPU-s/GiB); 128 MiB
- * gained nothing more. Peak RSS with 1 GiB pending grows by the same 32 MiB.
+ * gained nothing more then. Once the pair replicated 1 MiB writes at 700+ MB/s,
+ * a 100 ms epoch outgrew 96 MiB and its tail spilled again (`perf`: the
+ * spill's writev and reads back were 12 % of the primary); at 128 MiB, three
+ * alternations: 729/723/762 → 808/822/834 MB/s, the primary 1.18/1.19/1.18 →
+ * 1.03/1.00/0.99 CPU-s/GiB. Peak RSS with 1 GiB pending 211 → 243 MiB.
  */
-export const RESEND_MEMORY_BYTES = 96 * 1024 * 1024;
+export const RESEND_MEMORY_BYTES = 128 * 1024 * 1024;
 
 export class PrimaryLog {
   private readonly memory: ResendMemory;
