@@ -11,6 +11,7 @@ import {
   decodeFramePieces,
   encodeFrame,
   encodeFrameBuffer,
+  encodeFrameInto,
   FRAME_MAGIC,
   FRAME_MAGIC_C,
   FrameError,
@@ -31,6 +32,40 @@ describe('frame codec', () => {
     expect(f.bytes).toBe(frame.length);
     expect(decodeFrame(encodeFrameBuffer({ t: 'seal', e: 1 }))!.data.length).toBe(0);
   });
+
+  it.runIf(native)(
+    'encodes in place byte for byte as encodeFrame, and writes nothing where the frame does not fit',
+    () => {
+      const rand = prng(17);
+      const target = Buffer.alloc(64 * 1024, 0xee);
+      for (let k = 0; k < 200; k++) {
+        const m = {
+          t: 'w',
+          e: 1 + (rand() % 9),
+          s: rand(),
+          o: rand() * 512,
+          f: rand() % 2 === 0 || undefined,
+        };
+        const pieces = Array.from({ length: rand() % 4 }, () => randomBytes(rand() % 5000, rand));
+        const want = Buffer.concat(encodeFrame(m, pieces));
+        // Anywhere, or exactly fitting, or one byte short of fitting.
+        const at = [rand() % target.length, target.length - want.length, target.length - want.length + 1][
+          k % 3
+        ];
+        const before = Buffer.from(target);
+        const n = encodeFrameInto(m, pieces, target, at);
+        if (at + want.length > target.length) {
+          expect(n).toBe(-1);
+          expect(target.equals(before)).toBe(true);
+          continue;
+        }
+        expect(n).toBe(want.length);
+        expect(target.subarray(at, at + n).equals(want)).toBe(true);
+        expect(target.subarray(0, at).equals(before.subarray(0, at))).toBe(true);
+        expect(target.subarray(at + n).equals(before.subarray(at + n))).toBe(true);
+      }
+    },
+  );
 
   it('needs more bytes for every strict prefix, and decodes through a ByteQueue split anywhere', () => {
     for (let i = 0; i < frame.length; i++) expect(decodeFrame(frame.subarray(0, i))).toBeNull();

@@ -47,9 +47,12 @@ describe('resend journal', () => {
       for (const f of fs_) {
         const r = j.append(f.meta, f.data);
         if (!r.inMemory && border < 0) border = r.offset;
-        const bytes = Buffer.concat(encodeFrame(f.meta, f.data));
+        const parts = encodeFrame(f.meta, f.data);
+        const bytes = Buffer.concat(parts);
         expect(r.offset).toBe(Buffer.concat(expected).length);
         expect(r.bytes).toBe(bytes.length);
+        expect(r.dataPos).toBe(r.offset + parts[0].length);
+        expect(Buffer.concat(r.parts).equals(bytes)).toBe(true);
         if (r.inMemory) {
           const held = j.viewsAt(r.offset, r.bytes)!;
           expect(Buffer.concat(held.views).equals(bytes)).toBe(true);

@@ -75,6 +75,40 @@ export function encodeFrame(meta: object, data: Buffer | readonly Buffer[] = EMP
   return [head, ...pieces.filter((p) => p.length > 0)];
 }
 
+/**
+ * Encode a frame straight into `target` at `at`, the checksum computed over
+ * the bytes in place (one pass, no parts to gather): the primary's resend
+ * buffer takes its frames this way. Returns the frame's size, or -1 when it
+ * would not fit before the end of `target` (nothing written) or the native
+ * helper is missing (the caller then uses encodeFrame). Byte for byte what
+ * encodeFrame gives.
+ */
+export function encodeFrameInto(
+  meta: object,
+  data: Buffer | readonly Buffer[] = EMPTY,
+  target: Buffer,
+  at: number,
+): number {
+  if (!native) return -1;
+  const metaBytes = packr.pack(meta);
+  if (metaBytes.length > 0xffff) throw new FrameError('meta', `frame metadata of ${metaBytes.length} bytes`);
+  const pieces = Buffer.isBuffer(data) ? [data] : data;
+  let dataLength = 0;
+  for (const p of pieces) dataLength += p.length;
+  const bodyLength = 2 + metaBytes.length + dataLength;
+  if (bodyLength > MAX_FRAME_BODY) throw new FrameError('length', `frame body of ${bodyLength} bytes`);
+  const total = FRAME_HEADER_BYTES + bodyLength;
+  if (at + total > target.length) return -1;
+  target.writeUInt32BE(FRAME_MAGIC_C, at);
+  target.writeUInt32BE(bodyLength, at + 4);
+  target.writeUInt16BE(metaBytes.length, at + FRAME_HEADER_BYTES);
+  let p = at + FRAME_HEADER_BYTES + 2;
+  p += metaBytes.copy(target, p);
+  for (const piece of pieces) p += piece.copy(target, p);
+  target.writeUInt32BE(native.crc32c(target.subarray(at + FRAME_HEADER_BYTES, at + total), 0), at + 8);
+  return total;
+}
+
 /** Encode into one Buffer (tests and small control frames). */
 export function encodeFrameBuffer(meta: object, data: Buffer = EMPTY): Buffer {
   const parts = encodeFrame(meta, data);

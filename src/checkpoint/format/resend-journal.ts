@@ -18,7 +18,7 @@
  * A chunk goes back to the pool when its epoch is dropped and no socket
  * write queued from it is still waiting (ResendMemory's references).
  */
-import { encodeFrame } from './frame.js';
+import { encodeFrame, encodeFrameInto, FRAME_HEADER_BYTES } from './frame.js';
 import { JournalWriter, type AppendResult } from './journal.js';
 import type { Storage, StorageFile } from '../../sys/storage.js';
 
@@ -96,16 +96,47 @@ export class ResendJournal {
   }
 
   append(meta: object, data?: Buffer | readonly Buffer[]): ResendAppend {
+    const offset = this.size;
+    if (!this.file) {
+      const placed = this.inPlace(meta, data, offset);
+      if (placed) return placed;
+    }
     const parts = encodeFrame(meta, data);
     let bytes = 0;
     for (const p of parts) bytes += p.length;
-    const offset = this.size;
     const inMemory = !this.file && this.toMemory(parts, bytes);
     if (!inMemory) {
       this.file ??= JournalWriter.open(this.storage, this.path, 0);
       this.file.appendEncoded(parts);
     }
     return { offset, dataPos: offset + parts[0].length, bytes, parts, inMemory };
+  }
+
+  /**
+   * The usual case: the frame is encoded straight into the last chunk (a
+   * fresh one if that is full), where it fits whole. Null when it does not
+   * (the frame would straddle two chunks, the budget is spent, or there is
+   * no native helper): the caller encodes it apart and copies it.
+   */
+  private inPlace(
+    meta: object,
+    data: Buffer | readonly Buffer[] | undefined,
+    offset: number,
+  ): ResendAppend | null {
+    let into = this.inMemory - (this.chunks.length - 1) * CHUNK_BYTES;
+    if (this.chunks.length === 0 || into === CHUNK_BYTES) {
+      const c = this.memory.take();
+      if (!c) return null;
+      this.chunks.push(c); // room for the general path too, should the frame not fit
+      into = 0;
+    }
+    const chunk = this.chunks[this.chunks.length - 1];
+    const bytes = encodeFrameInto(meta, data, chunk, into);
+    if (bytes < 0) return null;
+    this.inMemory += bytes;
+    const frame = chunk.subarray(into, into + bytes);
+    const dataPos = offset + FRAME_HEADER_BYTES + 2 + frame.readUInt16BE(FRAME_HEADER_BYTES);
+    return { offset, dataPos, bytes, parts: [frame], inMemory: true };
   }
 
   /** Copy a frame into the chunks; false (nothing copied) if the budget cannot hold it. */
