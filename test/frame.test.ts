@@ -12,6 +12,7 @@ import {
   encodeFrame,
   encodeFrameBuffer,
   encodeFrameInto,
+  FRAME_HEADER_BYTES,
   FRAME_MAGIC,
   FRAME_MAGIC_C,
   FrameError,
@@ -107,6 +108,25 @@ describe('frame codec', () => {
       expect(threw, `flip in byte ${i}`).toBe(true);
     }
     expect(() => decodeFramePieces([frame, Buffer.alloc(1)])).toThrow(FrameError);
+  });
+
+  it('refuses a frame whose metadata length overruns its body, or given with bytes missing or extra: whole or in pieces', () => {
+    // A well-formed checksum over a body whose metadata length claims more than the body holds.
+    const body = Buffer.concat([Buffer.from([0x01, 0x00]), Buffer.from([0x80])]); // meta length 256, 1 byte
+    const head = Buffer.alloc(FRAME_HEADER_BYTES);
+    head.writeUInt32BE(FRAME_MAGIC, 0);
+    head.writeUInt32BE(body.length, 4);
+    head.writeUInt32BE(crc32(body), 8);
+    const overrun = Buffer.concat([head, body]);
+    const longer = Buffer.concat([frame, Buffer.alloc(3)]);
+    for (const split of [false, true]) {
+      const asGiven = (b: Buffer) => (split ? [b.subarray(0, 3), b.subarray(3)] : [b]);
+      expect(() => decodeFramePieces(asGiven(overrun)), `split ${split}`).toThrow(/overruns the body/);
+      expect(() => decodeFramePieces(asGiven(longer)), `split ${split}`).toThrow(/given as/);
+      expect(() => decodeFramePieces(asGiven(frame.subarray(0, frame.length - 1))), `split ${split}`).toThrow(
+        /given as/,
+      );
+    }
   });
 
   it('detects every single-bit flip', () => {

@@ -123,10 +123,11 @@ export function decodeFrame<M = Record<string, unknown>>(buf: Buffer, off = 0): 
   return { meta: f.meta, data: f.data[0] ?? EMPTY, bytes: total };
 }
 
-function unpackMeta<M>(bytes: Buffer, off: number): M {
+/** The metadata in `bytes` (or in its [start, end)), which must be a map. */
+function unpackMeta<M>(bytes: Buffer, off: number, start = 0, end = bytes.length): M {
   let meta: M;
   try {
-    meta = packr.unpack(bytes) as M;
+    meta = packr.unpack(bytes, { start, end }) as M;
   } catch (err) {
     throw new FrameError('meta', `undecodable frame metadata at ${off}: ${(err as Error).message}`);
   }
@@ -164,6 +165,8 @@ export function decodeFramePieces<M = Record<string, unknown>>(
   /** Where the frame starts in its file or stream, for the error messages. */
   off = 0,
 ): { meta: M; data: Buffer[]; bytes: number } {
+  if (pieces.length === 1 && pieces[0].length >= FRAME_HEADER_BYTES + 2)
+    return decodeWhole<M>(pieces[0], off);
   const head = gather(pieces, 0, FRAME_HEADER_BYTES + 2);
   const total = peekFrameBytes(head)!;
   let have = 0;
@@ -178,6 +181,23 @@ export function decodeFramePieces<M = Record<string, unknown>>(
   if (dataAt > total) throw new FrameError('meta', `frame metadata overruns the body at ${off}`);
   const meta = unpackMeta<M>(gather(pieces, FRAME_HEADER_BYTES + 2, metaLength), off);
   return { meta, data: piecesRange(pieces, dataAt, total), bytes: total };
+}
+
+/**
+ * decodeFramePieces for a frame that lies in one piece (most of what a
+ * secondary reads, its socket reading into slabs): the same checks, without
+ * gathering the header and metadata into views of their own.
+ */
+function decodeWhole<M>(p: Buffer, off: number): { meta: M; data: Buffer[]; bytes: number } {
+  const total = peekFrameBytes(p)!;
+  if (p.length !== total) throw new FrameError('length', `a frame of ${total} bytes given as ${p.length}`);
+  const sum = p.readUInt32BE(0) === FRAME_MAGIC_C ? crc32c : crc32;
+  if (sum(p.subarray(FRAME_HEADER_BYTES), 0) !== p.readUInt32BE(8))
+    throw new FrameError('crc', `frame checksum mismatch at ${off}`);
+  const dataAt = FRAME_HEADER_BYTES + 2 + p.readUInt16BE(FRAME_HEADER_BYTES);
+  if (dataAt > total) throw new FrameError('meta', `frame metadata overruns the body at ${off}`);
+  const meta = unpackMeta<M>(p, off, FRAME_HEADER_BYTES + 2, dataAt);
+  return { meta, data: dataAt < total ? [p.subarray(dataAt)] : [], bytes: total };
 }
 
 /** Peek the total size of the frame at `off` (header must be present); validates magic and bounds. */
