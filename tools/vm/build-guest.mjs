@@ -45,8 +45,14 @@ function sh(cmd, args, opts = {}) {
 }
 
 /** Bumped when the guest changes: a cached kit older than this is rebuilt. */
-const KIT_VERSION = 4;
+const KIT_VERSION = 5;
 
+/**
+ * The modules the guest needs. They are loaded in the order of their own
+ * dependencies (each module's \`depends=\`, read at build time), not this
+ * list's: Debian's 6.1.0-57 kernel made virtio depend on virtio_ring, and a
+ * fixed order then left the guest with no disk and no network.
+ */
 const MODULES = [
   'lib/crc16.ko',
   'crypto/crc32c_generic.ko',
@@ -64,14 +70,14 @@ const MODULES = [
   'drivers/net/virtio_net.ko',
 ];
 
-const INIT = `#!/bin/busybox sh
+const init = (modules) => `#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mkdir -p /proc /sys /dev /mnt /tmp
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in ${MODULES.map((m) => path.basename(m, '.ko')).join(' ')}; do insmod /lib/modules/$m.ko 2>/dev/null; done
+for m in ${modules.join(' ')}; do insmod /lib/modules/$m.ko || echo "colo-guest: insmod $m failed"; done
 work=idle
 for arg in $(cat /proc/cmdline); do case "$arg" in colo.work=*) work="\${arg#colo.work=}";; esac; done
 echo "colo-guest: ready ($work)"
@@ -120,6 +126,47 @@ case "$work" in
 esac
 `;
 
+/** A module's \`depends=\` (from its .modinfo section): the names it needs loaded first. */
+function dependsOf(file) {
+  const bytes = fs.readFileSync(file);
+  // The .modinfo strings are NUL-separated: a key starts after a NUL.
+  for (let at = bytes.indexOf('depends='); at >= 0; at = bytes.indexOf('depends=', at + 1)) {
+    if (at > 0 && bytes[at - 1] !== 0) continue;
+    const from = at + 'depends='.length;
+    const list = bytes.subarray(from, bytes.indexOf(0, from)).toString('latin1');
+    return list ? list.split(',') : [];
+  }
+  return [];
+}
+
+/**
+ * The modules to load, with whatever they depend on (found in the kernel's
+ * tree), each after its dependencies: [{ name, file }].
+ */
+function loadOrder(modRoot, wanted) {
+  const byName = new Map();
+  for (const rel of fs.readdirSync(modRoot, { recursive: true })) {
+    const name = path.basename(rel);
+    if (name.endsWith('.ko')) byName.set(name.slice(0, -3).replaceAll('-', '_'), path.join(modRoot, rel));
+  }
+  const order = [];
+  const state = new Map(); // name -> 'visiting' | 'done'
+  const visit = (name, from) => {
+    const key = name.replaceAll('-', '_');
+    if (state.get(key) === 'done') return;
+    if (state.get(key) === 'visiting') throw new Error(`module dependency cycle through ${name}`);
+    const file = byName.get(key);
+    if (!file)
+      throw new Error(`module ${name}${from ? ` (needed by ${from})` : ''} is not in the kernel package`);
+    state.set(key, 'visiting');
+    for (const d of dependsOf(file)) visit(d, name);
+    state.set(key, 'done');
+    order.push({ name: key, file });
+  };
+  for (const m of wanted) visit(path.basename(m, '.ko'), null);
+  return order;
+}
+
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-blk-guest-'));
 try {
   say(`fetching linux-image-amd64 in ${work}`);
@@ -146,9 +193,9 @@ try {
     throw new Error(`${busybox} is dynamically linked: apt-get install busybox-static`);
   fs.copyFileSync(busybox, path.join(initrd, 'bin', 'busybox'));
   fs.chmodSync(path.join(initrd, 'bin', 'busybox'), 0o755);
-  for (const m of MODULES)
-    fs.copyFileSync(path.join(modRoot, m), path.join(initrd, 'lib', 'modules', path.basename(m)));
-  fs.writeFileSync(path.join(initrd, 'init'), INIT, { mode: 0o755 });
+  const modules = loadOrder(modRoot, MODULES);
+  for (const m of modules) fs.copyFileSync(m.file, path.join(initrd, 'lib', 'modules', `${m.name}.ko`));
+  fs.writeFileSync(path.join(initrd, 'init'), init(modules.map((m) => m.name)), { mode: 0o755 });
   const files = sh('find', ['.', '-mindepth', '1'], { cwd: initrd });
   const cpio = execFileSync('cpio', ['-o', '-H', 'newc', '--quiet'], {
     cwd: initrd,
@@ -165,6 +212,7 @@ try {
     dir: out,
     kernel: release,
     package: pkg,
+    modules: modules.map((m) => m.name),
     vmlinuzBytes: fs.statSync(path.join(out, 'vmlinuz')).size,
     initramfsBytes: gz.length,
     workloads: ['idle', 'counter', 'dirty', 'fsync-loop', 'web'],

@@ -23,7 +23,7 @@ export const GUEST_DIR =
   process.env.COLO_BLK_GUEST_DIR ?? path.join(os.homedir(), '.cache', 'colo-blk', 'guest');
 
 /** The kit version this code needs (tools/vm/build-guest.mjs KIT_VERSION). */
-const KIT_VERSION = 4;
+const KIT_VERSION = 5;
 
 /** Build the guest kit unless it is there already, at this version. */
 export function ensureGuest(): { vmlinuz: string; initramfs: string } {
@@ -177,6 +177,17 @@ export async function bootGuest(
       if (Date.now() > deadline) throw new Error(`QEMU made no QMP socket in 30 s:\n${out.slice(-2000)}`);
       await new Promise((r) => setTimeout(r, 20));
     }
-  } else await waitSerial(/colo-guest: ready/);
+  } else {
+    await waitSerial(/colo-guest: ready/);
+    // A module that did not load leaves the guest without its disk or network: say so now,
+    // not as a workload that never makes progress.
+    const failed = [...out.matchAll(/colo-guest: insmod (\S+) failed/g)].map((m) => m[1]);
+    if (failed.length) {
+      await guest.kill();
+      throw new Error(
+        `the guest kit's kernel could not load ${failed.join(', ')}: rebuild the kit (node tools/vm/build-guest.mjs)`,
+      );
+    }
+  }
   return guest;
 }
