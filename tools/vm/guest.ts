@@ -79,7 +79,9 @@ export function guestQemuArgs(opts: {
     '-initrd',
     initramfs,
     '-append',
-    `console=ttyS0 quiet panic=-1 colo.work=${opts.workload ?? 'idle'}`,
+    // no_timer_check: under TCG on a loaded machine the kernel's check that the timer reaches
+    // the IO-APIC can time out, and the boot panics ("IO-APIC + timer doesn't work!").
+    `console=ttyS0 quiet panic=-1 no_timer_check colo.work=${opts.workload ?? 'idle'}`,
     ...(opts.disk ? ['-drive', `file=${opts.disk},format=raw,if=virtio,cache=none,aio=threads`] : []),
     ...(opts.httpPort
       ? [
