@@ -54,8 +54,8 @@ export interface Frame<M = Record<string, unknown>> {
   bytes: number;
 }
 
-/** Encode a frame as [header+meta, ...data] for a writev (the data's pieces as given, empty ones left out). */
-export function encodeFrame(meta: object, data: Buffer | readonly Buffer[] = EMPTY): Buffer[] {
+/** A frame's packed metadata, its data as pieces, and its body's length, checked against the bounds. */
+function packFrame(meta: object, data: Buffer | readonly Buffer[]) {
   const metaBytes = packr.pack(meta);
   if (metaBytes.length > 0xffff) throw new FrameError('meta', `frame metadata of ${metaBytes.length} bytes`);
   const pieces = Buffer.isBuffer(data) ? [data] : data;
@@ -63,6 +63,12 @@ export function encodeFrame(meta: object, data: Buffer | readonly Buffer[] = EMP
   for (const p of pieces) dataLength += p.length;
   const bodyLength = 2 + metaBytes.length + dataLength;
   if (bodyLength > MAX_FRAME_BODY) throw new FrameError('length', `frame body of ${bodyLength} bytes`);
+  return { metaBytes, pieces, bodyLength };
+}
+
+/** Encode a frame as [header+meta, ...data] for a writev (the data's pieces as given, empty ones left out). */
+export function encodeFrame(meta: object, data: Buffer | readonly Buffer[] = EMPTY): Buffer[] {
+  const { metaBytes, pieces, bodyLength } = packFrame(meta, data);
   const head = Buffer.allocUnsafe(FRAME_HEADER_BYTES + 2 + metaBytes.length);
   head.writeUInt32BE(native ? FRAME_MAGIC_C : FRAME_MAGIC, 0);
   head.writeUInt32BE(bodyLength, 4);
@@ -90,13 +96,7 @@ export function encodeFrameInto(
   at: number,
 ): number {
   if (!native) return -1;
-  const metaBytes = packr.pack(meta);
-  if (metaBytes.length > 0xffff) throw new FrameError('meta', `frame metadata of ${metaBytes.length} bytes`);
-  const pieces = Buffer.isBuffer(data) ? [data] : data;
-  let dataLength = 0;
-  for (const p of pieces) dataLength += p.length;
-  const bodyLength = 2 + metaBytes.length + dataLength;
-  if (bodyLength > MAX_FRAME_BODY) throw new FrameError('length', `frame body of ${bodyLength} bytes`);
+  const { metaBytes, pieces, bodyLength } = packFrame(meta, data);
   const total = FRAME_HEADER_BYTES + bodyLength;
   if (at + total > target.length) return -1;
   target.writeUInt32BE(FRAME_MAGIC_C, at);
