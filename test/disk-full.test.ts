@@ -8,7 +8,7 @@
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, expect, it } from 'vitest';
 import { NbdClient } from '../src/net/client.js';
 import { recordFaults } from './fault-counts.js';
 import { killAll, prng, randomBytes, rmDir, runOk, tmpDir } from './helpers.js';
@@ -22,6 +22,7 @@ import {
   tryCheckpoint,
 } from './net-faults-helpers.js';
 import { hashExport, startNode, waitLinkUp, type NodeProc } from './replication-helpers.js';
+import { describeWith } from './tools.js';
 
 const root = tmpDir('colo-blk-diskfull-');
 let n = 0;
@@ -135,7 +136,7 @@ async function checkpointWithin(primary: NodeProc, ms: number) {
   }
 }
 
-describe('disk full on the secondary', () => {
+describeWith(['tmpfs'], 'disk full on the secondary', () => {
   it('an epoch larger than the free space: the checkpoint fails with ENOSPC; recovery after a remount', async () => {
     const { primary, secondary, pvm, state, files, model, epoch } = await pairOnSmallTmpfs(12);
     await modelWorkload(pvm, model, 1, 32, { maxLen: 64 * 1024 });

@@ -5,6 +5,7 @@
 // missing tool is a failing test instead: CI must run everything.
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { describe, it } from 'vitest';
 
@@ -27,8 +28,11 @@ const PACKAGES: Record<string, string> = {
   'mkfs.ext4': 'e2fsprogs',
 };
 
-/** What a test needs: programs on PATH, or 'netns' (network namespaces: root and ip). */
-export type Need = keyof typeof PACKAGES | 'netns';
+/**
+ * What a test needs: programs on PATH, 'netns' (network namespaces: root and ip), or
+ * 'tmpfs' (mounting a small tmpfs of its own: root and mount).
+ */
+export type Need = keyof typeof PACKAGES | 'netns' | 'tmpfs';
 
 const required = process.env.COLO_BLK_REQUIRE_TOOLS === '1';
 const SKIPS_DIR = path.resolve('.tool-skips');
@@ -56,15 +60,37 @@ function netnsUsable(): boolean {
   return netnsOk;
 }
 
+let tmpfsOk: boolean | null = null;
+/** Whether this process can mount a tmpfs (tried once: mount, then unmount). */
+function tmpfsUsable(): boolean {
+  if (tmpfsOk !== null) return tmpfsOk;
+  if (!onPath('mount') || !onPath('umount')) return (tmpfsOk = false);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'cbt-probe-'));
+  const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', dir], {
+    stdio: 'ignore',
+    timeout: 10_000,
+  });
+  tmpfsOk = mount.status === 0;
+  if (tmpfsOk) spawnSync('umount', [dir], { stdio: 'ignore', timeout: 10_000 });
+  fs.rmSync(dir, { recursive: true, force: true });
+  return tmpfsOk;
+}
+
 /** The needs this machine does not meet. */
 export function unmet(needs: readonly Need[]): Need[] {
-  return needs.filter((n) => (n === 'netns' ? !netnsUsable() : !onPath(n)));
+  return needs.filter((n) => (n === 'netns' ? !netnsUsable() : n === 'tmpfs' ? !tmpfsUsable() : !onPath(n)));
 }
 
 function hint(missing: readonly Need[]): string {
-  const pkgs = [...new Set(missing.map((n) => (n === 'netns' ? 'iproute2' : PACKAGES[n])))];
-  const root = missing.includes('netns') ? ' and run as root (network namespaces)' : '';
-  return `needs ${missing.join(', ')}: sudo apt-get install ${pkgs.join(' ')}${root}`;
+  const tools = missing.filter((n) => n !== 'tmpfs');
+  const pkgs = [...new Set(tools.map((n) => (n === 'netns' ? 'iproute2' : PACKAGES[n])))];
+  const why = [
+    ...(missing.includes('netns') ? ['network namespaces'] : []),
+    ...(missing.includes('tmpfs') ? ['mounting a small tmpfs'] : []),
+  ];
+  const root = why.length ? `run as root (${why.join(', ')})` : '';
+  const install = pkgs.length ? `sudo apt-get install ${pkgs.join(' ')}` : '';
+  return `needs ${missing.join(', ')}: ${[install, root].filter(Boolean).join(' and ')}`;
 }
 
 function recordSkip(name: string, missing: readonly Need[]): void {

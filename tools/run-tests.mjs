@@ -62,9 +62,12 @@ try {
     for (const s of skips.values())
       for (const p of (/apt-get install ([^()]+?)(?: and run|$)/.exec(s.hint)?.[1] ?? '').split(/\s+/))
         if (p) pkgs.add(p);
-    const root = [...skips.values()].some((s) => /netns|namespaces/.test(s.hint))
-      ? ' (and root, for network namespaces)'
-      : '';
+    const rootFor = [
+      ...new Set(
+        [...skips.values()].flatMap((s) => /run as root \(([^)]+)\)/.exec(s.hint)?.[1].split(', ') ?? []),
+      ),
+    ];
+    const root = rootFor.length ? ` (and root, for ${rootFor.join(', ')})` : '';
     console.log(
       `  install them all with: sudo apt-get install ${[...pkgs].join(' ')}${root}; ` +
         '.ci/run does, and fails on a missing tool',
