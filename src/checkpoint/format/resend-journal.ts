@@ -123,8 +123,9 @@ export class ResendJournal {
     data: Buffer | readonly Buffer[] | undefined,
     offset: number,
   ): ResendAppend | null {
-    let into = this.inMemory - (this.chunks.length - 1) * CHUNK_BYTES;
-    if (this.chunks.length === 0 || into === CHUNK_BYTES) {
+    // Bytes used in the last chunk (a full one where there is none yet).
+    let into = this.chunks.length ? this.inMemory - (this.chunks.length - 1) * CHUNK_BYTES : CHUNK_BYTES;
+    if (into === CHUNK_BYTES) {
       const c = this.memory.take();
       if (!c) return null;
       this.chunks.push(c); // room for the general path too, should the frame not fit
