@@ -173,6 +173,63 @@ describe('FileDevice specifics', () => {
     }
   });
 
+  it("in 'auto' mode writes a small FUA write in the thread pool, never on the event loop", async () => {
+    // On a real disk the O_DSYNC write waits for the disk: on the loop every connection would wait.
+    const p = path.join(dir, `fua-${n++}.img`);
+    const dev = await FileDevice.open(p, { size: 1 << 20 });
+    const real = fs.writevSync;
+    let onLoop = 0;
+    fs.writevSync = ((fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
+      onLoop++;
+      return real(fd, bufs, pos);
+    }) as typeof fs.writevSync;
+    try {
+      await dev.pwrite(Buffer.alloc(4096, 1), 0);
+      expect(onLoop).toBe(1); // a small plain write stays on the loop
+      await dev.pwrite(Buffer.alloc(4096, 2), 4096, { fua: true });
+      expect(onLoop).toBe(1);
+      const back = Buffer.alloc(8192);
+      await dev.pread(back, 0);
+      expect(back.equals(Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096, 2)]))).toBe(true);
+    } finally {
+      fs.writevSync = real;
+      await dev.close();
+    }
+  });
+
+  it("in 'auto' mode writes large writes on the loop until one is slow, then in the pool for a while", async () => {
+    const p = path.join(dir, `large-${n++}.img`);
+    const dev = await FileDevice.open(p, { size: 8 << 20 });
+    const real = fs.writevSync;
+    let onLoop = 0;
+    let stallMs = 0;
+    fs.writevSync = ((fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
+      onLoop++;
+      const until = performance.now() + stallMs;
+      while (performance.now() < until); // a write the page cache did not absorb
+      return real(fd, bufs, pos);
+    }) as typeof fs.writevSync;
+    const big = (v: number) => Buffer.alloc(1 << 20, v);
+    try {
+      await dev.pwrite(big(1), 0);
+      expect(onLoop).toBe(1);
+      stallMs = 20; // over 10 ms + 1 MiB at 500 MB/s
+      await dev.pwrite(big(2), 1 << 20);
+      expect(onLoop).toBe(2);
+      stallMs = 0;
+      await dev.pwrite(big(3), 2 << 20); // now in the pool
+      expect(onLoop).toBe(2);
+      await dev.pwrite(Buffer.alloc(4096, 4), 3 << 20); // small writes stay on the loop
+      expect(onLoop).toBe(3);
+      const back = Buffer.alloc((3 << 20) + 4096);
+      await dev.pread(back, 0);
+      expect(back.equals(Buffer.concat([big(1), big(2), big(3), Buffer.alloc(4096, 4)]))).toBe(true);
+    } finally {
+      fs.writevSync = real;
+      await dev.close();
+    }
+  });
+
   it('keeps data across close and reopen', async () => {
     const p = path.join(dir, 'persist.img');
     const dev = await FileDevice.open(p, { size: 1024 * 1024 });
