@@ -16,13 +16,37 @@ import { NbdServer, type ExportConfig, type ServerOptions } from '../src/net/ser
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const CLI = path.join(ROOT, 'bin', 'colo-blk.js');
 
+/** Every directory tmpDir made in this process: removed at exit if a test's own cleanup did not run. */
+const madeDirs = new Set<string>();
+let removeAtExit = false;
+
+/**
+ * A fresh directory (on tmpfs where there is one). Removed by the caller's
+ * rmDir, and at the latest when the test process exits: a file whose tests
+ * are all skipped (a tool missing) runs none of its hooks, afterAll included.
+ */
 export function tmpDir(prefix = 'colo-blk-test-'): string {
   const base = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
-  return fs.mkdtempSync(path.join(base, prefix));
+  const dir = fs.mkdtempSync(path.join(base, prefix));
+  madeDirs.add(dir);
+  if (!removeAtExit) {
+    removeAtExit = true;
+    process.on('exit', () => {
+      for (const d of madeDirs) {
+        try {
+          fs.rmSync(d, { recursive: true, force: true });
+        } catch {
+          // still mounted, or busy: nothing more can be done at exit
+        }
+      }
+    });
+  }
+  return dir;
 }
 
 export function rmDir(dir: string): void {
   fs.rmSync(dir, { recursive: true, force: true });
+  madeDirs.delete(dir);
 }
 
 /** A free TCP port on 127.0.0.1 (for external servers that cannot take port 0). */

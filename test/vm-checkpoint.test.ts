@@ -7,6 +7,7 @@
  * on the standby's committed RAM image with its device state goes on counting
  * from the last checkpoint, not from where the dead one got to, nor from 1.
  */
+import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, expect, it } from 'vitest';
 import { QmpClient } from '../src/checkpoint/qemu/qmp.js';
@@ -14,9 +15,10 @@ import { StandbyRam } from '../src/checkpoint/qemu/standby-ram.js';
 import { PAGE_BYTES } from '../src/checkpoint/qemu/ram.js';
 import { QemuVm, resumeFromCheckpoint } from '../src/checkpoint/qemu/vm.js';
 import { nodeStorage } from '../src/sys/storage.js';
-import { killAll, rmDir, tmpDir } from './helpers.js';
+import { killAll, rmDir, tmpDir, track } from './helpers.js';
 import { describeWith } from './tools.js';
 import { bootGuest } from './vm-helpers.js';
+import { bootGuest as bootUntracked } from '../tools/vm/guest.js';
 
 const dirs: string[] = [];
 afterAll(async () => {
@@ -99,6 +101,28 @@ describeWith(
         await svm.kill();
       }
     }, 180_000);
+
+    it('a boot that fails stops QEMU and removes its RAM file (256 MiB of /dev/shm each)', async () => {
+      const dir = fresh('failboot');
+      const ram = path.join('/dev/shm', `colo-blk-vm-ram-${process.pid}-${path.basename(dir)}`);
+      let ramExisted = false;
+      // QEMU dies mid-boot (killed once its RAM file is there): bootGuest throws, and cleans up.
+      const boot = bootUntracked(dir, {
+        track: (child) => {
+          void track(child);
+          const poll = setInterval(() => {
+            if (!fs.existsSync(ram)) return;
+            ramExisted = true;
+            clearInterval(poll);
+            child.kill('SIGKILL');
+          }, 20);
+          child.once('exit', () => clearInterval(poll));
+        },
+      });
+      await expect(boot).rejects.toThrow(/QEMU exited/);
+      expect(ramExisted).toBe(true);
+      expect(fs.existsSync(ram)).toBe(false);
+    }, 60_000);
 
     // Under TCG the guest rewrites about 20 MiB/s: a checkpoint every 750 ms finds ~15 MiB dirtied.
     it('pauses for the pages dirtied: a 256 MiB guest dirtying ~15 MiB per checkpoint', async () => {

@@ -171,25 +171,37 @@ export async function bootGuest(
       if (!opts.incoming) fs.rmSync(ramPath, { force: true });
     },
   };
-  if (opts.incoming) {
+  try {
+    await untilBooted(guest, opts.incoming !== undefined);
+  } catch (err) {
+    // The caller never gets the guest: stop QEMU and remove its RAM file here (256 MiB or more
+    // of /dev/shm each, left behind by every failed boot otherwise).
+    await guest.kill();
+    throw err;
+  }
+  return guest;
+}
+
+/** Wait until the guest has booted (or, incoming, until QEMU is up and paused); throws saying why not. */
+async function untilBooted(guest: BootedGuest, incoming: boolean): Promise<void> {
+  const { child, qmpPath, waitSerial } = guest;
+  const out = () => guest.serial();
+  if (incoming) {
     // Paused before the first instruction: the QMP socket is the sign of life.
     const deadline = Date.now() + 30_000;
     while (!fs.existsSync(qmpPath)) {
-      if (child.exitCode !== null) throw new Error(`QEMU exited (${child.exitCode}):\n${out.slice(-2000)}`);
-      if (Date.now() > deadline) throw new Error(`QEMU made no QMP socket in 30 s:\n${out.slice(-2000)}`);
+      if (child.exitCode !== null) throw new Error(`QEMU exited (${child.exitCode}):\n${out().slice(-2000)}`);
+      if (Date.now() > deadline) throw new Error(`QEMU made no QMP socket in 30 s:\n${out().slice(-2000)}`);
       await new Promise((r) => setTimeout(r, 20));
     }
   } else {
     await waitSerial(/colo-guest: ready/);
     // A module that did not load leaves the guest without its disk or network: say so now,
     // not as a workload that never makes progress.
-    const failed = [...out.matchAll(/colo-guest: insmod (\S+) failed/g)].map((m) => m[1]);
-    if (failed.length) {
-      await guest.kill();
+    const failed = [...out().matchAll(/colo-guest: insmod (\S+) failed/g)].map((m) => m[1]);
+    if (failed.length)
       throw new Error(
         `the guest kit's kernel could not load ${failed.join(', ')}: rebuild the kit (node tools/vm/build-guest.mjs)`,
       );
-    }
   }
-  return guest;
 }
