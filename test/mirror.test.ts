@@ -396,6 +396,26 @@ describe('mirror suite: the log carries every change the primary makes', () => {
     await r.cleanup();
   });
 
+  it('a record carries only the fields that say something (no FUA, no holes: no key)', async () => {
+    const r = replicating(new MemoryDevice(1 << 20));
+    const metas: Record<string, unknown>[] = [];
+    r.plog.onAppend = (_epoch, a) => metas.push(decodeFrame(Buffer.concat(a.parts))!.meta);
+    await r.device.pwrite(Buffer.alloc(4096, 1), 0);
+    await r.device.pwrite(Buffer.alloc(4096, 2), 4096, { fua: true });
+    await r.device.zero(8192, 4096, { mayTrim: false });
+    await r.device.zero(8192, 4096, { fua: true });
+    await r.device.trim(12288, 4096);
+    expect(metas.map((m) => Object.keys(m).sort().join(''))).toEqual([
+      'eost',
+      'efost',
+      'elost',
+      'efhlost',
+      'elost',
+    ]);
+    expect(metas.map((m) => m.t)).toEqual(['w', 'w', 'z', 'z', 't']);
+    await r.cleanup();
+  });
+
   it('a call outside the disk is refused before anything is logged or recorded', async () => {
     const r = replicating(new MemoryDevice(1 << 20));
     await expect(r.device.pwrite(Buffer.alloc(10), (1 << 20) - 5)).rejects.toMatchObject({

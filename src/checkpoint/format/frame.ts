@@ -25,6 +25,7 @@ import { crc32 } from 'node:zlib';
 import { Packr } from 'msgpackr';
 import { native } from '../../block/native.js';
 import { limits } from '../../limits.js';
+import { packFlat, unpackFlat } from './flat-meta.js';
 
 /** Frames checksummed with CRC-32 (zlib). */
 export const FRAME_MAGIC = 0x43424c46; // "CBLF"
@@ -56,7 +57,7 @@ export interface Frame<M = Record<string, unknown>> {
 
 /** A frame's packed metadata, its data as pieces, and its body's length, checked against the bounds. */
 function packFrame(meta: object, data: Buffer | readonly Buffer[]) {
-  const metaBytes = packr.pack(meta);
+  const metaBytes = packFlat(meta) ?? packr.pack(meta);
   if (metaBytes.length > 0xffff) throw new FrameError('meta', `frame metadata of ${metaBytes.length} bytes`);
   const pieces = Buffer.isBuffer(data) ? [data] : data;
   let dataLength = 0;
@@ -125,6 +126,8 @@ export function decodeFrame<M = Record<string, unknown>>(buf: Buffer, off = 0): 
 
 /** The metadata in `bytes` (or in its [start, end)), which must be a map. */
 function unpackMeta<M>(bytes: Buffer, off: number, start = 0, end = bytes.length): M {
+  const flat = unpackFlat(bytes, start, end);
+  if (flat) return flat as M;
   let meta: M;
   try {
     meta = packr.unpack(bytes, { start, end }) as M;

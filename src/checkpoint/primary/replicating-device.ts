@@ -32,7 +32,7 @@ import {
 import { crashPoint } from '../../crash.js';
 import { limits } from '../../limits.js';
 import type { ActivityLog } from '../../failover/activity.js';
-import type { PrimaryLog } from './log.js';
+import type { NewMutation, PrimaryLog } from './log.js';
 import type { SealRecord } from '../format/records.js';
 
 interface Inflight {
@@ -168,7 +168,8 @@ export class ReplicatingDevice implements BlockDevice {
       async () => {
         await this.local_(offset, length, () => writePieces(this.local, bufs, offset, opts));
         crashPoint('primary-after-local-write');
-        if (length > 0) this.log.append({ t: 'w', o: offset, f: opts.fua || undefined }, bufs);
+        if (length > 0)
+          this.log.append(opts.fua ? { t: 'w', o: offset, f: true } : { t: 'w', o: offset }, bufs);
       },
       false,
       true,
@@ -178,14 +179,12 @@ export class ReplicatingDevice implements BlockDevice {
   zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     return this.mutate(offset, length, async () => {
       await this.local_(offset, length, () => this.local.zero(offset, length, opts));
-      if (length > 0)
-        this.log.append({
-          t: 'z',
-          o: offset,
-          l: length,
-          h: opts.mayTrim !== false || undefined,
-          f: opts.fua || undefined,
-        });
+      if (length > 0) {
+        const rec: NewMutation = { t: 'z', o: offset, l: length };
+        if (opts.mayTrim !== false) rec.h = true;
+        if (opts.fua) rec.f = true;
+        this.log.append(rec);
+      }
     });
   }
 
@@ -194,7 +193,10 @@ export class ReplicatingDevice implements BlockDevice {
       await this.local_(offset, length, () =>
         this.local.zero(offset, length, { mayTrim: true, fua: opts.fua }),
       );
-      if (length > 0) this.log.append({ t: 't', o: offset, l: length, f: opts.fua || undefined });
+      if (length > 0)
+        this.log.append(
+          opts.fua ? { t: 't', o: offset, l: length, f: true } : { t: 't', o: offset, l: length },
+        );
     });
   }
 
