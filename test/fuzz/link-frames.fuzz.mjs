@@ -7,10 +7,15 @@
 //   given a valid header and checksum, so the fuzzer gets past the CRC into
 //   msgpack decoding and message validation.
 // A finding is any error other than the two the link expects (FrameError,
-// and ColoError EPROTO "bad link message").
+// and ColoError EPROTO "bad link message"), or metadata that the hand-written
+// flat-map decoder reads differently from msgpackr (or reads where msgpackr
+// refuses it).
 //
 //   npx jazzer test/fuzz/link-frames.fuzz.mjs fixtures/fuzz/link-frames -- -max_total_time=60
 import { EventEmitter } from 'node:events';
+import { isDeepStrictEqual } from 'node:util';
+import { Packr } from 'msgpackr';
+import { unpackFlat } from '../../dist/src/checkpoint/format/flat-meta.js';
 import { crc32c, decodeFrame, FrameError } from '../../dist/src/checkpoint/format/frame.js';
 import { parseToPrimary, parseToSecondary } from '../../dist/src/checkpoint/link/messages.js';
 import { FrameReader } from '../../dist/src/checkpoint/link/transport.js';
@@ -60,7 +65,26 @@ async function stream(bytes) {
   if (failure && !expected(failure)) throw failure;
 }
 
+const packr = new Packr({ useRecords: false, moreTypes: false });
+
+/** What the flat-map decoder takes, msgpackr must read the same way. */
+function sameAsMsgpackr(body) {
+  if (body.length < 2) return;
+  const end = Math.min(body.length, 2 + body.readUInt16BE(0));
+  const flat = unpackFlat(body, 2, end);
+  if (flat === undefined) return;
+  let want;
+  try {
+    want = packr.unpack(body, { start: 2, end });
+  } catch (err) {
+    throw new Error(`the flat decoder read metadata msgpackr refuses (${err.message})`);
+  }
+  if (!isDeepStrictEqual(flat, want))
+    throw new Error('the flat decoder and msgpackr read different metadata');
+}
+
 function framed(body) {
+  sameAsMsgpackr(body);
   const head = Buffer.alloc(12);
   head.writeUInt32BE(MAGIC_C, 0);
   head.writeUInt32BE(body.length, 4);
