@@ -13,6 +13,25 @@ const dir = tmpDir();
 afterAll(() => rmDir(dir));
 let n = 0;
 
+type WritevSync = typeof fs.writevSync;
+/**
+ * Run `body` with fs.writevSync (a write on the event loop) replaced by `hook`, which gets the real
+ * one to call; restored afterwards, whatever happens.
+ */
+async function withLoopWrites(
+  hook: (real: WritevSync, fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => number,
+  body: () => Promise<void>,
+): Promise<void> {
+  const real = fs.writevSync;
+  fs.writevSync = ((fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) =>
+    hook(real, fd, bufs, pos)) as WritevSync;
+  try {
+    await body();
+  } finally {
+    fs.writevSync = real;
+  }
+}
+
 deviceSuite('MemoryDevice', async (size) => ({ device: new MemoryDevice(size) }));
 deviceSuite('MemoryDevice (small pages)', async (size) => ({
   device: new MemoryDevice(size, { pageBytes: 4096 }),
@@ -152,38 +171,33 @@ describe('FileDevice specifics', () => {
   it('goes on after a short pwritev from where it stopped, mid-piece', async () => {
     const p = path.join(dir, `short-${n++}.img`);
     const dev = await FileDevice.open(p, { size: 1 << 20, io: 'sync' });
-    const real = fs.writevSync;
     let calls = 0;
     // The kernel may write less than asked: at most 1000 bytes per call here.
-    fs.writevSync = ((fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
+    const short = (real: WritevSync, fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
       calls++;
       const first = Buffer.from(bufs[0].buffer, bufs[0].byteOffset, Math.min(1000, bufs[0].byteLength));
       return real(fd, [first], pos);
-    }) as typeof fs.writevSync;
-    try {
+    };
+    await withLoopWrites(short, async () => {
       const data = Buffer.from(Array.from({ length: 5000 }, (_, i) => (i * 7) & 0xff));
       await dev.pwritev([data.subarray(0, 2500), data.subarray(2500, 2500), data.subarray(2500)], 777);
       expect(calls).toBeGreaterThanOrEqual(5);
       const back = Buffer.alloc(5000);
       await dev.pread(back, 777);
       expect(back.equals(data)).toBe(true);
-    } finally {
-      fs.writevSync = real;
-      await dev.close();
-    }
+    }).finally(() => dev.close());
   });
 
   it("in 'auto' mode writes a small FUA write in the thread pool, never on the event loop", async () => {
     // On a real disk the O_DSYNC write waits for the disk: on the loop every connection would wait.
     const p = path.join(dir, `fua-${n++}.img`);
     const dev = await FileDevice.open(p, { size: 1 << 20 });
-    const real = fs.writevSync;
     let onLoop = 0;
-    fs.writevSync = ((fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
+    const count = (real: WritevSync, fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
       onLoop++;
       return real(fd, bufs, pos);
-    }) as typeof fs.writevSync;
-    try {
+    };
+    await withLoopWrites(count, async () => {
       await dev.pwrite(Buffer.alloc(4096, 1), 0);
       expect(onLoop).toBe(1); // a small plain write stays on the loop
       await dev.pwrite(Buffer.alloc(4096, 2), 4096, { fua: true });
@@ -191,26 +205,22 @@ describe('FileDevice specifics', () => {
       const back = Buffer.alloc(8192);
       await dev.pread(back, 0);
       expect(back.equals(Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096, 2)]))).toBe(true);
-    } finally {
-      fs.writevSync = real;
-      await dev.close();
-    }
+    }).finally(() => dev.close());
   });
 
   it("in 'auto' mode writes large writes on the loop until one is slow, then in the pool for a while", async () => {
     const p = path.join(dir, `large-${n++}.img`);
     const dev = await FileDevice.open(p, { size: 8 << 20 });
-    const real = fs.writevSync;
     let onLoop = 0;
     let stallMs = 0;
-    fs.writevSync = ((fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
+    const stalling = (real: WritevSync, fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
       onLoop++;
       const until = performance.now() + stallMs;
       while (performance.now() < until); // a write the page cache did not absorb
       return real(fd, bufs, pos);
-    }) as typeof fs.writevSync;
+    };
     const big = (v: number) => Buffer.alloc(1 << 20, v);
-    try {
+    await withLoopWrites(stalling, async () => {
       await dev.pwrite(big(1), 0);
       expect(onLoop).toBe(1);
       stallMs = 20; // over 10 ms + 1 MiB at 500 MB/s
@@ -224,10 +234,7 @@ describe('FileDevice specifics', () => {
       const back = Buffer.alloc((3 << 20) + 4096);
       await dev.pread(back, 0);
       expect(back.equals(Buffer.concat([big(1), big(2), big(3), Buffer.alloc(4096, 4)]))).toBe(true);
-    } finally {
-      fs.writevSync = real;
-      await dev.close();
-    }
+    }).finally(() => dev.close());
   });
 
   it('keeps data across close and reopen', async () => {
