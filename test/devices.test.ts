@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { FileDevice } from '../src/block/file.js';
 import { MemoryDevice } from '../src/block/memory.js';
 import { native } from '../src/block/native.js';
@@ -208,33 +208,45 @@ describe('FileDevice specifics', () => {
     }).finally(() => dev.close());
   });
 
-  it("in 'auto' mode writes large writes on the loop until one is slow, then in the pool for a while", async () => {
+  it("in 'auto' mode writes large writes on the loop until one is slow, then in the pool for 1, 2, 4 ... s", async () => {
     const p = path.join(dir, `large-${n++}.img`);
     const dev = await FileDevice.open(p, { size: 8 << 20 });
+    let now = 1000; // a clock of the test's own: a slow write is one that moves it on by more than 10 ms
+    const clock = vi.spyOn(performance, 'now').mockImplementation(() => now);
     let onLoop = 0;
     let stallMs = 0;
     const stalling = (real: WritevSync, fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
       onLoop++;
-      const until = performance.now() + stallMs;
-      while (performance.now() < until); // a write the page cache did not absorb
+      now += stallMs; // a write the page cache did not absorb
       return real(fd, bufs, pos);
     };
     const big = (v: number) => Buffer.alloc(1 << 20, v);
+    /** Write 1 MiB at `atMs` after the test's start; true if it ran on the loop. */
+    const write = async (atMs: number, stall = 0): Promise<boolean> => {
+      now = Math.max(now, 1000 + atMs);
+      stallMs = stall;
+      const before = onLoop;
+      await dev.pwrite(big(atMs & 0xff), (atMs % 8) << 20);
+      return onLoop > before;
+    };
     await withLoopWrites(stalling, async () => {
-      await dev.pwrite(big(1), 0);
-      expect(onLoop).toBe(1);
-      stallMs = 20; // over 10 ms + 1 MiB at 500 MB/s
-      await dev.pwrite(big(2), 1 << 20);
-      expect(onLoop).toBe(2);
-      stallMs = 0;
-      await dev.pwrite(big(3), 2 << 20); // now in the pool
-      expect(onLoop).toBe(2);
-      await dev.pwrite(Buffer.alloc(4096, 4), 3 << 20); // small writes stay on the loop
-      expect(onLoop).toBe(3);
-      const back = Buffer.alloc((3 << 20) + 4096);
-      await dev.pread(back, 0);
-      expect(back.equals(Buffer.concat([big(1), big(2), big(3), Buffer.alloc(4096, 4)]))).toBe(true);
-    }).finally(() => dev.close());
+      expect(await write(0)).toBe(true);
+      expect(await write(10, 20)).toBe(true); // over 10 ms + 1 MiB at 500 MB/s: slow
+      expect(await write(500)).toBe(false); // in the pool for 1 s
+      await dev.pwrite(Buffer.alloc(4096, 4), 7 << 20);
+      expect(onLoop).toBe(3); // small writes stay on the loop
+      expect(await write(1040, 20)).toBe(true); // tried on the loop again: slow again
+      expect(await write(2500)).toBe(false); // 2 s now
+      expect(await write(3070)).toBe(true); // fast: back to 1 s after the next slow one
+      expect(await write(3080, 20)).toBe(true);
+      expect(await write(4110)).toBe(true);
+      const back = Buffer.alloc(1 << 20);
+      await dev.pread(back, (4110 % 8) << 20);
+      expect(back.equals(big(4110 & 0xff))).toBe(true);
+    }).finally(() => {
+      clock.mockRestore();
+      return dev.close();
+    });
   });
 
   it('keeps data across close and reopen', async () => {

@@ -58,11 +58,14 @@ const AUTO_ASYNC_BYTES = 256 * 1024;
  * cache takes a 1 MiB write in 0.15-0.25 ms here, but a thread descheduled
  * mid-write on a busy machine takes a few ms more: 2 ms sent nbdcopy's
  * writes to the pool most of the time); large writes then use the thread
- * pool for SLOW_WRITE_POOL_MS before the loop tries one again.
+ * pool for SLOW_WRITE_POOL_MS before the loop tries one again, twice as long
+ * after each slow try in a row (up to SLOW_WRITE_POOL_MAX_MS): on a disk
+ * that keeps throttling, the loop stalls once a minute, not once a second.
  */
 const SLOW_WRITE_BASE_MS = 10;
 const SLOW_WRITE_BYTES_PER_MS = 500_000;
 const SLOW_WRITE_POOL_MS = 1000;
+const SLOW_WRITE_POOL_MAX_MS = 64_000;
 
 function readAsync(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) =>
@@ -97,6 +100,8 @@ export class FileDevice implements BlockDevice {
   private canCopyRange = native !== null;
   /** 'auto': until when (performance.now()) large writes use the thread pool, after a slow one on the loop. */
   private largeWritesInPoolUntil = 0;
+  /** 'auto': how long large writes go to the pool after the next slow one (doubles while they stay slow). */
+  private largeWritesPoolMs = SLOW_WRITE_POOL_MS;
 
   private constructor(
     readonly path: string,
@@ -180,8 +185,8 @@ export class FileDevice implements BlockDevice {
    *   and nbdcopy's 256 KiB writes from four connections 0.52 against 0.34
    *   (2,020 against 2,230 MB/s). A large write that was slow (the kernel
    *   throttling dirty pages, a filesystem that blocks) sends large writes to
-   *   the pool for a second (noteLargeWrite): the loop stalls at most once a
-   *   second.
+   *   the pool for a second, then 2, 4, ... 64 s while the writes the loop
+   *   tries stay slow (noteLargeWrite).
    * - A FUA write in the pool whatever its size: on the O_DSYNC descriptor it
    *   returns once the disk has it, a wait every request of every connection
    *   would share on the loop (tmpfs never shows it: O_DSYNC costs nothing
@@ -195,8 +200,12 @@ export class FileDevice implements BlockDevice {
 
   /** A large write done on the loop (auto) took `ms`: too slow for the loop, send the next ones to the pool. */
   private noteLargeWrite(length: number, ms: number): void {
-    if (ms > SLOW_WRITE_BASE_MS + length / SLOW_WRITE_BYTES_PER_MS)
-      this.largeWritesInPoolUntil = performance.now() + SLOW_WRITE_POOL_MS;
+    if (ms <= SLOW_WRITE_BASE_MS + length / SLOW_WRITE_BYTES_PER_MS) {
+      this.largeWritesPoolMs = SLOW_WRITE_POOL_MS;
+      return;
+    }
+    this.largeWritesInPoolUntil = performance.now() + this.largeWritesPoolMs;
+    this.largeWritesPoolMs = Math.min(SLOW_WRITE_POOL_MAX_MS, this.largeWritesPoolMs * 2);
   }
 
   private checkWritable(): void {
