@@ -210,7 +210,11 @@ describe('FileDevice specifics', () => {
 
   it("in 'auto' mode writes large writes on the loop until one is slow, then in the pool for 1, 2, 4 ... s", async () => {
     const p = path.join(dir, `large-${n++}.img`);
-    const dev = await FileDevice.open(p, { size: 8 << 20 });
+    const notes: string[] = [];
+    const dev = await FileDevice.open(p, {
+      size: 8 << 20,
+      onIoNote: (lvl, msg) => notes.push(`${lvl} ${msg}`),
+    });
     let now = 1000; // a clock of the test's own: a slow write is one that moves it on by more than 10 ms
     const clock = vi.spyOn(performance, 'now').mockImplementation(() => now);
     let onLoop = 0;
@@ -240,6 +244,17 @@ describe('FileDevice specifics', () => {
       expect(await write(3070)).toBe(true); // fast: back to 1 s after the next slow one
       expect(await write(3080, 20)).toBe(true);
       expect(await write(4110)).toBe(true);
+      // The node's log says when and why large writes left the loop, and when they came back.
+      expect(
+        notes.map((m) => m.replace(/^(\w+) .*?(thread pool for \d+ s|back on the event loop).*$/, '$1 $2')),
+      ).toEqual([
+        'warn thread pool for 1 s',
+        'warn thread pool for 2 s',
+        'info back on the event loop',
+        'warn thread pool for 1 s',
+        'info back on the event loop',
+      ]);
+      expect(notes[0]).toContain(`${p}: a 1.0 MiB write took 20.0 ms on the event loop`);
       const back = Buffer.alloc(1 << 20);
       await dev.pread(back, (4110 % 8) << 20);
       expect(back.equals(big(4110 & 0xff))).toBe(true);

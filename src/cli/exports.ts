@@ -4,7 +4,7 @@
  */
 import { ColoError } from '../errors.js';
 import type { BlockDevice } from '../block/device.js';
-import { FileDevice, type IoMode } from '../block/file.js';
+import { FileDevice, type FileDeviceOptions, type IoMode } from '../block/file.js';
 import { MemoryDevice } from '../block/memory.js';
 import type { ExportConfig } from '../net/server.js';
 import { parseSize } from '../util/size.js';
@@ -48,10 +48,14 @@ export function parseExportSpec(text: string): ExportSpec {
   return spec;
 }
 
-export async function openExport(spec: ExportSpec, io: IoMode = 'auto'): Promise<ExportConfig> {
+export async function openExport(
+  spec: ExportSpec,
+  io: IoMode = 'auto',
+  onIoNote?: FileDeviceOptions['onIoNote'],
+): Promise<ExportConfig> {
   let device: BlockDevice;
   if (spec.path === ':memory:') device = new MemoryDevice(spec.size!);
-  else device = await FileDevice.open(spec.path, { readOnly: spec.readOnly, size: spec.size, io });
+  else device = await FileDevice.open(spec.path, { readOnly: spec.readOnly, size: spec.size, io, onIoNote });
   return {
     name: spec.name,
     device,
