@@ -413,6 +413,32 @@ describe('replication', () => {
     await pvm.close();
   });
 
+  it('sends nothing of the next epoch while a checkpoint waits for its commit, so the commit does not queue behind it', async () => {
+    pair = await startPair(fresh(), '64M', { primaryArgs: ['--heartbeat-timeout', '20000'] });
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    type Lag = { epoch: number; lag: { unsentBytes: number; inFlightBytes: number } };
+    const status = () => controlCall<Lag>(pair!.primary.control, 'GET', '/status');
+    const chunk = randomBytes(256 * 1024, prng(11));
+    await pvm.write(chunk, 0); // epoch N
+    await waitFor(status, (v) => v.lag.unsentBytes === 0, 'epoch N was never sent');
+    pair.secondary.child.kill('SIGSTOP'); // N can be sealed, not made durable
+    const epoch = (await status()).epoch;
+    const checkpoint = controlCall(pair.primary.control, 'POST', '/checkpoint', { timeoutMs: 30_000 });
+    await waitFor(status, (v) => v.epoch === epoch + 1, 'epoch N was never sealed');
+    await pvm.write(chunk, 1 << 20); // epoch N+1, while N's checkpoint waits: held back
+    await new Promise((r) => setTimeout(r, 300));
+    const held = await status();
+    expect(held.lag.unsentBytes).toBeGreaterThanOrEqual(chunk.length);
+    pair.secondary.child.kill('SIGCONT');
+    await checkpoint; // durable, then the commit request goes first, then N+1
+    await waitFor(status, (v) => v.lag.unsentBytes === 0, 'epoch N+1 was never sent after the commit');
+    await pair.checkpoint();
+    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    expect(b).toBe(a);
+    await pvm.close();
+  });
+
   it('refuses to pair images of different sizes, saying so', async () => {
     pair = await startPair(fresh(), '16M', { secondarySize: '8M' });
     await new Promise((r) => setTimeout(r, 500));

@@ -105,6 +105,13 @@ export class PrimaryLink extends EventEmitter {
    */
   private sentOnConn = 0;
   private takenOnConn = 0;
+  /**
+   * A checkpoint in progress with the PVM running: frames of epochs after
+   * this one wait (in the log; flow control counts them) until its commit
+   * request is on the wire, which would otherwise queue behind a window of
+   * them (holdAfter).
+   */
+  private holdAfterEpoch: number | null = null;
   private waiters = new Map<
     number,
     {
@@ -366,8 +373,32 @@ export class PrimaryLink extends EventEmitter {
     });
   }
 
+  /**
+   * Send nothing of the epochs after `epoch` until releaseHold(): a checkpoint
+   * of `epoch` (sealed, waiting to be durable) whose commit request should
+   * not wait behind the next epoch's frames on the wire. With the PVM running
+   * (a checkpoint by the control API while it writes) a window of them (2 MiB)
+   * was sent in the meantime, and the commit took as long as they did to
+   * arrive and be written; with the PVM paused (the COLO coordinator) there
+   * are none.
+   */
+  holdAfter(epoch: number): void {
+    this.holdAfterEpoch = epoch;
+  }
+
+  /** Stop holding (holdAfter) and send what waited. */
+  releaseHold(): void {
+    if (this.holdAfterEpoch === null) return;
+    this.holdAfterEpoch = null;
+    this.pump();
+  }
+
+  private holding(epoch: number): boolean {
+    return this.holdAfterEpoch !== null && epoch > this.holdAfterEpoch;
+  }
+
   private onAppend(epoch: number, r: ResendAppend): void {
-    if (!this.streaming || this.blocked || !this.socket || this.windowFull()) return;
+    if (!this.streaming || this.blocked || !this.socket || this.windowFull() || this.holding(epoch)) return;
     const journal = this.plog.epochs.get(epoch)!.journal!;
     const { parts, bytes } = r;
     // Live fast path: the sender is exactly at the end of this epoch's journal.
@@ -466,6 +497,7 @@ export class PrimaryLink extends EventEmitter {
 
   private pumpFrames(): void {
     while (this.streaming && !this.blocked && this.socket && !this.plog.outOfSync && !this.windowFull()) {
+      if (this.holding(this.cursor.epoch)) return;
       const e = this.plog.epochs.get(this.cursor.epoch);
       if (!e) {
         const next = this.plog.heldEpochs().find((h) => h.epoch > this.cursor.epoch);

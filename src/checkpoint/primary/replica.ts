@@ -464,7 +464,9 @@ export class PrimaryReplica {
       );
     await this.flushLocal(epoch); // done already when /durable was asked first
     const t = this.clock.mono();
-    const r = await this.link.commit(epoch, timeoutMs);
+    const committing = this.link.commit(epoch, timeoutMs); // the request is on the wire now
+    this.link.releaseHold(); // the next epoch's frames follow it (checkpoint())
+    const r = await committing;
     // Regions written in epochs up to N are on the (synchronised) secondary now. They
     // cool a few epochs late, and only past a working set, which stays hot and costs no syncs.
     if (this.peerState === 'protected')
@@ -486,6 +488,8 @@ export class PrimaryReplica {
     this.checkpointing = true;
     try {
       const s = await this.sealEpoch();
+      // The PVM may be writing: its next epoch waits to be sent until the commit request is.
+      this.link.holdAfter(s.epoch);
       const d = await this.waitDurable(s.epoch, timeoutMs);
       const c = await this.commit(s.epoch, timeoutMs);
       const result: CheckpointResult = {
@@ -506,6 +510,7 @@ export class PrimaryReplica {
       this.lastFailure = { at: this.clock.now(), message: (err as Error).message };
       throw err;
     } finally {
+      this.link.releaseHold();
       this.checkpointing = false;
     }
   }
