@@ -62,7 +62,13 @@ export interface OverheadRow {
   missing?: string;
   /** Set when replication broke during the workload: the figure is not that of a replicating pair. */
   problem?: string;
+  /** The checkpoints run while the workload ran (the benchmark's loop, one every 100 ms): total time. */
+  checkpointMs?: { p50: number; p99: number };
 }
+
+/** The issue's targets for checkpoints while fio writes (the disk part, a checkpoint every 100 ms). */
+export const CHECKPOINT_UNDER_LOAD_P50_MS = 5;
+export const CHECKPOINT_UNDER_LOAD_P99_MS = 20;
 
 /** What went wrong with replication during a colo-blk-replicated workload, from its tally; null if nothing. */
 export function replicationProblem(o: Outcome | undefined): string | null {
@@ -157,6 +163,9 @@ export function replicationOverhead(
       };
       const problem = replicationProblem(a);
       if (problem) row.problem = problem;
+      const t = a?.ok ? (a.detail?.server as Record<string, unknown> | undefined) : undefined;
+      if (typeof t?.checkpointP50Ms === 'number' && typeof t.checkpointP99Ms === 'number')
+        row.checkpointMs = { p50: t.checkpointP50Ms, p99: t.checkpointP99Ms };
       if (row.ratio === null)
         row.missing = !a?.ok
           ? `${replicated}: ${a ? (a as { error: string }).error : 'not run'}`
@@ -208,6 +217,23 @@ export function overheadTargets(rows: OverheadRow[]): Target[] {
         pass: overheadPass(row),
       },
     ];
+    if (row.checkpointMs) {
+      const { p50, p99 } = row.checkpointMs;
+      out.push(
+        {
+          what: `checkpoint p50 while ${row.workload} runs, ${placement(row)} (one every 100 ms)`,
+          target: `≤ ${CHECKPOINT_UNDER_LOAD_P50_MS} ms`,
+          measured: `${p50} ms`,
+          pass: p50 <= CHECKPOINT_UNDER_LOAD_P50_MS,
+        },
+        {
+          what: `checkpoint p99 while ${row.workload} runs, ${placement(row)} (one every 100 ms)`,
+          target: `≤ ${CHECKPOINT_UNDER_LOAD_P99_MS} ms`,
+          measured: `${p99} ms`,
+          pass: p99 <= CHECKPOINT_UNDER_LOAD_P99_MS,
+        },
+      );
+    }
     const c = row.cpuPerGiB;
     if (row.pinned && c) {
       const f = (x: number) => `${x.toFixed(2)} s/GiB`;
