@@ -284,6 +284,8 @@ export class PrimaryLink extends EventEmitter {
         if (a.conn === this.conn && this.socket) {
           const req: CommitRequest = { t: 'commit', e: a.epoch, sync: a.sync };
           send(this.socket, req);
+          // The commit a hold waited for is on the wire: the next epoch's frames follow it.
+          if (this.holdAfterEpoch !== null && a.epoch >= this.holdAfterEpoch) this.releaseHold();
         }
         return;
       case 'resolve':
@@ -374,9 +376,10 @@ export class PrimaryLink extends EventEmitter {
   }
 
   /**
-   * Send nothing of the epochs after `epoch` until releaseHold(): a checkpoint
-   * of `epoch` (sealed, waiting to be durable) whose commit request should
-   * not wait behind the next epoch's frames on the wire. With the PVM running
+   * Send nothing of the epochs after `epoch` until the commit request of
+   * `epoch` (or a later one) is written, or releaseHold(): a checkpoint of
+   * `epoch` (sealed, waiting to be durable) whose commit request should not
+   * wait behind the next epoch's frames on the wire. With the PVM running
    * (a checkpoint by the control API while it writes) a window of them (2 MiB)
    * was sent in the meantime, and the commit took as long as they did to
    * arrive and be written; with the PVM paused (the COLO coordinator) there
@@ -386,7 +389,7 @@ export class PrimaryLink extends EventEmitter {
     this.holdAfterEpoch = epoch;
   }
 
-  /** Stop holding (holdAfter) and send what waited. */
+  /** Stop holding (holdAfter) and send what waited; nothing if there is no hold (a failed checkpoint's cleanup). */
   releaseHold(): void {
     if (this.holdAfterEpoch === null) return;
     this.holdAfterEpoch = null;

@@ -464,9 +464,7 @@ export class PrimaryReplica {
       );
     await this.flushLocal(epoch); // done already when /durable was asked first
     const t = this.clock.mono();
-    const committing = this.link.commit(epoch, timeoutMs); // the request is on the wire now
-    this.link.releaseHold(); // the next epoch's frames follow it (checkpoint())
-    const r = await committing;
+    const r = await this.link.commit(epoch, timeoutMs);
     // Regions written in epochs up to N are on the (synchronised) secondary now. They
     // cool a few epochs late, and only past a working set, which stays hot and costs no syncs.
     if (this.peerState === 'protected')
@@ -488,7 +486,8 @@ export class PrimaryReplica {
     this.checkpointing = true;
     try {
       const s = await this.sealEpoch();
-      // The PVM may be writing: its next epoch waits to be sent until the commit request is.
+      // The PVM may be writing: its next epoch waits to be sent until the commit request is
+      // (the link releases the hold as it writes that request; the finally, if it never does).
       this.link.holdAfter(s.epoch);
       const d = await this.waitDurable(s.epoch, timeoutMs);
       const c = await this.commit(s.epoch, timeoutMs);
