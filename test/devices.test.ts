@@ -213,7 +213,7 @@ describe('FileDevice specifics', () => {
     const notes: string[] = [];
     const dev = await FileDevice.open(p, {
       size: 8 << 20,
-      onIoNote: (lvl, msg) => notes.push(`${lvl} ${msg}`),
+      log: { warn: (msg) => notes.push(`warn ${msg}`), info: (msg) => notes.push(`info ${msg}`) },
     });
     let now = 1000; // a clock of the test's own: a slow write is one that moves it on by more than 10 ms
     const clock = vi.spyOn(performance, 'now').mockImplementation(() => now);

@@ -43,11 +43,8 @@ export interface FileDeviceOptions {
   /** Create the file with this size if it does not exist; if it exists, its size must match. */
   size?: number;
   io?: IoMode;
-  /**
-   * Told when 'auto' sends large writes to the thread pool after a slow one, and when they are back
-   * on the event loop (the node's log).
-   */
-  onIoNote?: (level: 'warn' | 'info', message: string) => void;
+  /** The node's log: told when 'auto' sends large writes to the thread pool after a slow one, and when they are back. */
+  log?: { warn(message: string): void; info(message: string): void };
 }
 
 const zeroChunk = Buffer.alloc(limits.zeroChunkBytes);
@@ -115,7 +112,7 @@ export class FileDevice implements BlockDevice {
     private readonly fdSync: number,
     readonly readOnly: boolean,
     private readonly io: IoMode,
-    private readonly onIoNote?: FileDeviceOptions['onIoNote'],
+    private readonly log?: FileDeviceOptions['log'],
   ) {
     this.caps = {
       write: !readOnly,
@@ -176,7 +173,7 @@ export class FileDevice implements BlockDevice {
       throw new ColoError('EUSAGE', `${path} is empty; give a size (size=1G) to create an image`);
     }
     const fdSync = readOnly ? fd : fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_DSYNC);
-    return new FileDevice(path, size, fd, fdSync, readOnly, opts.io ?? 'auto', opts.onIoNote);
+    return new FileDevice(path, size, fd, fdSync, readOnly, opts.io ?? 'auto', opts.log);
   }
 
   /**
@@ -209,14 +206,13 @@ export class FileDevice implements BlockDevice {
     const took = `a ${(length / 2 ** 20).toFixed(length < 2 ** 20 ? 2 : 1)} MiB write took ${ms.toFixed(1)} ms`;
     if (ms <= SLOW_WRITE_BASE_MS + length / SLOW_WRITE_BYTES_PER_MS) {
       if (this.largeWritesInPoolUntil > 0)
-        this.onIoNote?.('info', `${this.path}: large writes are back on the event loop (${took})`);
+        this.log?.info(`${this.path}: large writes are back on the event loop (${took})`);
       this.largeWritesInPoolUntil = 0;
       this.largeWritesPoolMs = SLOW_WRITE_POOL_MS;
       return;
     }
     this.largeWritesInPoolUntil = performance.now() + this.largeWritesPoolMs;
-    this.onIoNote?.(
-      'warn',
+    this.log?.warn(
       `${this.path}: ${took} on the event loop; large writes go to the thread pool for ` +
         `${this.largeWritesPoolMs / 1000} s (the page cache is not taking writes at memory speed: ` +
         `dirty pages throttled, or a slow disk; --io async keeps every request off the event loop)`,

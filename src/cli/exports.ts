@@ -51,11 +51,11 @@ export function parseExportSpec(text: string): ExportSpec {
 export async function openExport(
   spec: ExportSpec,
   io: IoMode = 'auto',
-  onIoNote?: FileDeviceOptions['onIoNote'],
+  log?: FileDeviceOptions['log'],
 ): Promise<ExportConfig> {
   let device: BlockDevice;
   if (spec.path === ':memory:') device = new MemoryDevice(spec.size!);
-  else device = await FileDevice.open(spec.path, { readOnly: spec.readOnly, size: spec.size, io, onIoNote });
+  else device = await FileDevice.open(spec.path, { readOnly: spec.readOnly, size: spec.size, io, log });
   return {
     name: spec.name,
     device,

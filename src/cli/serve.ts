@@ -40,8 +40,7 @@ export async function serve(opts: ServeOptions): Promise<void> {
   const specs = opts.export.map(parseExportSpec);
   const exports = [];
   try {
-    for (const spec of specs)
-      exports.push(await openExport(spec, opts.io as IoMode, (lvl, msg) => logger[lvl](msg)));
+    for (const spec of specs) exports.push(await openExport(spec, opts.io as IoMode, logger));
   } catch (err) {
     await Promise.all(exports.map((e) => e.device.close()));
     throw err;

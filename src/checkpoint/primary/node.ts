@@ -52,11 +52,7 @@ export class PrimaryNode {
 
   static async start(opts: PrimaryNodeOptions): Promise<PrimaryNode> {
     const env = nodeEnv(opts.linkTls, (msg) => opts.logger.warn(msg));
-    const image = await FileDevice.open(opts.image, {
-      size: opts.size,
-      io: opts.io,
-      onIoNote: (level, msg) => opts.logger[level](msg),
-    });
+    const image = await FileDevice.open(opts.image, { size: opts.size, io: opts.io, log: opts.logger });
     const holder: { nbd?: NbdServer } = {};
     let replica: PrimaryReplica;
     try {

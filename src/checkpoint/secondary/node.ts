@@ -50,11 +50,7 @@ export class SecondaryNode {
 
   static async start(opts: SecondaryNodeOptions): Promise<SecondaryNode> {
     const env = nodeEnv(opts.linkTls, (msg) => opts.logger.warn(msg));
-    const image = await FileDevice.open(opts.image, {
-      size: opts.size,
-      io: opts.io,
-      onIoNote: (level, msg) => opts.logger[level](msg),
-    });
+    const image = await FileDevice.open(opts.image, { size: opts.size, io: opts.io, log: opts.logger });
     const holder: { nbd?: NbdServer } = {};
     let replica: SecondaryReplica;
     try {
