@@ -131,8 +131,14 @@ async function withPair<T>(
 
 // ---------------------------------------------------------------- checkpoint latency
 
-const CKPT_SIZES = [1 * MiB, 64 * MiB, 256 * MiB];
-const ckptReps = (ctx: BenchContext) => (ctx.quick ? [5, 5, 2] : [30, 30, 10]);
+/** The issue's range: flat from 1 MiB to 1 GiB pending. */
+const CKPT_SIZES = [1 * MiB, 64 * MiB, 256 * MiB, 1024 * MiB];
+const ckptReps = (ctx: BenchContext) => (ctx.quick ? [5, 5, 2, 1] : [30, 30, 10, 5]);
+/**
+ * The primary's budget in this scenario: a 1 GiB epoch is held whole until the secondary's durable
+ * answer, more than the default 1G budget (which would mark the peer out of sync, as it should).
+ */
+const CKPT_BUDGET = '2G';
 
 interface CkptSample extends CheckpointTimes {
   writeMs: number;
@@ -148,7 +154,8 @@ export const checkpointScenario: ScenarioDef = {
     const reps = ckptReps(ctx);
     return (
       `A fresh pair (primary and secondary, each with a sparse ${sizeName(PAIR_SIZE)} image; images and state ` +
-      'directories on tmpfs; default I/O mode). For each pending size, repeated ' +
+      `directories on tmpfs; default I/O mode; the primary with \`--budget ${CKPT_BUDGET}\`, since a 1 GiB ` +
+      'epoch is held whole until the secondary holds it durably). For each pending size, repeated ' +
       CKPT_SIZES.map((s, i) => `${reps[i]}× at ${sizeName(s)}`).join(', ') +
       ': write that many bytes into the open epoch through colo-blk’s NBD client (64 KiB writes at random ' +
       `64 KiB-aligned offsets, ${IN_FLIGHT} in flight), wait until the primary’s \`GET /status\` shows ` +
@@ -159,10 +166,10 @@ export const checkpointScenario: ScenarioDef = {
       'are nearest-rank (p99 of 30 samples is the largest).'
     );
   },
-  tmpfsBytes: () => 2 * PAIR_SIZE + 4 * 256 * MiB + 256 * MiB,
+  tmpfsBytes: () => 2 * PAIR_SIZE + 3 * 1024 * MiB + 256 * MiB,
   async run(ctx) {
     const reps = ckptReps(ctx);
-    return withPair(ctx, 'checkpoint', undefined, async (pair, client) => {
+    return withPair(ctx, 'checkpoint', CKPT_BUDGET, async (pair, client) => {
       const round = async (bytes: number): Promise<CkptSample> => {
         const writeMs = await writeRandom(client, bytes, PAIR_SIZE);
         const shipMs = await waitShipped(pair.primary, 60_000);
@@ -245,7 +252,7 @@ function checkpointReport(
   const at = (bytes: number) => stats.find((s) => s.bytes === bytes);
   const s1 = at(1 * MiB);
   const s64 = at(64 * MiB);
-  const s256 = at(256 * MiB);
+  const sTop = at(CKPT_SIZES[CKPT_SIZES.length - 1]);
   const le = (what: string, v: number | undefined, limit: number, target: string): Target => ({
     what,
     target,
@@ -256,13 +263,13 @@ function checkpointReport(
     le('checkpoint p50 total, 64 MiB pending', s64?.totalP50, 5, '≤ 5 ms'),
     le('checkpoint p99 total, 64 MiB pending', s64?.totalP99, 20, '≤ 20 ms'),
     {
-      what: 'checkpoint p50 total, 256 MiB ÷ 1 MiB pending',
-      target: '≤ 2×',
+      what: `checkpoint p50 total, ${sizeName(CKPT_SIZES[CKPT_SIZES.length - 1])} ÷ 1 MiB pending`,
+      target: '≤ 2× (flat)',
       measured:
-        s1 && s256
-          ? `${(s256.totalP50 / s1.totalP50).toFixed(2)}× (${fmtMs(s256.totalP50)} ÷ ${fmtMs(s1.totalP50)} ms)`
+        s1 && sTop
+          ? `${(sTop.totalP50 / s1.totalP50).toFixed(2)}× (${fmtMs(sTop.totalP50)} ÷ ${fmtMs(s1.totalP50)} ms)`
           : null,
-      pass: s1 && s256 ? s256.totalP50 <= 2 * s1.totalP50 : null,
+      pass: s1 && sTop ? sTop.totalP50 <= 2 * s1.totalP50 : null,
     },
   ];
   const notes: string[] = [];
@@ -277,8 +284,8 @@ function checkpointReport(
         `${fmtMiB(s.meanUnapplied)} committed but unapplied when a checkpoint started.`,
     );
   }
-  if (s1 && s256 && s256.durableP50 > 2 * s1.durableP50) {
-    const perMiB = (s256.durableP50 - s1.durableP50) / ((s256.bytes - s1.bytes) / MiB);
+  if (s1 && sTop && sTop.durableP50 > 2 * s1.durableP50) {
+    const perMiB = (sTop.durableP50 - s1.durableP50) / ((sTop.bytes - s1.bytes) / MiB);
     notes.push(
       `The durable phase grows with the epoch’s size although its data had been shipped before the ` +
         `checkpoint: about ${perMiB.toFixed(3)} ms per MiB at p50. For comparison, deleting a file of ` +
