@@ -264,6 +264,46 @@ describe('FileDevice specifics', () => {
     });
   });
 
+  it('maps a dense file window by window with one SEEK_HOLE per run of data, and shows holes it punches at once', async () => {
+    const MiB = 1024 * 1024;
+    const p = path.join(dir, 'dense.img');
+    const dev = await FileDevice.open(p, { size: 64 * MiB });
+    const chunk = Buffer.alloc(MiB, 7);
+    for (let off = 0; off < dev.size; off += MiB) await dev.pwritev([chunk], off);
+    const seekHole = vi.spyOn(native!, 'seekHole');
+    try {
+      // A full sync asks window by window; SEEK_HOLE would walk to the end of the file each time.
+      for (let off = 0; off < dev.size; off += MiB)
+        expect(await dev.extents(off, MiB)).toEqual([{ offset: off, length: MiB, flags: 0 }]);
+      expect(seekHole).toHaveBeenCalledTimes(1);
+      // A hole this device punches shows in the next map.
+      await dev.trim(8 * MiB, 2 * MiB);
+      expect(await dev.extents(7 * MiB, 4 * MiB)).toEqual([
+        { offset: 7 * MiB, length: MiB, flags: 0 },
+        { offset: 8 * MiB, length: 2 * MiB, flags: 3 },
+        { offset: 10 * MiB, length: MiB, flags: 0 },
+      ]);
+      // Data written into that hole shows too: a known run of data never hides new data.
+      await dev.pwritev([chunk], 9 * MiB);
+      expect(await dev.extents(7 * MiB, 4 * MiB)).toEqual([
+        { offset: 7 * MiB, length: MiB, flags: 0 },
+        { offset: 8 * MiB, length: MiB, flags: 3 },
+        { offset: 9 * MiB, length: 2 * MiB, flags: 0 },
+      ]);
+      // Zeroing that may punch forgets the run as well.
+      await dev.zero(20 * MiB, MiB);
+      expect(await dev.extents(19 * MiB, 3 * MiB)).toEqual([
+        { offset: 19 * MiB, length: MiB, flags: 0 },
+        { offset: 20 * MiB, length: MiB, flags: 3 },
+        { offset: 21 * MiB, length: MiB, flags: 0 },
+      ]);
+    } finally {
+      seekHole.mockRestore();
+      await dev.close();
+      fs.rmSync(p);
+    }
+  });
+
   it('keeps data across close and reopen', async () => {
     const p = path.join(dir, 'persist.img');
     const dev = await FileDevice.open(p, { size: 1024 * 1024 });

@@ -100,6 +100,17 @@ export class FileDevice implements BlockDevice {
   private canZeroRange = native !== null;
   private canSeek = native !== null;
   private canCopyRange = native !== null;
+  /**
+   * The last run of data SEEK_HOLE found: [from, to) held data when asked.
+   * SEEK_HOLE walks the page cache page by page up to the next hole, whatever
+   * range the caller wants, so on a dense file every extents() call of a
+   * window scanned to the end of the file: a full sync of two identical
+   * 1 GiB images spent 51-61 % of each side's CPU in that walk. Claiming
+   * data is always safe (a hole reported as data reads as zeroes), so the run
+   * stays usable however old; a punch through this device forgets it, so
+   * that holes it makes show at once.
+   */
+  private dataRun = { from: 0, to: 0 };
   /** 'auto': until when (performance.now()) large writes use the thread pool, after a slow one on the loop. */
   private largeWritesInPoolUntil = 0;
   /** 'auto': how long large writes go to the pool after the next slow one (doubles while they stay slow). */
@@ -287,6 +298,7 @@ export class FileDevice implements BlockDevice {
     // TRIM is advisory: a filesystem that cannot punch holes simply keeps the data.
     if (this.canPunch && native) {
       try {
+        this.forgetDataRun();
         native.punchHole(this.fd, offset, length);
         ioTracer?.zero(this.path, offset, length);
       } catch (err) {
@@ -310,6 +322,7 @@ export class FileDevice implements BlockDevice {
   /** Zero without writing data; false if the filesystem cannot. */
   private zeroFast(offset: number, length: number, mayTrim: boolean): boolean {
     if (!native) return false;
+    this.forgetDataRun();
     if (mayTrim && this.canPunch) {
       try {
         native.punchHole(this.fd, offset, length);
@@ -342,6 +355,11 @@ export class FileDevice implements BlockDevice {
       }
     }
     return false;
+  }
+
+  /** Holes may appear: extents() asks the file again (see dataRun). */
+  private forgetDataRun(): void {
+    this.dataRun = { from: 0, to: 0 };
   }
 
   private async writeZeroes(offset: number, length: number): Promise<void> {
@@ -421,14 +439,16 @@ export class FileDevice implements BlockDevice {
     let pos = offset;
     try {
       while (pos < end && out.length < limits.maxExtentsPerReply) {
-        let data = native.seekData(this.fd, pos);
+        const known = pos >= this.dataRun.from && pos < this.dataRun.to;
+        let data = known ? pos : native.seekData(this.fd, pos);
         if (data < 0 || data > end) data = end;
         if (data > pos) {
           out.push({ offset: pos, length: data - pos, flags: ExtentFlag.HOLE | ExtentFlag.ZERO });
           pos = data;
           continue;
         }
-        let hole = native.seekHole(this.fd, pos);
+        let hole = known ? this.dataRun.to : native.seekHole(this.fd, pos);
+        if (!known && hole > pos) this.dataRun = { from: pos, to: hole };
         if (hole < 0 || hole > end) hole = end;
         if (hole <= pos) hole = end; // defensive: never loop without progress
         out.push({ offset: pos, length: hole - pos, flags: 0 });

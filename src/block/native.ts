@@ -57,7 +57,12 @@ function load(): NativeHelpers | null {
   let dir = dirname(fileURLToPath(import.meta.url));
   for (let i = 0; i < 4; i++) {
     try {
-      return require(join(dir, 'build', 'Release', 'colo_native.node')) as NativeHelpers;
+      const addon = require(join(dir, 'build', 'Release', 'colo_native.node')) as Record<string, unknown>;
+      // A plain copy: the addon's own properties are neither enumerable nor redefinable, and tests
+      // watch calls (vi.spyOn).
+      return Object.fromEntries(
+        Object.getOwnPropertyNames(addon).map((k) => [k, addon[k]]),
+      ) as unknown as NativeHelpers;
     } catch {
       dir = dirname(dir);
     }
