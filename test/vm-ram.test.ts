@@ -9,7 +9,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, expect, it } from 'vitest';
+import { afterAll, expect, it, vi } from 'vitest';
 import { native } from '../src/block/native.js';
 import { QmpClient } from '../src/checkpoint/qemu/qmp.js';
 import { PAGE_BYTES, RamImage } from '../src/checkpoint/qemu/ram.js';
@@ -74,6 +74,49 @@ describeWith(native ? [] : ['c++'], 'RAM pages changed since the last checkpoint
         ram.close();
       }
     } finally {
+      fs.closeSync(fd);
+    }
+  });
+
+  it('asks the file only about its holes once their neighbours are known, and finds new data in them', () => {
+    const dir = tmpDir('colo-blk-ram-');
+    dirs.push(dir);
+    const file = path.join(dir, 'ram');
+    const MiB = 1024 * 1024;
+    const pages = (64 * MiB) / PAGE_BYTES;
+    fs.writeFileSync(file, '');
+    fs.truncateSync(file, 64 * MiB);
+    const fd = fs.openSync(file, 'r+');
+    const page = (v: number) => Buffer.alloc(PAGE_BYTES, v);
+    const at = (p: number, v: number) => fs.writeSync(fd, page(v), 0, PAGE_BYTES, p * PAGE_BYTES);
+    const seekHole = vi.spyOn(native!, 'seekHole');
+    try {
+      const ram = RamImage.open(file, 2);
+      // Data in three places, 16 MiB apart (gaps far over the 1 MiB that ranges merge across).
+      const runs = [0, (16 * MiB) / PAGE_BYTES, (48 * MiB) / PAGE_BYTES];
+      for (const r of runs) for (let p = r; p < r + 256; p++) at(p, 1);
+      expect(ram.diff().pages.length).toBe(3 * 256);
+      ram.checkpointed();
+      // Known ranges are not walked again: SEEK_HOLE would go page by page through them.
+      seekHole.mockClear();
+      at(runs[1] + 7, 2);
+      expect([...ram.diff().pages]).toEqual([runs[1] + 7]);
+      expect(seekHole).not.toHaveBeenCalled();
+      // Not checkpointed: the next diff carries that page again, and lists pages in order though
+      // the new ones (in a hole that had no data: found by SEEK_DATA) lie before and after it.
+      const fresh = [(8 * MiB) / PAGE_BYTES + 3, (40 * MiB) / PAGE_BYTES, pages - 1];
+      for (const p of fresh) at(p, 3);
+      expect([...ram.diff().pages]).toEqual([fresh[0], runs[1] + 7, fresh[1], fresh[2]]);
+      expect(seekHole).toHaveBeenCalledTimes(3);
+      ram.checkpointed();
+      expect(ram.diff().pages.length).toBe(0);
+      // A known range the file gave back (a hole again) is still compared: its pages read as zeroes.
+      native!.punchHole(fd, runs[2] * PAGE_BYTES, 2 * PAGE_BYTES);
+      expect([...ram.diff().pages]).toEqual([runs[2], runs[2] + 1]);
+      expect(ram.page(runs[2]).every((b) => b === 0)).toBe(true);
+      ram.close();
+    } finally {
+      seekHole.mockRestore();
       fs.closeSync(fd);
     }
   });

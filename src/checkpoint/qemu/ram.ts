@@ -17,8 +17,12 @@
  *   secondary never committed them), the next one carries them again.
  * - Only the file's data is compared: a guest's RAM file on tmpfs has holes
  *   where the guest never wrote (SEEK_DATA/SEEK_HOLE), which read as zeroes.
- *   The ranges compared are those with data now or at the last diff, so a
- *   page the copy holds non-zero is always looked at again.
+ *   The ranges compared are those that had data at any diff, so a page the
+ *   copy holds non-zero is always looked at again; only the holes between
+ *   them are asked for new data, so no diff walks every page the guest has.
+ * - Nothing else walks the whole RAM either: the pages not yet checkpointed
+ *   are kept as a list beside their bitmap. A diff costs what the guest has
+ *   touched and dirtied, not the RAM it was given.
  * - Soft-dirty page tracking (/proc/PID/clear_refs, pagemap bit 55) would
  *   find the pages without comparing them, but needs CONFIG_MEM_SOFT_DIRTY,
  *   which this machine's kernel lacks; the compare works everywhere.
@@ -62,8 +66,11 @@ function mergeRanges(ranges: [number, number][]): [number, number][] {
 export class RamImage {
   /** Pages taken by a diff and not yet part of a committed checkpoint (one byte each). */
   private readonly uncommitted: Uint8Array;
-  /** Where the file had data at the last diff (the copy is zero everywhere else). */
-  private lastData: [number, number][] = [];
+  /** The same pages as a list (the order they were found in), so that nothing walks the whole RAM. */
+  private uncommittedList: number[] = [];
+  private listSorted = true;
+  /** Where the file had data at any diff so far, merged (the copy is zero everywhere else). */
+  private known: [number, number][] = [];
 
   private constructor(
     readonly path: string,
@@ -111,11 +118,9 @@ export class RamImage {
    */
   diff(): RamDiff {
     const t0 = performance.now();
-    let total = 0;
-    // Only where the file has data now or had it at the last diff: a hole reads as zeroes, and
-    // the copy is zero wherever the file had no data at the last diff (see dataRanges).
-    const data = this.dataRanges();
-    for (const [from, to] of mergeRanges([...data, ...this.lastData])) {
+    // Only where the file has or had data: a hole reads as zeroes, and the copy is zero wherever
+    // the file never had data (see dataRanges).
+    for (const [from, to] of this.dataRanges()) {
       for (const s of this.segments) {
         const a = Math.max(from, s.offset);
         const b = Math.min(to, s.offset + s.current.length);
@@ -130,43 +135,67 @@ export class RamImage {
           b - a >= 16 * 1024 * 1024 ? this.threads : 1,
         );
         const base = s.offset / PAGE_BYTES + first;
-        for (let i = 0; i < n; i++) this.uncommitted[base + out[i]] = 1;
+        for (let i = 0; i < n; i++) {
+          const page = base + out[i];
+          if (this.uncommitted[page]) continue;
+          this.uncommitted[page] = 1;
+          if (this.uncommittedList.length && page < this.uncommittedList[this.uncommittedList.length - 1])
+            this.listSorted = false;
+          this.uncommittedList.push(page);
+        }
       }
     }
-    this.lastData = data;
-    for (let i = 0; i < this.uncommitted.length; i++) total += this.uncommitted[i];
-    const pages = new Uint32Array(total);
-    for (let i = 0, at = 0; i < this.uncommitted.length; i++) if (this.uncommitted[i]) pages[at++] = i;
+    const pages = Uint32Array.from(this.uncommittedList);
+    if (!this.listSorted) pages.sort();
     return { pages, ms: performance.now() - t0 };
   }
 
-  /** Byte ranges the file has data in (all of it where holes cannot be told), page-aligned, gaps under 1 MiB merged. */
+  /**
+   * Byte ranges to compare, page-aligned, gaps under 1 MiB merged: every range
+   * the file had data in at any diff so far, and where it has data now.
+   *
+   * The ranges known from earlier diffs are kept, not asked again: SEEK_HOLE
+   * walks the page cache page by page, so asking for the whole file each time
+   * cost a walk of every page the guest ever touched (3.6 of 17 ms at 4 GiB
+   * with 200 MiB touched). Only the holes between them are asked for new data
+   * (SEEK_DATA skips a hole's empty index at once). Keeping a range whose data
+   * the file lost since (a punched hole) is what the compare needs anyway: the
+   * copy still holds that data, and the page now reads as zeroes.
+   */
   private dataRanges(): [number, number][] {
-    const out: [number, number][] = [];
+    const found: [number, number][] = [];
     try {
-      for (let at = 0; at < this.size;) {
-        const from = native!.seekData(this.fd, at);
-        if (from < 0 || from >= this.size) break;
-        let to = native!.seekHole(this.fd, from);
-        if (to < 0 || to > this.size) to = this.size;
-        out.push([Math.floor(from / PAGE_BYTES) * PAGE_BYTES, Math.ceil(to / PAGE_BYTES) * PAGE_BYTES]);
-        at = to;
+      let at = 0;
+      for (const [from, to] of [...this.known, [this.size, this.size] as [number, number]]) {
+        // The hole [at, from) as of the last diff: new data in it?
+        while (at < from) {
+          const d = native!.seekData(this.fd, at);
+          if (d < 0 || d >= from) break;
+          let h = native!.seekHole(this.fd, d);
+          if (h < 0 || h > this.size) h = this.size;
+          found.push([Math.floor(d / PAGE_BYTES) * PAGE_BYTES, Math.ceil(h / PAGE_BYTES) * PAGE_BYTES]);
+          at = h;
+        }
+        at = Math.max(at, to);
       }
     } catch {
-      return [[0, this.size]];
+      found.push([0, this.size]);
     }
-    return mergeRanges(out);
+    if (found.length) this.known = mergeRanges([...this.known, ...found]);
+    return this.known;
   }
 
   /** The last diff's pages are committed at the other side: the next diff starts from here. */
   checkpointed(): void {
-    this.uncommitted.fill(0);
+    for (const page of this.uncommittedList) this.uncommitted[page] = 0;
+    this.uncommittedList = [];
+    this.listSorted = true;
   }
 
   /** Forget what the other side holds: the next diff lists every page that is not zero (a new secondary). */
   forgetPeer(): void {
     for (const s of this.segments) s.reference.fill(0);
-    this.uncommitted.fill(0);
+    this.checkpointed();
   }
 
   /** Page `i` as of the last diff (a view of the copy: valid until the next diff). */
