@@ -117,6 +117,46 @@ describe('activity log', () => {
     await log.close();
   });
 
+  it('knows which hot extents the exact blocks may not cover: past the commit, or from before a restart', async () => {
+    const { dir, log } = fresh();
+    // Protected writes in epochs 4 and 5, then a commit that covers epoch 4 only.
+    await log.ensureHot(0, 4096, 4);
+    await log.ensureHot(1 * MiB, 4096, 4);
+    await log.ensureHot(2 * MiB, 4096, 5);
+    expect(log.unknownRanges()).toEqual([]); // every block since the last commit is exact
+    log.coolLeastRecent(4, 100, 0); // a working set: all three stay hot
+    expect(log.hotBytes).toBe(3 * MiB);
+    // Extents 0 and 1 hold nothing the peer lacks; extent 2's epoch-5 block lost its exact bit.
+    expect(log.exactBytes).toBe(0);
+    expect(log.unknownRanges()).toEqual([{ offset: 2 * MiB, length: MiB }]);
+    // Alone now (no more commits): writes to known-clean and to cold extents are exact blocks.
+    await log.ensureHot(1 * MiB + 8192, 4096, 6);
+    await log.ensureHot(9 * MiB, 4096, 6);
+    expect(log.exactRanges()).toEqual([
+      { offset: 1 * MiB + 8192, length: 4096 },
+      { offset: 9 * MiB, length: 4096 },
+    ]);
+    expect(log.unknownRanges()).toEqual([{ offset: 2 * MiB, length: MiB }]);
+    // A commit covering everything: nothing unknown; a later one that covers less marks only those.
+    log.coolLeastRecent(6, 100, 0);
+    expect(log.unknownRanges()).toEqual([]);
+    await log.ensureHot(9 * MiB, 4096, 8);
+    log.coolLeastRecent(7, 100, 0);
+    expect(log.unknownRanges()).toEqual([{ offset: 9 * MiB, length: MiB }]);
+    // Dropping the exact blocks by hand makes every hot extent unknown.
+    log.clearExact();
+    expect(log.unknownRanges()).toEqual(log.hotRanges());
+    await log.reset();
+    expect(log.unknownRanges()).toEqual([]);
+    await log.ensureHot(5 * MiB, 4096, 9);
+    await log.close();
+    // After a restart the exact blocks are gone: every hot extent is unknown.
+    const again = ActivityLog.open(nodeStorage, path.join(dir, 'activity.bitmap'), 64 * MiB);
+    expect(again.hotRanges()).toEqual([{ offset: 5 * MiB, length: MiB }]);
+    expect(again.unknownRanges()).toEqual([{ offset: 5 * MiB, length: MiB }]);
+    await again.close();
+  });
+
   it('a sequential writer rewriting the disk waits for the bitmap once per extent, not once per pass', async () => {
     const passes = async (coolAfter: (log: ActivityLog, epoch: number) => void) => {
       const { log } = fresh(32 * MiB);

@@ -237,7 +237,12 @@ describe('PrimaryCore', () => {
   it('plans a resync: full compares everything; incremental sends what it knows and compares what either side may have written', () => {
     const known = {
       exact: [{ offset: 0, length: 4096 }],
-      hot: [{ offset: 0, length: 1 << 20 }],
+      hot: [
+        { offset: 0, length: 1 << 20 },
+        { offset: 6 << 20, length: 1 << 20 },
+      ],
+      // The hot extent at 6 MiB holds only exact blocks: sending them is all it needs.
+      unknown: [{ offset: 0, length: 1 << 20 }],
       peerHot: [{ offset: 1 << 20, length: 1 << 20 }],
       pending: [],
     };
@@ -251,9 +256,17 @@ describe('PrimaryCore', () => {
       send: [{ offset: 0, length: 4096 }],
       compare: [{ offset: 0, length: 2 << 20 }],
     });
-    // After an interruption everything is compared again; nothing is sent blind.
+    // After an interruption everything is compared again, every hot extent included; nothing is sent blind.
     expect(
-      resyncPlan('incremental', 8 << 20, { ...known, pending: [{ offset: 4 << 20, length: 4096 }] }).send,
-    ).toEqual([]);
+      resyncPlan('incremental', 8 << 20, { ...known, pending: [{ offset: 4 << 20, length: 4096 }] }),
+    ).toEqual({
+      mode: 'incremental',
+      send: [],
+      compare: [
+        { offset: 0, length: 2 << 20 },
+        { offset: 4 << 20, length: 4096 },
+        { offset: 6 << 20, length: 1 << 20 },
+      ],
+    });
   });
 });

@@ -204,6 +204,35 @@ describe('re-protection', () => {
     await pvm.close().catch(() => {});
   });
 
+  it('a promoted node that wrote alone all over the disk sends exactly that and compares only what the old primary may hold', async () => {
+    const dir = fresh();
+    const MiB = 1 << 20;
+    pair = await startPair(dir, '64M');
+    await waitLinkUp(pair.primary);
+    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+    await pvm.write(randomBytes(MiB), 0);
+    await pair.checkpoint();
+    await pvm.write(Buffer.alloc(64 * 1024, 0x22), 4 * MiB); // uncommitted: rolled back later
+    pair.primary.child.kill('SIGKILL');
+    await pair.primary.exit;
+    await pvm.close().catch(() => {});
+    await controlCall(pair.secondary.control, 'POST', '/failover');
+    // Alone, 4 KiB into each of 40 extents: every one of them hot, every block written known exactly.
+    const svm = await NbdClient.connect({ port: pair.secondary.nbdPort, exportName: 'disk0' });
+    for (let k = 8; k < 48; k++) await svm.write(randomBytes(4096), k * MiB + 8192);
+    const a = await secondaryOn(dir, 'pvm-state', 'pvm.img', '64M');
+    const r = await reprotect(pair.secondary.control, Number(a.info.replicationPort));
+    expect(r.decision).toMatchObject({ action: 'resync', mode: 'incremental' });
+    // Sent: the 40 blocks and the rolled-back 64 KiB.
+    expect(r.resync.sentBytes).toBe(40 * 4096 + 64 * 1024);
+    // Compared: the old primary's hot extents only (a few MiB: hundreds of bytes of hashes). Comparing
+    // the promoted node's 40 hot extents as well would take 40 MiB of hashing, 10 KiB of hashes.
+    expect(r.resync.hashBytes).toBeLessThan(4096);
+    await checkpointOn(pair.secondary);
+    expect(await hashExport(a.nbdPort)).toBe(await hashExport(pair.secondary.nbdPort));
+    await svm.close();
+  });
+
   it('a fresh secondary: full sync compares hashes and sends only differing blocks', async () => {
     const dir = fresh();
     pair = await startPair(dir, '32M');

@@ -16,6 +16,16 @@
  * - An extent cools when every epoch that wrote to it is committed on a
  *   synchronised secondary; the file is rewritten lazily, so a stale hot
  *   extent only costs a hash comparison in a later resync — never a miss.
+ * - A hot extent is *unknown* (in memory) when the exact bitmap may not hold
+ *   every block of it that the peer lacks: all hot extents after a restart
+ *   (the exact bitmap is gone), and, at each commit, those written in an
+ *   epoch the commit does not cover (their exact bits are cleared with the
+ *   rest). Only unknown extents need a hash comparison in an incremental
+ *   resync; in the others the exact blocks are all there is to send, so a
+ *   node that ran alone for long compares only what it wrote before.
+ *   A hot extent whose writes are all committed on a synchronised secondary
+ *   (the working set kept hot) holds nothing the peer lacks until it is
+ *   written again, and then each block is in the exact bitmap.
  * - File `<state>/activity.bitmap`: two slots written alternately, each a
  *   32-byte header (magic "CBAL", version, sequence, extent size, bit
  *   count, CRC32 of header and bitmap) and the bitmap. A torn write breaks
@@ -147,6 +157,8 @@ export class ActivityLog {
   private readonly durable: Bitmap;
   private readonly lastEpoch: Float64Array;
   private readonly exact: SparseBitmap;
+  /** Hot extents whose differences from the peer the exact bitmap may not all hold (see the notes above). */
+  private readonly unknown: Bitmap;
   private exactCount = 0;
   private version = 0;
   private durableVersion = 0;
@@ -170,6 +182,7 @@ export class ActivityLog {
     this.durable = new Bitmap(extents);
     this.lastEpoch = new Float64Array(extents);
     this.exact = new SparseBitmap(Math.max(1, Math.ceil(size / this.blockBytes)));
+    this.unknown = new Bitmap(extents);
     this.slotBytes = Math.ceil((HEADER + this.hot.bytes.length) / 4096) * 4096;
   }
 
@@ -217,6 +230,7 @@ export class ActivityLog {
       this.seq = best.seq;
       this.hot.bytes.set(best.bits);
       this.durable.bytes.set(best.bits);
+      this.unknown.bytes.set(best.bits); // what was written before the restart is not known exactly
     }
   }
 
@@ -386,14 +400,30 @@ export class ActivityLog {
         changed = true;
       }
     }
-    this.clearExact();
+    // The exact bits go: an extent written in an epoch past `through` may now hold blocks the peer
+    // lacks that no bit records. One whose writes are all committed holds none.
+    for (let x = 0; x < this.hot.bits; x++) {
+      if ((x & 7) === 0 && this.hot.bytes[x >> 3] === 0 && this.unknown.bytes[x >> 3] === 0) {
+        x += 7;
+        continue;
+      }
+      if (this.hot.get(x) && this.lastEpoch[x] > through) this.unknown.set(x);
+      else this.unknown.clear(x);
+    }
+    this.dropExact();
     if (changed) {
       this.version++;
       this.persist().catch(() => {}); // best effort: a stale hot extent costs a hash comparison, no more
     }
   }
 
+  /** Forget the exact blocks: every hot extent becomes unknown (compared by the next resync). */
   clearExact(): void {
+    for (let i = 0; i < this.hot.bytes.length; i++) this.unknown.bytes[i] |= this.hot.bytes[i];
+    this.dropExact();
+  }
+
+  private dropExact(): void {
     this.exact.clearAll();
     this.exactCount = 0;
   }
@@ -401,8 +431,9 @@ export class ActivityLog {
   /** Forget everything (this node's disk now equals its peer's). */
   async reset(): Promise<void> {
     this.hot.bytes.fill(0);
+    this.unknown.bytes.fill(0);
     this.lastEpoch.fill(0);
-    this.clearExact();
+    this.dropExact();
     this.version++;
     await this.persist();
   }
@@ -410,6 +441,17 @@ export class ActivityLog {
   /** Hot extents as byte ranges (what this node may have written that its peer lacks). */
   hotRanges(): Range[] {
     return [...this.hot.runs()].map(([a, b]) => ({
+      offset: a * this.extentBytes,
+      length: Math.min(b * this.extentBytes, this.size) - a * this.extentBytes,
+    }));
+  }
+
+  /**
+   * Hot extents the exact bitmap may not cover (see the notes above): where an
+   * incremental resync that sends the exact ranges must still compare.
+   */
+  unknownRanges(): Range[] {
+    return [...this.unknown.runs()].map(([a, b]) => ({
       offset: a * this.extentBytes,
       length: Math.min(b * this.extentBytes, this.size) - a * this.extentBytes,
     }));

@@ -518,18 +518,18 @@ export class PrimaryCore {
 /**
  * The resync plan: a full sync compares the whole disk; an incremental one
  * sends what this node knows it wrote (its exact record) and compares what
- * either side may have written (hot extents of both, and the ranges of an
- * interrupted resync, which then only cost their hashes).
+ * either side may have written that no record holds exactly: this node's
+ * unknown extents (failover/activity.ts) and the peer's hot ones. After an
+ * interrupted resync nothing is sent blind: its ranges and every hot extent
+ * of this node are compared, which then only costs their hashes.
  */
 export function resyncPlan(
   mode: SyncMode,
   size: number,
-  known: { exact: Range[]; hot: Range[]; peerHot: Range[]; pending: Range[] },
+  known: { exact: Range[]; hot: Range[]; unknown: Range[]; peerHot: Range[]; pending: Range[] },
 ): ResyncPlan {
   if (mode === 'full') return { mode, send: [], compare: [{ offset: 0, length: size }] };
-  return {
-    mode,
-    send: known.pending.length ? [] : known.exact,
-    compare: mergeRanges([...known.hot, ...known.peerHot, ...known.pending]),
-  };
+  if (known.pending.length)
+    return { mode, send: [], compare: mergeRanges([...known.hot, ...known.peerHot, ...known.pending]) };
+  return { mode, send: known.exact, compare: mergeRanges([...known.unknown, ...known.peerHot]) };
 }

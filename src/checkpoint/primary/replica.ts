@@ -292,6 +292,7 @@ export class PrimaryReplica {
     const plan = resyncPlan(mode, this.image.size, {
       exact: this.activity.exactRanges(),
       hot: this.activity.hotRanges(),
+      unknown: this.activity.unknownRanges(),
       peerHot,
       pending: this.resyncPending,
     });
