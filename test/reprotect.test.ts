@@ -48,7 +48,7 @@ interface PStatus {
   refused: string | null;
   resync: { mode: string; state: string; sentBytes: number; equalBytes: number; hashBytes: number } | null;
   link: { state: string; lastError: string | null };
-  unprotected: { exactBytes: number; hotBytes: number } | null;
+  unprotected: { exactBytes: number; hotBytes: number; unknownBytes: number } | null;
 }
 
 const status = (n: { control: { host: string; port: number } }) =>
@@ -220,6 +220,10 @@ describe('re-protection', () => {
     // Alone, 4 KiB into each of 40 extents: every one of them hot, every block written known exactly.
     const svm = await NbdClient.connect({ port: pair.secondary.nbdPort, exportName: 'disk0' });
     for (let k = 8; k < 48; k++) await svm.write(randomBytes(4096), k * MiB + 8192);
+    // Its status says so: 40 extents hot, none of them to compare.
+    const before = await status(pair.secondary);
+    expect(before.unprotected).toMatchObject({ exactBytes: 40 * 4096, unknownBytes: 0 });
+    expect(before.unprotected!.hotBytes).toBeGreaterThanOrEqual(40 * MiB);
     const a = await secondaryOn(dir, 'pvm-state', 'pvm.img', '64M');
     const r = await reprotect(pair.secondary.control, Number(a.info.replicationPort));
     expect(r.decision).toMatchObject({ action: 'resync', mode: 'incremental' });
@@ -389,6 +393,7 @@ describe('re-protection', () => {
     ).stdout;
     expect(loneText).toMatch(/ALONE/);
     expect(loneText).toMatch(/out of sync +\d/);
+    expect(loneText).toMatch(/of them to compare by hash at a resync/);
     const [pa, sb] = [await hashExport(pair.primary.nbdPort), await hashExport(pair.secondary.nbdPort)];
     // The partition heals: the old primary reconnects to the promoted node.
     proxy!.refuse = false;

@@ -427,7 +427,8 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
     if (s.unprotected && (s.unprotected.exactBytes > 0 || s.peerState !== 'protected'))
       out.push(
         `out of sync   ${formatBytes(s.unprotected.exactBytes)} written that the secondary lacks ` +
-          `(${formatBytes(s.unprotected.hotBytes)} of extents recorded on disk)`,
+          `(${formatBytes(s.unprotected.hotBytes)} of extents recorded on disk, ` +
+          `${formatBytes(s.unprotected.unknownBytes)} of them to compare by hash at a resync)`,
       );
     if (s.refused) out.push(`REFUSED       ${s.refused}`);
     out.push(`epoch         ${s.epoch} open`);

@@ -473,6 +473,11 @@ export class ActivityLog {
     return Math.min(this.hot.count() * this.extentBytes, this.size);
   }
 
+  /** Bytes of unknown hot extents: what an incremental resync compares by hash on this node's side. */
+  get unknownBytes(): number {
+    return Math.min(this.unknown.count() * this.extentBytes, this.size);
+  }
+
   async close(): Promise<void> {
     if (this.writing) await this.writing.catch(() => {});
     this.closed = true;

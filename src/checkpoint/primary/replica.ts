@@ -575,6 +575,8 @@ export class PrimaryReplica {
         exactBytes: this.activity.exactBytes,
         /** Extents recorded hot on disk (an upper bound that survives a crash). */
         hotBytes: this.activity.hotBytes,
+        /** Of those, what an incremental resync compares by hash (the rest hold only exact blocks). */
+        unknownBytes: this.activity.unknownBytes,
       },
       export: this.opts.exportName,
       image: this.opts.image,

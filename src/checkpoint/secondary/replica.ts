@@ -251,7 +251,11 @@ export class SecondaryReplica {
       refusal: this.link.refusal,
       decision: this.link.decision,
       unprotected: this.store.promoted
-        ? { exactBytes: this.activity.exactBytes, hotBytes: this.activity.hotBytes }
+        ? {
+            exactBytes: this.activity.exactBytes,
+            hotBytes: this.activity.hotBytes,
+            unknownBytes: this.activity.unknownBytes,
+          }
         : null,
       promoted: this.store.promoted,
       promotionMs: this.lastPromotionMs,
