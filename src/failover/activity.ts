@@ -149,6 +149,16 @@ class SparseBitmap {
   }
 }
 
+/** `status`'s `unprotected`: what a node may hold that its peer lacks, and what a resync would do about it. */
+export interface UnprotectedSummary {
+  /** Bytes written (4 KiB blocks) that no synchronised secondary holds. */
+  exactBytes: number;
+  /** Extents recorded hot on disk (an upper bound that survives a crash). */
+  hotBytes: number;
+  /** Of those, what an incremental resync compares by hash (the rest hold only exact blocks). */
+  unknownBytes: number;
+}
+
 export class ActivityLog {
   readonly extentBytes: number;
   readonly blockBytes: number;
@@ -157,7 +167,10 @@ export class ActivityLog {
   private readonly durable: Bitmap;
   private readonly lastEpoch: Float64Array;
   private readonly exact: SparseBitmap;
-  /** Hot extents whose differences from the peer the exact bitmap may not all hold (see the notes above). */
+  /**
+   * Hot extents whose differences from the peer the exact bitmap may not all hold (see the notes
+   * above); always within `hot`.
+   */
   private readonly unknown: Bitmap;
   private exactCount = 0;
   private version = 0;
@@ -365,7 +378,13 @@ export class ActivityLog {
       }
       if (!this.hot.get(x)) continue;
       hotCount++;
-      if (this.lastEpoch[x] <= through) candidates.push(x);
+      // The exact bits go below: an extent written in an epoch past `through` may then hold blocks
+      // the peer lacks that no bit records; one whose writes are all committed holds none (and a
+      // cooled one is not hot: unknown stays within hot).
+      if (this.lastEpoch[x] <= through) {
+        candidates.push(x);
+        this.unknown.clear(x);
+      } else this.unknown.set(x);
     }
     // The oldest `excess` candidates go: find the epoch below which all of them do (a count
     // per epoch, not a sort), and how many of that epoch itself.
@@ -399,16 +418,6 @@ export class ActivityLog {
         this.hot.clear(x);
         changed = true;
       }
-    }
-    // The exact bits go: an extent written in an epoch past `through` may now hold blocks the peer
-    // lacks that no bit records. One whose writes are all committed holds none.
-    for (let x = 0; x < this.hot.bits; x++) {
-      if ((x & 7) === 0 && this.hot.bytes[x >> 3] === 0 && this.unknown.bytes[x >> 3] === 0) {
-        x += 7;
-        continue;
-      }
-      if (this.hot.get(x) && this.lastEpoch[x] > through) this.unknown.set(x);
-      else this.unknown.clear(x);
     }
     this.dropExact();
     if (changed) {
@@ -476,6 +485,11 @@ export class ActivityLog {
   /** Bytes of unknown hot extents: what an incremental resync compares by hash on this node's side. */
   get unknownBytes(): number {
     return Math.min(this.unknown.count() * this.extentBytes, this.size);
+  }
+
+  /** What `status` reports of a node its peer does not protect (`unprotected`). */
+  summary(): UnprotectedSummary {
+    return { exactBytes: this.exactBytes, hotBytes: this.hotBytes, unknownBytes: this.unknownBytes };
   }
 
   async close(): Promise<void> {

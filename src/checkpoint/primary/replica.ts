@@ -570,14 +570,7 @@ export class PrimaryReplica {
       resync: this.resync?.progress ?? this.lastResync,
       peerDecision: this.link.peer?.decision ?? null,
       refused: this.link.refused,
-      unprotected: {
-        /** Bytes written (4 KiB blocks) that no synchronised secondary holds. */
-        exactBytes: this.activity.exactBytes,
-        /** Extents recorded hot on disk (an upper bound that survives a crash). */
-        hotBytes: this.activity.hotBytes,
-        /** Of those, what an incremental resync compares by hash (the rest hold only exact blocks). */
-        unknownBytes: this.activity.unknownBytes,
-      },
+      unprotected: this.activity.summary(),
       export: this.opts.exportName,
       image: this.opts.image,
       size: this.image.size,

@@ -250,13 +250,7 @@ export class SecondaryReplica {
       consistent: this.store.syncing === null,
       refusal: this.link.refusal,
       decision: this.link.decision,
-      unprotected: this.store.promoted
-        ? {
-            exactBytes: this.activity.exactBytes,
-            hotBytes: this.activity.hotBytes,
-            unknownBytes: this.activity.unknownBytes,
-          }
-        : null,
+      unprotected: this.store.promoted ? this.activity.summary() : null,
       promoted: this.store.promoted,
       promotionMs: this.lastPromotionMs,
       failoverPending: this.link.core.failoverPending,
