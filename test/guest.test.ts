@@ -6,7 +6,15 @@ import net from 'node:net';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { MemoryDevice } from '../src/block/memory.js';
 import { GuestServer } from '../src/guest/server.js';
-import { decodeDelta, encodeDelta, GuestState, LOG_START, type GuestDisk } from '../src/guest/state.js';
+import {
+  decodeDelta,
+  DeltaSender,
+  deltaBytes,
+  encodeDelta,
+  GuestState,
+  LOG_START,
+  type GuestDisk,
+} from '../src/guest/state.js';
 import { controlCall } from '../src/checkpoint/control.js';
 import { killAll, rmDir, startServer, tmpDir, type RunningServer } from './helpers.js';
 import { startNode } from './replication-helpers.js';
@@ -94,8 +102,8 @@ describe('guest state', () => {
     await svm.put('key9', Buffer.from('secondary'));
     await svm.put('svm-only', Buffer.from('gone at the checkpoint'));
     const delta = pvm.save(false);
-    expect(delta.length).toBeLessThan(300); // two entries and the counters, not 2000 keys
-    expect(pvm.save(true).length).toBeGreaterThan(400_000);
+    expect(deltaBytes(delta)).toBeLessThan(300); // two entries and the counters, not 2000 keys
+    expect(deltaBytes(pvm.save(true))).toBeGreaterThan(400_000);
     expect(svm.receive(delta).entries).toBe(2);
     expect(svm.hash()).not.toBe(pvm.hash());
     svm.load();
@@ -114,7 +122,7 @@ describe('guest state', () => {
 });
 
 describe('guest memory checkpoint encoding', () => {
-  it('round-trips a delta, takes a large state with one copy, and refuses anything else with EPROTO', () => {
+  it('round-trips a delta from pieces cut anywhere, encodes the values by reference, and refuses anything else with EPROTO', () => {
     const d = {
       full: false,
       ops: 7,
@@ -124,22 +132,85 @@ describe('guest memory checkpoint encoding', () => {
       entries: [
         ['a', Buffer.from('x'), 1],
         ['ключ', Buffer.alloc(70_000, 9), 4],
+        ['empty', Buffer.alloc(0), 2],
       ] as [string, Buffer, number][],
     };
-    const b = encodeDelta(d);
+    const parts = encodeDelta(d);
+    // The values go out as they are: the large one is a part of its own, the same memory.
+    expect(parts).toContain(d.entries[1][1]);
+    const b = Buffer.concat(parts);
+    expect(deltaBytes(parts)).toBe(b.length);
     expect(decodeDelta(b)).toEqual(d);
+    expect(decodeDelta(parts)).toEqual(d);
+    // As a socket would deliver it: pieces of any size, an entry's fields split across them.
+    let seed = 7;
+    const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) >>> 0) % n) + 1;
+    for (let round = 0; round < 50; round++) {
+      const pieces: Buffer[] = [];
+      for (let at = 0; at < b.length;) {
+        const n = Math.min(b.length - at, round % 2 ? rand(40) : rand(20_000));
+        pieces.push(b.subarray(at, at + n));
+        at += n;
+      }
+      if (round % 5 === 0) pieces.splice(1, 0, Buffer.alloc(0));
+      // Equal to the original once encoded again (a byte compare: toEqual on 70 kB values is slow).
+      expect(Buffer.concat(encodeDelta(decodeDelta(pieces))).equals(b)).toBe(true);
+    }
+    const empty = { ...d, entries: [] };
+    expect(decodeDelta(encodeDelta(empty))).toEqual(empty);
     // A preloaded state: sent whole at a pairing, only its changes later.
     const big = new GuestState(memDisk(), { seed: 3, nondeterminism: 0 });
     expect(big.preload(8 * 1024 * 1024)).toBe(2048);
-    expect(big.save(true).length).toBeGreaterThan(8 * 1024 * 1024);
-    expect(big.save(false).length).toBeLessThan(200);
+    expect(deltaBytes(big.save(true))).toBeGreaterThan(8 * 1024 * 1024);
+    expect(deltaBytes(big.save(false))).toBeLessThan(200);
     for (const junk of [
       Buffer.alloc(0),
       Buffer.from('hello world'),
       b.subarray(0, b.length - 1),
       Buffer.concat([b, Buffer.alloc(1)]),
-    ])
+    ]) {
       expect(() => decodeDelta(junk)).toThrow(expect.objectContaining({ code: 'EPROTO' }));
+      expect(() => decodeDelta([junk.subarray(0, 5), junk.subarray(5)])).toThrow(
+        expect.objectContaining({ code: 'EPROTO' }),
+      );
+    }
+  });
+});
+
+describe('guest memory checkpoint sending', () => {
+  it('joins the parts into few pieces, into one kept buffer when it is free, and never changes what a send holds', async () => {
+    const sender = new DeltaSender();
+    const parts = (n: number, size: number) =>
+      Array.from({ length: n }, (_, i) => Buffer.alloc(size, (i * 7 + size) & 255));
+    const small = parts(513, 2048);
+    let first: Buffer | null = null;
+    await sender.send(small, async (pieces) => {
+      expect(pieces).toHaveLength(1);
+      expect(pieces[0].equals(Buffer.concat(small))).toBe(true);
+      first = pieces[0];
+      // A second send while the first still holds its buffer gets buffers of its own.
+      const other = parts(3, 100);
+      await sender.send(other, async (p2) => {
+        expect(p2[0].buffer).not.toBe(first!.buffer);
+        expect(Buffer.concat(p2).equals(Buffer.concat(other))).toBe(true);
+      });
+      expect(pieces[0].equals(Buffer.concat(small))).toBe(true);
+    });
+    // Released: the next send reuses the same memory.
+    await sender.send(parts(2, 10), async (pieces) => expect(pieces[0].buffer).toBe(first!.buffer));
+    // Larger than a piece (4 MiB): several pieces, in order, nothing lost; an empty delta is one empty piece.
+    const big = parts(9, 1024 * 1024 + 3);
+    await sender.send(big, async (pieces) => {
+      expect(pieces.length).toBe(3);
+      expect(pieces.every((p) => p.length <= 4 * 1024 * 1024)).toBe(true);
+      expect(Buffer.concat(pieces).equals(Buffer.concat(big))).toBe(true);
+    });
+    await sender.send([], async (pieces) => expect(deltaBytes(pieces)).toBe(0));
+    // A failed send gives the buffer back too.
+    await expect(sender.send(small, async () => Promise.reject(new Error('peer gone')))).rejects.toThrow(
+      'peer gone',
+    );
+    await sender.send(parts(2, 10), async (pieces) => expect(pieces[0].buffer).toBe(first!.buffer));
   });
 });
 

@@ -14,8 +14,13 @@ import { listenOn } from '../util/listen.js';
 import { authHeader, authorized, checkListenAllowed, TOKEN_ENV } from './control-auth.js';
 
 export type Handler = (query: URLSearchParams, body: Record<string, unknown>) => Promise<unknown>;
-/** A route that takes and may return bytes (a memory checkpoint's state). */
-export type RawHandler = (query: URLSearchParams, body: Buffer) => Promise<Buffer | object>;
+/**
+ * A route that takes and may return bytes (a memory checkpoint's state). The
+ * body comes as the pieces the socket delivered (a large state is never
+ * joined into one new buffer unless the handler does it); a Buffer, or a list
+ * of them sent in order, is answered as bytes.
+ */
+export type RawHandler = (query: URLSearchParams, body: Buffer[]) => Promise<Buffer | Buffer[] | object>;
 
 export interface Route {
   method: 'GET' | 'POST';
@@ -87,7 +92,6 @@ export class ControlServer {
         throw new ColoError('ENOENT', `no route ${req.method} ${url.pathname}; known: ${known}`);
       }
       let body: Record<string, unknown> = {};
-      let bytes = Buffer.alloc(0);
       if (req.method === 'POST') {
         const chunks: Buffer[] = [];
         let size = 0;
@@ -97,22 +101,24 @@ export class ControlServer {
           if (size > max) throw new ColoError('EINVAL', `request body over ${max} bytes`);
           chunks.push(c as Buffer);
         }
-        bytes = Buffer.concat(chunks);
         if (route.raw) {
-          const result = await route.raw(url.searchParams, bytes);
-          if (Buffer.isBuffer(result)) {
+          const result = await route.raw(url.searchParams, chunks);
+          if (Buffer.isBuffer(result) || Array.isArray(result)) {
+            const parts = Buffer.isBuffer(result) ? [result] : (result as Buffer[]);
             res.writeHead(200, {
               'content-type': 'application/octet-stream',
-              'content-length': result.length,
+              'content-length': parts.reduce((n, b) => n + b.length, 0),
             });
-            res.end(result);
+            res.cork();
+            for (const b of parts) res.write(b);
+            res.end();
           } else {
             res.writeHead(200, { 'content-type': 'application/json' });
             res.end(JSON.stringify(result));
           }
           return;
         }
-        const text = bytes.toString('utf8');
+        const text = Buffer.concat(chunks).toString('utf8');
         if (text.trim()) {
           try {
             body = JSON.parse(text) as Record<string, unknown>;

@@ -11,7 +11,7 @@ import type { Logger } from '../net/server.js';
 import type { TlsCredentials } from '../net/tls/credentials.js';
 import { parseHostPort, type Endpoint } from '../util/address.js';
 import { GuestServer } from './server.js';
-import { GuestState } from './state.js';
+import { DeltaSender, deltaBytes, GuestState } from './state.js';
 
 export interface GuestNodeOptions {
   listen: Endpoint;
@@ -93,6 +93,7 @@ export class GuestNode {
 
 /** The memory-checkpoint hook of the guest, as control routes. */
 export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
+  const sender = new DeltaSender();
   return [
     {
       method: 'GET',
@@ -138,9 +139,9 @@ export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
       // The state goes straight to the other guest's /mem/receive, not through the coordinator.
       handler: async (_q, body) => {
         const to = parseHostPort(String(body.to ?? ''), "'to'");
-        const bytes = state.save(body.full === true);
-        await controlRaw(to, '/mem/receive', bytes);
-        return { bytes: bytes.length };
+        const parts = state.save(body.full === true);
+        await sender.send(parts, (pieces) => controlRaw(to, '/mem/receive', pieces));
+        return { bytes: deltaBytes(parts) };
       },
     },
     {

@@ -78,11 +78,13 @@ const DELTA_MAGIC = 0x314d4743; // "CGM1"
 /**
  * A memory checkpoint on the wire: magic, a JSON header (counters, the
  * generator's state, the log position, the entry count), then each entry as
- * key length, version, value length, key, value. Built with one copy of the
- * values, so a full checkpoint of a large state costs a memcpy, not an
- * encoder's growing buffer.
+ * key length, version, value length, key, value. Encoded as a list of
+ * buffers that refer to the values where they lie (the entries' headers and
+ * keys share one buffer): the sender hands the list to the socket, so a
+ * checkpoint is never assembled in a new buffer (a fresh 1 MiB buffer costs
+ * its page faults, ~0.4 ms here, at every checkpoint).
  */
-export function encodeDelta(d: MemoryDelta): Buffer {
+export function encodeDelta(d: MemoryDelta): Buffer[] {
   const head = Buffer.from(
     JSON.stringify({
       full: d.full,
@@ -93,49 +95,150 @@ export function encodeDelta(d: MemoryDelta): Buffer {
       count: d.entries.length,
     }),
   );
+  const keys = d.entries.map(([k]) => Buffer.from(k, 'utf8'));
+  let metaBytes = 8 + head.length;
+  for (const key of keys) metaBytes += 12 + key.length;
+  const meta = Buffer.allocUnsafe(metaBytes);
+  meta.writeUInt32LE(DELTA_MAGIC, 0);
+  meta.writeUInt32LE(head.length, 4);
+  head.copy(meta, 8);
+  let at = 8 + head.length;
+  let from = 0;
   const parts: Buffer[] = [];
-  const top = Buffer.alloc(8);
-  top.writeUInt32LE(DELTA_MAGIC, 0);
-  top.writeUInt32LE(head.length, 4);
-  parts.push(top, head);
-  for (const [k, value, version] of d.entries) {
-    const key = Buffer.from(k, 'utf8');
-    const h = Buffer.allocUnsafe(12);
-    h.writeUInt32LE(key.length, 0);
-    h.writeUInt32LE(version, 4);
-    h.writeUInt32LE(value.length, 8);
-    parts.push(h, key, value);
-  }
-  return Buffer.concat(parts);
+  d.entries.forEach(([, value, version], i) => {
+    meta.writeUInt32LE(keys[i].length, at);
+    meta.writeUInt32LE(version, at + 4);
+    meta.writeUInt32LE(value.length, at + 8);
+    at += 12 + keys[i].copy(meta, at + 12);
+    parts.push(meta.subarray(from, at), value);
+    from = at;
+  });
+  if (parts.length === 0) parts.push(meta);
+  return parts;
 }
 
-export function decodeDelta(b: Buffer): MemoryDelta {
+/** Bytes of an encoded checkpoint. */
+export function deltaBytes(parts: readonly Buffer[]): number {
+  let n = 0;
+  for (const p of parts) n += p.length;
+  return n;
+}
+
+/** Largest piece `DeltaSender` makes; a full checkpoint of a large state goes out as several. */
+const SEND_PIECE_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Joins an encoded checkpoint's parts into a few large buffers for the
+ * socket: hundreds of small writes cost the HTTP stream more than the copy
+ * (a 1 MiB delta of 4 KiB values is 513 parts). The first piece is one
+ * buffer kept from checkpoint to checkpoint, memory already touched (a fresh
+ * 1 MiB buffer costs its page faults, ~0.4 ms here); it is lent to one
+ * sender at a time (`send` waits for nothing but `release`s it when its
+ * callback has settled).
+ */
+export class DeltaSender {
+  private kept = Buffer.alloc(0);
+  private lent = false;
+
+  async send<T>(parts: readonly Buffer[], out: (pieces: Buffer[]) => Promise<T>): Promise<T> {
+    const total = deltaBytes(parts);
+    const reuse = !this.lent && total <= SEND_PIECE_BYTES;
+    if (reuse && this.kept.length < total) this.kept = Buffer.allocUnsafeSlow(SEND_PIECE_BYTES);
+    const pieces: Buffer[] = [];
+    let piece = reuse ? this.kept : Buffer.allocUnsafe(Math.min(total, SEND_PIECE_BYTES));
+    let at = 0;
+    let left = total;
+    for (const p of parts)
+      for (let from = 0; from < p.length;) {
+        if (at === piece.length) {
+          pieces.push(piece);
+          left -= at;
+          piece = Buffer.allocUnsafe(Math.min(left, SEND_PIECE_BYTES));
+          at = 0;
+        }
+        const n = p.copy(piece, at, from, Math.min(p.length, from + piece.length - at));
+        at += n;
+        from += n;
+      }
+    pieces.push(piece.subarray(0, at));
+    if (reuse) this.lent = true;
+    try {
+      return await out(pieces);
+    } finally {
+      if (reuse) this.lent = false;
+    }
+  }
+}
+
+/** Reads a byte stream given as pieces (a body as the socket delivered it) without joining them. */
+class Pieces {
+  private i = 0;
+  private at = 0;
+  readonly length: number;
+  /** Bytes consumed so far. */
+  pos = 0;
+
+  constructor(private readonly pieces: readonly Buffer[]) {
+    this.length = deltaBytes(pieces);
+  }
+
+  /** The next `n` bytes: a view when they lie in one piece, else a copy. The caller checks `n` fits. */
+  take(n: number): Buffer {
+    while (this.i < this.pieces.length && this.at === this.pieces[this.i].length) {
+      this.i++;
+      this.at = 0;
+    }
+    this.pos += n;
+    const p = this.pieces[this.i];
+    if (p && this.at + n <= p.length) {
+      this.at += n;
+      return p.subarray(this.at - n, this.at);
+    }
+    const out = Buffer.allocUnsafe(n);
+    for (let got = 0; got < n;) {
+      const q = this.pieces[this.i];
+      const m = Math.min(n - got, q.length - this.at);
+      q.copy(out, got, this.at, this.at + m);
+      got += m;
+      this.at += m;
+      if (this.at === q.length) {
+        this.i++;
+        this.at = 0;
+      }
+    }
+    return out;
+  }
+}
+
+export function decodeDelta(body: Buffer | readonly Buffer[]): MemoryDelta {
   const bad = (why: string) => new ColoError('EPROTO', `not a guest memory checkpoint: ${why}`);
-  if (b.length < 8 || b.readUInt32LE(0) !== DELTA_MAGIC) throw bad('bad magic');
-  const hl = b.readUInt32LE(4);
-  if (8 + hl > b.length) throw bad('truncated header');
+  const b = new Pieces(Buffer.isBuffer(body) ? [body] : body);
+  const left = () => b.length - b.pos;
+  if (left() < 8) throw bad('bad magic');
+  const top = b.take(8);
+  if (top.readUInt32LE(0) !== DELTA_MAGIC) throw bad('bad magic');
+  const hl = top.readUInt32LE(4);
+  if (hl > left()) throw bad('truncated header');
   let head: { full: boolean; ops: number; rng: number[]; logPos: number; logSeq: number; count: number };
   try {
-    head = JSON.parse(b.subarray(8, 8 + hl).toString('utf8'));
+    head = JSON.parse(b.take(hl).toString('utf8'));
   } catch {
     throw bad('header is not JSON');
   }
   if (!Array.isArray(head.rng) || head.rng.length !== 4 || !Number.isSafeInteger(head.count))
     throw bad('bad header');
   const entries: [string, Buffer, number][] = [];
-  let pos = 8 + hl;
   for (let i = 0; i < head.count; i++) {
-    if (pos + 12 > b.length) throw bad(`entry ${i} truncated`);
-    const kl = b.readUInt32LE(pos);
-    const version = b.readUInt32LE(pos + 4);
-    const vl = b.readUInt32LE(pos + 8);
-    pos += 12;
-    if (pos + kl + vl > b.length) throw bad(`entry ${i} truncated`);
-    const key = b.subarray(pos, pos + kl).toString('utf8');
-    entries.push([key, b.subarray(pos + kl, pos + kl + vl), version]);
-    pos += kl + vl;
+    if (left() < 12) throw bad(`entry ${i} truncated`);
+    const h = b.take(12);
+    const kl = h.readUInt32LE(0);
+    const version = h.readUInt32LE(4);
+    const vl = h.readUInt32LE(8);
+    if (kl + vl > left()) throw bad(`entry ${i} truncated`);
+    const key = b.take(kl).toString('utf8');
+    entries.push([key, b.take(vl), version]);
   }
-  if (pos !== b.length) throw bad(`${b.length - pos} bytes after the last entry`);
+  if (left() !== 0) throw bad(`${left()} bytes after the last entry`);
   return {
     full: head.full === true,
     ops: head.ops,
@@ -274,8 +377,8 @@ export class GuestState {
     this.undo.set(key, e ? { value: e.value, version: e.version } : null);
   }
 
-  /** The memory checkpoint to send: what changed since the last one (everything if `full`). */
-  save(full: boolean): Buffer {
+  /** The memory checkpoint to send: what changed since the last one (everything if `full`), as pieces. */
+  save(full: boolean): Buffer[] {
     const keys = full ? [...this.entries.keys()] : [...this.undo.keys()];
     const delta: MemoryDelta = {
       full,
@@ -283,11 +386,12 @@ export class GuestState {
       rng: [...this.rng.s],
       logPos: this.logPos,
       logSeq: this.logSeq,
-      entries: keys.flatMap((k) => {
-        const e = this.entries.get(k);
-        return e ? [[k, e.value, e.version] as [string, Buffer, number]] : [];
-      }),
+      entries: [],
     };
+    for (const k of keys) {
+      const e = this.entries.get(k);
+      if (e) delta.entries.push([k, e.value, e.version]);
+    }
     return encodeDelta(delta);
   }
 
@@ -298,10 +402,10 @@ export class GuestState {
   }
 
   /** Hold a checkpoint received from the primary until it is committed. */
-  receive(bytes: Buffer): { entries: number; bytes: number } {
-    const delta = decodeDelta(bytes);
+  receive(body: Buffer | readonly Buffer[]): { entries: number; bytes: number } {
+    const delta = decodeDelta(body);
     this.staged = delta;
-    return { entries: delta.entries.length, bytes: bytes.length };
+    return { entries: delta.entries.length, bytes: Buffer.isBuffer(body) ? body.length : deltaBytes(body) };
   }
 
   /**

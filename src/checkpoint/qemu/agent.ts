@@ -337,7 +337,7 @@ export class QemuAgent extends EventEmitter {
           return {};
         },
       },
-      { method: 'POST', path: '/mem/receive', raw: async (_q, body) => this.receive(body) },
+      { method: 'POST', path: '/mem/receive', raw: async (_q, body) => this.receive(Buffer.concat(body)) },
       { method: 'POST', path: '/mem/load', handler: async () => this.load() },
       {
         method: 'POST',
