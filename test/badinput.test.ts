@@ -658,6 +658,36 @@ describe('transmission', () => {
       const structured = mode !== 'simple';
       const extended = mode === 'extended';
 
+      it('reply forms: a success without payload is a simple reply unless extended headers forbid it; READ and errors are chunks once negotiated', async () => {
+        const s = await openSession(port, { mode });
+        const payload = Buffer.alloc(4096, 0x33);
+        const w = extended ? CmdFlag.PAYLOAD_LEN : 0;
+        const acks: RawRequest[] = [
+          { type: Cmd.WRITE, flags: w, offset: 8192, length: payload.length, payload },
+          { type: Cmd.WRITE, flags: w | CmdFlag.FUA, offset: 8192, length: payload.length, payload },
+          { type: Cmd.FLUSH, offset: 0, length: 0 },
+          { type: Cmd.TRIM, offset: 8192, length: 4096 },
+          { type: Cmd.WRITE_ZEROES, offset: 8192, length: 4096 },
+          { type: Cmd.CACHE, offset: 0, length: 4096 },
+        ];
+        for (const req of acks) {
+          const r = await s.call(req);
+          expectErrno(r, 0, `command ${req.type}`);
+          // A client reads 16 bytes before it can tell a simple reply from a 20-byte chunk: one read, not two.
+          expect(
+            r.chunks.map((c) => c.kind),
+            `command ${req.type}`,
+          ).toEqual(extended ? ['chunk'] : ['simple']);
+        }
+        const read = await s.call({ type: Cmd.READ, offset: 0, length: 4096 });
+        expectErrno(read, 0, 'READ');
+        expect(read.chunks.every((c) => c.kind === (structured ? 'chunk' : 'simple'))).toBe(true);
+        const bad = await s.call({ type: Cmd.TRIM, offset: SIZE, length: 4096 });
+        expectErrno(bad, NbdErrno.EINVAL, 'TRIM beyond the end');
+        expect(bad.chunks[0].kind).toBe(structured ? 'chunk' : 'simple');
+        if (structured) expect(bad.message).toMatch(/end|beyond|outside/);
+      });
+
       it('unknown commands: EINVAL, and the stream stays in sync', async () => {
         const s = await openSession(port, { mode });
         for (const type of [Cmd.RESIZE, 9, 10, 100, 0x7fff, 0x8000, 0xffff]) {

@@ -784,15 +784,15 @@ export class Connection {
           stats.bytesWritten += payloadLength;
           await writePieces(dev, payload, req.offset, { fua });
         }
-        return encodeStatusReply(this.mode, req, 0);
+        return this.ack(req);
       case Cmd.FLUSH:
         stats.flushes++;
         await dev.flush();
-        return encodeStatusReply(this.mode, req, 0);
+        return this.ack(req);
       case Cmd.TRIM:
         stats.trims++;
         await dev.trim(req.offset, req.length, { fua });
-        return encodeStatusReply(this.mode, req, 0);
+        return this.ack(req);
       case Cmd.WRITE_ZEROES:
         stats.zeroes++;
         await dev.zero(req.offset, req.length, {
@@ -800,16 +800,28 @@ export class Connection {
           mayTrim: (req.flags & CmdFlag.NO_HOLE) === 0,
           fast: (req.flags & CmdFlag.FAST_ZERO) !== 0,
         });
-        return encodeStatusReply(this.mode, req, 0);
+        return this.ack(req);
       case Cmd.CACHE:
         stats.caches++;
         await dev.cache(req.offset, req.length);
-        return encodeStatusReply(this.mode, req, 0);
+        return this.ack(req);
       case Cmd.BLOCK_STATUS:
         stats.blockStatus++;
         return this.blockStatus(req, exp);
     }
     throw new RequestError(NbdErrno.EINVAL, `unknown command ${req.type}`);
+  }
+
+  /**
+   * The reply to a command other than READ that succeeded: a simple reply
+   * unless extended headers forbid it. With structured replies the spec
+   * allows one for any command but READ when it has no payload (as nbdkit
+   * does), and a client reads the 16 bytes of a simple reply before it can
+   * tell a 20-byte chunk from one: libnbd spent a second recv() on every
+   * write's acknowledgement. Errors keep their chunk: it carries the message.
+   */
+  private ack(req: Request): Buffer {
+    return encodeStatusReply(this.mode === 'extended' ? 'extended' : 'simple', req, 0);
   }
 
   private async blockStatus(req: Request, exp: ServedExport): Promise<Buffer> {
