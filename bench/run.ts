@@ -282,10 +282,12 @@ function buildNotes(r: BenchResult, ctx: BenchContext): string[] {
   if ((ctx.runs ?? 1) > 1)
     notes.push(
       `Every figure in the results table is the best of ${ctx.runs} runs of the workload against the same ` +
-        "server (`--runs`; each run's figure is in the JSON output); a single run on this machine moves by ±15 %." +
-        (r.servers.some((x) => x.name.startsWith('colo-blk-replicated')) && !ctx.quick
-          ? ' The replicated pairs, started afresh for each workload, first run it once uncounted (JIT warm-up), ' +
-            'as the servers kept running are warm from the workloads before.'
+        "server (`--runs`; each run's figure is in the JSON output), made in passes over all the servers (each " +
+        'pass starts each server again), so that servers compared are measured minutes, not a quarter of an ' +
+        'hour, apart; a single run on this machine moves by ±15 %.' +
+        (r.servers.some((x) => x.role === 'subject') && !ctx.quick
+          ? ' Each colo-blk server first runs the first workload of its session once, uncounted (JIT warm-up): ' +
+            'the replicated pairs, started afresh for each workload, run each one so.'
           : ''),
     );
   const has = (kind: string) => r.workloads.some((w) => w.group === kind || w.id === kind);
@@ -331,16 +333,14 @@ function buildNotes(r: BenchResult, ctx: BenchContext): string[] {
 }
 
 /**
- * The best of `runs` runs (higher is better everywhere); every run's figure is kept in
+ * The best of the runs (higher is better everywhere); every run's figure is kept in
  * the detail. A failed run counts only if all of them failed.
  */
-async function bestOf(runs: number, run: () => Promise<Outcome>): Promise<Outcome> {
-  const outcomes: Outcome[] = [];
-  for (let i = 0; i < runs && !interrupted; i++) outcomes.push(await run());
+function bestOf(outcomes: Outcome[]): Outcome {
   const ok = outcomes.filter((o): o is Extract<Outcome, { ok: true }> => o.ok);
   if (ok.length === 0) return outcomes[0];
   const best = ok.reduce((a, b) => (b.value > a.value ? b : a));
-  if (runs === 1) return best;
+  if (outcomes.length === 1) return best;
   return { ...best, detail: { ...best.detail, runs: outcomes.map((o) => (o.ok ? o.value : o.error)) } };
 }
 
@@ -472,58 +472,69 @@ async function main(): Promise<number> {
       ...(s.workloads ? { workloads: s.workloads } : {}),
     }));
 
-    for (const [si, def] of opts.servers.entries()) {
-      if (interrupted) return 130;
-      const rec = records[si];
-      const mine = opts.workloads.filter((w) => applies(def, w.id));
-      // A server that asks for it is started afresh for each workload (one session each).
-      const sessions = def.freshPerWorkload ? mine.map((w) => [w]) : [mine];
-      for (const [k, session] of sessions.entries()) {
+    // The runs go in passes over every server, not run after run against one: this machine drifts
+    // by ±15 % within minutes, and a ratio of two servers measured minutes apart carried the drift.
+    const outcomes: Record<string, Record<string, Outcome[]>> = Object.fromEntries(
+      opts.workloads.map((w) => [w.id, {}]),
+    );
+    for (let pass = 0; pass < opts.runs; pass++)
+      for (const [si, def] of opts.servers.entries()) {
         if (interrupted) return 130;
-        currentName = def.name;
-        const again = sessions.length > 1 ? ` (fresh for ${session[0].id}, ${k + 1}/${sessions.length})` : '';
-        log(`[${si + 1}/${opts.servers.length}] ${def.name}: starting${again}`);
-        let server: RunningServer | null = null;
-        t = performance.now();
-        try {
-          const port = await freePort();
-          server = await def.start(ctx, port);
-          const info = await verify(ctx, server);
-          rec.multiConn = info.multiConn;
-          rec.startS ??= Math.round(performance.now() - t) / 1000;
-          log(
-            `  ${def.name} up on port ${port} (pid ${server.pid}, ${sec(performance.now() - t)}, multi-conn ${info.multiConn ? 'yes' : 'no'})`,
-          );
-        } catch (err) {
-          const why = (err as Error).message;
-          rec.startError ??= why;
-          log(`  ${def.name} failed to start: ${why}`);
-          for (const w of session)
-            results[w.id][def.name] = { ok: false, error: `server did not start: ${why}` };
-          if (server) await server.stop();
-          currentName = null;
-          continue;
-        }
-        try {
-          for (const w of session) {
-            if (interrupted) break;
-            // A server started afresh for this workload gets one run first that is not counted:
-            // its JIT compiles for the first ~10 s (1.3 s of compiler time in a replicating
-            // primary's first 12 s, 1.4 s in 30 s), where a server kept running is warm from the
-            // workloads before.
-            if (def.freshPerWorkload && !ctx.quick) {
-              log(`  ${def.name}: warm-up run of ${w.id} (not counted)`);
-              await runWorkload(ctx, def, server!, w);
-            }
-            results[w.id][def.name] = await bestOf(opts.runs, () => runWorkload(ctx, def, server!, w));
+        const rec = records[si];
+        const passNote = opts.runs > 1 ? `, pass ${pass + 1}/${opts.runs}` : '';
+        const mine = opts.workloads.filter((w) => applies(def, w.id));
+        // A server that asks for it is started afresh for each workload (one session each).
+        const sessions = def.freshPerWorkload ? mine.map((w) => [w]) : [mine];
+        for (const [k, session] of sessions.entries()) {
+          if (interrupted) return 130;
+          currentName = def.name;
+          const again =
+            sessions.length > 1 ? ` (fresh for ${session[0].id}, ${k + 1}/${sessions.length})` : '';
+          log(`[${si + 1}/${opts.servers.length}] ${def.name}: starting${again}${passNote}`);
+          let server: RunningServer | null = null;
+          t = performance.now();
+          try {
+            const port = await freePort();
+            server = await def.start(ctx, port);
+            const info = await verify(ctx, server);
+            rec.multiConn = info.multiConn;
+            rec.startS ??= Math.round(performance.now() - t) / 1000;
+            log(
+              `  ${def.name} up on port ${port} (pid ${server.pid}, ${sec(performance.now() - t)}, multi-conn ${info.multiConn ? 'yes' : 'no'})`,
+            );
+          } catch (err) {
+            const why = (err as Error).message;
+            rec.startError ??= why;
+            log(`  ${def.name} failed to start: ${why}`);
+            for (const w of session)
+              (outcomes[w.id][def.name] ??= []).push({ ok: false, error: `server did not start: ${why}` });
+            if (server) await server.stop();
+            currentName = null;
+            continue;
           }
-        } finally {
-          log(`  ${def.name}: stopping`);
-          await server.stop();
-          currentName = null;
+          try {
+            for (const w of session) {
+              if (interrupted) break;
+              // A colo-blk server runs the first workload of its session once, not counted: its JIT
+              // compiles for the first ~10 s (1.3 s of compiler time in a replicating primary's
+              // first 12 s, 1.4 s in 30 s); the workloads after it find it warm. The peers are
+              // compiled programs.
+              if (def.role === 'subject' && w === session[0] && !ctx.quick) {
+                log(`  ${def.name}: warm-up run of ${w.id} (not counted)`);
+                await runWorkload(ctx, def, server!, w);
+              }
+              (outcomes[w.id][def.name] ??= []).push(await runWorkload(ctx, def, server!, w));
+            }
+          } finally {
+            log(`  ${def.name}: stopping`);
+            await server.stop();
+            currentName = null;
+          }
         }
       }
-    }
+
+    for (const w of opts.workloads)
+      for (const [name, list] of Object.entries(outcomes[w.id])) results[w.id][name] = bestOf(list);
 
     const scenarios: ScenarioRecord[] = [];
     for (const [i, sc] of opts.scenarios.entries()) {
