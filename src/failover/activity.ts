@@ -449,10 +449,7 @@ export class ActivityLog {
 
   /** Hot extents as byte ranges (what this node may have written that its peer lacks). */
   hotRanges(): Range[] {
-    return [...this.hot.runs()].map(([a, b]) => ({
-      offset: a * this.extentBytes,
-      length: Math.min(b * this.extentBytes, this.size) - a * this.extentBytes,
-    }));
+    return this.extentRanges(this.hot);
   }
 
   /**
@@ -460,7 +457,11 @@ export class ActivityLog {
    * incremental resync that sends the exact ranges must still compare.
    */
   unknownRanges(): Range[] {
-    return [...this.unknown.runs()].map(([a, b]) => ({
+    return this.extentRanges(this.unknown);
+  }
+
+  private extentRanges(bits: Bitmap): Range[] {
+    return [...bits.runs()].map(([a, b]) => ({
       offset: a * this.extentBytes,
       length: Math.min(b * this.extentBytes, this.size) - a * this.extentBytes,
     }));

@@ -22,6 +22,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { ColoError } from '../errors.js';
+import { ByteQueue } from '../net/bytequeue.js';
 
 /** The block device the guest keeps its log on (NbdClient, or a test's memory disk). */
 export interface GuestDisk {
@@ -171,50 +172,12 @@ export class DeltaSender {
   }
 }
 
-/** Reads a byte stream given as pieces (a body as the socket delivered it) without joining them. */
-class Pieces {
-  private i = 0;
-  private at = 0;
-  readonly length: number;
-  /** Bytes consumed so far. */
-  pos = 0;
-
-  constructor(private readonly pieces: readonly Buffer[]) {
-    this.length = deltaBytes(pieces);
-  }
-
-  /** The next `n` bytes: a view when they lie in one piece, else a copy. The caller checks `n` fits. */
-  take(n: number): Buffer {
-    while (this.i < this.pieces.length && this.at === this.pieces[this.i].length) {
-      this.i++;
-      this.at = 0;
-    }
-    this.pos += n;
-    const p = this.pieces[this.i];
-    if (p && this.at + n <= p.length) {
-      this.at += n;
-      return p.subarray(this.at - n, this.at);
-    }
-    const out = Buffer.allocUnsafe(n);
-    for (let got = 0; got < n;) {
-      const q = this.pieces[this.i];
-      const m = Math.min(n - got, q.length - this.at);
-      q.copy(out, got, this.at, this.at + m);
-      got += m;
-      this.at += m;
-      if (this.at === q.length) {
-        this.i++;
-        this.at = 0;
-      }
-    }
-    return out;
-  }
-}
-
 export function decodeDelta(body: Buffer | readonly Buffer[]): MemoryDelta {
   const bad = (why: string) => new ColoError('EPROTO', `not a guest memory checkpoint: ${why}`);
-  const b = new Pieces(Buffer.isBuffer(body) ? [body] : body);
-  const left = () => b.length - b.pos;
+  // Read from the pieces as the socket delivered them: views where a field lies in one, a copy where it is split.
+  const b = new ByteQueue();
+  for (const piece of Buffer.isBuffer(body) ? [body] : body) b.push(piece);
+  const left = () => b.length;
   if (left() < 8) throw bad('bad magic');
   const top = b.take(8);
   if (top.readUInt32LE(0) !== DELTA_MAGIC) throw bad('bad magic');
