@@ -30,6 +30,8 @@ describe('link messages', () => {
       { t: 'seal', e: 3, n: 3, b: 512 },
       { t: 'commit', e: 3, sync: { state: 'done', target: 'abc123', mode: 'full', history: [gen] } },
       { t: 'hash?', id: 1, o: 0, l: 65536, bs: 4096 },
+      { t: 'hash?', id: 2, o: 0, l: 65536, bs: 4096, alg: 'blake3' },
+      { t: 'hash?', id: 3, o: 0, l: 65536, bs: 4096, alg: 'sha256' },
     ];
     for (const m of toSecondary) expect(parseToSecondary(wire(m))).toEqual(m);
     const toPrimary = [
@@ -44,6 +46,7 @@ describe('link messages', () => {
         history: [gen],
         decision: { action: 'resync', mode: 'incremental', reason: 'r', common: gen },
         hot: [{ offset: 0, length: 1 << 20 }],
+        hashes: ['blake3', 'sha256'],
       },
       { t: 'got', n: 3 << 20 },
       { t: 'durable', e: 3 },
@@ -52,6 +55,11 @@ describe('link messages', () => {
       { t: 'error', code: 'ESTALE', message: 'promoted', e: 4 },
     ];
     for (const m of toPrimary) expect(parseToPrimary(wire(m))).toEqual(m);
+  });
+
+  it('a secondary may name digests this node does not know: they are left out', () => {
+    const m = parseToPrimary(wire({ t: 'hello', proto: 2, size: 1, hashes: ['k12', 'blake3', 'sha256'] }));
+    expect(m).toMatchObject({ t: 'hello', hashes: ['blake3', 'sha256'] });
   });
 
   it('refuses malformed messages with EPROTO, saying what is wrong', () => {
@@ -68,6 +76,13 @@ describe('link messages', () => {
         /sync.state/,
       ],
       [parseToSecondary, { t: 'hash?', id: 1, o: 0, l: 1.5, bs: 4096 }, /l is not/],
+      [
+        parseToSecondary,
+        { t: 'hash?', id: 1, o: 0, l: 4096, bs: 4096, alg: 'md5' },
+        /hash\?\.alg is not a digest this node knows \(md5\)/,
+      ],
+      [parseToPrimary, { t: 'hello', proto: 1, size: 1, hashes: 'blake3' }, /hello.hashes is not a list/],
+      [parseToPrimary, { t: 'hello', proto: 1, size: 1, hashes: [7] }, /hello.hashes is not a list/],
       [
         parseToPrimary,
         { t: 'error', code: 'EWHATEVER', message: 'm' },

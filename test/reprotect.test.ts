@@ -138,7 +138,7 @@ async function reprotect(primaryControl: { port: number }, peerPort: number) {
   return JSON.parse(r.stdout) as {
     state: string;
     decision: { action: string; mode: string; reason: string };
-    resync: { mode: string; sentBytes: number; equalBytes: number; hashBytes: number };
+    resync: { mode: string; sentBytes: number; equalBytes: number; hashBytes: number; hashAlg: string };
   };
 }
 
@@ -237,25 +237,43 @@ describe('re-protection', () => {
     await svm.close();
   });
 
-  it('a fresh secondary: full sync compares hashes and sends only differing blocks', async () => {
-    const dir = fresh();
-    pair = await startPair(dir, '32M');
-    await waitLinkUp(pair.primary);
-    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
-    await pvm.write(randomBytes(2 << 20), 0);
-    await pair.checkpoint();
-    pair.primary.child.kill('SIGKILL');
-    await pair.primary.exit;
-    await pvm.close().catch(() => {});
-    await controlCall(pair.secondary.control, 'POST', '/failover');
-    const c = await secondaryOn(dir, 'new-state', 'new.img', '32M');
-    const r = await reprotect(pair.secondary.control, Number(c.info.replicationPort));
-    expect(r.decision).toMatchObject({ action: 'resync', mode: 'full' });
-    expect(r.resync.sentBytes).toBe(2 << 20); // the rest was equal (zeroes on both)
-    expect(r.resync.equalBytes).toBe((32 << 20) - (2 << 20));
-    await checkpointOn(pair.secondary);
-    expect(await hashExport(c.nbdPort)).toBe(await hashExport(pair.secondary.nbdPort));
-  });
+  it.each([
+    ['blake3', {}],
+    ['sha256', { COLO_BLK_NO_BLAKE3: '1' }],
+  ])(
+    'a fresh secondary: full sync compares hashes and sends only differing blocks (%s: the digest both have)',
+    async (alg, env) => {
+      const dir = fresh();
+      pair = await startPair(dir, '32M');
+      await waitLinkUp(pair.primary);
+      const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+      await pvm.write(randomBytes(2 << 20), 0);
+      // Random data where the new node will have other random data: compared block by block.
+      const data = randomBytes(6 << 20);
+      await pvm.write(data, 8 << 20);
+      await pair.checkpoint();
+      pair.primary.child.kill('SIGKILL');
+      await pair.primary.exit;
+      await pvm.close().catch(() => {});
+      await controlCall(pair.secondary.control, 'POST', '/failover');
+      // The new node's image: the same 6 MiB but for one byte in each of three 64 KiB blocks.
+      const theirs = Buffer.from(data);
+      for (const at of [5, (2 << 20) + 70_000, (5 << 20) + 1]) theirs[at] ^= 0xff;
+      const img = Buffer.alloc(32 << 20);
+      theirs.copy(img, 8 << 20);
+      fs.writeFileSync(path.join(dir, 'new.img'), img);
+      // An SHA-256-only node (a build without BLAKE3) pairs all the same: the primary hashes as it can.
+      const c = await secondaryOn(dir, 'new-state', 'new.img', '32M', [], env);
+      const r = await reprotect(pair.secondary.control, Number(c.info.replicationPort));
+      expect(r.decision).toMatchObject({ action: 'resync', mode: 'full' });
+      expect(r.resync.hashAlg).toBe(alg);
+      // The 2 MiB the new node lacks, and the three differing 4 KiB blocks; the rest equal by hash.
+      expect(r.resync.sentBytes).toBe((2 << 20) + 3 * 4096);
+      expect(r.resync.equalBytes).toBe((32 << 20) - (2 << 20) - 3 * 4096);
+      await checkpointOn(pair.secondary);
+      expect(await hashExport(c.nbdPort)).toBe(await hashExport(pair.secondary.nbdPort));
+    },
+  );
 
   it('a fresh pair on sparse 64 GiB images: holes on both sides are equal without hashing', async () => {
     const dir = fresh();

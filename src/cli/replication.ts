@@ -189,6 +189,8 @@ interface ResyncView {
   sentBytes: number;
   hashBytes: number;
   equalBytes: number;
+  /** Absent from nodes before BLAKE3 (they hash with SHA-256). */
+  hashAlg?: string;
   startedAt: number;
   finishedAt: number | null;
   error: string | null;
@@ -346,7 +348,7 @@ async function reprotectDisk(opts: ReprotectOptions, report = true): Promise<voi
     `reprotect: ${opts.peer} is synchronised with generation ${s.generation} (${s.generationId})` +
       (r
         ? ` — ${r.mode} resync: sent ${formatBytes(r.sentBytes)}, ${formatBytes(r.equalBytes)} found equal by ` +
-          `${formatBytes(r.hashBytes)} of hashes, in ${(((r.finishedAt ?? Date.now()) - r.startedAt) / 1000).toFixed(1)} s`
+          `${formatBytes(r.hashBytes)} of ${r.hashAlg ?? 'sha256'} hashes, in ${(((r.finishedAt ?? Date.now()) - r.startedAt) / 1000).toFixed(1)} s`
         : ` — ${s.peerDecision?.reason ?? 'nothing to resend'}`) +
       `; checkpoints run again\n`,
   );
@@ -421,7 +423,7 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
       out.push(
         `resync        ${r.mode}, ${r.state}${r.state === 'running' ? ` ${pct}%` : ''}: ${formatBytes(r.doneBytes)} of ` +
           `${formatBytes(r.totalBytes)} checked, ${formatBytes(r.sentBytes)} sent, ${formatBytes(r.equalBytes)} equal by ` +
-          `${formatBytes(r.hashBytes)} of hashes${r.error ? `; ${r.error}` : ''}`,
+          `${formatBytes(r.hashBytes)} of ${r.hashAlg ?? 'sha256'} hashes${r.error ? `; ${r.error}` : ''}`,
       );
     }
     if (s.unprotected && (s.unprotected.exactBytes > 0 || s.peerState !== 'protected'))

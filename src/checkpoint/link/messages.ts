@@ -9,6 +9,7 @@
  */
 import { ColoError, isErrorCode, type ErrorCode } from '../../errors.js';
 import type { Range } from '../../failover/activity.js';
+import { HASH_ALGS, type HashAlg } from '../../failover/reprotect/hash-pool.js';
 import type { Decision, Generation, SyncMode } from '../../failover/history.js';
 import type { MutationRecord, SealRecord } from '../format/records.js';
 
@@ -49,6 +50,8 @@ export interface SecondaryHello {
   decision?: Decision;
   /** Regions the secondary itself may have written (an old primary's unfinished epochs): to roll back. */
   hot?: Range[];
+  /** The block digests it can hash with (absent: SHA-256 only, a secondary before BLAKE3). */
+  hashes?: HashAlg[];
 }
 
 export interface Beat {
@@ -65,6 +68,8 @@ export interface HashRequest {
   o: number;
   l: number;
   bs: number;
+  /** The digest to hash with (absent: SHA-256). */
+  alg?: HashAlg;
 }
 export interface DurableReply {
   t: 'durable';
@@ -150,6 +155,18 @@ function generations(v: unknown, what: string): Generation[] {
       ...(optBool(o, 'protected', w) ? { protected: true } : {}),
     };
   });
+}
+
+function hashAlg(v: unknown, what: string): HashAlg {
+  if (!HASH_ALGS.includes(v as HashAlg)) bad(`${what} is not a digest this node knows (${String(v)})`);
+  return v as HashAlg;
+}
+
+/** A peer's digests: the ones this node knows (a newer peer may list others). */
+function hashAlgs(v: unknown, what: string): HashAlg[] {
+  if (!Array.isArray(v) || v.length > 16 || !v.every((a) => typeof a === 'string' && a.length <= 32))
+    bad(`${what} is not a list of digest names`);
+  return (v as string[]).filter((a): a is HashAlg => HASH_ALGS.includes(a as HashAlg));
 }
 
 function ranges(v: unknown, what: string): Range[] {
@@ -248,6 +265,7 @@ export function parseToSecondary(meta: unknown): ToSecondary {
         o: uint(m, 'o', 'hash?'),
         l: uint(m, 'l', 'hash?'),
         bs: uint(m, 'bs', 'hash?'),
+        alg: m.alg === undefined || m.alg === null ? undefined : hashAlg(m.alg, 'hash?.alg'),
       };
     default:
       return bad(`unknown message type '${String(m.t)}' from the primary`);
@@ -269,6 +287,7 @@ export function parseToPrimary(meta: unknown): ToPrimary {
         history: m.history === undefined ? undefined : generations(m.history, 'hello.history'),
         decision: m.decision === undefined ? undefined : decision(m.decision),
         hot: m.hot === undefined ? undefined : ranges(m.hot, 'hello.hot'),
+        hashes: m.hashes === undefined ? undefined : hashAlgs(m.hashes, 'hello.hashes'),
       };
     case 'beat':
       return { t: 'beat' };

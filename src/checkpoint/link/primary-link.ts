@@ -21,6 +21,7 @@ import { SlabPool } from './slabs.js';
 import { EventEmitter } from 'node:events';
 import { ColoError } from '../../errors.js';
 import type { Generation } from '../../failover/history.js';
+import type { HashAlg } from '../../failover/reprotect/hash-pool.js';
 import { defaultTunables } from '../../limits.js';
 import { realClock, type Clock, type TimerHandle } from '../../sys/clock.js';
 import { tcpNet, type Conn, type Net } from '../../sys/net.js';
@@ -133,6 +134,8 @@ export class PrimaryLink extends EventEmitter {
    */
   private parkedHashes: { at: number; frame: HashRequest }[] = [];
   private nextHashId = 1;
+  /** The block digests the connected secondary said it hashes with (its hello). */
+  peerHashAlgs: readonly HashAlg[] = ['sha256'];
 
   private readonly clock: Clock;
   private readonly net: Net;
@@ -345,6 +348,7 @@ export class PrimaryLink extends EventEmitter {
           if (full && !this.windowFull()) this.pump();
           return;
         }
+        if (msg.t === 'hello' && this.conn === conn) this.peerHashAlgs = msg.hashes ?? ['sha256'];
         if (msg.t === 'hash') {
           const w = this.hashWaiters.get(msg.id);
           this.hashWaiters.delete(msg.id);
@@ -621,12 +625,14 @@ export class PrimaryLink extends EventEmitter {
    * Hashes of the secondary's disk (as of this point in the stream) for
    * [offset, offset+length) in blocks of `block` bytes.
    */
-  requestHashes(offset: number, length: number, block: number): Promise<Buffer> {
+  requestHashes(offset: number, length: number, block: number, alg: HashAlg = 'sha256'): Promise<Buffer> {
     if (!this.core.connected || !this.socket)
       return Promise.reject(new ColoError('ECONNECT', 'the secondary is not connected'));
     const id = this.nextHashId++;
     const p = new Promise<Buffer>((resolve, reject) => this.hashWaiters.set(id, { resolve, reject }));
     const frame: HashRequest = { t: 'hash?', id, o: offset, l: length, bs: block };
+    // SHA-256 goes unnamed: what a secondary from before BLAKE3 hashes with.
+    if (alg !== 'sha256') frame.alg = alg;
     // The secondary hashes its disk as of this point of the stream, so the request must follow
     // every record logged before it; while some of those are unsent (the socket pushed back,
     // or a resend is under way), it waits for them instead of overtaking them.

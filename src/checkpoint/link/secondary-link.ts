@@ -189,6 +189,7 @@ export class SecondaryLink extends EventEmitter {
           history: [...(this.store.history?.generations ?? [])],
           decision: a.decision,
           hot: a.decision.action === 'resync' ? (this.store.activity?.hotRanges() ?? []) : [],
+          hashes: [...this.store.hashAlgs],
         });
         return;
       }
@@ -319,7 +320,7 @@ export class SecondaryLink extends EventEmitter {
   /** Hashes of the PVM's disk as held here, at this point of the stream (frames are handled in order). */
   private async hashes(socket: Conn, meta: HashRequest): Promise<void> {
     try {
-      const h = await this.store.pvmHashes(meta.o, meta.l, meta.bs);
+      const h = await this.store.pvmHashes(meta.o, meta.l, meta.bs, meta.alg ?? 'sha256');
       if (!socket.destroyed) socket.write(encodeFrameBuffer({ t: 'hash', id: meta.id }, h));
     } catch (err) {
       const e = toColoError(err);

@@ -14,6 +14,7 @@
  * reason; no data is lost: epoch N stays in the log and is resent.
  */
 import { deviceZeroRanges } from '../../failover/reprotect/hash.js';
+import { commonHashAlg } from '../../failover/reprotect/hash-pool.js';
 import { ColoError } from '../../errors.js';
 import { GiB, tunables, type Tunables } from '../../limits.js';
 import type { BlockDevice } from '../../block/device.js';
@@ -302,11 +303,12 @@ export class PrimaryReplica {
         readLocal: (buf, off) => this.device.local.pread(buf, off),
         zeroLocal: (off, len) => deviceZeroRanges(this.device.local, off, len),
         sendRange: (off, len) => this.device.resyncRange(off, len),
-        requestHashes: (off, len, bs) => this.link.requestHashes(off, len, bs),
+        requestHashes: (off, len, bs, alg) => this.link.requestHashes(off, len, bs, alg),
         checkpoint: (state) => this.syncCheckpoint(state, mode),
         commitBytes: this.tunables.resyncCommitBytes,
         now: () => this.clock.now(),
         hashing: this.env.hashing,
+        hashAlg: commonHashAlg(this.env.hashing.algs, this.link.peerHashAlgs),
       },
       plan,
     );
@@ -321,7 +323,7 @@ export class PrimaryReplica {
       this.dirtyRestart = false;
       this.opts.logger.info(
         `resync done in ${((p.finishedAt! - p.startedAt) / 1000).toFixed(1)} s: sent ${p.sentBytes} bytes, ` +
-          `${p.equalBytes} bytes found equal by ${p.hashBytes} bytes of hashes`,
+          `${p.equalBytes} bytes found equal by ${p.hashBytes} bytes of ${p.hashAlg} hashes`,
       );
     } catch (err) {
       this.lastResync = resync.progress;

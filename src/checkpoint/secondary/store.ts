@@ -32,7 +32,7 @@ import type { BlockDevice } from '../../block/device.js';
 import { realClock, realRandom, type Clock, type Random } from '../../sys/clock.js';
 import { crashPoint } from '../../crash.js';
 import { mergeRanges, subtractRanges, type ActivityLog, type Range } from '../../failover/activity.js';
-import type { HashPool } from '../../failover/reprotect/hash-pool.js';
+import { hashPool, type HashAlg, type HashPool } from '../../failover/reprotect/hash-pool.js';
 import {
   blockHashes,
   deviceZeroRanges,
@@ -678,11 +678,16 @@ export class SecondaryStore {
     return { dropped, overlay };
   }
 
+  /** The block digests this node hashes with (told to the primary in the hello). */
+  get hashAlgs(): readonly HashAlg[] {
+    return (this.opts.hashing ?? hashPool).algs;
+  }
+
   /**
    * Hashes of the PVM's disk as this node holds it at this point of the
    * stream: image, then every epoch received (committed or not), newest last.
    */
-  async pvmHashes(offset: number, length: number, block: number): Promise<Buffer> {
+  async pvmHashes(offset: number, length: number, block: number, alg: HashAlg = 'sha256'): Promise<Buffer> {
     if (!Number.isSafeInteger(block) || block < MIN_HASH_BLOCK || Math.ceil(length / block) > MAX_HASH_BLOCKS)
       throw new ColoError(
         'EINVAL',
@@ -697,14 +702,11 @@ export class SecondaryStore {
     // The layers are looked up again for every chunk read: between two chunks the background apply
     // may finish an epoch and close its journal (its data is in the image by then).
     const layers = () => [...this.epochs.values()].sort((a, b) => b.epoch - a.epoch).map((e) => e.layer);
-    return blockHashes(
-      (buf, off) => readLayers(layers(), this.image, buf, off),
-      offset,
-      length,
-      block,
-      (off, len) => this.pvmZeroRanges(off, len),
-      this.opts.hashing,
-    );
+    return blockHashes((buf, off) => readLayers(layers(), this.image, buf, off), offset, length, block, {
+      zeroes: (off, len) => this.pvmZeroRanges(off, len),
+      pool: this.opts.hashing,
+      alg,
+    });
   }
 
   /**

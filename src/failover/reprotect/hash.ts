@@ -1,9 +1,10 @@
 /**
  * Block hashes for resynchronisation: both sides hash the same ranges in
- * fixed-size blocks, and only blocks whose hashes differ are sent. SHA-256,
- * truncated to 16 bytes per block: a comparison of disk contents that a
- * guest cannot steer (a guest that could craft a collision could make two
- * different blocks compare equal, and the replicas differ for good).
+ * fixed-size blocks, and only blocks whose hashes differ are sent. BLAKE3 or
+ * SHA-256 (hash-pool.ts, HashAlg), truncated to 16 bytes per block: a
+ * comparison of disk contents that a guest cannot steer (a guest that could
+ * craft a collision could make two different blocks compare equal, and the
+ * replicas differ for good).
  *
  * A block that reads as zeroes hashes to ZERO_MARK (16 zero bytes) instead,
  * on both sides. So a block inside a hole (SEEK_HOLE, or an extent the device
@@ -11,10 +12,10 @@
  * compare at the speed of their extent maps, and a block of any size works,
  * which lets the resync ask for one hash of a whole gigabyte of hole.
  */
-import { createHash } from 'node:crypto';
+import { ColoError } from '../../errors.js';
 import { ExtentFlag, type BlockDevice } from '../../block/device.js';
 import type { Range } from '../activity.js';
-import { hashPool, isZero, type HashPool } from './hash-pool.js';
+import { hasher, hashPool, isZero, PIECE, type HashAlg, type HashPool } from './hash-pool.js';
 
 export const HASH_BYTES = 16;
 /** First-level block (whole-disk comparison); differing blocks are compared again in sub-blocks. */
@@ -30,9 +31,6 @@ export type RangeReader = (buf: Buffer, offset: number) => Promise<void>;
 /** Ranges within [offset, offset+length) known to read as zeroes, sorted, without reading them. */
 export type ZeroRanges = (offset: number, length: number) => Promise<Range[]>;
 
-/** Bytes read per piece, whatever the block size. */
-const PIECE = 1024 * 1024;
-
 /**
  * Whether [offset, offset+length) lies inside one of the sorted, merged
  * ranges; asked with offsets that never go back, so it walks them once.
@@ -46,6 +44,15 @@ function coverage(ranges: Range[]): (offset: number, length: number) => boolean 
   };
 }
 
+export interface BlockHashOptions {
+  /** Ranges known to read as zeroes (not read: their blocks are ZERO_MARK or hash as zeroes). */
+  zeroes?: ZeroRanges;
+  /** The threads that hash (the process's pool by default). */
+  pool?: HashPool;
+  /** The digest (SHA-256 by default). */
+  alg?: HashAlg;
+}
+
 /**
  * Hashes of [offset, offset+length) in blocks of `block` bytes (the last one
  * may be short). Pieces are read one after another while the pool hashes the
@@ -56,14 +63,18 @@ export async function blockHashes(
   offset: number,
   length: number,
   block: number,
-  zeroes?: ZeroRanges,
-  pool: HashPool = hashPool,
+  opts: BlockHashOptions = {},
 ): Promise<Buffer> {
+  const { zeroes, pool = hashPool, alg = 'sha256' } = opts;
   const n = Math.ceil(length / block);
   const out = Buffer.allocUnsafe(n * HASH_BYTES);
   const covered = coverage(zeroes && length > 0 ? await zeroes(offset, length) : []);
-  const pieceBytes = Math.min(PIECE, Math.max(block, 1), Math.max(length, 1));
-  // Blocks of up to a piece are read several at a time; larger ones piece by piece.
+  // Blocks of up to a piece are read several at a time (as many whole blocks as a piece holds, so
+  // the pool gets jobs worth a thread's hop); larger ones piece by piece.
+  const pieceBytes =
+    block >= PIECE
+      ? Math.min(PIECE, Math.max(length, 1))
+      : Math.max(block, Math.floor(Math.min(PIECE, length) / block) * block);
   const perRead = Math.max(1, Math.floor(pieceBytes / block));
   // Pieces being hashed; their buffers come back to `free`.
   const depth = pool.depth;
@@ -75,7 +86,7 @@ export async function blockHashes(
     while (free.length === 0) {
       if (buffers < depth) {
         buffers++;
-        return new ArrayBuffer(pieceBytes);
+        return pool.buffer();
       }
       await Promise.race(inflight);
       if (failure) throw failure;
@@ -104,7 +115,7 @@ export async function blockHashes(
         const ab = await takeBuffer();
         await read(Buffer.from(ab, 0, runLen), start);
         const at = i * HASH_BYTES;
-        const job = pool.hash(ab, runLen, block, HASH_BYTES).then(
+        const job = pool.hash(ab, runLen, block, HASH_BYTES, alg).then(
           (r) => {
             r.hashes.copy(out, at);
             free.push(r.buffer);
@@ -120,7 +131,8 @@ export async function blockHashes(
       }
       // A block larger than a piece: hash it piece by piece, here.
       const buf = Buffer.allocUnsafe(pieceBytes);
-      const h = createHash('sha256');
+      if (!pool.algs.includes(alg)) throw new ColoError('ENOTSUP', `this node does not hash with ${alg}`);
+      const h = hasher(alg);
       let zero = true;
       for (let at = 0; at < len; at += buf.length) {
         const view = buf.subarray(0, Math.min(buf.length, len - at));
@@ -136,6 +148,7 @@ export async function blockHashes(
   } finally {
     // Never leave a job behind (its buffer and its error), even when a read failed.
     await Promise.all(inflight);
+    for (const ab of free) pool.recycle(ab);
   }
   if (failure) throw failure;
   return out;

@@ -33,7 +33,7 @@ import {
   type RangeReader,
   type ZeroRanges,
 } from './hash.js';
-import type { HashPool } from './hash-pool.js';
+import type { HashAlg, HashPool } from './hash-pool.js';
 import type { SyncMode } from '../history.js';
 
 export interface ResyncHost {
@@ -43,8 +43,8 @@ export interface ResyncHost {
   zeroLocal?: ZeroRanges;
   /** Log the range's current contents (a write record the secondary applies). */
   sendRange(offset: number, length: number): Promise<void>;
-  /** The secondary's hashes of a range, as of this point of the stream. */
-  requestHashes(offset: number, length: number, block: number): Promise<Buffer>;
+  /** The secondary's hashes of a range, as of this point of the stream, with digest `alg`. */
+  requestHashes(offset: number, length: number, block: number, alg: HashAlg): Promise<Buffer>;
   /** Seal, wait durable, commit with a sync mark. */
   checkpoint(state: 'partial' | 'done'): Promise<void>;
   /** Commit (with a 'partial' mark) every so many bytes sent. */
@@ -53,6 +53,8 @@ export interface ResyncHost {
   now(): number;
   /** Threads for block hashing (the process's pool by default). */
   hashing?: HashPool;
+  /** The digest both sides hash with (one both have; SHA-256 if not given). */
+  hashAlg?: HashAlg;
 }
 
 export interface ResyncPlan {
@@ -75,6 +77,8 @@ export interface ResyncProgress {
   hashBytes: number;
   /** Bytes found equal by hash (not sent). */
   equalBytes: number;
+  /** The block digest both sides hash with. */
+  hashAlg: HashAlg;
   checkpoints: number;
   error: string | null;
 }
@@ -120,6 +124,7 @@ export class Resync {
       sentBytes: 0,
       hashBytes: 0,
       equalBytes: 0,
+      hashAlg: host.hashAlg ?? 'sha256',
       checkpoints: 0,
       error: null,
     };
@@ -173,43 +178,45 @@ export class Resync {
   }
 
   /**
-   * Compare ranges, pipelined: hash requests run ahead of the local hashing.
-   * Where the local disk has a hole of at least a chunk, the whole hole is one
+   * Compare ranges, pipelined: each chunk's hashes are asked of the secondary
+   * and computed here at once, several chunks ahead of the comparison. Where
+   * the local disk has a hole of at least a chunk, the whole hole is one
    * block (one hash each side, nothing read where the other side has a hole
    * too); a hole that turns out to differ is compared again block by block.
+   *
+   * The local hashes may be computed before or after the secondary's point in
+   * the stream: either way a write to the chunk that lands in between makes
+   * the hashes differ and the block is sent (read as it is then), and every
+   * write after that point reaches the secondary in the stream. Equal hashes
+   * are never wrong, a few sends may be spare.
    */
   private async compareAll(): Promise<void> {
     const redo: Range[] = [];
-    await this.pipeline(this.plan.compare, true, async (c, remote) => {
-      if (c.block === HASH_BLOCK) return this.compareChunk(c, remote);
-      const local = await blockHashes(
-        this.host.readLocal,
-        c.offset,
-        c.length,
-        c.block,
-        this.host.zeroLocal,
-        this.host.hashing,
-      );
+    await this.pipeline(this.plan.compare, true, async (c, remote, local) => {
+      if (c.block === HASH_BLOCK) return this.compareChunk(c, remote, local);
       if (local.equals(remote)) this.progress.equalBytes += c.length;
       else redo.push({ offset: c.offset, length: c.length });
     });
-    if (redo.length > 0) await this.pipeline(redo, false, (c, remote) => this.compareChunk(c, remote));
+    if (redo.length > 0)
+      await this.pipeline(redo, false, (c, remote, local) => this.compareChunk(c, remote, local));
   }
 
   private async pipeline(
     ranges: Range[],
     count: boolean,
-    each: (c: Chunk, remote: Buffer) => Promise<void>,
+    each: (c: Chunk, remote: Buffer, local: Buffer) => Promise<void>,
   ): Promise<void> {
-    const inflight: { c: Chunk; p: Promise<Buffer> }[] = [];
+    const inflight: { c: Chunk; p: Promise<Buffer>; local: Promise<Buffer> }[] = [];
     const request = (c: Chunk) => {
-      const p = this.host.requestHashes(c.offset, c.length, c.block).then((h) => {
+      const p = this.remoteHashes(c.offset, c.length, c.block).then((h) => {
         this.progress.hashBytes += h.length;
         return h;
       });
-      // A rejected request is awaited (and rethrown) in order.
+      const local = this.localHashes(c.offset, c.length, c.block);
+      // A rejected request or hashing is awaited (and rethrown) in order.
       p.catch(() => {});
-      inflight.push({ c, p });
+      local.catch(() => {});
+      inflight.push({ c, p, local });
     };
     const plan = this.chunks(ranges, count ? this.host.zeroLocal : undefined);
     let next = await plan.next();
@@ -223,7 +230,7 @@ export class Resync {
       if (!head) return;
       this.check();
       const remote = await head.p;
-      await each(head.c, remote);
+      await each(head.c, remote, await head.local);
       if (count) this.progress.doneBytes += head.c.length;
     }
   }
@@ -264,15 +271,21 @@ export class Resync {
     }
   }
 
-  private async compareChunk(c: Range, remote: Buffer): Promise<void> {
-    const local = await blockHashes(
-      this.host.readLocal,
-      c.offset,
-      c.length,
-      HASH_BLOCK,
-      this.host.zeroLocal,
-      this.host.hashing,
-    );
+  /** This side's hashes of a range. */
+  private localHashes(offset: number, length: number, block: number): Promise<Buffer> {
+    return blockHashes(this.host.readLocal, offset, length, block, {
+      zeroes: this.host.zeroLocal,
+      pool: this.host.hashing,
+      alg: this.progress.hashAlg,
+    });
+  }
+
+  /** The secondary's hashes of a range, with the same digest. */
+  private remoteHashes(offset: number, length: number, block: number): Promise<Buffer> {
+    return this.host.requestHashes(offset, length, block, this.progress.hashAlg);
+  }
+
+  private async compareChunk(c: Range, remote: Buffer, local: Buffer): Promise<void> {
     if (local.length !== remote.length)
       throw new ColoError(
         'EPROTO',
@@ -297,8 +310,8 @@ export class Resync {
         continue;
       }
       const [l2, r2] = await Promise.all([
-        blockHashes(this.host.readLocal, off, len, HASH_SUBBLOCK, this.host.zeroLocal, this.host.hashing),
-        this.host.requestHashes(off, len, HASH_SUBBLOCK),
+        this.localHashes(off, len, HASH_SUBBLOCK),
+        this.remoteHashes(off, len, HASH_SUBBLOCK),
       ]);
       this.progress.hashBytes += r2.length;
       const runs: Range[] = [];
