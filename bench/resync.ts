@@ -16,6 +16,7 @@ import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { controlCall } from '../src/checkpoint/control.js';
+import { hashInline, localHashAlgs, type HashAlg } from '../src/failover/reprotect/hash-pool.js';
 import { NbdClient } from '../src/net/client.js';
 import { fillRandom } from './image.js';
 import {
@@ -542,8 +543,8 @@ interface FullSample {
 interface HashLimits {
   /** A plain sequential read of the image (1 MiB reads), bytes per second. */
   readBps: number;
-  /** SHA-256 of 64 KiB blocks on one thread, bytes per second. */
-  sha256Bps: number;
+  /** Each digest of 64 KiB blocks on one thread (as the resync hashes them), bytes per second. */
+  digestBps: Record<HashAlg, number>;
 }
 
 function measureLimits(image: string): HashLimits {
@@ -557,14 +558,17 @@ function measureLimits(image: string): HashLimits {
     fs.closeSync(fd);
   }
   const readBps = bytes / ((performance.now() - t) / 1000);
-  const block = buf.subarray(0, 64 * KiB);
-  let hashed = 0;
-  t = performance.now();
-  while (performance.now() - t < 300) {
-    for (let i = 0; i < 64; i++) createHash('sha256').update(block).digest();
-    hashed += 64 * block.length;
+  const digestBps = { sha256: 0, blake3: 0 };
+  for (const alg of localHashAlgs) {
+    let hashed = 0;
+    t = performance.now();
+    while (performance.now() - t < 300) {
+      hashInline(buf, 64 * KiB, 16, alg);
+      hashed += buf.length;
+    }
+    digestBps[alg] = hashed / ((performance.now() - t) / 1000);
   }
-  return { readBps, sha256Bps: hashed / ((performance.now() - t) / 1000) };
+  return { readBps, digestBps };
 }
 
 async function fullRound(ctx: BenchContext): Promise<FullSample> {
@@ -799,7 +803,9 @@ function resyncReport(inc: IncrementalSample[], full: FullSample): ScenarioRepor
   });
   // The issue's: data is hashed at no less than the disk's read rate, using every core.
   const hashBps = full.size / (full.resyncMs / 1000);
-  const hashLimitBps = (full.limits.sha256Bps * os.availableParallelism()) / 2;
+  const alg: HashAlg = full.resync.hashAlg ?? 'sha256';
+  const digestName = alg === 'blake3' ? 'BLAKE3' : 'SHA-256';
+  const hashLimitBps = (full.limits.digestBps[alg] * os.availableParallelism()) / 2;
   targets.push({
     what: `full sync of two identical ${sizeName(full.size)} disks: hashing rate ÷ a plain read of the image`,
     target: '≥ 1×',
@@ -829,12 +835,16 @@ function resyncReport(inc: IncrementalSample[], full: FullSample): ScenarioRepor
   }
   notes.push(
     `Full sync: decision ${decisionText(full.decision)}; ${fmtBytes(full.resync.equalBytes)} found equal. Hashing rate = ` +
-      'bytes compared ÷ resync time; both sides hash (SHA-256, 16 B kept per 64 KiB block) at the same time, ' +
+      `bytes compared ÷ resync time; both sides hash (${digestName}, 16 B kept per 64 KiB block) at the same time, ` +
       `on this machine’s ${os.availableParallelism()} cores, shared with other work. The first sync of every new ` +
       'pair is the same comparison run by a plain primary (a pair on sparse images compares zeroes, which reads ' +
       'faster). The limits, measured in the benchmark process: a plain read of the image (1 MiB reads) ' +
-      `runs at ${fmtBps(full.limits.readBps)}, SHA-256 of 64 KiB blocks at ` +
-      `${fmtBps(full.limits.sha256Bps)} on one core; with both sides on this ` +
+      `runs at ${fmtBps(full.limits.readBps)}, ${digestName} of 64 KiB blocks at ` +
+      `${fmtBps(full.limits.digestBps[alg])} on one core` +
+      (alg === 'blake3'
+        ? ` (SHA-256, which a node without BLAKE3 uses, ${fmtBps(full.limits.digestBps.sha256)})`
+        : '') +
+      `; with both sides on this ` +
       `machine’s ${os.availableParallelism()} cores, each hashing every byte, comparing cannot go faster than ` +
       `${fmtBps(hashLimitBps)} (the resync reached ${Math.round((100 * hashBps) / hashLimitBps)} % of it); ` +
       'on two hosts, each side hashes on all of its own cores.' +
