@@ -7,6 +7,7 @@ import { FileDevice } from '../src/block/file.js';
 import { encodeFrame } from '../src/checkpoint/format/frame.js';
 import type { MutationRecord } from '../src/checkpoint/format/records.js';
 import { SecondaryStore } from '../src/checkpoint/secondary/store.js';
+import { blockHashes } from '../src/failover/reprotect/hash.js';
 import { deviceSuite } from './device-suite.js';
 import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
 import { nodeStorage } from '../src/sys/storage.js';
@@ -152,6 +153,65 @@ describe('SecondaryStore', () => {
       await s.store.commit(1);
       const img = await appliedImage(s);
       expect(img.equals(model), `seed ${seed}`).toBe(true);
+      await closeStore(s);
+    }
+  });
+
+  it('reads through thousands of small layer extents exactly, while an apply rewrites the image under them', async () => {
+    for (const seed of [4, 5]) {
+      const s = await openStore();
+      const rand = prng(seed);
+      // The image holds data of its own; epoch 1 (to be committed and applied) and epoch 2
+      // (received, not committed) scatter small writes over it; the SVM writes a few of its own.
+      const image = randomBytes(SIZE, rand);
+      await s.dev.pwrite(image, 0);
+      const pvm = Buffer.from(image);
+      let seq = 0;
+      let svm: Buffer | null = null;
+      for (const e of [1, 2]) {
+        let records = 0;
+        let bytes = 0;
+        for (let i = 0; i < 1500; i++) {
+          const l = 512 * (1 + (rand() % 16));
+          const o = (rand() % ((SIZE - l) / 512)) * 512;
+          const data = randomBytes(l, rand);
+          feed(s.store, { t: 'w', e, s: ++seq, o }, data);
+          data.copy(pvm, o);
+          records++;
+          bytes += l;
+        }
+        await s.store.seal({ t: 'seal', e, n: records, b: bytes });
+        // What the SVM sees: committed epochs only.
+        if (e === 1) svm = Buffer.from(pvm);
+      }
+      // Epoch 1 committed: its apply now writes the image in the background, under the reads below.
+      await s.store.commit(1);
+      for (let i = 0; i < 40; i++) {
+        const data = randomBytes(4096, rand);
+        const o = (rand() % (SIZE / 4096)) * 4096;
+        await s.store.svmDevice.pwrite(data, o);
+        data.copy(svm!, o);
+      }
+      const reads: Promise<void>[] = [];
+      for (let i = 0; i < 60; i++) {
+        const len = 1 + (rand() % (3 << 20));
+        const off = rand() % (SIZE - len);
+        reads.push(
+          readSvm(s.store, off, len).then((got) => {
+            expect(got.equals(svm!.subarray(off, off + len)), `seed ${seed} read ${off}+${len}`).toBe(true);
+          }),
+        );
+      }
+      await Promise.all(reads);
+      // The PVM's disk as the resync hashes it (no overlay): equal block for block.
+      const hashes = await s.store.pvmHashes(0, SIZE, 65536);
+      const ref = await blockHashes(
+        async (buf, off) => void pvm.copy(buf, 0, off, off + buf.length),
+        0,
+        SIZE,
+        65536,
+      );
+      expect(hashes.equals(ref)).toBe(true);
       await closeStore(s);
     }
   });
