@@ -8,6 +8,7 @@
 import { EventEmitter } from 'node:events';
 import { toColoError, type ErrorCode } from '../../errors.js';
 import type { Decision } from '../../failover/history.js';
+import type { Range } from '../../failover/activity.js';
 import { realClock, type Clock, type TimerHandle } from '../../sys/clock.js';
 import { tcpNet, type Conn, type Listener, type Net } from '../../sys/net.js';
 import { encodeFrameBuffer, FrameError } from '../format/frame.js';
@@ -47,10 +48,15 @@ export interface SecondaryLinkOptions {
  * (secondary/core.ts). Events: 'primary-lost', 'primary-connected', and
  * 'promote' (the core's automatic failover).
  */
+/** Hash requests a connection may have running at once (SecondaryLink.onData). */
+const MAX_PARALLEL_HASHES = 8;
+
 export class SecondaryLink extends EventEmitter {
   readonly core: SecondaryCore;
   private server: Listener | null = null;
   private sockets = new Map<number, { socket: Conn; reader: FrameReader<ToSecondary> }>();
+  /** Hash requests running, per connection, and the range each reads (onData). */
+  private hashing = new Map<number, Map<Promise<void>, Range>>();
   private nextConn = 1;
   bytesReceived = 0;
   records = 0;
@@ -279,12 +285,20 @@ export class SecondaryLink extends EventEmitter {
     socket.on('close', () => {
       reader.stop();
       this.sockets.delete(conn);
+      this.hashing.delete(conn);
       this.dispatch({ t: 'closed', now: now(), conn, error });
     });
     this.dispatch({ t: 'accepted', now: now(), conn, peer: `${socket.remoteAddress}:${socket.remotePort}` });
   }
 
-  /** A frame of the stream: stored in order; the answer goes out only once it is true. */
+  /**
+   * A frame of the stream: stored in order; the answer goes out only once it is true.
+   *
+   * Hash requests run at once (up to MAX_PARALLEL_HASHES): a resync's closer look at a chunk's
+   * few differing blocks otherwise waited behind the 4 MiB chunks it had asked for ahead, 3 ms a
+   * look. A later mutation waits for those whose range it overlaps (it would change what they
+   * read; one elsewhere cannot), any other frame for all of them.
+   */
   private onData(
     conn: number,
     socket: Conn,
@@ -292,6 +306,26 @@ export class SecondaryLink extends EventEmitter {
     frame: Buffer[],
     data: Buffer[],
   ): void | Promise<void> {
+    let running = this.hashing.get(conn);
+    if (meta.t === 'hash?') {
+      if (!running) this.hashing.set(conn, (running = new Map()));
+      const all = running;
+      const p: Promise<void> = this.hashes(socket, meta).finally(() => all.delete(p));
+      all.set(p, { offset: meta.o, length: meta.l });
+      return all.size >= MAX_PARALLEL_HASHES ? p : undefined;
+    }
+    if (running?.size) {
+      let waits = [...running.keys()];
+      if (isMutation(meta)) {
+        const start = meta.o;
+        const end = start + (meta.t === 'w' ? data.reduce((a, p) => a + p.length, 0) : meta.l);
+        waits = waits.filter((p) => {
+          const r = running.get(p)!;
+          return r.offset < end && start < r.offset + r.length;
+        });
+      }
+      if (waits.length) return Promise.all(waits).then(() => this.onData(conn, socket, meta, frame, data));
+    }
     const drop = () => this.apply({ t: 'close', conn, reason: 'store error', graceful: true });
     if (isMutation(meta)) {
       let dataLength = 0;
@@ -312,12 +346,10 @@ export class SecondaryLink extends EventEmitter {
     if (meta.t === 'seal')
       // A seal that fails leaves the epoch to be resent whole (the store rewound it): drop the link.
       return this.reply(socket, meta, () => this.store.seal(meta), 'durable', drop);
-    if (meta.t === 'commit')
-      return this.reply(socket, meta, () => this.store.commit(meta.e, meta.sync), 'committed');
-    return this.hashes(socket, meta);
+    return this.reply(socket, meta, () => this.store.commit(meta.e, meta.sync), 'committed');
   }
 
-  /** Hashes of the PVM's disk as held here, at this point of the stream (frames are handled in order). */
+  /** Hashes of the PVM's disk as held here, at this point of the stream (onData holds back any later frame but hash requests). */
   private async hashes(socket: Conn, meta: HashRequest): Promise<void> {
     try {
       const h = await this.store.pvmHashes(meta.o, meta.l, meta.bs, meta.alg ?? 'sha256');
