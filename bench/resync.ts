@@ -573,6 +573,22 @@ function measureLimits(image: string): HashLimits {
   return { readBps, digestBps };
 }
 
+/** A new pair in `dir` whose two images hold the same random data (every block is data, none a hole). */
+function identicalPair(ctx: BenchContext, dir: string, pin?: { primary: string; secondary: string }) {
+  const size = diskSize(ctx);
+  return startPair(ctx, {
+    dir,
+    primaryImage: path.join(dir, 'pvm.img'),
+    size,
+    exportName: ctx.exportName,
+    prepare: (d) => {
+      fillRandom(path.join(d, 'pvm.img'), size);
+      fs.copyFileSync(path.join(d, 'pvm.img'), path.join(d, 'svm.img'));
+    },
+    pin,
+  });
+}
+
 /** CPUs for a pair measured as if on two hosts: the primary on one, the secondary on another. */
 const PIN = { primary: '0', secondary: '1' };
 
@@ -582,19 +598,8 @@ const PIN = { primary: '0', secondary: '1' };
  */
 async function pinnedFirstSync(ctx: BenchContext): Promise<{ resync: Status; ms: number } | null> {
   if (os.availableParallelism() < 2) return null;
-  const size = diskSize(ctx);
   const dir = path.join(ctx.workDir, 'resync-full-pinned');
-  const pair = await startPair(ctx, {
-    dir,
-    primaryImage: path.join(dir, 'pvm.img'),
-    size,
-    exportName: ctx.exportName,
-    prepare: (d) => {
-      fillRandom(path.join(d, 'pvm.img'), size);
-      fs.copyFileSync(path.join(d, 'pvm.img'), path.join(d, 'svm.img'));
-    },
-    pin: PIN,
-  });
+  const pair = await identicalPair(ctx, dir, PIN);
   try {
     const r = pair.initialSync.resync;
     const ms = r.finishedAt - r.startedAt;
@@ -613,17 +618,7 @@ async function fullRound(ctx: BenchContext): Promise<FullSample> {
   const size = diskSize(ctx);
   const dir = path.join(ctx.workDir, 'resync-full');
   let t = performance.now();
-  const pair = await startPair(ctx, {
-    dir,
-    primaryImage: path.join(dir, 'pvm.img'),
-    size,
-    exportName: ctx.exportName,
-    // Both images hold the same random data: every block is data, none is a hole.
-    prepare: (d) => {
-      fillRandom(path.join(d, 'pvm.img'), size);
-      fs.copyFileSync(path.join(d, 'pvm.img'), path.join(d, 'svm.img'));
-    },
-  });
+  const pair = await identicalPair(ctx, dir);
   let fresh: NodeHandle | null = null;
   try {
     const limits = measureLimits(path.join(dir, 'pvm.img'));

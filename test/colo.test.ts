@@ -8,7 +8,7 @@ import { CLI, killAll, rmDir, run, tmpDir } from './helpers.js';
 import { HttpConn } from '../tools/loop/http-conn.js';
 import path from 'node:path';
 import { startColoStack, startGuest, type ColoStack } from './colo-helpers.js';
-import { hashExport, startNode } from './replication-helpers.js';
+import { hashExport, secondaryArgs, startNode } from './replication-helpers.js';
 
 const dirs: string[] = [];
 const stacks: ColoStack[] = [];
@@ -198,20 +198,10 @@ describe('colo-blk colo (processes)', () => {
 
     // Re-protection: a fresh secondary disk node and SVM guest, paired with one command.
     const dir = dirs.at(-1)!;
-    const sec2 = await startNode('secondary', [
-      '--listen',
-      '127.0.0.1:0',
-      '--export',
-      `disk0=${path.join(dir, 'svm2.img')},size=256M`,
-      '--state',
-      path.join(dir, 'svm2-state'),
-      '--replication-listen',
-      '127.0.0.1:0',
-      '--control',
-      '127.0.0.1:0',
-      '--failover',
-      'manual',
-    ]);
+    const sec2 = await startNode(
+      'secondary',
+      secondaryArgs(path.join(dir, 'svm2.img'), '256M', path.join(dir, 'svm2-state')),
+    );
     // The same guest as the PVM (same seed and nondeterminism: the same VM).
     const svm2 = await startGuest(sec2.nbdPort, ['--nondeterminism', '0.02']);
     const rp = await run(process.execPath, [

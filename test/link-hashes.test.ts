@@ -9,7 +9,7 @@ import { decodeFrame, encodeFrameBuffer, peekFrameBytes } from '../src/checkpoin
 import { FRAME_HEADER_BYTES } from '../src/checkpoint/format/frame.js';
 import { killAll, rmDir, tmpDir } from './helpers.js';
 import { RawConn } from './raw-nbd.js';
-import { startNode, type NodeProc } from './replication-helpers.js';
+import { secondaryArgs, startNode, type NodeProc } from './replication-helpers.js';
 
 const dirs: string[] = [];
 const procs: NodeProc[] = [];
@@ -37,20 +37,10 @@ describe('hash requests on the replication link', () => {
   it('answer as of their point in the stream: a later write into the range waits, one elsewhere does not matter', async () => {
     const dir = tmpDir('colo-blk-link-hashes-');
     dirs.push(dir);
-    const s = await startNode('secondary', [
-      '--listen',
-      '127.0.0.1:0',
-      '--export',
-      `disk0=${path.join(dir, 'svm.img')},size=8M`,
-      '--state',
-      path.join(dir, 'state'),
-      '--replication-listen',
-      '127.0.0.1:0',
-      '--control',
-      '127.0.0.1:0',
-      '--failover',
-      'manual',
-    ]);
+    const s = await startNode(
+      'secondary',
+      secondaryArgs(path.join(dir, 'svm.img'), '8M', path.join(dir, 'state')),
+    );
     procs.push(s);
     const c = await RawConn.connect(Number(s.info.replicationPort));
     c.send(

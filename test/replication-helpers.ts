@@ -87,6 +87,34 @@ export interface Pair {
   stop: () => Promise<void>;
 }
 
+/**
+ * A secondary's arguments on loopback: its export (`disk0` on `image`, created at `size` if new),
+ * state directory, NBD and control ports picked by the system, failover manual unless `extra`
+ * gives --failover.
+ */
+export function secondaryArgs(
+  image: string,
+  size: string | number,
+  state: string,
+  extra: string[] = [],
+  replicationPort = 0,
+): string[] {
+  return [
+    '--listen',
+    '127.0.0.1:0',
+    '--export',
+    `disk0=${image},size=${size}`,
+    '--state',
+    state,
+    '--replication-listen',
+    `127.0.0.1:${replicationPort}`,
+    '--control',
+    '127.0.0.1:0',
+    ...(extra.includes('--failover') ? [] : ['--failover', 'manual']),
+    ...extra,
+  ];
+}
+
 export async function startPair(
   dir: string,
   size = '16M',
@@ -104,21 +132,13 @@ export async function startPair(
   const startSecondary = async (env: NodeJS.ProcessEnv = {}) => {
     const s = await startNode(
       'secondary',
-      [
-        '--listen',
-        '127.0.0.1:0',
-        '--export',
-        `disk0=${path.join(dir, 'svm.img')},size=${opts.secondarySize ?? size}`,
-        '--state',
+      secondaryArgs(
+        path.join(dir, 'svm.img'),
+        opts.secondarySize ?? size,
         path.join(dir, 'svm-state'),
-        '--replication-listen',
-        `127.0.0.1:${replicationPort}`,
-        '--control',
-        '127.0.0.1:0',
-        '--failover',
-        opts.failover ?? 'manual',
-        ...(opts.secondaryArgs ?? []),
-      ],
+        ['--failover', opts.failover ?? 'manual', ...(opts.secondaryArgs ?? [])],
+        replicationPort,
+      ),
       env,
     );
     replicationPort = Number(s.info.replicationPort);

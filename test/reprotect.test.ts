@@ -11,6 +11,7 @@ import { CLI, killAll, rmDir, run, runOk, tmpDir, waitFor as poll } from './help
 import {
   FaultProxy,
   hashExport,
+  secondaryArgs,
   startNode,
   startPair,
   waitLinkUp,
@@ -69,21 +70,7 @@ async function secondaryOn(
 ) {
   const s = await startNode(
     'secondary',
-    [
-      '--listen',
-      '127.0.0.1:0',
-      '--export',
-      `disk0=${path.join(dir, image)},size=${size}`,
-      '--state',
-      path.join(dir, state),
-      '--replication-listen',
-      '127.0.0.1:0',
-      '--control',
-      '127.0.0.1:0',
-      '--failover',
-      'manual',
-      ...extra,
-    ],
+    secondaryArgs(path.join(dir, image), size, path.join(dir, state), extra),
     env,
   );
   procs.push(s);
