@@ -12,7 +12,7 @@ import type { Range } from '../../failover/activity.js';
 import { realClock, type Clock, type TimerHandle } from '../../sys/clock.js';
 import { tcpNet, type Conn, type Listener, type Net } from '../../sys/net.js';
 import { encodeFrameBuffer, FrameError } from '../format/frame.js';
-import { isMutation } from '../format/records.js';
+import { isMutation, mutationLength } from '../format/records.js';
 import { DEFAULT_HEARTBEAT, type HeartbeatOptions } from '../primary/core.js';
 import { SecondaryCore, type SecondaryAction, type SecondaryEvent } from '../secondary/core.js';
 import type { SecondaryStore } from '../secondary/store.js';
@@ -40,6 +40,9 @@ export interface SecondaryLinkOptions {
   log?: (msg: string, level?: 'info' | 'warn') => void;
 }
 
+/** Hash requests a connection may have running at once (SecondaryLink.onData). */
+const MAX_PARALLEL_HASHES = 8;
+
 /**
  * The secondary's side of the link: the listener, the sockets and the frames.
  * Data frames (records, seals, commits, hash requests) go to the store in
@@ -48,9 +51,6 @@ export interface SecondaryLinkOptions {
  * (secondary/core.ts). Events: 'primary-lost', 'primary-connected', and
  * 'promote' (the core's automatic failover).
  */
-/** Hash requests a connection may have running at once (SecondaryLink.onData). */
-const MAX_PARALLEL_HASHES = 8;
-
 export class SecondaryLink extends EventEmitter {
   readonly core: SecondaryCore;
   private server: Listener | null = null;
@@ -306,30 +306,22 @@ export class SecondaryLink extends EventEmitter {
     frame: Buffer[],
     data: Buffer[],
   ): void | Promise<void> {
-    let running = this.hashing.get(conn);
-    if (meta.t === 'hash?') {
-      if (!running) this.hashing.set(conn, (running = new Map()));
-      const all = running;
-      const p: Promise<void> = this.hashes(socket, meta).finally(() => all.delete(p));
-      all.set(p, { offset: meta.o, length: meta.l });
-      return all.size >= MAX_PARALLEL_HASHES ? p : undefined;
-    }
+    if (meta.t === 'hash?') return this.startHashes(conn, socket, meta);
+    let dataLength = 0;
+    for (const p of data) dataLength += p.length;
+    const running = this.hashing.get(conn);
     if (running?.size) {
-      let waits = [...running.keys()];
-      if (isMutation(meta)) {
-        const start = meta.o;
-        const end = start + (meta.t === 'w' ? data.reduce((a, p) => a + p.length, 0) : meta.l);
-        waits = waits.filter((p) => {
-          const r = running.get(p)!;
-          return r.offset < end && start < r.offset + r.length;
-        });
-      }
+      const waits: Promise<void>[] = [];
+      for (const [p, r] of running)
+        if (
+          !isMutation(meta) ||
+          (r.offset < meta.o + mutationLength(meta, dataLength) && meta.o < r.offset + r.length)
+        )
+          waits.push(p);
       if (waits.length) return Promise.all(waits).then(() => this.onData(conn, socket, meta, frame, data));
     }
     const drop = () => this.apply({ t: 'close', conn, reason: 'store error', graceful: true });
     if (isMutation(meta)) {
-      let dataLength = 0;
-      for (const p of data) dataLength += p.length;
       try {
         if (this.store.receive(meta, frame, dataLength)) this.records++;
         else this.duplicates++;
@@ -347,6 +339,16 @@ export class SecondaryLink extends EventEmitter {
       // A seal that fails leaves the epoch to be resent whole (the store rewound it): drop the link.
       return this.reply(socket, meta, () => this.store.seal(meta), 'durable', drop);
     return this.reply(socket, meta, () => this.store.commit(meta.e, meta.sync), 'committed');
+  }
+
+  /** Start answering a hash request; the frame reader waits for it only when MAX_PARALLEL_HASHES run. */
+  private startHashes(conn: number, socket: Conn, meta: HashRequest): Promise<void> | undefined {
+    let running = this.hashing.get(conn);
+    if (!running) this.hashing.set(conn, (running = new Map()));
+    const all = running;
+    const p: Promise<void> = this.hashes(socket, meta).finally(() => all.delete(p));
+    all.set(p, { offset: meta.o, length: meta.l });
+    return all.size >= MAX_PARALLEL_HASHES ? p : undefined;
   }
 
   /** Hashes of the PVM's disk as held here, at this point of the stream (onData holds back any later frame but hash requests). */

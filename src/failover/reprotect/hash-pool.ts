@@ -171,6 +171,11 @@ export class HashPool {
       if (!localHashAlgs.includes(a)) throw new Error(`a hash pool cannot compute ${a} in this process`);
   }
 
+  /** Throws ENOTSUP unless this pool hashes with `alg`. */
+  check(alg: HashAlg): void {
+    if (!this.algs.includes(alg)) throw new ColoError('ENOTSUP', `this node does not hash with ${alg}`);
+  }
+
   /** How many pieces a caller should keep in flight. */
   get depth(): number {
     return Math.max(1, 2 * this.size);
@@ -216,20 +221,16 @@ export class HashPool {
    * Hash the first `length` bytes of `buffer` (transferred: the caller must
    * not touch it until it comes back in the result).
    */
-  hash(
+  async hash(
     buffer: ArrayBuffer,
     length: number,
     block: number,
     hashBytes: number,
     alg: HashAlg = 'sha256',
   ): Promise<{ hashes: Buffer; buffer: ArrayBuffer }> {
-    if (!this.algs.includes(alg))
-      return Promise.reject(new ColoError('ENOTSUP', `this node does not hash with ${alg}`));
+    this.check(alg);
     if (length < POOL_MIN_BYTES || this.size === 0)
-      return Promise.resolve({
-        hashes: hashInline(Buffer.from(buffer, 0, length), block, hashBytes, alg),
-        buffer,
-      });
+      return { hashes: hashInline(Buffer.from(buffer, 0, length), block, hashBytes, alg), buffer };
     if (this.workers.length === 0) this.start();
     const w = this.workers.reduce((a, b) => (b.jobs < a.jobs ? b : a));
     const id = this.nextId++;

@@ -12,7 +12,6 @@
  * compare at the speed of their extent maps, and a block of any size works,
  * which lets the resync ask for one hash of a whole gigabyte of hole.
  */
-import { ColoError } from '../../errors.js';
 import { ExtentFlag, type BlockDevice } from '../../block/device.js';
 import type { Range } from '../activity.js';
 import { hasher, hashPool, isZero, PIECE, type HashAlg, type HashPool } from './hash-pool.js';
@@ -66,6 +65,7 @@ export async function blockHashes(
   opts: BlockHashOptions = {},
 ): Promise<Buffer> {
   const { zeroes, pool = hashPool, alg = 'sha256' } = opts;
+  pool.check(alg);
   const n = Math.ceil(length / block);
   const out = Buffer.allocUnsafe(n * HASH_BYTES);
   const covered = coverage(zeroes && length > 0 ? await zeroes(offset, length) : []);
@@ -131,7 +131,6 @@ export async function blockHashes(
       }
       // A block larger than a piece: hash it piece by piece, here.
       const buf = Buffer.allocUnsafe(pieceBytes);
-      if (!pool.algs.includes(alg)) throw new ColoError('ENOTSUP', `this node does not hash with ${alg}`);
       const h = hasher(alg);
       let zero = true;
       for (let at = 0; at < len; at += buf.length) {

@@ -305,26 +305,23 @@ export class Resync {
     // made the blocks an old primary wrote before it failed cost a millisecond each); a send
     // afterwards changes only its own block, whose hashes are in by then.
     const closer = differing.length * 4 <= blocks;
-    const finer = differing.map((b) => {
+    const looks = differing.map((b) => {
       const off = c.offset + b * HASH_BLOCK;
       const len = this.blockLen(c, b);
-      if (!closer || len <= HASH_SUBBLOCK) return null;
-      const p = Promise.all([
+      if (!closer || len <= HASH_SUBBLOCK) return { off, len, finer: null };
+      const finer = Promise.all([
         this.localHashes(off, len, HASH_SUBBLOCK),
         this.remoteHashes(off, len, HASH_SUBBLOCK),
       ]);
-      p.catch(() => {}); // awaited (and rethrown) in order below
-      return p;
+      finer.catch(() => {}); // awaited (and rethrown) in order below
+      return { off, len, finer };
     });
-    for (const [j, b] of differing.entries()) {
-      const off = c.offset + b * HASH_BLOCK;
-      const len = this.blockLen(c, b);
-      const pair = finer[j];
-      if (!pair) {
+    for (const { off, len, finer } of looks) {
+      if (!finer) {
         await this.send(off, len);
         continue;
       }
-      const [l2, r2] = await pair;
+      const [l2, r2] = await finer;
       this.progress.hashBytes += r2.length;
       const runs: Range[] = [];
       for (let k = 0; k < l2.length / HASH_BYTES; k++) {
