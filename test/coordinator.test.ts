@@ -112,13 +112,13 @@ afterEach(async () => {
   for (const f of running.splice(0)) await f();
 });
 
-async function setup() {
+async function setup(extra: Partial<CoordinatorOptions> = {}) {
   const log: string[] = [];
   const pvm = fakeVm('pvm', log);
   const svm = fakeVm('svm', log);
   const disk = fakeDisk(log);
   const comparer = new Comparer({ mode: 'colo', pvm: pvm.data, compareTimeoutMs: 200, logger: quiet });
-  const co = coordinator({ mode: 'colo', comparer, pvm, svm, disk: disk });
+  const co = coordinator({ mode: 'colo', comparer, pvm, svm, disk: disk, ...extra });
   co.start();
   running.push(() => co.close());
   for (let i = 0; co.state !== 'protected'; i++) {
@@ -149,9 +149,36 @@ describe('coordinator', () => {
     before(log, `disk.durable ${e}`, `disk.commit ${e}`);
     before(log, 'pvm.send', 'pvm.checkpointed');
     before(log, `disk.durable ${e}`, 'pvm.checkpointed');
-    before(log, 'svm.load', 'pvm.resume');
+    // The PVM runs again once the cut decided the epoch and its dirty set restarted: it does not wait
+    // for the SVM's load or the disk commit. The SVM resumes only after both.
+    before(log, 'pvm.checkpointed', 'pvm.resume');
     before(log, 'svm.load', 'svm.resume');
+    before(log, `disk.commit ${e}`, 'svm.resume');
     expect(log).not.toContain('svm.discard');
+  });
+
+  it('the PVM runs again while the SVM is still loading; verify keeps both paused until the hashes', async () => {
+    const { log, co, svm } = await setup();
+    let loaded!: () => void;
+    svm.on['load'] = () => new Promise<void>((r) => (loaded = r));
+    const done = co.checkpointNow();
+    for (let i = 0; !log.includes('pvm.resume') && i < 200; i++) await sleep(5);
+    expect(log).toContain('pvm.resume');
+    expect(log).not.toContain('svm.resume');
+    delete svm.on['load'];
+    loaded();
+    const r = await done;
+    before(log, 'pvm.resume', 'svm.resume');
+    expect(r.pauseMs).toBeLessThan(r.totalMs);
+  });
+
+  it('with verify, the PVM stays paused until both hashes are compared', async () => {
+    const { log, co } = await setup({ verify: true });
+    const r = await co.checkpointNow();
+    expect(r.verified).toMatchObject({ state: true, disk: true });
+    before(log, 'svm.load', 'pvm.resume');
+    before(log, 'pvm.hash', 'pvm.resume');
+    before(log, 'svm.hash', 'pvm.resume');
   });
 
   it('coalesces requests that arrive together into one checkpoint', async () => {

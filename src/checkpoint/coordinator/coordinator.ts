@@ -13,8 +13,11 @@
  *      and the comparer has every byte the VMs wrote before the pause;
  *   6. the cut: the PVM's held output is released, the SVM's unmatched
  *      output discarded (the checkpoint is now *decided*);
- *   7. the SVM loads the state ∥ the disk epoch commits;
- *   8. both resume (in remus mode the SVM stays paused).
+ *   7. the SVM loads the state ∥ the disk epoch commits ∥ the PVM's dirty
+ *      set restarts and the PVM runs again (the cut decided the epoch; its
+ *      new output waits in the comparer for the SVM's);
+ *   8. the SVM resumes (in remus mode it stays paused). With `verify`, both
+ *      stay paused until their hashes are compared, then both resume.
  * A phase that fails before the cut releases nothing: the SVM discards what
  * it received, both resume, and the request stands.
  *
@@ -368,14 +371,23 @@ export class Coordinator extends EventEmitter {
       this.requested.clear();
       const releasedBytes = comparer.stats.bytesReleased - releasedBefore;
       lap('release');
-      // 7. load ∥ commit
+      // 7. load ∥ commit ∥ the PVM runs again. Decided: D^p has reached the SVM, the PVM's
+      // changes count from here, and it need not wait for the SVM's load or the commit. A failure
+      // from here is handled as after any cut (unprotect, or a failover that loads this state into
+      // the SVM); the PVM's output since it resumed was never released, so either way the clients
+      // saw nothing that the survivor lacks. With verify, both stay paused for the hashes.
       const decided = this.decided;
+      const pvmNow = !early && !this.opts.verify;
       await this.guard(
         Promise.all([
           this.svmCall(svm.load(targets)).then(() => (decided.loaded = true)),
           this.disk.commit(seal.epoch),
-          // Decided: D^p has reached the SVM, the PVM's changes count from here.
-          pvm.checkpointed(),
+          pvmNow
+            ? pvm
+                .checkpointed()
+                .then(() => pvm.resume())
+                .then(() => (pvmRunsAt = performance.now()))
+            : pvm.checkpointed(),
         ]),
       );
       this.decided = null;
@@ -402,11 +414,11 @@ export class Coordinator extends EventEmitter {
           );
         }
       }
-      // 8. resume
+      // 8. resume (the SVM; the PVM too when verify held it)
       await this.guard(
         Promise.all([
           this.mode === 'colo' ? this.svmCall(svm.resume()) : null,
-          early ? null : pvm.resume().then(() => (pvmRunsAt = performance.now())),
+          early || pvmNow ? null : pvm.resume().then(() => (pvmRunsAt = performance.now())),
         ]),
       );
       lap('resume');
