@@ -172,6 +172,21 @@ describe('coordinator', () => {
     expect(r.pauseMs).toBeLessThan(r.totalMs);
   });
 
+  it('the SVM fails its load after the PVM runs again: unprotected, the PVM is not paused again', async () => {
+    const { log, co, svm } = await setup();
+    svm.on['load'] = () => Promise.reject(new Error('the SVM could not load the state'));
+    co.request('mismatch');
+    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    expect(co.state).toBe('unprotected');
+    expect(co.failovers).toHaveLength(0);
+    expect(co.lastError).toMatch(/after the cut.*could not load/);
+    // The PVM ran again beside the failed load, and nothing paused it afterwards.
+    before(log, 'pvm.checkpointed', 'pvm.resume');
+    expect(log.filter((l) => l === 'pvm.pause')).toHaveLength(1);
+    expect(log.slice(log.indexOf('pvm.resume'))).not.toContain('pvm.pause');
+    expect(log).not.toContain('svm.resume');
+  });
+
   it('with verify, the PVM stays paused until both hashes are compared', async () => {
     const { log, co } = await setup({ verify: true });
     const r = await co.checkpointNow();
