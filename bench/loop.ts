@@ -470,7 +470,7 @@ export const loopCheckpointScenario: ScenarioDef = {
   method: (ctx) =>
     `Guests started with \`--preload\` (in-memory state not on the disk) of each size; after the pairing (a full ` +
     `checkpoint), each epoch PUTs 256 values of 4 KiB (1 MiB of state, 1.1 MiB of disk log) through the comparer ` +
-    `on 4 connections, then asks for a manual checkpoint; ${ctx.quick ? 8 : 30} epochs. The pause is from pausing the SVM to both resumed.`,
+    `on 4 connections, then asks for a manual checkpoint; ${ctx.quick ? 8 : 30} epochs. The pause is the PVM's, from its pause call until it runs again (the SVM pauses just before it and resumes after its load); the phases are the whole transaction's.`,
   tmpfsBytes: () => 1024 * MiB,
   run: async (ctx) => {
     const sizes = ctx.quick ? [64 * MiB, 256 * MiB] : [64 * MiB, 1024 * MiB];
