@@ -59,7 +59,9 @@ export interface Tunables {
   /**
    * Bytes of log on the wire (sent, not yet taken by the secondary). Socket
    * buffers would otherwise hold megabytes that a seal's durable answer and a
-   * commit must wait behind.
+   * commit must wait behind. 1 MiB: under 1 MiB writes a checkpoint's p50 is
+   * ~4 ms against ~5.5 with 2 MiB, for 6-8 % of their throughput; it must
+   * stay above the link's rate × round trip (`colo-blk primary --window`).
    */
   replicationWindowBytes: number;
   /** On a promoted node, the overlay is folded into the image once it holds this much. */
@@ -81,7 +83,7 @@ export interface Tunables {
 export const defaultTunables: Tunables = {
   replicationHighWaterBytes: 2 * MiB,
   replicationLowWaterBytes: 1 * MiB,
-  replicationWindowBytes: 2 * MiB,
+  replicationWindowBytes: 1 * MiB,
   promotedFoldBytes: 64 * MiB,
   resyncCommitBytes: 64 * MiB,
   activityExtentBytes: 1 * MiB,

@@ -42,6 +42,14 @@ describe('colo-blk CLI', () => {
       [['serve', '--listen', 'nowhere', '--export', 'd=:memory:,size=1M'], /expected HOST:PORT/],
       [['serve', '--io', 'warp', '--export', 'd=:memory:,size=1M'], /Allowed choices are sync, async/],
       [['frobnicate'], /unknown command 'frobnicate'/],
+      [
+        ['primary', '--export', 'd=x.img', '--state', 's', '--peer', '127.0.0.1:1', '--window', '4K'],
+        /--window 4K is too small/,
+      ],
+      [
+        ['primary', '--export', 'd=x.img', '--state', 's', '--peer', '127.0.0.1:1', '--window', 'wide'],
+        /cannot parse size 'wide'/,
+      ],
     ] as const) {
       const r = await cli([...args]);
       expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);

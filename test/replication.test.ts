@@ -378,40 +378,48 @@ describe('replication', () => {
     await pvm.close();
   });
 
-  it('keeps at most a window of log on the wire; the rest waits unsent and holds the PVM at the high-water mark', async () => {
-    // Socket buffers on loopback hold several MiB: without the window they would fill with
-    // log that a seal's durable answer and a commit then wait behind.
-    pair = await startPair(fresh(), '64M', {
-      primaryArgs: ['--budget', '4G', '--heartbeat-timeout', '20000'],
-    });
-    await waitLinkUp(pair.primary);
-    const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
-    type Lag = { link: { throttled: number }; lag: { unsentBytes: number; inFlightBytes: number } };
-    const status = () => controlCall<Lag>(pair!.primary.control, 'GET', '/status');
-    pair.secondary.child.kill('SIGSTOP');
-    const chunk = randomBytes(256 * 1024, prng(9));
-    const writes: Promise<void>[] = [];
-    for (let i = 0; i < 64; i++) writes.push(pvm.write(chunk, i * chunk.length));
-    await waitFor(status, (v) => v.link.throttled > 0, 'writes were never held');
-    await new Promise((r) => setTimeout(r, 300)); // let whatever was let through reach the log
-    const s = await status();
-    const window = 2 * 1024 * 1024; // the defaults: replicationWindowBytes, replicationHighWaterBytes
-    const high = 2 * 1024 * 1024;
-    const frame = chunk.length + 4096; // one write's frame may pass a mark that is not yet reached
-    expect(s.lag.inFlightBytes).toBeGreaterThanOrEqual(window / 2);
-    expect(s.lag.inFlightBytes).toBeLessThanOrEqual(window + frame);
-    // All 64 writes arrive at once: the ones let through count before they are logged.
-    expect(s.lag.unsentBytes).toBeGreaterThan(0);
-    expect(s.lag.unsentBytes).toBeLessThanOrEqual(high + frame);
-    pair.secondary.child.kill('SIGCONT');
-    await Promise.all(writes);
-    const after = await waitFor(status, (v) => v.lag.unsentBytes === 0, 'the log was never sent');
-    expect(after.lag.inFlightBytes).toBeLessThanOrEqual(window + frame); // the last 'got' may still be on its way
-    await pair.checkpoint();
-    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
-    expect(b).toBe(a);
-    await pvm.close();
-  });
+  it.each([
+    ['the default window', [], 1024 * 1024],
+    ['--window 512K', ['--window', '512K'], 512 * 1024],
+  ] as const)(
+    'keeps at most a window of log on the wire (%s); the rest waits unsent and holds the PVM at the high-water mark',
+    async (_name, windowArgs, window) => {
+      // Socket buffers on loopback hold several MiB: without the window they would fill with
+      // log that a seal's durable answer and a commit then wait behind.
+      pair = await startPair(fresh(), '64M', {
+        primaryArgs: ['--budget', '4G', '--heartbeat-timeout', '20000', ...windowArgs],
+      });
+      await waitLinkUp(pair.primary);
+      const pvm = await NbdClient.connect({ port: pair.primary.nbdPort, exportName: 'disk0' });
+      type Lag = { link: { throttled: number }; lag: { unsentBytes: number; inFlightBytes: number } };
+      const status = () => controlCall<Lag>(pair!.primary.control, 'GET', '/status');
+      pair.secondary.child.kill('SIGSTOP');
+      const chunk = randomBytes(256 * 1024, prng(9));
+      const writes: Promise<void>[] = [];
+      for (let i = 0; i < 64; i++) writes.push(pvm.write(chunk, i * chunk.length));
+      await waitFor(status, (v) => v.link.throttled > 0, 'writes were never held');
+      await new Promise((r) => setTimeout(r, 300)); // let whatever was let through reach the log
+      const s = await status();
+      const high = 2 * 1024 * 1024; // the default replicationHighWaterBytes
+      const frame = chunk.length + 4096; // one write's frame may pass a mark that is not yet reached
+      expect(s.lag.inFlightBytes).toBeGreaterThanOrEqual(window / 2);
+      expect(s.lag.inFlightBytes).toBeLessThanOrEqual(window + frame);
+      // All 64 writes arrive at once: the ones let through count before they are logged.
+      expect(s.lag.unsentBytes).toBeGreaterThan(0);
+      expect(s.lag.unsentBytes).toBeLessThanOrEqual(high + frame);
+      pair.secondary.child.kill('SIGCONT');
+      await Promise.all(writes);
+      const after = await waitFor(status, (v) => v.lag.unsentBytes === 0, 'the log was never sent');
+      expect(after.lag.inFlightBytes).toBeLessThanOrEqual(window + frame); // the last 'got' may still be on its way
+      await pair.checkpoint();
+      const [a, b] = await Promise.all([
+        hashExport(pair.primary.nbdPort),
+        hashExport(pair.secondary.nbdPort),
+      ]);
+      expect(b).toBe(a);
+      await pvm.close();
+    },
+  );
 
   it('sends nothing of the next epoch while a checkpoint waits for its commit, so the commit does not queue behind it', async () => {
     pair = await startPair(fresh(), '64M', { primaryArgs: ['--heartbeat-timeout', '20000'] });

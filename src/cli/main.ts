@@ -133,6 +133,12 @@ nodeOptions(
     .option('--control <host:port>', 'control API (checkpoint, status, metrics)', '127.0.0.1:10950')
     .option('--budget <size>', 'log held for a lagging secondary before it is marked out of sync', '1G')
     .option(
+      '--window <size>',
+      'log on the wire to the secondary at once (sent, not yet taken); a checkpoint waits behind it. ' +
+        "Raise it above the link's rate × round trip where that is larger",
+      '1M',
+    )
+    .option(
       '--lone-after <ms>',
       'go on alone (a new generation; writes recorded for a later resync) after the secondary is unreachable this long',
       '10000',

@@ -34,6 +34,9 @@ export interface NodeCliOptions extends NbdTlsFlags, LinkTlsFlags {
   quiet?: boolean;
 }
 
+/** Smallest `--window`: below a few frames the link would wait on every 'got'. */
+const MIN_WINDOW_BYTES = 64 * 1024;
+
 /**
  * COLO_BLK_RESYNC_COMMIT_BYTES: a resync's partial-commit interval. A test
  * knob (small disks exercise partial commits with it), read when a node
@@ -73,11 +76,17 @@ function announce(json: boolean | undefined, info: Record<string, unknown>, line
 }
 
 export async function primaryCommand(
-  opts: NodeCliOptions & { peer: string; budget: string; loneAfter: string },
+  opts: NodeCliOptions & { peer: string; budget: string; loneAfter: string; window: string },
 ): Promise<void> {
   const loneAfterMs = Number(opts.loneAfter);
   if (!(loneAfterMs >= 0))
     throw new ColoError('EUSAGE', `--lone-after must be a number of ms, not '${opts.loneAfter}'`);
+  const windowBytes = parseSize(opts.window);
+  if (windowBytes < MIN_WINDOW_BYTES)
+    throw new ColoError(
+      'EUSAGE',
+      `--window ${opts.window} is too small: at least 64K (the default, 1M, suits a LAN)`,
+    );
   const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
   const e = singleExport(opts.export);
   const node = await PrimaryNode.start({
@@ -92,7 +101,7 @@ export async function primaryCommand(
     budgetBytes: parseSize(opts.budget),
     heartbeat: heartbeatOf(opts),
     loneAfterMs,
-    tunables: testTunables(),
+    tunables: { ...testTunables(), replicationWindowBytes: windowBytes },
     nbdTls: nbdTlsFromFlags(opts),
     linkTls: linkTlsFromFlags(opts, 'primary'),
     logger,

@@ -384,7 +384,7 @@ export class PrimaryLink extends EventEmitter {
    * `epoch` (or a later one) is written, or releaseHold(): a checkpoint of
    * `epoch` (sealed, waiting to be durable) whose commit request should not
    * wait behind the next epoch's frames on the wire. With the PVM running
-   * (a checkpoint by the control API while it writes) a window of them (2 MiB)
+   * (a checkpoint by the control API while it writes) a window of them (1 MiB)
    * was sent in the meantime, and the commit took as long as they did to
    * arrive and be written; with the PVM paused (the COLO coordinator) there
    * are none.
