@@ -157,7 +157,7 @@ describe('coordinator', () => {
     expect(log).not.toContain('svm.discard');
   });
 
-  it('the PVM runs again while the SVM is still loading; verify keeps both paused until the hashes', async () => {
+  it('the PVM runs again while the SVM is still loading, and the SVM resumes after its load', async () => {
     const { log, co, svm } = await setup();
     let loaded!: () => void;
     svm.on['load'] = () => new Promise<void>((r) => (loaded = r));
