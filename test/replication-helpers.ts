@@ -221,6 +221,14 @@ export async function hashExport(port: number, name = 'disk0'): Promise<string> 
   return h.digest('hex');
 }
 
+/** sha256 of both nodes' exports, read at once: [primary, secondary]. */
+export function pairHashes(pair: {
+  primary: { nbdPort: number };
+  secondary: { nbdPort: number };
+}): Promise<[string, string]> {
+  return Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+}
+
 /**
  * A TCP proxy for the replication link that can cut the stream: after
  * `cutAfterBytes` bytes from the client (mid-frame, typically) it destroys

@@ -8,7 +8,14 @@ import { controlCall } from '../src/checkpoint/control.js';
 import { NbdClient } from '../src/net/client.js';
 import { Cmd, COMMANDS } from '../src/net/protocol.js';
 import { CLI, killAll, prng, randomBytes, rmDir, run, runOk, tmpDir, waitFor } from './helpers.js';
-import { FaultProxy, hashExport, startPair, waitLinkUp, type Pair } from './replication-helpers.js';
+import {
+  FaultProxy,
+  hashExport,
+  pairHashes,
+  startPair,
+  waitLinkUp,
+  type Pair,
+} from './replication-helpers.js';
 import { itWith } from './tools.js';
 
 const root = tmpDir('colo-blk-repl-');
@@ -72,10 +79,7 @@ describe('replication', () => {
       const r = await pair.checkpoint();
       expect(r.epoch).toBe(first + round);
       // ...and are byte-for-byte equal after the commit (no PVM write after the seal).
-      const [a, b] = await Promise.all([
-        hashExport(pair.primary.nbdPort),
-        hashExport(pair.secondary.nbdPort),
-      ]);
+      const [a, b] = await pairHashes(pair);
       expect(b, `round ${round}: SVM differs from PVM after commit of epoch ${r.epoch}`).toBe(a);
     }
     // The later rounds ran over recycled journals (applied epochs' files, written over), as a pair
@@ -138,10 +142,7 @@ describe('replication', () => {
       await waitLinkUp(pair.primary);
       await workload(pvm, 8, 50);
       await pair.checkpoint();
-      const [a, b] = await Promise.all([
-        hashExport(pair.primary.nbdPort),
-        hashExport(pair.secondary.nbdPort),
-      ]);
+      const [a, b] = await pairHashes(pair);
       expect(b).toBe(a);
       await pvm.close();
     });
@@ -159,7 +160,7 @@ describe('replication', () => {
     await pair.startSecondary();
     await waitLinkUp(pair.primary);
     await controlCall(pair.primary.control, 'POST', '/commit', { epoch: seal.epoch });
-    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    const [a, b] = await pairHashes(pair);
     expect(b).toBe(a);
     await pvm.close();
   });
@@ -200,7 +201,7 @@ describe('replication', () => {
     await waitLinkUp(pair.primary, 15_000);
     await workload(pvm, 22, 40);
     await pair.checkpoint();
-    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    const [a, b] = await pairHashes(pair);
     expect(b).toBe(a);
     await pvm.close();
     await proxy.close();
@@ -239,7 +240,7 @@ describe('replication', () => {
       1,
     );
     expect(pair.secondary.stderr()).not.toMatch(/bad frame|checksum/);
-    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    const [a, b] = await pairHashes(pair);
     expect(b).toBe(a);
     await pvm.close();
     await proxy.close();
@@ -373,7 +374,7 @@ describe('replication', () => {
     pair.secondary.child.kill('SIGCONT');
     await waitLinkUp(pair.primary, 15_000);
     await pair.checkpoint();
-    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    const [a, b] = await pairHashes(pair);
     expect(b).toBe(a);
     await pvm.close();
   });
@@ -412,10 +413,7 @@ describe('replication', () => {
       const after = await waitFor(status, (v) => v.lag.unsentBytes === 0, 'the log was never sent');
       expect(after.lag.inFlightBytes).toBeLessThanOrEqual(window + frame); // the last 'got' may still be on its way
       await pair.checkpoint();
-      const [a, b] = await Promise.all([
-        hashExport(pair.primary.nbdPort),
-        hashExport(pair.secondary.nbdPort),
-      ]);
+      const [a, b] = await pairHashes(pair);
       expect(b).toBe(a);
       await pvm.close();
     },
@@ -442,7 +440,7 @@ describe('replication', () => {
     await checkpoint; // durable, then the commit request goes first, then N+1
     await waitFor(status, (v) => v.lag.unsentBytes === 0, 'epoch N+1 was never sent after the commit');
     await pair.checkpoint();
-    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    const [a, b] = await pairHashes(pair);
     expect(b).toBe(a);
     await pvm.close();
   });
@@ -514,7 +512,7 @@ describe('replication', () => {
     await loop;
     expect(checkpoints).toBeGreaterThan(3);
     await pair.checkpoint();
-    const [a, b] = await Promise.all([hashExport(pair.primary.nbdPort), hashExport(pair.secondary.nbdPort)]);
+    const [a, b] = await pairHashes(pair);
     expect(b).toBe(a);
     await runOk('qemu-io', [
       '-f',
