@@ -50,6 +50,7 @@ describe('colo-blk CLI', () => {
         ['primary', '--export', 'd=x.img', '--state', 's', '--peer', '127.0.0.1:1', '--window', 'wide'],
         /cannot parse size 'wide'/,
       ],
+      [['secondary', '--export', 'd=x.img', '--state', 's', '--window', '1K'], /--window 1K is too small/],
     ] as const) {
       const r = await cli([...args]);
       expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);

@@ -183,6 +183,11 @@ nodeOptions(
       '64M',
     )
     .option(
+      '--window <size>',
+      'once promoted and re-protected, log on the wire to its new secondary at once (as primary --window)',
+      '1M',
+    )
+    .option(
       '--rejoin',
       'this state directory served as a primary after a failover: rejoin as a secondary, to be resynchronised',
     )

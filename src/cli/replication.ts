@@ -37,6 +37,17 @@ export interface NodeCliOptions extends NbdTlsFlags, LinkTlsFlags {
 /** Smallest `--window`: below a few frames the link would wait on every 'got'. */
 const MIN_WINDOW_BYTES = 64 * 1024;
 
+/** `--window`: the replication log on the wire at once (a primary's, or a promoted secondary's). */
+function windowOf(text: string): number {
+  const bytes = parseSize(text);
+  if (bytes < MIN_WINDOW_BYTES)
+    throw new ColoError(
+      'EUSAGE',
+      `--window ${text} is too small: at least 64K (the default, 1M, suits a LAN)`,
+    );
+  return bytes;
+}
+
 /**
  * COLO_BLK_RESYNC_COMMIT_BYTES: a resync's partial-commit interval. A test
  * knob (small disks exercise partial commits with it), read when a node
@@ -81,12 +92,7 @@ export async function primaryCommand(
   const loneAfterMs = Number(opts.loneAfter);
   if (!(loneAfterMs >= 0))
     throw new ColoError('EUSAGE', `--lone-after must be a number of ms, not '${opts.loneAfter}'`);
-  const windowBytes = parseSize(opts.window);
-  if (windowBytes < MIN_WINDOW_BYTES)
-    throw new ColoError(
-      'EUSAGE',
-      `--window ${opts.window} is too small: at least 64K (the default, 1M, suits a LAN)`,
-    );
+  const windowBytes = windowOf(opts.window);
   const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
   const e = singleExport(opts.export);
   const node = await PrimaryNode.start({
@@ -127,11 +133,13 @@ export async function secondaryCommand(
     discardMyData?: boolean;
     rejoin?: boolean;
     foldSize: string;
+    window: string;
   },
 ): Promise<void> {
   const failoverGraceMs = Number(opts.failoverGrace);
   if (!(failoverGraceMs >= 0))
     throw new ColoError('EUSAGE', `--failover-grace must be a number of ms, not '${opts.failoverGrace}'`);
+  const windowBytes = windowOf(opts.window);
   const logger = stderrLogger(opts.verbose ? 'debug' : opts.quiet ? 'quiet' : 'info');
   const e = singleExport(opts.export);
   const node = await SecondaryNode.start({
@@ -148,7 +156,11 @@ export async function secondaryCommand(
     failoverGraceMs,
     discardMyData: opts.discardMyData === true,
     rejoin: opts.rejoin === true,
-    tunables: { ...testTunables(), promotedFoldBytes: parseSize(opts.foldSize) },
+    tunables: {
+      ...testTunables(),
+      promotedFoldBytes: parseSize(opts.foldSize),
+      replicationWindowBytes: windowBytes,
+    },
     nbdTls: nbdTlsFromFlags(opts),
     linkTls: linkTlsFromFlags(opts, 'secondary'),
     logger,
