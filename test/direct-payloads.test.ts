@@ -1,8 +1,9 @@
 // WRITE payloads read straight into reused buffers (Connection.directPayload,
 // sys/slab-reads.ts directNextRead): the slab side hands out exactly the bytes
 // asked for and no more; the server writes them byte-exact in every reply mode,
-// only where the device keeps no buffer, and a buffer goes back to the pool only
-// once its write has settled, so payloads in flight never share one.
+// only where the device keeps no buffer (a file, or a replicating primary, whose
+// log copies the payload), and a buffer goes back to the pool only once its
+// write has settled, so payloads in flight never share one.
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -10,6 +11,12 @@ import { FileDevice } from '../src/block/file.js';
 import { MemoryDevice } from '../src/block/memory.js';
 import { Cmd, CmdFlag } from '../src/net/protocol.js';
 import { SLAB_BYTES, Slabs } from '../src/sys/slab-reads.js';
+import { scanJournal } from '../src/checkpoint/format/journal.js';
+import { CHUNK_BYTES } from '../src/checkpoint/format/resend-journal.js';
+import { PrimaryLog } from '../src/checkpoint/primary/log.js';
+import { ReplicatingDevice } from '../src/checkpoint/primary/replicating-device.js';
+import { realRandom } from '../src/sys/clock.js';
+import { nodeStorage } from '../src/sys/storage.js';
 import { killAll, prng, randomBytes, rmDir, startServer, tmpDir } from './helpers.js';
 import { hashExport, startPair, waitLinkUp } from './replication-helpers.js';
 import { closeAllRaw, MODES, openSession, serversPerTest, sleep, type Session } from './raw-nbd.js';
@@ -44,7 +51,8 @@ function writeStream(
     const data = randomBytes(size - (rand() % 3) * 512, rand);
     writes.push(data);
     const offset = (first + i) * size;
-    stream.push(s.encode({ type: Cmd.WRITE, offset, length: data.length, payload: data }).bytes);
+    const flags = s.mode === 'extended' ? CmdFlag.PAYLOAD_LEN : 0;
+    stream.push(s.encode({ type: Cmd.WRITE, flags, offset, length: data.length, payload: data }).bytes);
   }
   return { bytes: Buffer.concat(stream), writes };
 }
@@ -157,6 +165,38 @@ describe('the NBD server: WRITE payloads read into reused buffers', () => {
     expect(s.server.payloadBuffers.reused).toBeGreaterThan(0);
   });
 
+  it('reads the header after a large payload alone, so pipelined large writes sent in one piece go direct too', async () => {
+    // A server behind its client finds whole requests waiting; read into slabs, each
+    // payload would be fresh memory. After the first, each header is read by itself
+    // and the payload behind it into a pooled buffer.
+    const { dev, file } = await fileDevice();
+    const s = track(await startServer([{ name: 'disk0', device: dev }]));
+    const stats = s.server.exports.get('disk0')!.stats;
+    const rand = prng(2024);
+    const expected = Buffer.alloc(SIZE);
+    for (const mode of ['simple', 'extended'] as const) {
+      const session = await openSession(s.port, { mode });
+      const before = stats.writesReceivedDirect;
+      const { bytes, writes } = writeStream(session, 24, rand);
+      writes.forEach((d, i) => d.copy(expected, (1 + i) * MiB));
+      // Small requests behind them: the header read alone is followed by a small one.
+      const small = randomBytes(4096, rand);
+      small.copy(expected, 0);
+      const flags = mode === 'extended' ? CmdFlag.PAYLOAD_LEN : 0;
+      const tail = session.encode({
+        type: Cmd.WRITE,
+        flags,
+        offset: 0,
+        length: small.length,
+        payload: small,
+      }).bytes;
+      session.conn.send(Buffer.concat([bytes, tail]));
+      for (let i = 0; i < 25; i++) expect((await session.reply()).error).toBe(0);
+      expect(fs.readFileSync(file).equals(expected), mode).toBe(true);
+      expect(stats.writesReceivedDirect - before, mode).toBeGreaterThanOrEqual(22);
+    }
+  });
+
   it('gives the buffer back after a refused write too, and a device that may keep buffers never gets one', async () => {
     const { dev } = await fileDevice();
     const mem = new MemoryDevice(SIZE);
@@ -192,7 +232,54 @@ describe('the NBD server: WRITE payloads read into reused buffers', () => {
     expect(s.server.exports.get('mem')!.stats.writesReceivedDirect).toBe(0);
   });
 
-  it('a replicating primary (its link may keep payloads: no pooled buffers) and its secondary end equal after pipelined large writes cut anywhere', async () => {
+  it('a replicating primary takes payloads into pooled buffers too: its log holds every write byte-exact, in memory and past it', async () => {
+    // The buffers go back to the pool as each write settles and are read into again at
+    // once; the log must have copied them (its memory chunks, or a copy for its file part).
+    const { dev, file } = await fileDevice();
+    const dir = tmpDir('colo-blk-direct-log-');
+    dirs.push(dir);
+    const plog = new PrimaryLog(nodeStorage, dir, 1, 1 << 30, realRandom, 2 * CHUNK_BYTES);
+    const rdev = new ReplicatingDevice(dev, plog);
+    expect(rdev.releasesWrites).toBe(true);
+    const s = track(await startServer([{ name: 'disk0', device: rdev }]));
+    const stats = s.server.exports.get('disk0')!.stats;
+    const session = await openSession(s.port, { mode: 'structured' });
+    const rand = prng(404);
+    const byOffset = new Map<number, Buffer>();
+    const warm = randomBytes(MiB, rand);
+    await session.call({ type: Cmd.WRITE, offset: 0, length: warm.length, payload: warm });
+    byOffset.set(0, warm);
+    // Payloads under the journal's flush size: a frame in its file part waits for a later turn.
+    const size = 192 * KiB;
+    for (let round = 0; round < 4; round++) {
+      const { bytes, writes } = writeStream(session, 40, rand, size, 6 + round * 40);
+      writes.forEach((d, i) => byOffset.set((6 + round * 40 + i) * size, d));
+      await sendCut(session, bytes, rand);
+      for (let i = 0; i < 40; i++) expect((await session.reply()).error).toBe(0);
+    }
+    expect(stats.writesReceivedDirect).toBeGreaterThan(0);
+    expect(s.server.payloadBuffers.reused).toBeGreaterThan(0);
+    const journal = plog.epoch(1).journal!;
+    expect(journal.spilled).toBe(true);
+    let records = 0;
+    const scan = scanJournal<{ t: string; o: number }>(
+      nodeStorage,
+      journal.path,
+      (rec) => {
+        records++;
+        const want = byOffset.get(rec.meta.o);
+        expect(rec.data?.equals(want!), `the record of the write at ${rec.meta.o}`).toBe(true);
+      },
+      { withData: true, file: journal.asFile() },
+    );
+    expect(scan.corruption).toBeNull();
+    expect(records).toBe(byOffset.size);
+    const image = fs.readFileSync(file);
+    for (const [o, d] of byOffset) expect(image.subarray(o, o + d.length).equals(d)).toBe(true);
+    plog.close();
+  });
+
+  it('a replicating primary and its secondary end equal after pipelined large writes cut anywhere, past the resend memory', async () => {
     const dir = tmpDir('colo-blk-direct-pair-');
     dirs.push(dir);
     const pair = await startPair(dir, '64M');

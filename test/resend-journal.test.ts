@@ -100,6 +100,36 @@ describe('resend journal', () => {
       expect(memory.usedBytes).toBe(0);
     });
 
+  for (const budget of [0, 2 * CHUNK_BYTES, 64 * CHUNK_BYTES])
+    it(`keeps none of the caller's buffers: data overwritten after append, as a reused NBD payload buffer is, changes nothing (${budget / CHUNK_BYTES} chunks)`, () => {
+      const dir = fresh();
+      const memory = new ResendMemory(budget);
+      const j = new ResendJournal(nodeStorage, path.join(dir, '1.journal'), memory);
+      const rand = prng(budget + 77);
+      const expected: Buffer[] = [];
+      const sent: Buffer[] = [];
+      // Below the file writer's flush size, so a frame in the file part waits for a later turn.
+      for (let i = 0; i < 40; i++) {
+        const data = randomBytes(1 + (rand() % 300_000), rand);
+        const meta = { t: 'w', o: i * 4096, s: i + 1, e: 1 };
+        // Two pieces, as a payload arrives in socket chunks.
+        const cut = rand() % data.length;
+        const pieces = [data.subarray(0, cut), data.subarray(cut)];
+        expected.push(Buffer.concat(encodeFrame(meta, Buffer.from(data))));
+        const r = j.append(meta, pieces);
+        for (const p of r.parts) expect(p.buffer).not.toBe(data.buffer);
+        sent.push(Buffer.concat(r.parts)); // what the link would send now
+        data.fill(0xee); // the caller reuses its buffer at once
+      }
+      const all = Buffer.concat(expected);
+      expect(Buffer.concat(sent).equals(all)).toBe(true);
+      expect(j.spilled).toBe(budget < all.length);
+      const back = Buffer.alloc(all.length);
+      j.read(back, 0);
+      expect(back.equals(all)).toBe(true);
+      j.close();
+    });
+
   it('reuses a chunk only once its epoch is dropped and no queued write holds it', () => {
     const dir = fresh();
     const memory = new ResendMemory(2 * CHUNK_BYTES);

@@ -68,6 +68,11 @@ export class ResendMemory {
   }
 }
 
+/**
+ * `parts` are the frame's bytes as the buffer holds them (views of its
+ * chunks, or a copy for the file): never the caller's buffers, which are
+ * free again once `append` returns.
+ */
 export interface ResendAppend extends AppendResult {
   /** The frame went to memory (the sender can take it with `viewsAt`), not to the file. */
   inMemory: boolean;
@@ -101,15 +106,21 @@ export class ResendJournal {
       const placed = this.inPlace(meta, data, offset);
       if (placed) return placed;
     }
-    const parts = encodeFrame(meta, data);
+    const encoded = encodeFrame(meta, data);
     let bytes = 0;
-    for (const p of parts) bytes += p.length;
-    const inMemory = !this.file && this.toMemory(parts, bytes);
-    if (!inMemory) {
-      this.file ??= JournalWriter.open(this.storage, this.path, 0);
-      this.file.appendEncoded(parts);
+    for (const p of encoded) bytes += p.length;
+    const dataPos = offset + encoded[0].length;
+    if (!this.file) {
+      const held = this.toMemory(encoded, bytes);
+      if (held) return { offset, dataPos, bytes, parts: held, inMemory: true };
     }
-    return { offset, dataPos: offset + parts[0].length, bytes, parts, inMemory };
+    // The file writer keeps what it is given until its next flush (a later turn): the
+    // header it made, and a copy of the data, not the caller's buffers.
+    const parts =
+      encoded.length > 1 ? [encoded[0], Buffer.concat(encoded.slice(1), bytes - encoded[0].length)] : encoded;
+    this.file ??= JournalWriter.open(this.storage, this.path, 0);
+    this.file.appendEncoded(parts);
+    return { offset, dataPos, bytes, parts, inMemory: false };
   }
 
   /**
@@ -140,8 +151,11 @@ export class ResendJournal {
     return { offset, dataPos, bytes, parts: [frame], inMemory: true };
   }
 
-  /** Copy a frame into the chunks; false (nothing copied) if the budget cannot hold it. */
-  private toMemory(parts: Buffer[], bytes: number): boolean {
+  /**
+   * Copy a frame into the chunks; returns the copy (views of the chunks), or
+   * null (nothing copied) if the budget cannot hold it.
+   */
+  private toMemory(parts: Buffer[], bytes: number): Buffer[] | null {
     const room = this.chunks.length * CHUNK_BYTES - this.inMemory;
     const needed = Math.ceil(Math.max(0, bytes - room) / CHUNK_BYTES);
     const fresh: Buffer[] = [];
@@ -149,11 +163,12 @@ export class ResendJournal {
       const c = this.memory.take();
       if (!c) {
         for (const f of fresh) this.memory.release(f);
-        return false;
+        return null;
       }
       fresh.push(c);
     }
     this.chunks.push(...fresh);
+    const views: Buffer[] = [];
     let at = this.inMemory;
     for (const p of parts) {
       let from = 0;
@@ -162,12 +177,13 @@ export class ResendJournal {
         const into = at % CHUNK_BYTES;
         const n = Math.min(p.length - from, CHUNK_BYTES - into);
         p.copy(chunk, into, from, from + n);
+        views.push(chunk.subarray(into, into + n));
         from += n;
         at += n;
       }
     }
     this.inMemory = at;
-    return true;
+    return views;
   }
 
   /** Read `buf.length` bytes of the epoch's stream at `pos`. */

@@ -67,6 +67,17 @@ export class ReplicatingDevice implements BlockDevice {
     return this.local.size;
   }
 
+  /**
+   * A write's buffers are free again once it settles, if the local disk's are:
+   * the log copies the payload (into its resend memory, or a copy for its file
+   * part: ResendJournal.append) before the write is acknowledged, and the link
+   * sends those copies. So the NBD server may read payloads into its reused
+   * buffers here too (Connection.directPayload).
+   */
+  get releasesWrites(): boolean {
+    return this.local.releasesWrites === true;
+  }
+
   pread(buf: Buffer, offset: number): Promise<void> {
     return this.local.pread(buf, offset);
   }
