@@ -104,6 +104,26 @@ describe('the slab side: a directed read', () => {
     expect(after.buffer).not.toBe(target.buffer); // full: back to a slab
     expect(slabs.direct(Buffer.alloc(10))).toBe(true);
   });
+
+  it('a direct read asked for after Node took the next buffer starts one read later; the slab bytes read meanwhile stay theirs', () => {
+    // Node asks for the next buffer right after each read's callback. A direct read asked
+    // for later (after a pause, from a promise) finds that buffer, a slab view, already
+    // given out: the read into it is the slab's, and only the read after it fills the target.
+    const slabs = new Slabs();
+    slabs.took(slabs.next(), SLAB_BYTES / 2); // in bulk
+    const given = slabs.next(); // Node holds this one now
+    const target = Buffer.alloc(100 * KiB);
+    expect(slabs.direct(target)).toBe(true);
+    const a = slabs.took(given, 10 * KiB); // the read went to the slab all the same
+    expect(a.buffer).toBe(given.buffer);
+    const next = slabs.next();
+    expect(next.buffer).toBe(target.buffer);
+    expect(next.length).toBe(target.length); // the whole target, from its start
+    slabs.took(next, target.length);
+    const after = slabs.next();
+    expect(after.buffer).toBe(given.buffer);
+    expect(after.byteOffset).toBe(given.byteOffset + 10 * KiB); // never over the bytes handed out in `a`
+  });
 });
 
 describe('the NBD server: WRITE payloads read into reused buffers', () => {

@@ -99,15 +99,23 @@ export class Slabs {
     return this.slab.subarray(this.pos);
   }
 
-  /** `n` bytes were read into `buf` (the last `next()`): they are never handed out again. */
+  /**
+   * `n` bytes were read into `buf` (the last `next()`): they are never handed
+   * out again. Which buffer that was is told by `buf` itself, not by the
+   * state now: Node asks for the next buffer right after each read's
+   * callback, so a `direct()` made later (after a pause, from a timer or a
+   * promise) takes effect one read late, and that read went to the slab.
+   */
   took(buf: Buffer, n: number): Buffer {
-    if (!this.bulk) {
+    if (buf.buffer === smallReads?.buffer) {
       this.total += n;
       if (n >= BULK_READ_BYTES || this.total >= BULK_TOTAL_BYTES) this.bulk = true;
       return Buffer.from(buf.subarray(0, n)); // the shared buffer is read into again next time
     }
-    if (!this.target) this.pos += n;
-    else if ((this.targetFilled += n) >= this.target.length) this.target = null;
+    const t = this.target;
+    if (t && buf.buffer === t.buffer && buf.byteOffset === t.byteOffset + this.targetFilled) {
+      if ((this.targetFilled += n) >= t.length) this.target = null;
+    } else this.pos += n;
     return buf.subarray(0, n);
   }
 }
