@@ -124,7 +124,12 @@ export class JournalWriter {
     return { offset: r.offset, dataPos: r.dataPos, bytes: r.bytes, parts };
   }
 
-  /** Append whole frame bytes whose last `dataLength` bytes are the frame's data. */
+  /**
+   * Append whole frame bytes whose last `dataLength` bytes are the frame's
+   * data. The buffers are kept, not copied, until written out: at once past
+   * FLUSH_BYTES, else by an immediate scheduled here. So they are free again
+   * after any immediate scheduled later (the link's reader reuses them then).
+   */
   appendRaw(buffers: readonly Buffer[], dataLength: number): Omit<AppendResult, 'parts'> {
     if (this.failure) throw this.failure;
     if (this.closed) throw new ColoError('ESHUTDOWN', `journal ${this.path} is closed`);

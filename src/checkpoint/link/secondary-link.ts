@@ -5,6 +5,7 @@
  * 'committed' after the commit record is durable. Every failure is answered
  * with an 'error' frame naming the epoch, never swallowed (invariant 6).
  */
+import { ReplyBuffers } from '../../net/reply-buffers.js';
 import { EventEmitter } from 'node:events';
 import { toColoError, type ErrorCode } from '../../errors.js';
 import type { Decision } from '../../failover/history.js';
@@ -54,6 +55,8 @@ const MAX_PARALLEL_HASHES = 8;
 export class SecondaryLink extends EventEmitter {
   readonly core: SecondaryCore;
   private server: Listener | null = null;
+  /** Large frames are read into these, reused once stored (FrameReader). */
+  private readonly frameBuffers = new ReplyBuffers();
   private sockets = new Map<number, { socket: Conn; reader: FrameReader<ToSecondary> }>();
   /** Hash requests running, per connection, and the range each reads (onData). */
   private hashing = new Map<number, Map<Promise<void>, Range>>();
@@ -278,6 +281,7 @@ export class SecondaryLink extends EventEmitter {
         });
       },
       (busy) => this.core.step({ t: 'busy', conn, busy }),
+      this.frameBuffers,
     );
     this.sockets.set(conn, { socket, reader });
     let error: string | null = null;
