@@ -80,6 +80,8 @@ class FaultyDevice implements BlockDevice {
   /** The next read-back fails too (so the range cannot be logged: out of sync). */
   failReads = false;
   failures = 0;
+  /** Writes done through pwritevNow. */
+  writtenNow = 0;
   constructor(
     readonly inner: MemoryDevice,
     private readonly rand: () => number,
@@ -116,6 +118,19 @@ class FaultyDevice implements BlockDevice {
     // The bytes have landed; the completion may still come late (a pool thread's callback
     // queued behind another's): overlapping writes then complete in another order than they landed.
     await this.jitter();
+  }
+  /** Half the time a write is done at once (the replicating device's fast path), failing as pwrite does. */
+  pwritevNow(bufs: readonly Buffer[], offset: number): boolean {
+    if (this.rand() % 2 === 0) return false;
+    this.writtenNow++;
+    const buf = bufs.length === 1 ? bufs[0] : Buffer.concat(bufs);
+    if (this.failing()) {
+      this.failures++;
+      const part = buf.length > 1 ? this.rand() % buf.length : 0;
+      if (part) this.inner.pwritevNow([buf.subarray(0, part)], offset);
+      throw new ColoError('EIO', `injected failure after ${part} of ${buf.length} bytes`);
+    }
+    return this.inner.pwritevNow([buf], offset);
   }
   async zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
     await this.jitter();
@@ -200,6 +215,7 @@ interface MirrorStats {
   outOfSync: number;
   swaps: number;
   records: number;
+  writtenNow: number;
 }
 
 /**
@@ -222,7 +238,7 @@ async function mirrorRun(
   mirror.attach(r.plog);
   const sw = new SwitchDevice(r.device);
   const dev: BlockDevice = opts.switch ? sw : r.device;
-  const stats: MirrorStats = { ops: 0, failures: 0, outOfSync: 0, swaps: 0, records: 0 };
+  const stats: MirrorStats = { ops: 0, failures: 0, outOfSync: 0, swaps: 0, records: 0, writtenNow: 0 };
   const where = () => `seed ${seed}`;
   try {
     for (let batch = 0; batch < (opts.batches ?? 60); batch++) {
@@ -236,13 +252,21 @@ async function mirrorRun(
         const fua = rand() % 2 === 0;
         const k = rand() % 8;
         stats.ops++;
-        if (k < 2) ops.push(dev.pwrite(randomBytes(len, rand), off, { fua }));
-        else if (k === 2) ops.push(writePieces(dev, splitPieces(randomBytes(len, rand), rand), off, { fua }));
-        else if (k === 3) ops.push(dev.zero(off, len, { mayTrim: true, fua }));
-        else if (k === 4) ops.push(dev.zero(off, len, { mayTrim: false, fua }));
-        else if (k === 5) ops.push(dev.trim(off, len, { fua }));
-        else if (k === 6) ops.push(dev.flush());
-        else ops.push(dev.pwrite(Buffer.alloc(len, batch & 0xff), off));
+        // A third of them are issued a little later: they arrive while earlier ones are
+        // part-way (landed on the disk, not yet logged), not only all at once.
+        const wait = rand() % 3 === 0 ? rand() % 3 : -1;
+        const issue = (op: () => Promise<unknown>) =>
+          ops.push(wait < 0 ? op() : new Promise((res) => setTimeout(res, wait)).then(op));
+        const data = k < 3 ? randomBytes(len, rand) : Buffer.alloc(0);
+        if (k < 2) issue(() => dev.pwrite(data, off, { fua }));
+        else if (k === 2) {
+          const pieces = splitPieces(data, rand);
+          issue(() => writePieces(dev, pieces, off, { fua }));
+        } else if (k === 3) issue(() => dev.zero(off, len, { mayTrim: true, fua }));
+        else if (k === 4) issue(() => dev.zero(off, len, { mayTrim: false, fua }));
+        else if (k === 5) issue(() => dev.trim(off, len, { fua }));
+        else if (k === 6) issue(() => dev.flush());
+        else issue(() => dev.pwrite(Buffer.alloc(len, batch & 0xff), off));
       }
       if (opts.switch && rand() % 4 === 0) {
         // Swap to a fresh wrapper of the same disk and log while requests are in flight.
@@ -282,6 +306,7 @@ async function mirrorRun(
       if (rand() % 5 === 0) r.device.seal();
     }
     stats.failures = local.failures;
+    stats.writtenNow = local.writtenNow;
     stats.records = mirror.records;
     return stats;
   } finally {
@@ -292,8 +317,14 @@ async function mirrorRun(
 describe('mirror suite: the log carries every change the primary makes', () => {
   it('every mutating command, with and without FUA, overlapping and concurrent', async () => {
     let records = 0;
-    for (let seed = 1; seed <= 12; seed++) records += (await mirrorRun(seed, {})).records;
+    let now = 0;
+    for (let seed = 1; seed <= 12; seed++) {
+      const s = await mirrorRun(seed, {});
+      records += s.records;
+      now += s.writtenNow;
+    }
     expect(records).toBeGreaterThan(1000);
+    expect(now, 'writes done at once (the fast path)').toBeGreaterThan(100);
   });
 
   it('through a SwitchDevice whose backend is swapped under load', async () => {
@@ -304,12 +335,15 @@ describe('mirror suite: the log carries every change the primary makes', () => {
 
   it('local failures part-way through a write, a zeroing or a trim are logged as what the disk holds', async () => {
     let failures = 0;
+    let now = 0;
     for (let seed = 201; seed <= 212; seed++) {
       const s = await mirrorRun(seed, { failRate: 0.15 });
       failures += s.failures;
+      now += s.writtenNow;
       expect(s.outOfSync, `seed ${seed}: a readable range is logged, not marked out of sync`).toBe(0);
     }
     expect(failures).toBeGreaterThan(20);
+    expect(now, 'writes done at once (the fast path), some of them failing').toBeGreaterThan(50);
   });
 
   it('when the range cannot even be read back, the peer is marked out of sync with the range on record', async () => {

@@ -69,6 +69,12 @@ export interface BlockDevice {
    * (an NBD payload as the socket delivered it). Same semantics as pwrite.
    */
   pwritev?(bufs: readonly Buffer[], offset: number, opts?: WriteOptions): Promise<void>;
+  /**
+   * Optional: pwritev done before returning, when the device would do this
+   * write on the calling thread anyway: true once written (it throws as
+   * pwritev rejects), false with nothing done (use pwritev).
+   */
+  pwritevNow?(bufs: readonly Buffer[], offset: number, opts?: WriteOptions): boolean;
   pwrite(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void>;
   flush(): Promise<void>;
   trim(offset: number, length: number, opts?: WriteOptions): Promise<void>;

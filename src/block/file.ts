@@ -267,22 +267,51 @@ export class FileDevice implements BlockDevice {
     const timed = sync && this.io === 'auto' && length >= AUTO_ASYNC_BYTES;
     const started = timed ? performance.now() : 0;
     const left = bufs.filter((b) => b.length > 0);
-    let done = 0;
     // A short write leaves `left` starting where it stopped: whole pieces dropped, the next one cut.
-    for (let i = 0; i < left.length;) {
-      const rest = i === 0 ? left : left.slice(i);
-      const n = sync ? fs.writevSync(fd, rest, offset + done) : await writevAsync(fd, rest, offset + done);
-      if (n <= 0) throw new ColoError('EIO', `short write at ${offset + done} on ${this.path}`);
-      for (let skip = n; skip > 0;) {
-        const piece = left[i].subarray(0, Math.min(left[i].length, skip));
-        ioTracer?.write(this.path, offset + done, piece, fd === this.fdSync);
-        done += piece.length;
-        skip -= piece.length;
-        if (piece.length === left[i].length) i++;
-        else left[i] = left[i].subarray(piece.length);
-      }
+    for (let w = { i: 0, done: 0 }; w.i < left.length;) {
+      const rest = w.i === 0 ? left : left.slice(w.i);
+      const at = offset + w.done;
+      this.wrote(fd, left, w, offset, sync ? fs.writevSync(fd, rest, at) : await writevAsync(fd, rest, at));
     }
     if (timed) this.noteLargeWrite(length, performance.now() - started);
+  }
+
+  /**
+   * pwritev on the calling thread, when this device would write there anyway
+   * (a write under AUTO_ASYNC_BYTES and not FUA, in 'auto' or 'sync' mode):
+   * true once written. False, with nothing done, when `pwritev` must do it.
+   * For a caller whose own work around the write is synchronous too (the
+   * replicating primary: no promise, no async frame per write).
+   */
+  pwritevNow(bufs: readonly Buffer[], offset: number, opts: WriteOptions = {}): boolean {
+    let length = 0;
+    for (const b of bufs) length += b.length;
+    if (opts.fua || this.io === 'async' || (this.io === 'auto' && length >= AUTO_ASYNC_BYTES)) return false;
+    assertRange(this, offset, length);
+    this.checkWritable();
+    const left = bufs.filter((b) => b.length > 0);
+    for (let w = { i: 0, done: 0 }; w.i < left.length;)
+      this.wrote(
+        this.fd,
+        left,
+        w,
+        offset,
+        fs.writevSync(this.fd, w.i === 0 ? left : left.slice(w.i), offset + w.done),
+      );
+    return true;
+  }
+
+  /** `n` bytes of `left` from piece `w.i` were written at `offset + w.done`: move past them. */
+  private wrote(fd: number, left: Buffer[], w: { i: number; done: number }, offset: number, n: number): void {
+    if (n <= 0) throw new ColoError('EIO', `short write at ${offset + w.done} on ${this.path}`);
+    for (let skip = n; skip > 0;) {
+      const piece = left[w.i].subarray(0, Math.min(left[w.i].length, skip));
+      ioTracer?.write(this.path, offset + w.done, piece, fd === this.fdSync);
+      w.done += piece.length;
+      skip -= piece.length;
+      if (piece.length === left[w.i].length) w.i++;
+      else left[w.i] = left[w.i].subarray(piece.length);
+    }
   }
 
   async flush(): Promise<void> {

@@ -66,6 +66,22 @@ export class MemoryDevice implements BlockDevice {
   }
 
   async pwrite(buf: Buffer, offset: number): Promise<void> {
+    this.writeAt(buf, offset);
+  }
+
+  /** Memory is written at once, whatever the size. */
+  pwritevNow(bufs: readonly Buffer[], offset: number): boolean {
+    let length = 0;
+    for (const b of bufs) length += b.length;
+    assertRange(this, offset, length);
+    for (const b of bufs) {
+      this.writeAt(b, offset);
+      offset += b.length;
+    }
+    return true;
+  }
+
+  private writeAt(buf: Buffer, offset: number): void {
     assertRange(this, offset, buf.length);
     let done = 0;
     while (done < buf.length) {

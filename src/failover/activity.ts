@@ -254,6 +254,13 @@ export class ActivityLog {
     ];
   }
 
+  /** Whether every extent of the range is hot on disk already (a write there needs no sync first). */
+  hotOnDisk(offset: number, length: number): boolean {
+    const [x0, x1] = this.extentRange(offset, length);
+    for (let x = x0; x < x1; x++) if (!this.durable.get(x)) return false;
+    return true;
+  }
+
   /**
    * Record a write in memory: exact blocks and hot extents (with the epoch it
    * belongs to). Returns true if an extent is not yet hot on disk.

@@ -467,13 +467,18 @@ export class PrimaryLink extends EventEmitter {
    * secondary from falling behind until the log budget runs out.
    */
   waitForRoom(admitted = 0): Promise<void> | null {
-    const high = this.opts.highWaterBytes ?? defaultTunables.replicationHighWaterBytes;
-    if (!this.core.connected || this.plog.outOfSync) return null;
-    // `admitted`: bytes of writes already let through and not yet logged (they wake the
-    // waiters as they finish: releaseRoom).
-    if (this.unsentBytes + admitted < high) return null;
+    if (this.hasRoom(admitted)) return null;
     this.throttled++;
     return new Promise((resolve) => this.roomWaiters.push(resolve));
+  }
+
+  /** Whether a PVM write may go now (waitForRoom would not make it wait); no side effect. */
+  hasRoom(admitted = 0): boolean {
+    if (!this.core.connected || this.plog.outOfSync) return true;
+    // `admitted`: bytes of writes already let through and not yet logged (they wake the
+    // waiters as they finish: releaseRoom).
+    const high = this.opts.highWaterBytes ?? defaultTunables.replicationHighWaterBytes;
+    return this.unsentBytes + admitted < high;
   }
 
   /** Wake the PVM writes waiting for room if the backlog is under the low mark (they ask again). */

@@ -158,6 +158,7 @@ export class PrimaryReplica {
     });
     this.link = link;
     device.throttle = (admitted) => link.waitForRoom(admitted);
+    device.hasRoom = (admitted) => link.hasRoom(admitted);
     device.roomChanged = () => link.releaseRoom();
     // The core decides (primary/core.ts); this replica carries out what needs the disk.
     link.on('deposed', (why: string) => {

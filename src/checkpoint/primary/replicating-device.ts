@@ -35,6 +35,9 @@ import type { ActivityLog } from '../../failover/activity.js';
 import type { NewMutation, PrimaryLog } from './log.js';
 import type { SealRecord } from '../format/records.js';
 
+/** What a write done before returning returns (one settled promise for all). */
+const DONE = Promise.resolve();
+
 interface Inflight {
   start: number;
   end: number;
@@ -48,6 +51,8 @@ export class ReplicatingDevice implements BlockDevice {
   deposed: string | null = null;
   /** Flow control: returns a promise to wait on when the secondary is too far behind. */
   throttle: (admitted: number) => Promise<void> | null = () => null;
+  /** Whether `throttle` would let a write through now (asked without side effects). */
+  hasRoom: (admitted: number) => boolean = () => true;
   /** Payload bytes of writes past the throttle and not yet in the log. */
   private admitted = 0;
   /** Called when an admitted write is logged (or failed): waiters may fit now. */
@@ -173,18 +178,61 @@ export class ReplicatingDevice implements BlockDevice {
   pwritev(bufs: readonly Buffer[], offset: number, opts: WriteOptions = {}): Promise<void> {
     let length = 0;
     for (const b of bufs) length += b.length;
-    return this.mutate(
-      offset,
-      length,
-      async () => {
-        await this.local_(offset, length, () => writePieces(this.local, bufs, offset, opts));
-        crashPoint('primary-after-local-write');
-        if (length > 0)
-          this.log.append(opts.fua ? { t: 'w', o: offset, f: true } : { t: 'w', o: offset }, bufs);
-      },
-      false,
-      true,
+    return (
+      this.writeNow(bufs, offset, length, opts) ??
+      this.mutate(
+        offset,
+        length,
+        async () => {
+          await this.local_(offset, length, () => writePieces(this.local, bufs, offset, opts));
+          crashPoint('primary-after-local-write');
+          if (length > 0)
+            this.log.append(opts.fua ? { t: 'w', o: offset, f: true } : { t: 'w', o: offset }, bufs);
+        },
+        false,
+        true,
+      )
     );
+  }
+
+  /**
+   * The usual write, done before returning: nothing in flight overlaps it, the
+   * link has room, its extents are hot on disk already and the local disk
+   * writes it on this thread (FileDevice.pwritevNow). Then the range lock,
+   * the waits and the async frames of `mutate` have nothing to do, and they
+   * were a third of what the primary allocated per 4 KiB write. The same
+   * steps in the same order: recorded, written, logged. Null when any of
+   * that does not hold (nothing done): `mutate` then does it all.
+   */
+  private writeNow(
+    bufs: readonly Buffer[],
+    offset: number,
+    length: number,
+    opts: WriteOptions,
+  ): Promise<void> | null {
+    const local = this.local;
+    if (!local.pwritevNow || this.deposed || length <= 0 || offset < 0 || offset + length > this.size)
+      return null;
+    const end = offset + length;
+    for (const f of this.inflight) if (f.start < end && offset < f.end) return null;
+    if (!this.hasRoom(this.admitted)) return null;
+    if (this.activity && !this.activity.hotOnDisk(offset, length)) return null;
+    // From here on nothing waits. Recorded (hot on disk already: no sync), then written.
+    this.activity?.mark(offset, length, this.log.current + 1);
+    try {
+      if (!local.pwritevNow(bufs, offset, opts)) return null;
+    } catch (err) {
+      // As local_: what the disk now holds goes into the log, under the range lock.
+      const why = (err as Error).message;
+      return this.mutate(offset, length, async () => {
+        await this.logWhatIsThere(offset, length, why);
+        throw err;
+      });
+    }
+    crashPoint('primary-after-local-write');
+    this.log.append(opts.fua ? { t: 'w', o: offset, f: true } : { t: 'w', o: offset }, bufs);
+    this.roomChanged();
+    return DONE;
   }
 
   zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
