@@ -22,7 +22,7 @@ import type net from 'node:net';
 import tls from 'node:tls';
 import { nbdErrnoName, nbdErrnoOf, NbdErrno, toColoError } from '../errors.js';
 import { limits } from '../limits.js';
-import { ExtentFlag, writePieces, type BlockDevice } from '../block/device.js';
+import { ExtentFlag, writePieces, type BlockDevice, type WriteOptions } from '../block/device.js';
 import { fileRepliesAvailable, FILE_REPLY_MIN_BYTES, sendFromFile, socketFd } from './file-replies.js';
 import { ByteQueue } from './bytequeue.js';
 import { MIN_BYTES as REPLY_POOL_MIN_BYTES } from './reply-buffers.js';
@@ -80,6 +80,9 @@ type Phase = 'flags' | 'options' | 'transmission' | 'closed';
  */
 const DIRECT_PAYLOAD_MIN_BYTES = 64 * 1024;
 const DIRECT_PAYLOAD_MAX_BYTES = 4 * 1024 * 1024;
+
+const NO_FUA: WriteOptions = {};
+const WITH_FUA: WriteOptions = { fua: true };
 
 /** Largest block-status query in compact mode, so every descriptor length fits 32 bits. */
 const MAX_STATUS_QUERY_COMPACT = 2 ** 31;
@@ -683,6 +686,8 @@ export class Connection {
     try {
       if (this.shuttingDown) throw new RequestError(NbdErrno.ESHUTDOWN, 'server is shutting down');
       this.validate(req, payload ? payloadLength : null, exp);
+      const done = this.writeNow(req, payload, payloadLength, exp);
+      if (done) return this.complete(done, bytes, payloadBuffer);
       work = this.execute(req, payload, payloadLength, exp);
     } catch (err) {
       work = Promise.reject(err);
@@ -838,6 +843,35 @@ export class Connection {
    * tell a 20-byte chunk from one: libnbd spent a second recv() on every
    * write's acknowledgement. Errors keep their chunk: it carries the message.
    */
+  /**
+   * A WRITE the device does on this thread anyway (BlockDevice.pwritevNow: a
+   * small write to a file, a memory disk), done here: its reply, or null when
+   * `execute` must do it (nothing done). No promise and no async frame per
+   * write (`colo-blk serve`, fio 4 KiB random writes, pinned: 1.55 -> 1.51
+   * CPU-s/GiB, medians of six alternated runs, each pair in its favour). It
+   * throws as `execute` rejects.
+   */
+  private writeNow(
+    req: Request,
+    payload: Buffer[] | null,
+    payloadLength: number,
+    exp: ServedExport,
+  ): Buffer | null {
+    const dev = exp.device;
+    if (req.type !== Cmd.WRITE || !payload || payloadLength === 0 || !dev.pwritevNow) return null;
+    const opts = req.flags & CmdFlag.FUA ? WITH_FUA : NO_FUA;
+    try {
+      if (!dev.pwritevNow(payload, req.offset, opts)) return null;
+    } catch (err) {
+      exp.stats.writes++;
+      exp.stats.bytesWritten += payloadLength;
+      throw err;
+    }
+    exp.stats.writes++;
+    exp.stats.bytesWritten += payloadLength;
+    return this.ack(req);
+  }
+
   private ack(req: Request): Buffer {
     return encodeStatusReply(this.mode === 'extended' ? 'extended' : 'simple', req, 0);
   }
