@@ -132,6 +132,10 @@ class FaultyDevice implements BlockDevice {
     }
     return this.inner.pwritevNow([buf], offset);
   }
+  preadNow(buf: Buffer, offset: number): boolean {
+    if (this.failReads) throw new ColoError('EIO', 'injected read failure');
+    return this.inner.preadNow(buf, offset);
+  }
   async zero(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
     await this.jitter();
     if (this.failing()) {

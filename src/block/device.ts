@@ -75,6 +75,12 @@ export interface BlockDevice {
    * pwritev rejects), false with nothing done (use pwritev).
    */
   pwritevNow?(bufs: readonly Buffer[], offset: number, opts?: WriteOptions): boolean;
+  /**
+   * Optional, with pwritevNow: pread done before returning when the device
+   * would read on the calling thread anyway; false with nothing done. A range
+   * pwritevNow could write, it can read.
+   */
+  preadNow?(buf: Buffer, offset: number): boolean;
   pwrite(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void>;
   flush(): Promise<void>;
   trim(offset: number, length: number, opts?: WriteOptions): Promise<void>;

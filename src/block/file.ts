@@ -252,6 +252,21 @@ export class FileDevice implements BlockDevice {
     }
   }
 
+  /** pread on the calling thread when this device would read there anyway (as pwritevNow): true once read. */
+  preadNow(buf: Buffer, offset: number): boolean {
+    if (!this.syncFor(buf.length)) return false;
+    assertRange(this, offset, buf.length);
+    for (let done = 0; done < buf.length;) {
+      const n = fs.readSync(this.fd, buf, done, buf.length - done, offset + done);
+      if (n === 0) {
+        buf.fill(0, done); // past the end of a short file
+        break;
+      }
+      done += n;
+    }
+    return true;
+  }
+
   pwrite(buf: Buffer, offset: number, opts: WriteOptions = {}): Promise<void> {
     return this.pwritev([buf], offset, opts);
   }

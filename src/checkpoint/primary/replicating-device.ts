@@ -178,61 +178,73 @@ export class ReplicatingDevice implements BlockDevice {
   pwritev(bufs: readonly Buffer[], offset: number, opts: WriteOptions = {}): Promise<void> {
     let length = 0;
     for (const b of bufs) length += b.length;
-    return (
-      this.writeNow(bufs, offset, length, opts) ??
-      this.mutate(
-        offset,
-        length,
-        async () => {
-          await this.local_(offset, length, () => writePieces(this.local, bufs, offset, opts));
-          crashPoint('primary-after-local-write');
-          if (length > 0)
-            this.log.append(opts.fua ? { t: 'w', o: offset, f: true } : { t: 'w', o: offset }, bufs);
-        },
-        false,
-        true,
-      )
+    try {
+      if (this.pwritevNow(bufs, offset, opts)) return DONE;
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.mutate(
+      offset,
+      length,
+      async () => {
+        await this.local_(offset, length, () => writePieces(this.local, bufs, offset, opts));
+        crashPoint('primary-after-local-write');
+        if (length > 0)
+          this.log.append(opts.fua ? { t: 'w', o: offset, f: true } : { t: 'w', o: offset }, bufs);
+      },
+      false,
+      true,
     );
   }
 
   /**
    * The usual write, done before returning: nothing in flight overlaps it, the
    * link has room, its extents are hot on disk already and the local disk
-   * writes it on this thread (FileDevice.pwritevNow). Then the range lock,
-   * the waits and the async frames of `mutate` have nothing to do, and they
-   * were a third of what the primary allocated per 4 KiB write. The same
-   * steps in the same order: recorded, written, logged. Null when any of
-   * that does not hold (nothing done): `mutate` then does it all.
+   * writes it on this thread (its pwritevNow). Then the range lock, the waits
+   * and the async frames of `mutate` have nothing to do, and they were about
+   * half of what the primary allocated per 4 KiB write. The same steps in the
+   * same order: recorded, written, logged. False when any of that does not
+   * hold, nothing done (`pwritev` then takes the general path). A local
+   * failure is handled as `local_` does, here too: what the disk now holds
+   * is read back and logged before the error is thrown.
    */
-  private writeNow(
-    bufs: readonly Buffer[],
-    offset: number,
-    length: number,
-    opts: WriteOptions,
-  ): Promise<void> | null {
+  pwritevNow(bufs: readonly Buffer[], offset: number, opts: WriteOptions = {}): boolean {
     const local = this.local;
+    let length = 0;
+    for (const b of bufs) length += b.length;
     if (!local.pwritevNow || this.deposed || length <= 0 || offset < 0 || offset + length > this.size)
-      return null;
+      return false;
     const end = offset + length;
-    for (const f of this.inflight) if (f.start < end && offset < f.end) return null;
-    if (!this.hasRoom(this.admitted)) return null;
-    if (this.activity && !this.activity.hotOnDisk(offset, length)) return null;
+    for (const f of this.inflight) if (f.start < end && offset < f.end) return false;
+    if (!this.hasRoom(this.admitted)) return false;
+    if (this.activity && !this.activity.hotOnDisk(offset, length)) return false;
     // From here on nothing waits. Recorded (hot on disk already: no sync), then written.
     this.activity?.mark(offset, length, this.log.current + 1);
     try {
-      if (!local.pwritevNow(bufs, offset, opts)) return null;
+      if (!local.pwritevNow(bufs, offset, opts)) return false;
     } catch (err) {
-      // As local_: what the disk now holds goes into the log, under the range lock.
-      const why = (err as Error).message;
-      return this.mutate(offset, length, async () => {
-        await this.logWhatIsThere(offset, length, why);
-        throw err;
-      });
+      this.logWhatIsThereNow(offset, length, (err as Error).message);
+      throw err;
     }
     crashPoint('primary-after-local-write');
     this.log.append(opts.fua ? { t: 'w', o: offset, f: true } : { t: 'w', o: offset }, bufs);
     this.roomChanged();
-    return DONE;
+    return true;
+  }
+
+  /** logWhatIsThere for pwritevNow: the same, read on this thread (a range the local disk wrote so, it reads so). */
+  private logWhatIsThereNow(offset: number, length: number, why: string): void {
+    const buf = Buffer.allocUnsafe(length);
+    try {
+      if (this.local.preadNow?.(buf, offset)) {
+        this.log.append({ t: 'w', o: offset }, buf);
+        return;
+      }
+      why = `${why}; it could not be read back at once`;
+    } catch (err) {
+      why = `${why}; reading the range back failed too: ${(err as Error).message}`;
+    }
+    this.log.markOutOfSync(`a local write to ${offset}+${length} failed part-way (${why})`);
   }
 
   zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
