@@ -32,7 +32,12 @@ export const CHUNK_BYTES = 4 * 1024 * 1024;
  */
 export class ResendMemory {
   private readonly free: Buffer[] = [];
-  private readonly refs = new Map<Buffer, number>();
+  /** Holds per chunk, by its memory (any view of a chunk names it). */
+  private readonly refs = new Map<ArrayBufferLike, number>();
+  /** Every chunk made, by its memory. */
+  private readonly made = new Map<ArrayBufferLike, Buffer>();
+  /** One release function per chunk, made once (releaserOf). */
+  private readonly releasers = new Map<ArrayBufferLike, () => void>();
   private chunks = 0;
 
   constructor(readonly limitBytes: number) {}
@@ -43,23 +48,41 @@ export class ResendMemory {
     if (!c) {
       if ((this.chunks + 1) * CHUNK_BYTES > this.limitBytes) return null;
       this.chunks++;
-      c = Buffer.allocUnsafeSlow(CHUNK_BYTES);
+      c = Buffer.allocUnsafeSlow(CHUNK_BYTES); // memory of its own: `c.buffer` names it
+      this.made.set(c.buffer, c);
     }
-    this.refs.set(c, 1);
+    this.refs.set(c.buffer, 1);
     return c;
   }
 
-  hold(c: Buffer): void {
-    this.refs.set(c, (this.refs.get(c) ?? 0) + 1);
+  /** One more hold on the chunk `view` lies in. */
+  hold(view: Buffer): void {
+    this.refs.set(view.buffer, (this.refs.get(view.buffer) ?? 0) + 1);
   }
 
-  release(c: Buffer): void {
-    const n = (this.refs.get(c) ?? 1) - 1;
-    if (n > 0) this.refs.set(c, n);
+  /** One hold less on the chunk `view` lies in; back to the pool at none. */
+  release(view: Buffer): void {
+    const key = view.buffer;
+    const n = (this.refs.get(key) ?? 1) - 1;
+    if (n > 0) this.refs.set(key, n);
     else {
-      this.refs.delete(c);
-      this.free.push(c);
+      this.refs.delete(key);
+      this.free.push(this.made.get(key)!);
     }
+  }
+
+  /**
+   * A function that releases one hold on the chunk `view` lies in: the same
+   * function for every view of that chunk (a socket write's callback, with no
+   * closure made per write).
+   */
+  releaserOf(view: Buffer): () => void {
+    let f = this.releasers.get(view.buffer);
+    if (!f) {
+      const chunk = this.made.get(view.buffer)!;
+      this.releasers.set(view.buffer, (f = () => this.release(chunk)));
+    }
+    return f;
   }
 
   /** Bytes of chunks in use (by epochs, or by writes still queued). */
@@ -197,6 +220,24 @@ export class ResendJournal {
       done += chunk.copy(buf, done, into, into + n);
     }
     if (done < buf.length) this.file!.read(buf.subarray(done), pos + done - this.inMemory);
+  }
+
+  /**
+   * The frame `r` (this journal's last append) when it lies whole in one
+   * chunk: its bytes there (`r.parts[0]`), the chunk held until
+   * `releaserOf(view)` is called; null otherwise (viewsAt). The sender's
+   * usual path: no array and no closure per frame.
+   */
+  holdFrame(r: ResendAppend): Buffer | null {
+    if (!r.inMemory || r.parts.length !== 1) return null;
+    const view = r.parts[0];
+    this.memory.hold(view);
+    return view;
+  }
+
+  /** The release for a view holdFrame returned (one function per chunk). */
+  releaserOf(view: Buffer): () => void {
+    return this.memory.releaserOf(view);
   }
 
   /**

@@ -410,8 +410,10 @@ export class PrimaryLink extends EventEmitter {
     const { parts, bytes } = r;
     // Live fast path: the sender is exactly at the end of this epoch's journal.
     if (this.cursor.epoch === epoch && this.cursor.offset + bytes === journal.size) {
-      const held = r.inMemory ? journal.viewsAt(this.cursor.offset, bytes) : null;
-      if (held) this.writeHeld(held);
+      const one = journal.holdFrame(r);
+      const held = one || !r.inMemory ? null : journal.viewsAt(this.cursor.offset, bytes);
+      if (one) this.write(one, journal.releaserOf(one));
+      else if (held) this.writeHeld(held);
       else {
         const copy = this.slabs.copy(parts, bytes);
         if (copy) this.write(copy.view, copy.done);
