@@ -304,8 +304,14 @@ export class FileDevice implements BlockDevice {
     if (opts.fua || this.io === 'async' || (this.io === 'auto' && length >= AUTO_ASYNC_BYTES)) return false;
     assertRange(this, offset, length);
     this.checkWritable();
+    // The usual case: one writev takes it all, the pieces as given.
+    const n = ioTracer || length === 0 ? 0 : fs.writevSync(this.fd, bufs as Buffer[], offset);
+    if (n === length && length > 0) return true;
+    // A short first write (rare): on from where it stopped, as pwritev does.
     const left = bufs.filter((b) => b.length > 0);
-    for (let w = { i: 0, done: 0 }; w.i < left.length;)
+    const w = { i: 0, done: 0 };
+    if (n > 0) this.wrote(this.fd, left, w, offset, n);
+    while (w.i < left.length)
       this.wrote(
         this.fd,
         left,
