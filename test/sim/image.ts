@@ -68,6 +68,25 @@ export class SimImage implements StoreImage {
     if (opts.fua) await this.file.datasync();
   }
 
+  /**
+   * A write without FUA to an even 4 KiB block is done at once (the
+   * replicating primary's fast path, pwritevNow); the others go the general
+   * way (pwrite), so both paths run in every scenario. Chosen by the offset,
+   * not the rng: a seed's scenario is the same as without it.
+   */
+  pwritevNow(bufs: readonly Buffer[], offset: number, opts: WriteOptions = {}): boolean {
+    if (opts.fua || Math.floor(offset / 4096) % 2 === 1) return false;
+    const buf = bufs.length === 1 ? bufs[0] : Buffer.concat(bufs);
+    assertRange(this, offset, buf.length);
+    if (buf.length) this.put(buf, offset);
+    return true;
+  }
+
+  preadNow(buf: Buffer, offset: number): boolean {
+    this.readSync(buf, offset);
+    return true;
+  }
+
   async zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     assertRange(this, offset, length);
     if (length) this.put(Buffer.alloc(length), offset);
