@@ -69,7 +69,7 @@ import {
   TxFlag,
 } from './protocol.js';
 import type { NbdServer, ServedExport } from './server.js';
-import { directNextRead } from '../sys/slab-reads.js';
+import { directNextRead, endsAt } from '../sys/slab-reads.js';
 
 type Phase = 'flags' | 'options' | 'transmission' | 'closed';
 
@@ -86,21 +86,6 @@ const WITH_FUA: WriteOptions = { fua: true };
 
 /** Largest block-status query in compact mode, so every descriptor length fits 32 bits. */
 const MAX_STATUS_QUERY_COMPACT = 2 ** 31;
-
-/**
- * Whether the payload's last piece ends where `buffer` does: all the bytes read
- * into it belong to this payload, none to a request after it still in the
- * queue, so it may go back to the pool after the write. (directPayload sizes it
- * so; a buffer failing this is left to the garbage collector.)
- */
-function endsAt(pieces: Buffer[], buffer: Buffer): boolean {
-  const last = pieces[pieces.length - 1];
-  return (
-    last !== undefined &&
-    last.buffer === buffer.buffer &&
-    last.byteOffset + last.length === buffer.byteOffset + buffer.length
-  );
-}
 
 class RequestError extends Error {
   constructor(

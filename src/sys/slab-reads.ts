@@ -137,6 +137,22 @@ export function directNextRead(socket: net.Socket, target: Buffer): boolean {
   return slabsOf.get(socket)?.direct(target) ?? false;
 }
 
+/**
+ * Whether the last of `pieces` (a message taken from the queue) ends where
+ * `buffer` (a directed read's target) does: every byte read into it belongs
+ * to this message, none to one after it still queued, so it may go back to
+ * its pool once the message is handled. (The caller sizes the target so; one
+ * failing this is left to the garbage collector.)
+ */
+export function endsAt(pieces: Buffer[], buffer: Buffer): boolean {
+  const last = pieces[pieces.length - 1];
+  return (
+    last !== undefined &&
+    last.buffer === buffer.buffer &&
+    last.byteOffset + last.length === buffer.byteOffset + buffer.length
+  );
+}
+
 interface SocketInternals {
   _handle?: unknown;
   _server?: net.Server | null;

@@ -8,7 +8,7 @@ import type net from 'node:net';
 import { ByteQueue } from '../../net/bytequeue.js';
 import type { ReplyBuffers } from '../../net/reply-buffers.js';
 import type { Conn } from '../../sys/net.js';
-import { directNextRead } from '../../sys/slab-reads.js';
+import { directNextRead, endsAt } from '../../sys/slab-reads.js';
 import { decodeFramePieces, encodeFrameBuffer, FRAME_HEADER_BYTES, peekFrameBytes } from '../format/frame.js';
 
 /**
@@ -18,16 +18,6 @@ import { decodeFramePieces, encodeFrameBuffer, FRAME_HEADER_BYTES, peekFrameByte
  */
 const DIRECT_MIN_BYTES = 64 * 1024;
 const DIRECT_MAX_BYTES = 4 * 1024 * 1024 + 64 * 1024;
-
-/** Whether the frame's last piece ends where `buffer` does: no byte of a later frame was read into it. */
-function endsAt(pieces: Buffer[], buffer: Buffer): boolean {
-  const last = pieces[pieces.length - 1];
-  return (
-    last !== undefined &&
-    last.buffer === buffer.buffer &&
-    last.byteOffset + last.length === buffer.byteOffset + buffer.length
-  );
-}
 
 /**
  * Parses frames from a socket, validates each message (`parse`: the link's
