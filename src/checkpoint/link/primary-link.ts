@@ -17,7 +17,6 @@
  * - Every decision (when to connect, beats and loss, what a hello or an
  *   error means, waits and their timeouts) is the core's.
  */
-import { SlabPool } from './slabs.js';
 import { EventEmitter } from 'node:events';
 import { ColoError } from '../../errors.js';
 import type { Generation } from '../../failover/history.js';
@@ -96,7 +95,6 @@ export class PrimaryLink extends EventEmitter {
   private reader: FrameReader<ToPrimary> | null = null;
   private blocked = false;
   private corked = false;
-  private readonly slabs = new SlabPool();
   private streaming = false;
   private cursor = { epoch: 0, offset: 0 };
   /**
@@ -407,18 +405,15 @@ export class PrimaryLink extends EventEmitter {
   private onAppend(epoch: number, r: ResendAppend): void {
     if (!this.streaming || this.blocked || !this.socket || this.windowFull() || this.holding(epoch)) return;
     const journal = this.plog.epochs.get(epoch)!.journal!;
-    const { parts, bytes } = r;
+    const bytes = r.bytes;
     // Live fast path: the sender is exactly at the end of this epoch's journal.
     if (this.cursor.epoch === epoch && this.cursor.offset + bytes === journal.size) {
+      // The resend buffer's own bytes: one chunk's view (the usual frame), views across
+      // chunks, or, past its memory, the copy it made for its file (never the PVM's buffers).
       const one = journal.holdFrame(r);
-      const held = one || !r.inMemory ? null : journal.viewsAt(this.cursor.offset, bytes);
       if (one) this.write(one, journal.releaserOf(one));
-      else if (held) this.writeHeld(held);
-      else {
-        const copy = this.slabs.copy(parts, bytes);
-        if (copy) this.write(copy.view, copy.done);
-        else for (const p of parts) this.write(p);
-      }
+      else if (r.inMemory) this.writeHeld(journal.viewsAt(this.cursor.offset, bytes)!);
+      else for (const p of r.parts) this.write(p);
       this.cursor.offset += bytes;
       this.bytesSent += bytes;
       this.sentOnConn += bytes;
