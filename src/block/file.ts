@@ -237,13 +237,10 @@ export class FileDevice implements BlockDevice {
   }
 
   async pread(buf: Buffer, offset: number): Promise<void> {
+    if (this.preadNow(buf, offset)) return;
     assertRange(this, offset, buf.length);
-    const sync = this.syncFor(buf.length);
-    let done = 0;
-    while (done < buf.length) {
-      const n = sync
-        ? fs.readSync(this.fd, buf, done, buf.length - done, offset + done)
-        : await readAsync(this.fd, buf, done, buf.length - done, offset + done);
+    for (let done = 0; done < buf.length;) {
+      const n = await readAsync(this.fd, buf, done, buf.length - done, offset + done);
       if (n === 0) {
         buf.fill(0, done); // past the end of a short file
         return;
@@ -252,7 +249,7 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  /** pread on the calling thread when this device would read there anyway (as pwritevNow): true once read. */
+  /** pread on the calling thread when this device reads there (syncFor): true once read, false with nothing done. */
   preadNow(buf: Buffer, offset: number): boolean {
     if (!this.syncFor(buf.length)) return false;
     assertRange(this, offset, buf.length);
@@ -273,21 +270,29 @@ export class FileDevice implements BlockDevice {
 
   /** pwritev(2) of the pieces: an NBD payload that arrived in many socket chunks is never assembled. */
   async pwritev(bufs: readonly Buffer[], offset: number, opts: WriteOptions = {}): Promise<void> {
+    if (this.pwritevNow(bufs, offset, opts)) return;
     let length = 0;
     for (const b of bufs) length += b.length;
     assertRange(this, offset, length);
     this.checkWritable();
+    // Left to here: FUA, large writes, and --io async (syncFor says which of them stay on this thread).
     const fd = opts.fua ? this.fdSync : this.fd;
     const sync = this.syncFor(length, true, opts.fua);
     const timed = sync && this.io === 'auto' && length >= AUTO_ASYNC_BYTES;
     const started = timed ? performance.now() : 0;
     const left = bufs.filter((b) => b.length > 0);
+    const w = { i: 0, done: 0 };
+    if (sync) this.writeRestSync(fd, left, w, offset);
     // A short write leaves `left` starting where it stopped: whole pieces dropped, the next one cut.
-    for (let w = { i: 0, done: 0 }; w.i < left.length;) {
-      const rest = w.i === 0 ? left : left.slice(w.i);
-      const at = offset + w.done;
-      this.wrote(fd, left, w, offset, sync ? fs.writevSync(fd, rest, at) : await writevAsync(fd, rest, at));
-    }
+    else
+      while (w.i < left.length)
+        this.wrote(
+          fd,
+          left,
+          w,
+          offset,
+          await writevAsync(fd, w.i === 0 ? left : left.slice(w.i), offset + w.done),
+        );
     if (timed) this.noteLargeWrite(length, performance.now() - started);
   }
 
@@ -296,7 +301,7 @@ export class FileDevice implements BlockDevice {
    * (a write under AUTO_ASYNC_BYTES and not FUA, in 'auto' or 'sync' mode):
    * true once written. False, with nothing done, when `pwritev` must do it.
    * For a caller whose own work around the write is synchronous too (the
-   * replicating primary: no promise, no async frame per write).
+   * NBD connection, the replicating primary: no promise, no async frame per write).
    */
   pwritevNow(bufs: readonly Buffer[], offset: number, opts: WriteOptions = {}): boolean {
     let length = 0;
@@ -307,19 +312,18 @@ export class FileDevice implements BlockDevice {
     // The usual case: one writev takes it all, the pieces as given.
     const n = ioTracer || length === 0 ? 0 : fs.writevSync(this.fd, bufs as Buffer[], offset);
     if (n === length && length > 0) return true;
-    // A short first write (rare): on from where it stopped, as pwritev does.
+    // A short first write (rare), or a traced one: on from where it stopped.
     const left = bufs.filter((b) => b.length > 0);
     const w = { i: 0, done: 0 };
     if (n > 0) this.wrote(this.fd, left, w, offset, n);
-    while (w.i < left.length)
-      this.wrote(
-        this.fd,
-        left,
-        w,
-        offset,
-        fs.writevSync(this.fd, w.i === 0 ? left : left.slice(w.i), offset + w.done),
-      );
+    this.writeRestSync(this.fd, left, w, offset);
     return true;
+  }
+
+  /** Write `left` from piece `w.i` on, at `offset + w.done`, on this thread. */
+  private writeRestSync(fd: number, left: Buffer[], w: { i: number; done: number }, offset: number): void {
+    while (w.i < left.length)
+      this.wrote(fd, left, w, offset, fs.writevSync(fd, w.i === 0 ? left : left.slice(w.i), offset + w.done));
   }
 
   /** `n` bytes of `left` from piece `w.i` were written at `offset + w.done`: move past them. */
