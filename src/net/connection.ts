@@ -848,16 +848,16 @@ export class Connection {
     const dev = exp.device;
     if (req.type !== Cmd.WRITE || !payload || payloadLength === 0 || !dev.pwritevNow) return null;
     const opts = req.flags & CmdFlag.FUA ? WITH_FUA : NO_FUA;
+    let done = true; // a write that throws was tried, and counts as execute counts it
     try {
-      if (!dev.pwritevNow(payload, req.offset, opts)) return null;
-    } catch (err) {
-      exp.stats.writes++;
-      exp.stats.bytesWritten += payloadLength;
-      throw err;
+      done = dev.pwritevNow(payload, req.offset, opts);
+    } finally {
+      if (done) {
+        exp.stats.writes++;
+        exp.stats.bytesWritten += payloadLength;
+      }
     }
-    exp.stats.writes++;
-    exp.stats.bytesWritten += payloadLength;
-    return this.ack(req);
+    return done ? this.ack(req) : null;
   }
 
   private ack(req: Request): Buffer {

@@ -5,9 +5,9 @@
  * 'committed' after the commit record is durable. Every failure is answered
  * with an 'error' frame naming the epoch, never swallowed (invariant 6).
  */
-import { ReplyBuffers } from '../../net/reply-buffers.js';
 import { EventEmitter } from 'node:events';
 import { toColoError, type ErrorCode } from '../../errors.js';
+import { ReplyBuffers } from '../../net/reply-buffers.js';
 import type { Decision } from '../../failover/history.js';
 import type { Range } from '../../failover/activity.js';
 import { realClock, type Clock, type TimerHandle } from '../../sys/clock.js';

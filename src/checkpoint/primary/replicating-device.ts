@@ -176,13 +176,13 @@ export class ReplicatingDevice implements BlockDevice {
 
   /** pwrite of the pieces' concatenation, never made: the local disk and the log take the pieces. */
   pwritev(bufs: readonly Buffer[], offset: number, opts: WriteOptions = {}): Promise<void> {
-    let length = 0;
-    for (const b of bufs) length += b.length;
     try {
       if (this.pwritevNow(bufs, offset, opts)) return DONE;
     } catch (err) {
       return Promise.reject(err);
     }
+    let length = 0;
+    for (const b of bufs) length += b.length;
     return this.mutate(
       offset,
       length,
