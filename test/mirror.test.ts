@@ -412,6 +412,8 @@ describe('mirror suite: the log carries every change the primary makes', () => {
           return local.pwrite(buf, off);
         },
       },
+      // Not the memory disk's write-at-once: every write here waits for `held`.
+      pwritevNow: { value: () => false },
     });
     const r = replicating(slow);
     const epoch = r.plog.current;
