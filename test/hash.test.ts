@@ -2,6 +2,7 @@
 // and hashes exactly as if it had been (so two sides that know different
 // things about their holes still agree on equal contents); with either digest.
 import { createHash } from 'node:crypto';
+import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -15,7 +16,8 @@ import {
   type ZeroRanges,
 } from '../src/failover/reprotect/hash.js';
 import { MemoryDevice } from '../src/block/memory.js';
-import { ROOT, run } from './helpers.js';
+import { rmDir, ROOT, run, tmpDir } from './helpers.js';
+import { FileDevice } from '../src/block/file.js';
 import { commonHashAlg, HashPool, localHashAlgs, type HashAlg } from '../src/failover/reprotect/hash-pool.js';
 
 /** The BLAKE3 package, straight (the reference for the pool's workers and the blocks' code). */
@@ -186,6 +188,89 @@ describe('block hashes', () => {
           await pool.close();
         }
       }
+    }
+  });
+
+  it('ranges on a file are read and hashed by the workers themselves: the same hashes, every descriptor closed after, a failed read fails the call', async () => {
+    const dir = tmpDir();
+    try {
+      const size = 11 * 1024 * 1024 + 4096;
+      const { disk, holes } = sparseDisk(77, size);
+      const image = path.join(dir, 'disk.img');
+      fs.writeFileSync(image, disk);
+      const dev = await FileDevice.open(image);
+      const fdsBefore = fs.readdirSync('/proc/self/fd').length;
+      let readerBytes = 0;
+      const read = async (buf: Buffer, off: number) => {
+        readerBytes += buf.length;
+        await dev.pread(buf, off);
+      };
+      const zeroes: ZeroRanges = async (o, l) =>
+        holes
+          .filter((h) => h.offset < o + l && o < h.offset + h.length)
+          .map((h) => ({
+            offset: Math.max(o, h.offset),
+            length: Math.min(o + l, h.offset + h.length) - Math.max(o, h.offset),
+          }));
+      try {
+        for (const size of [1, 3]) {
+          const pool = new HashPool(size);
+          const files: number[] = [];
+          const hashFile = pool.hashFile.bind(pool);
+          pool.hashFile = (fd, ...rest) => {
+            files.push(fd);
+            return hashFile(fd, ...rest);
+          };
+          try {
+            for (const alg of ['sha256', 'blake3'] as const)
+              for (const [offset, block] of [
+                [0, 65536],
+                [512, 4096],
+                [4096 * 3, 1024 * 1024],
+              ] as const) {
+                const length = disk.length - offset - 512;
+                const want = reference(disk, offset, length, block, alg);
+                readerBytes = 0;
+                const file = (o: number, l: number) => dev.fileRange(o, l);
+                const got = await blockHashes(read, offset, length, block, { pool, alg, file, zeroes });
+                expect(got.equals(want), `${alg} block ${block} at ${offset}`).toBe(true);
+                // The workers read the long runs; this side only the short ones between holes.
+                expect(readerBytes).toBeLessThan(length / 2);
+              }
+            expect(files.length).toBeGreaterThan(0);
+            // Each job had a descriptor of its own, not the device's.
+            expect(files.every((fd) => fd !== dev.fileRange(0, 1)!.fd)).toBe(true);
+            // A read that fails (a directory has no bytes) fails the call, with its code; the pool goes on.
+            const dirFd = fs.openSync(dir, 'r');
+            try {
+              await expect(pool.hashFile(dirFd, 0, 1 << 20, 65536, 16)).rejects.toMatchObject({
+                code: 'EISDIR',
+              });
+            } finally {
+              fs.closeSync(dirFd);
+            }
+            // Past the end of a short file: zeroes, as a device reads there.
+            const fd = fs.openSync(image, 'r');
+            try {
+              const tail = await pool.hashFile(fd, disk.length - 65536, 1 << 20, 65536, 16);
+              const want = Buffer.concat([
+                disk.subarray(disk.length - 65536),
+                Buffer.alloc((1 << 20) - 65536),
+              ]);
+              expect(tail.equals(reference(want, 0, want.length, 65536))).toBe(true);
+            } finally {
+              fs.closeSync(fd);
+            }
+          } finally {
+            await pool.close();
+          }
+        }
+      } finally {
+        await dev.close();
+      }
+      expect(fs.readdirSync('/proc/self/fd').length).toBeLessThanOrEqual(fdsBefore);
+    } finally {
+      rmDir(dir);
     }
   });
 

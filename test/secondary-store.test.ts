@@ -8,6 +8,7 @@ import { encodeFrame } from '../src/checkpoint/format/frame.js';
 import type { MutationRecord } from '../src/checkpoint/format/records.js';
 import { SecondaryStore } from '../src/checkpoint/secondary/store.js';
 import { blockHashes } from '../src/failover/reprotect/hash.js';
+import { HashPool } from '../src/failover/reprotect/hash-pool.js';
 import { deviceSuite } from './device-suite.js';
 import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
 import { nodeStorage } from '../src/sys/storage.js';
@@ -213,6 +214,79 @@ describe('SecondaryStore', () => {
       );
       expect(hashes.equals(ref)).toBe(true);
       await closeStore(s);
+    }
+  });
+
+  it('hashes the PVM disk with the workers reading the image where no epoch holds data, and through the epochs where one does', async () => {
+    const size = 16 * 1024 * 1024;
+    const dir = path.join(root, `s${n++}`);
+    const image = dir + '.img';
+    const rand = prng(4242);
+    // What the image held before: random data, with a hole.
+    const pvm = randomBytes(size, rand);
+    pvm.fill(0, 5 << 20, 7 << 20);
+    fs.writeFileSync(image, pvm.subarray(0, 5 << 20));
+    const fd = fs.openSync(image, 'r+');
+    fs.writeSync(fd, pvm, 7 << 20, size - (7 << 20), 7 << 20);
+    fs.closeSync(fd);
+    const pool = new HashPool(2);
+    let fileJobs = 0;
+    const hashFile = pool.hashFile.bind(pool);
+    pool.hashFile = (...args) => {
+      fileJobs++;
+      return hashFile(...args);
+    };
+    const dev = await FileDevice.open(image, { size });
+    const store = await SecondaryStore.open(dir, dev, { hashing: pool });
+    try {
+      // Two epochs hold data here and there: writes, a zeroed range, a trim; the first committed
+      // (its apply runs under the hashing), the second still open.
+      let seq = 0;
+      for (const e of [1, 2]) {
+        let records = 0;
+        let bytes = 0;
+        for (let i = 0; i < 6; i++) {
+          const l = 512 * (1 + (rand() % 128));
+          const o = (rand() % ((size - l) / 512)) * 512;
+          const data = randomBytes(l, rand);
+          feed(store, { t: 'w', e, s: ++seq, o }, data);
+          data.copy(pvm, o);
+          records++;
+          bytes += l;
+        }
+        const z = (rand() % (size / 4096 - 64)) * 4096;
+        feed(store, { t: e === 1 ? 'z' : 't', e, s: ++seq, o: z, l: 65536 });
+        pvm.fill(0, z, z + 65536);
+        records++;
+        if (e === 1) {
+          await store.seal({ t: 'seal', e, n: records, b: bytes });
+          await store.commit(1);
+        }
+      }
+      for (const alg of ['sha256', 'blake3'] as const) {
+        fileJobs = 0;
+        const hashes = await store.pvmHashes(0, size, 65536, alg);
+        const ref = await blockHashes(
+          async (buf, off) => void pvm.copy(buf, 0, off, off + buf.length),
+          0,
+          size,
+          65536,
+          {
+            alg,
+            pool: new HashPool(0),
+          },
+        );
+        for (let b = 0; b < size / 65536; b++)
+          expect(
+            hashes.subarray(b * 16, b * 16 + 16).equals(ref.subarray(b * 16, b * 16 + 16)),
+            `${alg} block ${b}`,
+          ).toBe(true);
+        expect(fileJobs).toBeGreaterThan(0);
+      }
+    } finally {
+      await store.close();
+      await dev.close();
+      await pool.close();
     }
   });
 

@@ -303,6 +303,7 @@ export class PrimaryReplica {
         size: this.image.size,
         readLocal: (buf, off) => this.device.local.pread(buf, off),
         zeroLocal: (off, len) => deviceZeroRanges(this.device.local, off, len),
+        fileLocal: (off, len) => this.device.local.fileRange?.(off, len) ?? null,
         sendRange: (off, len) => this.device.resyncRange(off, len),
         requestHashes: (off, len, bs, alg) => this.link.requestHashes(off, len, bs, alg),
         checkpoint: (state) => this.syncCheckpoint(state, mode),

@@ -39,7 +39,7 @@ import {
   MAX_HASH_BLOCKS,
   MIN_HASH_BLOCK,
 } from '../../failover/reprotect/hash.js';
-import { readLayers, SvmDevice } from './svm-view.js';
+import { imageFileRange, readLayers, SvmDevice } from './svm-view.js';
 import type { History, SyncMode } from '../../failover/history.js';
 import { Applier, type ApplyJob } from './applier.js';
 import { CommitJournal } from './commit-journal.js';
@@ -704,6 +704,7 @@ export class SecondaryStore {
     const layers = () => [...this.epochs.values()].sort((a, b) => b.epoch - a.epoch).map((e) => e.layer);
     return blockHashes((buf, off) => readLayers(layers(), this.image, buf, off), offset, length, block, {
       zeroes: (off, len) => this.pvmZeroRanges(off, len),
+      file: (off, len) => imageFileRange(layers(), this.image, off, len),
       pool: this.opts.hashing,
       alg,
     });

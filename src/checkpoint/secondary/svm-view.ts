@@ -4,7 +4,14 @@
  * in the overlay only; FLUSH and FUA make the overlay durable. A promoted
  * node records its writes in the activity log before they land (invariant 8).
  */
-import type { BlockDevice, Capabilities, Extent, WriteOptions, ZeroOptions } from '../../block/device.js';
+import type {
+  BlockDevice,
+  Capabilities,
+  Extent,
+  FileRange,
+  WriteOptions,
+  ZeroOptions,
+} from '../../block/device.js';
 import { assertRange, coalesceExtents } from '../../block/device.js';
 import type { ActivityLog } from '../../failover/activity.js';
 import type { Layer } from '../format/layers.js';
@@ -51,6 +58,23 @@ export async function readLayers(
   };
   resolve(0, 0, offset, buf.length);
   for (const g of gaps) await image.pread(buf.subarray(g.at, g.at + g.length), g.offset);
+}
+
+/**
+ * Where [offset, offset+length) of what readLayers would read lies as is in
+ * the image's file: when no layer holds any of it (data or zeroes). null
+ * otherwise, or when the image maps to no file. Valid until the caller
+ * yields, like fileRange.
+ */
+export function imageFileRange(
+  layers: Layer[],
+  image: BlockDevice,
+  offset: number,
+  length: number,
+): FileRange | null {
+  for (const layer of layers)
+    if (layer.index.size > 0 && layer.lookup(offset, length).some((seg) => seg.extent)) return null;
+  return image.fileRange?.(offset, length) ?? null;
 }
 
 /**

@@ -17,6 +17,11 @@
  *   a command waiting on its hashes is not left with an empty event loop.
  * - A piece's buffer is transferred to the worker and back (no copy); the
  *   caller gets it back with the hashes, to read the next piece into.
+ * - Or the worker reads the bytes itself (hashFile): a range that lies as is
+ *   in an open file goes as (descriptor, position, length), and only the
+ *   hashes come back. No thread-pool read, no buffer crossing threads, no
+ *   wake-up between the read and the hash: a full sync of two identical
+ *   1 GiB images, each node on one core, went from 1.9 to 2.5 GB/s.
  * - The worker's code is a string evaluated in the worker (CommonJS): it
  *   needs no file of its own, so it runs the same from dist/ and from the
  *   TypeScript sources under test; it loads the BLAKE3 package by the path
@@ -28,6 +33,7 @@
  *   simulator's: worker threads would make its runs depend on real time).
  */
 import { createHash } from 'node:crypto';
+import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
@@ -98,6 +104,7 @@ export function hasher(alg: HashAlg): { update(b: Uint8Array): void; digest(): B
 
 const WORKER_CODE = `
 const { parentPort, workerData } = require('node:worker_threads');
+const fs = require('node:fs');
 const { createHash } = require('node:crypto');
 const blake3 = workerData.blake3 ? require(workerData.blake3).blake3 : null;
 const ZEROES = Buffer.alloc(65536);
@@ -108,22 +115,66 @@ function isZero(b) {
   }
   return true;
 }
-parentPort.on('message', (m) => {
-  const buf = Buffer.from(m.ab, 0, m.length);
-  const n = Math.ceil(m.length / m.block);
-  const out = Buffer.alloc(n * m.hashBytes);
+function hashBlocks(buf, m, out, first) {
+  const n = Math.ceil(buf.length / m.block);
   for (let i = 0; i < n; i++) {
-    const b = buf.subarray(i * m.block, Math.min((i + 1) * m.block, m.length));
+    const b = buf.subarray(i * m.block, Math.min((i + 1) * m.block, buf.length));
     if (isZero(b)) continue;
     const d = m.alg === 'blake3' ? blake3(b) : createHash('sha256').update(b).digest();
-    d.copy(out, i * m.hashBytes, 0, m.hashBytes);
+    d.copy(out, (first + i) * m.hashBytes, 0, m.hashBytes);
   }
+}
+let piece = null;
+function hashFile(m) {
+  const out = Buffer.alloc(Math.ceil(m.length / m.block) * m.hashBytes);
+  if (piece === null || piece.length < m.piece) piece = Buffer.allocUnsafe(m.piece);
+  const per = Math.max(1, Math.floor(m.piece / m.block)) * m.block;
+  for (let at = 0; at < m.length; at += per) {
+    const view = piece.subarray(0, Math.min(per, m.length - at));
+    for (let done = 0; done < view.length;) {
+      const n = fs.readSync(m.fd, view, done, view.length - done, m.position + at + done);
+      if (n === 0) {
+        view.fill(0, done); // past the end of a short file
+        break;
+      }
+      done += n;
+    }
+    hashBlocks(view, m, out, at / m.block);
+  }
+  return out;
+}
+parentPort.on('message', (m) => {
+  if (m.fd !== undefined) {
+    let hashes;
+    try {
+      hashes = hashFile(m);
+    } catch (err) {
+      parentPort.postMessage({ id: m.id, error: String(err && err.message), code: err && err.code });
+      return;
+    }
+    parentPort.postMessage({ id: m.id, hashes });
+    return;
+  }
+  const buf = Buffer.from(m.ab, 0, m.length);
+  const out = Buffer.alloc(Math.ceil(m.length / m.block) * m.hashBytes);
+  hashBlocks(buf, m, out, 0);
   parentPort.postMessage({ id: m.id, ab: m.ab, hashes: out }, [m.ab]);
 });
 `;
 
+/** What a worker answers a job with. */
+interface JobReply {
+  id: number;
+  hashes?: Uint8Array;
+  /** A buffer job's buffer, back. */
+  ab?: ArrayBuffer;
+  /** A file job's failure (its read): message and errno code. */
+  error?: string;
+  code?: string;
+}
+
 interface Job {
-  resolve: (r: { hashes: Buffer; buffer: ArrayBuffer }) => void;
+  resolve: (r: JobReply) => void;
   reject: (err: Error) => void;
 }
 
@@ -150,6 +201,11 @@ export function isZero(buf: Buffer): boolean {
     if (!buf.subarray(at, end).equals(ZEROES.subarray(0, end - at))) return false;
   }
   return true;
+}
+
+function hashesOf(m: JobReply): Buffer {
+  const h = m.hashes!;
+  return Buffer.from(h.buffer, h.byteOffset, h.byteLength);
 }
 
 export class HashPool {
@@ -190,15 +246,12 @@ export class HashPool {
         workerData: { blake3: blake3?.path ?? null },
       });
       const pw: PoolWorker = { worker, jobs: 0 };
-      worker.on('message', (m: { id: number; ab: ArrayBuffer; hashes: Uint8Array }) => {
+      worker.on('message', (m: JobReply) => {
         const job = this.pending.get(m.id);
         if (!job) return;
         this.pending.delete(m.id);
         if (--pw.jobs === 0) worker.unref();
-        job.resolve({
-          hashes: Buffer.from(m.hashes.buffer, m.hashes.byteOffset, m.hashes.byteLength),
-          buffer: m.ab,
-        });
+        job.resolve(m);
       });
       worker.on('error', (err) => this.fail(pw, err));
       worker.on('exit', (code) => this.fail(pw, new Error(`a hashing worker exited (${code})`)));
@@ -231,13 +284,51 @@ export class HashPool {
     this.check(alg);
     if (length < POOL_MIN_BYTES || this.size === 0)
       return { hashes: hashInline(Buffer.from(buffer, 0, length), block, hashBytes, alg), buffer };
+    const m = await this.post({ ab: buffer, length, block, hashBytes, alg }, [buffer]);
+    return { hashes: hashesOf(m), buffer: m.ab! };
+  }
+
+  /**
+   * Hash `length` bytes of the open file `fd` from `position` (zeroes past its
+   * end), read by the worker that hashes them: the bytes never cross a thread.
+   * `fd` must stay open until the promise settles; `block` at most PIECE.
+   */
+  async hashFile(
+    fd: number,
+    position: number,
+    length: number,
+    block: number,
+    hashBytes: number,
+    alg: HashAlg = 'sha256',
+  ): Promise<Buffer> {
+    this.check(alg);
+    if (block > PIECE) throw new Error(`hashFile: a block of ${block} bytes is larger than a piece`);
+    if (length < POOL_MIN_BYTES || this.size === 0) {
+      const buf = Buffer.allocUnsafe(length);
+      for (let done = 0; done < length;) {
+        const n = fs.readSync(fd, buf, done, length - done, position + done);
+        if (n === 0) {
+          buf.fill(0, done);
+          break;
+        }
+        done += n;
+      }
+      return hashInline(buf, block, hashBytes, alg);
+    }
+    const m = await this.post({ fd, position, length, block, hashBytes, alg, piece: PIECE });
+    if (m.error !== undefined) throw Object.assign(new Error(m.error), m.code ? { code: m.code } : {});
+    return hashesOf(m);
+  }
+
+  /** Send a job to the least busy worker (starting them on first use); its reply. */
+  private post(msg: Record<string, unknown>, transfer: ArrayBuffer[] = []): Promise<JobReply> {
     if (this.workers.length === 0) this.start();
     const w = this.workers.reduce((a, b) => (b.jobs < a.jobs ? b : a));
     const id = this.nextId++;
     if (w.jobs++ === 0) w.worker.ref();
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject, w });
-      w.worker.postMessage({ id, ab: buffer, length, block, hashBytes, alg }, [buffer]);
+      w.worker.postMessage({ id, ...msg }, transfer);
     });
   }
 

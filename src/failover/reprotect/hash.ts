@@ -12,9 +12,10 @@
  * compare at the speed of their extent maps, and a block of any size works,
  * which lets the resync ask for one hash of a whole gigabyte of hole.
  */
-import { ExtentFlag, type BlockDevice } from '../../block/device.js';
+import fs from 'node:fs';
+import { ExtentFlag, type BlockDevice, type FileRange } from '../../block/device.js';
 import type { Range } from '../activity.js';
-import { hasher, hashPool, isZero, PIECE, type HashAlg, type HashPool } from './hash-pool.js';
+import { hasher, hashPool, isZero, PIECE, POOL_MIN_BYTES, type HashAlg, type HashPool } from './hash-pool.js';
 
 export const HASH_BYTES = 16;
 /** First-level block (whole-disk comparison); differing blocks are compared again in sub-blocks. */
@@ -50,6 +51,34 @@ export interface BlockHashOptions {
   pool?: HashPool;
   /** The digest (SHA-256 by default). */
   alg?: HashAlg;
+  /**
+   * Where a range reads, as it is now, straight from an open file (a device's
+   * `fileRange`), or null: the pool's workers then read it themselves and
+   * only the hashes come back (see fileJob).
+   */
+  file?: (offset: number, length: number) => FileRange | null;
+}
+
+/** Bytes of file one worker job reads and hashes (a compare chunk's worth). */
+export const FILE_JOB = 4 * 1024 * 1024;
+
+/** Cleared when /proc/self/fd cannot be opened (no /proc): hashing then reads on this thread's side. */
+let canReopen = true;
+
+/**
+ * A descriptor of its own on the file behind `fd`, opened now (while `fd` is
+ * sure to be the device's): a worker reads from it later, whatever the device
+ * does with `fd` meanwhile (a close, and the number reused). null without
+ * /proc.
+ */
+function reopen(fd: number): number | null {
+  if (!canReopen) return null;
+  try {
+    return fs.openSync(`/proc/self/fd/${fd}`, 'r');
+  } catch {
+    canReopen = false;
+    return null;
+  }
 }
 
 /**
@@ -64,7 +93,7 @@ export async function blockHashes(
   block: number,
   opts: BlockHashOptions = {},
 ): Promise<Buffer> {
-  const { zeroes, pool = hashPool, alg = 'sha256' } = opts;
+  const { zeroes, pool = hashPool, alg = 'sha256', file } = opts;
   pool.check(alg);
   const n = Math.ceil(length / block);
   const out = Buffer.allocUnsafe(n * HASH_BYTES);
@@ -76,6 +105,9 @@ export async function blockHashes(
       ? Math.min(PIECE, Math.max(length, 1))
       : Math.max(block, Math.floor(Math.min(PIECE, length) / block) * block);
   const perRead = Math.max(1, Math.floor(pieceBytes / block));
+  // Runs a worker may read itself: up to FILE_JOB, when the pool has workers.
+  const perFileJob =
+    file && pool.size > 0 && block <= PIECE ? Math.max(perRead, Math.floor(FILE_JOB / block)) : 0;
   // Pieces being hashed; their buffers come back to `free`.
   const depth = pool.depth;
   const free: ArrayBuffer[] = [];
@@ -106,15 +138,43 @@ export async function blockHashes(
         // A run of whole blocks in one read (stopping before a block known to be zero).
         let k = 1;
         while (
-          k < perRead &&
+          k < Math.max(perRead, perFileJob) &&
           i + k < n &&
           !covered(start + k * block, Math.min(block, offset + length - start - k * block))
         )
           k++;
-        const runLen = Math.min(k * block, offset + length - start);
+        let runLen = Math.min(k * block, offset + length - start);
+        const at = i * HASH_BYTES;
+        const src = perFileJob > 0 && runLen >= POOL_MIN_BYTES ? file!(start, runLen) : null;
+        const fd = src ? reopen(src.fd) : null;
+        if (src && fd !== null) {
+          while (inflight.size >= depth) {
+            await Promise.race(inflight);
+            if (failure) {
+              fs.closeSync(fd);
+              throw failure;
+            }
+          }
+          const job = pool.hashFile(fd, src.offset, runLen, block, HASH_BYTES, alg).then(
+            (h) => void h.copy(out, at),
+            (err: Error) => {
+              failure ??= err;
+            },
+          );
+          const settled = job.finally(() => {
+            fs.closeSync(fd);
+            inflight.delete(settled);
+          });
+          inflight.add(settled);
+          i += k;
+          continue;
+        }
+        if (k > perRead) {
+          k = perRead;
+          runLen = Math.min(k * block, offset + length - start);
+        }
         const ab = await takeBuffer();
         await read(Buffer.from(ab, 0, runLen), start);
-        const at = i * HASH_BYTES;
         const job = pool.hash(ab, runLen, block, HASH_BYTES, alg).then(
           (r) => {
             r.hashes.copy(out, at);

@@ -34,6 +34,7 @@ import {
   type ZeroRanges,
 } from './hash.js';
 import type { HashAlg, HashPool } from './hash-pool.js';
+import type { FileRange } from '../../block/device.js';
 import type { SyncMode } from '../history.js';
 
 export interface ResyncHost {
@@ -41,6 +42,8 @@ export interface ResyncHost {
   readLocal: RangeReader;
   /** Ranges of the local disk known to read as zeroes (holes), without reading them. */
   zeroLocal?: ZeroRanges;
+  /** Where a range of the local disk reads straight from an open file (hashed there by a worker). */
+  fileLocal?: (offset: number, length: number) => FileRange | null;
   /** Log the range's current contents (a write record the secondary applies). */
   sendRange(offset: number, length: number): Promise<void>;
   /** The secondary's hashes of a range, as of this point of the stream, with digest `alg`. */
@@ -275,6 +278,7 @@ export class Resync {
   private localHashes(offset: number, length: number, block: number): Promise<Buffer> {
     return blockHashes(this.host.readLocal, offset, length, block, {
       zeroes: this.host.zeroLocal,
+      file: this.host.fileLocal,
       pool: this.host.hashing,
       alg: this.progress.hashAlg,
     });
