@@ -330,12 +330,13 @@ export class FileDevice implements BlockDevice {
   private wrote(fd: number, left: Buffer[], w: { i: number; done: number }, offset: number, n: number): void {
     if (n <= 0) throw new ColoError('EIO', `short write at ${offset + w.done} on ${this.path}`);
     for (let skip = n; skip > 0;) {
-      const piece = left[w.i].subarray(0, Math.min(left[w.i].length, skip));
+      const cur = left[w.i];
+      const piece = skip >= cur.length ? cur : cur.subarray(0, skip); // a view only for a short write
       ioTracer?.write(this.path, offset + w.done, piece, fd === this.fdSync);
       w.done += piece.length;
       skip -= piece.length;
-      if (piece.length === left[w.i].length) w.i++;
-      else left[w.i] = left[w.i].subarray(piece.length);
+      if (piece === cur) w.i++;
+      else left[w.i] = cur.subarray(piece.length);
     }
   }
 
