@@ -54,7 +54,7 @@ export interface BlockHashOptions {
   /**
    * Where a range reads, as it is now, straight from an open file (a device's
    * `fileRange`), or null: the pool's workers then read it themselves and
-   * only the hashes come back (see fileJob).
+   * only the hashes come back (HashPool.hashFile).
    */
   file?: (offset: number, length: number) => FileRange | null;
 }
