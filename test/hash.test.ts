@@ -274,6 +274,49 @@ describe('block hashes', () => {
     }
   });
 
+  it('a file that cannot be opened again is read the usual way, and later calls still hand files to the workers', async () => {
+    const dir = tmpDir();
+    const pool = new HashPool(1);
+    try {
+      const disk = Buffer.alloc(2 * 1024 * 1024);
+      for (let i = 0; i < disk.length; i += 4096) disk.writeUInt32LE(i + 1, i);
+      const image = path.join(dir, 'disk.img');
+      fs.writeFileSync(image, disk);
+      const dev = await FileDevice.open(image);
+      let jobs = 0;
+      const hashFile = pool.hashFile.bind(pool);
+      pool.hashFile = (...args) => {
+        jobs++;
+        return hashFile(...args);
+      };
+      let readerBytes = 0;
+      const read = async (buf: Buffer, off: number) => {
+        readerBytes += buf.length;
+        await dev.pread(buf, off);
+      };
+      const want = reference(disk, 0, disk.length, 65536);
+      try {
+        // A descriptor number nothing has open: /proc/self/fd has no such entry.
+        const gone = () => ({ fd: 1_000_000, offset: 0 });
+        expect((await blockHashes(read, 0, disk.length, 65536, { pool, file: gone })).equals(want)).toBe(
+          true,
+        );
+        expect(jobs).toBe(0);
+        expect(readerBytes).toBe(disk.length);
+        readerBytes = 0;
+        const file = (o: number, l: number) => dev.fileRange(o, l);
+        expect((await blockHashes(read, 0, disk.length, 65536, { pool, file })).equals(want)).toBe(true);
+        expect(jobs).toBeGreaterThan(0);
+        expect(readerBytes).toBe(0);
+      } finally {
+        await dev.close();
+      }
+    } finally {
+      await pool.close();
+      rmDir(dir);
+    }
+  });
+
   it('in a process of its own: the pool holds it open while hashing and not after; COLO_BLK_NO_BLAKE3 leaves SHA-256', async () => {
     // Nothing else keeps the event loop alive: the workers' jobs must (a top-level await left
     // unsettled exits 13), and the idle workers must not (the process would never end).

@@ -62,21 +62,23 @@ export interface BlockHashOptions {
 /** Bytes of file one worker job reads and hashes (a compare chunk's worth). */
 export const FILE_JOB = 4 * 1024 * 1024;
 
-/** Cleared when /proc/self/fd cannot be opened (no /proc): hashing then reads on this thread's side. */
+/** Cleared when there is no /proc/self/fd: hashing then reads on this thread's side. */
 let canReopen = true;
 
 /**
  * A descriptor of its own on the file behind `fd`, opened now (while `fd` is
  * sure to be the device's): a worker reads from it later, whatever the device
- * does with `fd` meanwhile (a close, and the number reused). null without
- * /proc.
+ * does with `fd` meanwhile (a close, and the number reused). null when it
+ * cannot be opened (no /proc, or the file's permissions changed since the
+ * device opened it): the caller reads the usual way.
  */
 function reopen(fd: number): number | null {
   if (!canReopen) return null;
   try {
     return fs.openSync(`/proc/self/fd/${fd}`, 'r');
-  } catch {
-    canReopen = false;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT' && !fs.existsSync('/proc/self/fd'))
+      canReopen = false;
     return null;
   }
 }
