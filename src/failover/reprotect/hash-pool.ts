@@ -34,7 +34,6 @@
  *   simulator's: worker threads would make its runs depend on real time).
  */
 import { createHash } from 'node:crypto';
-import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
@@ -292,7 +291,8 @@ export class HashPool {
   /**
    * Hash `length` bytes of the open file `fd` from `position` (zeroes past its
    * end), read by the worker that hashes them: the bytes never cross a thread.
-   * `fd` must stay open until the promise settles; `block` at most PIECE.
+   * `fd` must stay open until the promise settles; `block` at most PIECE; a
+   * pool of workers only (blockHashes hashes inline without them).
    */
   async hashFile(
     fd: number,
@@ -304,18 +304,7 @@ export class HashPool {
   ): Promise<Buffer> {
     this.check(alg);
     if (block > PIECE) throw new Error(`hashFile: a block of ${block} bytes is larger than a piece`);
-    if (length < POOL_MIN_BYTES || this.size === 0) {
-      const buf = Buffer.allocUnsafe(length);
-      for (let done = 0; done < length;) {
-        const n = fs.readSync(fd, buf, done, length - done, position + done);
-        if (n === 0) {
-          buf.fill(0, done);
-          break;
-        }
-        done += n;
-      }
-      return hashInline(buf, block, hashBytes, alg);
-    }
+    if (this.size === 0) throw new Error('hashFile: a pool without workers hashes no file');
     const m = await this.post({ fd, position, length, block, hashBytes, alg, piece: PIECE });
     if (m.error !== undefined) throw Object.assign(new Error(m.error), m.code ? { code: m.code } : {});
     return hashesOf(m);

@@ -127,6 +127,25 @@ export async function blockHashes(
     }
     return free.pop()!;
   };
+  /** Wait until fewer than `depth` jobs run; a failed one's error is thrown. */
+  const slot = async (): Promise<void> => {
+    while (inflight.size >= depth) {
+      await Promise.race(inflight);
+      if (failure) throw failure;
+    }
+  };
+  /** Count `work` in flight until it settles (then `after`); its error is kept for the end. */
+  const track = (work: Promise<void>, after?: () => void): void => {
+    const job: Promise<void> = work
+      .catch((err: Error) => {
+        failure ??= err;
+      })
+      .finally(() => {
+        after?.();
+        inflight.delete(job);
+      });
+    inflight.add(job);
+  };
   try {
     for (let i = 0; i < n;) {
       const start = offset + i * block;
@@ -147,29 +166,20 @@ export async function blockHashes(
           k++;
         let runLen = Math.min(k * block, offset + length - start);
         const at = i * HASH_BYTES;
-        const src = perFileJob > 0 && runLen >= POOL_MIN_BYTES ? file!(start, runLen) : null;
-        const fd = src ? reopen(src.fd) : null;
-        if (src && fd !== null) {
-          while (inflight.size >= depth) {
-            await Promise.race(inflight);
-            if (failure) {
-              fs.closeSync(fd);
-              throw failure;
-            }
+        if (perFileJob > 0 && runLen >= POOL_MIN_BYTES) {
+          await slot();
+          // Asked and opened in one step: the range lies in the file as of now, and the
+          // descriptor is the job's own.
+          const src = file!(start, runLen);
+          const fd = src ? reopen(src.fd) : null;
+          if (src && fd !== null) {
+            track(
+              pool.hashFile(fd, src.offset, runLen, block, HASH_BYTES, alg).then((h) => void h.copy(out, at)),
+              () => fs.closeSync(fd),
+            );
+            i += k;
+            continue;
           }
-          const job = pool.hashFile(fd, src.offset, runLen, block, HASH_BYTES, alg).then(
-            (h) => void h.copy(out, at),
-            (err: Error) => {
-              failure ??= err;
-            },
-          );
-          const settled = job.finally(() => {
-            fs.closeSync(fd);
-            inflight.delete(settled);
-          });
-          inflight.add(settled);
-          i += k;
-          continue;
         }
         if (k > perRead) {
           k = perRead;
@@ -177,17 +187,12 @@ export async function blockHashes(
         }
         const ab = await takeBuffer();
         await read(Buffer.from(ab, 0, runLen), start);
-        const job = pool.hash(ab, runLen, block, HASH_BYTES, alg).then(
-          (r) => {
+        track(
+          pool.hash(ab, runLen, block, HASH_BYTES, alg).then((r) => {
             r.hashes.copy(out, at);
             free.push(r.buffer);
-          },
-          (err: Error) => {
-            failure ??= err;
-          },
+          }),
         );
-        inflight.add(job);
-        void job.then(() => inflight.delete(job));
         i += k;
         continue;
       }
