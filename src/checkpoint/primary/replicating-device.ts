@@ -167,6 +167,28 @@ export class ReplicatingDevice implements BlockDevice {
         why = `${why}; reading the range back failed too: ${(err as Error).message}`;
       }
     }
+    this.unlogged(offset, length, why);
+  }
+
+  /** logWhatIsThere for pwritevNow: the same, read on this thread (a range the local disk wrote so, it reads so). */
+  private logWhatIsThereNow(offset: number, length: number, why: string): void {
+    if (length <= limits.maxPayloadBytes) {
+      const buf = Buffer.allocUnsafe(length);
+      try {
+        if (this.local.preadNow?.(buf, offset)) {
+          this.log.append({ t: 'w', o: offset }, buf);
+          return;
+        }
+        why = `${why}; it could not be read back at once`;
+      } catch (err) {
+        why = `${why}; reading the range back failed too: ${(err as Error).message}`;
+      }
+    }
+    this.unlogged(offset, length, why);
+  }
+
+  /** A failed local change whose bytes could not be logged: the peer is out of sync (the range is on record). */
+  private unlogged(offset: number, length: number, why: string): void {
     this.log.markOutOfSync(`a local write to ${offset}+${length} failed part-way (${why})`);
   }
 
@@ -230,21 +252,6 @@ export class ReplicatingDevice implements BlockDevice {
     this.log.append(opts.fua ? { t: 'w', o: offset, f: true } : { t: 'w', o: offset }, bufs);
     this.roomChanged();
     return true;
-  }
-
-  /** logWhatIsThere for pwritevNow: the same, read on this thread (a range the local disk wrote so, it reads so). */
-  private logWhatIsThereNow(offset: number, length: number, why: string): void {
-    const buf = Buffer.allocUnsafe(length);
-    try {
-      if (this.local.preadNow?.(buf, offset)) {
-        this.log.append({ t: 'w', o: offset }, buf);
-        return;
-      }
-      why = `${why}; it could not be read back at once`;
-    } catch (err) {
-      why = `${why}; reading the range back failed too: ${(err as Error).message}`;
-    }
-    this.log.markOutOfSync(`a local write to ${offset}+${length} failed part-way (${why})`);
   }
 
   zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
