@@ -824,14 +824,6 @@ export class Connection {
   }
 
   /**
-   * The reply to a command other than READ that succeeded: a simple reply
-   * unless extended headers forbid it. With structured replies the spec
-   * allows one for any command but READ when it has no payload (as nbdkit
-   * does), and a client reads the 16 bytes of a simple reply before it can
-   * tell a 20-byte chunk from one: libnbd spent a second recv() on every
-   * write's acknowledgement. Errors keep their chunk: it carries the message.
-   */
-  /**
    * A WRITE the device does on this thread anyway (BlockDevice.pwritevNow: a
    * small write to a file, a memory disk), done here: its reply, or null when
    * `execute` must do it (nothing done). No promise and no async frame per
@@ -860,6 +852,14 @@ export class Connection {
     return done ? this.ack(req) : null;
   }
 
+  /**
+   * The reply to a command other than READ that succeeded: a simple reply
+   * unless extended headers forbid it. With structured replies the spec
+   * allows one for any command but READ when it has no payload (as nbdkit
+   * does), and a client reads the 16 bytes of a simple reply before it can
+   * tell a 20-byte chunk from one: libnbd spent a second recv() on every
+   * write's acknowledgement. Errors keep their chunk: it carries the message.
+   */
   private ack(req: Request): Buffer {
     return encodeStatusReply(this.mode === 'extended' ? 'extended' : 'simple', req, 0);
   }
