@@ -27,6 +27,7 @@ import {
   type Pair,
 } from './pair.js';
 import { lastLine } from './proc.js';
+import { limitsScenario } from './limits.js';
 import { LOOP_SCENARIOS } from './loop.js';
 import { VM_SCENARIOS } from './vm.js';
 import { recoveryScenario, resyncScenario } from './resync.js';
@@ -658,6 +659,7 @@ export const freshPairScenario: ScenarioDef = {
 };
 
 export const SCENARIOS: ScenarioDef[] = [
+  limitsScenario,
   checkpointScenario,
   memoryScenario,
   failoverScenario,
