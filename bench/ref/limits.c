@@ -13,7 +13,8 @@
  *
  * Each prints one JSON line: {"bytes":B,"seconds":S,"cpuSeconds":C}, CPU from
  * getrusage(2) over the measured part only (user + system). Everything binds
- * and connects to 127.0.0.1. A failed call prints its errno and exits 1.
+ * and connects to 127.0.0.1. A failed call prints its errno and exits 1; a
+ * run still going after 120 s is ended by SIGALRM.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -131,6 +132,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   const char *mode = argv[1];
+  alarm(120); /* a peer that never comes (a failed start) must not leave this waiting in accept */
   char *buf = malloc(CHUNK), *other = malloc(CHUNK);
   if (!buf || !other) die("malloc");
   memset(buf, 0x5a, CHUNK);
