@@ -76,13 +76,14 @@ class Pipe {
       const meta = decodeFrame<Record<string, unknown> & { t: string }>(frame)!.meta;
       const key = `${this.dir}:${meta.t}`;
       this.proxy.frameCounts[key] = (this.proxy.frameCounts[key] ?? 0) + 1;
+      this.proxy.seen.push({ dir: this.dir, t: meta.t, e: typeof meta.e === 'number' ? meta.e : undefined });
       if (this.proxy.shouldDrop(this.dir, meta)) continue;
-      this.forward(frame);
+      this.forward(frame, this.proxy.frameDelay?.(this.dir, meta) ?? 0);
     }
   }
 
-  /** Apply the byte cut (primary → secondary only), then the delay. */
-  private forward(buf: Buffer): void {
+  /** Apply the byte cut (primary → secondary only), then the delay (plus `extraMs` for this frame). */
+  private forward(buf: Buffer, extraMs = 0): void {
     if (this.conn.cut) return;
     if (this.dir === 'up' && Number.isFinite(this.proxy.cutAfterBytes)) {
       const left = this.proxy.cutAfterBytes - this.proxy.forwarded;
@@ -97,15 +98,15 @@ class Pipe {
       }
     }
     if (this.dir === 'up') this.proxy.forwarded += buf.length;
-    this.push(buf);
+    this.push(buf, extraMs);
   }
 
-  private push(buf: Buffer): void {
-    if (this.proxy.delayMs <= 0 && this.queue.length === 0) {
+  private push(buf: Buffer, extraMs = 0): void {
+    if (this.proxy.delayMs <= 0 && extraMs <= 0 && this.queue.length === 0) {
       if (!this.dst.destroyed) this.dst.write(buf);
       return;
     }
-    this.queue.push({ due: performance.now() + this.proxy.delayMs, buf });
+    this.queue.push({ due: performance.now() + Math.max(0, this.proxy.delayMs) + extraMs, buf });
     this.schedule();
   }
 
@@ -200,6 +201,7 @@ class Conn {
  *   that lost bytes stays a blackhole: its stream is broken), and new
  *   connections are accepted and never answered. Only the heartbeat can tell;
  * - drop frames of one type in one direction (`dropNext`);
+ * - hold one frame longer (`frameDelay`), and log every frame it saw (`seen`);
  * - refuse connections (`refuse`).
  */
 export class NetFaultProxy {
@@ -219,6 +221,10 @@ export class NetFaultProxy {
   frameCounts: Record<string, number> = {};
   /** Frames the proxy dropped, in order. */
   dropped: { dir: Direction; meta: Record<string, unknown> }[] = [];
+  /** Every frame seen, both directions, in the order they arrived (type and epoch). */
+  seen: { dir: Direction; t: string; e?: number }[] = [];
+  /** Extra milliseconds to hold one frame (and, keeping the order, whatever follows it that way). */
+  frameDelay: ((dir: Direction, meta: Record<string, unknown> & { t: string }) => number) | null = null;
   port = 0;
 
   constructor(

@@ -491,8 +491,8 @@ export class PrimaryReplica {
     this.checkpointing = true;
     try {
       const s = await this.sealEpoch();
-      // The PVM may be writing: its next epoch waits to be sent until the commit request is
-      // (the link releases the hold as it writes that request; the finally, if it never does).
+      // The PVM may be writing: its next epoch waits to be sent until the commit is answered
+      // (the finally releases the hold, whether the checkpoint succeeded or not).
       this.link.holdAfter(s.epoch);
       const d = await this.waitDurable(s.epoch, timeoutMs);
       const c = await this.commit(s.epoch, timeoutMs);
