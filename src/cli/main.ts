@@ -136,7 +136,7 @@ nodeOptions(
       '--window <size>',
       'log on the wire to the secondary at once (sent, not yet taken); a checkpoint waits behind it. ' +
         "Raise it above the link's rate × round trip where that is larger",
-      '1M',
+      '2M',
     )
     .option(
       '--lone-after <ms>',
@@ -185,7 +185,7 @@ nodeOptions(
     .option(
       '--window <size>',
       'once promoted and re-protected, log on the wire to its new secondary at once (as primary --window)',
-      '1M',
+      '2M',
     )
     .option(
       '--rejoin',

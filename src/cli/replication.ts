@@ -43,7 +43,7 @@ function windowOf(text: string): number {
   if (bytes < MIN_WINDOW_BYTES)
     throw new ColoError(
       'EUSAGE',
-      `--window ${text} is too small: at least 64K (the default, 1M, suits a LAN)`,
+      `--window ${text} is too small: at least 64K (the default, 2M, suits a LAN)`,
     );
   return bytes;
 }
