@@ -380,10 +380,12 @@ export class PrimaryLink extends EventEmitter {
    * checkpoint of `epoch` holds the next epoch's frames from its seal until
    * its commit is answered. With the PVM paused (the COLO coordinator) there
    * are none; with it writing (a checkpoint by the control API) there are.
-   * Released as the commit request went out (as they were before), they
-   * followed it on the wire and its answer waited behind them and the writes
-   * that piled up meanwhile: at a 2 MiB window the commit took 1.9-2.4 ms,
-   * held until the answer 0.55-0.6 ms.
+   * Released as soon as the commit request went out instead, they followed
+   * it on the wire and its answer waited behind them and the writes that
+   * piled up meanwhile: at a 2 MiB window the commit took 1.9-2.4 ms that
+   * way, 0.55-0.6 ms held until the answer. The cost: PVM writes past the
+   * high-water mark wait out the commit too (the secondary's commit record
+   * is synced before it answers).
    */
   holdAfter(epoch: number): void {
     this.holdAfterEpoch = epoch;
