@@ -291,6 +291,30 @@ describe('guest server', () => {
     expect(() => g.server.align({ [id]: 0 })).toThrow(/before the last checkpoint/);
     s.destroy();
   });
+
+  it('a connection answered and closed before a pause is still reported, with its final positions, until a checkpoint forgets it', async () => {
+    const g = await guest(memDisk(), 3);
+    // A client that half-closes after its request: the guest answers, then closes.
+    const s = net.connect({ port: g.port, host: '127.0.0.1', allowHalfOpen: true });
+    await new Promise((r) => s.once('connect', r));
+    const id = String(s.localPort);
+    const got: Buffer[] = [];
+    s.on('data', (d) => got.push(d));
+    const req = put('h', 'half');
+    s.end(req);
+    await new Promise((r) => s.once('close', r));
+    const answer = Buffer.concat(got);
+    expect(answer.toString()).toMatch(/^HTTP\/1\.1 200/);
+    // Without it a checkpoint would release none of that answer and have the other side take the request again.
+    expect((await g.server.pause())[id]).toEqual({
+      consumed: Buffer.byteLength(req),
+      written: answer.length,
+    });
+    g.server.resume();
+    g.server.checkpointed(); // that pause reported it: forgotten
+    expect((await g.server.pause())[id]).toBeUndefined();
+    g.server.resume();
+  });
 });
 
 describe('colo-blk guest (process)', () => {

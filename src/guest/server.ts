@@ -60,6 +60,8 @@ interface Conn {
 
 const KEEP_BYTES = 16 * 1024 * 1024;
 const WRITE_HIGH_WATER = 1024 * 1024;
+/** Closed connections whose final positions are kept at most (a checkpoint forgets those it reported). */
+const MAX_CLOSED = 65536;
 
 export interface ConnPosition {
   consumed: number;
@@ -78,6 +80,18 @@ export class GuestServer {
   private keeping = false;
   private idleWaiters: (() => void)[] = [];
   requests = 0;
+  /**
+   * Connections closed since the last checkpoint, with their final positions:
+   * a pause still reports them. The comparer releases a connection's output
+   * and moves the other side's connection by these positions whether or not
+   * it is still open here; without them a connection this guest had answered
+   * and closed (a client that half-closed after its request) read as
+   * "nothing taken, nothing written": its last answer was never released and
+   * the other side took its request again. `pause` is the pause that came
+   * after the close (so the last pause reported it once `pauses` has moved on).
+   */
+  private closed = new Map<number, ConnPosition & { pause: number }>();
+  private pauses = 0;
 
   constructor(
     readonly state: GuestState,
@@ -123,6 +137,9 @@ export class GuestServer {
     socket.on('error', () => {});
     socket.on('close', () => {
       this.conns.delete(id);
+      this.closed.delete(c.id); // a port used again: the newest connection's closing counts
+      this.closed.set(c.id, { consumed: c.consumed, written: c.written, pause: this.pauses });
+      if (this.closed.size > MAX_CLOSED) this.closed.delete(this.closed.keys().next().value!);
       this.notifyIdle();
     });
   }
@@ -254,14 +271,21 @@ export class GuestServer {
   /** Stop taking requests; once none is in flight, say where each connection stands. */
   async pause(): Promise<Record<string, ConnPosition>> {
     this.paused = true;
+    this.pauses++;
     if (!this.idle()) await new Promise<void>((r) => this.idleWaiters.push(r));
     return this.positions();
   }
 
   positions(): Record<string, ConnPosition> {
     const out: Record<string, ConnPosition> = {};
+    for (const [id, p] of this.closed) out[id] = { consumed: p.consumed, written: p.written };
     for (const c of this.conns.values()) out[c.id] = { consumed: c.consumed, written: c.written };
     return out;
+  }
+
+  /** Forget the connections that closed before the last pause: it reported them. */
+  private forgetReportedClosed(): void {
+    for (const [id, p] of this.closed) if (p.pause < this.pauses) this.closed.delete(id);
   }
 
   resume(): void {
@@ -272,6 +296,7 @@ export class GuestServer {
   /** A checkpoint was committed: requests taken so far will never be taken again. */
   checkpointed(): void {
     this.keeping = false;
+    this.forgetReportedClosed();
     for (const c of this.conns.values()) {
       c.taken = [];
       c.takenBytes = 0;
@@ -286,6 +311,7 @@ export class GuestServer {
    */
   align(targets: Record<string, number>): void {
     this.keeping = true;
+    this.forgetReportedClosed();
     for (const c of this.conns.values()) {
       const target = targets[c.id] ?? 0;
       if (target >= c.consumed) c.skip = target - c.consumed;
