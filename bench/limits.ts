@@ -14,6 +14,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { median } from '../src/util/stats.js';
 import { freePort, runCommand, type RunResult } from './proc.js';
 import { PIN } from './servers.js';
 import type { BenchContext, ScenarioDef, ScenarioReport } from './types.js';
@@ -32,12 +33,6 @@ interface Run {
 /** GB/s and CPU-seconds per GiB of a run. */
 const rate = (r: Run) => r.bytes / r.seconds / 1e9;
 const cpuPerGiB = (r: Run) => r.cpuSeconds / (r.bytes / GiB);
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 /** The first C compiler on the PATH, or null. */
 async function findCompiler(): Promise<string | null> {

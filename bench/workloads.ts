@@ -5,6 +5,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { median } from '../src/util/stats.js';
 import { fillRandom } from './image.js';
 import { runCommand, shellQuote } from './proc.js';
 import type { BenchContext, Measurement, RunningServer, WorkloadDef } from './types.js';
@@ -109,12 +110,6 @@ function fio(spec: FioSpec): WorkloadDef {
 const NBDCOPY_OPTS = ['--connections=4', '--threads=4'];
 const nbdcopyReps = (ctx: BenchContext) => (ctx.quick ? 1 : 3);
 const sourceFile = (ctx: BenchContext) => path.join(ctx.workDir, 'nbdcopy-source.img');
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 function nbdcopy(id: string, title: string, direction: 'read' | 'write'): WorkloadDef {
   const args = (ctx: BenchContext, uri: string) =>
