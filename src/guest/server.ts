@@ -137,7 +137,7 @@ export class GuestServer {
     socket.on('error', () => {});
     socket.on('close', () => {
       this.conns.delete(id);
-      this.closed.delete(c.id); // a port used again: the newest connection's closing counts
+      this.closed.delete(c.id); // set anew, not updated: the eviction below drops the longest closed
       this.closed.set(c.id, { consumed: c.consumed, written: c.written, pause: this.pauses });
       if (this.closed.size > MAX_CLOSED) this.closed.delete(this.closed.keys().next().value!);
       this.notifyIdle();
