@@ -157,6 +157,10 @@ describeWith(['tmpfs'], 'disk full on the secondary', () => {
       expect.soft(failed.error.message, 'the error must say the disk is full').toMatch(/ENOSPC|no space/i);
     // The secondary says so in its log, is still running, answers, and holds the first checkpoint exactly.
     expect(secondary.stderr()).toMatch(/ENOSPC|no space/i);
+    // ...and the primary read its reason before the link closed (a reset after the error frame lost it).
+    expect(primary.stderr(), "the primary never read the secondary's error frame").toMatch(
+      /secondary: ENOSPC/,
+    );
     expect(secondary.child.exitCode).toBeNull();
     const s = await secondaryStatus(secondary);
     expect(s.committedEpoch, 'the secondary must still be at the last good checkpoint').toBe(epoch);

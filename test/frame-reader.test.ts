@@ -7,9 +7,9 @@
 import net from 'node:net';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { encodeFrame } from '../src/checkpoint/format/frame.js';
+import { decodeFrame, encodeFrame } from '../src/checkpoint/format/frame.js';
 import { JournalWriter, scanJournal } from '../src/checkpoint/format/journal.js';
-import { FrameReader } from '../src/checkpoint/link/transport.js';
+import { FrameReader, send, writable } from '../src/checkpoint/link/transport.js';
 import { ReplyBuffers } from '../src/net/reply-buffers.js';
 import { tcpNet, type Conn } from '../src/sys/net.js';
 import { nodeStorage } from '../src/sys/storage.js';
@@ -102,4 +102,51 @@ describe('the link frame reader: large frames into reused buffers', () => {
       journal.close();
       await listener.close();
     });
+});
+
+describe('the link writer: nothing after the end', () => {
+  // The secondary answers a store error with an error frame, then ends its side while
+  // the primary is still streaming. A frame it sent after end() (a flow-control count
+  // for the very frame that failed) made Node destroy the socket: a reset, and the
+  // primary, writing, got EPIPE before it had read the error frame, so the checkpoint
+  // failed saying "write EPIPE" instead of "no space left on device".
+  it('send() after end() writes nothing; the peer, still writing, reads the error and a clean end', async () => {
+    const serverErrors: string[] = [];
+    const listener = await tcpNet.listen('127.0.0.1', 0, (conn) => {
+      conn.on('error', (e) => serverErrors.push(e.message));
+      conn.on('data', () => {}); // keeps reading: what the peer still sends is drained, not left to a reset
+      conn.resume();
+      send(conn, { t: 'error', code: 'ENOSPC', message: 'disk full' });
+      conn.end();
+      send(conn, { t: 'got', n: 1 });
+      expect(writable(conn)).toBe(false);
+    });
+    try {
+      const client = net.connect(listener.port, '127.0.0.1');
+      let received = Buffer.alloc(0);
+      const clientErrors: string[] = [];
+      client.on('data', (d: Buffer) => (received = Buffer.concat([received, d])));
+      client.on('error', (e) => clientErrors.push(e.message));
+      let ended = false;
+      client.on('end', () => (ended = true));
+      // Stream as the primary does, until the peer's end is read.
+      const chunk = Buffer.alloc(256 * KiB, 7);
+      await new Promise<void>((resolve) => {
+        client.on('close', () => resolve());
+        const pump = () => {
+          while (!ended && !client.destroyed && client.write(chunk));
+          if (!ended && !client.destroyed) client.once('drain', pump);
+        };
+        client.on('connect', pump);
+      });
+      expect(clientErrors, 'the connection was reset').toEqual([]);
+      expect(ended, 'no end of stream').toBe(true);
+      const first = decodeFrame(received);
+      expect(first?.meta, 'the error frame').toEqual({ t: 'error', code: 'ENOSPC', message: 'disk full' });
+      expect(received.length, 'nothing after the error frame').toBe(first!.bytes);
+      expect(serverErrors).toEqual([]);
+    } finally {
+      await listener.close();
+    }
+  });
 });

@@ -24,6 +24,8 @@ export interface Conn {
   end(): void;
   destroy(): void;
   readonly destroyed: boolean;
+  /** end() was called: a write now would fail (a socket destroys itself, and a reset loses what the peer had not read). */
+  readonly writableEnded: boolean;
   readonly remoteAddress?: string;
   readonly remotePort?: number;
   on(event: 'connect' | 'drain' | 'close', fn: () => void): this;

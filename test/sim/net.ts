@@ -15,6 +15,10 @@ const HIGH_WATER = 256 * 1024;
 export class SimConn extends EventEmitter implements Conn {
   peer!: SimConn;
   destroyed = false;
+  /** end() was called (Conn.writableEnded). */
+  get writableEnded(): boolean {
+    return this.ending;
+  }
   private paused = false;
   private held: Buffer[] = [];
   /** Bytes written and not yet delivered to the peer. */
@@ -47,7 +51,13 @@ export class SimConn extends EventEmitter implements Conn {
       buf = Buffer.from(buf);
       queueMicrotask(done);
     }
-    if (this.destroyed || this.ending) return false;
+    if (this.destroyed) return false;
+    if (this.ending) {
+      // As a socket does: a write after end() is an error that destroys it (a reset).
+      this.world.schedule(0, () => this.emit('error', new Error('write after end')), this.owner);
+      this.net.reset(this);
+      return false;
+    }
     let data = buf; // like a socket: the caller does not reuse what it wrote
     if (this.sent + data.length > this.cutAfter) {
       data = data.subarray(0, Math.max(0, this.cutAfter - this.sent));

@@ -24,7 +24,7 @@ import {
   type PrimaryHello,
   type ToSecondary,
 } from './messages.js';
-import { FrameReader, send } from './transport.js';
+import { FrameReader, send, writable } from './transport.js';
 
 /** How often a secondary says what it took, when the primary's hello names no window. */
 const DEFAULT_GOT_EVERY = 256 * 1024;
@@ -359,7 +359,7 @@ export class SecondaryLink extends EventEmitter {
   private async hashes(socket: Conn, meta: HashRequest): Promise<void> {
     try {
       const h = await this.store.pvmHashes(meta.o, meta.l, meta.bs, meta.alg ?? 'sha256');
-      if (!socket.destroyed) socket.write(encodeFrameBuffer({ t: 'hash', id: meta.id }, h));
+      if (writable(socket)) socket.write(encodeFrameBuffer({ t: 'hash', id: meta.id }, h));
     } catch (err) {
       const e = toColoError(err);
       send(socket, { t: 'error', code: e.code, message: `hashing ${meta.o}+${meta.l}: ${e.message}` });

@@ -121,6 +121,12 @@ export class FrameReader<M> {
   }
 }
 
+/** Nothing once the connection is ending: an error frame sent before the end must reach the peer (see Conn.writableEnded). */
 export function send(socket: Conn, meta: object): void {
-  if (!socket.destroyed) socket.write(encodeFrameBuffer(meta));
+  if (writable(socket)) socket.write(encodeFrameBuffer(meta));
+}
+
+/** Still open for writing: not destroyed, and not ended. */
+export function writable(socket: Conn): boolean {
+  return !socket.destroyed && !socket.writableEnded;
 }
