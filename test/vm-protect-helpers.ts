@@ -70,3 +70,26 @@ export async function waitFor<T>(
     await new Promise((r) => setTimeout(r, 20));
   }
 }
+
+/**
+ * Wait for the standby's VM after the primary side died; on a timeout the
+ * error says where the failover stood (colo's status and the last lines of
+ * colo, the standby and the secondary), so that a rare stall can be read.
+ */
+export async function standbyStarted(p: ProtectedVm, timeoutMs = 30_000): Promise<number> {
+  try {
+    return await waitFor('the VM started on the standby', () => p.standbyQemuPid(), timeoutMs);
+  } catch (err) {
+    const tail = (s: string) => s.split('\n').slice(-15).join('\n');
+    const status = await p.status().then(
+      (s) => JSON.stringify({ state: s.state, lastError: s.lastError, failovers: s.failovers }),
+      (e: Error) => `(no status: ${e.message})`,
+    );
+    throw new Error(
+      `${(err as Error).message}\ncolo status: ${status}\n` +
+        `--- colo ---\n${tail(p.colo.stderr())}\n--- vm-standby ---\n${tail(p.standby.stderr())}\n` +
+        `--- secondary ---\n${tail(p.secondary.stderr())}`,
+      { cause: err },
+    );
+  }
+}

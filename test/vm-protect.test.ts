@@ -21,6 +21,7 @@ import { describeWith } from './tools.js';
 import {
   checkDisk,
   committedSynced,
+  standbyStarted,
   startProtectedVm,
   syncedNumbers,
   waitFor,
@@ -91,7 +92,7 @@ async function failoverAndCheck(p: ProtectedVm, kill: () => void, opts: { pvmCon
   const told = Math.max(0, ...p.acked.filter((a) => a.at <= killedAt).map((a) => a.n));
   // What the PVM's console showed synced before the last commit (when the PVM is the booted guest).
   const mustHave = Math.max(opts.pvmConsole === false ? 0 : committedSynced(p, killedAt), told);
-  await waitFor('the VM started on the standby', () => p.standbyQemuPid(), 30_000);
+  await standbyStarted(p);
   const runningMs = Date.now() - killedAt;
   const before = syncedNumbers(p.standby.console()).length;
   await waitFor(
@@ -224,7 +225,7 @@ describeWith(
       await runProtected(p, 5);
       // The first failover: the standby runs the VM.
       p.killPrimarySide();
-      await waitFor('the VM started on the standby', () => p.standbyQemuPid(), 30_000);
+      await standbyStarted(p);
       await p.waitState('unprotected', 30_000);
       const firstQemu = p.standbyQemuPid()!;
       const dir = path.dirname(p.guest.qmpPath);
