@@ -350,20 +350,21 @@ export class SecondaryLink extends EventEmitter {
     let running = this.hashing.get(conn);
     if (!running) this.hashing.set(conn, (running = new Map()));
     const all = running;
-    const p: Promise<void> = this.hashes(socket, meta).finally(() => all.delete(p));
+    const p: Promise<void> = this.hashes(conn, socket, meta).finally(() => all.delete(p));
     all.set(p, { offset: meta.o, length: meta.l });
     return all.size >= MAX_PARALLEL_HASHES ? p : undefined;
   }
 
   /** Hashes of the PVM's disk as held here, at this point of the stream (onData holds back any later frame but hash requests). */
-  private async hashes(socket: Conn, meta: HashRequest): Promise<void> {
+  private async hashes(conn: number, socket: Conn, meta: HashRequest): Promise<void> {
     try {
       const h = await this.store.pvmHashes(meta.o, meta.l, meta.bs, meta.alg ?? 'sha256');
       if (writable(socket)) socket.write(encodeFrameBuffer({ t: 'hash', id: meta.id }, h));
     } catch (err) {
       const e = toColoError(err);
       send(socket, { t: 'error', code: e.code, message: `hashing ${meta.o}+${meta.l}: ${e.message}` });
-      socket.destroy();
+      // Ended, not destroyed: a reset right behind the error frame could lose it (see send()).
+      void this.apply({ t: 'close', conn, reason: 'hashing failed', graceful: true });
     }
   }
 
