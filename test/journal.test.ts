@@ -5,7 +5,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { JournalWriter, scanJournal } from '../src/checkpoint/format/journal.js';
 import { epochJournal } from '../src/checkpoint/format/records.js';
 import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
-import { nodeStorage } from '../src/sys/storage.js';
+import { nodeStorage, type Storage, type StorageFile } from '../src/sys/storage.js';
+import { encodeFrame } from '../src/checkpoint/format/frame.js';
 
 const dir = tmpDir();
 afterAll(() => rmDir(dir));
@@ -137,5 +138,75 @@ describe('journal', () => {
       expect(r.corruption?.offset).toBe(offsets[1]);
       expect(r.tornTail).toBeNull();
     });
+  });
+});
+
+describe('journal on a disk that fills up', () => {
+  /** nodeStorage, but writes fail with `error` while `full` is set (after writing `partial` bytes of the batch). */
+  function fillable(error: string) {
+    const state = { full: false, partial: 0, refused: 0 };
+    const storage: Storage = Object.create(nodeStorage) as Storage;
+    storage.open = (p: string): StorageFile => {
+      const f = nodeStorage.open(p);
+      return Object.assign(Object.create(f) as StorageFile, {
+        writev(buffers: readonly Buffer[], pos: number): void {
+          if (!state.full) return f.writev(buffers, pos);
+          state.refused++;
+          if (state.partial) f.writev([Buffer.concat(buffers as Buffer[]).subarray(0, state.partial)], pos);
+          throw Object.assign(new Error(`${error}: simulated`), { code: error });
+        },
+      });
+    };
+    return { storage, state };
+  }
+
+  it('ENOSPC: nothing given is lost, appends are refused while full, and all of it is written once there is space', async () => {
+    const { storage, state } = fillable('ENOSPC');
+    const p = path.join(dir, 'full.journal');
+    const j = JournalWriter.open(storage, p);
+    const datas = [Buffer.alloc(3000, 1), Buffer.alloc(5000, 2)];
+    j.append({ t: 'w', s: 0, o: 0 }, datas[0]);
+    await j.sync();
+    // A record appended, then the disk fills: its flush writes a part of it and fails.
+    const reused = Buffer.alloc(7000, 3);
+    j.appendRaw(encodeFrame({ t: 'w', s: 1, o: 4096 }, reused), reused.length);
+    state.full = true;
+    state.partial = 100;
+    await expect(j.sync()).rejects.toMatchObject({ code: 'ENOSPC' });
+    reused.fill(0xee); // the caller reuses its buffer once the turn is over
+    expect(() => j.append({ t: 'w', s: 2, o: 8192 }, datas[1]), 'an append while the disk is full').toThrow(
+      /ENOSPC/,
+    );
+    state.full = false;
+    j.append({ t: 'w', s: 2, o: 8192 }, datas[1]);
+    await j.sync();
+    j.close();
+    const recs: { s: number; data: Buffer }[] = [];
+    const scan = scanJournal<{ s: number }>(
+      nodeStorage,
+      p,
+      (r) => recs.push({ s: r.meta.s, data: Buffer.from(r.data!) }),
+      {
+        withData: true,
+      },
+    );
+    expect(scan.corruption).toBeNull();
+    expect(scan.tornTail).toBeNull();
+    expect(recs.map((r) => r.s)).toEqual([0, 1, 2]);
+    expect(recs[1].data.equals(Buffer.alloc(7000, 3)), 'the record written after the failure').toBe(true);
+    expect(recs[2].data.equals(datas[1])).toBe(true);
+    expect(state.refused).toBeGreaterThan(0);
+  });
+
+  it('EIO: the journal fails for good', async () => {
+    const { storage, state } = fillable('EIO');
+    const j = JournalWriter.open(storage, path.join(dir, 'eio.journal'));
+    state.full = true;
+    j.append({ t: 'w', s: 0, o: 0 }, Buffer.alloc(100, 1));
+    await expect(j.sync()).rejects.toMatchObject({ code: 'EIO' });
+    state.full = false;
+    expect(() => j.append({ t: 'w', s: 1, o: 0 }, Buffer.alloc(100, 1))).toThrow(/EIO/);
+    await expect(j.sync()).rejects.toMatchObject({ code: 'EIO' });
+    j.close();
   });
 });

@@ -9,7 +9,13 @@
  * - Appends are gathered and written with one writev per turn of the event
  *   loop (or sooner, past 1 MiB): a burst of small records costs one system
  *   call, not one each. Reads and syncs write out what is pending first. A
- *   write error is kept and thrown by every later call.
+ *   write error is kept and thrown by every later call, but for a full disk
+ *   (ENOSPC, EDQUOT): then what was not written is kept, copied (its
+ *   buffers belong to the caller once the turn ends), the error goes to the
+ *   caller whose flush failed, and appends are refused until a flush
+ *   succeeds again (every read, sync and append tries one). A disk that
+ *   fills for a while loses nothing it was given, and works again once it
+ *   has space; it used to stay failed until a restart.
  * - `sync()` makes everything appended so far durable (fdatasync) and is what
  *   "durable" means for an epoch. Syncs are coalesced: callers that arrive
  *   while a sync runs share the next one.
@@ -64,6 +70,8 @@ export class JournalWriter {
   private pendingBytes = 0;
   private flushScheduled = false;
   private failure: Error | null = null;
+  /** The last flush found the disk full: what it could not write is still pending. */
+  private spaceError: ColoError | null = null;
   private syncing: Promise<void> | null = null;
   private closed = false;
 
@@ -133,6 +141,7 @@ export class JournalWriter {
   appendRaw(buffers: readonly Buffer[], dataLength: number): Omit<AppendResult, 'parts'> {
     if (this.failure) throw this.failure;
     if (this.closed) throw new ColoError('ESHUTDOWN', `journal ${this.path} is closed`);
+    if (this.spaceError) this.flush(); // still full: refused, nothing appended
     const offset = this.end;
     let total = 0;
     for (const b of buffers) {
@@ -149,7 +158,7 @@ export class JournalWriter {
         try {
           this.flush();
         } catch {
-          // kept in this.failure; the next append, read or sync reports it
+          // kept (this.failure), or kept pending on a full disk (this.spaceError): a later call reports it
         }
       });
     }
@@ -163,17 +172,27 @@ export class JournalWriter {
     const buffers = this.pending;
     this.pending = [];
     this.pendingBytes = 0;
+    let i = 0;
     try {
-      for (let i = 0; i < buffers.length; i += IOV_BATCH) {
+      for (; i < buffers.length; i += IOV_BATCH) {
         const batch = buffers.slice(i, i + IOV_BATCH);
         let total = 0;
         for (const b of batch) total += b.length;
         this.file.writev(batch, this.writtenEnd);
         this.writtenEnd += total;
       }
+      this.spaceError = null;
     } catch (err) {
-      this.failure = toColoError(err);
-      throw this.failure;
+      const e = toColoError(err);
+      if (e.code !== 'ENOSPC') {
+        this.failure = e;
+        throw e;
+      }
+      // The batch that failed is written again whole, at the same place, by the next flush.
+      this.pending = buffers.slice(i).map((b) => Buffer.from(b));
+      for (const b of this.pending) this.pendingBytes += b.length;
+      this.spaceError = e;
+      throw e;
     }
   }
 
