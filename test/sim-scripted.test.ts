@@ -4,6 +4,7 @@
 import { describe, expect, it } from 'vitest';
 import { Cluster, DISK, REPL_PORT, type NodeName } from './sim/cluster.js';
 import { SimWorld } from './sim/world.js';
+import { ColoError } from '../src/errors.js';
 
 const KiB = 1024;
 
@@ -159,5 +160,105 @@ describe('scripted simulator runs', () => {
       };
       const [x, y] = [await run(), await run()];
       expect(y).toEqual(x);
+    }));
+});
+
+/** Writes to state files whose path contains `which` fail with ENOSPC, as on a full disk, until freed. */
+function fill(c: Cluster, name: NodeName, which: string): () => void {
+  let refused = 0;
+  c.nodes[name].disk.faults = (path) => {
+    if (!path.includes(which)) return;
+    refused++;
+    throw new ColoError('ENOSPC', `${path}: no space left on device (test)`);
+  };
+  return () => {
+    c.nodes[name].disk.faults = null;
+    expect(refused, `no write to ${which} was refused: the test tested nothing`).toBeGreaterThan(0);
+  };
+}
+
+/** The generations a node's history.json holds on disk. */
+function historyOnDisk(c: Cluster, name: NodeName): { n: number; id: string; reason: string }[] {
+  const raw = c.nodes[name].disk.read('/state/history.json');
+  return raw
+    ? (JSON.parse(raw.toString('utf8')) as { generations: { n: number; id: string; reason: string }[] })
+        .generations
+    : [];
+}
+
+describe('a full state directory, then space freed', () => {
+  it("the secondary's commit record could not be written: that checkpoint fails, the next ones succeed once space is freed", () =>
+    SimWorld.track(async () => {
+      const { c } = await pair(11);
+      await checkpointEqual(c, 'a', 'b');
+      const free = fill(c, 'b', 'commits.journal');
+      expect(await write(c, 'a', 64 * KiB, 8 * KiB, 0x31)).toBe(true);
+      const failed = await c.world.await(c.nodes.a.primary!.checkpoint(4000), 15_000);
+      expect(failed?.ok, 'a commit was reported that the secondary could not record').toBe(false);
+      expect(failed && !failed.ok && failed.error.message).toMatch(/no space/);
+      free();
+      // The journal's writer failed once; the secondary must not stay unable to commit.
+      expect(await waitProtected(c, 'a')).toBe(true);
+      expect(await write(c, 'a', 96 * KiB, 8 * KiB, 0x32)).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
+      await checkpointEqual(c, 'a', 'b');
+    }));
+
+  it('a promotion on a full disk fails and changes nothing; once space is freed it succeeds, one new generation', () =>
+    SimWorld.track(async () => {
+      const { c } = await pair(12);
+      expect(await write(c, 'a', 200 * KiB, 4 * KiB, 0x41)).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
+      const before = historyOnDisk(c, 'b');
+      c.crash('a');
+      const b = c.nodes.b.secondary!;
+      let free = fill(c, 'b', 'commits.journal');
+      const r1 = await c.world.await(b.promote('test: disk full'), 5000);
+      expect(r1?.ok, 'promoted without a promote record').toBe(false);
+      expect(b.store.promoted).toBeNull();
+      free();
+      // The promote record is written, history.json is not: the promotion is real, not finished.
+      free = fill(c, 'b', 'history.json');
+      const r2 = await c.world.await(b.promote('test: disk full'), 5000);
+      expect(r2?.ok).toBe(false);
+      free();
+      const r3 = await c.world.await(b.promote('test: space freed'), 5000);
+      expect(r3?.ok, r3 && !r3.ok ? r3.error.message : 'no answer').toBe(true);
+      const after = historyOnDisk(c, 'b');
+      expect(after.length, 'exactly one new generation on disk').toBe(before.length + 1);
+      expect(b.store.promoted!.generation).toBe(after.at(-1)!.n);
+      expect(after.at(-1)!.n).toBe((before.at(-1)?.n ?? 0) + 1);
+      expect(b.history.generations.map((g) => g.id)).toEqual(after.map((g) => g.id));
+      // The promoted node serves writes; after a restart it is still that generation.
+      expect(await write(c, 'b', 300 * KiB, 4 * KiB, 0x42)).toBe(true);
+      c.crash('b');
+      expect(await c.startSecondary('b')).toBe(true);
+      expect(c.nodes.b.secondary!.store.promoted!.generation).toBe(after.at(-1)!.n);
+      expect(historyOnDisk(c, 'b').map((g) => g.id)).toEqual(after.map((g) => g.id));
+    }));
+
+  it('a primary that goes on alone and cannot record it refuses writes (it does not crash), and serves them once it can', () =>
+    SimWorld.track(async () => {
+      const { c } = await pair(13);
+      await checkpointEqual(c, 'a', 'b');
+      const free = fill(c, 'a', 'history.json');
+      c.crash('b');
+      const p = c.nodes.a.primary!;
+      expect(await c.world.runUntil(() => p.peerState === 'lone', 20_000), 'never went on alone').toBe(true);
+      expect(
+        await write(c, 'a', 128 * KiB, 4 * KiB, 0x51),
+        'a write acknowledged under an unrecorded generation',
+      ).toBe(false);
+      expect(c.nodes.a.proc, 'the primary is gone').not.toBeNull();
+      const gens = historyOnDisk(c, 'a').length;
+      expect(c.nodes.a.proc!.kind === 'primary' && c.nodes.a.proc!.replica.history.generations.length).toBe(
+        gens,
+      );
+      free();
+      await c.world.runFor(600);
+      expect(await write(c, 'a', 128 * KiB, 4 * KiB, 0x52)).toBe(true);
+      const on = historyOnDisk(c, 'a');
+      expect(on.length).toBe(gens + 1);
+      expect(on.at(-1)!.reason).toMatch(/^lone/);
     }));
 });

@@ -86,7 +86,7 @@ export class History {
     }
     const random = env.random ?? realRandom;
     const h = new History(storage, file, { version: 1, node: random.id(6), generations: [] }, env);
-    h.save();
+    h.save([]);
     return h;
   }
 
@@ -116,39 +116,41 @@ export class History {
       at: this.clock.now(),
       reason,
     };
-    this.data.generations.push(g);
-    this.save();
+    this.save([...this.data.generations, g]);
     return g;
   }
 
   /** Record a generation minted elsewhere in this node's own records (e.g. a promotion being finished after a crash). */
   append(g: Generation): void {
-    this.data.generations.push(g);
-    this.save();
+    this.save([...this.data.generations, g]);
   }
 
   /** The current generation has a synchronised secondary. */
   markProtected(): void {
     const g = this.last;
     if (!g || g.protected) return;
-    g.protected = true;
-    this.save();
+    this.save([...this.data.generations.slice(0, -1), { ...g, protected: true }]);
   }
 
   /** Take over a primary's history (a resync into this node completed). */
   adopt(generations: Generation[]): void {
-    this.data.generations = generations.map((g) => ({ ...g }));
-    this.save();
+    this.save(generations.map((g) => ({ ...g })));
   }
 
   /** Forget this node's history (operator: `--discard-my-data`). */
   discard(): void {
-    this.data.generations = [];
-    this.save();
+    this.save([]);
   }
 
-  private save(): void {
-    this.storage.writeFileDurable(this.file, JSON.stringify(this.data, null, 2) + '\n');
+  /**
+   * Make `generations` the history, on disk first: if the write fails (a full
+   * disk) it throws and the history in memory is still the one on disk, so no
+   * generation is ever acted on that a restart would not find.
+   */
+  private save(generations: Generation[]): void {
+    const data = { ...this.data, generations };
+    this.storage.writeFileDurable(this.file, JSON.stringify(data, null, 2) + '\n');
+    this.data = data;
   }
 }
 

@@ -15,7 +15,7 @@
  */
 import { deviceZeroRanges } from '../../failover/reprotect/hash.js';
 import { commonHashAlg } from '../../failover/reprotect/hash-pool.js';
-import { ColoError } from '../../errors.js';
+import { ColoError, toColoError } from '../../errors.js';
 import { GiB, tunables, type Tunables } from '../../limits.js';
 import type { BlockDevice } from '../../block/device.js';
 import { ActivityLog, mergeRanges, type Range } from '../../failover/activity.js';
@@ -86,6 +86,9 @@ const COOL_LAG_EPOCHS = 4;
  */
 const HOT_WORKING_SET_BYTES = 1024 * 1024 * 1024;
 const IDLE_COOL_EPOCHS = 600;
+
+/** How often a primary that could not record going on alone tries again (at a PVM write). */
+const LONE_RETRY_MS = 500;
 
 export class PrimaryReplica {
   readonly metrics = {
@@ -165,7 +168,16 @@ export class PrimaryReplica {
       device.deposed = why;
       opts.logger.warn(`this primary is deposed; refusing all writes from now on: ${why}`);
     });
-    link.on('protected', () => this.history.markProtected());
+    link.on('protected', () => {
+      try {
+        this.history.markProtected();
+      } catch (err) {
+        // Only a note for later decisions; the next protection tries again.
+        opts.logger.warn(
+          `could not record that generation ${this.history.last?.n} is protected: ${(err as Error).message}`,
+        );
+      }
+    });
     link.on('resync', (mode: SyncMode, peerHot: Range[]) => this.onResync(mode, peerHot));
     link.on('lone', (reason: string, committed: number) => this.goLone(reason, committed));
     link.on('peerState', () => this.peerStateChanged());
@@ -364,7 +376,25 @@ export class PrimaryReplica {
    * holding data (the activity log records what a later resync must send).
    */
   private goLone(reason: string, committed: number): void {
-    const g = this.history.mint(`lone: ${reason}`, committed);
+    let g;
+    try {
+      g = this.history.mint(`lone: ${reason}`, committed);
+    } catch (err) {
+      // No write may be acknowledged before the new generation is durable: refuse them, and
+      // try again at each write (at most every LONE_RETRY_MS) until the state directory takes it.
+      const why = `going on alone needs a new generation on disk, and ${this.history.file} could not be written: ${(err as Error).message}`;
+      this.opts.logger.warn(`${why}; PVM writes are refused until it can be`);
+      let nextTry = this.clock.mono() + LONE_RETRY_MS;
+      this.device.admit = () => {
+        if (this.clock.mono() < nextTry) return new ColoError(toColoError(err).code, why);
+        nextTry = this.clock.mono() + LONE_RETRY_MS;
+        this.device.admit = () => null;
+        this.goLone(reason, committed); // sets admit again if it fails again
+        return this.device.admit();
+      };
+      return;
+    }
+    this.device.admit = () => null;
     this.plog.markOutOfSync(`went on alone (${reason})`);
     this.opts.logger.warn(
       `going on alone as generation ${g.n} (${g.id}): ${reason}; writes are recorded in the activity log for a later resync`,

@@ -40,7 +40,16 @@ export interface CommitState {
 }
 
 export class CommitJournal {
-  private constructor(private readonly writer: JournalWriter) {}
+  /** Set after a record failed: the writer is closed, and the file is cut back to here before the next one. */
+  private cutBackTo: number | null = null;
+  /** Records are written one at a time (a failed one is cut off before the next is appended). */
+  private chain: Promise<unknown> = Promise.resolve();
+
+  private constructor(
+    private writer: JournalWriter,
+    private readonly storage: Storage,
+    private readonly path: string,
+  ) {}
 
   /** Open (or create) the journal and replay it. */
   static open(
@@ -77,13 +86,37 @@ export class CommitJournal {
       });
     state.overlayId = Math.max(state.overlayId, 1);
     const end = scan && !scan.corruption ? scan.validEnd : scan ? undefined : 0;
-    return { journal: new CommitJournal(JournalWriter.open(storage, path, end)), state, scan };
+    return { journal: new CommitJournal(JournalWriter.open(storage, path, end), storage, path), state, scan };
   }
 
-  /** Append a record and make it durable: the event counts from here on. */
-  async record(rec: CommitRecord): Promise<void> {
-    this.writer.append(rec);
-    await this.writer.sync();
+  /**
+   * Append a record and make it durable: the event counts from here on. If
+   * that fails (a full disk), the event did not happen: the file is cut back
+   * to the last good record before the next one, which a new writer appends
+   * (a writer whose write failed keeps failing). Without that, one full disk
+   * at a commit left the secondary unable to commit, or be promoted, until a
+   * restart.
+   */
+  record(rec: CommitRecord): Promise<void> {
+    const run = this.chain.then(() => this.recordNow(rec));
+    this.chain = run.catch(() => {});
+    return run;
+  }
+
+  private async recordNow(rec: CommitRecord): Promise<void> {
+    if (this.cutBackTo !== null) {
+      this.writer = JournalWriter.open(this.storage, this.path, this.cutBackTo);
+      this.cutBackTo = null;
+    }
+    const before = this.writer.size;
+    try {
+      this.writer.append(rec);
+      await this.writer.sync();
+    } catch (err) {
+      this.cutBackTo = before;
+      this.writer.close();
+      throw err;
+    }
   }
 
   close(): void {

@@ -42,7 +42,7 @@ import {
 import { imageFileRange, readLayers, SvmDevice } from './svm-view.js';
 import type { History, SyncMode } from '../../failover/history.js';
 import { Applier, type ApplyJob } from './applier.js';
-import { CommitJournal } from './commit-journal.js';
+import { CommitJournal, type PromoteRecord } from './commit-journal.js';
 import { epochKey, IndexMirror } from './index-mirror.js';
 import { SpareJournals } from './spare-journals.js';
 import type { Storage } from '../../sys/storage.js';
@@ -635,7 +635,12 @@ export class SecondaryStore {
     if (this.promoted || this.promoting) return Promise.reject(this.staleError());
     // A promotion asked for meanwhile waits until this is done (it never interleaves with the rebase).
     const run = this.startResyncNow(primaryEpoch);
-    this.resyncStart = run.finally(() => (this.resyncStart = null));
+    // Only a marker that it runs: its failure is the caller's to handle (a promise derived with
+    // finally alone would reject with nobody listening, and an unhandled rejection ends the process).
+    this.resyncStart = run.then(
+      () => (this.resyncStart = null),
+      () => (this.resyncStart = null),
+    );
     return run;
   }
 
@@ -771,6 +776,9 @@ export class SecondaryStore {
     return this.promotion;
   }
 
+  /** The promote record, once durable (a promotion that failed after it is finished by a retry). */
+  private promoteRecorded: PromoteRecord | null = null;
+
   private promotion: Promise<{
     generation: number;
     at: number;
@@ -783,7 +791,12 @@ export class SecondaryStore {
     commitThrough?: number,
   ): Promise<{ generation: number; at: number; droppedEpochs: number[]; committed: number }> {
     while (this.resyncStart) await this.resyncStart.catch(() => {});
-    if (!this.promoted && commitThrough !== undefined && commitThrough > this.lastCommitted) {
+    if (
+      !this.promoted &&
+      !this.promoteRecorded &&
+      commitThrough !== undefined &&
+      commitThrough > this.lastCommitted
+    ) {
       if (this.syncing)
         throw new ColoError(
           'EBUSY',
@@ -805,45 +818,58 @@ export class SecondaryStore {
           `${new Date(this.syncing.since).toISOString()}); its disk matches no checkpoint. Promote it only ` +
           `after the resync completes.`,
       );
-    // From here on nothing from the old primary is taken: a commit racing this promotion
-    // must not land after the promote record (N counts only if its record came first).
-    this.promoting = true;
-    crashPoint('secondary-before-promote-record');
     const history = this.opts.history;
-    const generation = Math.max(this.generation, history?.last?.n ?? 0) + 1;
-    const at = this.clock.now();
-    // What the SVM wrote since the last commit is this generation's first divergence from the old primary.
-    const activity = this.opts.activity;
-    if (activity) {
-      for (const x of this.overlay.index.extents()) activity.mark(x.start, x.end - x.start, 0);
-      await activity.persist();
+    let rec = this.promoteRecorded;
+    if (!rec) {
+      // From here on nothing from the old primary is taken: a commit racing this promotion
+      // must not land after the promote record (N counts only if its record came first).
+      this.promoting = true;
+      try {
+        crashPoint('secondary-before-promote-record');
+        const generation = Math.max(this.generation, history?.last?.n ?? 0) + 1;
+        // What the SVM wrote since the last commit is this generation's first divergence from the old primary.
+        const activity = this.opts.activity;
+        if (activity) {
+          for (const x of this.overlay.index.extents()) activity.mark(x.start, x.end - x.start, 0);
+          await activity.persist();
+        }
+        const r: PromoteRecord = {
+          t: 'promote',
+          gen: generation,
+          id: (this.opts.random ?? realRandom).id(6),
+          at: this.clock.now(),
+          reason,
+          committed: this.lastCommitted,
+        };
+        await this.commits.record(r);
+        rec = this.promoteRecorded = r;
+      } catch (err) {
+        // No promote record: nothing happened, and the old primary's commits may land again.
+        this.promoting = false;
+        throw err;
+      }
     }
-    const id = (this.opts.random ?? realRandom).id(6);
-    await this.commits.record({
-      t: 'promote',
-      gen: generation,
-      id,
-      at,
-      reason,
-      committed: this.lastCommitted,
-    });
-    history?.append({
-      n: generation,
-      id,
-      by: history.node,
-      base: this.lastCommitted,
-      at,
-      reason: `promoted: ${reason}`,
-    });
+    // The record is durable: this node is promoted. If what follows fails (history.json on a full
+    // disk), a retried promotion finishes it from here, as a restart would (open()).
+    const { gen: generation, at } = rec;
+    if (history && !history.generations.some((g) => g.id === rec.id))
+      history.append({
+        n: generation,
+        id: rec.id!,
+        by: history.node,
+        base: rec.committed,
+        at,
+        reason: `promoted: ${rec.reason}`,
+      });
     crashPoint('secondary-after-promote-record');
     const droppedEpochs = this.dropEpochs('keep-committed', 'later').dropped;
     this.spares.discard(); // no epoch will be written here again
     this.generation = generation;
-    this.promoted = { generation, at, reason };
+    this.promoted = { generation, at, reason: rec.reason };
     this.session = null;
     this.updateIndex([{ type: 'put', key: 'generation', value: String(generation) }]);
     this.log(
-      `promoted to primary, generation ${generation}: ${reason}; dropped uncommitted epochs ${droppedEpochs.join(', ') || 'none'}`,
+      `promoted to primary, generation ${generation}: ${rec.reason}; dropped uncommitted epochs ${droppedEpochs.join(', ') || 'none'}`,
     );
     return { generation, at, droppedEpochs, committed: this.lastCommitted };
   }
