@@ -15,6 +15,7 @@ export interface SeedRun {
     checkpoints: number;
     failovers: number;
     reprotects: number;
+    fullDisks: number;
     converged: number;
   };
   failures: ScenarioResult[];
@@ -37,6 +38,7 @@ export async function runSeeds(
     checkpoints: 0,
     failovers: 0,
     reprotects: 0,
+    fullDisks: 0,
     converged: 0,
   };
   const failures: ScenarioResult[] = [];
@@ -50,6 +52,7 @@ export async function runSeeds(
     totals.checkpoints += r.checkpoints;
     totals.failovers += r.failovers;
     totals.reprotects += r.reprotects;
+    totals.fullDisks += r.fullDisks;
     if (r.converged) totals.converged++;
     if (r.violation) {
       failures.push(r);
@@ -61,7 +64,7 @@ export async function runSeeds(
     suite,
     t.scenarios,
     `scenarios (${t.actions} actions, ${t.steps} steps, ${t.crashes} crashes, ${t.cuts} cut connections, ` +
-      `${t.checkpoints} checkpoints, ${t.failovers} failovers, ${t.reprotects} re-protections; ` +
+      `${t.checkpoints} checkpoints, ${t.failovers} failovers, ${t.reprotects} re-protections, ${t.fullDisks} full disks; ` +
       `${t.converged} ended protected and equal)`,
   );
   return { totals, failures };

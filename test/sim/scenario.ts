@@ -19,6 +19,7 @@
 import { Cluster, DISK, other, REPL_PORT, SECTOR, type NodeName, type SimOptions } from './cluster.js';
 import { defaultSimOptions } from './cluster.js';
 import { SimWorld } from './world.js';
+import { ColoError } from '../../src/errors.js';
 
 export class Violation extends Error {
   constructor(message: string) {
@@ -44,6 +45,8 @@ export interface ScenarioResult {
   checkpoints: number;
   failovers: number;
   reprotects: number;
+  /** Episodes of a state directory refusing writes (ENOSPC). */
+  fullDisks: number;
   converged: boolean;
   violation: string | null;
   log: string[];
@@ -62,6 +65,8 @@ type Action =
   | 'heal'
   | 'cut'
   | 'delay'
+  | 'full'
+  | 'free'
   | 'wait';
 
 /** What a node's VM must read: known bytes, and sectors a failed write may have half-changed. */
@@ -167,6 +172,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     checkpoints: 0,
     failovers: 0,
     reprotects: 0,
+    fullDisks: 0,
     converged: false,
     violation: null,
     log: c.log,
@@ -320,7 +326,13 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     if (!durable?.ok) return c.note(`decided failover on ${name}: epoch ${n} not durable, nothing decided`);
     c.note(`decided failover: epoch ${n} durable on ${sName}; ${name} dies before its commit`);
     c.crash(name);
-    const r = await world.await(s.promote('sim: coordinator after the cut', n), 5000);
+    let r = await world.await(s.promote('sim: coordinator after the cut', n), 5000);
+    if (!r?.ok && c.nodes[sName].disk.faults && r?.error.message.includes('no space')) {
+      // As an operator would: free space, promote again. Nothing may have changed meanwhile.
+      c.note(`promoting ${sName} failed (${r.error.message}); space freed, promoting again`);
+      c.nodes[sName].disk.faults = null;
+      r = await world.await(s.promote('sim: coordinator after the cut', n), 5000);
+    }
     if (!r?.ok) fail(`promoting ${sName} with epoch ${n} decided failed: ${r?.error.message ?? 'no answer'}`);
     promotedSeen[sName] = true;
     res.failovers++;
@@ -470,6 +482,8 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       ['heal', 1],
       ['cut', 1],
       ['delay', 0.7],
+      ['full', diskFaults && [a, b].some((n) => !n.disk.faults) ? 0.6 : 0],
+      ['free', [a, b].some((n) => n.disk.faults) ? 1.5 : 0],
       ['wait', 3],
     ]);
   };
@@ -536,6 +550,21 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
         if (n) c.note(`cut ${n} connections`);
         return world.runFor(rng.range(10, 300));
       }
+      case 'full': {
+        // The node's state directory fills up: its writes fail with ENOSPC (some, or all) until freed.
+        const n = rng.pick((['a', 'b'] as const).filter((x) => !c.nodes[x].disk.faults));
+        const p = rng.pick([0.05, 0.3, 1]);
+        c.note(`disk full on ${n} (${p * 100} % of writes fail)`);
+        res.fullDisks++;
+        c.nodes[n].disk.faults = (path) => {
+          if (rng.chance(p)) throw new ColoError('ENOSPC', `${path}: no space left on device (simulated)`);
+        };
+        return world.runFor(rng.range(10, 500));
+      }
+      case 'free':
+        for (const n of ['a', 'b'] as const) c.nodes[n].disk.faults = null;
+        c.note('disk space freed');
+        return world.runFor(rng.range(10, 500));
       case 'wait':
         return world.runFor(rng.range(10, 2000));
     }
@@ -555,6 +584,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     };
     c.net.heal('a', 'b');
     c.net.delays.clear();
+    for (const n of names) c.nodes[n].disk.faults = null;
     for (const n of names) if (!c.nodes[n].up) await restart(n, true);
     for (let round = 0; round < 3; round++) {
       await world.runFor(500);
