@@ -15,7 +15,10 @@ describe('whole-system simulator, long walks', () => {
       const { totals, failures } = await runSeeds('simulator, long walks', 1_000_001, count, { actions });
       for (const f of failures) console.error(describeFailure(f, actions));
       expect(failures.map((f) => f.violation)).toEqual([]);
-      expect(totals.converged).toBeGreaterThanOrEqual(totals.scenarios * 0.95);
+      // 99 %: with a simulated wire that never reorders nor skips bytes, 2,500 seeds left 4 apart.
+      expect(totals.converged, 'scenarios that ended protected and equal').toBeGreaterThanOrEqual(
+        totals.scenarios * 0.99,
+      );
     },
   );
 });

@@ -32,7 +32,10 @@ describe('whole-system simulator', () => {
       for (const f of failures) console.error(describeFailure(f, actions));
       expect(failures.map((f) => f.violation)).toEqual([]);
       // A simulator that rarely gets the pair back together checks little.
-      expect(totals.converged).toBeGreaterThanOrEqual(totals.scenarios * 0.95);
+      // 99 %: with a simulated wire that never reorders nor skips bytes, 2,500 seeds left 4 apart.
+      expect(totals.converged, 'scenarios that ended protected and equal').toBeGreaterThanOrEqual(
+        totals.scenarios * 0.99,
+      );
       expect(totals.checkpoints).toBeGreaterThan(totals.scenarios);
       expect(totals.failovers).toBeGreaterThan(totals.scenarios / 4);
     },

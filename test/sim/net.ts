@@ -30,6 +30,12 @@ export class SimConn extends EventEmitter implements Conn {
   cutAfter = Infinity;
   sent = 0;
   private ending = false;
+  /**
+   * A piece sent this way was lost to a partition: every later one is lost
+   * too. TCP never delivers bytes after a gap; across a partition the
+   * connection stalls (here: for good) until a heartbeat closes it.
+   */
+  private blackholed = false;
 
   constructor(
     private readonly net: SimNet,
@@ -96,7 +102,10 @@ export class SimConn extends EventEmitter implements Conn {
             this.needDrain = false;
             this.emit('drain');
           }
-          if (this.net.partitioned(this.host, this.peer.host)) return; // lost on the way
+          if (this.blackholed || this.net.partitioned(this.host, this.peer.host)) {
+            this.blackholed = true; // lost on the way, and so is all that follows
+            return;
+          }
           this.peer.receive(piece);
         },
         this.owner,
@@ -106,7 +115,8 @@ export class SimConn extends EventEmitter implements Conn {
 
   receive(piece: Buffer): void {
     if (this.destroyed) return;
-    if (this.paused) this.held.push(piece);
+    // Behind what resume() has still to hand out: a piece must never overtake an earlier one.
+    if (this.paused || this.held.length) this.held.push(piece);
     else this.emit('data', piece);
   }
 
