@@ -237,6 +237,30 @@ describe('a full state directory, then space freed', () => {
       expect(historyOnDisk(c, 'b').map((g) => g.id)).toEqual(after.map((g) => g.id));
     }));
 
+  it("a resync's last commit cannot write history.json: the commit stands, and a promotion numbers its generation after the primary's", () =>
+    SimWorld.track(async () => {
+      const world = new SimWorld(14);
+      const c = new Cluster(world);
+      expect(await c.startSecondary('b')).toBe(true);
+      const free = fill(c, 'b', 'history.json');
+      expect(await c.startPrimary('a')).toBe(true);
+      await world.runFor(2000); // the resync's 'done' commit carries a's history; b cannot write it
+      const primaryGen = c.nodes.a.proc!.kind === 'primary' ? c.nodes.a.proc!.replica.history.last! : null;
+      expect(primaryGen).not.toBeNull();
+      c.crash('a');
+      free();
+      const r = await world.await(c.nodes.b.secondary!.promote('test'), 5000);
+      expect(r?.ok, r && !r.ok ? r.error.message : 'no answer').toBe(true);
+      const gens = historyOnDisk(c, 'b');
+      expect(
+        gens.map((g) => g.id),
+        "b's history must hold the primary's generation",
+      ).toContain(primaryGen!.id);
+      expect(c.nodes.b.secondary!.store.promoted!.generation, 'a generation number used twice').toBe(
+        primaryGen!.n + 1,
+      );
+    }));
+
   it('a primary that goes on alone and cannot record it refuses writes (it does not crash), and serves them once it can', () =>
     SimWorld.track(async () => {
       const { c } = await pair(13);

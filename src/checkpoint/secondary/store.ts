@@ -40,7 +40,7 @@ import {
   MIN_HASH_BLOCK,
 } from '../../failover/reprotect/hash.js';
 import { imageFileRange, readLayers, SvmDevice } from './svm-view.js';
-import type { History, SyncMode } from '../../failover/history.js';
+import type { Generation, History, SyncMode } from '../../failover/history.js';
 import { Applier, type ApplyJob } from './applier.js';
 import { CommitJournal, type PromoteRecord } from './commit-journal.js';
 import { epochKey, IndexMirror } from './index-mirror.js';
@@ -554,6 +554,11 @@ export class SecondaryStore {
     sync?: SyncMark,
   ): Promise<{ epochs: number[]; overlayDiscarded: { records: number; bytes: number } }> {
     if (this.promoted || this.promoting) throw this.staleError();
+    try {
+      this.catchUpHistory();
+    } catch {
+      // still lagging: it is not needed to commit, and promoting waits for it
+    }
     if (n <= this.lastCommitted) {
       if (sync?.state === 'done' && this.syncing) await this.finishSync(n, sync);
       return { epochs: [], overlayDiscarded: { records: 0, bytes: 0 } };
@@ -612,7 +617,20 @@ export class SecondaryStore {
   /** The resync is complete and committed: this node is consistent, with the primary's history. */
   private adoptSync(sync: SyncMark): void {
     this.syncing = null;
-    if (sync.history?.length) this.opts.history?.adopt(sync.history);
+    if (sync.history?.length) {
+      // The commit record carries the history and is durable already: a history.json that cannot
+      // be written now (a full disk) is written before anything here reads the history again
+      // (catchUpHistory), as open() does after a crash. Throwing here left the commit half done.
+      this.historyBehind = sync.history;
+      try {
+        this.catchUpHistory();
+      } catch (err) {
+        this.log(
+          `could not write the history the resync brought (${(err as Error).message}); ` +
+            `it is written before this node uses its history`,
+        );
+      }
+    }
     // What this node wrote before (as an old primary) is rolled back now.
     void this.opts.activity
       ?.reset()
@@ -776,6 +794,16 @@ export class SecondaryStore {
     return this.promotion;
   }
 
+  /** A resync's history, committed in commits.journal, that history.json does not hold yet (adoptSync). */
+  private historyBehind: Generation[] | null = null;
+
+  /** Write history.json as commits.journal says it is, if it lags (throws if it still cannot be written). */
+  private catchUpHistory(): void {
+    if (!this.historyBehind) return;
+    this.opts.history?.adopt(this.historyBehind);
+    this.historyBehind = null;
+  }
+
   /** The promote record, once durable (a promotion that failed after it is finished by a retry). */
   private promoteRecorded: PromoteRecord | null = null;
 
@@ -791,6 +819,8 @@ export class SecondaryStore {
     commitThrough?: number,
   ): Promise<{ generation: number; at: number; droppedEpochs: number[]; committed: number }> {
     while (this.resyncStart) await this.resyncStart.catch(() => {});
+    // A new generation is numbered after the last one this node knows: history.json must be current.
+    this.catchUpHistory();
     if (
       !this.promoted &&
       !this.promoteRecorded &&
