@@ -84,6 +84,13 @@ export interface Tunables {
    * to write later epochs over (fresh pages cost more than reused ones; 0: none).
    */
   spareJournalBytes: number;
+  /**
+   * The primary's resend buffer in memory, shared by every epoch held; past
+   * it frames go to files (the measurements are at PrimaryLog,
+   * RESEND_MEMORY_BYTES). 0 keeps every frame in a file (the simulator runs
+   * so half the time, to exercise that path).
+   */
+  resendMemoryBytes: number;
 }
 
 export const defaultTunables: Tunables = {
@@ -94,6 +101,7 @@ export const defaultTunables: Tunables = {
   resyncCommitBytes: 64 * MiB,
   activityExtentBytes: 1 * MiB,
   spareJournalBytes: 256 * MiB,
+  resendMemoryBytes: 128 * MiB,
 };
 
 export function tunables(t: Partial<Tunables> = {}): Tunables {

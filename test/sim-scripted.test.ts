@@ -2,7 +2,7 @@
 // a divergence the seeded simulator found (or the issue reported), and checks
 // that the two disks are equal by the end. In-process and deterministic.
 import { describe, expect, it } from 'vitest';
-import { Cluster, DISK, REPL_PORT, type NodeName } from './sim/cluster.js';
+import { Cluster, defaultSimOptions, DISK, REPL_PORT, type NodeName } from './sim/cluster.js';
 import { SimWorld } from './sim/world.js';
 import { ColoError } from '../src/errors.js';
 
@@ -259,6 +259,31 @@ describe('a full state directory, then space freed', () => {
       expect(c.nodes.b.secondary!.store.promoted!.generation, 'a generation number used twice').toBe(
         primaryGen!.n + 1,
       );
+    }));
+
+  it("the primary's resend buffer, in files only, cannot be written out when a resend reads it: the secondary is resynchronised once space is freed", () =>
+    SimWorld.track(async () => {
+      const world = new SimWorld(15);
+      const c = new Cluster(world, {
+        ...defaultSimOptions,
+        tunables: { ...defaultSimOptions.tunables, resendMemoryBytes: 0 },
+      });
+      expect(await c.startSecondary('b')).toBe(true);
+      expect(await c.startPrimary('a')).toBe(true);
+      expect(await waitProtected(c, 'a')).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
+      // The link stalls; what the PVM writes meanwhile waits in the epoch's file for the resend.
+      c.net.partition('a', 'b');
+      for (let i = 0; i < 4; i++) expect(await write(c, 'a', i * 64 * KiB, 16 * KiB, 0x60 + i)).toBe(true);
+      await world.runFor(1000);
+      const free = fill(c, 'a', '.journal');
+      expect(await write(c, 'a', 320 * KiB, 16 * KiB, 0x70)).toBe(true); // appended, not written out
+      c.net.heal('a', 'b');
+      await world.runFor(2000); // the resend reads the file: it must write out first, and cannot
+      expect(c.nodes.a.proc, 'the primary is gone').not.toBeNull();
+      free();
+      expect(await waitProtected(c, 'a')).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
     }));
 
   it('a primary that goes on alone and cannot record it refuses writes (it does not crash), and serves them once it can', () =>

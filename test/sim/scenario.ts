@@ -162,6 +162,10 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
   const world = new SimWorld(seed);
   const rng = world.rng;
   const sim = { ...defaultSimOptions, ...opts.sim };
+  // Half the runs keep the primary's resend buffer in files only (no memory): that path too meets
+  // crashes, cuts and full disks.
+  if (opts.sim?.tunables?.resendMemoryBytes === undefined && rng.chance(0.5))
+    sim.tunables = { ...sim.tunables, resendMemoryBytes: 0 };
   const c = new Cluster(world, sim);
   const res: ScenarioResult = {
     seed,

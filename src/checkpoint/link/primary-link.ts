@@ -492,6 +492,11 @@ export class PrimaryLink extends EventEmitter {
   private pump(): void {
     try {
       this.pumpFrames();
+    } catch (err) {
+      // The log's file part could not be read back (or written out first: a full disk). The
+      // secondary cannot be brought up to date from it: mark it out of sync (a resync follows).
+      // Thrown from a 'drain' event, this error ended the process.
+      this.plog.markOutOfSync(`the epoch log could not be sent: ${(err as Error).message}`);
     } finally {
       this.releaseHashes();
       this.releaseRoom();

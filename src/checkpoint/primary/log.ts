@@ -24,6 +24,7 @@
  */
 import path from 'node:path';
 import { internal } from '../../errors.js';
+import { defaultTunables } from '../../limits.js';
 import { realRandom, type Random } from '../../sys/clock.js';
 import type { Storage } from '../../sys/storage.js';
 import { ResendJournal, ResendMemory, type ResendAppend } from '../format/resend-journal.js';
@@ -56,7 +57,7 @@ export type NewMutation =
  * alternations: 729/723/762 → 808/822/834 MB/s, the primary 1.18/1.19/1.18 →
  * 1.03/1.00/0.99 CPU-s/GiB. Peak RSS with 1 GiB pending 211 → 243 MiB.
  */
-export const RESEND_MEMORY_BYTES = 128 * 1024 * 1024;
+export const RESEND_MEMORY_BYTES = defaultTunables.resendMemoryBytes;
 
 export class PrimaryLog {
   private readonly memory: ResendMemory;

@@ -140,6 +140,7 @@ export class PrimaryReplica {
       opts.firstEpoch,
       opts.budgetBytes ?? 1 * GiB,
       env.random,
+      this.tunables.resendMemoryBytes,
     );
     plog.now = () => env.clock.now();
     this.plog = plog;
