@@ -286,6 +286,21 @@ describe('a full state directory, then space freed', () => {
       await checkpointEqual(c, 'a', 'b');
     }));
 
+  it('a primary restarted as a secondary on a full disk fails to start, and can start as the primary it was once space is freed', () =>
+    SimWorld.track(async () => {
+      const { c } = await pair(16);
+      expect(await write(c, 'a', 64 * KiB, 8 * KiB, 0x81)).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
+      c.crash('a');
+      const free = fill(c, 'a', 'node.json');
+      expect(await c.startSecondary('a'), 'started although node.json could not be written').toBe(false);
+      free();
+      // node.json still says primary: the half-made secondary store is leftovers, not a secondary's data.
+      expect(await c.startPrimary('a'), c.log.slice(-3).join('\n')).toBe(true);
+      expect(await waitProtected(c, 'a')).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
+    }));
+
   it('a primary that goes on alone and cannot record it refuses writes (it does not crash), and serves them once it can', () =>
     SimWorld.track(async () => {
       const { c } = await pair(13);
