@@ -245,17 +245,11 @@ export class SecondaryStore {
     const foldedIds = found.foldedIds;
     this.lastApplied = Math.min((await this.getJson<number>('applied')) ?? 0, this.lastCommitted);
     // history.json follows the commit journal: finish what a crash interrupted.
-    const history = this.opts.history;
-    if (history) {
-      const adopted = found.adopted;
-      if (found.promote) {
-        const p = found.promote;
-        const id = p.id ?? `legacy-${p.gen}`;
-        if (!history.generations.some((g) => g.id === id))
-          history.append({ n: p.gen, id, by: history.node, base: p.committed, at: p.at, reason: p.reason });
-      } else if (adopted && adopted.length && history.last?.id !== adopted[adopted.length - 1].id)
-        history.adopt(adopted);
-    }
+    this.promoteRecorded = found.promote;
+    const adopted = found.adopted;
+    if (!found.promote && adopted?.length && this.opts.history?.last?.id !== adopted[adopted.length - 1].id)
+      this.historyBehind = adopted;
+    this.catchUpHistory();
 
     const indexed = {
       committed: (await this.getJson<number>('committed')) ?? 0,
@@ -797,15 +791,35 @@ export class SecondaryStore {
   /** A resync's history, committed in commits.journal, that history.json does not hold yet (adoptSync). */
   private historyBehind: Generation[] | null = null;
 
-  /** Write history.json as commits.journal says it is, if it lags (throws if it still cannot be written). */
-  private catchUpHistory(): void {
-    if (!this.historyBehind) return;
-    this.opts.history?.adopt(this.historyBehind);
-    this.historyBehind = null;
-  }
-
   /** The promote record, once durable (a promotion that failed after it is finished by a retry). */
   private promoteRecorded: PromoteRecord | null = null;
+
+  /**
+   * Make history.json say what commits.journal says: the history a resync's
+   * last commit brought, then the generation a promote record minted. After a
+   * crash (open), and after a write that failed on a full disk (adoptSync,
+   * promoteOnce). Throws if it still cannot be written.
+   */
+  private catchUpHistory(): void {
+    const history = this.opts.history;
+    if (!history) return;
+    if (this.historyBehind) {
+      history.adopt(this.historyBehind);
+      this.historyBehind = null;
+    }
+    const p = this.promoteRecorded;
+    if (!p) return;
+    const id = p.id ?? `legacy-${p.gen}`;
+    if (!history.generations.some((g) => g.id === id))
+      history.append({
+        n: p.gen,
+        id,
+        by: history.node,
+        base: p.committed,
+        at: p.at,
+        reason: `promoted: ${p.reason}`,
+      });
+  }
 
   private promotion: Promise<{
     generation: number;
@@ -848,7 +862,6 @@ export class SecondaryStore {
           `${new Date(this.syncing.since).toISOString()}); its disk matches no checkpoint. Promote it only ` +
           `after the resync completes.`,
       );
-    const history = this.opts.history;
     let rec = this.promoteRecorded;
     if (!rec) {
       // From here on nothing from the old primary is taken: a commit racing this promotion
@@ -856,7 +869,7 @@ export class SecondaryStore {
       this.promoting = true;
       try {
         crashPoint('secondary-before-promote-record');
-        const generation = Math.max(this.generation, history?.last?.n ?? 0) + 1;
+        const generation = Math.max(this.generation, this.opts.history?.last?.n ?? 0) + 1;
         // What the SVM wrote since the last commit is this generation's first divergence from the old primary.
         const activity = this.opts.activity;
         if (activity) {
@@ -882,15 +895,7 @@ export class SecondaryStore {
     // The record is durable: this node is promoted. If what follows fails (history.json on a full
     // disk), a retried promotion finishes it from here, as a restart would (open()).
     const { gen: generation, at } = rec;
-    if (history && !history.generations.some((g) => g.id === rec.id))
-      history.append({
-        n: generation,
-        id: rec.id!,
-        by: history.node,
-        base: rec.committed,
-        at,
-        reason: `promoted: ${rec.reason}`,
-      });
+    this.catchUpHistory();
     crashPoint('secondary-after-promote-record');
     const droppedEpochs = this.dropEpochs('keep-committed', 'later').dropped;
     this.spares.discard(); // no epoch will be written here again
