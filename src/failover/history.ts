@@ -116,7 +116,7 @@ export class History {
       at: this.clock.now(),
       reason,
     };
-    this.save([...this.data.generations, g]);
+    this.append(g);
     return g;
   }
 

@@ -87,10 +87,12 @@ const COOL_LAG_EPOCHS = 4;
 const HOT_WORKING_SET_BYTES = 1024 * 1024 * 1024;
 const IDLE_COOL_EPOCHS = 600;
 
-/** How often a primary that could not record going on alone tries again (at a PVM write). */
+/** How often a primary that could not record going on alone tries again. */
 const LONE_RETRY_MS = 500;
 
 export class PrimaryReplica {
+  /** The next try to record going on alone, while it cannot be (goLone). */
+  private loneRetry: TimerHandle | null = null;
   readonly metrics = {
     checkpoints: 0,
     checkpointFailures: 0,
@@ -382,20 +384,15 @@ export class PrimaryReplica {
       g = this.history.mint(`lone: ${reason}`, committed);
     } catch (err) {
       // No write may be acknowledged before the new generation is durable: refuse them, and
-      // try again at each write (at most every LONE_RETRY_MS) until the state directory takes it.
+      // try again every LONE_RETRY_MS until the state directory takes it.
       const why = `going on alone needs a new generation on disk, and ${this.history.file} could not be written: ${(err as Error).message}`;
-      this.opts.logger.warn(`${why}; PVM writes are refused until it can be`);
-      let nextTry = this.clock.mono() + LONE_RETRY_MS;
-      this.device.admit = () => {
-        if (this.clock.mono() < nextTry) return new ColoError(toColoError(err).code, why);
-        nextTry = this.clock.mono() + LONE_RETRY_MS;
-        this.device.admit = () => null;
-        this.goLone(reason, committed); // sets admit again if it fails again
-        return this.device.admit();
-      };
+      if (!this.device.refusal) this.opts.logger.warn(`${why}; PVM writes are refused until it can be`);
+      this.device.refusal = new ColoError(toColoError(err).code, why);
+      if (!this.closing)
+        this.loneRetry = this.clock.setTimeout(() => this.goLone(reason, committed), LONE_RETRY_MS);
       return;
     }
-    this.device.admit = () => null;
+    this.device.refusal = null;
     this.plog.markOutOfSync(`went on alone (${reason})`);
     this.opts.logger.warn(
       `going on alone as generation ${g.n} (${g.id}): ${reason}; writes are recorded in the activity log for a later resync`,
@@ -725,6 +722,7 @@ export class PrimaryReplica {
   /** Stop replicating: the link closes, the next epoch number is recorded, the log's files close. */
   async close(): Promise<void> {
     this.closing = true;
+    this.loneRetry?.clear();
     this.resync?.abort(new ColoError('ESHUTDOWN', 'the primary is shutting down'));
     this.link.close();
     await this.db.put('epoch', String(this.plog.current + 1), { sync: true });

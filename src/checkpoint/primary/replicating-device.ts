@@ -50,12 +50,11 @@ export class ReplicatingDevice implements BlockDevice {
   /** Set when this primary was deposed (its secondary was promoted): writes are refused. */
   deposed: string | null = null;
   /**
-   * Asked before every PVM write (not a resync's): an error refuses it, with
-   * nothing recorded or written; null lets it through. A primary that went
-   * on alone but could not record its new generation refuses writes so
-   * (PrimaryReplica.goLone).
+   * Set while PVM writes (not a resync's) are refused for a time, with
+   * nothing recorded or written: a primary that went on alone but could not
+   * record its new generation yet (PrimaryReplica.goLone).
    */
-  admit: () => ColoError | null = () => null;
+  refusal: ColoError | null = null;
   /** Flow control: returns a promise to wait on when the secondary is too far behind. */
   throttle: (admitted: number) => Promise<void> | null = () => null;
   /** Whether `throttle` would let a write through now (asked without side effects). */
@@ -112,8 +111,7 @@ export class ReplicatingDevice implements BlockDevice {
     // One writer per generation: a deposed primary never writes again.
     if (this.deposed)
       throw new ColoError('ESTALE', `this primary was deposed and serves no writes: ${this.deposed}`);
-    const refused = resync ? null : this.admit();
-    if (refused) throw refused;
+    if (this.refusal && !resync) throw this.refusal;
     // Admitted writes count from here until they are logged: the PVM's writes in flight
     // (QD × size) would otherwise all pass the mark before any of them is in the log.
     // Woken waiters ask again, so a release admits only what fits.
@@ -247,7 +245,7 @@ export class ReplicatingDevice implements BlockDevice {
       return false;
     const end = offset + length;
     for (const f of this.inflight) if (f.start < end && offset < f.end) return false;
-    if (!this.hasRoom(this.admitted) || this.admit() !== null) return false;
+    if (this.refusal || !this.hasRoom(this.admitted)) return false;
     if (this.activity && !this.activity.hotOnDisk(offset, length)) return false;
     // From here on nothing waits. Recorded (hot on disk already: no sync), then written.
     this.activity?.mark(offset, length, this.log.current + 1);
