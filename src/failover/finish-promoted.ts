@@ -38,16 +38,20 @@ export async function finishPromotedStore(
     clock: opts.clock,
     random: opts.random,
   });
-  let aborted = false;
+  // A start as a secondary that failed before it was recorded (node.json still says primary: a full
+  // disk, say) left a store that never received anything: its files are leftovers, not a secondary's.
+  if (
+    !opts.onlyIfPromoted &&
+    !store.promoted &&
+    store.lastCommitted === 0 &&
+    state.readNodeFile()?.role === 'primary'
+  ) {
+    await store.close();
+    state.removeSecondaryFiles();
+    opts.log(`${state.root}: removed the files of a start as a secondary that did not complete`);
+    return 0;
+  }
   try {
-    // A start as a secondary that failed before it was recorded (node.json still says primary: a full
-    // disk, say) left a store that never received anything: its files are leftovers, not a secondary's.
-    aborted =
-      !opts.onlyIfPromoted &&
-      !store.promoted &&
-      store.lastCommitted === 0 &&
-      state.readNodeFile()?.role === 'primary';
-    if (aborted) return 0;
     if (!store.promoted && opts.onlyIfPromoted) return -1;
     if (!store.promoted)
       throw new ColoError(
@@ -58,10 +62,6 @@ export async function finishPromotedStore(
     await store.foldAll();
   } finally {
     await store.close();
-    if (aborted) {
-      state.removeSecondaryFiles();
-      opts.log(`${state.root}: removed the files of a start as a secondary that did not complete`);
-    }
   }
   if (!store.promoted) return -1;
   const committed = store.lastCommitted;
