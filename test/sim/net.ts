@@ -10,7 +10,8 @@ import { ColoError } from '../../src/errors.js';
 import type { Conn, Listener, Net } from '../../src/sys/net.js';
 import type { Owner, SimWorld } from './world.js';
 
-const HIGH_WATER = 256 * 1024;
+/** A socket's send buffer by default (bytes in flight before write() says to wait for 'drain'). */
+export const HIGH_WATER = 256 * 1024;
 
 export class SimConn extends EventEmitter implements Conn {
   peer!: SimConn;
@@ -76,7 +77,7 @@ export class SimConn extends EventEmitter implements Conn {
     }
     this.sent += data.length;
     this.deliver(data);
-    if (this.inFlight > HIGH_WATER) {
+    if (this.inFlight > this.net.highWater) {
       this.needDrain = true;
       return false;
     }
@@ -98,8 +99,9 @@ export class SimConn extends EventEmitter implements Conn {
         at - world.t,
         () => {
           this.inFlight -= piece.length;
-          if (this.needDrain && this.inFlight <= HIGH_WATER / 2 && !this.destroyed) {
+          if (this.needDrain && this.inFlight <= this.net.highWater / 2 && !this.destroyed) {
             this.needDrain = false;
+            this.net.drains++;
             this.emit('drain');
           }
           if (this.blackholed || this.net.partitioned(this.host, this.peer.host)) {
@@ -179,8 +181,16 @@ export class SimNet {
   /** Faults injected (for the report). */
   cuts = 0;
   resets = 0;
+  /** Writes a sender had to wait for 'drain' after (backpressure met). */
+  drains = 0;
   /** Extra one-way delay between two hosts (ms), on top of the base latency. */
   delays = new Map<string, number>();
+  /**
+   * Bytes a connection holds in flight before write() returns false (the
+   * sender waits for 'drain'). Some runs make it small, so that senders meet
+   * backpressure, as a slow or distant peer makes them on a real network.
+   */
+  highWater = HIGH_WATER;
 
   constructor(readonly world: SimWorld) {}
 

@@ -12,6 +12,7 @@ export interface SeedRun {
     steps: number;
     crashes: number;
     cuts: number;
+    drains: number;
     checkpoints: number;
     failovers: number;
     reprotects: number;
@@ -35,6 +36,7 @@ export async function runSeeds(
     steps: 0,
     crashes: 0,
     cuts: 0,
+    drains: 0,
     checkpoints: 0,
     failovers: 0,
     reprotects: 0,
@@ -49,6 +51,7 @@ export async function runSeeds(
     totals.steps += r.steps;
     totals.crashes += r.crashes;
     totals.cuts += r.cuts;
+    totals.drains += r.drains;
     totals.checkpoints += r.checkpoints;
     totals.failovers += r.failovers;
     totals.reprotects += r.reprotects;
@@ -63,7 +66,7 @@ export async function runSeeds(
   recordFaults(
     suite,
     t.scenarios,
-    `scenarios (${t.actions} actions, ${t.steps} steps, ${t.crashes} crashes, ${t.cuts} cut connections, ` +
+    `scenarios (${t.actions} actions, ${t.steps} steps, ${t.crashes} crashes, ${t.cuts} cut connections, ${t.drains} waits for drain, ` +
       `${t.checkpoints} checkpoints, ${t.failovers} failovers, ${t.reprotects} re-protections, ${t.fullDisks} full disks; ` +
       `${t.converged} ended protected and equal)`,
   );

@@ -42,6 +42,8 @@ export interface ScenarioResult {
   steps: number;
   crashes: number;
   cuts: number;
+  /** Times a sender waited for a connection's 'drain'. */
+  drains: number;
   checkpoints: number;
   failovers: number;
   reprotects: number;
@@ -167,12 +169,17 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
   if (opts.sim?.tunables?.resendMemoryBytes === undefined && rng.chance(0.5))
     sim.tunables = { ...sim.tunables, resendMemoryBytes: 0 };
   const c = new Cluster(world, sim);
+  // Half the runs give connections a small send buffer: the link, the hash requests and the
+  // secondary's answers then wait for 'drain' (window and frames larger than what a socket holds).
+  if (rng.chance(0.5)) c.net.highWater = rng.pick([1024, 8 * 1024, 32 * 1024]);
+  c.note(`resend memory ${sim.tunables.resendMemoryBytes ?? 'default'}, socket buffer ${c.net.highWater}`);
   const res: ScenarioResult = {
     seed,
     actions: 0,
     steps: 0,
     crashes: 0,
     cuts: 0,
+    drains: 0,
     checkpoints: 0,
     failovers: 0,
     reprotects: 0,
@@ -679,5 +686,6 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
   res.steps = world.steps;
   res.crashes = c.crashes;
   res.cuts = c.net.cuts;
+  res.drains = c.net.drains;
   return res;
 }
