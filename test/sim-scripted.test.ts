@@ -286,6 +286,35 @@ describe('a full state directory, then space freed', () => {
       await checkpointEqual(c, 'a', 'b');
     }));
 
+  it("a promoted node's log in files that cannot be written out, resent to the re-protected node when a socket's 'drain' resumes the resend: a full resync, no crash", () =>
+    SimWorld.track(async () => {
+      const world = new SimWorld(17);
+      const c = new Cluster(world, {
+        ...defaultSimOptions,
+        tunables: { ...defaultSimOptions.tunables, resendMemoryBytes: 0 },
+      });
+      c.net.highWater = 1024; // any frame of data fills the socket: the sender waits for 'drain'
+      expect(await c.startSecondary('b')).toBe(true);
+      expect(await c.startPrimary('a')).toBe(true);
+      expect(await waitProtected(c, 'a')).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
+      c.crash('a');
+      expect((await c.world.await(c.nodes.b.secondary!.promote('test'), 5000))?.ok).toBe(true);
+      // What the promoted node's VM writes is logged for the next secondary; its file cannot grow.
+      const free = fill(c, 'b', 'epochs-primary');
+      for (let i = 0; i < 4; i++) expect(await write(c, 'b', i * 64 * KiB, 16 * KiB, 0x60 + i)).toBe(true);
+      expect(await c.startSecondary('a')).toBe(true);
+      const drains = c.net.drains;
+      // The resend's first frame fills the socket; the 'drain' resumes it, and it reads the file.
+      await c.world.await(c.nodes.b.secondary!.reprotect(`a:${REPL_PORT}`), 5000);
+      await world.runFor(2000);
+      expect(c.net.drains, "no 'drain' came: the test tested nothing").toBeGreaterThan(drains);
+      expect(c.nodes.b.proc, 'the promoted node is gone').not.toBeNull();
+      free();
+      expect(await waitProtected(c, 'b')).toBe(true);
+      await checkpointEqual(c, 'b', 'a');
+    }));
+
   it('a primary restarted as a secondary on a full disk fails to start, and can start as the primary it was once space is freed', () =>
     SimWorld.track(async () => {
       const { c } = await pair(16);

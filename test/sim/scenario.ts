@@ -674,8 +674,12 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     }
     await converge();
   } catch (err) {
-    if (!(err instanceof Violation)) throw err;
-    res.violation = err.message;
+    // Anything else thrown out of a step is as bad: an exception out of a timer, a socket's or a
+    // disk's callback ends a real process (or the simulator itself is wrong). Either way: which seed.
+    res.violation =
+      err instanceof Violation
+        ? err.message
+        : `seed ${seed}: an exception escaped (a process would have died): ${(err as Error).stack ?? String(err)}`;
   } finally {
     // Stop every process so nothing of this world runs on.
     for (const n of ['a', 'b'] as const) {
