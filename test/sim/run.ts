@@ -17,6 +17,7 @@ export interface SeedRun {
     failovers: number;
     reprotects: number;
     fullDisks: number;
+    slowDisks: number;
     converged: number;
   };
   failures: ScenarioResult[];
@@ -41,6 +42,7 @@ export async function runSeeds(
     failovers: 0,
     reprotects: 0,
     fullDisks: 0,
+    slowDisks: 0,
     converged: 0,
   };
   const failures: ScenarioResult[] = [];
@@ -56,6 +58,7 @@ export async function runSeeds(
     totals.failovers += r.failovers;
     totals.reprotects += r.reprotects;
     totals.fullDisks += r.fullDisks;
+    totals.slowDisks += r.slowDisks;
     if (r.converged) totals.converged++;
     if (r.violation) {
       failures.push(r);
@@ -67,7 +70,7 @@ export async function runSeeds(
     suite,
     t.scenarios,
     `scenarios (${t.actions} actions, ${t.steps} steps, ${t.crashes} crashes, ${t.cuts} cut connections, ${t.drains} waits for drain, ` +
-      `${t.checkpoints} checkpoints, ${t.failovers} failovers, ${t.reprotects} re-protections, ${t.fullDisks} full disks; ` +
+      `${t.checkpoints} checkpoints, ${t.failovers} failovers, ${t.reprotects} re-protections, ${t.fullDisks} full disks, ${t.slowDisks} slow disks; ` +
       `${t.converged} ended protected and equal)`,
   );
   return { totals, failures };

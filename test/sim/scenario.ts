@@ -49,6 +49,8 @@ export interface ScenarioResult {
   reprotects: number;
   /** Episodes of a state directory refusing writes (ENOSPC). */
   fullDisks: number;
+  /** Episodes of a node's disk syncing slowly. */
+  slowDisks: number;
   converged: boolean;
   violation: string | null;
   log: string[];
@@ -69,6 +71,8 @@ type Action =
   | 'delay'
   | 'full'
   | 'free'
+  | 'slow'
+  | 'fast'
   | 'wait';
 
 /** What a node's VM must read: known bytes, and sectors a failed write may have half-changed. */
@@ -184,6 +188,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     failovers: 0,
     reprotects: 0,
     fullDisks: 0,
+    slowDisks: 0,
     converged: false,
     violation: null,
     log: c.log,
@@ -495,6 +500,8 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       ['delay', 0.7],
       ['full', diskFaults && [a, b].some((n) => !n.disk.faults) ? 0.6 : 0],
       ['free', [a, b].some((n) => n.disk.faults) ? 1.5 : 0],
+      ['slow', [a, b].some((n) => !n.disk.slowSyncs) ? 0.6 : 0],
+      ['fast', [a, b].some((n) => n.disk.slowSyncs) ? 1.5 : 0],
       ['wait', 3],
     ]);
   };
@@ -576,6 +583,23 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
         for (const n of ['a', 'b'] as const) c.nodes[n].disk.faults = null;
         c.note('disk space freed');
         return world.runFor(rng.range(10, 500));
+      case 'slow': {
+        // The node's disk slows down: every sync takes this long, until a later step makes it fast.
+        const n = rng.pick((['a', 'b'] as const).filter((x) => !c.nodes[x].disk.slowSyncs));
+        const slow = rng.pick<[number, number]>([
+          [5, 50],
+          [50, 400],
+          [300, 1500],
+        ]);
+        c.note(`disk slow on ${n} (syncs take ${slow[0]}-${slow[1]} ms)`);
+        res.slowDisks++;
+        c.nodes[n].disk.slowSyncs = slow;
+        return world.runFor(rng.range(10, 1000));
+      }
+      case 'fast':
+        for (const n of ['a', 'b'] as const) c.nodes[n].disk.slowSyncs = null;
+        c.note('disks fast again');
+        return world.runFor(rng.range(10, 500));
       case 'wait':
         return world.runFor(rng.range(10, 2000));
     }
@@ -596,6 +620,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     c.net.heal('a', 'b');
     c.net.delays.clear();
     for (const n of names) c.nodes[n].disk.faults = null;
+    for (const n of names) c.nodes[n].disk.slowSyncs = null;
     for (const n of names) if (!c.nodes[n].up) await restart(n, true);
     for (let round = 0; round < 3; round++) {
       await world.runFor(500);

@@ -99,6 +99,8 @@ export class SimDisk {
   private incarnation = 0;
   /** Storage failures to inject: called before each write, may throw. */
   faults: ((path: string) => void) | null = null;
+  /** A slow disk: each sync takes [min, max] ms (null: 0-2 ms). */
+  slowSyncs: [number, number] | null = null;
   crashes = 0;
 
   constructor(
@@ -252,14 +254,17 @@ export class SimDisk {
 }
 
 /**
- * A sync that completes when the world's scheduler says (0-2 ms later): `done`
- * runs then, unless the incarnation died meanwhile (then it never completes).
+ * A sync that completes when the world's scheduler says (0-2 ms later, or as
+ * slow as the disk is made): `done` runs then, unless the incarnation died
+ * meanwhile (then it never completes).
  */
-function completeLater(world: SimWorld, owner: Owner, dead: () => boolean, done: () => void): Promise<void> {
+function completeLater(disk: SimDisk, owner: Owner, dead: () => boolean, done: () => void): Promise<void> {
   if (dead()) return new Promise(() => {});
+  const world = disk.world;
+  const [min, max] = disk.slowSyncs ?? [0, 2];
   return new Promise((resolve) =>
     world.schedule(
-      world.rng.range(0, 2),
+      world.rng.range(min, max),
       () => {
         if (dead()) return;
         done();
@@ -314,7 +319,7 @@ class SimFile implements StorageFile {
   datasync(): Promise<void> {
     const n = this.inode.pending.length;
     return completeLater(
-      this.disk.world,
+      this.disk,
       this.owner,
       () => this.dead,
       () => {
@@ -409,7 +414,7 @@ class SimStorage implements Storage {
   syncDirLater(): Promise<void> {
     const upTo = this.disk.namesMade;
     return completeLater(
-      this.disk.world,
+      this.disk,
       this.owner,
       () => this.dead,
       () => this.disk.syncNamesThrough(upTo),
