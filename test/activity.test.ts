@@ -205,6 +205,27 @@ describe('activity log', () => {
     ]);
   });
 
+  it('an extent with a write under way never cools: it cools once the epoch the write ended in is committed', async () => {
+    const { log } = fresh();
+    // A write begins in epoch 3 and waits (for the range, the bitmap's sync, a slow disk) while
+    // epochs 3, 4 and 5 are sealed and committed.
+    log.hold(2 * MiB, 4096);
+    await log.ensureHot(2 * MiB, 4096, 3);
+    log.cool(5);
+    expect(log.hotRanges(), 'cooled under a write that may land in a later epoch').toEqual([
+      { offset: 2 * MiB, length: MiB },
+    ]);
+    expect(log.unknownRanges()).toEqual([{ offset: 2 * MiB, length: MiB }]); // its exact bits went with the commit
+    log.coolLeastRecent(5, 0, 5); // nor by the steady-state cooling, even with no working set kept
+    expect(log.hotRanges()).toEqual([{ offset: 2 * MiB, length: MiB }]);
+    log.release(2 * MiB, 4096, 6); // it was logged in epoch 6 at the latest
+    log.cool(5);
+    expect(log.hotRanges()).toEqual([{ offset: 2 * MiB, length: MiB }]);
+    log.cool(6);
+    expect(log.hotRanges()).toEqual([]);
+    await log.close();
+  });
+
   it('a torn slot falls back to the previous durable state', async () => {
     const { dir, log } = fresh();
     await log.ensureHot(0, 1, 1); // slot 1

@@ -186,6 +186,42 @@ function historyOnDisk(c: Cluster, name: NodeName): { n: number; id: string; rea
     : [];
 }
 
+describe('a slow disk', () => {
+  it("a write that waits out a resync's last commit keeps its extent hot: a crash after it still resynchronises that region", () =>
+    SimWorld.track(async () => {
+      const { world, c } = await pair(21);
+      await checkpointEqual(c, 'a', 'b');
+      // Enough for a resync of several commits (one every 128 KiB here), so several seals: the
+      // restarted primary cannot resend its log, it resynchronises its hot extents.
+      for (let i = 0; i < 4; i++) expect(await write(c, 'a', i * 64 * KiB, 64 * KiB, 0x31 + i)).toBe(true);
+      await flush(c, 'a');
+      c.crash('a', 'lose-unsynced');
+      expect(await c.startPrimary('a')).toBe(true);
+      expect(await world.runUntil(() => c.nodes.a.primary!.peerState === 'syncing', 5000)).toBe(true);
+      // Only the activity log's syncs are slow: a write to a region nothing wrote before waits
+      // 400 ms for its record, while the resync runs at full speed through its last commit.
+      c.nodes.a.disk.slowSyncs = [400, 400];
+      c.nodes.a.disk.slowOnly = 'activity';
+      const late = c.nodes.a.device!.pwrite(Buffer.alloc(8 * KiB, 0x77), 960 * KiB);
+      expect(await waitProtected(c, 'a')).toBe(true);
+      expect((await world.await(late, 5000))?.ok).toBe(true);
+      await flush(c, 'a'); // on a's disk for good; no checkpoint has carried it to b yet
+      const hot = c.nodes.a.primary!.activity.hotRanges();
+      expect(
+        hot.some((r) => r.offset <= 960 * KiB && 968 * KiB <= r.offset + r.length),
+        `the extent of a write no commit covers yet went cold: hot ${JSON.stringify(hot)}`,
+      ).toBe(true);
+      // The primary dies before any checkpoint carries that write (once its bitmap, as it now
+      // stands, is on disk); restarted, it must resend it.
+      await world.runFor(1000);
+      c.nodes.a.disk.slowSyncs = null;
+      c.crash('a', 'lose-unsynced');
+      expect(await c.startPrimary('a')).toBe(true);
+      expect(await waitProtected(c, 'a')).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
+    }));
+});
+
 describe('a full state directory, then space freed', () => {
   it("the secondary's commit record could not be written: that checkpoint fails, the next ones succeed once space is freed", () =>
     SimWorld.track(async () => {

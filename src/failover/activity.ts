@@ -166,6 +166,13 @@ export class ActivityLog {
   /** Bits known to be on disk (a superset of `hot` for every extent a write is performed in). */
   private readonly durable: Bitmap;
   private readonly lastEpoch: Float64Array;
+  /**
+   * Mutations under way per extent (`hold` to `release`): recorded, not yet
+   * logged. Such an extent never cools: the epoch its write lands in is only
+   * known once it is logged, and any number of seals may pass while it waits
+   * for the bitmap's sync or a slow disk.
+   */
+  private readonly busy: Uint32Array;
   private readonly exact: SparseBitmap;
   /**
    * Hot extents whose differences from the peer the exact bitmap may not all hold (see the notes
@@ -194,6 +201,7 @@ export class ActivityLog {
     this.hot = new Bitmap(extents);
     this.durable = new Bitmap(extents);
     this.lastEpoch = new Float64Array(extents);
+    this.busy = new Uint32Array(extents);
     this.exact = new SparseBitmap(Math.max(1, Math.ceil(size / this.blockBytes)));
     this.unknown = new Bitmap(extents);
     this.slotBytes = Math.ceil((HEADER + this.hot.bytes.length) / 4096) * 4096;
@@ -285,6 +293,27 @@ export class ActivityLog {
       if (!this.durable.get(x)) needSync = true;
     }
     return needSync;
+  }
+
+  /**
+   * A mutation of the range begins (before `ensureHot`): its extents stay hot,
+   * whatever is committed meanwhile, until `release`.
+   */
+  hold(offset: number, length: number): void {
+    const [x0, x1] = this.extentRange(offset, length);
+    for (let x = x0; x < x1; x++) this.busy[x]++;
+  }
+
+  /**
+   * The mutation `hold` began is over, logged (if at all) in an epoch no later
+   * than `epoch`: its extents cool once that epoch is committed.
+   */
+  release(offset: number, length: number, epoch: number): void {
+    const [x0, x1] = this.extentRange(offset, length);
+    for (let x = x0; x < x1; x++) {
+      this.busy[x]--;
+      if (this.lastEpoch[x] < epoch) this.lastEpoch[x] = epoch;
+    }
   }
 
   /**
@@ -385,6 +414,11 @@ export class ActivityLog {
       }
       if (!this.hot.get(x)) continue;
       hotCount++;
+      if (this.busy[x] > 0) {
+        // A write under way: its blocks may land in a later epoch, after the exact bits go.
+        this.unknown.set(x);
+        continue;
+      }
       // The exact bits go below: an extent written in an epoch past `through` may then hold blocks
       // the peer lacks that no bit records; one whose writes are all committed holds none (and a
       // cooled one is not hot: unknown stays within hot).

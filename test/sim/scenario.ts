@@ -424,6 +424,10 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     }
     r.value.forEach((x, i) => {
       const o = ops[i];
+      c.note(
+        `  ${vm} ${o.data ? 'write' : 'zero/trim'} ${o.offset}+${o.length}${o.fua ? ' fua' : ''}: ` +
+          (x.status === 'fulfilled' ? 'ok' : (x.reason as Error).message),
+      );
       if (x.status !== 'fulfilled') d?.unknown(o.offset, o.length);
       else d?.written(o.offset, o.length, o.data, o.fua);
       if (x.status === 'fulfilled') {

@@ -99,8 +99,10 @@ export class SimDisk {
   private incarnation = 0;
   /** Storage failures to inject: called before each write, may throw. */
   faults: ((path: string) => void) | null = null;
-  /** A slow disk: each sync takes [min, max] ms (null: 0-2 ms). */
+  /** A slow disk: each sync takes [min, max] ms (null: 0-2 ms)... */
   slowSyncs: [number, number] | null = null;
+  /** ...or only the syncs of files whose path contains this (a scripted run's timing). */
+  slowOnly: string | null = null;
   crashes = 0;
 
   constructor(
@@ -258,10 +260,17 @@ export class SimDisk {
  * slow as the disk is made): `done` runs then, unless the incarnation died
  * meanwhile (then it never completes).
  */
-function completeLater(disk: SimDisk, owner: Owner, dead: () => boolean, done: () => void): Promise<void> {
+function completeLater(
+  disk: SimDisk,
+  path: string,
+  owner: Owner,
+  dead: () => boolean,
+  done: () => void,
+): Promise<void> {
   if (dead()) return new Promise(() => {});
   const world = disk.world;
-  const [min, max] = disk.slowSyncs ?? [0, 2];
+  const slow = disk.slowSyncs && (disk.slowOnly === null || path.includes(disk.slowOnly));
+  const [min, max] = slow ? disk.slowSyncs! : [0, 2];
   return new Promise((resolve) =>
     world.schedule(
       world.rng.range(min, max),
@@ -320,6 +329,7 @@ class SimFile implements StorageFile {
     const n = this.inode.pending.length;
     return completeLater(
       this.disk,
+      this.path,
       this.owner,
       () => this.dead,
       () => {
@@ -415,6 +425,7 @@ class SimStorage implements Storage {
     const upTo = this.disk.namesMade;
     return completeLater(
       this.disk,
+      '/', // the directory
       this.owner,
       () => this.dead,
       () => this.disk.syncNamesThrough(upTo),

@@ -123,19 +123,23 @@ export class ReplicatingDevice implements BlockDevice {
     let finish!: () => void;
     const me: Inflight = { start, end, done: new Promise<void>((r) => (finish = r)) };
     this.inflight.push(me);
+    // The epoch it will be logged in is not known yet: seals do not wait for a write under
+    // way, and any number of them may pass while it waits (for the range, the bitmap's sync, a
+    // slow disk). Its extents stay hot until it is over, and then until the epoch current at
+    // its end is committed (release).
+    const activity = this.activity && length > 0 && !resync ? this.activity : null;
+    activity?.hold(start, length);
     try {
       if (before.length) await Promise.all(before);
       // Record the region (durably, if it was cold) before the disk changes: after
       // a crash this node knows every region it may have written that its peer lacks.
-      if (this.activity && length > 0 && !resync) {
-        // The epoch it will be logged in is not known yet: a seal may close the current one
-        // while this write runs (the seal does not wait for it), and the write then lands in the
-        // next. The extent must stay hot until that one is committed too.
-        const hot = this.activity.ensureHot(start, length, this.log.current + 1);
+      if (activity) {
+        const hot = activity.ensureHot(start, length, this.log.current);
         if (hot) await hot;
       }
       await run();
     } finally {
+      activity?.release(start, length, this.log.current);
       if (logged) {
         this.admitted -= logged;
         this.roomChanged();
@@ -247,8 +251,9 @@ export class ReplicatingDevice implements BlockDevice {
     for (const f of this.inflight) if (f.start < end && offset < f.end) return false;
     if (this.refusal || !this.hasRoom(this.admitted)) return false;
     if (this.activity && !this.activity.hotOnDisk(offset, length)) return false;
-    // From here on nothing waits. Recorded (hot on disk already: no sync), then written.
-    this.activity?.mark(offset, length, this.log.current + 1);
+    // From here on nothing waits. Recorded (hot on disk already: no sync), then written and
+    // logged in this turn: in the current epoch (no seal comes in between).
+    this.activity?.mark(offset, length, this.log.current);
     try {
       if (!local.pwritevNow(bufs, offset, opts)) return false;
     } catch (err) {
