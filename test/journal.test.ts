@@ -7,6 +7,7 @@ import { epochJournal } from '../src/checkpoint/format/records.js';
 import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
 import { nodeStorage, type Storage, type StorageFile } from '../src/sys/storage.js';
 import { encodeFrame } from '../src/checkpoint/format/frame.js';
+import { CommitJournal } from '../src/checkpoint/secondary/commit-journal.js';
 
 const dir = tmpDir();
 afterAll(() => rmDir(dir));
@@ -144,7 +145,8 @@ describe('journal', () => {
 describe('journal on a disk that fills up', () => {
   /** nodeStorage, but writes fail with `error` while `full` is set (after writing `partial` bytes of the batch). */
   function fillable(error: string) {
-    const state = { full: false, partial: 0, refused: 0 };
+    /** `once`: the disk has room again right after one write is refused (space freed meanwhile). */
+    const state = { full: false, partial: 0, refused: 0, once: false };
     const storage: Storage = Object.create(nodeStorage) as Storage;
     storage.open = (p: string): StorageFile => {
       const f = nodeStorage.open(p);
@@ -152,6 +154,7 @@ describe('journal on a disk that fills up', () => {
         writev(buffers: readonly Buffer[], pos: number): void {
           if (!state.full) return f.writev(buffers, pos);
           state.refused++;
+          if (state.once) state.full = false;
           if (state.partial) f.writev([Buffer.concat(buffers as Buffer[]).subarray(0, state.partial)], pos);
           throw Object.assign(new Error(`${error}: simulated`), { code: error });
         },
@@ -196,6 +199,33 @@ describe('journal on a disk that fills up', () => {
     expect(recs[1].data.equals(Buffer.alloc(7000, 3)), 'the record written after the failure').toBe(true);
     expect(recs[2].data.equals(datas[1])).toBe(true);
     expect(state.refused).toBeGreaterThan(0);
+  });
+
+  it('a commit record that failed never appears: not when space is freed at once, not after a restart', async () => {
+    const { storage, state } = fillable('ENOSPC');
+    const p = path.join(dir, 'commits.journal');
+    const { journal } = CommitJournal.open(storage, p);
+    await journal.record({ t: 'commit', e: 1, overlay: 2, at: 1 });
+    const good = fs.statSync(p).size;
+    // A fold (the SVM's overlay 2 becomes layer 2, overlay 3 the current one) fails part-way;
+    // the disk has room again before the failed writer is closed.
+    state.full = true;
+    state.once = true;
+    state.partial = 20;
+    await expect(journal.record({ t: 'fold', overlay: 2, next: 3, at: 2 })).rejects.toMatchObject({
+      code: 'ENOSPC',
+    });
+    expect(fs.statSync(p).size, 'bytes of the failed record are left in the file').toBe(good);
+    journal.close();
+    // A restart (the process gave up on the failure): overlay 2 is still the current one.
+    const again = CommitJournal.open(nodeStorage, p);
+    expect(again.state.overlayId).toBe(2);
+    expect(again.state.foldedIds).toEqual([]);
+    expect(again.scan?.tornTail ?? null).toBeNull();
+    // And the next record goes where the failed one would have been.
+    await again.journal.record({ t: 'commit', e: 2, overlay: 2, at: 3 });
+    again.journal.close();
+    expect(CommitJournal.open(nodeStorage, p).state.lastCommitted).toBe(2);
   });
 
   it('EIO: the journal fails for good', async () => {

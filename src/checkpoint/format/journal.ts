@@ -222,6 +222,29 @@ export class JournalWriter {
     }
   }
 
+  /**
+   * Give up on what is not written yet (a record that failed) and close: the
+   * bytes kept since a full disk are dropped, not written by `close`. Bytes a
+   * failed flush wrote part of stay in the file: `cut` them.
+   */
+  abandon(): void {
+    this.pending = [];
+    this.pendingBytes = 0;
+    this.spaceError = null;
+    this.close();
+  }
+
+  /** Cut the file at `end` (if it is longer) and make that durable. */
+  static async cut(storage: Storage, path: string, end: number): Promise<void> {
+    const file = storage.open(path);
+    try {
+      if (file.size() > end) file.truncate(end);
+      await file.datasync();
+    } finally {
+      file.close();
+    }
+  }
+
   /** Read `length` bytes at `pos` (data previously appended). */
   read(buf: Buffer, pos: number): void {
     if (pos + buf.length > this.writtenEnd) this.flush();

@@ -92,10 +92,13 @@ export class CommitJournal {
   /**
    * Append a record and make it durable: the event counts from here on. If
    * that fails (a full disk), the event did not happen: the file is cut back
-   * to the last good record before the next one, which a new writer appends
-   * (a writer whose write failed keeps failing). Without that, one full disk
-   * at a commit left the secondary unable to commit, or be promoted, until a
-   * restart.
+   * to the last good record, durably, before the failure is reported, and a
+   * new writer appends the next record (a writer whose write failed keeps
+   * failing). Without that, one full disk at a commit left the secondary
+   * unable to commit, or be promoted, until a restart. And the failed record
+   * is dropped, never written later: the failed writer's close wrote what it
+   * kept, so a restart found a fold that had failed and its overlay in use,
+   * and a power cut after that lost it again, with the writes made there.
    */
   record(rec: CommitRecord): Promise<void> {
     const run = this.chain.then(() => this.recordNow(rec));
@@ -114,7 +117,12 @@ export class CommitJournal {
       await this.writer.sync();
     } catch (err) {
       this.cutBackTo = before;
-      this.writer.close();
+      this.writer.abandon();
+      try {
+        await JournalWriter.cut(this.storage, this.path, before);
+      } catch {
+        // the next record's writer cuts it (JournalWriter.open at cutBackTo)
+      }
       throw err;
     }
   }
