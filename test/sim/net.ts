@@ -117,9 +117,31 @@ export class SimConn extends EventEmitter implements Conn {
 
   receive(piece: Buffer): void {
     if (this.destroyed) return;
+    if (this.owner.stalledUntil > this.world.t) {
+      // A frozen process reads nothing: the bytes wait in its socket, handed out at the thaw.
+      this.held.push(piece);
+      if (!this.paused) this.handOutHeld();
+      return;
+    }
     // Behind what resume() has still to hand out: a piece must never overtake an earlier one.
     if (this.paused || this.held.length) this.held.push(piece);
     else this.emit('data', piece);
+  }
+
+  private handingOut = false;
+
+  /** Hand out the held pieces in a task of this end's process (after a thaw, if it is frozen). */
+  private handOutHeld(): void {
+    if (this.handingOut) return;
+    this.handingOut = true;
+    this.world.schedule(
+      0,
+      () => {
+        this.handingOut = false;
+        while (!this.paused && this.held.length && !this.destroyed) this.emit('data', this.held.shift()!);
+      },
+      this.owner,
+    );
   }
 
   cork(): void {}
@@ -135,13 +157,7 @@ export class SimConn extends EventEmitter implements Conn {
   resume(): void {
     if (!this.paused) return;
     this.paused = false;
-    this.world.schedule(
-      0,
-      () => {
-        while (!this.paused && this.held.length && !this.destroyed) this.emit('data', this.held.shift()!);
-      },
-      this.owner,
-    );
+    this.handOutHeld();
   }
 
   /** Close after everything written has been delivered. */

@@ -18,6 +18,7 @@ export interface SeedRun {
     reprotects: number;
     fullDisks: number;
     slowDisks: number;
+    stalls: number;
     converged: number;
   };
   failures: ScenarioResult[];
@@ -43,6 +44,7 @@ export async function runSeeds(
     reprotects: 0,
     fullDisks: 0,
     slowDisks: 0,
+    stalls: 0,
     converged: 0,
   };
   const failures: ScenarioResult[] = [];
@@ -59,6 +61,7 @@ export async function runSeeds(
     totals.reprotects += r.reprotects;
     totals.fullDisks += r.fullDisks;
     totals.slowDisks += r.slowDisks;
+    totals.stalls += r.stalls;
     if (r.converged) totals.converged++;
     if (r.violation) {
       failures.push(r);
@@ -70,7 +73,7 @@ export async function runSeeds(
     suite,
     t.scenarios,
     `scenarios (${t.actions} actions, ${t.steps} steps, ${t.crashes} crashes, ${t.cuts} cut connections, ${t.drains} waits for drain, ` +
-      `${t.checkpoints} checkpoints, ${t.failovers} failovers, ${t.reprotects} re-protections, ${t.fullDisks} full disks, ${t.slowDisks} slow disks; ` +
+      `${t.checkpoints} checkpoints, ${t.failovers} failovers, ${t.reprotects} re-protections, ${t.fullDisks} full disks, ${t.slowDisks} slow disks, ${t.stalls} frozen processes; ` +
       `${t.converged} ended protected and equal)`,
   );
   return { totals, failures };

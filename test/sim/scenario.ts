@@ -51,6 +51,8 @@ export interface ScenarioResult {
   fullDisks: number;
   /** Episodes of a node's disk syncing slowly. */
   slowDisks: number;
+  /** Processes frozen for a while. */
+  stalls: number;
   converged: boolean;
   violation: string | null;
   log: string[];
@@ -73,6 +75,7 @@ type Action =
   | 'free'
   | 'slow'
   | 'fast'
+  | 'stall'
   | 'wait';
 
 /** What a node's VM must read: known bytes, and sectors a failed write may have half-changed. */
@@ -189,6 +192,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     reprotects: 0,
     fullDisks: 0,
     slowDisks: 0,
+    stalls: 0,
     converged: false,
     violation: null,
     log: c.log,
@@ -506,6 +510,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       ['free', [a, b].some((n) => n.disk.faults) ? 1.5 : 0],
       ['slow', [a, b].some((n) => !n.disk.slowSyncs) ? 0.6 : 0],
       ['fast', [a, b].some((n) => n.disk.slowSyncs) ? 1.5 : 0],
+      ['stall', up.length ? 0.6 : 0],
       ['wait', 3],
     ]);
   };
@@ -604,6 +609,22 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
         for (const n of ['a', 'b'] as const) c.nodes[n].disk.slowSyncs = null;
         c.note('disks fast again');
         return world.runFor(rng.range(10, 500));
+      case 'stall': {
+        // A process freezes (stopped, its host paused) while the other goes on; then it thaws and
+        // finds the timers, completions and bytes that waited for it. Nothing is asked of it meanwhile.
+        const n = rng.pick(names);
+        const ms = rng.pick([
+          () => rng.range(20, 300),
+          () => rng.range(300, 1500),
+          () => rng.range(1500, 6000),
+        ])();
+        const owner = c.nodes[n].proc?.owner;
+        if (!owner) return;
+        c.note(`${n} frozen for ${ms} ms`);
+        res.stalls++;
+        owner.stalledUntil = world.t + ms;
+        return world.runFor(ms + rng.range(0, 300));
+      }
       case 'wait':
         return world.runFor(rng.range(10, 2000));
     }

@@ -89,6 +89,11 @@ export class Rng {
 
 export class Owner {
   alive = true;
+  /**
+   * The process is frozen until this time (a stop, a long pause of its host):
+   * its timers, I/O completions and incoming data wait until then.
+   */
+  stalledUntil = 0;
   constructor(readonly name: string) {}
 }
 
@@ -135,6 +140,11 @@ export class SimWorld {
 
   schedule(delayMs: number, fn: () => void, owner: Owner | null = null): Task {
     const task: Task = { at: this.t + Math.max(0, delayMs), seq: this.seq++, owner, fn, cancelled: false };
+    this.insert(task);
+    return task;
+  }
+
+  private insert(task: Task): void {
     // Binary insertion keeps (at, seq) order.
     let lo = 0;
     let hi = this.queue.length;
@@ -145,7 +155,6 @@ export class SimWorld {
       else hi = mid;
     }
     this.queue.splice(lo, 0, task);
-    return task;
   }
 
   /**
@@ -179,6 +188,12 @@ export class SimWorld {
       if (task.at > until) return false;
       this.queue.shift();
       if (task.cancelled || (task.owner && !task.owner.alive)) continue;
+      if (task.owner && task.owner.stalledUntil > Math.max(this.t, task.at)) {
+        // A frozen process runs nothing: its task waits for the thaw (in its order).
+        task.at = task.owner.stalledUntil;
+        this.insert(task);
+        continue;
+      }
       this.t = Math.max(this.t, task.at);
       this.steps++;
       task.fn();
