@@ -52,21 +52,44 @@ async function readSvm(store: SecondaryStore, off: number, len: number) {
 }
 
 describe('SecondaryStore', () => {
-  it('a promotion asked for while a resync starts waits for it: the journal never holds a rebase after the promote record', async () => {
+  it('a promotion asked for while a resync starts waits for it, and is refused: from the rebase on the node is part-way through the resync, across a restart', async () => {
     const { store, dev, dir, image } = await openStore();
     await store.svmDevice.pwrite(Buffer.alloc(4096, 0x21), 0);
-    const starting = store.startResync(5);
+    const starting = store.startResync(5, { target: 'p2', mode: 'incremental' });
     const promoting = store.promote('test: racing a resync start');
     await starting;
-    const p = await promoting;
-    expect(p.committed).toBe(4); // the rebase came first
+    // Epoch 4 now names the primary's checkpoint, which this disk does not hold yet: a generation
+    // based on it would claim what this node never received.
+    await expect(promoting).rejects.toMatchObject({ code: 'EBUSY' });
+    expect(store.syncing).toMatchObject({ target: 'p2', mode: 'incremental' });
     await store.close();
     await dev.close();
     const again = await openStore(dir, image);
-    expect(again.store.promoted?.generation).toBe(p.generation);
+    expect(again.store.promoted).toBeNull();
     expect(again.store.lastCommitted).toBe(4);
+    expect(again.store.syncing).toMatchObject({ target: 'p2', mode: 'incremental' });
+    await expect(again.store.promote('test: after a restart')).rejects.toMatchObject({ code: 'EBUSY' });
     await again.store.close();
     await again.dev.close();
+  });
+
+  it('a resync start waits for a commit under way: the rollback never drops the epoch being committed', async () => {
+    const { store, dev } = await openStore();
+    store.startSession('s1', 1);
+    feed(store, { t: 'w', e: 1, s: 1, o: 8192 }, Buffer.alloc(4096, 0x5a));
+    await store.seal({ t: 'seal', e: 1, n: 1, b: 4096 });
+    // The old connection's commit is being recorded when a new connection starts a resync.
+    const committing = store.commit(1);
+    const starting = store.startResync(7, { target: 'p2', mode: 'incremental' });
+    await committing;
+    const { dropped } = await starting;
+    expect(dropped).not.toContain(1);
+    expect(store.lastCommitted).toBe(6); // rebased after the commit
+    expect((await readSvm(store, 8192, 4096)).equals(Buffer.alloc(4096, 0x5a)), 'the committed epoch').toBe(
+      true,
+    );
+    await store.close();
+    await dev.close();
   });
 
   it('a promotion told to commit through a durable epoch (a coordinator released its output) commits it first, across a restart', async () => {
@@ -517,7 +540,7 @@ describe('SecondaryStore resync marks', () => {
     let dev = await FileDevice.open(image, { size: SIZE });
     let store = await SecondaryStore.open(dir, dev, { history });
     const primary = [{ n: 1, id: 'p1', by: 'p', base: 0, at: 0, reason: 'new disk' }];
-    await store.startResync(10);
+    await store.startResync(10, { target: 'p1', mode: 'full' });
     feed(store, { t: 'w', e: 10, s: 1, o: 0 }, Buffer.alloc(4096, 7));
     await store.seal({ t: 'seal', e: 10, n: 1, b: 4096 });
     await store.commit(10, { state: 'partial', target: 'p1', mode: 'full' });

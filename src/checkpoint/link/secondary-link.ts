@@ -221,7 +221,11 @@ export class SecondaryLink extends EventEmitter {
   private async startSession(conn: number, hello: PrimaryHello, decision: Decision): Promise<void> {
     let error: { code: ErrorCode; message: string } | null = null;
     try {
-      if (decision.action === 'resync') await this.store.startResync(hello.epoch);
+      if (decision.action === 'resync')
+        await this.store.startResync(hello.epoch, {
+          target: hello.history.at(-1)?.id ?? '',
+          mode: decision.mode,
+        });
       this.store.startSession(hello.session, hello.epoch);
     } catch (err) {
       const e = toColoError(err);

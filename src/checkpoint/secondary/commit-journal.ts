@@ -21,7 +21,8 @@ export type CommitRecord =
   | { t: 'commit'; e: number; overlay: number; at: number; sync?: SyncMark }
   | { t: 'promote'; gen: number; id?: string; at: number; reason: string; committed: number }
   | { t: 'fold'; overlay: number; next: number; at: number }
-  | { t: 'rebase'; e: number; at: number };
+  /** A resync starts: `e` is the primary's last epoch; `sync` (absent before 2026-12: a full one) what it is. */
+  | { t: 'rebase'; e: number; at: number; sync?: { target: string; mode: SyncMode } };
 
 export type PromoteRecord = Extract<CommitRecord, { t: 'promote' }>;
 
@@ -77,8 +78,15 @@ export class CommitJournal {
             state.syncing = null;
             state.adopted = m.sync.history ?? null;
           }
-        } else if (m.t === 'rebase') state.lastCommitted = m.e;
-        else if (m.t === 'promote') state.promote = m;
+        } else if (m.t === 'rebase') {
+          state.lastCommitted = m.e;
+          // Part-way through a resync until its done mark (a record without the mark: resume in full).
+          state.syncing = {
+            target: m.sync?.target ?? '',
+            mode: m.sync?.mode ?? 'full',
+            since: state.syncing?.since ?? m.at,
+          };
+        } else if (m.t === 'promote') state.promote = m;
         else if (m.t === 'fold') {
           state.foldedIds.push(m.overlay);
           state.overlayId = Math.max(state.overlayId, m.next);

@@ -643,10 +643,14 @@ export class SecondaryStore {
    */
   startResync(
     primaryEpoch: number,
+    sync: { target: string; mode: SyncMode } = { target: '', mode: 'full' },
   ): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
     if (this.promoted || this.promoting) return Promise.reject(this.staleError());
-    // A promotion asked for meanwhile waits until this is done (it never interleaves with the rebase).
-    const run = this.startResyncNow(primaryEpoch);
+    // A promotion asked for meanwhile waits until this is done (it never interleaves with the rebase),
+    // and is then refused: from the rebase on, this node is part-way through the resync. A commit
+    // still under way (the old connection's, whose record is being written) finishes first: the
+    // rollback would otherwise drop the epoch it is committing, and the record then claimed it.
+    const run = this.commitChain.then(() => this.startResyncNow(primaryEpoch, sync));
     // Only a marker that it runs: its failure is the caller's to handle (a promise derived with
     // finally alone would reject with nobody listening, and an unhandled rejection ends the process).
     this.resyncStart = run.then(
@@ -661,6 +665,7 @@ export class SecondaryStore {
 
   private async startResyncNow(
     primaryEpoch: number,
+    sync: { target: string; mode: SyncMode },
   ): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
     const { dropped } = this.dropEpochs('keep-committed');
     await this.drainApply();
@@ -671,8 +676,14 @@ export class SecondaryStore {
       this.storage.remove(`${this.state.epochsDir}/${name}`);
     this.spares.clear();
     const base = primaryEpoch - 1;
-    await this.commits.record({ t: 'rebase', e: base, at: this.clock.now() });
+    // Epoch `base` now names the primary's checkpoint, which this disk does not hold until the
+    // resync's last commit: the node is part-way through a resync from this record on (it refuses
+    // promotion; a promotion numbered its generation's base as `base`, and the rejoining old
+    // primary then kept what it wrote before `base` that this node never got).
+    const now = this.clock.now();
+    await this.commits.record({ t: 'rebase', e: base, at: now, sync });
     crashPoint('secondary-after-rebase');
+    this.syncing = { target: sync.target, mode: sync.mode, since: this.syncing?.since ?? now };
     this.lastCommitted = base;
     this.lastApplied = base;
     await this.db.batch(
