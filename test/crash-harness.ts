@@ -603,7 +603,7 @@ export interface ResyncMarks {
   partial: number;
   /** A commit with a 'done' sync mark. */
   done: boolean;
-  /** Part-way through a resync: a 'partial' commit not followed by a 'done' one (never promotable). */
+  /** Part-way through a resync: a 'rebase' or 'partial' record not followed by a 'done' commit (never promotable). */
   syncing: boolean;
 }
 
@@ -612,7 +612,12 @@ export function resyncMarks(stateDir: string): ResyncMarks {
   const file = path.join(stateDir, 'commits.journal');
   if (!fs.existsSync(file)) return m;
   scanJournal<{ t: string; sync?: { state: string } }>(nodeStorage, file, (r) => {
-    if (r.meta.t === 'rebase') m.rebased = true;
+    if (r.meta.t === 'rebase') {
+      // From the rebase on, the epoch numbers name the primary's checkpoints, which this disk
+      // holds only once the resync's 'done' commit lands.
+      m.rebased = true;
+      m.syncing = true;
+    }
     if (r.meta.t !== 'commit' || !r.meta.sync) return;
     if (r.meta.sync.state === 'partial') {
       m.partial++;
