@@ -86,9 +86,13 @@ describeWith(
         const resumedMs = Date.now() - t0;
         // It counts on from the checkpoint (the tick after the last one it had printed, give or take
         // the one being printed at the pause): not from 1 (a reboot), not from where the dead VM got to.
-        expect(first).toBeGreaterThanOrEqual(atCheckpoint);
-        expect(first).toBeLessThanOrEqual(atCheckpoint + 2);
-        expect(first).toBeLessThan(died);
+        // (Once in CI, under load, the new QEMU printed tick 1: say what it printed, if it happens again.)
+        const seen = () =>
+          `resumed at tick ${first} (checkpoint at ${atCheckpoint}, died at ${died}); the new QEMU's serial ends: ` +
+          svm.serial().slice(-1500);
+        expect(first, seen()).toBeGreaterThanOrEqual(atCheckpoint);
+        expect(first, seen()).toBeLessThanOrEqual(atCheckpoint + 2);
+        expect(first, seen()).toBeLessThan(died);
         await svm.waitSerial(new RegExp(`colo-guest: tick ${first + 3}\\b`));
         pauses.sort((a, b) => a - b);
         console.log(
