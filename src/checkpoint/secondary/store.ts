@@ -643,7 +643,7 @@ export class SecondaryStore {
    */
   startResync(
     primaryEpoch: number,
-    sync: { target: string; mode: SyncMode } = { target: '', mode: 'full' },
+    sync: { target: string; mode: SyncMode },
   ): Promise<{ dropped: number[]; overlay: { records: number; bytes: number } }> {
     if (this.promoted || this.promoting) return Promise.reject(this.staleError());
     // A promotion asked for meanwhile waits until this is done (it never interleaves with the rebase),
