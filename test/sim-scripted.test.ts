@@ -5,12 +5,21 @@ import { describe, expect, it } from 'vitest';
 import { Cluster, defaultSimOptions, DISK, REPL_PORT, type NodeName } from './sim/cluster.js';
 import { SimWorld } from './sim/world.js';
 import { ColoError } from '../src/errors.js';
+import type { Tunables } from '../src/limits.js';
 
 const KiB = 1024;
 
-async function pair(seed: number): Promise<{ world: SimWorld; c: Cluster }> {
+/** A protected pair: `a` the primary, `b` its secondary (with these tunables, and a socket buffer of `highWater`). */
+async function pair(
+  seed: number,
+  opts: { tunables?: Partial<Tunables>; highWater?: number } = {},
+): Promise<{ world: SimWorld; c: Cluster }> {
   const world = new SimWorld(seed);
-  const c = new Cluster(world);
+  const c = new Cluster(world, {
+    ...defaultSimOptions,
+    tunables: { ...defaultSimOptions.tunables, ...opts.tunables },
+  });
+  if (opts.highWater !== undefined) c.net.highWater = opts.highWater;
   expect(await c.startSecondary('b')).toBe(true);
   expect(await c.startPrimary('a')).toBe(true);
   expect(await world.runUntil(() => c.nodes.a.primary?.peerState === 'protected', 10_000)).toBe(true);
@@ -299,14 +308,7 @@ describe('a full state directory, then space freed', () => {
 
   it("the primary's resend buffer, in files only, cannot be written out when a resend reads it: the secondary is resynchronised once space is freed", () =>
     SimWorld.track(async () => {
-      const world = new SimWorld(15);
-      const c = new Cluster(world, {
-        ...defaultSimOptions,
-        tunables: { ...defaultSimOptions.tunables, resendMemoryBytes: 0 },
-      });
-      expect(await c.startSecondary('b')).toBe(true);
-      expect(await c.startPrimary('a')).toBe(true);
-      expect(await waitProtected(c, 'a')).toBe(true);
+      const { world, c } = await pair(15, { tunables: { resendMemoryBytes: 0 } });
       await checkpointEqual(c, 'a', 'b');
       // The link stalls; what the PVM writes meanwhile waits in the epoch's file for the resend.
       c.net.partition('a', 'b');
@@ -324,15 +326,8 @@ describe('a full state directory, then space freed', () => {
 
   it("a promoted node's log in files that cannot be written out, resent to the re-protected node when a socket's 'drain' resumes the resend: a full resync, no crash", () =>
     SimWorld.track(async () => {
-      const world = new SimWorld(17);
-      const c = new Cluster(world, {
-        ...defaultSimOptions,
-        tunables: { ...defaultSimOptions.tunables, resendMemoryBytes: 0 },
-      });
-      c.net.highWater = 1024; // any frame of data fills the socket: the sender waits for 'drain'
-      expect(await c.startSecondary('b')).toBe(true);
-      expect(await c.startPrimary('a')).toBe(true);
-      expect(await waitProtected(c, 'a')).toBe(true);
+      // A socket buffer of 1 KiB: any frame of data fills it, and the sender waits for 'drain'.
+      const { world, c } = await pair(17, { tunables: { resendMemoryBytes: 0 }, highWater: 1024 });
       await checkpointEqual(c, 'a', 'b');
       c.crash('a');
       expect((await c.world.await(c.nodes.b.secondary!.promote('test'), 5000))?.ok).toBe(true);
