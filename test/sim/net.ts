@@ -11,7 +11,7 @@ import type { Conn, Listener, Net } from '../../src/sys/net.js';
 import type { Owner, SimWorld } from './world.js';
 
 /** A socket's send buffer by default (bytes in flight before write() says to wait for 'drain'). */
-export const HIGH_WATER = 256 * 1024;
+const HIGH_WATER = 256 * 1024;
 
 export class SimConn extends EventEmitter implements Conn {
   peer!: SimConn;
