@@ -20,6 +20,8 @@ import { Cluster, DISK, other, REPL_PORT, SECTOR, type NodeName, type SimOptions
 import { defaultSimOptions } from './cluster.js';
 import { SimWorld } from './world.js';
 import { ColoError } from '../../src/errors.js';
+import type { BlockDevice } from '../../src/block/device.js';
+import { ReplicatingDevice } from '../../src/checkpoint/primary/replicating-device.js';
 
 export class Violation extends Error {
   constructor(message: string) {
@@ -62,6 +64,8 @@ type Action =
   | 'pvm'
   | 'svm'
   | 'checkpoint'
+  | 'busy'
+  | 'phases'
   | 'crash'
   | 'restart'
   | 'failover'
@@ -326,6 +330,131 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
   };
 
   /**
+   * A checkpoint while the PVM's writes are in flight (a disk checkpoint
+   * under continuous I/O, as the benchmark runs it, or writes queued when a
+   * coordinator seals), and now and then the SVM's too. Which of them epoch N
+   * holds is up to the seal: each one is in N or in N+1, whole. Checked here:
+   * outside the ranges of those writes the committed disk is exactly the
+   * disk before them; the next quiet checkpoint checks the rest (the replicas
+   * equal).
+   */
+  const busyCheckpoint = async (name: NodeName) => {
+    const p = c.nodes[name].primary!;
+    const sName = other(name);
+    const before = leftovers ? null : await c.read(name);
+    const m = startMutation(name, 'pvm');
+    const sv = c.nodes[sName].secondary;
+    const svm =
+      sv && !sv.store.promoted && c.nodes[sName].up && rng.chance(0.3)
+        ? startMutation(sName, 'svm', false)
+        : null;
+    const delay = rng.pick([0, 0, 1, 3]);
+    c.note(
+      `checkpoint on ${name} with ${m?.ops.length ?? 0} writes in flight${svm ? ' and the SVM writing' : ''}`,
+    );
+    const cp = new Promise<void>((resolve) => world.schedule(delay, resolve)).then(() => p.checkpoint(4000));
+    const r = await world.await(Promise.allSettled([cp, m?.all, svm?.all]), 15_000);
+    const [cr, mr, sr] = r?.ok ? r.value : [null, null, null];
+    if (cr?.status === 'fulfilled') {
+      // A commit is a flush barrier for what was acknowledged before it began: everything but this batch.
+      durability[name]?.flushed();
+    }
+    m?.finish(
+      mr?.status === 'fulfilled' ? { ok: true, value: mr.value as PromiseSettledResult<void>[] } : null,
+    );
+    svm?.finish(
+      sr?.status === 'fulfilled' ? { ok: true, value: sr.value as PromiseSettledResult<void>[] } : null,
+    );
+    if (cr?.status !== 'fulfilled') {
+      c.note(`checkpoint on ${name} failed: ${cr ? (cr.reason as Error).message : 'no answer'}`);
+      return;
+    }
+    res.checkpoints++;
+    const n = cr.value.epoch;
+    c.note(`checkpoint ${n} done on ${name}`);
+    const s = c.nodes[sName].secondary;
+    if (!s || s.store.promoted)
+      fail(`checkpoint ${n} reported done on ${name}, but ${sName} is no secondary`);
+    reported[sName] = Math.max(reported[sName], n);
+    expected[sName] = null; // its view is the cut, which holds some of the batch
+    if (!before || !m) return;
+    const committed = (await c.committedView(sName))!;
+    const touched = (sector: number) =>
+      m.ops.some((o) => o.offset <= sector * SECTOR && sector * SECTOR < o.offset + o.length);
+    for (let sec = 0; sec < DISK / SECTOR; sec++) {
+      const o = sec * SECTOR;
+      if (touched(sec) || committed.compare(before, o, o + SECTOR, o, o + SECTOR) === 0) continue;
+      fail(
+        `checkpoint ${n} (writes in flight) reported done on ${name}, but ${sName}'s committed disk differs ` +
+          `from the disk before those writes at sector ${sec}, which none of them touched`,
+      );
+    }
+  };
+
+  /**
+   * A coordinator's three phases, several checkpoints at a time and out of
+   * order: one to three seals (the PVM writing between them), then commits
+   * of some of them in any order, some without asking /durable first (as
+   * two coordinators, or an operator beside one, could). Every commit that
+   * answers done must leave the secondary's committed disk at a cut it was
+   * told to commit: the one of its last commit.
+   */
+  const phases = async (name: NodeName) => {
+    const p = c.nodes[name].primary!;
+    const sName = other(name);
+    const sealed: { epoch: number; cut: Buffer | null }[] = [];
+    for (let i = rng.range(1, 3); i > 0; i--) {
+      const cut = leftovers ? null : await c.read(name);
+      const r = await world.await(p.seal(2000), 5000);
+      if (!r?.ok) {
+        c.note(`phases on ${name}: no seal (${r ? r.error.message : 'no answer'})`);
+        break;
+      }
+      sealed.push({ epoch: r.value.epoch, cut });
+      if (rng.chance(0.6)) await mutate(name, 'pvm');
+    }
+    const order = [...sealed];
+    for (let i = order.length - 1; i > 0; i--) {
+      const j = rng.int(i + 1);
+      [order[i], order[j]] = [order[j], order[i]];
+    }
+    c.note(
+      `phases on ${name}: sealed ${sealed.map((x) => x.epoch).join(', ')}; commits ${order.map((x) => x.epoch).join(', ')}`,
+    );
+    for (const x of order) {
+      if (rng.chance(0.2)) continue;
+      if (rng.chance(0.7)) {
+        const d = await world.await(p.waitDurable(x.epoch, 3000), 6000);
+        if (!d?.ok) c.note(`  durable ${x.epoch}: ${d ? d.error.message : 'no answer'}`);
+      }
+      const r = await world.await(p.commit(x.epoch, 3000), 6000);
+      c.note(`  commit ${x.epoch}: ${r ? (r.ok ? 'done' : r.error.message) : 'no answer'}`);
+      if (!r?.ok) continue;
+      res.checkpoints++;
+      const s = c.nodes[sName].secondary;
+      if (!s || s.store.promoted)
+        return fail(`commit ${x.epoch} reported done on ${name}, but ${sName} is no secondary`);
+      const last = s.store.lastCommitted;
+      if (last < x.epoch)
+        fail(`commit ${x.epoch} reported done on ${name}, but ${sName} committed only ${last}`);
+      reported[sName] = Math.max(reported[sName], x.epoch);
+      const cut = sealed.find((y) => y.epoch === last)?.cut ?? null;
+      expected[sName] = null;
+      if (!cut) continue;
+      const committed = (await c.committedView(sName))!;
+      if (!committed.equals(cut))
+        fail(
+          `commit ${x.epoch} reported done on ${name}, but ${sName}'s committed disk is not the cut of its commit ${last}`,
+        );
+      const svm = await c.read(sName);
+      if (svm && !svm.equals(cut))
+        fail(`after commit ${x.epoch}, the SVM on ${sName} does not see exactly cut ${last}`);
+      cuts.set(last, { secondary: sName, data: cut });
+      expected[sName] = new Expected(Buffer.from(cut), last, s.store.overlayLayer);
+    }
+  };
+
+  /**
    * A COLO coordinator's failover after the cut: epoch N was sealed and made
    * durable, its output released; then the primary side dies before the
    * commit reaches the secondary, which is promoted with `commitThrough: N`.
@@ -388,22 +517,58 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     }
   };
 
-  const mutate = async (name: NodeName, vm: 'pvm' | 'svm') => {
+  /** Set once a batch of mutations outlived its wait: writes of an earlier step may still be in flight. */
+  let leftovers = false;
+
+  /**
+   * Issue a batch of one to four mutations on a node's disk, as a VM's
+   * queue would (all in flight at once), and return them with `finish`,
+   * which records how they ended in the models. Usually disjoint ranges
+   * clustered in four quarters of the disk; now and then ranges that overlap
+   * each other, which the device runs in arrival order (its range lock) on
+   * both sides: the models apply them in that order.
+   */
+  const startMutation = (name: NodeName, vm: 'pvm' | 'svm', withReads = true) => {
     const node = c.nodes[name];
     const dev = node.device;
-    if (!dev) return;
+    if (!dev) return null;
     const e = expected[name];
     const gen = vm === 'pvm' ? node.generationId : null;
     const faults = vm === 'pvm' && diskFaults && node.proc?.kind === 'primary' && rng.chance(0.3);
     if (faults) node.proc!.image.failRate = 0.2;
-    // Disjoint ranges (their order is then irrelevant), clustered in four quarters of the disk.
+    const overlap = rng.chance(0.25);
+    // A primary runs overlapping mutations in arrival order (so its log has their order); a
+    // promoted node's own disk, like any disk, need not (NBD leaves their order open).
+    const ordered =
+      node.proc?.kind === 'primary' ||
+      (dev as unknown as { current?: BlockDevice }).current instanceof ReplicatingDevice;
+    const base = Math.min(DISK - 64 * 1024, rng.int(4) * (DISK / 4) + rng.int(DISK / 4 / 4096) * 4096);
     const used: [number, number][] = [];
     const ops: { offset: number; length: number; data: Buffer | null; fua: boolean; p: Promise<void> }[] = [];
+    // Reads among them: outside the batch's ranges they must see what was there before it, whatever
+    // runs meanwhile in the background (an apply, a fold, a resync's writes).
+    const reads: { offset: number; buf: Buffer; ok: boolean }[] = [];
+    const readPs: Promise<void>[] = [];
+    const read = () => {
+      const length = rng.range(1, 64) * SECTOR;
+      const x = {
+        offset: rng.int((DISK - length) / SECTOR + 1) * SECTOR,
+        buf: Buffer.alloc(length),
+        ok: false,
+      };
+      reads.push(x);
+      readPs.push(dev.pread(x.buf, x.offset).then(() => void (x.ok = true)));
+    };
     for (let i = rng.range(1, 4); i > 0; i--) {
-      const hot = rng.int(4) * (DISK / 4);
+      if (withReads && e && rng.chance(0.25)) read();
       const length = rng.range(1, 32) * SECTOR;
-      const offset = Math.min(DISK - length, hot + rng.int(DISK / 4 / 4096) * 4096);
-      if (used.some(([a, b]) => offset < b && a < offset + length)) continue;
+      let offset: number;
+      if (overlap) offset = base + rng.int(32) * SECTOR;
+      else {
+        const hot = rng.int(4) * (DISK / 4);
+        offset = Math.min(DISK - length, hot + rng.int(DISK / 4 / 4096) * 4096);
+        if (used.some(([a, b]) => offset < b && a < offset + length)) continue;
+      }
       used.push([offset, offset + length]);
       const fua = rng.chance(0.2);
       const k = rng.int(10);
@@ -416,34 +581,82 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
             : dev.trim(offset, length, { fua });
       ops.push({ offset, length, data, fua, p });
     }
-    const r = await world.await(Promise.allSettled(ops.map((o) => o.p)), 10_000);
-    if (faults) node.proc!.image.failRate = 0;
-    const d = serving(name) ? (durability[name] ??= new Durability()) : null;
-    if (!r?.ok) {
-      for (const o of ops) {
-        e?.forget(o.offset, o.length);
-        d?.unknown(o.offset, o.length);
-      }
-      return;
-    }
-    r.value.forEach((x, i) => {
-      const o = ops[i];
-      c.note(
-        `  ${vm} ${o.data ? 'write' : 'zero/trim'} ${o.offset}+${o.length}${o.fua ? ' fua' : ''}: ` +
-          (x.status === 'fulfilled' ? 'ok' : (x.reason as Error).message),
-      );
-      if (x.status !== 'fulfilled') d?.unknown(o.offset, o.length);
-      else d?.written(o.offset, o.length, o.data, o.fua);
-      if (x.status === 'fulfilled') {
-        e?.apply(o.offset, o.data, o.length);
-        if (gen) {
-          const w = genWriter.get(gen);
-          if (w && w !== name) fail(`generation ${gen} has two writers: ${w} and ${name}`);
-          genWriter.set(gen, name);
+    if (withReads && e && rng.chance(0.3)) read();
+    const all = Promise.all([Promise.allSettled(ops.map((o) => o.p)), Promise.allSettled(readPs)]).then(
+      ([w]) => w,
+    );
+    const checkReads = () => {
+      const sv = node.secondary;
+      if (!e || expected[name] !== e || leftovers) return;
+      if (
+        sv &&
+        !sv.store.promoted &&
+        (e.commit !== sv.store.lastCommitted || e.overlay !== sv.store.overlayLayer)
+      )
+        return; // the view was reset meanwhile (a resync's rollback)
+      for (const x of reads) {
+        if (!x.ok) continue;
+        for (let at = x.offset; at < x.offset + x.buf.length; at += SECTOR) {
+          if (e.unknown.has(at / SECTOR) || ops.some((o) => o.offset <= at && at < o.offset + o.length))
+            continue;
+          const got = x.buf.subarray(at - x.offset, at - x.offset + SECTOR);
+          if (!got.equals(e.data.subarray(at, at + SECTOR)))
+            fail(`a read on ${name} (${vm}) returned at sector ${at / SECTOR} what no write left there`);
         }
-      } else e?.forget(o.offset, o.length);
-    });
-    if (rng.chance(0.3)) {
+      }
+    };
+    const finish = (r: { ok: true; value: PromiseSettledResult<void>[] } | { ok: false } | null) => {
+      if (faults) node.proc!.image.failRate = 0;
+      if (r?.ok) checkReads();
+      const d = serving(name) ? (durability[name] ??= new Durability()) : null;
+      if (!r?.ok) {
+        leftovers = true;
+        for (const o of ops) {
+          e?.forget(o.offset, o.length);
+          d?.unknown(o.offset, o.length);
+        }
+        return;
+      }
+      // In arrival order: overlapping mutations ran in that order.
+      r.value.forEach((x, i) => {
+        const o = ops[i];
+        c.note(
+          `  ${vm} ${o.data ? 'write' : 'zero/trim'} ${o.offset}+${o.length}${o.fua ? ' fua' : ''}: ` +
+            (x.status === 'fulfilled' ? 'ok' : (x.reason as Error).message),
+        );
+        if (x.status !== 'fulfilled') d?.unknown(o.offset, o.length);
+        else d?.written(o.offset, o.length, o.data, o.fua);
+        if (x.status === 'fulfilled') {
+          e?.apply(o.offset, o.data, o.length);
+          if (gen) {
+            const w = genWriter.get(gen);
+            if (w && w !== name) fail(`generation ${gen} has two writers: ${w} and ${name}`);
+            genWriter.set(gen, name);
+          }
+        } else e?.forget(o.offset, o.length);
+      });
+      if (overlap && !ordered) {
+        // Where two of them overlap, either may have landed last.
+        for (let s = 0; s < DISK / SECTOR; s++) {
+          const at = s * SECTOR;
+          if (ops.filter((o) => o.offset <= at && at < o.offset + o.length).length < 2) continue;
+          e?.forget(at, SECTOR);
+          d?.unknown(at, SECTOR);
+        }
+      }
+    };
+    if (overlap) c.note(`  (overlapping ranges from ${base}${ordered ? '' : ', in any order'})`);
+    return { ops, all, finish };
+  };
+
+  const mutate = async (name: NodeName, vm: 'pvm' | 'svm') => {
+    const m = startMutation(name, vm);
+    if (!m) return;
+    const r = await world.await(m.all, 10_000);
+    m.finish(r);
+    const d = serving(name) ? durability[name] : null;
+    const dev = c.nodes[name].device;
+    if (r?.ok && dev && rng.chance(0.3)) {
       const f = await world.await(dev.flush(), 5000);
       if (f?.ok) d?.flushed();
     }
@@ -497,6 +710,8 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       ['pvm', servers.length ? 10 : 0],
       ['svm', secondaries.length ? 4 : 0],
       ['checkpoint', up.some((n) => n.primary) ? 6 : 0],
+      ['phases', servers.some((n) => n.primary && n.primary.peerState !== 'deposed') ? 1.5 : 0],
+      ['busy', servers.some((n) => n.primary && n.primary.peerState !== 'deposed') ? 2 : 0],
       ['crash', up.length ? 2 : 0],
       ['restart', up.length < 2 ? 5 : 0],
       ['failover', secondaries.length ? 1.5 : 0],
@@ -532,6 +747,14 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       }
       case 'checkpoint':
         return checkpoint(rng.pick(names.filter((x) => c.nodes[x].primary)));
+      case 'phases': {
+        const candidates = names.filter((x) => c.nodes[x].primary && serving(x));
+        return candidates.length ? phases(rng.pick(candidates)) : undefined;
+      }
+      case 'busy': {
+        const candidates = names.filter((x) => c.nodes[x].primary && serving(x));
+        return candidates.length ? busyCheckpoint(rng.pick(candidates)) : undefined;
+      }
       case 'crash':
         return c.crash(rng.pick(names));
       case 'restart':
