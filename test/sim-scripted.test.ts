@@ -385,4 +385,60 @@ describe('a full state directory, then space freed', () => {
       expect(on.length).toBe(gens + 1);
       expect(on.at(-1)!.reason).toMatch(/^lone/);
     }));
+
+  it('--discard-my-data on a secondary whose primary has an unrelated history (a rebuilt node) forgets its history for good, and is resynchronised', () =>
+    SimWorld.track(async () => {
+      const { c } = await pair(21);
+      await checkpointEqual(c, 'a', 'b');
+      // a's disk is replaced; the operator restores it and starts it as the primary: a new history.
+      c.crash('a');
+      c.replaceDisk('a', 'all');
+      expect(await c.startPrimary('a')).toBe(true);
+      expect(await write(c, 'a', 0, 8 * KiB, 0x0a)).toBe(true);
+      await c.world.runFor(1000);
+      expect(c.nodes.a.primary!.peerState).toBe('refused'); // b holds generation 1, which a never had
+      // The operator keeps a's data: b restarts with --discard-my-data. Its history must stay
+      // forgotten, through a restart without the flag too (the old code adopted it again from its
+      // commit records, and b refused the primary as before, forever).
+      c.crash('b');
+      c.net.partition('a', 'b');
+      expect(await c.startSecondary('b', { discardMyData: true })).toBe(true);
+      expect(c.nodes.b.secondary!.history.last).toBeUndefined();
+      c.crash('b');
+      expect(await c.startSecondary('b')).toBe(true);
+      const b = c.nodes.b.secondary!;
+      expect(b.history.last).toBeUndefined();
+      expect(b.store.syncing?.mode).toBe('full');
+      expect(b.status().consistent).toBe(false);
+      const refused = await c.world.await(b.promote('test'), 5000);
+      expect(refused?.ok).toBe(false);
+      expect(refused && !refused.ok && refused.error.message).toMatch(/data was discarded/);
+      c.net.heal('a', 'b');
+      c.nodes.a.primary!.reprotect(`b:${REPL_PORT}`);
+      expect(await waitProtected(c, 'a')).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
+      expect(c.nodes.b.secondary!.status().consistent).toBe(true);
+      expect((await c.read('b'))!.subarray(0, 8 * KiB).equals(Buffer.alloc(8 * KiB, 0x0a))).toBe(true);
+    }));
+
+  it('a new secondary that never received anything is not consistent and refuses promotion; it can start as the primary', () =>
+    SimWorld.track(async () => {
+      const world = new SimWorld(22);
+      const c = new Cluster(world, defaultSimOptions);
+      expect(await c.startSecondary('b')).toBe(true);
+      const b = c.nodes.b.secondary!;
+      expect(b.status().consistent).toBe(false);
+      // The old code promoted it: its empty disk became the pair's, and the primary, back, was
+      // refused as a split brain ("diverging from no generation").
+      const r = await world.await(b.promote('test'), 5000);
+      expect(r?.ok).toBe(false);
+      expect(r && !r.ok && r.error.message).toMatch(/never been synchronised.*colo-blk primary/s);
+      // As the refusal says: its disk is the one to serve, so it starts as the primary.
+      c.crash('b');
+      expect(await c.startPrimary('b')).toBe(true);
+      expect(await c.startSecondary('a')).toBe(true);
+      expect(await waitProtected(c, 'b')).toBe(true);
+      await checkpointEqual(c, 'b', 'a');
+      expect(c.nodes.a.secondary!.status().consistent).toBe(true);
+    }));
 });

@@ -40,15 +40,15 @@ export async function finishPromotedStore(
   });
   // A start as a secondary that failed before it was recorded (node.json still says primary: a full
   // disk, say) left a store that never received anything: its files are leftovers, not a secondary's.
-  if (
-    !opts.onlyIfPromoted &&
-    !store.promoted &&
-    store.lastCommitted === 0 &&
-    state.readNodeFile()?.role === 'primary'
-  ) {
+  // So are those of a new secondary that never received anything (its image is the operator's to
+  // serve: promoting it is refused, and says to start it as the primary).
+  const failedStart = store.lastCommitted === 0 && state.readNodeFile()?.role === 'primary';
+  if (!opts.onlyIfPromoted && !store.promoted && (failedStart || store.fresh)) {
     await store.close();
     state.removeSecondaryFiles();
-    opts.log(`${state.root}: removed the files of a start as a secondary that did not complete`);
+    opts.log(
+      `${state.root}: removed the files of ${failedStart ? 'a start as a secondary that did not complete' : 'a new secondary that never received anything'}`,
+    );
     return 0;
   }
   try {

@@ -62,8 +62,9 @@ export type Proc =
   | (ProcBase & { kind: 'secondary'; replica: SecondaryReplica; autoFailover: boolean });
 
 export class SimNode {
-  readonly disk: SimDisk;
-  readonly meta = new SimMeta();
+  /** Its disk (state directory and image) and metadata index: replaced with the hardware. */
+  disk: SimDisk;
+  meta = new SimMeta();
   proc: Proc | null = null;
   incarnation = 0;
   /** The last role this node was started in (what the operator knows). */
@@ -251,6 +252,27 @@ export class Cluster {
     node.meta.crash(this.world.rng);
     this.crashes++;
     this.note(`${name}: CRASH (lost ${r.lost}, kept ${r.kept}, torn ${r.torn}, names lost ${r.namesLost})`);
+  }
+
+  /**
+   * An operator's repair on a stopped node: a new disk (`all`: an empty image,
+   * no state), or the state directory and metadata index deleted with the
+   * image kept as it was (`state`). Either way the node starts again as a
+   * node the pair has never seen.
+   */
+  replaceDisk(name: NodeName, what: 'all' | 'state'): void {
+    const node = this.nodes[name];
+    if (node.proc) throw new Error(`node ${name} is running`);
+    if (what === 'all') node.disk = new SimDisk(this.world, name);
+    else {
+      node.disk.removeTree(STATE);
+      node.disk.syncNames();
+    }
+    node.meta = new SimMeta();
+    node.lastStart = null;
+    this.note(
+      `${name}: ${what === 'all' ? 'disk replaced (empty image, no state)' : 'state directory deleted'}`,
+    );
   }
 
   /** What a secondary holds as the PVM's disk at its last commit (image + committed layers, no overlay). */

@@ -68,6 +68,7 @@ type Action =
   | 'phases'
   | 'crash'
   | 'restart'
+  | 'replace'
   | 'failover'
   | 'decided'
   | 'reprotect'
@@ -714,6 +715,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       ['busy', servers.some((n) => n.primary && n.primary.peerState !== 'deposed') ? 2 : 0],
       ['crash', up.length ? 2 : 0],
       ['restart', up.length < 2 ? 5 : 0],
+      ['replace', up.length < 2 ? 0.4 : 0],
       ['failover', secondaries.length ? 1.5 : 0],
       ['decided', servers.some((n) => n.primary) && secondaries.length ? 1 : 0],
       ['reprotect', promoted.length && secondaries.length ? 4 : 0],
@@ -759,6 +761,17 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
         return c.crash(rng.pick(names));
       case 'restart':
         return restart(rng.pick((['a', 'b'] as const).filter((n) => !c.nodes[n].up)));
+      case 'replace': {
+        // What the node held is gone (its VM's view, what it made durable, the commits it reported).
+        const n = rng.pick((['a', 'b'] as const).filter((x) => !c.nodes[x].up));
+        c.replaceDisk(n, rng.pick(['all', 'state'] as const));
+        expected[n] = null;
+        durability[n] = null;
+        reported[n] = 0;
+        promotedSeen[n] = false;
+        for (const [k, v] of [...cuts]) if (v.secondary === n) cuts.delete(k);
+        return restart(n);
+      }
       case 'failover': {
         const n = rng.pick(
           names.filter((x) => c.nodes[x].secondary && !c.nodes[x].secondary!.store.promoted),
@@ -876,12 +889,22 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       for (const n of names) if (isDeposed(n) && !(await asSecondary(n, false))) return;
       let servers = names.filter((n) => c.nodes[n].serving);
       if (servers.length === 0) {
+        const refusals: string[] = [];
         for (const n of names) {
           const sec = c.nodes[n].secondary;
           if (!sec) continue;
           c.note(`converge: failover on ${n}`);
           const r = await world.await(sec.promote('sim: converge'), 5000);
           if (r?.ok) break;
+          if (r) refusals.push(r.error.message);
+        }
+        if (refusals.length === 2 && refusals.every((m) => m.includes('never been synchronised'))) {
+          // Both nodes are new (their state directories were lost): as the refusal says, one of
+          // them starts as the primary, its image the pair's disk from now on.
+          const n = rng.pick(names);
+          c.note(`converge: neither node can be promoted; ${n} restarts as the primary`);
+          c.crash(n);
+          if (await c.startPrimary(n)) await resetExpected(n);
         }
         await checkPromotions();
       } else if (servers.length === 2) {

@@ -8,6 +8,8 @@
  *   rebase   a resync starts: epoch numbering restarts just below the primary's
  *   promote  this node became a primary of generation `gen` (failover)
  *   fold     a promoted node's overlay K is now a committed layer; K+1 takes writes
+ *   forget   this node's data was discarded (--discard-my-data): it holds no
+ *            copy of the pair's disk, nor its history, until a full resync is done
  *
  * `open` replays the records into what they say; a torn tail is cut, and
  * corruption in the middle is refused by the caller.
@@ -22,7 +24,9 @@ export type CommitRecord =
   | { t: 'promote'; gen: number; id?: string; at: number; reason: string; committed: number }
   | { t: 'fold'; overlay: number; next: number; at: number }
   /** A resync starts: `e` is the primary's last epoch; `sync` (absent before 2026-12: a full one) what it is. */
-  | { t: 'rebase'; e: number; at: number; sync?: { target: string; mode: SyncMode } };
+  | { t: 'rebase'; e: number; at: number; sync?: { target: string; mode: SyncMode } }
+  /** The node's data was discarded: part-way through a full resync (target unknown) until its done mark. */
+  | { t: 'forget'; at: number };
 
 export type PromoteRecord = Extract<CommitRecord, { t: 'promote' }>;
 
@@ -38,6 +42,8 @@ export interface CommitState {
   promote: PromoteRecord | null;
   /** Overlays folded (on a promoted node), oldest first. */
   foldedIds: number[];
+  /** Records replayed (0: a node that was never synchronised, nor committed anything). */
+  records: number;
 }
 
 export class CommitJournal {
@@ -64,11 +70,13 @@ export class CommitJournal {
       adopted: null,
       promote: null,
       foldedIds: [],
+      records: 0,
     };
     let scan: ScanResult | null = null;
     if (storage.exists(path))
       scan = scanJournal<CommitRecord>(storage, path, (r) => {
         const m = r.meta;
+        state.records++;
         if (m.t === 'commit') {
           state.lastCommitted = m.e;
           state.overlayId = Math.max(state.overlayId, m.overlay);
@@ -86,6 +94,9 @@ export class CommitJournal {
             mode: m.sync?.mode ?? 'full',
             since: state.syncing?.since ?? m.at,
           };
+        } else if (m.t === 'forget') {
+          state.adopted = null;
+          state.syncing = { target: '', mode: 'full', since: m.at };
         } else if (m.t === 'promote') state.promote = m;
         else if (m.t === 'fold') {
           state.foldedIds.push(m.overlay);

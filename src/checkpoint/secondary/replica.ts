@@ -141,6 +141,7 @@ export class SecondaryReplica {
       store = await SecondaryStore.open(state, image, {
         history,
         activity,
+        discardData: opts.discardMyData,
         foldBytes: tunables(opts.tunables).promotedFoldBytes,
         spareJournalBytes: tunables(opts.tunables).spareJournalBytes,
         meta: opts.meta,
@@ -247,7 +248,7 @@ export class SecondaryReplica {
       node: this.history.node,
       history: this.history.generations,
       syncing: this.store.syncing,
-      consistent: this.store.syncing === null,
+      consistent: this.store.syncing === null && !this.store.fresh,
       refusal: this.link.refusal,
       decision: this.link.decision,
       unprotected: this.store.promoted ? this.activity.summary() : null,

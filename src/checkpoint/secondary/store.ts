@@ -114,6 +114,12 @@ export interface SecondaryStoreOptions {
   foldBytes?: number;
   /** Applied epoch journals kept to be written over, at most this many bytes (default: the tunable; 0: none). */
   spareJournalBytes?: number;
+  /**
+   * --discard-my-data: this node's data goes, and with it the history its
+   * last resync adopted (a durable 'forget' record): it is resynchronised in
+   * full, from whichever primary, and is no copy of the pair's disk until then.
+   */
+  discardData?: boolean;
   log?: (msg: string) => void;
 }
 
@@ -135,6 +141,12 @@ export class SecondaryStore {
   private promoting = false;
   /** Set while a resync into this node is part-way: the image matches no checkpoint. */
   syncing: { target: string; mode: SyncMode; since: number } | null = null;
+  /**
+   * A new node: it never received anything (commits.journal holds no record)
+   * nor served as a primary (no history). Its image is no copy of the pair's
+   * disk until its first resync, which starts with a rebase record.
+   */
+  fresh = false;
   /** Overlays folded on a promoted node, oldest first, until applied to the image. */
   private folded: Layer[] = [];
   private folding: Promise<void> | null = null;
@@ -238,6 +250,8 @@ export class SecondaryStore {
     this.lastCommitted = found.lastCommitted;
     this.overlayId = found.overlayId;
     this.syncing = found.syncing;
+    // A node that served as a primary has a history: its image is its own disk, not nothing.
+    this.fresh = found.records === 0 && !this.opts.history?.last;
     if (found.promote) {
       this.generation = found.promote.gen;
       this.promoted = { generation: found.promote.gen, at: found.promote.at, reason: found.promote.reason };
@@ -246,7 +260,7 @@ export class SecondaryStore {
     this.lastApplied = Math.min((await this.getJson<number>('applied')) ?? 0, this.lastCommitted);
     // history.json follows the commit journal: finish what a crash interrupted.
     this.promoteRecorded = found.promote;
-    const adopted = found.adopted;
+    const adopted = this.opts.discardData ? null : found.adopted;
     if (!found.promote && adopted?.length && this.opts.history?.last?.id !== adopted[adopted.length - 1].id)
       this.historyBehind = adopted;
     this.catchUpHistory();
@@ -334,6 +348,13 @@ export class SecondaryStore {
       this.log('the metadata index was missing or stale: rebuilt it from the journals');
     }
     await this.rewriteIndex();
+    if (this.opts.discardData && !this.promoted) {
+      // Durably, before anything else: a restart without the flag must not adopt that history again.
+      const at = this.clock.now();
+      await this.commits.record({ t: 'forget', at });
+      this.syncing = { target: '', mode: 'full', since: at };
+      this.fresh = false;
+    }
     this.kickApply();
   }
 
@@ -582,6 +603,7 @@ export class SecondaryStore {
     crashPoint('secondary-before-commit-record');
     await this.commits.record({ t: 'commit', e: n, overlay: nextOverlay, at: now, sync });
     crashPoint('secondary-after-commit-record');
+    this.fresh = false;
     if (sync?.state === 'partial') {
       this.syncing ??= { target: sync.target, mode: sync.mode, since: now };
       crashPoint('secondary-after-partial-sync-commit');
@@ -683,6 +705,7 @@ export class SecondaryStore {
     const now = this.clock.now();
     await this.commits.record({ t: 'rebase', e: base, at: now, sync });
     crashPoint('secondary-after-rebase');
+    this.fresh = false;
     this.syncing = { target: sync.target, mode: sync.mode, since: this.syncing?.since ?? now };
     this.lastCommitted = base;
     this.lastApplied = base;
@@ -866,6 +889,20 @@ export class SecondaryStore {
         droppedEpochs: [],
         committed: this.lastCommitted,
       };
+    if (this.fresh)
+      throw new ColoError(
+        'EBUSY',
+        'refusing to promote: this node has never been synchronised with a primary, nor served as one (its ' +
+          "state directory is new): its disk is no copy of the pair's. If this disk is the one to serve, start this node as the " +
+          'primary instead (colo-blk primary).',
+      );
+    if (this.syncing?.target === '')
+      throw new ColoError(
+        'EBUSY',
+        `refusing to promote: this node's data was discarded (--discard-my-data, ` +
+          `${new Date(this.syncing.since).toISOString()}) and its full resync has not completed: its disk is no ` +
+          `copy of the pair's.`,
+      );
     if (this.syncing)
       throw new ColoError(
         'EBUSY',
