@@ -364,6 +364,26 @@ describe('re-protection', () => {
     await pvm.close();
   });
 
+  it('a new secondary that never met a primary: status says so, failover is refused, it can start as the primary', async () => {
+    const dir = fresh();
+    fs.writeFileSync(path.join(dir, 'svm.img'), Buffer.alloc(1 << 20, 0x5c));
+    const s = await secondaryOn(dir, 'svm-state', 'svm.img', '1M');
+    const st = await controlCall<{ consistent: boolean; fresh: boolean }>(s.control, 'GET', '/status');
+    expect(st).toMatchObject({ consistent: false, fresh: true });
+    const text = await run(process.execPath, [CLI, 'status', '--control', `127.0.0.1:${s.control.port}`]);
+    expect(text.stdout).toMatch(/NEW +never synchronised with a primary/);
+    const f = await run(process.execPath, [CLI, 'failover', '--control', `127.0.0.1:${s.control.port}`]);
+    expect(f.code).toBe(1);
+    expect(f.stderr).toMatch(/never been synchronised with a primary.*colo-blk primary/s);
+    // Its disk is the one to serve: it starts as the primary on the same state directory.
+    s.child.kill('SIGKILL');
+    await s.exit;
+    const p = await primaryOn(dir, 'svm-state', 'svm.img', '1M', 1);
+    const c = await NbdClient.connect({ port: p.nbdPort, exportName: 'disk0' });
+    expect((await c.read(0, 4096)).equals(Buffer.alloc(4096, 0x5c))).toBe(true);
+    await c.close();
+  });
+
   it('split brain: both sides wrote after diverging; both refuse, nothing is merged', async () => {
     const dir = fresh();
     pair = await startPair(dir, '16M', {

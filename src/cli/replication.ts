@@ -477,9 +477,14 @@ export async function statusCommand(opts: { control: string; json?: boolean }): 
   } else {
     if (s.promoted) out.push(`PROMOTED      to primary ${ago(s.promoted.at)}: ${s.promoted.reason}`);
     else if (s.failoverPending) out.push(`FAILOVER      pending: promoting unless the primary comes back`);
+    if (s.fresh)
+      out.push(
+        `NEW           never synchronised with a primary: this disk is no copy of the pair's; not promotable`,
+      );
     if (s.syncing)
       out.push(
-        `RESYNCING     since ${ago(s.syncing.since)} (${s.syncing.mode}): this disk matches no checkpoint; not promotable`,
+        `RESYNCING     since ${ago(s.syncing.since)} (${s.syncing.mode}${s.syncing.target === '' ? ', its data discarded' : ''}): ` +
+          `this disk matches no checkpoint; not promotable`,
       );
     if (s.refusal)
       out.push(`REFUSED       a primary ${ago(s.refusal.at)} (${s.refusal.code}): ${s.refusal.message}`);

@@ -249,6 +249,8 @@ export class SecondaryReplica {
       history: this.history.generations,
       syncing: this.store.syncing,
       consistent: this.store.syncing === null && !this.store.fresh,
+      /** A new node: it never received anything from a primary (nor served as one). */
+      fresh: this.store.fresh,
       refusal: this.link.refusal,
       decision: this.link.decision,
       unprotected: this.store.promoted ? this.activity.summary() : null,
