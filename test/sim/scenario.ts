@@ -889,19 +889,24 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       for (const n of names) if (isDeposed(n) && !(await asSecondary(n, false))) return;
       let servers = names.filter((n) => c.nodes[n].serving);
       if (servers.length === 0) {
-        const refusals: string[] = [];
+        const fresh: NodeName[] = [];
+        let promotedOne = false;
         for (const n of names) {
           const sec = c.nodes[n].secondary;
           if (!sec) continue;
           c.note(`converge: failover on ${n}`);
           const r = await world.await(sec.promote('sim: converge'), 5000);
-          if (r?.ok) break;
-          if (r) refusals.push(r.error.message);
+          if (r?.ok) {
+            promotedOne = true;
+            break;
+          }
+          c.note(`converge: failover on ${n} refused: ${r ? r.error.message : 'no answer'}`);
+          if (r?.error.message.includes('never been synchronised')) fresh.push(n);
         }
-        if (refusals.length === 2 && refusals.every((m) => m.includes('never been synchronised'))) {
-          // Both nodes are new (their state directories were lost): as the refusal says, one of
-          // them starts as the primary, its image the pair's disk from now on.
-          const n = rng.pick(names);
+        if (!promotedOne && fresh.length) {
+          // Neither node can be promoted, and one is new (its state directory was lost; its
+          // image may be the latest there is): as its refusal says, it starts as the primary.
+          const n = rng.pick(fresh);
           c.note(`converge: neither node can be promoted; ${n} restarts as the primary`);
           c.crash(n);
           if (await c.startPrimary(n)) await resetExpected(n);
