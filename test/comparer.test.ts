@@ -165,6 +165,21 @@ describe('comparer', () => {
     expect(client.text).toBe('');
   });
 
+  it('the timeout holds when the wall clock steps back an hour meanwhile (NTP, a resumed host)', async () => {
+    const { p, client, requests } = await setup('colo', { timeout: 300 });
+    p.write('only the PVM speaks');
+    await until(() => client.data.length === 0 && requests.length === 0);
+    await sleep(30); // received and unmatched, on the old clock
+    const real = Date.now;
+    Date.now = () => real() - 3_600_000;
+    try {
+      // The old comparer measured the wait on the wall clock: -1 h, and the client waited an hour.
+      await until(() => requests.includes('timeout'), 2000);
+    } finally {
+      Date.now = real;
+    }
+  });
+
   it('FIN is a stream event: released when both sides end at the same byte', async () => {
     const { p, s, client } = await setup('colo');
     p.end('bye');

@@ -52,12 +52,13 @@ function fakeVm(
     probe: () =>
       dead
         ? refused()
-        : Promise.resolve({
+        : ((on['probe']?.() as Promise<never> | undefined) ??
+          Promise.resolve({
             dirtyBytes: 0,
             identity,
             standby: kind.standby === true,
             earlyResume: kind.earlyResume === true,
-          }),
+          })),
   };
   return vm;
 }
@@ -293,6 +294,39 @@ describe('coordinator', () => {
     for (let i = 0; co.state !== 'protected' && i < 300; i++) await sleep(10);
     expect(co.state).toBe('protected');
     expect(co.records.at(-1)).toMatchObject({ full: true, reasons: ['pair'] });
+  });
+
+  it('a wall clock stepped back an hour does not blind the detection of a silent side', async () => {
+    const { co, svm } = await setup();
+    const real = Date.now;
+    Date.now = () => real() - 3_600_000;
+    try {
+      // Silent, not refused: probes time out. The old coordinator's last success was an hour in
+      // its future: it waited that hour before calling the side lost.
+      svm.on.probe = () => sleep(10).then(() => Promise.reject(new Error('probe timed out')));
+      for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+      expect(co.state).toBe('unprotected');
+    } finally {
+      Date.now = real;
+    }
+  });
+
+  it('a wall clock stepped forward an hour does not make one failed probe a lost side', async () => {
+    const { co, svm } = await setup();
+    const real = Date.now;
+    let failures = 1;
+    Date.now = () => real() + 3_600_000;
+    try {
+      // One probe fails (a blip); the next ones answer as before (undefined: the fake's own answer).
+      svm.on.probe = () =>
+        (failures-- > 0 ? Promise.reject(new Error('probe timed out')) : undefined) as Promise<unknown>;
+      // The old coordinator found the last success an hour old at the first failure.
+      await sleep(300);
+      expect(failures).toBeLessThan(0); // probed again since
+      expect(co.state).toBe('protected');
+    } finally {
+      Date.now = real;
+    }
   });
 
   it('refuses to pair two VMs that are not the same VM, and says why', async () => {

@@ -278,7 +278,7 @@ async function reprotectColo(opts: ReprotectOptions): Promise<void> {
     [opts.secondaryControl, '--secondary-control'],
   ])
     parseHostPort(v, what);
-  const started = Date.now();
+  const started = performance.now();
   if (opts.peer) {
     const st = await controlCall<{ primaryDisk: string }>(addr, 'GET', '/status');
     await reprotectDisk({ ...opts, control: st.primaryDisk }, false);
@@ -291,10 +291,12 @@ async function reprotectColo(opts: ReprotectOptions): Promise<void> {
     Number(opts.timeout),
   );
   if (opts.json)
-    process.stdout.write(JSON.stringify({ ...r, svm: opts.svm, ms: Date.now() - started }) + '\n');
+    process.stdout.write(
+      JSON.stringify({ ...r, svm: opts.svm, ms: Math.round(performance.now() - started) }) + '\n',
+    );
   else
     process.stdout.write(
-      `reprotect: the VM is ${r.state}: SVM ${opts.svm} paired by a full checkpoint in ${Date.now() - started} ms\n`,
+      `reprotect: the VM is ${r.state}: SVM ${opts.svm} paired by a full checkpoint in ${Math.round(performance.now() - started)} ms\n`,
     );
 }
 
@@ -306,7 +308,7 @@ async function reprotectDisk(opts: ReprotectOptions, report = true): Promise<voi
   const timeoutMs = Number(opts.timeout);
   if (!(timeoutMs > 0))
     throw new ColoError('EUSAGE', `--timeout must be a number of ms, not '${opts.timeout}'`);
-  const started = Date.now();
+  const started = performance.now();
   await controlCall(addr, 'POST', '/reprotect', { peer: opts.peer });
   const tty = process.stderr.isTTY;
   let lastPrinted = -1;
@@ -336,7 +338,7 @@ async function reprotectDisk(opts: ReprotectOptions, report = true): Promise<voi
         s.peerState === 'refused' ? 'ESPLIT' : 'ESTALE',
         `reprotect: the secondary refused this primary: ${s.refused ?? s.link.lastError}`,
       );
-    if (Date.now() - started > timeoutMs)
+    if (performance.now() - started > timeoutMs)
       throw new ColoError(
         'EIO',
         `reprotect: not synchronised after ${timeoutMs} ms (peer ${s.peerState}` +
@@ -354,7 +356,7 @@ async function reprotectDisk(opts: ReprotectOptions, report = true): Promise<voi
         state: s.peerState,
         decision: s.peerDecision,
         resync: r,
-        ms: Date.now() - started,
+        ms: Math.round(performance.now() - started),
       }) + '\n',
     );
     return;

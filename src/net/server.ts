@@ -257,8 +257,9 @@ export class NbdServer extends EventEmitter {
     this.closing = true;
     const stopped = new Promise<void>((resolve) => this.server.close(() => resolve()));
     for (const conn of this.connections) conn.shutdown();
-    const deadline = Date.now() + this.options.shutdownGraceMs;
-    while (this.connections.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    const deadline = performance.now() + this.options.shutdownGraceMs;
+    while (this.connections.size > 0 && performance.now() < deadline)
+      await new Promise((r) => setTimeout(r, 10));
     for (const conn of this.connections) conn.destroy();
     await stopped;
   }

@@ -46,6 +46,14 @@ import type { Endpoint } from '../../util/address.js';
 import { quantile } from '../../util/stats.js';
 import type { DiskHook, VmHook } from './hooks.js';
 
+/**
+ * Durations and deadlines (health, back-off, failure detection) on the monotonic clock: a step of
+ * the wall clock (NTP, a resumed host) must neither make every side look lost nor blind the
+ * detection, nor stall checkpoints behind a back-off that moved an hour away. `at` fields are
+ * wall-clock times, for people.
+ */
+const mono = (): number => performance.now();
+
 export type CoordinatorState = 'unprotected' | 'pairing' | 'protected' | 'failing-over';
 
 export interface CoordinatorOptions {
@@ -172,13 +180,13 @@ export class Coordinator extends EventEmitter {
     this.pvm = opts.pvm;
     this.svm = opts.mode === 'none' ? null : opts.svm;
     this.disk = opts.disk;
-    const now = Date.now();
+    const now = mono();
     const h = (): Health => ({ lastOk: now, refusedInARow: 0, lastError: null });
     this.health = { pvm: h(), primary: h(), svm: h(), secondary: h() };
     opts.comparer.handlers = {
       request: (reason) => this.request(reason),
       suspect: () => {
-        this.suspectSince ||= Date.now();
+        this.suspectSince ||= mono();
         this.probeSoon();
       },
     };
@@ -199,7 +207,7 @@ export class Coordinator extends EventEmitter {
   /** Ask for a checkpoint; requests are coalesced. */
   request(reason: CheckpointReason): void {
     if (this.mode === 'none' || this.state !== 'protected') return;
-    if (this.requested.size === 0) this.firstRequestAt = Date.now();
+    if (this.requested.size === 0) this.firstRequestAt = mono();
     this.requested.set(reason, (this.requested.get(reason) ?? 0) + 1);
     this.kick();
   }
@@ -234,7 +242,7 @@ export class Coordinator extends EventEmitter {
 
   private kick(): void {
     if (this.running || this.closed) return;
-    const wait = this.retryAt - Date.now();
+    const wait = this.retryAt - mono();
     if (wait > 0) {
       // Backing off after a failure; never sleep inside exec (a failover must not wait behind it).
       this.kickTimer ??= setTimeout(() => {
@@ -250,7 +258,7 @@ export class Coordinator extends EventEmitter {
           this.requested.size > 0 &&
           this.state === 'protected' &&
           !this.closed &&
-          Date.now() >= this.retryAt
+          mono() >= this.retryAt
         )
           await this.checkpoint(false, false).catch(() => {});
       } finally {
@@ -291,7 +299,7 @@ export class Coordinator extends EventEmitter {
     const pvm = this.pvm;
     const comparer = this.opts.comparer;
     const reasons = attach ? (['pair'] as CheckpointReason[]) : [...this.requested.keys()];
-    const waitMs = attach ? 0 : Date.now() - this.firstRequestAt;
+    const waitMs = attach ? 0 : mono() - this.firstRequestAt;
     this.inCheckpoint = true;
     this.abortP = new Promise<never>((_, reject) => (this.abortWith = reject));
     this.abortP.catch(() => {});
@@ -449,7 +457,7 @@ export class Coordinator extends EventEmitter {
       this.failuresInARow = 0;
       this.retryAt = 0;
       // Every VM and disk node answered this checkpoint's calls: they live.
-      const now = Date.now();
+      const now = mono();
       for (const h of Object.values(this.health)) h.lastOk = Math.max(h.lastOk, now);
       this.emit('checkpoint', record);
       this.armInterval();
@@ -473,7 +481,7 @@ export class Coordinator extends EventEmitter {
         if (paused || svmPos) {
           await Promise.allSettled([this.mode === 'colo' ? svm.resume() : null, pvm.resume()]);
         }
-        this.retryAt = Date.now() + Math.min(2000, 50 * 2 ** Math.min(this.failuresInARow, 6));
+        this.retryAt = mono() + Math.min(2000, 50 * 2 ** Math.min(this.failuresInARow, 6));
       }
       // Which side is gone? A lost side is handled here, in the same turn (silence counts again).
       this.inCheckpoint = false;
@@ -483,8 +491,8 @@ export class Coordinator extends EventEmitter {
       // mid-checkpoint fails its call at once but is lost only at its second refused probe:
       // unprotecting on the first would leave the clients with a dead PVM, and an SVM that holds
       // this very checkpoint unused (the bench's loop-failover found it, 1 round in 7).
-      const until = Date.now() + this.opts.failoverAfterMs;
-      while (decided && lost === null && !this.closed && Date.now() < until) {
+      const until = mono() + this.opts.failoverAfterMs;
+      while (decided && lost === null && !this.closed && mono() < until) {
         await new Promise((r) => setTimeout(r, this.opts.heartbeatMs));
         await this.probe();
         lost = this.lostSide();
@@ -537,11 +545,11 @@ export class Coordinator extends EventEmitter {
           `the PVM and the SVM are not the same VM: '${a.identity}' and '${b.identity}' (start both with the same options)`,
         );
       // Wait for the disk pair to be in sync before pausing anything.
-      const until = Date.now() + Math.max(this.opts.phaseTimeoutMs, 60_000);
+      const until = mono() + Math.max(this.opts.phaseTimeoutMs, 60_000);
       for (;;) {
         const p = await this.disk.primaryStatus(this.opts.phaseTimeoutMs);
         if (p.peerState === 'protected') break;
-        if (Date.now() > until)
+        if (mono() > until)
           throw new ColoError('EBUSY', `the disk pair is not in sync (primary's peer: ${p.peerState})`);
         await new Promise((r) => setTimeout(r, 50));
       }
@@ -560,7 +568,7 @@ export class Coordinator extends EventEmitter {
       this.lastError = `pairing failed: ${e.message}`;
       this.log.warn(this.lastError);
       this.emit('pair-failed', e);
-      this.retryAt = Date.now() + 1000;
+      this.retryAt = mono() + 1000;
       throw e;
     }
   }
@@ -573,8 +581,8 @@ export class Coordinator extends EventEmitter {
     return this.exec(async () => {
       this.svm = svm;
       this.disk.secondary = secondary;
-      this.health.svm = { lastOk: Date.now(), refusedInARow: 0, lastError: null };
-      this.health.secondary = { lastOk: Date.now(), refusedInARow: 0, lastError: null };
+      this.health.svm = { lastOk: mono(), refusedInARow: 0, lastError: null };
+      this.health.secondary = { lastOk: mono(), refusedInARow: 0, lastError: null };
       await this.pair();
       return { state: this.state };
     });
@@ -604,7 +612,7 @@ export class Coordinator extends EventEmitter {
     this.state = 'failing-over';
     this.emit('state', this.state);
     const t0 = performance.now();
-    const detect = this.suspectSince ? Date.now() - this.suspectSince : 0;
+    const detect = this.suspectSince ? mono() - this.suspectSince : 0;
     this.log.warn(`the primary side is lost (${why}): failing over to ${svm.name}`);
     await this.svmCalls;
     const decided = this.decided;
@@ -679,7 +687,7 @@ export class Coordinator extends EventEmitter {
     this.lastError = `unprotected: ${why}`;
     this.log.warn(`unprotected: ${why}; the PVM goes on alone, its output passes through`);
     this.emit('state', this.state);
-    this.retryAt = Date.now() + 1000;
+    this.retryAt = mono() + 1000;
   }
 
   // Liveness ------------------------------------------------------------------
@@ -708,13 +716,13 @@ export class Coordinator extends EventEmitter {
       const h = this.health[target];
       try {
         await call();
-        h.lastOk = Date.now();
+        h.lastOk = mono();
         h.refusedInARow = 0;
         h.lastError = null;
       } catch (err) {
         const e = toColoError(err);
         h.lastError = e.message;
-        this.suspectSince ||= Date.now();
+        this.suspectSince ||= mono();
         if (/ECONNREFUSED|ECONNRESET/.test(e.message)) h.refusedInARow++;
       }
     };
@@ -746,7 +754,7 @@ export class Coordinator extends EventEmitter {
   private isLost(target: Target): boolean {
     const h = this.health[target];
     if (h.refusedInARow >= 2) return true;
-    return !this.inCheckpoint && Date.now() - h.lastOk > this.opts.failoverAfterMs;
+    return !this.inCheckpoint && mono() - h.lastOk > this.opts.failoverAfterMs;
   }
 
   private inCheckpoint = false;
@@ -780,13 +788,7 @@ export class Coordinator extends EventEmitter {
       for (const id of this.opts.comparer.failedSessions('svm')) this.opts.comparer.detachSession(id);
       // A connection the PVM reset while it lives: a checkpoint makes the reset output.
       if (!lost && this.opts.comparer.failedSessions('pvm').length) this.request('reset');
-    } else if (
-      this.state === 'unprotected' &&
-      this.svm &&
-      !lost &&
-      Date.now() >= this.retryAt &&
-      !this.running
-    ) {
+    } else if (this.state === 'unprotected' && this.svm && !lost && mono() >= this.retryAt && !this.running) {
       void this.exec(() => this.pair()).catch(() => {});
     }
   }
@@ -801,7 +803,7 @@ export class Coordinator extends EventEmitter {
         k,
         {
           ok: !this.isLost(k),
-          lastOkMsAgo: Date.now() - this.health[k].lastOk,
+          lastOkMsAgo: mono() - this.health[k].lastOk,
           lastError: this.health[k].lastError,
         },
       ]),

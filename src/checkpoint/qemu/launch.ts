@@ -93,7 +93,7 @@ export async function launchQemu(
     child.once('error', (err) => reject(new ColoError('ENOENT', `cannot start ${argv[0]}: ${err.message}`)));
   });
   await spawned;
-  const deadline = Date.now() + timeoutMs;
+  const deadline = performance.now() + timeoutMs;
   for (;;) {
     if (child.exitCode !== null || child.signalCode !== null)
       throw new ColoError(
@@ -107,7 +107,7 @@ export async function launchQemu(
         // not accepting yet
       }
     }
-    if (Date.now() > deadline) {
+    if (performance.now() > deadline) {
       child.kill('SIGKILL');
       throw new ColoError('EIO', `QEMU made no QMP socket at ${qmpPath} in ${timeoutMs} ms`);
     }

@@ -118,13 +118,13 @@ function ignoreShared(qmp: QmpClient): Promise<unknown> {
 }
 
 async function waitMigration(qmp: QmpClient, what: string): Promise<void> {
-  const deadline = Date.now() + MIGRATION_TIMEOUT_MS;
+  const deadline = performance.now() + MIGRATION_TIMEOUT_MS;
   for (;;) {
     const m = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
     if (m.status === 'completed') return;
     if (m.status === 'failed' || m.status === 'cancelled')
       throw new ColoError('EIO', `${what} ${m.status}: ${m['error-desc'] ?? 'QEMU gave no reason'}`);
-    if (Date.now() > deadline)
+    if (performance.now() > deadline)
       throw new ColoError('EIO', `${what} did not complete in ${MIGRATION_TIMEOUT_MS} ms`);
     await new Promise((r) => setTimeout(r, 1));
   }

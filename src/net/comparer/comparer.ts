@@ -84,7 +84,7 @@ export class Comparer implements SessionHost {
   }
 
   now(): number {
-    return this.opts.now?.() ?? Date.now();
+    return this.opts.now?.() ?? performance.now();
   }
 
   async listen(port: number, host: string): Promise<net.AddressInfo> {
@@ -134,7 +134,7 @@ export class Comparer implements SessionHost {
 
   requestCheckpoint(reason: CheckpointReason, s: Session, detail: string): void {
     this.stats.requests[reason]++;
-    if (reason === 'mismatch') this.stats.lastMismatch = { session: s.id, detail, at: this.now() };
+    if (reason === 'mismatch') this.stats.lastMismatch = { session: s.id, detail, at: Date.now() };
     this.opts.logger.debug(`connection ${s.id}: checkpoint asked for (${reason}: ${detail})`);
     this.handlers.request(reason, `connection ${s.id}: ${detail}`);
   }
