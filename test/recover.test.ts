@@ -65,6 +65,39 @@ describe('colo-blk recover', () => {
     expect(sha(image)).toBe(hash);
   });
 
+  it("a promoted node's directory is recovered as its store: committed epochs applied, its own writes kept", async () => {
+    const { dir, image, model } = await secondaryState();
+    // Promoted (epoch 2, never committed, is dropped), then it writes as the primary it now is.
+    let dev = await FileDevice.open(image);
+    let store = await SecondaryStore.open(dir, dev);
+    await store.promote('test');
+    const own = randomBytes(65536, prng(99));
+    await store.svmDevice.pwrite(own, 0, { fua: true });
+    await store.close();
+    await dev.close();
+    fs.writeFileSync(path.join(dir, 'node.json'), JSON.stringify({ role: 'promoted', image, size: SIZE }));
+    const first = await recover(dir);
+    expect(first.code, first.stderr).toBe(0);
+    const r1 = JSON.parse(first.stdout);
+    // The old command took it for a primary's directory: role 'primary', its epoch files scanned as
+    // a resend buffer, nothing of the store checked or applied.
+    expect(r1).toMatchObject({ ok: true, role: 'promoted', committedEpoch: 1 });
+    expect(r1.promoted).toMatchObject({ overlayWrites: 1, overlayBytes: 65536 });
+    expect(r1.pending).toEqual([]);
+    expect(r1.actions.join('\n')).not.toMatch(/resynchronise the secondary/);
+    expect(fs.readFileSync(image).equals(model)).toBe(true);
+    const text = await run(process.execPath, [CLI, 'recover', '--state', dir]);
+    expect(text.stdout).toMatch(/promoted to primary \(generation \d+\).*stay in its overlay/);
+    // Its own write is still what its disk reads.
+    dev = await FileDevice.open(image);
+    store = await SecondaryStore.open(dir, dev);
+    const back = Buffer.alloc(65536);
+    await store.svmDevice.pread(back, 0);
+    expect(back.equals(own)).toBe(true);
+    await store.close();
+    await dev.close();
+  });
+
   it('cuts a torn tail and reports its offset', async () => {
     const { dir } = await secondaryState();
     // Epoch 3 was being received: one whole frame, then half of the next.

@@ -20,7 +20,7 @@ import { SecondaryStore } from '../checkpoint/secondary/store.js';
 import { formatBytes } from '../util/size.js';
 
 interface NodeFile {
-  role: 'primary' | 'secondary';
+  role: 'primary' | 'secondary' | 'promoted';
   image: string;
   size: number;
 }
@@ -36,6 +36,8 @@ export interface RecoverReport {
   appliedBytes: number;
   droppedOverlays: number[];
   committedEpoch?: number;
+  /** A promoted node: its generation, and the writes of its own still in its overlay (they stay there). */
+  promoted?: { generation: number; overlayWrites: number; overlayBytes: number };
   pending: { epoch: number; state: string; writes: number; bytes: number }[];
   actions: string[];
 }
@@ -85,7 +87,14 @@ async function recoverSecondary(
       actions.push(`deleted overlay ${o}, discarded by a commit before the crash`);
     return {
       ok: true,
-      role: 'secondary',
+      role: store.promoted ? 'promoted' : 'secondary',
+      promoted: store.promoted
+        ? {
+            generation: store.promoted.generation,
+            overlayWrites: store.overlayLayer.records,
+            overlayBytes: store.overlayLayer.dataBytes,
+          }
+        : undefined,
       state: dir,
       image: node.image,
       tornTails: r.tornTails,
@@ -161,10 +170,12 @@ export async function recoverCommand(opts: { state: string; json?: boolean }): P
   let report: RecoverReport;
   try {
     const node = readNodeFile(opts.state);
+    // A promoted node's directory is a secondary's store (promoted): recovered as one, never
+    // scanned as a primary's resend buffer (its epochs are committed checkpoints, not unsent writes).
     report =
-      node.role === 'secondary'
-        ? await recoverSecondary(opts.state, node, progress)
-        : recoverPrimary(opts.state, node);
+      node.role === 'primary'
+        ? recoverPrimary(opts.state, node)
+        : await recoverSecondary(opts.state, node, progress);
   } catch (err) {
     const e = toColoError(err);
     if (opts.json)
@@ -178,7 +189,14 @@ export async function recoverCommand(opts: { state: string; json?: boolean }): P
   const out = [`recover: ${report.role} state ${report.state} (image ${report.image})`];
   if (report.actions.length === 0) out.push('  nothing to do: the state is consistent');
   for (const a of report.actions) out.push(`  - ${a}`);
-  if (report.committedEpoch !== undefined) out.push(`  the image holds checkpoint ${report.committedEpoch}`);
+  if (report.promoted)
+    out.push(
+      `  promoted to primary (generation ${report.promoted.generation}): the image holds checkpoint ` +
+        `${report.committedEpoch} and every write folded since; its latest ${report.promoted.overlayWrites} ` +
+        `write(s) (${formatBytes(report.promoted.overlayBytes)}) stay in its overlay, as they should`,
+    );
+  else if (report.committedEpoch !== undefined)
+    out.push(`  the image holds checkpoint ${report.committedEpoch}`);
   for (const p of report.pending)
     out.push(`  pending epoch ${p.epoch}: ${p.state}, ${p.writes} writes, ${formatBytes(p.bytes)}`);
   process.stdout.write(out.join('\n') + '\n');
