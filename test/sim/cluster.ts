@@ -8,6 +8,7 @@
 import type { BlockDevice } from '../../src/block/device.js';
 import { PrimaryReplica } from '../../src/checkpoint/primary/replica.js';
 import { SecondaryReplica } from '../../src/checkpoint/secondary/replica.js';
+import { SecondaryStore } from '../../src/checkpoint/secondary/store.js';
 import { readLayers } from '../../src/checkpoint/secondary/svm-view.js';
 import { StateDir } from '../../src/checkpoint/state-dir.js';
 import type { Tunables } from '../../src/limits.js';
@@ -273,6 +274,44 @@ export class Cluster {
     this.note(
       `${name}: ${what === 'all' ? 'disk replaced (empty image, no state)' : 'state directory deleted'}`,
     );
+  }
+
+  /**
+   * `colo-blk recover --state` on a stopped node's secondary store (a
+   * secondary's or a promoted node's): opened as the command opens it (no
+   * history, no activity log), every committed epoch and folded overlay
+   * applied, closed. `crashAfterMs`: the power fails that long into it.
+   */
+  async recover(name: NodeName, crashAfterMs: number | null): Promise<void> {
+    const node = this.nodes[name];
+    const { owner, env, image } = this.newProcess(node);
+    const run = async () => {
+      const store = await SecondaryStore.open(new StateDir(STATE, env.storage), image, {
+        meta: node.meta.open(() => owner.alive),
+        clock: env.clock,
+        random: env.random,
+        hashing: env.hashing,
+        log: (m) => this.note(`${name} recover: ${m}`),
+      });
+      await store.drainApply();
+      await store.close();
+    };
+    const done = run();
+    const r = await this.world.await(
+      crashAfterMs === null ? done : Promise.race([done, new Promise<void>(() => {})]),
+      crashAfterMs ?? 20_000,
+    );
+    owner.alive = false;
+    if (crashAfterMs !== null && !r) {
+      const c = node.disk.crash('random');
+      node.meta.crash(this.world.rng);
+      this.crashes++;
+      this.note(
+        `${name}: recover cut by a power failure after ${crashAfterMs} ms (lost ${c.lost}, torn ${c.torn})`,
+      );
+      return;
+    }
+    this.note(`${name}: recover ${r?.ok ? 'done' : `failed: ${r ? r.error.message : 'no answer'}`}`);
   }
 
   /** What a secondary holds as the PVM's disk at its last commit (image + committed layers, no overlay). */

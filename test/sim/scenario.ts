@@ -69,6 +69,7 @@ type Action =
   | 'crash'
   | 'restart'
   | 'replace'
+  | 'recover'
   | 'failover'
   | 'decided'
   | 'reprotect'
@@ -700,6 +701,18 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     }
   };
 
+  /** Does a stopped node's state directory hold a secondary's store (`colo-blk recover` applies)? */
+  const hasStore = (name: NodeName) => {
+    const f = c.nodes[name].disk.read('/state/node.json');
+    try {
+      return (
+        f !== null && ['secondary', 'promoted'].includes((JSON.parse(f.toString()) as { role: string }).role)
+      );
+    } catch {
+      return false;
+    }
+  };
+
   const choose = (): Action => {
     const a = c.nodes.a;
     const b = c.nodes.b;
@@ -716,6 +729,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       ['crash', up.length ? 2 : 0],
       ['restart', up.length < 2 ? 5 : 0],
       ['replace', up.length < 2 ? 0.4 : 0],
+      ['recover', (['a', 'b'] as const).some((n) => !c.nodes[n].up && hasStore(n)) ? 1 : 0],
       ['failover', secondaries.length ? 1.5 : 0],
       ['decided', servers.some((n) => n.primary) && secondaries.length ? 1 : 0],
       ['reprotect', promoted.length && secondaries.length ? 4 : 0],
@@ -761,6 +775,14 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
         return c.crash(rng.pick(names));
       case 'restart':
         return restart(rng.pick((['a', 'b'] as const).filter((n) => !c.nodes[n].up)));
+      case 'recover': {
+        // The operator runs `colo-blk recover` on a stopped secondary (or promoted node), now and
+        // then cut by a power failure, and starts it again (or not yet).
+        const n = rng.pick((['a', 'b'] as const).filter((x) => !c.nodes[x].up && hasStore(x)));
+        c.note(`recover on ${n}`);
+        await c.recover(n, rng.chance(0.3) ? rng.range(0, 20) : null);
+        return rng.chance(0.7) ? restart(n) : undefined;
+      }
       case 'replace': {
         // What the node held is gone (its VM's view, what it made durable, the commits it reported).
         const n = rng.pick((['a', 'b'] as const).filter((x) => !c.nodes[x].up));
