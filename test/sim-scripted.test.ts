@@ -418,6 +418,7 @@ describe('a full state directory, then space freed', () => {
       expect(await waitProtected(c, 'a')).toBe(true);
       await checkpointEqual(c, 'a', 'b');
       expect(c.nodes.b.secondary!.status().consistent).toBe(true);
+      expect(c.log.join('\n')).toMatch(/resync \(full\): the secondary's data was discarded/);
       expect((await c.read('b'))!.subarray(0, 8 * KiB).equals(Buffer.alloc(8 * KiB, 0x0a))).toBe(true);
     }));
 

@@ -191,7 +191,10 @@ export function decide(
     return {
       action: 'resync',
       mode: 'full',
-      reason: `the secondary was part-way through a resync towards another primary (${opts.syncing.target})`,
+      reason:
+        opts.syncing.target === ''
+          ? "the secondary's data was discarded (--discard-my-data)"
+          : `the secondary was part-way through a resync towards another primary (${opts.syncing.target})`,
     };
   }
   if (!sLast) return { action: 'resync', mode: 'full', reason: 'the secondary has no history (a new node)' };
