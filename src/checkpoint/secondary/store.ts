@@ -250,8 +250,9 @@ export class SecondaryStore {
     this.lastCommitted = found.lastCommitted;
     this.overlayId = found.overlayId;
     this.syncing = found.syncing;
-    // A node that served as a primary has a history: its image is its own disk, not nothing.
-    this.fresh = found.records === 0 && !this.opts.history?.last;
+    // A node that served as a primary has a history: its image is its own disk, not nothing. Only a
+    // store opened with its node's history can tell (`recover` and unit tests open one without).
+    this.fresh = found.records === 0 && this.opts.history !== undefined && !this.opts.history.last;
     if (found.promote) {
       this.generation = found.promote.gen;
       this.promoted = { generation: found.promote.gen, at: found.promote.at, reason: found.promote.reason };
