@@ -20,9 +20,10 @@ describeWith(['qemu-system-x86_64', 'busybox', 'cpio'], 'QMP against a real QEMU
   let qmp: QmpClient;
   beforeAll(async () => {
     dir = tmpDir('colo-blk-qmp-');
-    guest = await bootGuest(dir);
+    // Booted beside the other suites at nice 19: it may wait a while for CPU.
+    guest = await bootGuest(dir, { bootTimeoutMs: 240_000 });
     qmp = await QmpClient.connect({ path: guest.qmpPath });
-  }, 120_000);
+  }, 300_000);
   afterAll(async () => {
     qmp?.close();
     await guest?.kill();

@@ -25,9 +25,10 @@ let skipped = 0;
 try {
   const json = JSON.parse(fs.readFileSync(report, 'utf8'));
   passed = json.numPassedTests ?? 0;
-  // A file that failed to load has no test results of its own: count it as one failure.
+  // A file that failed to load, or whose setup (beforeAll) failed, has no failed test of its own
+  // (none ran, or all were skipped): count it as one failure.
   const brokenFiles = (json.testResults ?? []).filter(
-    (f) => f.status === 'failed' && (f.assertionResults ?? []).length === 0,
+    (f) => f.status === 'failed' && (f.assertionResults ?? []).every((a) => a.status !== 'failed'),
   ).length;
   failed = (json.numFailedTests ?? 0) + brokenFiles;
   skipped = (json.numPendingTests ?? 0) + (json.numTodoTests ?? 0);

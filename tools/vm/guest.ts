@@ -123,6 +123,11 @@ export async function bootGuest(
     incoming?: { ramPath: string };
     /** Run QEMU at nice 19 (default: true; see QEMU_COMMAND). */
     nice?: boolean;
+    /**
+     * How long the boot may take (default 60 s). At nice 19 a guest that boots in 12 s alone gets
+     * almost no CPU while both cores run other suites (the simulator's), and took over a minute.
+     */
+    bootTimeoutMs?: number;
     /** Called with the QEMU process as soon as it is spawned (the caller kills it by PID). */
     track?: (child: ChildProcess) => void;
   } = {},
@@ -172,7 +177,7 @@ export async function bootGuest(
     },
   };
   try {
-    await untilBooted(guest, opts.incoming !== undefined);
+    await untilBooted(guest, opts.incoming !== undefined, opts.bootTimeoutMs);
   } catch (err) {
     // The caller never gets the guest: stop QEMU and remove its RAM file here (256 MiB or more
     // of /dev/shm each, left behind by every failed boot otherwise).
@@ -183,7 +188,7 @@ export async function bootGuest(
 }
 
 /** Wait until the guest has booted (or, incoming, until QEMU is up and paused); throws saying why not. */
-async function untilBooted(guest: BootedGuest, incoming: boolean): Promise<void> {
+async function untilBooted(guest: BootedGuest, incoming: boolean, timeoutMs = 60_000): Promise<void> {
   const { child, qmpPath, waitSerial } = guest;
   const out = () => guest.serial();
   if (incoming) {
@@ -195,7 +200,7 @@ async function untilBooted(guest: BootedGuest, incoming: boolean): Promise<void>
       await new Promise((r) => setTimeout(r, 20));
     }
   } else {
-    await waitSerial(/colo-guest: ready/);
+    await waitSerial(/colo-guest: ready/, timeoutMs);
     // A module that did not load leaves the guest without its disk or network: say so now,
     // not as a workload that never makes progress.
     const failed = [...out().matchAll(/colo-guest: insmod (\S+) failed/g)].map((m) => m[1]);
