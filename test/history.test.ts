@@ -39,6 +39,13 @@ describe('generation history', () => {
     expect(decide([g1], [])).toMatchObject({ action: 'resync', mode: 'full' });
   });
 
+  it('a secondary one generation behind a forced one (failover --force): full, not incremental', () => {
+    const forced = gen(2, 'f2', { forced: true });
+    expect(decide([g1, forced], [g1])).toMatchObject({ action: 'resync', mode: 'full' });
+    expect(decide([g1, forced], [g1]).reason).toMatch(/forced/);
+    expect(decide([g1, forced, g3], [g1])).toMatchObject({ action: 'resync', mode: 'full' });
+  });
+
   it('a secondary one generation behind an unprotected primary: incremental (with rollback)', () => {
     expect(decide([g1, g2], [g1])).toMatchObject({ action: 'resync', mode: 'incremental', common: g1 });
   });

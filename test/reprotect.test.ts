@@ -384,6 +384,27 @@ describe('re-protection', () => {
     await c.close();
   });
 
+  it('failover --force serves a secondary that holds no checkpoint as it is', async () => {
+    const dir = fresh();
+    fs.writeFileSync(path.join(dir, 'svm.img'), Buffer.alloc(1 << 20, 0x5d));
+    const s = await secondaryOn(dir, 'svm-state', 'svm.img', '1M');
+    const control = `127.0.0.1:${s.control.port}`;
+    expect((await run(process.execPath, [CLI, 'failover', '--control', control])).code).toBe(1);
+    const f = await run(process.execPath, [CLI, 'failover', '--control', control, '--force', '--json']);
+    expect(f.code, f.stderr).toBe(0);
+    expect(JSON.parse(f.stdout)).toMatchObject({ role: 'primary', reason: expect.stringMatching(/--force/) });
+    const st = await controlCall<{ role: string; history: { forced?: boolean }[] }>(
+      s.control,
+      'GET',
+      '/status',
+    );
+    expect(st.role).toBe('primary');
+    const c = await NbdClient.connect({ port: s.nbdPort, exportName: 'disk0' });
+    expect((await c.read(0, 4096)).equals(Buffer.alloc(4096, 0x5d))).toBe(true);
+    await c.write(Buffer.alloc(4096, 0x5e), 0);
+    await c.close();
+  });
+
   it('split brain: both sides wrote after diverging; both refuse, nothing is merged', async () => {
     const dir = fresh();
     pair = await startPair(dir, '16M', {

@@ -442,4 +442,35 @@ describe('a full state directory, then space freed', () => {
       await checkpointEqual(c, 'b', 'a');
       expect(c.nodes.a.secondary!.status().consistent).toBe(true);
     }));
+
+  it('failover --force promotes a node part-way through a resync whose primary is lost for good; a node that rejoins it is resynchronised in full', () =>
+    SimWorld.track(async () => {
+      const { c } = await pair(23);
+      for (let i = 0; i < 8; i++) expect(await write(c, 'a', i * 96 * KiB, 32 * KiB, 0x30 + i)).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
+      // The primary restarts (its log is gone): b is resynchronised at the same generation, and
+      // the primary dies for good as soon as that resync has begun.
+      c.crash('a');
+      expect(await c.startPrimary('a')).toBe(true);
+      const b = c.nodes.b.secondary!;
+      expect(await c.world.runUntil(() => b.store.syncing !== null, 5000)).toBe(true);
+      c.crash('a');
+      const refused = await c.world.await(b.promote('test'), 5000);
+      expect(refused?.ok).toBe(false);
+      expect(refused && !refused.ok && refused.error.message).toMatch(/part-way through a resync.*--force/s);
+      const forced = await c.world.await(b.promote('test', undefined, true), 5000);
+      expect(forced?.ok, forced && !forced.ok ? forced.error.message : '').toBe(true);
+      expect(b.store.syncing).toBeNull();
+      expect(b.history.last).toMatchObject({ forced: true });
+      const served = await c.read('b');
+      // a comes back as a secondary; b protects it: a full resync, whatever a's history says.
+      expect(await c.startSecondary('a')).toBe(true);
+      await c.world.await(b.reprotect(`a:${REPL_PORT}`), 5000);
+      expect(await waitProtected(c, 'b')).toBe(true);
+      expect(c.log.join('\n')).toMatch(
+        /resync \(full\): the primary's generation \d+ \([0-9a-f]+\) was forced/,
+      );
+      await checkpointEqual(c, 'b', 'a');
+      expect((await c.read('b'))!.equals(served!)).toBe(true);
+    }));
 });

@@ -351,6 +351,11 @@ program
   .command('failover')
   .description("make a secondary take over as primary now (discards uncommitted PVM writes, keeps the SVM's)")
   .requiredOption('--control <host:port>', "the secondary's control address")
+  .option(
+    '--force',
+    'promote even a node that holds no complete checkpoint (new, or part-way through a resync): its disk is ' +
+      'served as it is; only when its primary is lost for good',
+  )
   .option('--json', 'print the result as JSON')
   .action(run(failoverCommand));
 

@@ -187,11 +187,16 @@ export async function secondaryCommand(
 
 const fmtMs = (v: unknown) => `${Number(v).toFixed(2)} ms`;
 
-export async function failoverCommand(opts: { control: string; json?: boolean }): Promise<void> {
+export async function failoverCommand(opts: {
+  control: string;
+  force?: boolean;
+  json?: boolean;
+}): Promise<void> {
   const r = await controlCall<Record<string, unknown>>(
     parseHostPort(opts.control, '--control'),
     'POST',
     '/failover',
+    opts.force ? { force: true } : undefined,
   );
   if (opts.json) process.stdout.write(JSON.stringify(r) + '\n');
   else

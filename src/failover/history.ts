@@ -35,6 +35,8 @@ export interface Generation {
   reason: string;
   /** Set once a secondary was fully synchronised within this generation. */
   protected?: boolean;
+  /** Minted by `failover --force` on a node that held no complete checkpoint: its children resync in full. */
+  forced?: boolean;
 }
 
 export interface HistoryFile {
@@ -211,6 +213,16 @@ export function decide(
   if (pi >= 0) {
     // The secondary is behind: its last generation is in the primary's past.
     const after = p.slice(pi + 1);
+    const forced = after.find((g) => g.forced);
+    if (forced)
+      return {
+        action: 'resync',
+        mode: 'full',
+        reason:
+          `the primary's ${label(forced)} was forced (failover --force) from a disk that held no complete ` +
+          `checkpoint: what differs is not on record`,
+        common: sLast,
+      };
     if (after.length === 1 && !after[0].protected)
       return {
         action: 'resync',

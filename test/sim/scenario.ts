@@ -801,6 +801,11 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
         c.note(`failover on ${n}`);
         const r = await world.await(c.nodes[n].secondary!.promote('sim: operator'), 5000);
         if (r && !r.ok) c.note(`failover refused: ${r.error.message}`);
+        if (r && !r.ok && /--force/.test(r.error.message) && rng.chance(0.3)) {
+          // The operator judges the primary lost for good: this disk is served as it is.
+          const f = await world.await(c.nodes[n].secondary!.promote('sim: operator', undefined, true), 5000);
+          c.note(`failover --force on ${n}: ${f ? (f.ok ? 'promoted' : f.error.message) : 'no answer'}`);
+        }
         return;
       }
       case 'decided': {
@@ -924,6 +929,22 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
           }
           c.note(`converge: failover on ${n} refused: ${r ? r.error.message : 'no answer'}`);
           if (r?.error.message.includes('never been synchronised')) fresh.push(n);
+        }
+        if (!promotedOne && !fresh.length) {
+          // Neither can be promoted and neither is new (both part-way through a resync, or
+          // discarded): the operator forces one, whose disk is served as it is.
+          for (const n of names) {
+            const sec = c.nodes[n].secondary;
+            if (!sec || sec.store.promoted) continue;
+            const r = await world.await(sec.promote('sim: converge', undefined, true), 5000);
+            c.note(
+              `converge: failover --force on ${n}: ${r ? (r.ok ? 'promoted' : r.error.message) : 'no answer'}`,
+            );
+            if (r?.ok) {
+              promotedOne = true;
+              break;
+            }
+          }
         }
         if (!promotedOne && fresh.length) {
           // Neither node can be promoted, and one is new (its state directory was lost; its

@@ -153,6 +153,7 @@ function generations(v: unknown, what: string): Generation[] {
       at: uint(o, 'at', w),
       reason: str(o, 'reason', w),
       ...(optBool(o, 'protected', w) ? { protected: true } : {}),
+      ...(optBool(o, 'forced', w) ? { forced: true } : {}),
     };
   });
 }

@@ -21,7 +21,8 @@ import type { SyncMark } from '../link/messages.js';
 
 export type CommitRecord =
   | { t: 'commit'; e: number; overlay: number; at: number; sync?: SyncMark }
-  | { t: 'promote'; gen: number; id?: string; at: number; reason: string; committed: number }
+  /** `forced`: promoted by `failover --force` from a disk that held no complete checkpoint. */
+  | { t: 'promote'; gen: number; id?: string; at: number; reason: string; committed: number; forced?: true }
   | { t: 'fold'; overlay: number; next: number; at: number }
   /** A resync starts: `e` is the primary's last epoch; `sync` (absent before 2026-12: a full one) what it is. */
   | { t: 'rebase'; e: number; at: number; sync?: { target: string; mode: SyncMode } }
@@ -97,8 +98,10 @@ export class CommitJournal {
         } else if (m.t === 'forget') {
           state.adopted = null;
           state.syncing = { target: '', mode: 'full', since: m.at };
-        } else if (m.t === 'promote') state.promote = m;
-        else if (m.t === 'fold') {
+        } else if (m.t === 'promote') {
+          state.promote = m;
+          state.syncing = null; // a forced promotion ends a resync: its disk is served as it is
+        } else if (m.t === 'fold') {
           state.foldedIds.push(m.overlay);
           state.overlayId = Math.max(state.overlayId, m.next);
         }

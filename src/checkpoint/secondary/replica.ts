@@ -227,10 +227,10 @@ export class SecondaryReplica {
   }
 
   /** Failover: this node becomes the primary of a new generation. */
-  async promote(reason: string, commitThrough?: number) {
+  async promote(reason: string, commitThrough?: number, force = false) {
     const t = this.env.clock.mono();
     this.link.cancelFailover();
-    const r = await this.store.promote(reason, commitThrough);
+    const r = await this.store.promote(reason, commitThrough, force);
     this.link.dropPrimary();
     this.lastPromotionMs = this.env.clock.mono() - t;
     this.opts.logger.warn(
@@ -417,7 +417,12 @@ export function secondaryRoutes(node: SecondaryReplica): Route[] {
         const commit = v === undefined || v === null ? undefined : Number(v);
         if (commit !== undefined && !(Number.isSafeInteger(commit) && commit >= 0))
           throw new ColoError('EINVAL', `'commit' must be an epoch number (got ${v})`);
-        return node.promote(String(b.reason ?? 'operator request (colo-blk failover)'), commit);
+        const force = b.force === true || q.get('force') === '1' || q.get('force') === 'true';
+        return node.promote(
+          String(b.reason ?? `operator request (colo-blk failover${force ? ' --force' : ''})`),
+          commit,
+          force,
+        );
       },
     },
     {

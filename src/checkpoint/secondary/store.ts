@@ -813,10 +813,11 @@ export class SecondaryStore {
   promote(
     reason: string,
     commitThrough?: number,
+    force = false,
   ): Promise<{ generation: number; at: number; droppedEpochs: number[]; committed: number }> {
     // Two requests at once (automatic and manual, say) get the same promotion.
     if (!this.promotion)
-      this.promotion = this.promoteOnce(reason, commitThrough).catch((err: Error) => {
+      this.promotion = this.promoteOnce(reason, commitThrough, force).catch((err: Error) => {
         this.promotion = null;
         throw err;
       });
@@ -853,6 +854,7 @@ export class SecondaryStore {
         base: p.committed,
         at: p.at,
         reason: `promoted: ${p.reason}`,
+        ...(p.forced ? { forced: true } : {}),
       });
   }
 
@@ -866,7 +868,13 @@ export class SecondaryStore {
   private async promoteOnce(
     reason: string,
     commitThrough?: number,
+    force = false,
   ): Promise<{ generation: number; at: number; droppedEpochs: number[]; committed: number }> {
+    if (force && commitThrough !== undefined)
+      throw new ColoError(
+        'EINVAL',
+        'a forced promotion commits nothing first: give force or commit, not both',
+      );
     while (this.resyncStart) await this.resyncStart.catch(() => {});
     // A new generation is numbered after the last one this node knows: history.json must be current.
     this.catchUpHistory();
@@ -890,26 +898,29 @@ export class SecondaryStore {
         droppedEpochs: [],
         committed: this.lastCommitted,
       };
-    if (this.fresh)
+    // `failover --force`: the operator serves this disk as it is (its primary is lost for good).
+    const forced = force && (this.fresh || this.syncing !== null);
+    if (this.fresh && !forced)
       throw new ColoError(
         'EBUSY',
         'refusing to promote: this node has never been synchronised with a primary, nor served as one (its ' +
           "state directory is new): its disk is no copy of the pair's. If this disk is the one to serve, start this node as the " +
           'primary instead (colo-blk primary).',
       );
-    if (this.syncing?.target === '')
+    if (this.syncing?.target === '' && !forced)
       throw new ColoError(
         'EBUSY',
         `refusing to promote: this node's data was discarded (--discard-my-data, ` +
           `${new Date(this.syncing.since).toISOString()}) and its full resync has not completed: its disk is no ` +
-          `copy of the pair's.`,
+          `copy of the pair's (colo-blk failover --force serves it as it is).`,
       );
-    if (this.syncing)
+    if (this.syncing && !forced)
       throw new ColoError(
         'EBUSY',
         `refusing to promote: this node is part-way through a resync (${this.syncing.mode}, since ` +
           `${new Date(this.syncing.since).toISOString()}); its disk matches no checkpoint. Promote it only ` +
-          `after the resync completes.`,
+          `after the resync completes (or, if its primary is lost for good, with colo-blk failover --force: ` +
+          `its disk is then served as it is, part old, part new).`,
       );
     let rec = this.promoteRecorded;
     if (!rec) {
@@ -933,6 +944,7 @@ export class SecondaryStore {
           reason,
           committed: this.lastCommitted,
         };
+        if (forced) r.forced = true;
         await this.commits.record(r);
         rec = this.promoteRecorded = r;
       } catch (err) {
@@ -950,6 +962,13 @@ export class SecondaryStore {
     this.spares.discard(); // no epoch will be written here again
     this.generation = generation;
     this.promoted = { generation, at, reason: rec.reason };
+    if (rec.forced) {
+      this.log(
+        `FORCED: promoted from a disk that held no complete checkpoint (${this.fresh ? 'a new node' : `part-way through a ${this.syncing?.mode ?? ''} resync`}); a node that rejoins is resynchronised in full`,
+      );
+      this.syncing = null;
+      this.fresh = false;
+    }
     this.session = null;
     this.updateIndex([{ type: 'put', key: 'generation', value: String(generation) }]);
     this.log(
