@@ -905,7 +905,7 @@ export class SecondaryStore {
         'EBUSY',
         'refusing to promote: this node has never been synchronised with a primary, nor served as one (its ' +
           "state directory is new): its disk is no copy of the pair's. If this disk is the one to serve, start this node as the " +
-          'primary instead (colo-blk primary).',
+          'primary instead (colo-blk primary), or promote it with colo-blk failover --force.',
       );
     if (this.syncing?.target === '' && !forced)
       throw new ColoError(
