@@ -899,22 +899,24 @@ export class SecondaryStore {
         committed: this.lastCommitted,
       };
     // `failover --force`: the operator serves this disk as it is (its primary is lost for good).
-    const forced = force && (this.fresh || this.syncing !== null);
-    if (this.fresh && !forced)
+    // Asked only before the record: once it is durable the node is promoted, whatever it was.
+    const forced = !this.promoteRecorded && force && (this.fresh || this.syncing !== null);
+    const checks = !this.promoteRecorded && !forced;
+    if (checks && this.fresh)
       throw new ColoError(
         'EBUSY',
         'refusing to promote: this node has never been synchronised with a primary, nor served as one (its ' +
           "state directory is new): its disk is no copy of the pair's. If this disk is the one to serve, start this node as the " +
           'primary instead (colo-blk primary), or promote it with colo-blk failover --force.',
       );
-    if (this.syncing?.target === '' && !forced)
+    if (checks && this.syncing?.target === '')
       throw new ColoError(
         'EBUSY',
         `refusing to promote: this node's data was discarded (--discard-my-data, ` +
           `${new Date(this.syncing.since).toISOString()}) and its full resync has not completed: its disk is no ` +
           `copy of the pair's (colo-blk failover --force serves it as it is).`,
       );
-    if (this.syncing && !forced)
+    if (checks && this.syncing)
       throw new ColoError(
         'EBUSY',
         `refusing to promote: this node is part-way through a resync (${this.syncing.mode}, since ` +
@@ -947,6 +949,10 @@ export class SecondaryStore {
         if (forced) r.forced = true;
         await this.commits.record(r);
         rec = this.promoteRecorded = r;
+        if (forced)
+          this.log(
+            `FORCED: promoted from a disk that held no complete checkpoint (${this.fresh ? 'a new node' : `part-way through a ${this.syncing?.mode ?? ''} resync`}); a node that rejoins is resynchronised in full`,
+          );
       } catch (err) {
         // No promote record: nothing happened, and the old primary's commits may land again.
         this.promoting = false;
@@ -956,19 +962,17 @@ export class SecondaryStore {
     // The record is durable: this node is promoted. If what follows fails (history.json on a full
     // disk), a retried promotion finishes it from here, as a restart would (open()).
     const { gen: generation, at } = rec;
+    if (rec.forced) {
+      // As a restart would read the record: the resync is over, the disk is this node's own.
+      this.syncing = null;
+      this.fresh = false;
+    }
     this.catchUpHistory();
     crashPoint('secondary-after-promote-record');
     const droppedEpochs = this.dropEpochs('keep-committed', 'later').dropped;
     this.spares.discard(); // no epoch will be written here again
     this.generation = generation;
     this.promoted = { generation, at, reason: rec.reason };
-    if (rec.forced) {
-      this.log(
-        `FORCED: promoted from a disk that held no complete checkpoint (${this.fresh ? 'a new node' : `part-way through a ${this.syncing?.mode ?? ''} resync`}); a node that rejoins is resynchronised in full`,
-      );
-      this.syncing = null;
-      this.fresh = false;
-    }
     this.session = null;
     this.updateIndex([{ type: 'put', key: 'generation', value: String(generation) }]);
     this.log(
