@@ -473,4 +473,32 @@ describe('a full state directory, then space freed', () => {
       await checkpointEqual(c, 'b', 'a');
       expect((await c.read('b'))!.equals(served!)).toBe(true);
     }));
+
+  it('a record a killed process wrote but never synced is made durable by the next process before it acts on it (a fold: a FLUSH after it survives a power cut)', () =>
+    SimWorld.track(async () => {
+      const { c } = await pair(24);
+      await checkpointEqual(c, 'a', 'b');
+      c.crash('a');
+      expect((await c.world.await(c.nodes.b.secondary!.promote('test'), 5000))?.ok).toBe(true);
+      // The overlay passes the fold size: the fold record is written, its fdatasync slow; the
+      // process is killed then (SIGKILL, the machine up): the record is in the page cache only.
+      const disk = c.nodes.b.disk;
+      disk.slowSyncs = [4000, 4000];
+      disk.slowOnly = 'commits.journal';
+      expect(await write(c, 'b', 128 * KiB, 64 * KiB, 0x61)).toBe(true);
+      await c.world.runFor(200);
+      c.kill('b');
+      disk.slowSyncs = null;
+      disk.slowOnly = null;
+      // The next process reads the fold record and writes into the next overlay; a FLUSH there is
+      // acknowledged. The old code never synced the record, and the power cut took it, and with it
+      // the overlay the FLUSH had made durable.
+      expect(await c.startSecondary('b')).toBe(true);
+      expect(await write(c, 'b', 512 * KiB, 8 * KiB, 0x62)).toBe(true);
+      await flush(c, 'b');
+      c.crash('b', 'lose-unsynced');
+      expect(await c.startSecondary('b')).toBe(true);
+      const d = await c.read('b');
+      expect(d!.subarray(512 * KiB, 520 * KiB).equals(Buffer.alloc(8 * KiB, 0x62))).toBe(true);
+    }));
 });

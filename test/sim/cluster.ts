@@ -242,6 +242,17 @@ export class Cluster {
     return true;
   }
 
+  /** SIGKILL alone: the process dies, what it wrote stays (in the page cache), unsynced. */
+  kill(name: NodeName): void {
+    const node = this.nodes[name];
+    if (!node.proc) return;
+    node.proc.owner.alive = false;
+    this.net.killHost(node.proc.owner);
+    node.proc = null;
+    node.disk.kill();
+    this.note(`${name}: KILLED (no power cut)`);
+  }
+
   /** SIGKILL and a power cut: the process dies, unsynced data may be lost or torn. */
   crash(name: NodeName, policy: 'random' | 'lose-unsynced' = 'random'): void {
     const node = this.nodes[name];

@@ -203,6 +203,11 @@ export class SimDisk {
     }
   }
 
+  /** SIGKILL: the process's handles die; what it wrote stays as it is (unsynced: in the page cache). */
+  kill(): void {
+    this.incarnation++;
+  }
+
   /**
    * Power cut: every live handle dies; each file keeps its durable bytes plus
    * a random prefix of its pending operations (the last kept one maybe torn);

@@ -84,12 +84,19 @@ export class JournalWriter {
     this.syncedEnd = size;
   }
 
-  /** Open (creating if needed) for appending at `validEnd` (default: the file's size; the tail beyond is cut). */
+  /**
+   * Open (creating if needed) for appending at `validEnd` (default: the file's size; the tail beyond is
+   * cut). What the file holds is made durable first: a process killed before its fdatasync (SIGKILL,
+   * not a power cut) leaves its last records in the page cache, where the next process reads them and
+   * acts on them (a fold record: it wrote to the next overlay, and a FLUSH there was lost with the
+   * record at the next power cut). And this writer counts them as synced.
+   */
   static open(storage: Storage, path: string, validEnd?: number): JournalWriter {
     const file = storage.open(path);
     const size = file.size();
     const end = validEnd ?? size;
     if (end < size) file.truncate(end);
+    if (end > 0) file.datasyncSync();
     return new JournalWriter(file, end);
   }
 

@@ -349,6 +349,9 @@ export class SecondaryStore {
       this.log('the metadata index was missing or stale: rebuilt it from the journals');
     }
     await this.rewriteIndex();
+    // The journals read above were made durable as they were opened (JournalWriter.open); their
+    // names too: a killed process may have created one it never synced into its directory.
+    for (const d of [this.state.root, this.state.epochsDir, this.state.overlayDir]) this.storage.syncDir(d);
     if (this.opts.discardData && !this.promoted) {
       // Durably, before anything else: a restart without the flag must not adopt that history again.
       const at = this.clock.now();
