@@ -501,4 +501,39 @@ describe('a full state directory, then space freed', () => {
       const d = await c.read('b');
       expect(d!.subarray(512 * KiB, 520 * KiB).equals(Buffer.alloc(8 * KiB, 0x62))).toBe(true);
     }));
+
+  it('a commit under way when a resync begins is not reported done: the secondary then holds a later state, not that checkpoint', () =>
+    SimWorld.track(async () => {
+      const { c } = await pair(25, { tunables: { resendMemoryBytes: 0 } });
+      const p = c.nodes.a.primary!;
+      expect(await write(c, 'a', 0, 16 * KiB, 0x71)).toBe(true);
+      const sealed = await c.world.await(p.seal(2000), 5000);
+      expect(sealed?.ok).toBe(true);
+      const epoch = sealed!.ok ? sealed!.value.epoch : 0;
+      // Durable on the secondary (not asked through /durable: the commit flushes this image itself).
+      expect(await c.world.runUntil(() => p.status().link.durableEpoch >= epoch, 5000)).toBe(true);
+      // The commit first flushes the primary's image, slowly. Meanwhile the primary cannot write its
+      // epoch log (a full disk): the secondary is out of sync, and the next connection resyncs it,
+      // renumbering its epochs past this one.
+      const disk = c.nodes.a.disk;
+      disk.slowSyncs = [3000, 3000];
+      disk.slowOnly = 'disk.img';
+      const commit = p.commit(epoch, 8000);
+      commit.catch(() => {});
+      disk.faults = (path) => {
+        if (path.includes('/epochs'))
+          throw new ColoError('ENOSPC', `${path}: no space left on device (simulated)`);
+      };
+      await write(c, 'a', 64 * KiB, 16 * KiB, 0x72);
+      disk.faults = null;
+      expect(p.status().outOfSync).not.toBeNull();
+      const r = await c.world.await(commit, 10_000);
+      // The old code answered done: the resync's renumbered epochs looked like "committed through N".
+      expect(r?.ok).toBe(false);
+      expect(r && !r.ok && r.error.message).toMatch(/resynchronised/);
+      disk.slowSyncs = null;
+      disk.slowOnly = null;
+      expect(await waitProtected(c, 'a')).toBe(true);
+      await checkpointEqual(c, 'a', 'b');
+    }));
 });

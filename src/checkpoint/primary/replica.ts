@@ -498,6 +498,14 @@ export class PrimaryReplica {
     await this.flushLocal(epoch); // done already when /durable was asked first
     const t = this.clock.mono();
     const r = await this.link.commit(epoch, timeoutMs);
+    // A resync that began while the commit was under way renumbered the secondary's epochs: its answer
+    // ("committed through N or later") is then the resync's state, not checkpoint N.
+    if (at !== undefined && at !== this.resyncs)
+      throw new ColoError(
+        'EIO',
+        `epoch ${epoch} is no checkpoint: the secondary was resynchronised while its commit was under way and ` +
+          `holds a later state; start a new checkpoint`,
+      );
     // Regions written in epochs up to N are on the (synchronised) secondary now. They
     // cool a few epochs late, and only past a working set, which stays hot and costs no syncs.
     if (this.peerState === 'protected')
