@@ -57,7 +57,13 @@ export class CommitJournal {
     private writer: JournalWriter,
     private readonly storage: Storage,
     private readonly path: string,
+    /** Records in the journal: replayed at open, and made durable since (0: nothing ever happened here). */
+    private recordCount: number,
   ) {}
+
+  get records(): number {
+    return this.recordCount;
+  }
 
   /** Open (or create) the journal and replay it. */
   static open(
@@ -108,7 +114,11 @@ export class CommitJournal {
       });
     state.overlayId = Math.max(state.overlayId, 1);
     const end = scan && !scan.corruption ? scan.validEnd : scan ? undefined : 0;
-    return { journal: new CommitJournal(JournalWriter.open(storage, path, end), storage, path), state, scan };
+    return {
+      journal: new CommitJournal(JournalWriter.open(storage, path, end), storage, path, state.records),
+      state,
+      scan,
+    };
   }
 
   /**
@@ -137,6 +147,7 @@ export class CommitJournal {
     try {
       this.writer.append(rec);
       await this.writer.sync();
+      this.recordCount++;
     } catch (err) {
       this.cutBackTo = before;
       this.writer.abandon();

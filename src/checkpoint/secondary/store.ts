@@ -144,9 +144,13 @@ export class SecondaryStore {
   /**
    * A new node: it never received anything (commits.journal holds no record)
    * nor served as a primary (no history). Its image is no copy of the pair's
-   * disk until its first resync, which starts with a rebase record.
+   * disk until its first resync, which starts with a rebase record. Only a
+   * store opened with its node's history can tell (`recover` and unit tests
+   * open one without).
    */
-  fresh = false;
+  get fresh(): boolean {
+    return this.commits.records === 0 && this.opts.history !== undefined && !this.opts.history.last;
+  }
   /** Overlays folded on a promoted node, oldest first, until applied to the image. */
   private folded: Layer[] = [];
   private folding: Promise<void> | null = null;
@@ -250,9 +254,6 @@ export class SecondaryStore {
     this.lastCommitted = found.lastCommitted;
     this.overlayId = found.overlayId;
     this.syncing = found.syncing;
-    // A node that served as a primary has a history: its image is its own disk, not nothing. Only a
-    // store opened with its node's history can tell (`recover` and unit tests open one without).
-    this.fresh = found.records === 0 && this.opts.history !== undefined && !this.opts.history.last;
     if (found.promote) {
       this.generation = found.promote.gen;
       this.promoted = { generation: found.promote.gen, at: found.promote.at, reason: found.promote.reason };
@@ -357,7 +358,6 @@ export class SecondaryStore {
       const at = this.clock.now();
       await this.commits.record({ t: 'forget', at });
       this.syncing = { target: '', mode: 'full', since: at };
-      this.fresh = false;
     }
     this.kickApply();
   }
@@ -607,7 +607,6 @@ export class SecondaryStore {
     crashPoint('secondary-before-commit-record');
     await this.commits.record({ t: 'commit', e: n, overlay: nextOverlay, at: now, sync });
     crashPoint('secondary-after-commit-record');
-    this.fresh = false;
     if (sync?.state === 'partial') {
       this.syncing ??= { target: sync.target, mode: sync.mode, since: now };
       crashPoint('secondary-after-partial-sync-commit');
@@ -709,7 +708,6 @@ export class SecondaryStore {
     const now = this.clock.now();
     await this.commits.record({ t: 'rebase', e: base, at: now, sync });
     crashPoint('secondary-after-rebase');
-    this.fresh = false;
     this.syncing = { target: sync.target, mode: sync.mode, since: this.syncing?.since ?? now };
     this.lastCommitted = base;
     this.lastApplied = base;
@@ -950,11 +948,12 @@ export class SecondaryStore {
           committed: this.lastCommitted,
         };
         if (forced) r.forced = true;
+        const was = this.fresh ? 'a new node' : `part-way through a ${this.syncing?.mode ?? ''} resync`;
         await this.commits.record(r);
         rec = this.promoteRecorded = r;
         if (forced)
           this.log(
-            `FORCED: promoted from a disk that held no complete checkpoint (${this.fresh ? 'a new node' : `part-way through a ${this.syncing?.mode ?? ''} resync`}); a node that rejoins is resynchronised in full`,
+            `FORCED: promoted from a disk that held no complete checkpoint (${was}); a node that rejoins is resynchronised in full`,
           );
       } catch (err) {
         // No promote record: nothing happened, and the old primary's commits may land again.
@@ -965,11 +964,8 @@ export class SecondaryStore {
     // The record is durable: this node is promoted. If what follows fails (history.json on a full
     // disk), a retried promotion finishes it from here, as a restart would (open()).
     const { gen: generation, at } = rec;
-    if (rec.forced) {
-      // As a restart would read the record: the resync is over, the disk is this node's own.
-      this.syncing = null;
-      this.fresh = false;
-    }
+    // As a restart would read a forced one's record: the resync is over, the disk is this node's own.
+    if (rec.forced) this.syncing = null;
     this.catchUpHistory();
     crashPoint('secondary-after-promote-record');
     const droppedEpochs = this.dropEpochs('keep-committed', 'later').dropped;
