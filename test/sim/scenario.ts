@@ -20,8 +20,6 @@ import { Cluster, DISK, other, REPL_PORT, SECTOR, type NodeName, type SimOptions
 import { defaultSimOptions } from './cluster.js';
 import { SimWorld } from './world.js';
 import { ColoError } from '../../src/errors.js';
-import type { BlockDevice } from '../../src/block/device.js';
-import { ReplicatingDevice } from '../../src/checkpoint/primary/replicating-device.js';
 
 export class Violation extends Error {
   constructor(message: string) {
@@ -539,11 +537,10 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     const faults = vm === 'pvm' && diskFaults && node.proc?.kind === 'primary' && rng.chance(0.3);
     if (faults) node.proc!.image.failRate = 0.2;
     const overlap = rng.chance(0.25);
-    // A primary runs overlapping mutations in arrival order (so its log has their order); a
-    // promoted node's own disk, like any disk, need not (NBD leaves their order open).
-    const ordered =
-      node.proc?.kind === 'primary' ||
-      (dev as unknown as { current?: BlockDevice }).current instanceof ReplicatingDevice;
+    // A primary runs overlapping mutations in arrival order (so its log has their order), and so does a
+    // promoted node that re-protects (its export swapped to a primary's device before `primary` is set);
+    // a promoted node's own disk, like any disk, need not (NBD leaves their order open).
+    const ordered = node.primary !== null;
     const base = Math.min(DISK - 64 * 1024, rng.int(4) * (DISK / 4) + rng.int(DISK / 4 / 4096) * 4096);
     const used: [number, number][] = [];
     const ops: { offset: number; length: number; data: Buffer | null; fua: boolean; p: Promise<void> }[] = [];
