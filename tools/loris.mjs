@@ -8,7 +8,8 @@
 //   node tools/loris.mjs --port 10809 --count 10000 --from 127.0.0.2 --mode slow --json
 //
 // Prints progress once a second, a "ready" line once every connection has
-// been tried, and a final summary on SIGTERM/SIGINT or after --duration.
+// been tried and answered (greeted or closed; at most --settle-ms), and a
+// final summary on SIGTERM/SIGINT or after --duration.
 // Counts: opened (TCP connected), greeted (got the NBD greeting), refused
 // (closed by the server before a greeting), dropped (closed after one),
 // failed (could not connect).
@@ -25,6 +26,7 @@ const { values: o } = parseArgs({
     'drip-ms': { type: 'string', default: '1000' },
     batch: { type: 'string', default: '500' },
     duration: { type: 'string', default: '0' },
+    'settle-ms': { type: 'string', default: '30000' },
     json: { type: 'boolean', default: false },
   },
 });
@@ -38,11 +40,13 @@ const count = Number(o.count);
 const dripMs = Number(o['drip-ms']);
 const batch = Number(o.batch);
 const durationMs = Number(o.duration);
+const settleMs = Number(o['settle-ms']);
 if (!(port > 0 && port < 65536)) fail('--port is required (the NBD server port)');
 if (!(count > 0 && count <= 60000)) fail('--count must be 1..60000');
 if (!['idle', 'slow'].includes(o.mode)) fail("--mode must be 'idle' or 'slow'");
 if (!(dripMs >= 10)) fail('--drip-ms must be at least 10');
 if (!(batch > 0)) fail('--batch must be positive');
+if (!(settleMs >= 0)) fail('--settle-ms must be 0 or more');
 
 // What a slowloris drips: the client flags, then a GO option for "disk0" (never completed in time).
 const DRIP = Buffer.concat([
@@ -91,6 +95,7 @@ function one() {
       got += d.length;
       if (before < GREETING && got >= GREETING) {
         c.greeted++;
+        s.greeted = true;
         if (o.mode === 'slow') s.drip = true;
       }
     });
@@ -135,7 +140,23 @@ for (let i = 0; i < count && !stopping; i += batch) {
   const n = Math.min(batch, count - i);
   await Promise.all(Array.from({ length: n }, one));
 }
-// Let the server's refusals arrive before declaring the flood in place.
-await new Promise((r) => setTimeout(r, 300));
+// The flood is in place once the server has answered every connection it
+// accepted (a greeting, or a close before one) and nothing has changed for
+// 300 ms (its evictions and refusals have arrived); a busy server may take a
+// while to get to the last batches, so wait for that, up to --settle-ms.
+const settleBy = Date.now() + settleMs;
+let last = '';
+let quietSince = Date.now();
+while (Date.now() < settleBy) {
+  await new Promise((r) => setTimeout(r, 50));
+  const now = JSON.stringify(c);
+  if (now !== last) {
+    last = now;
+    quietSince = Date.now();
+  }
+  let waiting = 0;
+  for (const s of sockets) if (!s.greeted) waiting++;
+  if (waiting === 0 && Date.now() - quietSince >= 300) break;
+}
 say('ready');
 if (durationMs > 0) setTimeout(stop, durationMs);
