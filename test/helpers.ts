@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import type { BlockDevice } from '../src/block/device.js';
 import { MemoryDevice } from '../src/block/memory.js';
 import { NbdServer, type ExportConfig, type ServerOptions } from '../src/net/server.js';
+import { nodeStorage, type Storage, type StorageFile } from '../src/sys/storage.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const CLI = path.join(ROOT, 'bin', 'colo-blk.js');
@@ -263,4 +264,37 @@ export function splitPieces(buf: Buffer, rand: () => number): Buffer[] {
     at += n;
   }
   return out;
+}
+
+/**
+ * nodeStorage, but each fdatasync reaches the file `delayMs` (or `delayMs(path)`) after it was
+ * asked for, as on a busy thread pool: one whose file was closed meanwhile
+ * fails with EBADF, as the real call does (or worse: it syncs whatever file
+ * got the descriptor number since). `closedSyncs` counts those.
+ */
+export function slowSyncStorage(delayMs: number | ((path: string) => number)): {
+  storage: Storage;
+  state: { closedSyncs: number };
+} {
+  const state = { closedSyncs: 0 };
+  const storage: Storage = Object.create(nodeStorage) as Storage;
+  storage.open = (p: string): StorageFile => {
+    const f = nodeStorage.open(p);
+    let closed = false;
+    return Object.assign(Object.create(f) as StorageFile, {
+      datasync: async (): Promise<void> => {
+        await new Promise((r) => setTimeout(r, typeof delayMs === 'number' ? delayMs : delayMs(p)));
+        if (closed) {
+          state.closedSyncs++;
+          throw Object.assign(new Error(`EBADF: fdatasync of ${p} after its close`), { code: 'EBADF' });
+        }
+        await f.datasync();
+      },
+      close: (): void => {
+        closed = true;
+        f.close();
+      },
+    });
+  };
+  return { storage, state };
 }

@@ -4,7 +4,7 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { JournalWriter, scanJournal } from '../src/checkpoint/format/journal.js';
 import { epochJournal } from '../src/checkpoint/format/records.js';
-import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
+import { prng, randomBytes, rmDir, slowSyncStorage, tmpDir } from './helpers.js';
 import { nodeStorage, type Storage, type StorageFile } from '../src/sys/storage.js';
 import { encodeFrame } from '../src/checkpoint/format/frame.js';
 import { CommitJournal } from '../src/checkpoint/secondary/commit-journal.js';
@@ -41,6 +41,22 @@ describe('journal', () => {
     j.close();
     expect(seen).toEqual([...Array(50).keys()]);
     expect(r).toMatchObject({ records: 50, tornTail: null, corruption: null, validEnd: fs.statSync(p).size });
+  });
+
+  it('a sync waiting behind another never starts an fdatasync once the journal is closed', async () => {
+    // The second sync waits for the first; the close, meanwhile, closes the descriptor as soon as
+    // the first is done. Before the fix the second then issued its own fdatasync on that
+    // descriptor: EBADF on a busy thread pool (an unhandled rejection in a loaded CI run).
+    const { storage, state } = slowSyncStorage(20);
+    const j = JournalWriter.open(storage, path.join(dir, 'close-race.journal'));
+    j.append({ t: 'a' }, Buffer.alloc(1000, 1));
+    const first = j.sync();
+    j.append({ t: 'b' }, Buffer.alloc(1000, 2));
+    const second = j.sync();
+    j.close();
+    await first; // the sync in flight at the close completes: its caller gets its answer
+    await expect(second).rejects.toMatchObject({ code: 'ESHUTDOWN' });
+    expect(state.closedSyncs).toBe(0);
   });
 
   it('reports a torn tail at every cut point of the last record, and reopening truncates it', () => {

@@ -10,8 +10,9 @@ import { SecondaryStore } from '../src/checkpoint/secondary/store.js';
 import { blockHashes } from '../src/failover/reprotect/hash.js';
 import { HashPool } from '../src/failover/reprotect/hash-pool.js';
 import { deviceSuite } from './device-suite.js';
-import { prng, randomBytes, rmDir, tmpDir } from './helpers.js';
+import { prng, randomBytes, rmDir, slowSyncStorage, tmpDir } from './helpers.js';
 import { nodeStorage } from '../src/sys/storage.js';
+import { StateDir } from '../src/checkpoint/state-dir.js';
 
 const root = tmpDir();
 afterAll(() => rmDir(root));
@@ -141,6 +142,29 @@ describe('SecondaryStore', () => {
     await dev.pread(img, 0);
     expect(img.equals(want)).toBe(true);
     expect(store.pendingEpochs()).toEqual([]);
+    await store.close();
+    await dev.close();
+  });
+
+  it("an SVM write with FUA waiting for its overlay's sync when a commit discards that overlay is answered, not failed", async () => {
+    // The second FUA write waits behind the first one's slow fdatasync; the commit closes the
+    // overlay meanwhile. Before the fix the second one then synced a closed descriptor: EBADF
+    // to the SVM (an unhandled rejection in the power-loss test on a loaded machine).
+    const { storage, state } = slowSyncStorage((p) => (p.includes('overlay') ? 50 : 1));
+    const dir = path.join(root, `s${n++}`);
+    const dev = await FileDevice.open(dir + '.img', { size: SIZE });
+    const store = await SecondaryStore.open(new StateDir(dir, storage), dev);
+    const pvm = Buffer.alloc(4096, 0xaa);
+    feed(store, { t: 'w', e: 1, s: 1, o: 0 }, pvm);
+    await store.seal({ t: 'seal', e: 1, n: 1, b: 4096 });
+    const first = store.svmDevice.pwrite(Buffer.alloc(4096, 0x11), 8192, { fua: true });
+    const second = store.svmDevice.pwrite(Buffer.alloc(4096, 0x22), 16384, { fua: true });
+    await store.commit(1);
+    await Promise.all([first, second]);
+    expect(state.closedSyncs).toBe(0);
+    // The checkpoint replaced what the SVM wrote.
+    expect((await readSvm(store, 0, 4096)).equals(pvm)).toBe(true);
+    expect((await readSvm(store, 16384, 4096)).equals(Buffer.alloc(4096))).toBe(true);
     await store.close();
     await dev.close();
   });

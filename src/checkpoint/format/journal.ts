@@ -212,6 +212,14 @@ export class JournalWriter {
         await this.syncing;
         continue;
       }
+      // Closed meanwhile (its layer discarded, applied, or the store closing): the descriptor is
+      // closed, or is being closed by the sync just awaited, so an fdatasync would fail (EBADF) or
+      // sync whatever file has been given that number since. Whoever closed it knows what that means.
+      if (this.closedFd)
+        throw new ColoError(
+          'ESHUTDOWN',
+          `journal ${this.path} was closed before its last appends were synced`,
+        );
       // Appends made while this caller waited are written out first: a sync
       // only ever claims bytes that were written before it started.
       this.flush();

@@ -129,22 +129,28 @@ export class SvmDevice implements BlockDevice {
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 'w', e: 0, s: ++this.seq, o: offset }, buf);
     this.store.maybeFold();
-    if (opts.fua) await overlay.sync();
+    if (opts.fua) await this.syncLayer(overlay);
   }
 
   async flush(): Promise<void> {
     // On a promoted node, writes acknowledged before a fold sit in folded overlays until the
-    // apply has flushed the image: those must be durable too. A layer applied (and closed) in
-    // the meantime is in the flushed image already, so its sync may fail harmlessly.
-    const folded = this.store.foldedLayers();
-    await Promise.all([
-      this.store.overlayLayer.sync(),
-      ...folded.map((l) =>
-        l.sync().catch((err: Error) => {
-          if (this.store.foldedLayers().includes(l)) throw err;
-        }),
-      ),
-    ]);
+    // apply has flushed the image: those must be durable too.
+    const layers = [this.store.overlayLayer, ...this.store.foldedLayers()];
+    await Promise.all(layers.map((l) => this.syncLayer(l)));
+  }
+
+  /**
+   * Make what `layer` holds durable. A layer the store let go of meanwhile
+   * needs nothing more, and its sync may fail (its journal is closed): an
+   * overlay a commit discarded (the checkpoint replaced what it held), or a
+   * folded overlay applied to the image, which was flushed before it was.
+   */
+  private async syncLayer(layer: Layer): Promise<void> {
+    try {
+      await layer.sync();
+    } catch (err) {
+      if (layer === this.store.overlayLayer || this.store.foldedLayers().includes(layer)) throw err;
+    }
   }
 
   async trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
@@ -155,7 +161,7 @@ export class SvmDevice implements BlockDevice {
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 't', e: 0, s: ++this.seq, o: offset, l: length });
     this.store.maybeFold();
-    if (opts.fua) await overlay.sync();
+    if (opts.fua) await this.syncLayer(overlay);
   }
 
   async zero(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
@@ -166,7 +172,7 @@ export class SvmDevice implements BlockDevice {
     const overlay = this.store.overlayLayer;
     overlay.append({ t: 'z', e: 0, s: ++this.seq, o: offset, l: length, h: opts.mayTrim !== false });
     this.store.maybeFold();
-    if (opts.fua) await overlay.sync();
+    if (opts.fua) await this.syncLayer(overlay);
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
