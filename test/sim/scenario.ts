@@ -216,6 +216,25 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
     throw new Violation(`seed ${seed}: ${msg}`);
   };
 
+  /**
+   * No process used a file after closing it (the OS would answer EBADF, or act on another file),
+   * and no promise of a node was rejected with no one to handle it (Node ends the process).
+   */
+  const checkDescriptors = () => {
+    for (const n of ['a', 'b'] as const) {
+      const m = c.nodes[n].disk.misuse;
+      if (m.length) fail(`${n} used a closed file: ${m.slice(0, 3).join('; ')}`);
+    }
+    if (unhandled.length)
+      fail(
+        `a rejection no one handled (a process would have died): ${unhandled[0].stack ?? unhandled[0].message}`,
+      );
+  };
+  const unhandled: Error[] = [];
+  const onUnhandled = (reason: unknown) =>
+    unhandled.push(reason instanceof Error ? reason : new Error(String(reason)));
+  process.on('unhandledRejection', onUnhandled);
+
   /** Reset a node's expected view to what it reads now (after a restart, a resync, a crash). */
   const resetExpected = async (name: NodeName) => {
     const data = await c.read(name);
@@ -1016,8 +1035,10 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
       await act(action);
       await world.settle();
       await checkPromotions();
+      checkDescriptors();
     }
     await converge();
+    checkDescriptors();
   } catch (err) {
     // Anything else thrown out of a step is as bad: an exception out of a timer, a socket's or a
     // disk's callback ends a real process (or the simulator itself is wrong). Either way: which seed.
@@ -1026,6 +1047,7 @@ async function scenario(seed: number, opts: ScenarioOptions): Promise<ScenarioRe
         ? err.message
         : `seed ${seed}: an exception escaped (a process would have died): ${(err as Error).stack ?? String(err)}`;
   } finally {
+    process.off('unhandledRejection', onUnhandled);
     // Stop every process so nothing of this world runs on.
     for (const n of ['a', 'b'] as const) {
       const proc = c.nodes[n].proc;
