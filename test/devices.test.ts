@@ -304,6 +304,33 @@ describe('FileDevice specifics', () => {
     }
   });
 
+  it('refuses every call once closed (ESHUTDOWN), never reaching the file that got its descriptor since; close waits for calls in the thread pool', async () => {
+    for (const io of ['sync', 'async'] as const) {
+      const devA = await FileDevice.open(path.join(dir, `closed-a-${io}.img`), { size: 1 << 20, io });
+      await devA.pwrite(Buffer.alloc(4096, 0xaa), 0);
+      // Reads asked for before the close are answered from this file.
+      const reads = Array.from({ length: 16 }, () => {
+        const buf = Buffer.alloc(4096);
+        return devA.pread(buf, 0).then(() => buf);
+      });
+      await devA.close();
+      for (const buf of await Promise.all(reads)) expect(buf.equals(Buffer.alloc(4096, 0xaa))).toBe(true);
+      // The next open takes the lowest free descriptors: the ones this device had.
+      const devB = await FileDevice.open(path.join(dir, `closed-b-${io}.img`), { size: 1 << 20, io });
+      await devB.pwrite(Buffer.alloc(4096, 0xbb), 0);
+      const late = Buffer.alloc(4096);
+      await expect(devA.pread(late, 0)).rejects.toMatchObject({ code: 'ESHUTDOWN' });
+      expect(late.equals(Buffer.alloc(4096)), 'a closed device read another file').toBe(true);
+      await expect(devA.pwrite(Buffer.alloc(4096, 0xcc), 0)).rejects.toMatchObject({ code: 'ESHUTDOWN' });
+      await expect(devA.flush()).rejects.toMatchObject({ code: 'ESHUTDOWN' });
+      await expect(devA.extents(0, 4096)).rejects.toMatchObject({ code: 'ESHUTDOWN' });
+      const check = Buffer.alloc(4096);
+      await devB.pread(check, 0);
+      expect(check.equals(Buffer.alloc(4096, 0xbb))).toBe(true);
+      await devB.close();
+    }
+  });
+
   it('keeps data across close and reopen', async () => {
     const p = path.join(dir, 'persist.img');
     const dev = await FileDevice.open(p, { size: 1024 * 1024 });

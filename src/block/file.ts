@@ -95,6 +95,13 @@ export class FileDevice implements BlockDevice {
   /** Writes are done with the caller's buffers when they settle (the I/O trace copies what it keeps). */
   readonly releasesWrites = true;
   private closed = false;
+  /**
+   * Calls on a thread-pool thread that use the descriptors: `close` waits for
+   * them. A descriptor closed under one makes it fail (EBADF), or, once the
+   * number is given to another file, read or write that file.
+   */
+  private inPool = 0;
+  private poolIdle: (() => void) | null = null;
   /** Cleared the first time the filesystem refuses the operation. */
   private canPunch = native !== null;
   private canZeroRange = native !== null;
@@ -233,19 +240,41 @@ export class FileDevice implements BlockDevice {
 
   private checkWritable(): void {
     if (this.readOnly) throw new ColoError('EPERM', `${this.path} is read-only`);
+    this.checkOpen();
+  }
+
+  private checkOpen(): void {
     if (this.closed) throw new ColoError('ESHUTDOWN', `${this.path} is closed`);
+  }
+
+  /** A call goes to the pool: refused once closing, counted until `leavePool`. */
+  private enterPool(): void {
+    this.checkOpen();
+    this.inPool++;
+  }
+
+  private leavePool(): void {
+    if (--this.inPool === 0 && this.poolIdle) {
+      this.poolIdle();
+      this.poolIdle = null;
+    }
   }
 
   async pread(buf: Buffer, offset: number): Promise<void> {
     if (this.preadNow(buf, offset)) return;
     assertRange(this, offset, buf.length);
-    for (let done = 0; done < buf.length;) {
-      const n = await readAsync(this.fd, buf, done, buf.length - done, offset + done);
-      if (n === 0) {
-        buf.fill(0, done); // past the end of a short file
-        return;
+    this.enterPool();
+    try {
+      for (let done = 0; done < buf.length;) {
+        const n = await readAsync(this.fd, buf, done, buf.length - done, offset + done);
+        if (n === 0) {
+          buf.fill(0, done); // past the end of a short file
+          return;
+        }
+        done += n;
       }
-      done += n;
+    } finally {
+      this.leavePool();
     }
   }
 
@@ -253,6 +282,7 @@ export class FileDevice implements BlockDevice {
   preadNow(buf: Buffer, offset: number): boolean {
     if (!this.syncFor(buf.length)) return false;
     assertRange(this, offset, buf.length);
+    this.checkOpen();
     for (let done = 0; done < buf.length;) {
       const n = fs.readSync(this.fd, buf, done, buf.length - done, offset + done);
       if (n === 0) {
@@ -284,15 +314,21 @@ export class FileDevice implements BlockDevice {
     const w = { i: 0, done: 0 };
     if (sync) this.writeRestSync(fd, left, w, offset);
     // A short write leaves `left` starting where it stopped: whole pieces dropped, the next one cut.
-    else
-      while (w.i < left.length)
-        this.wrote(
-          fd,
-          left,
-          w,
-          offset,
-          await writevAsync(fd, w.i === 0 ? left : left.slice(w.i), offset + w.done),
-        );
+    else {
+      this.enterPool();
+      try {
+        while (w.i < left.length)
+          this.wrote(
+            fd,
+            left,
+            w,
+            offset,
+            await writevAsync(fd, w.i === 0 ? left : left.slice(w.i), offset + w.done),
+          );
+      } finally {
+        this.leavePool();
+      }
+    }
     if (timed) this.noteLargeWrite(length, performance.now() - started);
   }
 
@@ -342,8 +378,13 @@ export class FileDevice implements BlockDevice {
 
   async flush(): Promise<void> {
     if (this.readOnly) return;
-    const synced = fdatasyncAsync(this.fd);
-    await (ioTracer?.sync(this.path, synced) ?? synced);
+    this.enterPool();
+    try {
+      const synced = fdatasyncAsync(this.fd);
+      await (ioTracer?.sync(this.path, synced) ?? synced);
+    } finally {
+      this.leavePool();
+    }
   }
 
   async trim(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
@@ -438,11 +479,12 @@ export class FileDevice implements BlockDevice {
     assertRange(this, offset, length);
     this.checkWritable();
     if (!this.canCopyRange || !native) return false;
+    const pooled = native.copyRangeAsync !== undefined && length >= ASYNC_COPY_BYTES;
+    if (pooled) this.enterPool();
     try {
-      const n =
-        native.copyRangeAsync && length >= ASYNC_COPY_BYTES
-          ? await native.copyRangeAsync(srcFd, srcPos, this.fd, offset, length)
-          : native.copyRange(srcFd, srcPos, this.fd, offset, length);
+      const n = pooled
+        ? await native.copyRangeAsync!(srcFd, srcPos, this.fd, offset, length)
+        : native.copyRange(srcFd, srcPos, this.fd, offset, length);
       if (n !== length)
         throw new ColoError('EIO', `copied ${n} of ${length} bytes into ${this.path} at ${offset}`);
       ioTracer?.copied(this.path, this.fd, offset, length);
@@ -454,6 +496,8 @@ export class FileDevice implements BlockDevice {
         return false;
       }
       throw toColoError(err);
+    } finally {
+      if (pooled) this.leavePool();
     }
   }
 
@@ -474,10 +518,13 @@ export class FileDevice implements BlockDevice {
       total += ranges[3 * i + 2];
     }
     let n: number;
+    this.enterPool();
     try {
       n = await native.copyRangesAsync(srcFd, this.fd, ranges, count);
     } catch (err) {
       throw toColoError(err);
+    } finally {
+      this.leavePool();
     }
     if (n !== total) throw new ColoError('EIO', `copied ${n} of ${total} bytes into ${this.path}`);
     if (ioTracer)
@@ -488,6 +535,7 @@ export class FileDevice implements BlockDevice {
 
   async extents(offset: number, length: number): Promise<Extent[]> {
     assertRange(this, offset, length);
+    this.checkOpen();
     const end = offset + length;
     if (!this.canSeek || !native) return [{ offset, length, flags: 0 }];
     const out: Extent[] = [];
@@ -530,9 +578,11 @@ export class FileDevice implements BlockDevice {
     return this.closed ? null : { fd: this.fd, offset };
   }
 
+  /** New calls are refused (ESHUTDOWN); those in the pool finish first; then a last fdatasync. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.inPool > 0) await new Promise<void>((r) => (this.poolIdle = r));
     if (!this.readOnly) {
       const synced = fdatasyncAsync(this.fd);
       await (ioTracer?.sync(this.path, synced) ?? synced).catch(() => {});

@@ -72,11 +72,18 @@ class NodeFile implements StorageFile {
     readonly fd: number,
   ) {}
 
+  /** A call after close would reach whatever file has the descriptor number since (or fail: EBADF). */
+  private checkOpen(): void {
+    if (this.closed) throw new ColoError('ESHUTDOWN', `${this.path} is closed`);
+  }
+
   size(): number {
+    this.checkOpen();
     return fs.fstatSync(this.fd).size;
   }
 
   read(buf: Buffer, pos: number): number {
+    this.checkOpen();
     let done = 0;
     while (done < buf.length) {
       const n = fs.readSync(this.fd, buf, done, buf.length - done, pos + done);
@@ -87,6 +94,7 @@ class NodeFile implements StorageFile {
   }
 
   writev(buffers: readonly Buffer[], pos: number): void {
+    this.checkOpen();
     let total = 0;
     for (const b of buffers) total += b.length;
     let written = fs.writevSync(this.fd, buffers as Buffer[], pos);
@@ -100,11 +108,13 @@ class NodeFile implements StorageFile {
   }
 
   truncate(size: number): void {
+    this.checkOpen();
     fs.ftruncateSync(this.fd, size);
     ioTracer?.truncate(this.path, size);
   }
 
   datasync(): Promise<void> {
+    if (this.closed) return Promise.reject(new ColoError('ESHUTDOWN', `${this.path} is closed`));
     const done = new Promise<void>((resolve, reject) =>
       fs.fdatasync(this.fd, (err) => (err ? reject(toColoError(err)) : resolve())),
     );
@@ -112,6 +122,7 @@ class NodeFile implements StorageFile {
   }
 
   datasyncSync(): void {
+    this.checkOpen();
     fs.fdatasyncSync(this.fd);
   }
 
