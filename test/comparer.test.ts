@@ -190,6 +190,29 @@ describe('comparer', () => {
     expect(client.text).toBe('bye');
   });
 
+  it('a connection the SVM closed before a checkpoint and the PVM did not goes on unprotected: a failover resets it, never sends a FIN', async () => {
+    // The checkpoint gives the SVM the PVM's state, where the connection is open, but its TCP
+    // connection here is closed. Before the fix the session kept it, and a failover handed the
+    // client a clean FIN no side's state had sent: a close-delimited response looks complete.
+    const { cmp, p, s, client, svm } = await setup('colo');
+    client.socket.on('close', () => (closed = true));
+    let closed = false;
+    p.write('partial ');
+    s!.end('partial ');
+    await until(() => client.text === 'partial ');
+    const pos = (sock: net.Socket, written: number) => ({
+      [String(sock.remotePort)]: { consumed: 0, written },
+    });
+    await cmp.drain(pos(p, 8), pos(s!, 8), 1000);
+    cmp.cut(pos(p, 8), pos(s!, 8));
+    expect(cmp.status().unprotectedConnections).toBe(1);
+    p.write('body');
+    await until(() => client.text === 'partial body'); // passed through, unprotected
+    expect(cmp.failover({ host: '127.0.0.1', port: svm.port })).toEqual({ survived: 0, lost: 1 });
+    await until(() => closed);
+    expect(client.ended, 'the client was told the response ended').toBe(false);
+  });
+
   it('a FIN against more bytes is a mismatch', async () => {
     const { p, s, requests } = await setup('colo');
     p.end('ab');

@@ -152,7 +152,7 @@ export function coloStatusText(s: any): string {
         .join(', ') || 'none'
     }`,
     `pause         p50 ${s.pauseMs.p50 ?? '-'} ms, p99 ${s.pauseMs.p99 ?? '-'} ms; sent ${formatBytes(s.memoryBytes)} of memory, ${formatBytes(s.diskBytes)} of disk`,
-    `connections   ${c.connections} open (${c.connectionsOpened} in all, ${c.connectionsLost} lost); ${formatBytes(c.heldBytes)} held, ${formatBytes(c.unmatchedSvmBytes)} SVM unmatched, ${c.divergedConnections} diverged`,
+    `connections   ${c.connections} open (${c.connectionsOpened} in all, ${c.connectionsLost} lost); ${formatBytes(c.heldBytes)} held, ${formatBytes(c.unmatchedSvmBytes)} SVM unmatched, ${c.divergedConnections} diverged, ${c.unprotectedConnections} unprotected`,
     `released      ${formatBytes(c.bytesReleased)} of ${formatBytes(c.bytesIn)} in`,
   ];
   if (s.lastCheckpoint) lines.push(`last          ${checkpointLine(s.lastCheckpoint)}`);

@@ -156,6 +156,10 @@ export class Comparer implements SessionHost {
     this.stats.bytesReleased += bytes;
   }
 
+  unprotected(s: Session, why: string): void {
+    this.opts.logger.warn(`connection ${s.id} goes on unprotected: ${why}; a failover resets it`);
+  }
+
   private checkTimeouts(): void {
     if (this.mode !== 'colo' || !this.svm) return;
     const now = this.now();
@@ -326,11 +330,13 @@ export class Comparer implements SessionHost {
     let heldPvm = 0;
     let unmatchedSvm = 0;
     let diverged = 0;
+    let unprotected = 0;
     for (const s of this.sessions.values()) {
       const h = s.held();
       heldPvm += h.pvm;
       unmatchedSvm += h.svm;
       if (s.diverged) diverged++;
+      if (this.svm && !s.svm) unprotected++;
     }
     return {
       mode: this.mode,
@@ -343,6 +349,8 @@ export class Comparer implements SessionHost {
       heldBytes: heldPvm,
       unmatchedSvmBytes: unmatchedSvm,
       divergedConnections: diverged,
+      /** Open connections with no SVM connection while an SVM is paired (a failover resets them). */
+      unprotectedConnections: unprotected,
       requests: { ...this.stats.requests },
       lastMismatch: this.stats.lastMismatch,
       sessions: [...this.sessions.values()].slice(0, limit).map((s) => s.info()),

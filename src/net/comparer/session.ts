@@ -69,6 +69,8 @@ export interface SessionHost {
   sessionClosed(s: Session): void;
   dataArrived(): void;
   released(bytes: number): void;
+  /** This session goes on without its SVM connection (why): a failover resets it. */
+  unprotected(s: Session, why: string): void;
 }
 
 export class Side {
@@ -377,6 +379,16 @@ export class Session {
     } else if (this.pvm.failed && !this.pvm.dropped && this.pvm.buf.end === this.released) {
       // The PVM reset this connection (and lives: a dead one fails over instead).
       this.client.resetAndDestroy();
+    } else if (svm?.ended) {
+      // The SVM closed this connection before the pause and the PVM has not: the checkpoint gives
+      // the SVM the PVM's state, where it is open, but its TCP connection here cannot be opened
+      // again. So it goes on unprotected, and a failover resets it. (Kept, it would hand the
+      // client a FIN at a failover that no side's state had sent: a close-delimited response
+      // would look complete.)
+      svm.drop();
+      this.svm = null;
+      out = null;
+      this.host.unprotected(this, 'the SVM closed it before the checkpoint, the PVM did not');
     }
     this.updateFlow();
     this.step();

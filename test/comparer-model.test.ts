@@ -1,0 +1,332 @@
+// The comparer's per-connection state machine (src/net/comparer/session.ts)
+// against a model of what COLO promises a client, over every interleaving
+// fast-check can find: the two VMs' output delivered in any chunks and any
+// order, divergences at any byte, queue bounds that pause a side,
+// checkpoints (some failing before their cut) and a failover at any moment.
+//
+// The sockets here are stand-ins: the property is about the order in which
+// bytes and events reach the session, which real TCP on loopback neither
+// lets a test choose nor repeat; test/comparer.test.ts runs the same code on
+// real sockets for the named cases.
+//
+// What must hold, after every step:
+// - The client has a prefix of the PVM's output (before a failover), and
+//   what it has past the last checkpoint's position is what the SVM wrote
+//   past its own: so after a failover the client's stream goes on as if the
+//   SVM had run all along (its output from that position is what follows).
+// - colo: released is exactly the longest matched prefix (nothing held that
+//   matches); a difference that has arrived asks for a checkpoint.
+// - remus: nothing past the last checkpoint leaves.
+// - A checkpoint's cut releases everything the PVM wrote before its pause.
+// - After a failover, everything the SVM wrote past that point reaches the client.
+import { EventEmitter } from 'node:events';
+import type net from 'node:net';
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import {
+  Session,
+  type CheckpointReason,
+  type Mode,
+  type Positions,
+  type SessionHost,
+} from '../src/net/comparer/session.js';
+
+class FakeSocket extends EventEmitter {
+  destroyed = false;
+  paused = false;
+  ended = false;
+  writableLength = 0;
+  got: Buffer[] = [];
+  remoteAddress = '127.0.0.1';
+  remotePort = 40000;
+  constructor(readonly localPort: number) {
+    super();
+  }
+  write(d: Buffer): boolean {
+    if (this.ended) throw new Error('write after end');
+    this.got.push(Buffer.from(d));
+    return true;
+  }
+  end(): void {
+    this.ended = true;
+  }
+  destroy(): void {
+    this.destroyed = true;
+  }
+  resetAndDestroy(): void {
+    this.destroyed = true;
+  }
+  pause(): void {
+    this.paused = true;
+  }
+  resume(): void {
+    this.paused = false;
+  }
+  received(): Buffer {
+    return Buffer.concat(this.got);
+  }
+}
+
+type Side = 'p' | 's';
+type Action =
+  | { t: 'emit'; side: Side; n: number; flip: boolean }
+  | { t: 'deliver'; side: Side; n: number }
+  | { t: 'fin'; side: Side }
+  | { t: 'checkpoint'; fails: boolean; chunks: number }
+  | { t: 'failover' };
+
+const sideArb = fc.constantFrom<Side>('p', 's');
+const action: fc.Arbitrary<Action> = fc.oneof(
+  {
+    weight: 6,
+    arbitrary: fc.record({
+      t: fc.constant('emit' as const),
+      side: sideArb,
+      n: fc.integer({ min: 1, max: 40 }),
+      flip: fc.boolean(),
+    }),
+  },
+  {
+    weight: 6,
+    arbitrary: fc.record({
+      t: fc.constant('deliver' as const),
+      side: sideArb,
+      n: fc.integer({ min: 1, max: 50 }),
+    }),
+  },
+  { weight: 1, arbitrary: fc.record({ t: fc.constant('fin' as const), side: sideArb }) },
+  {
+    weight: 1,
+    arbitrary: fc.record({
+      t: fc.constant('checkpoint' as const),
+      fails: fc.boolean(),
+      chunks: fc.integer({ min: 1, max: 3 }),
+    }),
+  },
+  { weight: 1, arbitrary: fc.constant({ t: 'failover' as const }) },
+);
+
+/** One run: a session, two scripted VMs and the model, driven by `actions`. */
+function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[], seed: number): void {
+  const requests: CheckpointReason[] = [];
+  /** The session went on without its SVM connection (the SVM closed it, the PVM had not, at a cut). */
+  let unprotected = false;
+  const host: SessionHost = {
+    mode,
+    standby: false,
+    draining: false,
+    limits: { queueBytes, clientHighWater: 1 << 30, keepBytes: 1 << 20 },
+    now: () => 0,
+    requestCheckpoint: (r) => requests.push(r),
+    sideEvent: () => {},
+    sessionClosed: () => {},
+    dataArrived: () => {},
+    released: () => {},
+    unprotected: () => (unprotected = true),
+  };
+  const client = new FakeSocket(1);
+  const socks: Record<Side, FakeSocket> = { p: new FakeSocket(1001), s: new FakeSocket(2001) };
+  const session = new Session(
+    1,
+    client as unknown as net.Socket,
+    socks.p as unknown as net.Socket,
+    socks.s as unknown as net.Socket,
+    host,
+  );
+  // The program both VMs run since the last checkpoint: each emits its bytes in order; the SVM
+  // differs where a byte of its copy was flipped (nondeterminism).
+  let rnd = seed >>> 0 || 1;
+  const next = () => ((rnd = (Math.imul(rnd, 1103515245) + 12345) >>> 0) >>> 16) & 0xff;
+  let script: number[] = [];
+  const out: Record<Side, number[]> = { p: [], s: [] }; // everything each VM wrote
+  const at: Record<Side, number> = { p: 0, s: 0 }; // position of each in this epoch's script
+  const delivered: Record<Side, number> = { p: 0, s: 0 };
+  // FIN: written (the VM closed its end), and delivered (after every byte).
+  const fin: Record<Side, boolean> = { p: false, s: false };
+  const finDelivered: Record<Side, boolean> = { p: false, s: false };
+  // The model's checkpoint positions: PVM byte pBase + i corresponds to SVM byte sBase + i.
+  let pBase = 0;
+  let sBase = 0;
+  let cutFin = false; // a cut released the PVM's FIN
+  let failedOver = false;
+  let finishedBefore = false; // the connection was over before the failover
+  let flips = 0;
+  const P = out.p;
+  const S = out.s;
+
+  const deliver = (side: Side, n: number, force = false) => {
+    const sock = socks[side];
+    if (sock.destroyed || (sock.paused && !force)) return;
+    const k = Math.min(n, out[side].length - delivered[side]);
+    if (k <= 0) {
+      if (fin[side] && !finDelivered[side]) {
+        finDelivered[side] = true;
+        sock.emit('end');
+      }
+      return;
+    }
+    const chunk = Buffer.from(out[side].slice(delivered[side], delivered[side] + k));
+    delivered[side] += k;
+    sock.emit('data', chunk);
+  };
+  const commonPrefix = () => {
+    let i = 0;
+    while (pBase + i < delivered.p && sBase + i < delivered.s && P[pBase + i] === S[sBase + i]) i++;
+    return i;
+  };
+  const check = (where: string) => {
+    const got = client.received();
+    const ctx =
+      `${where} (mode ${mode}, pBase ${pBase}, sBase ${sBase}, delivered ${delivered.p}/${delivered.s}, ` +
+      `FIN ${finDelivered.p}/${finDelivered.s})`;
+    if (failedOver) {
+      if (finishedBefore) return;
+      if (unprotected) {
+        // Nothing can carry it on: reset, never closed cleanly.
+        expect(
+          client.destroyed && !client.ended,
+          `an unprotected connection survived a failover: ${ctx}`,
+        ).toBe(true);
+        return;
+      }
+      // The PVM's output to the last checkpoint, then the SVM's own from its position there.
+      const want = Buffer.from([...P.slice(0, pBase), ...S.slice(sBase, delivered.s)]);
+      expect(
+        got.equals(want),
+        `after the failover the client's stream is not the SVM's history: ${ctx}`,
+      ).toBe(true);
+      expect(client.ended, `the client's FIN after the failover: ${ctx}`).toBe(finDelivered.s);
+      return;
+    }
+    // A prefix of the PVM's output; past the checkpoint, equal to the SVM's.
+    expect(got.equals(Buffer.from(P.slice(0, got.length))), `not a prefix of the PVM's output: ${ctx}`).toBe(
+      true,
+    );
+    expect(got.length, ctx).toBeGreaterThanOrEqual(pBase);
+    if (unprotected) {
+      // The PVM's output passes through, FIN included.
+      expect(got.length, `unprotected: not passed through: ${ctx}`).toBe(delivered.p);
+      expect(client.ended, `unprotected: the PVM's FIN: ${ctx}`).toBe(finDelivered.p);
+      return;
+    }
+    const past = got.length - pBase;
+    expect(sBase + past, `released PVM bytes the SVM has not written: ${ctx}`).toBeLessThanOrEqual(
+      delivered.s,
+    );
+    expect(
+      Buffer.from(P.slice(pBase, got.length)).equals(Buffer.from(S.slice(sBase, sBase + past))),
+      `released PVM bytes the SVM wrote otherwise: ${ctx}`,
+    ).toBe(true);
+    if (mode === 'remus') {
+      expect(got.length, `remus released past the checkpoint: ${ctx}`).toBe(pBase);
+      expect(client.ended, `the client's FIN: ${ctx}`).toBe(cutFin);
+      return;
+    }
+    const m = commonPrefix();
+    const pDone = finDelivered.p && pBase + m === P.length;
+    const sDone = finDelivered.s && sBase + m === S.length;
+    expect(got.length, `released is not the matched prefix: ${ctx}`).toBe(pBase + m);
+    const differs =
+      (pBase + m < delivered.p && sBase + m < delivered.s) ||
+      (pDone && sBase + m < delivered.s) ||
+      (sDone && pBase + m < delivered.p);
+    if (differs) expect(requests.length, `a difference asked for no checkpoint: ${ctx}`).toBeGreaterThan(0);
+    expect(client.ended, `the client's FIN: ${ctx}`).toBe(cutFin || (pDone && sDone));
+  };
+
+  for (const a of actions) {
+    switch (a.t) {
+      case 'fin':
+        if (!(failedOver && a.side === 'p')) fin[a.side] = true;
+        break;
+      case 'emit': {
+        if (fin[a.side] || (failedOver && a.side === 'p')) break; // closed, or the PVM is dead
+        for (let i = 0; i < a.n; i++) {
+          while (script.length <= at[a.side]) script.push(next());
+          let b = script[at[a.side]++];
+          if (a.side === 's' && a.flip && !failedOver && i === a.n - 1 && flips < maxFlips) {
+            b ^= 0x5a;
+            flips++;
+          }
+          out[a.side].push(b);
+        }
+        break;
+      }
+      case 'deliver':
+        deliver(a.side, a.n);
+        break;
+      case 'checkpoint': {
+        if (failedOver) break;
+        // Pause: the positions each VM reports; drain: everything they wrote arrives, in pieces.
+        const pos = (port: number, written: number): Positions => ({
+          [String(port)]: { consumed: 0, written },
+        });
+        const wp = P.length;
+        const ws = S.length;
+        host.draining = true;
+        session.updateFlow();
+        for (let c = a.chunks; c > 0; c--) {
+          deliver('s', Math.ceil((ws - delivered.s) / c), true);
+          deliver('p', Math.ceil((wp - delivered.p) / c), true);
+        }
+        deliver('s', 0, true); // and each FIN written before the pause
+        deliver('p', 0, true);
+        if (a.fails) {
+          // A phase failed before the cut: nothing more is released, both run on.
+          host.draining = false;
+          session.updateFlow();
+          break;
+        }
+        session.cut(pos(socks.p.localPort, wp), pos(socks.s.localPort, ws));
+        host.draining = false;
+        session.updateFlow();
+        requests.length = 0;
+        expect(client.received().length, 'the cut did not release what the PVM wrote before its pause').toBe(
+          wp,
+        );
+        if (finDelivered.p) cutFin = true;
+        else if (finDelivered.s)
+          expect(unprotected, 'the SVM closed, the PVM did not: unprotected').toBe(true);
+        // The SVM now holds the PVM's state: both run the same program from here.
+        pBase = wp;
+        sBase = ws;
+        script = [];
+        at.p = 0;
+        at.s = 0;
+        fin.s = fin.p; // the SVM's connection state is the PVM's
+        finDelivered.s = finDelivered.p;
+        break;
+      }
+      case 'failover':
+        if (failedOver) break;
+        failedOver = true;
+        finishedBefore = client.ended;
+        session.failover();
+        break;
+    }
+    check(`after ${JSON.stringify(a)}`);
+  }
+  // Everything the survivor wrote arrives: after a failover it all reaches the client.
+  if (failedOver && !finishedBefore && !unprotected) {
+    deliver('s', S.length, true);
+    deliver('s', 0, true);
+    check('at the end');
+    expect(client.received().length).toBe(pBase + (S.length - sBase));
+  }
+}
+
+describe('the comparer session against a model of what a client may see', () => {
+  for (const mode of ['colo', 'remus'] as const)
+    it(`${mode}: any interleaving of output, FINs, divergences, checkpoints and a failover`, () => {
+      fc.assert(
+        fc.property(
+          fc.array(action, { minLength: 1, maxLength: 80 }),
+          fc.constantFrom(16, 64, 1 << 20),
+          fc.integer({ min: 0, max: 3 }),
+          fc.integer(),
+          (actions, queueBytes, maxFlips, seed) => run(mode, queueBytes, maxFlips, actions, seed),
+        ),
+        { numRuns: 3000, seed: 0x5eed + (mode === 'colo' ? 0 : 1) },
+      );
+    });
+});
