@@ -385,9 +385,9 @@ export class Session {
       // again. So it goes on unprotected, and a failover resets it. (Kept, it would hand the
       // client a FIN at a failover that no side's state had sent: a close-delimited response
       // would look complete.)
+      // (Its target still goes to the SVM's load, which aligns what it holds of the connection.)
       svm.drop();
       this.svm = null;
-      out = null;
       this.host.unprotected(this, 'the SVM closed it before the checkpoint, the PVM did not');
     }
     this.updateFlow();
