@@ -111,10 +111,10 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
   const requests: CheckpointReason[] = [];
   /** The session went on without its SVM connection (the SVM closed it, the PVM had not, at a cut). */
   let unprotected = false;
-  const host: SessionHost = {
+  const host = {
     mode,
     standby: false,
-    draining: false,
+    draining: false as boolean,
     limits: { queueBytes, clientHighWater: 1 << 30, keepBytes: 1 << 20 },
     now: () => 0,
     requestCheckpoint: (r) => requests.push(r),
@@ -123,7 +123,7 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
     dataArrived: () => {},
     released: () => {},
     unprotected: () => (unprotected = true),
-  };
+  } satisfies SessionHost;
   const client = new FakeSocket(1);
   const socks: Record<Side, FakeSocket> = { p: new FakeSocket(1001), s: new FakeSocket(2001) };
   const session = new Session(
