@@ -73,6 +73,9 @@ type Action =
   | { t: 'deliver'; side: Side; n: number }
   | { t: 'fin'; side: Side }
   | { t: 'checkpoint'; fails: boolean; chunks: number }
+  | { t: 'input'; n: number }
+  | { t: 'consume'; n: number }
+  | { t: 'pair'; fails: boolean }
   | { t: 'failover' };
 
 const sideArb = fc.constantFrom<Side>('p', 's');
@@ -104,18 +107,43 @@ const action: fc.Arbitrary<Action> = fc.oneof(
     }),
   },
   { weight: 1, arbitrary: fc.constant({ t: 'failover' as const }) },
+  {
+    weight: 2,
+    arbitrary: fc.record({ t: fc.constant('input' as const), n: fc.integer({ min: 1, max: 30 }) }),
+  },
+  {
+    weight: 2,
+    arbitrary: fc.record({ t: fc.constant('consume' as const), n: fc.integer({ min: 1, max: 30 }) }),
+  },
+  { weight: 1, arbitrary: fc.record({ t: fc.constant('pair' as const), fails: fc.boolean() }) },
 );
 
+interface RunOptions {
+  mode: Mode;
+  queueBytes: number;
+  /** Client input kept for a later pairing. */
+  keepBytes: number;
+  /** Divergent bytes the SVM may write. */
+  maxFlips: number;
+  /** The session starts with an SVM connection (else it is paired by a 'pair' step). */
+  paired: boolean;
+  seed: number;
+}
+
 /** One run: a session, two scripted VMs and the model, driven by `actions`. */
-function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[], seed: number): void {
+function run(o: RunOptions, actions: Action[]): void {
+  const { mode, queueBytes, keepBytes, maxFlips, seed } = o;
   const requests: CheckpointReason[] = [];
-  /** The session went on without its SVM connection (the SVM closed it, the PVM had not, at a cut). */
-  let unprotected = false;
+  /**
+   * The session has no SVM connection: never paired, or it went on without it (the SVM closed it
+   * and the PVM had not, at a cut; a pairing that failed).
+   */
+  let unprotected = !o.paired;
   const host = {
     mode,
     standby: false,
     draining: false as boolean,
-    limits: { queueBytes, clientHighWater: 1 << 30, keepBytes: 1 << 20 },
+    limits: { queueBytes, clientHighWater: 1 << 30, keepBytes },
     now: () => 0,
     requestCheckpoint: (r) => requests.push(r),
     sideEvent: () => {},
@@ -126,13 +154,21 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
   } satisfies SessionHost;
   const client = new FakeSocket(1);
   const socks: Record<Side, FakeSocket> = { p: new FakeSocket(1001), s: new FakeSocket(2001) };
+  if (!o.paired) socks.s.destroyed = true; // none yet
   const session = new Session(
     1,
     client as unknown as net.Socket,
     socks.p as unknown as net.Socket,
-    socks.s as unknown as net.Socket,
+    o.paired ? (socks.s as unknown as net.Socket) : null,
     host,
   );
+  // The client's input: all of it goes to the PVM; the SVM's connection gets it from where the
+  // PVM stood (consumed) when it was paired. The session keeps it from the last cut's position,
+  // at most keepBytes.
+  const input: number[] = [];
+  let pConsumed = 0;
+  let svmInputFrom = 0;
+  let keptStart = 0;
   // The program both VMs run since the last checkpoint: each emits its bytes in order; the SVM
   // differs where a byte of its copy was flipped (nondeterminism).
   let rnd = seed >>> 0 || 1;
@@ -152,7 +188,6 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
   let finishedBefore = false; // the connection was over before the failover
   let flips = 0;
   const P = out.p;
-  const S = out.s;
 
   const deliver = (side: Side, n: number, force = false) => {
     const sock = socks[side];
@@ -171,11 +206,18 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
   };
   const commonPrefix = () => {
     let i = 0;
-    while (pBase + i < delivered.p && sBase + i < delivered.s && P[pBase + i] === S[sBase + i]) i++;
+    while (pBase + i < delivered.p && sBase + i < delivered.s && P[pBase + i] === out.s[sBase + i]) i++;
     return i;
   };
   const check = (where: string) => {
     const got = client.received();
+    if (!socks.p.destroyed)
+      expect(socks.p.received().equals(Buffer.from(input)), `the PVM's input: ${where}`).toBe(true);
+    if (!socks.s.destroyed)
+      expect(
+        socks.s.received().equals(Buffer.from(input.slice(svmInputFrom))),
+        `the SVM's input from ${svmInputFrom}: ${where}`,
+      ).toBe(true);
     const ctx =
       `${where} (mode ${mode}, pBase ${pBase}, sBase ${sBase}, delivered ${delivered.p}/${delivered.s}, ` +
       `FIN ${finDelivered.p}/${finDelivered.s})`;
@@ -190,7 +232,7 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
         return;
       }
       // The PVM's output to the last checkpoint, then the SVM's own from its position there.
-      const want = Buffer.from([...P.slice(0, pBase), ...S.slice(sBase, delivered.s)]);
+      const want = Buffer.from([...P.slice(0, pBase), ...out.s.slice(sBase, delivered.s)]);
       expect(
         got.equals(want),
         `after the failover the client's stream is not the SVM's history: ${ctx}`,
@@ -214,7 +256,7 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
       delivered.s,
     );
     expect(
-      Buffer.from(P.slice(pBase, got.length)).equals(Buffer.from(S.slice(sBase, sBase + past))),
+      Buffer.from(P.slice(pBase, got.length)).equals(Buffer.from(out.s.slice(sBase, sBase + past))),
       `released PVM bytes the SVM wrote otherwise: ${ctx}`,
     ).toBe(true);
     if (mode === 'remus') {
@@ -224,7 +266,7 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
     }
     const m = commonPrefix();
     const pDone = finDelivered.p && pBase + m === P.length;
-    const sDone = finDelivered.s && sBase + m === S.length;
+    const sDone = finDelivered.s && sBase + m === out.s.length;
     expect(got.length, `released is not the matched prefix: ${ctx}`).toBe(pBase + m);
     const differs =
       (pBase + m < delivered.p && sBase + m < delivered.s) ||
@@ -258,11 +300,11 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
       case 'checkpoint': {
         if (failedOver) break;
         // Pause: the positions each VM reports; drain: everything they wrote arrives, in pieces.
-        const pos = (port: number, written: number): Positions => ({
-          [String(port)]: { consumed: 0, written },
+        const pos = (port: number, written: number, consumed = 0): Positions => ({
+          [String(port)]: { consumed, written },
         });
         const wp = P.length;
-        const ws = S.length;
+        const ws = out.s.length;
         host.draining = true;
         session.updateFlow();
         for (let c = a.chunks; c > 0; c--) {
@@ -277,7 +319,8 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
           session.updateFlow();
           break;
         }
-        session.cut(pos(socks.p.localPort, wp), pos(socks.s.localPort, ws));
+        session.cut(pos(socks.p.localPort, wp, pConsumed), pos(socks.s.localPort, ws));
+        keptStart = Math.max(keptStart, Math.min(pConsumed, input.length));
         host.draining = false;
         session.updateFlow();
         requests.length = 0;
@@ -297,6 +340,60 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
         finDelivered.s = finDelivered.p;
         break;
       }
+      case 'input': {
+        const bytes = Array.from({ length: a.n }, next);
+        input.push(...bytes);
+        keptStart = Math.max(keptStart, input.length - keepBytes);
+        client.emit('data', Buffer.from(bytes));
+        break;
+      }
+      case 'consume':
+        pConsumed = Math.min(input.length, pConsumed + a.n);
+        break;
+      case 'pair': {
+        // A pairing checkpoint: both paused; the new SVM connection joins this session from the
+        // PVM's position in the input (if that input is still kept); then the cut.
+        if (failedOver || !unprotected || cutFin || finDelivered.p) break;
+        const wp = P.length;
+        const pvmPos: Positions = { [String(socks.p.localPort)]: { consumed: pConsumed, written: wp } };
+        const fresh = new FakeSocket(socks.s.localPort + 1);
+        const joins = pConsumed >= keptStart && pConsumed <= input.length;
+        expect(session.attach(fresh as unknown as net.Socket, pvmPos), 'attach').toBe(joins);
+        if (!joins) break;
+        socks.s = fresh;
+        svmInputFrom = pConsumed;
+        out.s = [];
+        delivered.s = 0;
+        fin.s = false;
+        finDelivered.s = false;
+        host.draining = true;
+        session.updateFlow();
+        deliver('p', wp, true);
+        deliver('p', 0, true);
+        if (a.fails) {
+          // The pairing failed: the coordinator unprotects again.
+          session.detachSecondary();
+          host.draining = false;
+          session.updateFlow();
+          break;
+        }
+        session.cut(pvmPos, { [String(fresh.localPort)]: { consumed: 0, written: 0 } });
+        host.draining = false;
+        session.updateFlow();
+        requests.length = 0;
+        keptStart = Math.max(keptStart, Math.min(pConsumed, input.length));
+        if (finDelivered.p) {
+          cutFin = true;
+          break; // nothing left to protect: the session drops the SVM's connection
+        }
+        unprotected = false;
+        pBase = wp;
+        sBase = 0;
+        script = [];
+        at.p = 0;
+        at.s = 0;
+        break;
+      }
       case 'failover':
         if (failedOver) break;
         failedOver = true;
@@ -308,23 +405,28 @@ function run(mode: Mode, queueBytes: number, maxFlips: number, actions: Action[]
   }
   // Everything the survivor wrote arrives: after a failover it all reaches the client.
   if (failedOver && !finishedBefore && !unprotected) {
-    deliver('s', S.length, true);
+    deliver('s', out.s.length, true);
     deliver('s', 0, true);
     check('at the end');
-    expect(client.received().length).toBe(pBase + (S.length - sBase));
+    expect(client.received().length).toBe(pBase + (out.s.length - sBase));
   }
 }
 
 describe('the comparer session against a model of what a client may see', () => {
   for (const mode of ['colo', 'remus'] as const)
-    it(`${mode}: any interleaving of output, FINs, divergences, checkpoints and a failover`, () => {
+    it(`${mode}: any interleaving of input, output, FINs, divergences, pairings, checkpoints and a failover`, () => {
       fc.assert(
         fc.property(
           fc.array(action, { minLength: 1, maxLength: 80 }),
-          fc.constantFrom(16, 64, 1 << 20),
-          fc.integer({ min: 0, max: 3 }),
-          fc.integer(),
-          (actions, queueBytes, maxFlips, seed) => run(mode, queueBytes, maxFlips, actions, seed),
+          fc.record({
+            mode: fc.constant(mode),
+            queueBytes: fc.constantFrom(16, 64, 1 << 20),
+            keepBytes: fc.constantFrom(8, 40, 1 << 20),
+            maxFlips: fc.integer({ min: 0, max: 3 }),
+            paired: fc.boolean(),
+            seed: fc.integer(),
+          }),
+          (actions, o) => run(o, actions),
         ),
         { numRuns: 3000, seed: 0x5eed + (mode === 'colo' ? 0 : 1) },
       );
