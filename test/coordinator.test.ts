@@ -250,6 +250,45 @@ describe('coordinator', () => {
     expect(co.pvm.name).toBe('svm');
   });
 
+  it("the primary lost while the SVM's load of the cut is under way: the failover waits for that load and does not load again", async () => {
+    // Found by test/coordinator-model.test.ts: the abort that a failover sends the checkpoint made
+    // it miss the load's answer, so the failover loaded the same state a second time (a guest
+    // refuses that: nothing is received to load, and the failover failed on every retry).
+    const { log, co, disk, pvm, svm } = await setup();
+    disk.on['commit 3'] = never;
+    svm.on['load'] = () => sleep(150);
+    co.request('mismatch');
+    for (let i = 0; !log.includes('svm.load') && i < 100; i++) await sleep(5);
+    pvm.kill();
+    disk.killPrimary();
+    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    expect(co.state).toBe('unprotected');
+    expect(co.failovers[0]).toMatchObject({ committedEpoch: 3, loadedDecided: true });
+    expect(log.filter((l) => l === 'svm.load')).toHaveLength(1);
+    before(log, 'disk.promote 3', 'svm.checkpointed');
+  });
+
+  it('no checkpoint starts between the abort a failover sends and the failover itself', async () => {
+    // Found by test/coordinator-model.test.ts: with requests waiting, the loop that runs checkpoints
+    // started the next one as soon as the failover's abort ended the current one (still
+    // 'protected'): it paused the SVM and had the PVM send its state, racing the aborted one's PVM
+    // resume, before the failover ran.
+    const { log, co, disk, pvm } = await setup();
+    disk.on['commit 3'] = never;
+    co.request('mismatch');
+    for (let i = 0; !log.includes('disk.commit 3') && i < 100; i++) await sleep(5);
+    co.request('mismatch'); // waiting behind the checkpoint under way
+    pvm.kill();
+    disk.killPrimary();
+    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    expect(co.failovers).toHaveLength(1);
+    const between = log.slice(log.indexOf('disk.commit 3'), log.indexOf('disk.promote 3'));
+    expect(
+      between.filter((l) => l.endsWith('.pause')),
+      between.join(', '),
+    ).toEqual([]);
+  });
+
   it('the primary side killed after the cut, its call failing at once: the failure is pinned on it and the SVM takes over', async () => {
     const { log, co, disk, pvm } = await setup();
     // The PVM dies as the cut's calls go out: its call is refused at once (no hang for the heartbeat to

@@ -257,13 +257,14 @@ export class Coordinator extends EventEmitter {
         while (
           this.requested.size > 0 &&
           this.state === 'protected' &&
+          this.losing === 0 &&
           !this.closed &&
           mono() >= this.retryAt
         )
           await this.checkpoint(false, false).catch(() => {});
       } finally {
         this.running = false;
-        if (this.requested.size > 0 && this.state === 'protected') this.kick();
+        if (this.requested.size > 0 && this.state === 'protected' && this.losing === 0) this.kick();
       }
     });
   }
@@ -388,7 +389,9 @@ export class Coordinator extends EventEmitter {
       const pvmNow = !early && !this.opts.verify;
       await this.guard(
         Promise.all([
-          this.svmCall(svm.load(targets)).then(() => (decided.loaded = true)),
+          // Loaded when the SVM answers, not when this transaction sees it: a failover's abort ends
+          // the wait, the load goes on, the failover waits for it (svmCalls) and must not load again.
+          this.svmCall(svm.load(targets).then(() => (decided.loaded = true))),
           this.disk.commit(seal.epoch),
           pvmNow
             ? pvm
@@ -595,10 +598,27 @@ export class Coordinator extends EventEmitter {
   }
 
   /** The primary side is lost: the SVM takes over. */
+  /**
+   * A failover or an unprotect asked for and not yet run: no checkpoint starts meanwhile. (The
+   * checkpoint it aborted leaves its calls in flight, a PVM resume among them, which would land in
+   * the middle of the next one; and that one would start with the aborted one's decision still
+   * standing.)
+   */
+  private losing = 0;
+
   private requestFailover(why: string): void {
     if (this.state === 'failing-over') return;
     this.abortRunning(why);
-    void this.exec(() => this.doFailover(why)).catch(() => {});
+    this.losing++;
+    void this.exec(() => this.doFailover(why))
+      .catch(() => {})
+      .finally(() => this.lossHandled());
+  }
+
+  /** A requested failover or unprotect has run: checkpoints asked for meanwhile may go. */
+  private lossHandled(): void {
+    this.losing--;
+    if (this.losing === 0 && this.requested.size > 0 && this.state === 'protected') this.kick();
   }
 
   private async doFailover(why: string): Promise<void> {
@@ -672,7 +692,10 @@ export class Coordinator extends EventEmitter {
 
   private requestUnprotect(why: string): void {
     this.abortRunning(why);
-    void this.exec(() => this.doUnprotect(why)).catch(() => {});
+    this.losing++;
+    void this.exec(() => this.doUnprotect(why))
+      .catch(() => {})
+      .finally(() => this.lossHandled());
   }
 
   /** The secondary side is lost: the PVM goes on alone, its output passes through. */
