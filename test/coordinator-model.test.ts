@@ -37,6 +37,9 @@ interface Plan {
   victim: Who;
   /** Checkpoints asked for during the run. */
   checkpoints: number;
+  /** colo (the SVM runs in lockstep), or remus (it stays paused), with a PVM that resumes before the send. */
+  mode: 'colo' | 'remus';
+  early: boolean;
 }
 
 class World {
@@ -95,6 +98,8 @@ class FakeVm implements VmHook {
   /** As an SVM: the checkpoint state it last loaded (its base), and what it holds to load. */
   base: number | null = null;
   staged: number | null = null;
+  /** The staged state was taken while its PVM ran (a call of an aborted checkpoint that landed late). */
+  stagedTorn = false;
   constructor(
     readonly name: string,
     private readonly who: Who,
@@ -112,22 +117,40 @@ class FakeVm implements VmHook {
       this.paused = false;
     });
   }
-  sendState(_full: boolean, to: VmHook) {
+  /** The state `capture` took (a PVM that runs again before the send). */
+  captured: number | null = null;
+  capturedTorn = false;
+  sendState(_full: boolean, to: VmHook, captured?: boolean) {
     return this.w.call(this.who, 'send', () => {
-      if (!this.paused) this.w.violate(`${this.name} sent its state while running`);
-      (to as FakeVm).staged = this.version;
+      const svm = to as FakeVm;
+      if (captured) {
+        if (this.captured === null) this.w.violate(`${this.name} sent a captured state it never took`);
+        svm.staged = this.captured;
+        svm.stagedTorn = this.capturedTorn;
+      } else {
+        svm.staged = this.version;
+        svm.stagedTorn = !this.paused; // harmless unless it is loaded
+      }
       return { bytes: 1 };
     });
   }
   capture() {
-    return this.w.call(this.who, 'capture', () => undefined);
+    return this.w.call(this.who, 'capture', () => {
+      this.captured = this.version;
+      this.capturedTorn = !this.paused; // harmless unless it is sent and loaded
+    });
   }
   checkpointed() {
     return this.w.call(this.who, 'checkpointed', () => undefined);
   }
-  load() {
+  /** The id of the last checkpoint loaded: the same load again, with nothing received since, is answered. */
+  loadedId: string | null = null;
+  load(_targets: Record<string, number>, checkpoint: string) {
     return this.w.call(this.who, 'load', () => {
+      if (this.staged === null && checkpoint === this.loadedId) return;
+      this.loadedId = checkpoint;
       if (this.staged === null) this.w.violate(`${this.name} loaded with no state received`);
+      if (this.stagedTorn) this.w.violate(`${this.name} loaded a state its PVM took while running`);
       this.base = this.staged;
       this.version = this.staged ?? this.version;
       this.staged = null;
@@ -146,7 +169,12 @@ class FakeVm implements VmHook {
   }
   probe() {
     if (!this.w.alive(this.who)) return Promise.reject(refused());
-    return Promise.resolve({ dirtyBytes: 0, identity: 'fake', standby: false, earlyResume: false });
+    return Promise.resolve({
+      dirtyBytes: 0,
+      identity: 'fake',
+      standby: false,
+      earlyResume: this.w.plan.early,
+    });
   }
 }
 
@@ -203,7 +231,7 @@ async function run(plan: Plan): Promise<void> {
   const pvm = new FakeVm('pvm', 'pvm', w);
   const svm = new FakeVm('svm', 'svm', w);
   let current = pvm;
-  const comparer = new Comparer({ mode: 'colo', pvm: pvm.data, compareTimeoutMs: 200, logger: quiet });
+  const comparer = new Comparer({ mode: plan.mode, pvm: pvm.data, compareTimeoutMs: 200, logger: quiet });
   const cut = comparer.cut.bind(comparer);
   comparer.cut = (p, s) => {
     const targets = cut(p, s);
@@ -219,12 +247,12 @@ async function run(plan: Plan): Promise<void> {
     return targets;
   };
   const co = new Coordinator({
-    mode: 'colo',
+    mode: plan.mode,
+    intervalMs: plan.mode === 'remus' ? 30 : 600_000,
     comparer,
     pvm,
     svm,
     disk: fakeDisk(w, () => current),
-    intervalMs: 600_000,
     maxPendingBytes: 1 << 30,
     heartbeatMs: 10,
     failoverAfterMs: 60,
@@ -259,14 +287,14 @@ async function run(plan: Plan): Promise<void> {
     const livePvm = () => (current === pvm ? w.alive('pvm') : true);
     const settled = () =>
       !(livePvm() && current.paused) &&
-      !(co.state === 'protected' && svm.paused) &&
+      !(plan.mode === 'colo' && co.state === 'protected' && svm.paused) &&
       !(primaryLost && (co.failovers.length === 0 || co.state !== 'unprotected'));
     for (let i = 0; i < 300 && !settled(); i++) await sleep(10);
     const state = co.state;
     const ctx = `state ${state}, killed ${w.killed}; events: ${w.events.slice(-40).join(', ')}`;
     expect(w.violations, ctx).toEqual([]);
     if (livePvm()) expect(current.paused, `the PVM is left paused: ${ctx}`).toBe(false);
-    if (state === 'protected')
+    if (plan.mode === 'colo' && state === 'protected')
       expect(svm.paused, `the SVM is left paused while protected: ${ctx}`).toBe(false);
     // A primary side lost after the pairing: the SVM took over.
     if (primaryLost) {
@@ -290,10 +318,16 @@ describe('the coordinator under faults at any call', () => {
           delays: fc.array(fc.constantFrom(0, 0, 1, 5, 30), { maxLength: 16 }),
           victim: fc.constantFrom<Who>('pvm', 'pvm', 'primary', 'svm', 'secondary'),
           checkpoints: fc.integer({ min: 1, max: 10 }),
+          mode: fc.constantFrom<'colo' | 'remus'>('colo', 'colo', 'remus'),
+          early: fc.boolean(),
         }),
         (plan) => run(plan),
       ),
-      { numRuns: Number(process.env.COLO_BLK_MODEL_RUNS ?? 40), seed: 0xc0de, endOnFailure: true },
+      {
+        numRuns: Number(process.env.COLO_BLK_MODEL_RUNS ?? 40),
+        seed: Number(process.env.COLO_BLK_MODEL_SEED ?? 0xc0de),
+        endOnFailure: true,
+      },
     );
   }, 120_000);
 });

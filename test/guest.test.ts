@@ -349,6 +349,30 @@ describe('colo-blk guest (process)', () => {
     );
     expect(again.keys).toBe(1);
     expect(hash).toMatch(/^[0-9a-f]{64}$/);
+    // A load with nothing received is refused, unless it repeats the last load (its answer lost).
+    const ctl2 = { host: '127.0.0.1', port: Number(g.info.controlPort) };
+    await expect(controlCall(ctl2, 'POST', '/mem/load', { checkpoint: 'c1' })).rejects.toThrow(
+      /no memory checkpoint was received/,
+    );
+    const from = await startNode('guest', args);
+    try {
+      const fromCtl = { host: '127.0.0.1', port: Number(from.info.controlPort) };
+      await controlCall(fromCtl, 'POST', '/mem/pause', {});
+      await controlCall(fromCtl, 'POST', '/mem/send', { to: `127.0.0.1:${ctl2.port}`, full: true });
+      expect(await controlCall(ctl2, 'POST', '/mem/load', { checkpoint: 'c1' })).toMatchObject({
+        entries: 1,
+      });
+      expect(await controlCall(ctl2, 'POST', '/mem/load', { checkpoint: 'c1' })).toEqual({
+        entries: 0,
+        again: true,
+      });
+      await expect(controlCall(ctl2, 'POST', '/mem/load', { checkpoint: 'c2' })).rejects.toThrow(
+        /no memory checkpoint was received/,
+      );
+    } finally {
+      from.child.kill('SIGKILL');
+      await from.exit;
+    }
     g.child.kill('SIGKILL');
     await g.exit;
   });

@@ -136,7 +136,16 @@ describe('a standby agent', () => {
       await expect(controlCall(at, 'POST', '/mem/load', {})).rejects.toThrow(/was not received/);
       // Received and loaded: in the image, durable.
       await controlRaw(at, '/mem/receive', c1.body);
-      expect(await controlCall(at, 'POST', '/mem/load', {})).toEqual({ epoch: 1 });
+      expect(await controlCall(at, 'POST', '/mem/load', { checkpoint: 'c1' })).toEqual({ epoch: 1 });
+      // The same load again (a coordinator whose answer was lost): answered, nothing more committed;
+      // another checkpoint's load with nothing received is still refused.
+      expect(await controlCall(at, 'POST', '/mem/load', { checkpoint: 'c1' })).toEqual({
+        epoch: 1,
+        again: true,
+      });
+      await expect(controlCall(at, 'POST', '/mem/load', { checkpoint: 'c2' })).rejects.toThrow(
+        /was not received/,
+      );
       const img = fs.readFileSync(path.join(dir, 'ram.img'));
       expect(img.subarray(3 * PAGE_BYTES, 5 * PAGE_BYTES).equals(c1.data)).toBe(true);
       expect(img.subarray(0, 3 * PAGE_BYTES).every((b) => b === 0)).toBe(true);

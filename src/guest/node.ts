@@ -148,7 +148,10 @@ export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
       method: 'POST',
       path: '/mem/load',
       handler: async (_q, body) => {
-        const r = state.load();
+        const checkpoint = typeof body.checkpoint === 'string' ? body.checkpoint : undefined;
+        // The same load again (its first answer was lost): done already, connections included.
+        if (state.loadedAlready(checkpoint)) return { entries: 0, again: true };
+        const r = state.load(checkpoint);
         server.align((body.targets as Record<string, number> | undefined) ?? {});
         return r;
       },

@@ -228,6 +228,8 @@ export class GuestState {
   /** Keys changed since the last checkpoint, with their value at that checkpoint (null: absent). */
   private undo = new Map<string, Entry | null>();
   private staged: MemoryDelta | null = null;
+  /** The checkpoint id of the last load (a repeated load of it is answered, not refused). */
+  private loaded: string | null = null;
   /** Checkpoints taken (primary) or loaded (secondary). */
   checkpoints = 0;
 
@@ -376,7 +378,7 @@ export class GuestState {
    * Load the staged checkpoint: roll back this side's own changes since the
    * last checkpoint, then apply the primary's (or take its state whole).
    */
-  load(): { entries: number } {
+  load(checkpoint?: string): { entries: number } {
     const d = this.staged;
     if (!d) throw new ColoError('EINVAL', 'no memory checkpoint was received to load');
     if (d.full) this.entries.clear();
@@ -393,7 +395,13 @@ export class GuestState {
     this.staged = null;
     this.undo.clear();
     this.checkpoints++;
+    this.loaded = checkpoint ?? null;
     return { entries: d.entries.length };
+  }
+
+  /** The checkpoint named was the last one loaded, and nothing was received since. */
+  loadedAlready(checkpoint: string | undefined): boolean {
+    return checkpoint !== undefined && this.staged === null && this.loaded === checkpoint;
   }
 
   /** A received checkpoint that will not be committed. */

@@ -38,6 +38,7 @@
  *   unprotected (the PVM's output passes through), and a pairing is tried
  *   again when it answers.
  */
+import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { ColoError, toColoError } from '../../errors.js';
 import type { Comparer, CheckpointReason, Mode, Positions } from '../../net/comparer/comparer.js';
@@ -53,6 +54,7 @@ import type { DiskHook, VmHook } from './hooks.js';
  * wall-clock times, for people.
  */
 const mono = (): number => performance.now();
+const noop = (): void => {};
 
 export type CoordinatorState = 'unprotected' | 'pairing' | 'protected' | 'failing-over';
 
@@ -150,7 +152,8 @@ export class Coordinator extends EventEmitter {
   private abortP: Promise<never> | null = null;
   private svmCalls: Promise<unknown> | null = null;
   /** The checkpoint whose output was released but not yet loaded and committed everywhere. */
-  private decided: { epoch: number; targets: Record<string, number>; loaded: boolean } | null = null;
+  private decided: { epoch: number; id: string; targets: Record<string, number>; loaded: boolean } | null =
+    null;
   private kickTimer: NodeJS.Timeout | null = null;
   private intervalTimer: NodeJS.Timeout | null = null;
   private heartbeat: NodeJS.Timeout | null = null;
@@ -325,7 +328,10 @@ export class Coordinator extends EventEmitter {
       // 2. pause the SVM, then the PVM
       svmPos = await this.svmCall(svm.pause());
       const pvmPausedAt = performance.now();
-      pvmPos = await this.guard(pvm.pause());
+      this.pvmHeld = true;
+      const pausing = pvm.pause();
+      this.pvmPausing = { seq: ++this.pauses, settled: pausing.then(noop, noop) };
+      pvmPos = await this.guard(pausing);
       paused = true;
       if (attach) await comparer.attach(this.svmStandby ? null : svm.data, pvmPos);
       lap('pause');
@@ -345,7 +351,7 @@ export class Coordinator extends EventEmitter {
         );
         seal = s;
         comparer.mark();
-        await this.guard(pvm.resume());
+        await this.guard(this.resumePvm(pvm));
         pvmRunsAt = performance.now();
         last = pvmRunsAt;
         [, sent] = await this.guard(
@@ -374,7 +380,7 @@ export class Coordinator extends EventEmitter {
       // 6. the cut: from here the checkpoint counts
       const releasedBefore = comparer.stats.bytesReleased;
       const targets = comparer.cut(early ? null : pvmPos, svmPos);
-      this.decided = { epoch: seal.epoch, targets, loaded: false };
+      this.decided = { epoch: seal.epoch, id: randomUUID(), targets, loaded: false };
       // Requests that came in until now are answered by this checkpoint: folded in.
       for (const r of this.requested.keys()) if (!reasons.includes(r)) reasons.push(r);
       this.requested.clear();
@@ -391,12 +397,12 @@ export class Coordinator extends EventEmitter {
         Promise.all([
           // Loaded when the SVM answers, not when this transaction sees it: a failover's abort ends
           // the wait, the load goes on, the failover waits for it (svmCalls) and must not load again.
-          this.svmCall(svm.load(targets).then(() => (decided.loaded = true))),
+          this.svmCall(svm.load(targets, decided.id).then(() => (decided.loaded = true))),
           this.disk.commit(seal.epoch),
           pvmNow
             ? pvm
                 .checkpointed()
-                .then(() => pvm.resume())
+                .then(() => this.resumePvm(pvm))
                 .then(() => (pvmRunsAt = performance.now()))
             : pvm.checkpointed(),
         ]),
@@ -429,7 +435,7 @@ export class Coordinator extends EventEmitter {
       await this.guard(
         Promise.all([
           this.mode === 'colo' ? this.svmCall(svm.resume()) : null,
-          early || pvmNow ? null : pvm.resume().then(() => (pvmRunsAt = performance.now())),
+          early || pvmNow ? null : this.resumePvm(pvm).then(() => (pvmRunsAt = performance.now())),
         ]),
       );
       lap('resume');
@@ -482,7 +488,7 @@ export class Coordinator extends EventEmitter {
           await svm.discard().catch(() => {});
         }
         if (paused || svmPos) {
-          await Promise.allSettled([this.mode === 'colo' ? svm.resume() : null, pvm.resume()]);
+          await Promise.allSettled([this.mode === 'colo' ? svm.resume() : null, this.resumePvm(pvm)]);
         }
         this.retryAt = mono() + Math.min(2000, 50 * 2 ** Math.min(this.failuresInARow, 6));
       }
@@ -605,6 +611,36 @@ export class Coordinator extends EventEmitter {
    * standing.)
    */
   private losing = 0;
+  /**
+   * The PVM's last pause call, until it answers: an unprotect that aborted its checkpoint resumes
+   * the PVM after it (a pause landing after that resume would leave the PVM stopped for good).
+   */
+  private pvmPausing: { seq: number; settled: Promise<void> } | null = null;
+  private pauses = 0;
+  /**
+   * A checkpoint paused the PVM and no resume of it has been answered since. Between checkpoints
+   * the heartbeat resumes it: a resume that failed (its control call, not the VM) would otherwise
+   * leave it stopped for good once unprotected, where no checkpoint comes to resume it.
+   */
+  private pvmHeld = false;
+  private resumingHeld = false;
+
+  private async resumePvm(pvm: VmHook): Promise<void> {
+    await pvm.resume();
+    if (pvm === this.pvm) this.pvmHeld = false;
+  }
+
+  /** The heartbeat's part: a PVM left paused by a resume that failed is resumed, between transactions. */
+  private resumeHeld(): void {
+    if (!this.pvmHeld || this.resumingHeld || this.inCheckpoint || this.losing > 0) return;
+    if (this.state === 'failing-over' || this.closed) return;
+    this.resumingHeld = true;
+    void this.exec(async () => {
+      if (this.pvmHeld && !this.inCheckpoint && this.state !== 'failing-over') await this.resumePvm(this.pvm);
+    })
+      .catch(noop)
+      .finally(() => (this.resumingHeld = false));
+  }
 
   private requestFailover(why: string): void {
     if (this.state === 'failing-over') return;
@@ -644,7 +680,7 @@ export class Coordinator extends EventEmitter {
           'EINTERNAL',
           `the secondary promoted with epoch ${r.committed} committed, but the output of epoch ${decided.epoch} was released`,
         );
-      if (decided && !decided.loaded) await svm.load(decided.targets);
+      if (decided && !decided.loaded) await svm.load(decided.targets, decided.id);
       else if (!decided) await svm.discard().catch(() => {});
       await svm.checkpointed();
       const tLoad = performance.now();
@@ -656,6 +692,7 @@ export class Coordinator extends EventEmitter {
       const tSwitch = performance.now();
       this.decided = null;
       this.pvm = svm;
+      this.pvmHeld = false; // the SVM, resumed above
       this.svm = null;
       this.disk = this.disk.promoted();
       this.health.pvm = this.health.svm;
@@ -706,7 +743,22 @@ export class Coordinator extends EventEmitter {
     this.requested.clear();
     if (this.intervalTimer) clearTimeout(this.intervalTimer);
     this.opts.comparer.detach();
-    await this.pvm.resume().catch(() => {});
+    const pausing = this.pvmPausing;
+    if (pausing) {
+      let timer: NodeJS.Timeout | undefined;
+      const landed = await Promise.race([
+        pausing.settled.then(() => true),
+        new Promise<boolean>((r) => (timer = setTimeout(() => r(false), this.opts.phaseTimeoutMs))),
+      ]);
+      clearTimeout(timer);
+      // Still on its way: resume once more when it lands, unless a checkpoint paused it since.
+      if (!landed)
+        void pausing.settled.then(() => {
+          if (this.pauses === pausing.seq && this.state === 'unprotected')
+            void this.resumePvm(this.pvm).catch(noop);
+        });
+    }
+    await this.resumePvm(this.pvm).catch(() => {});
     this.lastError = `unprotected: ${why}`;
     this.log.warn(`unprotected: ${why}; the PVM goes on alone, its output passes through`);
     this.emit('state', this.state);
@@ -794,6 +846,7 @@ export class Coordinator extends EventEmitter {
 
   private decide(): void {
     if (this.closed || this.mode === 'none') return;
+    this.resumeHeld();
     const lost = this.lostSide();
     if (this.state === 'protected' || this.state === 'pairing') {
       if (lost === 'primary') {

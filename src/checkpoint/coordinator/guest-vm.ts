@@ -43,8 +43,8 @@ export class GuestVm implements VmHook {
     await this.post('/mem/checkpointed');
   }
 
-  async load(targets: Record<string, number>): Promise<void> {
-    await this.post('/mem/load', { targets });
+  async load(targets: Record<string, number>, checkpoint: string): Promise<void> {
+    await this.post('/mem/load', { targets, checkpoint });
   }
 
   async discard(): Promise<void> {

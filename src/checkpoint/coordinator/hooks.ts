@@ -56,8 +56,12 @@ export interface VmHook {
   capture(full: boolean): Promise<void>;
   /** PVM: the checkpoint of its last sent state is decided; changes count from here. */
   checkpointed(): Promise<void>;
-  /** SVM: drop its own changes, apply the received state, move each connection to `targets[port]`. */
-  load(targets: Record<string, number>): Promise<void>;
+  /**
+   * SVM: drop its own changes, apply the received state, move each connection to `targets[port]`.
+   * `checkpoint` names the checkpoint: the same load again, after one that took effect but whose
+   * answer was lost, succeeds and does nothing (a failover loads again what it cannot know loaded).
+   */
+  load(targets: Record<string, number>, checkpoint: string): Promise<void>;
   /** SVM: a received state that will not be loaded. */
   discard(): Promise<void>;
   /**

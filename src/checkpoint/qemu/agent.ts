@@ -241,13 +241,22 @@ export class QemuAgent extends EventEmitter {
     return { epoch, pages: c.pages.length };
   }
 
-  async load(): Promise<{ epoch: number }> {
+  /**
+   * Commit the received checkpoint. The same load again (`checkpoint` as the last one's, nothing
+   * received since: its first answer was lost) is answered with that epoch.
+   */
+  async load(checkpoint?: string): Promise<{ epoch: number; again?: true }> {
     const ram = this.standbyRam('load');
+    if (checkpoint !== undefined && checkpoint === this.loaded && !ram.hasPending)
+      return { epoch: ram.committed.epoch, again: true };
     const epoch = ram.committed.epoch + 1;
     await ram.commit(epoch);
     this.checkpoints++;
+    this.loaded = checkpoint ?? null;
     return { epoch };
   }
+  /** The checkpoint id of the last load. */
+  private loaded: string | null = null;
 
   discard(): void {
     this.standby?.discard();
@@ -338,7 +347,12 @@ export class QemuAgent extends EventEmitter {
         },
       },
       { method: 'POST', path: '/mem/receive', raw: async (_q, body) => this.receive(Buffer.concat(body)) },
-      { method: 'POST', path: '/mem/load', handler: async () => this.load() },
+      {
+        method: 'POST',
+        path: '/mem/load',
+        handler: async (_q, body) =>
+          this.load(typeof body.checkpoint === 'string' ? body.checkpoint : undefined),
+      },
       {
         method: 'POST',
         path: '/mem/discard',

@@ -66,6 +66,11 @@ export class StandbyRam {
     full: boolean;
   } | null = null;
 
+  /** A checkpoint is received and not yet committed or discarded. */
+  get hasPending(): boolean {
+    return this.pending !== null;
+  }
+
   private constructor(
     private readonly storage: Storage,
     readonly dir: string,
