@@ -364,6 +364,30 @@ describe('coordinator', () => {
     expect(effects.at(-1), effects.join(', ')).toBe('resumed');
   });
 
+  it('a PVM whose resume failed after a checkpoint paused it is resumed by the heartbeat once unprotected', async () => {
+    // Found by test/coordinator-model.test.ts: the unprotect's resume failed (its call, not the VM),
+    // and nothing resumed the PVM again: unprotected, no checkpoint comes to do it.
+    const { log, co, svm, pvm } = await setup();
+    const effects: string[] = [];
+    let failures = 0;
+    pvm.on['pause'] = () => sleep(30).then(() => effects.push('paused'));
+    pvm.on['resume'] = async () => {
+      // The failed checkpoint's resume and the unprotect's both fail.
+      if (failures < 2) {
+        failures++;
+        throw new Error('socket hang up');
+      }
+      effects.push('resumed');
+    };
+    co.request('mismatch');
+    for (let i = 0; !log.includes('pvm.pause') && i < 100; i++) await sleep(5);
+    svm.kill();
+    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    for (let i = 0; effects.at(-1) !== 'resumed' && i < 100; i++) await sleep(10);
+    expect(effects.at(-1), effects.join(', ')).toBe('resumed');
+    expect(co.state).toBe('unprotected');
+  });
+
   it('losing the secondary: unprotected, the PVM resumes, and a pairing is tried again when it answers', async () => {
     const { co, svm, log } = await setup();
     svm.kill();
