@@ -42,6 +42,9 @@ interface Plan {
   early: boolean;
   /** Faults from the first call (the pairing too), not only once protected. */
   fromStart: boolean;
+  /** remus: an SVM that runs only after a failover (a QEMU standby); colo/remus: verify each checkpoint. */
+  standby: boolean;
+  verify: boolean;
 }
 
 class World {
@@ -178,7 +181,7 @@ class FakeVm implements VmHook {
     return Promise.resolve({
       dirtyBytes: 0,
       identity: 'fake',
-      standby: false,
+      standby: this.who === 'svm' && this.w.plan.mode === 'remus' && this.w.plan.standby,
       earlyResume: this.w.plan.early,
     });
   }
@@ -263,7 +266,7 @@ async function run(plan: Plan): Promise<void> {
     heartbeatMs: 10,
     failoverAfterMs: 60,
     phaseTimeoutMs: 300,
-    verify: false,
+    verify: plan.verify,
     logger: quiet,
   });
   co.on('failover', () => {
@@ -328,6 +331,8 @@ describe('the coordinator under faults at any call', () => {
           mode: fc.constantFrom<'colo' | 'remus'>('colo', 'colo', 'remus'),
           early: fc.boolean(),
           fromStart: fc.boolean(),
+          standby: fc.boolean(),
+          verify: fc.boolean(),
         }),
         (plan) => run(plan),
       ),
