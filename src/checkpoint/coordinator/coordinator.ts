@@ -330,7 +330,12 @@ export class Coordinator extends EventEmitter {
       const pvmPausedAt = performance.now();
       this.pvmHeld = true;
       const pausing = pvm.pause();
-      this.pvmPausing = { seq: ++this.pauses, settled: pausing.then(noop, noop) };
+      // Held again when it answers: a pause of a checkpoint aborted meanwhile may land after the
+      // unprotect's resume, and the heartbeat then resumes the PVM (see resumeHeld).
+      const held = () => {
+        if (pvm === this.pvm) this.pvmHeld = true;
+      };
+      void pausing.then(held, held);
       pvmPos = await this.guard(pausing);
       paused = true;
       if (attach) await comparer.attach(this.svmStandby ? null : svm.data, pvmPos);
@@ -603,7 +608,6 @@ export class Coordinator extends EventEmitter {
     this.abortWith?.(new Aborted(why));
   }
 
-  /** The primary side is lost: the SVM takes over. */
   /**
    * A failover or an unprotect asked for and not yet run: no checkpoint starts meanwhile. (The
    * checkpoint it aborted leaves its calls in flight, a PVM resume among them, which would land in
@@ -612,15 +616,10 @@ export class Coordinator extends EventEmitter {
    */
   private losing = 0;
   /**
-   * The PVM's last pause call, until it answers: an unprotect that aborted its checkpoint resumes
-   * the PVM after it (a pause landing after that resume would leave the PVM stopped for good).
-   */
-  private pvmPausing: { seq: number; settled: Promise<void> } | null = null;
-  private pauses = 0;
-  /**
-   * A checkpoint paused the PVM and no resume of it has been answered since. Between checkpoints
-   * the heartbeat resumes it: a resume that failed (its control call, not the VM) would otherwise
-   * leave it stopped for good once unprotected, where no checkpoint comes to resume it.
+   * A checkpoint paused the PVM and no resume of it has been answered since (or its pause answered
+   * after the last resume). Between checkpoints the heartbeat resumes it: a resume that failed (its
+   * control call, not the VM), or a pause of an aborted checkpoint landing after the unprotect's
+   * resume, would otherwise leave it stopped for good once unprotected, where no checkpoint comes.
    */
   private pvmHeld = false;
   private resumingHeld = false;
@@ -642,6 +641,7 @@ export class Coordinator extends EventEmitter {
       .finally(() => (this.resumingHeld = false));
   }
 
+  /** The primary side is lost: the SVM takes over. */
   private requestFailover(why: string): void {
     if (this.state === 'failing-over') return;
     this.abortRunning(why);
@@ -743,21 +743,6 @@ export class Coordinator extends EventEmitter {
     this.requested.clear();
     if (this.intervalTimer) clearTimeout(this.intervalTimer);
     this.opts.comparer.detach();
-    const pausing = this.pvmPausing;
-    if (pausing) {
-      let timer: NodeJS.Timeout | undefined;
-      const landed = await Promise.race([
-        pausing.settled.then(() => true),
-        new Promise<boolean>((r) => (timer = setTimeout(() => r(false), this.opts.phaseTimeoutMs))),
-      ]);
-      clearTimeout(timer);
-      // Still on its way: resume once more when it lands, unless a checkpoint paused it since.
-      if (!landed)
-        void pausing.settled.then(() => {
-          if (this.pauses === pausing.seq && this.state === 'unprotected')
-            void this.resumePvm(this.pvm).catch(noop);
-        });
-    }
     await this.resumePvm(this.pvm).catch(() => {});
     this.lastError = `unprotected: ${why}`;
     this.log.warn(`unprotected: ${why}; the PVM goes on alone, its output passes through`);
