@@ -73,6 +73,7 @@ type Action =
   | { t: 'deliver'; side: Side; n: number }
   | { t: 'fin'; side: Side }
   | { t: 'checkpoint'; fails: boolean; chunks: number }
+  | { t: 'early'; part: number }
   | { t: 'input'; n: number }
   | { t: 'consume'; n: number }
   | { t: 'pair'; fails: boolean }
@@ -106,6 +107,10 @@ const action: fc.Arbitrary<Action> = fc.oneof(
       chunks: fc.integer({ min: 1, max: 3 }),
     }),
   },
+  {
+    weight: 1,
+    arbitrary: fc.record({ t: fc.constant('early' as const), part: fc.constantFrom(0, 0.5, 1) }),
+  },
   { weight: 1, arbitrary: fc.constant({ t: 'failover' as const }) },
   {
     weight: 2,
@@ -127,6 +132,11 @@ interface RunOptions {
   maxFlips: number;
   /** The session starts with an SVM connection (else it is paired by a 'pair' step). */
   paired: boolean;
+  /**
+   * Remus with a standby SVM (a QEMU VM): no SVM connection, the PVM cannot say where it stands
+   * (each checkpoint covers what has arrived), and a failover resets the connection.
+   */
+  standby: boolean;
   seed: number;
 }
 
@@ -138,10 +148,11 @@ function run(o: RunOptions, actions: Action[]): void {
    * The session has no SVM connection: never paired, or it went on without it (the SVM closed it
    * and the PVM had not, at a cut; a pairing that failed).
    */
-  let unprotected = !o.paired;
+  const standby = o.standby;
+  let unprotected = !o.paired && !standby;
   const host = {
     mode,
-    standby: false,
+    standby,
     draining: false as boolean,
     limits: { queueBytes, clientHighWater: 1 << 30, keepBytes },
     now: () => 0,
@@ -154,12 +165,12 @@ function run(o: RunOptions, actions: Action[]): void {
   } satisfies SessionHost;
   const client = new FakeSocket(1);
   const socks: Record<Side, FakeSocket> = { p: new FakeSocket(1001), s: new FakeSocket(2001) };
-  if (!o.paired) socks.s.destroyed = true; // none yet
+  if (!o.paired || standby) socks.s.destroyed = true; // none yet
   const session = new Session(
     1,
     client as unknown as net.Socket,
     socks.p as unknown as net.Socket,
-    o.paired ? (socks.s as unknown as net.Socket) : null,
+    o.paired && !standby ? (socks.s as unknown as net.Socket) : null,
     host,
   );
   // The client's input: all of it goes to the PVM; the SVM's connection gets it from where the
@@ -184,6 +195,18 @@ function run(o: RunOptions, actions: Action[]): void {
   let pBase = 0;
   let sBase = 0;
   let cutFin = false; // a cut released the PVM's FIN
+  /**
+   * A checkpoint whose PVM runs again before its cut (early resume): where each VM stood at the
+   * pause, what of the PVM's output it covers (all it wrote when the PVM reports positions, else
+   * what had arrived when it resumed), and whether its FIN had arrived by then.
+   */
+  let pending: {
+    wp: number;
+    ws: number;
+    covered: number;
+    finCovered: boolean;
+    consumed: number;
+  } | null = null;
   let failedOver = false;
   let finishedBefore = false; // the connection was over before the failover
   let flips = 0;
@@ -194,7 +217,7 @@ function run(o: RunOptions, actions: Action[]): void {
     if (sock.destroyed || (sock.paused && !force)) return;
     const k = Math.min(n, out[side].length - delivered[side]);
     if (k <= 0) {
-      if (fin[side] && !finDelivered[side]) {
+      if (fin[side] && !finDelivered[side] && delivered[side] === out[side].length) {
         finDelivered[side] = true;
         sock.emit('end');
       }
@@ -204,9 +227,12 @@ function run(o: RunOptions, actions: Action[]): void {
     delivered[side] += k;
     sock.emit('data', chunk);
   };
+  /** The PVM's output the session may compare: past a pending checkpoint's pause it waits. */
+  const pvmComparable = () => (pending ? Math.min(delivered.p, pending.covered) : delivered.p);
   const commonPrefix = () => {
     let i = 0;
-    while (pBase + i < delivered.p && sBase + i < delivered.s && P[pBase + i] === out.s[sBase + i]) i++;
+    const pEnd = pvmComparable();
+    while (pBase + i < pEnd && sBase + i < delivered.s && P[pBase + i] === out.s[sBase + i]) i++;
     return i;
   };
   const check = (where: string) => {
@@ -223,7 +249,7 @@ function run(o: RunOptions, actions: Action[]): void {
       `FIN ${finDelivered.p}/${finDelivered.s})`;
     if (failedOver) {
       if (finishedBefore) return;
-      if (unprotected) {
+      if (unprotected || standby) {
         // Nothing can carry it on: reset, never closed cleanly.
         expect(
           client.destroyed && !client.ended,
@@ -265,24 +291,32 @@ function run(o: RunOptions, actions: Action[]): void {
       return;
     }
     const m = commonPrefix();
-    const pDone = finDelivered.p && pBase + m === P.length;
+    const pEnd = pvmComparable();
+    const pFin = pending ? pending.finCovered : finDelivered.p;
+    const pDone = pFin && pBase + m === P.length;
     const sDone = finDelivered.s && sBase + m === out.s.length;
     expect(got.length, `released is not the matched prefix: ${ctx}`).toBe(pBase + m);
     const differs =
-      (pBase + m < delivered.p && sBase + m < delivered.s) ||
+      (pBase + m < pEnd && sBase + m < delivered.s) ||
       (pDone && sBase + m < delivered.s) ||
-      (sDone && pBase + m < delivered.p);
+      (sDone && pBase + m < pEnd);
     if (differs) expect(requests.length, `a difference asked for no checkpoint: ${ctx}`).toBeGreaterThan(0);
     expect(client.ended, `the client's FIN: ${ctx}`).toBe(cutFin || (pDone && sDone));
   };
 
+  const pos = (port: number, written: number, consumed = 0): Positions => ({
+    [String(port)]: { consumed, written },
+  });
   for (const a of actions) {
     switch (a.t) {
       case 'fin':
+        if (pending && a.side === 's') break; // paused
         if (!(failedOver && a.side === 'p')) fin[a.side] = true;
         break;
       case 'emit': {
         if (fin[a.side] || (failedOver && a.side === 'p')) break; // closed, or the PVM is dead
+        if (pending && a.side === 's') break; // paused until the checkpoint is loaded
+        if (standby && a.side === 's') break; // it does not run
         for (let i = 0; i < a.n; i++) {
           while (script.length <= at[a.side]) script.push(next());
           let b = script[at[a.side]++];
@@ -299,10 +333,45 @@ function run(o: RunOptions, actions: Action[]): void {
         break;
       case 'checkpoint': {
         if (failedOver) break;
+        if (pending) {
+          // The early checkpoint's drain and cut, the PVM running meanwhile.
+          const e = pending;
+          host.draining = true;
+          session.updateFlow();
+          for (let c = a.chunks; c > 0; c--) {
+            deliver('s', Math.ceil((e.ws - delivered.s) / c), true);
+            if (!standby) deliver('p', Math.ceil((e.wp - delivered.p) / c), true);
+          }
+          deliver('s', 0, true);
+          pending = null;
+          if (a.fails) {
+            session.thaw();
+            host.draining = false;
+            session.updateFlow();
+            break;
+          }
+          session.cut(
+            standby ? null : pos(socks.p.localPort, e.wp, e.consumed),
+            standby ? null : pos(socks.s.localPort, e.ws),
+          );
+          keptStart = Math.max(keptStart, Math.min(e.consumed, input.length));
+          host.draining = false;
+          session.updateFlow();
+          requests.length = 0;
+          if (!unprotected)
+            expect(client.received().length, 'the cut did not release what it covers').toBe(e.covered);
+          if (e.finCovered) cutFin = true;
+          else if (finDelivered.s && !standby)
+            expect(unprotected, 'the SVM closed, the PVM did not: unprotected').toBe(true);
+          // The SVM holds the PVM's state at the pause: it runs on from there as the PVM did.
+          pBase = e.covered;
+          sBase = e.ws;
+          script = P.slice(e.wp);
+          at.p = script.length;
+          at.s = 0;
+          break;
+        }
         // Pause: the positions each VM reports; drain: everything they wrote arrives, in pieces.
-        const pos = (port: number, written: number, consumed = 0): Positions => ({
-          [String(port)]: { consumed, written },
-        });
         const wp = P.length;
         const ws = out.s.length;
         host.draining = true;
@@ -319,7 +388,10 @@ function run(o: RunOptions, actions: Action[]): void {
           session.updateFlow();
           break;
         }
-        session.cut(pos(socks.p.localPort, wp, pConsumed), pos(socks.s.localPort, ws));
+        session.cut(
+          standby ? null : pos(socks.p.localPort, wp, pConsumed),
+          standby ? null : pos(socks.s.localPort, ws),
+        );
         keptStart = Math.max(keptStart, Math.min(pConsumed, input.length));
         host.draining = false;
         session.updateFlow();
@@ -340,6 +412,27 @@ function run(o: RunOptions, actions: Action[]): void {
         finDelivered.s = finDelivered.p;
         break;
       }
+      case 'early': {
+        // A checkpoint whose PVM runs again once its state is taken: pause both, part of what the
+        // PVM wrote arrives, the comparer freezes what the checkpoint covers, the PVM runs on.
+        if (failedOver || pending) break;
+        const wp = P.length;
+        host.draining = true;
+        session.updateFlow();
+        deliver('p', Math.floor((wp - delivered.p) * a.part), true);
+        if (a.part === 1) deliver('p', 0, true);
+        pending = {
+          wp,
+          ws: out.s.length,
+          covered: standby ? delivered.p : wp,
+          finCovered: finDelivered.p,
+          consumed: pConsumed,
+        };
+        session.freeze(standby ? null : pos(socks.p.localPort, wp, pConsumed));
+        host.draining = false;
+        session.updateFlow();
+        break;
+      }
       case 'input': {
         const bytes = Array.from({ length: a.n }, next);
         input.push(...bytes);
@@ -353,7 +446,7 @@ function run(o: RunOptions, actions: Action[]): void {
       case 'pair': {
         // A pairing checkpoint: both paused; the new SVM connection joins this session from the
         // PVM's position in the input (if that input is still kept); then the cut.
-        if (failedOver || !unprotected || cutFin || finDelivered.p) break;
+        if (failedOver || pending || standby || !unprotected || cutFin || finDelivered.p) break;
         const wp = P.length;
         const pvmPos: Positions = { [String(socks.p.localPort)]: { consumed: pConsumed, written: wp } };
         const fresh = new FakeSocket(socks.s.localPort + 1);
@@ -397,6 +490,7 @@ function run(o: RunOptions, actions: Action[]): void {
       case 'failover':
         if (failedOver) break;
         failedOver = true;
+        pending = null; // the failover ends the checkpoint under way
         finishedBefore = client.ended;
         session.failover();
         break;
@@ -404,7 +498,7 @@ function run(o: RunOptions, actions: Action[]): void {
     check(`after ${JSON.stringify(a)}`);
   }
   // Everything the survivor wrote arrives: after a failover it all reaches the client.
-  if (failedOver && !finishedBefore && !unprotected) {
+  if (failedOver && !finishedBefore && !unprotected && !standby) {
     deliver('s', out.s.length, true);
     deliver('s', 0, true);
     check('at the end');
@@ -424,6 +518,7 @@ describe('the comparer session against a model of what a client may see', () => 
             keepBytes: fc.constantFrom(8, 40, 1 << 20),
             maxFlips: fc.integer({ min: 0, max: 3 }),
             paired: fc.boolean(),
+            standby: mode === 'remus' ? fc.boolean() : fc.constant(false),
             seed: fc.integer(),
           }),
           (actions, o) => run(o, actions),

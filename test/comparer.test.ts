@@ -244,6 +244,50 @@ describe('comparer', () => {
     await until(() => client.text === 'response one');
   });
 
+  it('a PVM that runs again before the cut (early resume, a standby SVM): its FIN after the resume waits for the next checkpoint', async () => {
+    // A FIN that came after the PVM resumed is not the checkpoint's: the state it loads into the
+    // standby has the connection open. Before the fix the cut released it with the bytes.
+    const { cmp, p, client } = await setup('remus');
+    await cmp.attach(null, {});
+    p.write('response');
+    await until(() => cmp.status().heldBytes === 8);
+    cmp.freeze(null); // positions unknown (a real VM): what has arrived is covered
+    p.end(); // the PVM runs on and closes the connection
+    await sleep(50); // the FIN arrives
+    await cmp.drain(null, null, 1000);
+    cmp.cut(null, null);
+    await until(() => client.text === 'response');
+    await sleep(30);
+    expect(client.ended, 'a FIN from past the checkpoint was released').toBe(false);
+    await cmp.drain(null, null, 1000);
+    cmp.cut(null, null);
+    await until(() => client.ended);
+    expect(client.text).toBe('response');
+  });
+
+  it('colo with a PVM that runs again before the cut: its output past the pause is not matched against the SVM’s before it', async () => {
+    // The SVM was ahead at the pause: its bytes past the PVM's position are discarded at the cut,
+    // so PVM bytes written after the resume must not be released against them.
+    const { cmp, p, s, client, requests } = await setup('colo');
+    const pos = (sock: net.Socket, written: number) => ({
+      [String(sock.remotePort)]: { consumed: 0, written },
+    });
+    p.write('abc');
+    s!.write('abcdef');
+    await until(() => client.text === 'abc');
+    cmp.freeze(pos(p, 3));
+    p.write('def'); // the PVM runs on, writing what the SVM wrote before its pause
+    await sleep(50);
+    expect(client.text, 'released PVM output from past the checkpoint').toBe('abc');
+    expect(requests).toEqual([]);
+    await cmp.drain(pos(p, 3), pos(s!, 6), 1000);
+    cmp.cut(pos(p, 3), pos(s!, 6));
+    await sleep(30);
+    expect(client.text).toBe('abc');
+    s!.write('def'); // the SVM, from the PVM's state at the pause, writes the same
+    await until(() => client.text === 'abcdef');
+  });
+
   it('none mode passes the PVM’s output through', async () => {
     const { p, client } = await setup('none');
     p.write('straight through');

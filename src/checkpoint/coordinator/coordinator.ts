@@ -355,7 +355,7 @@ export class Coordinator extends EventEmitter {
           Promise.all([timed('seal', this.disk.seal()), timed('capture', pvm.capture(full))]),
         );
         seal = s;
-        comparer.mark();
+        comparer.freeze(pvmPos);
         await this.guard(this.resumePvm(pvm));
         pvmRunsAt = performance.now();
         last = pvmRunsAt;
@@ -378,13 +378,11 @@ export class Coordinator extends EventEmitter {
         );
       }
       // ∥ every byte the VMs wrote before the pause is here
-      await this.guard(
-        timed('drain', comparer.drain(early ? null : pvmPos, svmPos, this.opts.phaseTimeoutMs)),
-      );
+      await this.guard(timed('drain', comparer.drain(pvmPos, svmPos, this.opts.phaseTimeoutMs)));
       last = performance.now();
       // 6. the cut: from here the checkpoint counts
       const releasedBefore = comparer.stats.bytesReleased;
-      const targets = comparer.cut(early ? null : pvmPos, svmPos);
+      const targets = comparer.cut(pvmPos, svmPos);
       this.decided = { epoch: seal.epoch, id: randomUUID(), targets, loaded: false };
       // Requests that came in until now are answered by this checkpoint: folded in.
       for (const r of this.requested.keys()) if (!reasons.includes(r)) reasons.push(r);

@@ -124,7 +124,7 @@ export class Comparer implements SessionHost {
     const svm = this.svm && this.mode !== 'none' ? this.connect(this.svm) : null;
     const s = new Session(id, client, pvm, svm, this);
     // Opened while the PVM runs ahead of a checkpoint: none of its output is that checkpoint's.
-    if (this.marking) s.mark = 0;
+    if (this.frozen) s.freeze(null, true);
     client.on('data', (d: Buffer) => (this.stats.bytesIn += d.length));
     this.sessions.set(id, s);
     this.stats.sessionsOpened++;
@@ -218,25 +218,26 @@ export class Comparer implements SessionHost {
 
   /**
    * The paused PVM's state is captured and it is about to run again before
-   * the cut (remus with early resume, positions unknown): the output that has
-   * arrived is what the checkpoint covers; anything later, on these sessions
-   * or on sessions opened from now on, waits for the next checkpoint.
+   * the cut (early resume): the checkpoint covers its output up to where it
+   * stood at the pause (`pvmRep`; when it cannot say, what has arrived) and a
+   * FIN or reset that has arrived; anything later, on these sessions or on
+   * sessions opened from now on, waits for the next checkpoint.
    */
-  mark(): void {
-    this.marking = true;
-    for (const s of this.sessions.values()) s.mark = s.pvm.buf.end;
+  freeze(pvmRep: Positions | null): void {
+    this.frozen = true;
+    for (const s of this.sessions.values()) s.freeze(pvmRep);
   }
 
-  private marking = false;
+  private frozen = false;
 
-  private clearMarks(): void {
-    this.marking = false;
-    for (const s of this.sessions.values()) s.mark = null;
+  private thaw(): void {
+    this.frozen = false;
+    for (const s of this.sessions.values()) s.thaw();
   }
 
   /** The checkpoint failed: nothing is released; reading goes back to normal. */
   endDrain(): void {
-    this.clearMarks();
+    this.thaw();
     this.draining = false;
     for (const s of this.sessions.values()) s.updateFlow();
   }
@@ -309,7 +310,7 @@ export class Comparer implements SessionHost {
     this.pvm = newPvm;
     this.svm = null;
     this.standby = false;
-    this.clearMarks();
+    this.thaw();
     this.draining = false;
     for (const s of [...this.sessions.values()]) {
       if (s.failover()) survived++;

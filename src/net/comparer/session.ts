@@ -108,6 +108,17 @@ export class Side {
   }
 }
 
+/**
+ * What a checkpoint covers of a PVM that runs again before the cut: its output
+ * up to `to`, and its FIN or reset only if it had arrived when it resumed
+ * (one that arrives later may come from the PVM's run past the checkpoint).
+ */
+export interface Frozen {
+  to: number;
+  ended: boolean;
+  failed: boolean;
+}
+
 export class Session {
   pvm: Side;
   svm: Side | null = null;
@@ -125,10 +136,10 @@ export class Session {
   clientIn = 0;
   closed = false;
   /**
-   * The PVM's output taken by a checkpoint whose VM runs again before the cut
-   * (Comparer.mark): what arrived before it resumed. Null: no mark.
+   * A checkpoint's PVM runs again before its cut (Comparer.freeze): what of
+   * its output that checkpoint covers. Null: no such checkpoint under way.
    */
-  mark: number | null = null;
+  frozen: Frozen | null = null;
   readonly kept = new StreamBuffer();
   readonly openedAt: number;
 
@@ -280,7 +291,11 @@ export class Session {
   private compare(svm: Side): void {
     const p = this.pvmBase + this.matched;
     const s = this.svmBase + this.matched;
-    const n = Math.min(this.pvm.buf.end - p, svm.buf.end - s);
+    // While a checkpoint's PVM runs ahead of its cut, its output past the pause is the next
+    // epoch's: it waits for the SVM's output from the checkpoint's state.
+    const fz = this.frozen;
+    const pvmEnd = fz ? Math.min(this.pvm.buf.end, fz.to) : this.pvm.buf.end;
+    const n = Math.min(pvmEnd - p, svm.buf.end - s);
     if (n > 0) {
       const d = firstDifference(this.pvm.buf, p, svm.buf, s, n);
       const ok = d < 0 ? n : d;
@@ -291,7 +306,7 @@ export class Session {
     }
     const pAt = this.pvmBase + this.matched;
     const sAt = this.svmBase + this.matched;
-    const pDone = this.pvm.ended && this.pvm.buf.end === pAt;
+    const pDone = (fz ? fz.ended : this.pvm.ended) && this.pvm.buf.end === pAt;
     const sDone = svm.ended && svm.buf.end === sAt;
     if (pDone && sDone) this.releaseFin();
     else if (pDone && svm.buf.end > sAt) this.diverge(`the PVM closed at byte ${pAt}, the SVM sent more`);
@@ -346,10 +361,9 @@ export class Session {
    */
   cut(pvmRep: Positions | null, svmRep: Positions | null): { port: number; target: number } | null {
     const pr = pvmRep?.[this.pvm.port];
-    const pvmTo = pvmRep
-      ? Math.min(pr?.written ?? 0, this.pvm.buf.end)
-      : Math.min(this.mark ?? this.pvm.buf.end, this.pvm.buf.end);
-    this.mark = null;
+    const fz = this.frozen;
+    this.frozen = null;
+    const pvmTo = Math.min(pvmRep ? (pr?.written ?? 0) : (fz?.to ?? this.pvm.buf.end), this.pvm.buf.end);
     this.releaseTo(Math.max(pvmTo, this.released));
     this.pvmBase = this.released;
     this.matched = 0;
@@ -370,13 +384,16 @@ export class Session {
       svm.overQueue = false;
       if (pvmRep) out = { port: svm.port, target: consumedAt - svm.inputStart };
     }
-    if (this.pvm.ended && this.pvm.buf.end === this.released) {
+    // A FIN or reset that came after a PVM that runs ahead resumed is not this checkpoint's.
+    const pvmEnded = fz ? fz.ended : this.pvm.ended;
+    const pvmFailed = fz ? fz.failed : this.pvm.failed !== null;
+    if (pvmEnded && this.pvm.buf.end === this.released) {
       this.releaseFin();
       if (svm) {
         svm.drop();
         this.svm = null;
       }
-    } else if (this.pvm.failed && !this.pvm.dropped && this.pvm.buf.end === this.released) {
+    } else if (pvmFailed && !this.pvm.dropped && this.pvm.buf.end === this.released) {
       // The PVM reset this connection (and lives: a dead one fails over instead).
       this.client.resetAndDestroy();
     } else if (svm?.ended) {
@@ -393,6 +410,25 @@ export class Session {
     this.updateFlow();
     this.step();
     return out;
+  }
+
+  /**
+   * The checkpoint's PVM is about to run again before the cut: it covers the
+   * PVM's output up to where it stood at the pause (`pvmRep`), or, when the
+   * PVM cannot say, what has arrived (a session opened from now on: nothing).
+   */
+  freeze(pvmRep: Positions | null, opened = false): void {
+    const to = opened ? 0 : pvmRep ? (pvmRep[this.pvm.port]?.written ?? 0) : this.pvm.buf.end;
+    this.frozen = {
+      to,
+      ended: !opened && this.pvm.ended && this.pvm.buf.end <= to,
+      failed: !opened && this.pvm.failed !== null,
+    };
+  }
+
+  /** The checkpoint failed before its cut: the next one covers this output. */
+  thaw(): void {
+    this.frozen = null;
   }
 
   /**
