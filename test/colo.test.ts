@@ -42,34 +42,44 @@ const mismatches = (s: ColoStack) =>
   s.checkpoints().filter((c) => (c.reasons as string[]).includes('mismatch')).length;
 
 describe('colo-blk colo (processes)', () => {
-  it('equal outputs cause no checkpoint of their own; SVM = PVM in memory and on disk at every checkpoint', async () => {
-    const s = await stack({ coloArgs: ['--verify', '--interval', '300'] });
-    const conns = await Promise.all(Array.from({ length: 6 }, () => HttpConn.connect(s.port)));
-    const t0 = Date.now();
-    await Promise.all(
-      conns.map(async (c, i) => {
-        for (let n = 0; n < 60 || Date.now() - t0 < 1200; n++) {
-          const key = `c${i}-${n % 7}`;
-          const r = await c.request('PUT', `/kv/${key}`, `value ${n} of ${i}`);
-          expect(r.status).toBe(200);
-          const g = await c.request('GET', `/kv/${key}`);
-          expect(g.body.toString()).toBe(`value ${n} of ${i}`);
-        }
-      }),
-    );
-    const st = await s.status();
-    expect(st.byReason.mismatch ?? 0).toBe(0);
-    expect(st.comparer.requests.mismatch).toBe(0);
-    // Periodic checkpoints ran meanwhile, each verified while both VMs were paused.
-    const cps = s.checkpoints();
-    expect(cps.length).toBeGreaterThanOrEqual(3);
-    for (const c of cps) expect(c.verified).toMatchObject({ state: true, disk: true });
-    expect(cps.some((c) => (c.diskBytes as number) > 0 && (c.memoryBytes as number) > 0)).toBe(true);
-    // And independently of the coordinator's own check, after one more checkpoint:
-    await controlCall(s.colo.control, 'POST', '/checkpoint');
-    await expectEqual(s);
-    for (const c of conns) expect(c.closed).toBe(false);
-  });
+  for (const early of [true, false])
+    it(`equal outputs cause no checkpoint of their own; SVM = PVM in memory and on disk at every checkpoint (${early ? 'the PVM runs again once its state is captured' : '--no-early-resume'})`, async () => {
+      const s = await stack({
+        coloArgs: ['--verify', '--interval', '300', ...(early ? [] : ['--no-early-resume'])],
+      });
+      const conns = await Promise.all(Array.from({ length: 6 }, () => HttpConn.connect(s.port)));
+      const t0 = Date.now();
+      await Promise.all(
+        conns.map(async (c, i) => {
+          for (let n = 0; n < 60 || Date.now() - t0 < 1200; n++) {
+            const key = `c${i}-${n % 7}`;
+            const r = await c.request('PUT', `/kv/${key}`, `value ${n} of ${i}`);
+            expect(r.status).toBe(200);
+            const g = await c.request('GET', `/kv/${key}`);
+            expect(g.body.toString()).toBe(`value ${n} of ${i}`);
+          }
+        }),
+      );
+      const st = await s.status();
+      expect(st.byReason.mismatch ?? 0).toBe(0);
+      expect(st.comparer.requests.mismatch).toBe(0);
+      // Periodic checkpoints ran meanwhile, each verified while the SVM was paused: against the
+      // PVM's state as captured (early resume: it ran on meanwhile), or as paused.
+      const cps = s.checkpoints();
+      expect(cps.length).toBeGreaterThanOrEqual(3);
+      for (const c of cps) {
+        expect(c.verified).toMatchObject({ state: true, disk: true });
+        const phases = c.phases as Record<string, number>;
+        if (early) expect(phases.capture, 'the PVM was captured').toBeGreaterThan(0);
+        else expect(phases.capture).toBe(0);
+        expect(c.svmPauseMs as number).toBeGreaterThan(0);
+      }
+      expect(cps.some((c) => (c.diskBytes as number) > 0 && (c.memoryBytes as number) > 0)).toBe(true);
+      // And independently of the coordinator's own check, after one more checkpoint:
+      await controlCall(s.colo.control, 'POST', '/checkpoint');
+      await expectEqual(s);
+      for (const c of conns) expect(c.closed).toBe(false);
+    });
 
   it('a forced divergence causes exactly one checkpoint, and the client sees only the PVM’s bytes', async () => {
     const s = await stack({});

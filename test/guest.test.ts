@@ -121,6 +121,52 @@ describe('guest state', () => {
   });
 });
 
+describe('guest state captured for an early resume', () => {
+  it('a capture sends the state as it was taken while the primary runs on; changes since go in the next checkpoint, and a failed one loses nothing', async () => {
+    const pvm = new GuestState(memDisk(), { seed: 6, nondeterminism: 0 });
+    const svm = new GuestState(memDisk(), { seed: 6, nondeterminism: 0 });
+    for (let i = 0; i < 50; i++) await pvm.put(`key${i}`, Buffer.alloc(100, i));
+    pvm.capture(true);
+    const atCapture = pvm.hash();
+    const diskAtCapture = await pvm.diskHash(false, true);
+    // It runs again before the send: a change to a captured key, and a new key.
+    await pvm.put('key3', Buffer.from('after the capture'));
+    await pvm.put('late', Buffer.from('after the capture too'));
+    expect(pvm.hash(true), 'the hash of the captured state').toBe(atCapture);
+    expect(pvm.hash()).not.toBe(atCapture);
+    expect(await pvm.diskHash(false, true), 'the log as the capture left it').toEqual(diskAtCapture);
+    svm.receive(pvm.takeCaptured(true));
+    expect(() => pvm.takeCaptured(true), 'a capture is sent once').toThrow(/nothing was captured/);
+    svm.load();
+    pvm.checkpointed();
+    expect(svm.hash()).toBe(atCapture);
+    expect(svm.hash(true), 'an SVM hashes its own state').toBe(atCapture);
+    expect(svm.get('key3')?.value).toEqual(Buffer.alloc(100, 3));
+    expect(svm.get('late')).toBeUndefined();
+    // The next checkpoint carries what changed since the capture: the two keys.
+    expect(pvm.status().dirtyKeys).toBe(2);
+    pvm.capture(false);
+    await pvm.put('key4', Buffer.from('during a checkpoint that fails'));
+    pvm.takeCaptured(false); // sent, never committed: the SVM discards it
+    // The one after carries the failed one's keys and the change made since.
+    expect(pvm.status().dirtyKeys).toBe(3);
+    pvm.capture(false);
+    const second = pvm.hash(true);
+    svm.receive(pvm.takeCaptured(false));
+    svm.load();
+    pvm.checkpointed();
+    expect(svm.hash()).toBe(second);
+    expect(svm.hash()).toBe(pvm.hash());
+    // Kept paused (no capture): the state now, and a commit leaves nothing changed.
+    await pvm.put('key5', Buffer.from('paused checkpoint'));
+    svm.receive(pvm.save(false));
+    svm.load();
+    pvm.checkpointed();
+    expect(pvm.status().dirtyKeys).toBe(0);
+    expect(svm.hash()).toBe(pvm.hash(true));
+  });
+});
+
 describe('guest memory checkpoint encoding', () => {
   it('round-trips a delta from pieces cut anywhere, encodes the values by reference, and refuses anything else with EPROTO', () => {
     const d = {

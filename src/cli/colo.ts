@@ -28,6 +28,7 @@ export interface ColoCliOptions {
   failoverAfter: string;
   timeout: string;
   verify?: boolean;
+  earlyResume?: boolean;
   json?: boolean;
   verbose?: boolean;
   quiet?: boolean;
@@ -55,6 +56,7 @@ export function checkpointLine(r: CheckpointRecord): string {
       ? `seal ${f(p.seal)} ∥ capture ${f(p.capture)}; running again: durable ${f(p.durable)} ∥ send ${f(p.send)}, `
       : `seal ${f(p.seal)} + durable ${f(p.durable)} ∥ send ${f(p.send)}, `) +
     `drain ${f(p.drain)}, release ${f(p.release)}, load ∥ commit ${f(p.load)}, resume ${f(p.resume)})` +
+    (r.svmPauseMs === null ? '' : `; the SVM paused ${f(r.svmPauseMs)} ms`) +
     (r.verified
       ? `; SVM ${r.verified.state !== false && r.verified.disk !== false ? '= PVM' : '≠ PVM'} (state ${verdict(r.verified.state)}, disk ${verdict(r.verified.disk)})`
       : '')
@@ -92,6 +94,7 @@ export async function coloCommand(opts: ColoCliOptions): Promise<void> {
     failoverAfterMs: ms(opts.failoverAfter, '--failover-after', 10),
     phaseTimeoutMs: ms(opts.timeout, '--timeout', 100),
     verify: opts.verify === true,
+    earlyResume: opts.earlyResume !== false,
     logger,
   });
   const a = node.addresses;
@@ -151,7 +154,7 @@ export function coloStatusText(s: any): string {
         .map(([k, v]) => `${k} ${v}`)
         .join(', ') || 'none'
     }`,
-    `pause         p50 ${s.pauseMs.p50 ?? '-'} ms, p99 ${s.pauseMs.p99 ?? '-'} ms; sent ${formatBytes(s.memoryBytes)} of memory, ${formatBytes(s.diskBytes)} of disk`,
+    `pause         p50 ${s.pauseMs.p50 ?? '-'} ms, p99 ${s.pauseMs.p99 ?? '-'} ms${s.svmPauseMs.p50 === null ? '' : ` (SVM p50 ${s.svmPauseMs.p50} ms)`}; sent ${formatBytes(s.memoryBytes)} of memory, ${formatBytes(s.diskBytes)} of disk`,
     `connections   ${c.connections} open (${c.connectionsOpened} in all, ${c.connectionsLost} lost); ${formatBytes(c.heldBytes)} held, ${formatBytes(c.unmatchedSvmBytes)} SVM unmatched, ${c.divergedConnections} diverged, ${c.unprotectedConnections} unprotected`,
     `released      ${formatBytes(c.bytesReleased)} of ${formatBytes(c.bytesIn)} in`,
   ];

@@ -324,6 +324,10 @@ program
     '--verify',
     'after each checkpoint, check SVM = PVM while paused: state hash, and hash of the disk region the guest uses',
   )
+  .option(
+    '--no-early-resume',
+    'keep the PVM paused until the checkpoint is decided (by default a PVM whose state can be captured runs again before the send; its output waits meanwhile)',
+  )
   .option('--json', 'print events (listening, checkpoint, failover, state) as JSON lines')
   .option('-v, --verbose', 'log more')
   .option('-q, --quiet', 'log warnings only')

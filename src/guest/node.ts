@@ -105,13 +105,19 @@ export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
         ...state.status(),
         requests: server.requests,
         conns: server.positions(),
+        // Its state can be captured while paused and sent once it runs again.
+        earlyResume: true,
       }),
     },
-    { method: 'GET', path: '/hash', handler: async () => ({ hash: state.hash() }) },
+    {
+      method: 'GET',
+      path: '/hash',
+      handler: async (q) => ({ hash: state.hash(q.get('captured') === '1') }),
+    },
     {
       method: 'GET',
       path: '/disk-hash',
-      handler: async (q) => state.diskHash(q.get('whole') === '1'),
+      handler: async (q) => state.diskHash(q.get('whole') === '1', q.get('captured') === '1'),
     },
     { method: 'POST', path: '/mem/pause', handler: async () => ({ conns: await server.pause() }) },
     {
@@ -123,6 +129,11 @@ export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
       },
     },
     { method: 'POST', path: '/mem/save', raw: async (q) => state.save(q.get('full') === '1') },
+    {
+      method: 'POST',
+      path: '/mem/capture',
+      handler: async (_q, body) => state.capture(body.full === true),
+    },
     {
       method: 'POST',
       path: '/mem/checkpointed',
@@ -139,7 +150,8 @@ export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
       // The state goes straight to the other guest's /mem/receive, not through the coordinator.
       handler: async (_q, body) => {
         const to = parseHostPort(String(body.to ?? ''), "'to'");
-        const parts = state.save(body.full === true);
+        const full = body.full === true;
+        const parts = body.captured === true ? state.takeCaptured(full) : state.save(full);
         await sender.send(parts, (pieces) => controlRaw(to, '/mem/receive', pieces));
         return { bytes: deltaBytes(parts) };
       },

@@ -225,8 +225,22 @@ export class GuestState {
   private rng: Sfc32;
   private logPos = LOG_START;
   private logSeq = 0;
-  /** Keys changed since the last checkpoint, with their value at that checkpoint (null: absent). */
+  /**
+   * Keys changed since the last checkpoint, with their value at that checkpoint (null: absent).
+   * On a PVM whose state was captured (early resume): changed since the capture, with their
+   * value at the capture.
+   */
   private undo = new Map<string, Entry | null>();
+  /**
+   * A PVM that runs again before its checkpoint is committed (early resume): the keys the last
+   * capture took as changed (until that checkpoint is committed, the next one carries them too),
+   * the state it took for the send, and its counters (the captured state's hash).
+   */
+  private inFlight: Set<string> | null = null;
+  private captured: { full: boolean; parts: Buffer[] } | null = null;
+  private capturedAt: { ops: number; rng: number[]; logPos: number; logSeq: number } | null = null;
+  /** The last state sent was a capture: its commit leaves the changes made since it. */
+  private sentCaptured = false;
   private staged: MemoryDelta | null = null;
   /** The checkpoint id of the last load (a repeated load of it is answered, not refused). */
   private loaded: string | null = null;
@@ -251,7 +265,7 @@ export class GuestState {
   /** Bytes of state changed since the last checkpoint (what the next one would send). */
   get dirtyBytes(): number {
     let n = 0;
-    for (const k of this.undo.keys()) n += k.length + (this.entries.get(k)?.value.length ?? 0);
+    for (const k of this.changed()) n += k.length + (this.entries.get(k)?.value.length ?? 0);
     return n;
   }
 
@@ -343,9 +357,21 @@ export class GuestState {
     this.undo.set(key, e ? { value: e.value, version: e.version } : null);
   }
 
+  /** Keys changed since the last committed checkpoint. */
+  private changed(): string[] {
+    const keys = [...this.undo.keys()];
+    if (this.inFlight) for (const k of this.inFlight) if (!this.undo.has(k)) keys.push(k);
+    return keys;
+  }
+
   /** The memory checkpoint to send: what changed since the last one (everything if `full`), as pieces. */
   save(full: boolean): Buffer[] {
-    const keys = full ? [...this.entries.keys()] : [...this.undo.keys()];
+    this.sentCaptured = false;
+    return this.encode(full);
+  }
+
+  private encode(full: boolean): Buffer[] {
+    const keys = full ? [...this.entries.keys()] : this.changed();
     const delta: MemoryDelta = {
       full,
       ops: this.ops,
@@ -361,9 +387,44 @@ export class GuestState {
     return encodeDelta(delta);
   }
 
-  /** The checkpoint that carried `save()` is committed: changes count from here. */
-  checkpointed(): void {
+  /**
+   * Paused, before running again ahead of the checkpoint (early resume): take the state to send
+   * (values are never changed in place: the pieces stay valid while it runs) and count changes
+   * from here.
+   */
+  capture(full: boolean): { entries: number } {
+    const parts = this.encode(full);
+    this.inFlight = new Set(this.changed());
     this.undo.clear();
+    this.capturedAt = { ops: this.ops, rng: [...this.rng.s], logPos: this.logPos, logSeq: this.logSeq };
+    this.captured = { full, parts };
+    return { entries: full ? this.entries.size : this.inFlight.size };
+  }
+
+  /** The state `capture` took, once (for its send). */
+  takeCaptured(full: boolean): Buffer[] {
+    const c = this.captured;
+    if (!c) throw new ColoError('EINVAL', 'send: nothing was captured since the last send');
+    if (c.full !== full)
+      throw new ColoError(
+        'EINVAL',
+        `send: the capture was ${c.full ? '' : 'not '}full, the send ${full ? '' : 'not '}full`,
+      );
+    this.captured = null;
+    this.sentCaptured = true;
+    return c.parts;
+  }
+
+  /** The checkpoint that carried the last state sent is committed: changes count from here. */
+  checkpointed(): void {
+    if (this.sentCaptured) {
+      // Changes made since the capture stay for the next checkpoint.
+      this.inFlight = null;
+    } else {
+      this.undo.clear();
+      this.inFlight = null;
+      this.capturedAt = null;
+    }
     this.checkpoints++;
   }
 
@@ -394,6 +455,10 @@ export class GuestState {
     this.logSeq = d.logSeq;
     this.staged = null;
     this.undo.clear();
+    this.inFlight = null;
+    this.captured = null;
+    this.capturedAt = null;
+    this.sentCaptured = false;
     this.checkpoints++;
     this.loaded = checkpoint ?? null;
     return { entries: d.entries.length };
@@ -409,29 +474,41 @@ export class GuestState {
     this.staged = null;
   }
 
-  /** The state's hash: equal on both sides after every checkpoint. */
-  hash(): string {
+  /**
+   * The state's hash: equal on both sides after every checkpoint. `captured`: of the state as the
+   * last capture took it (a PVM that runs again before its checkpoint completes), if there is one.
+   */
+  hash(captured = false): string {
+    const at = captured ? this.capturedAt : null;
     const h = createHash('sha256');
-    for (const k of [...this.entries.keys()].sort()) {
-      const e = this.entries.get(k)!;
+    const keys = new Set(this.entries.keys());
+    if (at) for (const k of this.undo.keys()) keys.add(k);
+    for (const k of [...keys].sort()) {
+      const e = at && this.undo.has(k) ? this.undo.get(k) : this.entries.get(k);
+      if (!e) continue;
       h.update(`${k.length}:${k}:${e.version}:${e.value.length}:`);
       h.update(e.value);
     }
-    h.update(`ops=${this.ops};rng=${this.rng.s.join(',')};log=${this.logPos},${this.logSeq}`);
+    const c = at ?? { ops: this.ops, rng: this.rng.s, logPos: this.logPos, logSeq: this.logSeq };
+    h.update(`ops=${c.ops};rng=${c.rng.join(',')};log=${c.logPos},${c.logSeq}`);
     return h.digest('hex');
   }
 
   /**
    * sha256 of the disk as the guest sees it (through its own disk client):
    * the log and the rest of its last MiB, or the whole disk if `whole`.
-   * Two guests whose states are equal cover the same range.
+   * Two guests whose states are equal cover the same range. `captured`: the
+   * log only, up to its end in the state the last capture took (or in this
+   * state, without one): a PVM running past its capture appends beyond it.
    */
-  async diskHash(whole = false): Promise<{ hash: string; bytes: number }> {
+  async diskHash(whole = false, captured = false): Promise<{ hash: string; bytes: number }> {
     const h = createHash('sha256');
     const chunk = 1024 * 1024;
     const end = whole
       ? this.disk.size
-      : Math.min(this.disk.size, Math.ceil((this.logPos + 1) / chunk) * chunk);
+      : captured
+        ? Math.min(this.disk.size, this.capturedAt?.logPos ?? this.logPos)
+        : Math.min(this.disk.size, Math.ceil((this.logPos + 1) / chunk) * chunk);
     for (let off = 0; off < end; off += chunk)
       h.update(await this.disk.read(off, Math.min(chunk, end - off)));
     return { hash: h.digest('hex'), bytes: end };
@@ -443,7 +520,7 @@ export class GuestState {
       ops: this.ops,
       logPos: this.logPos,
       logSeq: this.logSeq,
-      dirtyKeys: this.undo.size,
+      dirtyKeys: this.changed().length,
       dirtyBytes: this.dirtyBytes,
       checkpoints: this.checkpoints,
     };

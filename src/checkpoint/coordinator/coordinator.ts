@@ -18,6 +18,9 @@
  *      new output waits in the comparer for the SVM's);
  *   8. the SVM resumes (in remus mode it stays paused). With `verify`, both
  *      stay paused until their hashes are compared, then both resume.
+ * Early resume (a PVM whose state can be captured, unless turned off): the
+ * PVM is paused for 2, the seal ∥ its capture and the comparer's freeze
+ * only, and runs during 4-8; its output meanwhile waits in the comparer.
  * A phase that fails before the cut releases nothing: the SVM discards what
  * it received, both resume, and the request stands.
  *
@@ -73,6 +76,11 @@ export interface CoordinatorOptions {
   phaseTimeoutMs: number;
   /** After each checkpoint, check that SVM = PVM (state hash and disk hash) while both are paused. */
   verify: boolean;
+  /**
+   * Resume a PVM that can be captured (its probe says `earlyResume`) once its state is taken,
+   * before the send and the commit (default true); false keeps it paused until the cut.
+   */
+  earlyResume?: boolean;
   logger: Logger;
 }
 
@@ -104,6 +112,11 @@ export interface CheckpointRecord {
   phases: Record<Phase, number>;
   /** How long the PVM was paused, from its pause call until it runs again (without verification). */
   pauseMs: number;
+  /**
+   * colo: how long the SVM was paused, from its pause call until it runs again (without
+   * verification); the PVM's output waits for the SVM's meanwhile. Null in remus mode.
+   */
+  svmPauseMs: number | null;
   /** The whole transaction, from pausing the SVM until both run again. */
   totalMs: number;
   /** null: that VM cannot give a hash of it (a QEMU VM's disk is the disk pair's to compare). */
@@ -321,11 +334,14 @@ export class Coordinator extends EventEmitter {
     let pvmPos: Positions | null = null;
     let paused = false;
     let pvmRunsAt = 0;
-    // Remus with a PVM that can be captured: it runs again before the send and the commit
-    // (its hash() is of the state it captured, so --verify holds while it runs).
-    const early = this.mode === 'remus' && this.pvmEarlyResume;
+    // A PVM that can be captured runs again before the send and the commit (its hash() is of the
+    // state it captured, so --verify holds while it runs); its output past the pause waits in the
+    // comparer (remus: for the next cut; colo: for the SVM's, once the SVM has loaded this state).
+    const early = this.pvmEarlyResume && this.opts.earlyResume !== false;
+    let svmRunsAt = 0;
     try {
       // 2. pause the SVM, then the PVM
+      const svmPausedAt = performance.now();
       svmPos = await this.svmCall(svm.pause());
       const pvmPausedAt = performance.now();
       this.pvmHeld = true;
@@ -417,7 +433,7 @@ export class Coordinator extends EventEmitter {
       if (this.opts.verify) {
         const tv = performance.now();
         const [a, b, da, db] = await this.guard(
-          Promise.all([pvm.hash(), svm.hash(), pvm.diskHash(), svm.diskHash()]),
+          Promise.all([pvm.hash(early), svm.hash(early), pvm.diskHash(early), svm.diskHash(early)]),
         );
         verifyMs = performance.now() - tv;
         // What a VM cannot hash (null) is not checked: it counts as neither equal nor different.
@@ -437,7 +453,9 @@ export class Coordinator extends EventEmitter {
       // 8. resume (the SVM; the PVM too when verify held it)
       await this.guard(
         Promise.all([
-          this.mode === 'colo' ? this.svmCall(svm.resume()) : null,
+          this.mode === 'colo'
+            ? this.svmCall(svm.resume()).then(() => (svmRunsAt = performance.now()))
+            : null,
           early || pvmNow ? null : this.resumePvm(pvm).then(() => (pvmRunsAt = performance.now())),
         ]),
       );
@@ -457,6 +475,7 @@ export class Coordinator extends EventEmitter {
         phases,
         // Verification runs while the VMs are paused, after the load (with early resume: after the PVM runs again).
         pauseMs: pvmRunsAt - pvmPausedAt - (early ? 0 : verifyMs),
+        svmPauseMs: this.mode === 'colo' ? svmRunsAt - svmPausedAt - verifyMs : null,
         totalMs,
         verified,
       };
@@ -889,6 +908,16 @@ export class Coordinator extends EventEmitter {
         ),
         p99: pct(
           recent.map((r) => r.pauseMs),
+          0.99,
+        ),
+      },
+      svmPauseMs: {
+        p50: pct(
+          recent.flatMap((r) => (r.svmPauseMs === null ? [] : [r.svmPauseMs])),
+          0.5,
+        ),
+        p99: pct(
+          recent.flatMap((r) => (r.svmPauseMs === null ? [] : [r.svmPauseMs])),
           0.99,
         ),
       },

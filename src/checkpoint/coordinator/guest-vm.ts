@@ -51,18 +51,24 @@ export class GuestVm implements VmHook {
     await this.post('/mem/discard');
   }
 
-  async hash(): Promise<string | null> {
+  async hash(captured: boolean): Promise<string | null> {
     return (
-      await controlCall<{ hash: string | null }>(this.control, 'GET', '/hash', undefined, this.timeoutMs)
+      await controlCall<{ hash: string | null }>(
+        this.control,
+        'GET',
+        captured ? '/hash?captured=1' : '/hash',
+        undefined,
+        this.timeoutMs,
+      )
     ).hash;
   }
 
   /** The disk the guest uses (its log): equal states cover the same range. Null: the VM cannot say. */
-  async diskHash(): Promise<string | null> {
+  async diskHash(captured: boolean): Promise<string | null> {
     const r = await controlCall<{ hash: string | null; bytes: number | null }>(
       this.control,
       'GET',
-      '/disk-hash',
+      captured ? '/disk-hash?captured=1' : '/disk-hash',
       undefined,
       this.timeoutMs,
     );

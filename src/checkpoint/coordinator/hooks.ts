@@ -66,12 +66,17 @@ export interface VmHook {
   discard(): Promise<void>;
   /**
    * A hash of the state (to verify SVM = PVM), null if the VM cannot give one.
-   * A VM with `earlyResume` hashes the state as of its last capture (it runs
-   * again while the checkpoint completes).
+   * `captured`: the checkpoint's PVM ran again after its capture (early
+   * resume): a PVM hashes the state as of its last capture; an SVM, as always,
+   * its own (loaded) state.
    */
-  hash(): Promise<string | null>;
-  /** A hash of the disk as the VM sees it, null if it cannot give one. */
-  diskHash(): Promise<string | null>;
+  hash(captured: boolean): Promise<string | null>;
+  /**
+   * A hash of the disk as the VM sees it, null if it cannot give one.
+   * `captured`: as `hash`, both sides cover only what the state as of the
+   * capture holds (the PVM has written past it since).
+   */
+  diskHash(captured: boolean): Promise<string | null>;
   /** Liveness; throws when the VM cannot be reached. */
   probe(timeoutMs: number): Promise<VmProbe>;
 }

@@ -36,6 +36,8 @@ export interface ColoNodeOptions {
   failoverAfterMs: number;
   phaseTimeoutMs: number;
   verify: boolean;
+  /** Resume a PVM that can be captured before the send and the commit (default true). */
+  earlyResume?: boolean;
   limits?: Partial<SessionLimits>;
   logger: Logger;
 }
@@ -86,6 +88,7 @@ export class ColoNode {
       failoverAfterMs: opts.failoverAfterMs,
       phaseTimeoutMs: opts.phaseTimeoutMs,
       verify: opts.verify,
+      earlyResume: opts.earlyResume,
       logger: opts.logger,
     };
     const coordinator = new Coordinator(copts);
