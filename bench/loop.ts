@@ -587,17 +587,24 @@ export const loopCheckpointScenario: ScenarioDef = {
       large.recs.map((x) => x.pauseMs),
       0.5,
     );
+    const svmP50 = (r: (typeof results)[number]) =>
+      f1(
+        quantile(
+          r.recs.map((x) => x.svmPauseMs ?? 0),
+          0.5,
+        ),
+      );
     const targets: Target[] = [
       {
         what: `checkpoint pause p50, 1 MiB dirtied, ${fmtBytes(small.size)} of state`,
         target: '≤ 10 ms',
-        measured: `${f1(p50)} ms (kept paused until the cut: ${keptP50[0]} ms)`,
+        measured: `${f1(p50)} ms (kept paused until the cut: ${keptP50[0]} ms; the SVM's pause ${svmP50(small)} ms)`,
         pass: p50 <= 10,
       },
       {
         what: `checkpoint pause p50, 1 MiB dirtied, ${fmtBytes(large.size)} of state`,
         target: '≤ 10 ms',
-        measured: `${f1(p50Large)} ms (kept paused until the cut: ${keptP50[keptP50.length - 1]} ms)`,
+        measured: `${f1(p50Large)} ms (kept paused until the cut: ${keptP50[keptP50.length - 1]} ms; the SVM's pause ${svmP50(large)} ms)`,
         pass: p50Large <= 10,
       },
       {
