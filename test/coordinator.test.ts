@@ -174,6 +174,42 @@ describe('coordinator', () => {
     expect(r.pauseMs).toBeLessThan(r.totalMs);
   });
 
+  for (const earlyResume of [true, false])
+    it(`colo with a PVM that can be captured: ${earlyResume ? 'it runs again before the send; the SVM stays paused until its load' : '--no-early-resume keeps it paused until the cut'}`, async () => {
+      const log: string[] = [];
+      const pvm = fakeVm('pvm', log, 'fake', { earlyResume: true });
+      const svm = fakeVm('svm', log);
+      const disk = fakeDisk(log);
+      const comparer = new Comparer({ mode: 'colo', pvm: pvm.data, compareTimeoutMs: 200, logger: quiet });
+      const co = coordinator({ mode: 'colo', comparer, pvm, svm, disk, earlyResume });
+      co.start();
+      running.push(() => co.close());
+      for (let i = 0; co.state !== 'protected'; i++) {
+        if (i > 200) throw new Error(`never protected: ${co.lastError}`);
+        await sleep(10);
+      }
+      log.length = 0;
+      const r = await co.checkpointNow();
+      const e = r.epoch;
+      before(log, 'svm.pause', 'pvm.pause');
+      before(log, 'svm.load', 'svm.resume');
+      before(log, `disk.commit ${e}`, 'svm.resume');
+      if (earlyResume) {
+        before(log, 'pvm.pause', 'pvm.capture');
+        before(log, 'disk.seal', 'pvm.resume');
+        before(log, 'pvm.capture', 'pvm.resume');
+        before(log, 'pvm.resume', 'pvm.send');
+        before(log, 'pvm.resume', `disk.durable ${e}`);
+        before(log, 'pvm.send', 'svm.load');
+      } else {
+        expect(log).not.toContain('pvm.capture');
+        before(log, 'pvm.send', 'pvm.resume');
+        before(log, `disk.durable ${e}`, 'pvm.resume');
+      }
+      expect(r.svmPauseMs).not.toBeNull();
+      expect(r.svmPauseMs!).toBeGreaterThanOrEqual(r.pauseMs);
+    });
+
   it('the SVM fails its load after the PVM runs again: unprotected, the PVM is not paused again', async () => {
     const { log, co, svm } = await setup();
     svm.on['load'] = () => Promise.reject(new Error('the SVM could not load the state'));

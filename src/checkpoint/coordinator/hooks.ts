@@ -24,8 +24,9 @@ export interface VmProbe {
   standby: boolean;
   /**
    * Its state can be captured while paused (`capture`) and sent after it runs
-   * again: in remus mode the coordinator then resumes it before the send and
-   * the commit, holding its output meanwhile (Remus's speculative execution).
+   * again: the coordinator then resumes it before the send and the commit,
+   * holding its output meanwhile (Remus's speculative execution; in colo
+   * mode its output waits for the SVM's from the checkpoint's state).
    */
   earlyResume: boolean;
 }
