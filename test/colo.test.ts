@@ -38,6 +38,65 @@ async function expectEqual(s: ColoStack): Promise<void> {
   expect(await hashExport(s.pair.secondary.nbdPort)).toBe(await hashExport(s.pair.primary.nbdPort));
 }
 
+/** PUTs on every connection until stopped: what was acknowledged, failures, the longest wait between answers. */
+function putLoad(conns: HttpConn[], prefix: string, keys: number) {
+  const load = {
+    acked: new Map<string, string>(),
+    failures: 0,
+    lastAt: Date.now(),
+    maxGap: 0,
+    stopped: false,
+  };
+  const loops = conns.map(async (c, i) => {
+    for (let n = 0; !load.stopped; n++) {
+      const key = `${prefix}${i}-${n % keys}`;
+      const value = `v${n}-${i}`;
+      try {
+        const r = await c.request('PUT', `/kv/${key}`, value, 15_000);
+        if (r.status !== 200) throw new Error(`status ${r.status}`);
+        load.acked.set(key, value);
+        const now = Date.now();
+        load.maxGap = Math.max(load.maxGap, now - load.lastAt);
+        load.lastAt = now;
+      } catch (err) {
+        load.failures++;
+        console.log(`connection ${i}: ${(err as Error).message}`);
+        return;
+      }
+    }
+  });
+  const stop = async () => {
+    load.stopped = true;
+    await Promise.all(loops);
+  };
+  return Object.assign(load, { stop });
+}
+
+/**
+ * The primary side (its disk node and the PVM guest) SIGKILLed under `load` for 1.5 s: no
+ * connection failed, the SVM answered after the kill, every acknowledged PUT reads back.
+ */
+async function failOverUnderLoad(s: ColoStack, conns: HttpConn[], load: ReturnType<typeof putLoad>) {
+  const kills = [s.pair.primary, s.pvm].map((n) => n.exit);
+  s.pair.primary.child.kill('SIGKILL');
+  s.pvm.child.kill('SIGKILL');
+  await Promise.all(kills);
+  const killedAt = Date.now();
+  await new Promise((res) => setTimeout(res, 1500));
+  await load.stop();
+  expect(load.failures).toBe(0);
+  for (const c of conns) {
+    expect(c.closed).toBe(false);
+    expect(c.error).toBeNull();
+  }
+  expect(load.lastAt, 'the SVM answered after the kill').toBeGreaterThan(killedAt);
+  // Every acknowledged PUT is readable, on the same connections, now served by the SVM.
+  for (const [key, value] of load.acked) {
+    const r = await conns[0].request('GET', `/kv/${key}`);
+    expect(r.body.toString(), key).toBe(value);
+  }
+}
+
 const mismatches = (s: ColoStack) =>
   s.checkpoints().filter((c) => (c.reasons as string[]).includes('mismatch')).length;
 
@@ -158,27 +217,7 @@ describe('colo-blk colo (processes)', () => {
       coloArgs: ['--interval', '50', '--verify'],
     });
     const conns = await Promise.all(Array.from({ length: 4 }, () => HttpConn.connect(s.port)));
-    const acked = new Map<string, string>();
-    let stop = false;
-    let failures = 0;
-    let killedAt = 0;
-    let answeredAfter = 0;
-    const loops = conns.map(async (c, i) => {
-      for (let n = 0; !stop; n++) {
-        const key = `r${i}-${n % 5}`;
-        const value = `v${n}-${i}`;
-        try {
-          const r = await c.request('PUT', `/kv/${key}`, value, 15_000);
-          if (r.status !== 200) throw new Error(`status ${r.status}`);
-          acked.set(key, value);
-          if (killedAt && Date.now() > killedAt) answeredAfter++;
-        } catch (err) {
-          failures++;
-          console.log(`connection ${i}: ${(err as Error).message}`);
-          return;
-        }
-      }
-    });
+    const load = putLoad(conns, 'r', 5);
     await new Promise((res) => setTimeout(res, 1000));
     const cps = s.checkpoints().filter((c) => !(c.reasons as string[]).includes('pair'));
     expect(cps.length).toBeGreaterThan(3);
@@ -187,24 +226,7 @@ describe('colo-blk colo (processes)', () => {
       expect((c.phases as Record<string, number>).capture, 'the PVM was captured').toBeGreaterThan(0);
       expect(c.svmPauseMs).toBeNull();
     }
-    const kills = [s.pair.primary, s.pvm].map((n) => n.exit);
-    s.pair.primary.child.kill('SIGKILL');
-    s.pvm.child.kill('SIGKILL');
-    await Promise.all(kills);
-    killedAt = Date.now();
-    await new Promise((res) => setTimeout(res, 1500));
-    stop = true;
-    await Promise.all(loops);
-    expect(failures).toBe(0);
-    for (const c of conns) {
-      expect(c.closed).toBe(false);
-      expect(c.error).toBeNull();
-    }
-    expect(answeredAfter, 'the SVM answered after the kill').toBeGreaterThan(0);
-    for (const [key, value] of acked) {
-      const r = await conns[0].request('GET', `/kv/${key}`);
-      expect(r.body.toString(), key).toBe(value);
-    }
+    await failOverUnderLoad(s, conns, load);
     const st = await s.status();
     expect(st.failovers).toHaveLength(1);
     expect(st.failovers[0].survived).toBe(4);
@@ -214,57 +236,17 @@ describe('colo-blk colo (processes)', () => {
     // The guest's log only grows: a disk big enough for a few seconds of PUTs.
     const s = await stack({ nondeterminism: 0.02, size: '256M', coloArgs: ['--interval', '400'] });
     const conns = await Promise.all(Array.from({ length: 8 }, () => HttpConn.connect(s.port)));
-    const acked = new Map<string, string>();
-    let stop = false;
-    let failures = 0;
-    let lastAt = Date.now();
-    let maxGap = 0;
-    const loops = conns.map(async (c, i) => {
-      for (let n = 0; !stop; n++) {
-        const key = `k${i}-${n % 11}`;
-        const value = `v${n}-${i}`;
-        try {
-          const r = await c.request('PUT', `/kv/${key}`, value, 15_000);
-          if (r.status !== 200) throw new Error(`status ${r.status}`);
-          acked.set(key, value);
-          const now = Date.now();
-          maxGap = Math.max(maxGap, now - lastAt);
-          lastAt = now;
-        } catch (err) {
-          failures++;
-          console.log(`connection ${i}: ${(err as Error).message}`);
-          return;
-        }
-      }
-    });
+    const load = putLoad(conns, 'k', 11);
     await new Promise((res) => setTimeout(res, 1000));
-    const kills = [s.pair.primary, s.pvm].map((n) => n.exit);
-    s.pair.primary.child.kill('SIGKILL');
-    s.pvm.child.kill('SIGKILL');
-    await Promise.all(kills);
-    const killedAt = Date.now();
-    await new Promise((res) => setTimeout(res, 1500));
-    stop = true;
-    await Promise.all(loops);
-    expect(failures).toBe(0);
-    for (const c of conns) {
-      expect(c.closed).toBe(false);
-      expect(c.error).toBeNull();
-    }
-    expect(lastAt).toBeGreaterThan(killedAt); // the SVM answered after the kill
-    // Every acknowledged PUT is readable, on the same connections, now served by the SVM.
-    for (const [key, value] of acked) {
-      const r = await conns[0].request('GET', `/kv/${key}`);
-      expect(r.body.toString(), key).toBe(value);
-    }
+    await failOverUnderLoad(s, conns, load);
     const st = await s.status();
     expect(st.state).toBe('unprotected');
     expect(st.failovers).toHaveLength(1);
     expect(st.failovers[0].survived).toBe(8);
     expect(st.comparer.connectionsLost).toBe(0);
-    expect(acked.size).toBeGreaterThan(20);
+    expect(load.acked.size).toBeGreaterThan(20);
     console.log(
-      `failover: ${st.failovers[0].ms.toFixed(0)} ms in the coordinator, longest client-visible gap ${maxGap} ms, ${acked.size} keys acknowledged`,
+      `failover: ${st.failovers[0].ms.toFixed(0)} ms in the coordinator, longest client-visible gap ${load.maxGap} ms, ${load.acked.size} keys acknowledged`,
     );
 
     // Re-protection: a fresh secondary disk node and SVM guest, paired with one command.
@@ -303,11 +285,11 @@ describe('colo-blk colo (processes)', () => {
     expect((await direct.request('PUT', '/kv/k0-0', 'svm2-only')).status).toBe(200);
     direct.close();
     const r = await conns[3].request('GET', '/kv/k0-0');
-    expect(r.body.toString()).toBe(acked.get('k0-0'));
+    expect(r.body.toString()).toBe(load.acked.get('k0-0'));
     await new Promise((res) => setTimeout(res, 300));
     const last = (await s.status()).lastCheckpoint;
     expect(last.reasons).toContain('mismatch');
-    for (const [key, value] of [...acked].slice(0, 20))
+    for (const [key, value] of [...load.acked].slice(0, 20))
       expect((await conns[5].request('GET', `/kv/${key}`)).body.toString()).toBe(value);
     const [h1, h2] = await Promise.all([
       controlCall<{ hash: string }>(s.svm.control, 'GET', '/hash'),

@@ -114,9 +114,9 @@ afterEach(async () => {
   for (const f of running.splice(0)) await f();
 });
 
-async function setup(extra: Partial<CoordinatorOptions> = {}) {
+async function setup(extra: Partial<CoordinatorOptions> = {}, pvmKind: { earlyResume?: boolean } = {}) {
   const log: string[] = [];
-  const pvm = fakeVm('pvm', log);
+  const pvm = fakeVm('pvm', log, 'fake', pvmKind);
   const svm = fakeVm('svm', log);
   const disk = fakeDisk(log);
   const comparer = new Comparer({ mode: 'colo', pvm: pvm.data, compareTimeoutMs: 200, logger: quiet });
@@ -176,19 +176,7 @@ describe('coordinator', () => {
 
   for (const earlyResume of [true, false])
     it(`colo with a PVM that can be captured: ${earlyResume ? 'it runs again before the send; the SVM stays paused until its load' : '--no-early-resume keeps it paused until the cut'}`, async () => {
-      const log: string[] = [];
-      const pvm = fakeVm('pvm', log, 'fake', { earlyResume: true });
-      const svm = fakeVm('svm', log);
-      const disk = fakeDisk(log);
-      const comparer = new Comparer({ mode: 'colo', pvm: pvm.data, compareTimeoutMs: 200, logger: quiet });
-      const co = coordinator({ mode: 'colo', comparer, pvm, svm, disk, earlyResume });
-      co.start();
-      running.push(() => co.close());
-      for (let i = 0; co.state !== 'protected'; i++) {
-        if (i > 200) throw new Error(`never protected: ${co.lastError}`);
-        await sleep(10);
-      }
-      log.length = 0;
+      const { log, co } = await setup({ earlyResume }, { earlyResume: true });
       const r = await co.checkpointNow();
       const e = r.epoch;
       before(log, 'svm.pause', 'pvm.pause');

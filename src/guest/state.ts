@@ -23,6 +23,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { ColoError } from '../errors.js';
 import { ByteQueue } from '../net/bytequeue.js';
+import { takeCapture } from '../checkpoint/coordinator/hooks.js';
 
 /** The block device the guest keeps its log on (NbdClient, or a test's memory disk). */
 export interface GuestDisk {
@@ -403,13 +404,7 @@ export class GuestState {
 
   /** The state `capture` took, once (for its send). */
   takeCaptured(full: boolean): Buffer[] {
-    const c = this.captured;
-    if (!c) throw new ColoError('EINVAL', 'send: nothing was captured since the last send');
-    if (c.full !== full)
-      throw new ColoError(
-        'EINVAL',
-        `send: the capture was ${c.full ? '' : 'not '}full, the send ${full ? '' : 'not '}full`,
-      );
+    const c = takeCapture(this.captured, full);
     this.captured = null;
     this.sentCaptured = true;
     return c.parts;

@@ -8,6 +8,7 @@
  * One interface for both roles, because roles swap: after a failover the SVM
  * is the PVM of the next pairing.
  */
+import { ColoError } from '../../errors.js';
 import type { Positions } from '../../net/comparer/comparer.js';
 import type { Endpoint } from '../../util/address.js';
 
@@ -80,6 +81,20 @@ export interface VmHook {
   diskHash(captured: boolean): Promise<string | null>;
   /** Liveness; throws when the VM cannot be reached. */
   probe(timeoutMs: number): Promise<VmProbe>;
+}
+
+/**
+ * A PVM's send of what `capture` took (`sendState(…, captured)`): that capture, which a send takes
+ * once, and of the kind (full or not) the send names; else EINVAL.
+ */
+export function takeCapture<T extends { full: boolean }>(c: T | null, full: boolean): T {
+  if (!c) throw new ColoError('EINVAL', 'send: nothing was captured since the last send');
+  if (c.full !== full)
+    throw new ColoError(
+      'EINVAL',
+      `send: the capture was ${c.full ? '' : 'not '}full, the send ${full ? '' : 'not '}full`,
+    );
+  return c;
 }
 
 export interface DiskProbe {

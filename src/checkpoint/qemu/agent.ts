@@ -30,6 +30,7 @@ import type { Logger } from '../../net/server.js';
 import type { Storage } from '../../sys/storage.js';
 import { parseHostPort } from '../../util/address.js';
 import { controlRaw, type Route } from '../control.js';
+import { takeCapture } from '../coordinator/hooks.js';
 import { launchQemu, standbyArgv, type VmCommand } from './launch.js';
 import type { QmpClient } from './qmp.js';
 import { StandbyRam } from './standby-ram.js';
@@ -200,13 +201,7 @@ export class QemuAgent extends EventEmitter {
     const vm = this.activeVm('send');
     const target = parseHostPort(to, "'to'");
     if (!captured) await this.capture(full);
-    const c = this.captured;
-    if (!c) throw new ColoError('EINVAL', 'send: nothing was captured since the last send');
-    if (c.full !== full)
-      throw new ColoError(
-        'EINVAL',
-        `send: the capture was ${c.full ? '' : 'not '}full, the send ${full ? '' : 'not '}full`,
-      );
+    const c = takeCapture(this.captured, full);
     this.captured = null;
     const t = performance.now();
     const body = encodeCheckpoint(vm.ram.size, c.pages, c.ranges, c.device, c.full);
