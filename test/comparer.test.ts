@@ -288,6 +288,21 @@ describe('comparer', () => {
     await until(() => client.text === 'abcdef');
   });
 
+  it('a checkpoint whose PVM ran ahead fails before its cut: what arrived meanwhile is compared at once', async () => {
+    // Found by the model test (seed 777): a FIN that came after the freeze was not looked at
+    // again when the checkpoint failed, so its difference from the SVM's output asked for no
+    // checkpoint until more bytes came (or the compare timeout).
+    const { cmp, p, s, requests } = await setup('colo');
+    s!.write('x');
+    await until(() => cmp.status().unmatchedSvmBytes === 1);
+    cmp.freeze({ [String(p.remotePort)]: { consumed: 0, written: 0 } });
+    p.end(); // the PVM, running again, closes: not this checkpoint's
+    await sleep(50);
+    expect(requests).toEqual([]);
+    cmp.endDrain(); // the checkpoint failed before its cut
+    await until(() => requests.includes('mismatch'));
+  });
+
   it('none mode passes the PVM’s output through', async () => {
     const { p, client } = await setup('none');
     p.write('straight through');

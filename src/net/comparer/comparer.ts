@@ -310,7 +310,9 @@ export class Comparer implements SessionHost {
     this.pvm = newPvm;
     this.svm = null;
     this.standby = false;
-    this.thaw();
+    // The dead PVM's output is not compared again: each session's SVM connection takes over.
+    this.frozen = false;
+    for (const s of this.sessions.values()) s.frozen = null;
     this.draining = false;
     for (const s of [...this.sessions.values()]) {
       if (s.failover()) survived++;

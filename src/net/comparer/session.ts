@@ -426,9 +426,15 @@ export class Session {
     };
   }
 
-  /** The checkpoint failed before its cut: the next one covers this output. */
+  /**
+   * The checkpoint failed before its cut: the next one covers this output.
+   * What arrived meanwhile is looked at again (a FIN that came after the
+   * freeze and differs from the SVM's output asks for a checkpoint now).
+   */
   thaw(): void {
+    if (!this.frozen) return;
     this.frozen = null;
+    this.step();
   }
 
   /**
