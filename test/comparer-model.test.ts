@@ -506,6 +506,23 @@ function run(o: RunOptions, actions: Action[]): void {
   }
 }
 
+/** Runs that once found a bug, replayed first in every run (fast-check's `examples`). */
+const found: [Action[], RunOptions][] = [
+  // An early checkpoint that failed before its cut left a FIN that came meanwhile unexamined: its
+  // difference from the SVM's byte asked for no checkpoint (seed 777).
+  [
+    [
+      { t: 'pair', fails: false },
+      { t: 'emit', side: 's', n: 1, flip: false },
+      { t: 'early', part: 0 },
+      { t: 'fin', side: 'p' },
+      { t: 'checkpoint', fails: true, chunks: 1 },
+      { t: 'emit', side: 'p', n: 1, flip: false },
+    ],
+    { mode: 'colo', queueBytes: 16, keepBytes: 8, maxFlips: 0, paired: false, standby: false, seed: 0 },
+  ],
+];
+
 describe('the comparer session against a model of what a client may see', () => {
   for (const mode of ['colo', 'remus'] as const)
     it(`${mode}: any interleaving of input, output, FINs, divergences, pairings, checkpoints and a failover`, () => {
@@ -523,7 +540,11 @@ describe('the comparer session against a model of what a client may see', () => 
           }),
           (actions, o) => run(o, actions),
         ),
-        { numRuns: 3000, seed: 0x5eed + (mode === 'colo' ? 0 : 1) },
+        {
+          numRuns: 10000,
+          seed: 0x5eed + (mode === 'colo' ? 0 : 1),
+          examples: found.filter(([, o]) => o.mode === mode),
+        },
       );
     });
 });
