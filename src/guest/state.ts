@@ -228,20 +228,18 @@ export class GuestState {
   private logSeq = 0;
   /**
    * Keys changed since the last checkpoint, with their value at that checkpoint (null: absent).
-   * On a PVM whose state was captured (early resume): changed since the capture, with their
-   * value at the capture.
+   * On a PVM: changed since its state was last taken (a capture, or a save), with their value
+   * then.
    */
   private undo = new Map<string, Entry | null>();
   /**
-   * A PVM that runs again before its checkpoint is committed (early resume): the keys the last
-   * capture took as changed (until that checkpoint is committed, the next one carries them too),
-   * the state it took for the send, and its counters (the captured state's hash).
+   * A PVM's state taken and not yet committed: the keys it took as changed (until that checkpoint
+   * commits, the next one carries them too), the state taken for the send (a capture, for early
+   * resume), and its counters (the hash of the state taken).
    */
   private inFlight: Set<string> | null = null;
   private captured: { full: boolean; parts: Buffer[] } | null = null;
   private capturedAt: { ops: number; rng: number[]; logPos: number; logSeq: number } | null = null;
-  /** The last state sent was a capture: its commit leaves the changes made since it. */
-  private sentCaptured = false;
   private staged: MemoryDelta | null = null;
   /** The checkpoint id of the last load (a repeated load of it is answered, not refused). */
   private loaded: string | null = null;
@@ -365,10 +363,13 @@ export class GuestState {
     return keys;
   }
 
-  /** The memory checkpoint to send: what changed since the last one (everything if `full`), as pieces. */
+  /**
+   * The memory checkpoint to send now (the PVM paused until it commits): what changed since the
+   * last one (everything if `full`), as pieces.
+   */
   save(full: boolean): Buffer[] {
-    this.sentCaptured = false;
-    return this.encode(full);
+    this.capture(full);
+    return this.takeCaptured(full);
   }
 
   private encode(full: boolean): Buffer[] {
@@ -389,9 +390,8 @@ export class GuestState {
   }
 
   /**
-   * Paused, before running again ahead of the checkpoint (early resume): take the state to send
-   * (values are never changed in place: the pieces stay valid while it runs) and count changes
-   * from here.
+   * Paused: take the state to send (values are never changed in place: the pieces stay valid if
+   * it runs again before the send, as with early resume) and count changes from here.
    */
   capture(full: boolean): { entries: number } {
     const parts = this.encode(full);
@@ -406,20 +406,15 @@ export class GuestState {
   takeCaptured(full: boolean): Buffer[] {
     const c = takeCapture(this.captured, full);
     this.captured = null;
-    this.sentCaptured = true;
     return c.parts;
   }
 
-  /** The checkpoint that carried the last state sent is committed: changes count from here. */
+  /**
+   * The checkpoint that carried the last state taken is committed: the changes made since it
+   * (by a PVM that ran again) are what the next one carries.
+   */
   checkpointed(): void {
-    if (this.sentCaptured) {
-      // Changes made since the capture stay for the next checkpoint.
-      this.inFlight = null;
-    } else {
-      this.undo.clear();
-      this.inFlight = null;
-      this.capturedAt = null;
-    }
+    this.inFlight = null;
     this.checkpoints++;
   }
 
@@ -453,7 +448,6 @@ export class GuestState {
     this.inFlight = null;
     this.captured = null;
     this.capturedAt = null;
-    this.sentCaptured = false;
     this.checkpoints++;
     this.loaded = checkpoint ?? null;
     return { entries: d.entries.length };
