@@ -310,9 +310,7 @@ export class Comparer implements SessionHost {
     this.pvm = newPvm;
     this.svm = null;
     this.standby = false;
-    // The dead PVM's output is not compared again: each session's SVM connection takes over.
     this.frozen = false;
-    for (const s of this.sessions.values()) s.frozen = null;
     this.draining = false;
     for (const s of [...this.sessions.values()]) {
       if (s.failover()) survived++;

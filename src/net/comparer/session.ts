@@ -484,6 +484,7 @@ export class Session {
     svm.buf.dropTo(at);
     this.pvm = svm;
     this.svm = null;
+    this.frozen = null; // the dead PVM's checkpoint ended with it
     this.pvmBase = at;
     this.released = at;
     this.matched = 0;
