@@ -875,6 +875,7 @@ export class Coordinator extends EventEmitter {
   status() {
     const pct = (xs: number[], q: number) => (xs.length ? Number(quantile(xs, q).toFixed(3)) : null);
     const recent = this.records.slice(-KEEP_RECORDS);
+    const svmPauses = recent.flatMap((r) => (r.svmPauseMs === null ? [] : [r.svmPauseMs]));
     const health = Object.fromEntries(
       (Object.keys(this.health) as Target[]).map((k) => [
         k,
@@ -910,16 +911,7 @@ export class Coordinator extends EventEmitter {
           0.99,
         ),
       },
-      svmPauseMs: {
-        p50: pct(
-          recent.flatMap((r) => (r.svmPauseMs === null ? [] : [r.svmPauseMs])),
-          0.5,
-        ),
-        p99: pct(
-          recent.flatMap((r) => (r.svmPauseMs === null ? [] : [r.svmPauseMs])),
-          0.99,
-        ),
-      },
+      svmPauseMs: { p50: pct(svmPauses, 0.5), p99: pct(svmPauses, 0.99) },
       phasesP50: Object.fromEntries(
         PHASES.map((p) => [
           p,
