@@ -131,6 +131,17 @@ async function setup(extra: Partial<CoordinatorOptions> = {}, pvmKind: { earlyRe
   return { log, pvm, svm, disk, co };
 }
 
+/** The primary side dies (the PVM and the primary disk node); wait until the coordinator has failed over. */
+async function losePrimary(
+  pvm: ReturnType<typeof fakeVm>,
+  disk: ReturnType<typeof fakeDisk>,
+  co: Coordinator,
+): Promise<void> {
+  pvm.kill();
+  disk.killPrimary();
+  for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+}
+
 const before = (log: string[], a: string, b: string) => {
   expect(log.indexOf(a), `${a} in ${log.join(', ')}`).toBeGreaterThanOrEqual(0);
   expect(log.indexOf(a), `${a} before ${b} in ${log.join(', ')}`).toBeLessThan(log.indexOf(b));
@@ -262,9 +273,7 @@ describe('coordinator', () => {
     disk.on['commit 3'] = never; // the primary dies before its commit reaches the secondary
     co.request('mismatch');
     for (let i = 0; !log.includes('disk.commit 3') && i < 100; i++) await sleep(5);
-    pvm.kill();
-    disk.killPrimary();
-    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    await losePrimary(pvm, disk, co);
     expect(co.state).toBe('unprotected');
     expect(disk.promotions).toEqual([3]);
     expect(co.failovers[0]).toMatchObject({ committedEpoch: 3, loadedDecided: true });
@@ -284,9 +293,7 @@ describe('coordinator', () => {
     svm.on['load'] = () => sleep(150);
     co.request('mismatch');
     for (let i = 0; !log.includes('svm.load') && i < 100; i++) await sleep(5);
-    pvm.kill();
-    disk.killPrimary();
-    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    await losePrimary(pvm, disk, co);
     expect(co.state).toBe('unprotected');
     expect(co.failovers[0]).toMatchObject({ committedEpoch: 3, loadedDecided: true });
     expect(log.filter((l) => l === 'svm.load')).toHaveLength(1);
@@ -310,9 +317,7 @@ describe('coordinator', () => {
     };
     co.request('mismatch');
     for (let i = 0; !log.includes('disk.commit 3') && i < 100; i++) await sleep(5);
-    pvm.kill();
-    disk.killPrimary();
-    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    await losePrimary(pvm, disk, co);
     expect(co.state, co.lastError ?? '').toBe('unprotected');
     expect(co.failovers[0]).toMatchObject({ committedEpoch: 3, loadedDecided: true });
     expect(log.filter((l) => l === 'svm.load')).toHaveLength(2);
@@ -328,9 +333,7 @@ describe('coordinator', () => {
     co.request('mismatch');
     for (let i = 0; !log.includes('disk.commit 3') && i < 100; i++) await sleep(5);
     co.request('mismatch'); // waiting behind the checkpoint under way
-    pvm.kill();
-    disk.killPrimary();
-    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    await losePrimary(pvm, disk, co);
     expect(co.failovers).toHaveLength(1);
     const between = log.slice(log.indexOf('disk.commit 3'), log.indexOf('disk.promote 3'));
     expect(
@@ -362,9 +365,7 @@ describe('coordinator', () => {
     disk.on['durable 3'] = never;
     co.request('mismatch');
     for (let i = 0; !log.includes('disk.durable 3') && i < 100; i++) await sleep(5);
-    pvm.kill();
-    disk.killPrimary();
-    for (let i = 0; co.state !== 'unprotected' && i < 200; i++) await sleep(10);
+    await losePrimary(pvm, disk, co);
     expect(disk.promotions).toEqual([undefined]);
     expect(log).not.toContain('svm.load');
     expect(log).toContain('svm.discard');
