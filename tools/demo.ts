@@ -131,7 +131,7 @@ async function main(): Promise<void> {
     `              (the same HTTP key-value service; ${args.nondeterminism * 100}% of its responses carry real time and randomness)`,
   );
   say(
-    `  colo        pid ${loop.colo.child.pid}: clients connect to 127.0.0.1:${loop.port}; each checkpoint is verified SVM = PVM while paused`,
+    `  colo        pid ${loop.colo.child.pid}: clients connect to 127.0.0.1:${loop.port}; each checkpoint is verified SVM = PVM (the SVM paused, against the PVM's captured state)`,
   );
 
   const checkpoints: CheckpointRecord[] = [];
@@ -272,7 +272,7 @@ async function main(): Promise<void> {
         .join(', ')}; pause p50 ${status.pauseMs.p50} ms, p99 ${status.pauseMs.p99} ms`,
     );
     say(
-      `    SVM = PVM          at every checkpoint (state hash and disk hash, checked while paused): ${yes(verified === checkpoints.length)} (${verified}/${checkpoints.length})`,
+      `    SVM = PVM          at every checkpoint (state hash and disk hash, the SVM's while paused, the PVM's as captured): ${yes(verified === checkpoints.length)} (${verified}/${checkpoints.length})`,
     );
     say(
       `    failover           ${failovers[0] ? `${failovers[0].ms.toFixed(0)} ms in the coordinator; the clients waited at most ${gapMs} ms` : 'NONE'}`,

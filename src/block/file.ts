@@ -221,17 +221,19 @@ export class FileDevice implements BlockDevice {
 
   /** A large write done on the loop (auto) took `ms`: too slow for the loop, send the next ones to the pool. */
   private noteLargeWrite(length: number, ms: number): void {
-    const took = `a ${(length / 2 ** 20).toFixed(length < 2 ** 20 ? 2 : 1)} MiB write took ${ms.toFixed(1)} ms`;
+    // Spelt out only when logged: this runs for every large write.
+    const took = () =>
+      `a ${(length / 2 ** 20).toFixed(length < 2 ** 20 ? 2 : 1)} MiB write took ${ms.toFixed(1)} ms`;
     if (ms <= SLOW_WRITE_BASE_MS + length / SLOW_WRITE_BYTES_PER_MS) {
       if (this.largeWritesInPoolUntil > 0)
-        this.log?.info(`${this.path}: large writes are back on the event loop (${took})`);
+        this.log?.info(`${this.path}: large writes are back on the event loop (${took()})`);
       this.largeWritesInPoolUntil = 0;
       this.largeWritesPoolMs = SLOW_WRITE_POOL_MS;
       return;
     }
     this.largeWritesInPoolUntil = performance.now() + this.largeWritesPoolMs;
     this.log?.warn(
-      `${this.path}: ${took} on the event loop; large writes go to the thread pool for ` +
+      `${this.path}: ${took()} on the event loop; large writes go to the thread pool for ` +
         `${this.largeWritesPoolMs / 1000} s (the page cache is not taking writes at memory speed: ` +
         `dirty pages throttled, or a slow disk; --io async keeps every request off the event loop)`,
     );

@@ -322,7 +322,7 @@ program
   .option('--timeout <ms>', 'how long each checkpoint phase may take', '10000')
   .option(
     '--verify',
-    'after each checkpoint, check SVM = PVM while paused: state hash, and hash of the disk region the guest uses',
+    'after each checkpoint, check SVM = PVM (the SVM paused, the PVM as the checkpoint captured it): state hash, and hash of the disk region the guest uses',
   )
   .option(
     '--no-early-resume',

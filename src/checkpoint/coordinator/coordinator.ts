@@ -16,8 +16,9 @@
  *   7. the SVM loads the state ∥ the disk epoch commits ∥ the PVM's dirty
  *      set restarts and the PVM runs again (the cut decided the epoch; its
  *      new output waits in the comparer for the SVM's);
- *   8. the SVM resumes (in remus mode it stays paused). With `verify`, both
- *      stay paused until their hashes are compared, then both resume.
+ *   8. the SVM resumes (in remus mode it stays paused). With `verify`, the
+ *      SVM stays paused until the hashes are compared (and so does the PVM
+ *      without early resume; with it, the PVM hashes what it captured).
  * Early resume (a PVM whose state can be captured, unless turned off): the
  * PVM is paused for 2, the seal ∥ its capture and the comparer's freeze
  * only, and runs during 4-8; its output meanwhile waits in the comparer.
@@ -74,7 +75,10 @@ export interface CoordinatorOptions {
   heartbeatMs: number;
   failoverAfterMs: number;
   phaseTimeoutMs: number;
-  /** After each checkpoint, check that SVM = PVM (state hash and disk hash) while both are paused. */
+  /**
+   * After each checkpoint, check that SVM = PVM (state hash and disk hash): the SVM while paused, the
+   * PVM as the checkpoint captured it (paused too unless it resumed early).
+   */
   verify: boolean;
   /**
    * Resume a PVM that can be captured (its probe says `earlyResume`) once its state is taken,
