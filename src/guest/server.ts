@@ -181,7 +181,8 @@ export class GuestServer {
       c.input = c.input.subarray(req.bytes);
       c.consumed += req.bytes;
       c.busy = true;
-      void this.answer(c, req);
+      // Nothing a client sends may end the process: an answer that fails ends its connection only.
+      this.answer(c, req).catch(() => c.socket.destroy());
     }
   }
 
@@ -217,7 +218,12 @@ export class GuestServer {
         return { status: 200, body: JSON.stringify({ hash: this.state.hash() }) };
       return { status: 404, body: '{"error":"no such path"}' };
     }
-    const key = decodeURIComponent(m[1]);
+    let key: string;
+    try {
+      key = decodeURIComponent(m[1]);
+    } catch {
+      return { status: 400, body: '{"error":"the key is not a valid percent-encoded string"}' };
+    }
     try {
       if (req.method === 'PUT')
         return { status: 200, body: JSON.stringify({ version: await this.state.put(key, req.body) }) };
