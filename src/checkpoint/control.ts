@@ -48,6 +48,43 @@ const MAX_BODY = 64 * 1024;
 /** Raw routes carry memory checkpoints: bounded, but large. */
 const MAX_RAW_BODY = 3 * 1024 * 1024 * 1024;
 
+/**
+ * A number a route takes, from the JSON body or else the query string: `fallback` when it is not
+ * given at all; anything else must be a number from `min` to `max` (a whole one where asked), or the
+ * request is refused (EINVAL) with what was wrong. (`Number` alone read "?timeoutMs=" as 0 and
+ * "?limit=x" as NaN.)
+ */
+export function numberParam<F extends number | undefined>(
+  q: URLSearchParams,
+  b: Record<string, unknown>,
+  name: string,
+  o: { min: number; max: number; integer?: boolean; fallback: F },
+): number | F {
+  const v = b[name] ?? q.get(name);
+  if (v === undefined || v === null) return o.fallback;
+  const n = typeof v === 'number' ? v : typeof v === 'string' && v.trim() !== '' ? Number(v) : NaN;
+  if (!(n >= o.min && n <= o.max) || (o.integer && !Number.isInteger(n)))
+    throw new ColoError(
+      'EINVAL',
+      `'${name}' must be ${o.integer ? 'a whole number' : 'a number'} from ${o.min} to ${o.max} (got ${JSON.stringify(v)})`,
+    );
+  return n;
+}
+
+/** An epoch number a route takes (optional unless the route says so). */
+export const EPOCH = { min: 1, max: Number.MAX_SAFE_INTEGER, integer: true, fallback: undefined };
+/** How many records `/inspect` lists. */
+export const INSPECT_LIMIT = { min: 0, max: 1_000_000, integer: true, fallback: 10_000 };
+
+/** A request's target as a URL, or null where the URL parser refuses it. */
+function parseTarget(target: string | undefined): URL | null {
+  try {
+    return new URL(target ?? '/', 'http://control');
+  } catch {
+    return null;
+  }
+}
+
 export class ControlServer {
   private readonly server: http.Server;
   private readonly routes = new Map<string, Route>();
@@ -67,11 +104,21 @@ export class ControlServer {
     return listenOn(this.server, port, host);
   }
 
+  /** One exchange. Nothing a client sends may end the process: whatever escapes ends this exchange only. */
   private async handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
-    const url = new URL(req.url ?? '/', 'http://control');
-    const route = this.routes.get(`${req.method} ${url.pathname}`);
     try {
-      if (!authorized(req.headers.authorization, req.method ?? '', url.pathname)) {
+      await this.serve(req, res);
+    } catch {
+      res.destroy();
+    }
+  }
+
+  private async serve(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    try {
+      // A target the URL parser refuses ("//", "//[") is answered like any bad request, after the
+      // token check (as a path no route has).
+      const url = parseTarget(req.url);
+      if (!authorized(req.headers.authorization, req.method ?? '', url?.pathname ?? '')) {
         // Before anything else: an unauthenticated caller learns nothing, not even the routes.
         req.resume();
         res.writeHead(401, { 'content-type': 'application/json', 'www-authenticate': 'Bearer' });
@@ -87,6 +134,12 @@ export class ControlServer {
         );
         return;
       }
+      if (!url)
+        throw new ColoError(
+          'EINVAL',
+          `request target ${JSON.stringify((req.url ?? '').slice(0, 200))} is not a path`,
+        );
+      const route = this.routes.get(`${req.method} ${url.pathname}`);
       if (!route) {
         const known = [...this.routes.keys()].join(', ');
         throw new ColoError('ENOENT', `no route ${req.method} ${url.pathname}; known: ${known}`);
@@ -120,11 +173,15 @@ export class ControlServer {
         }
         const text = Buffer.concat(chunks).toString('utf8');
         if (text.trim()) {
+          let parsed: unknown;
           try {
-            body = JSON.parse(text) as Record<string, unknown>;
+            parsed = JSON.parse(text);
           } catch {
             throw new ColoError('EINVAL', 'request body is not JSON');
           }
+          if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
+            throw new ColoError('EINVAL', `request body must be a JSON object (got ${text.slice(0, 40)})`);
+          body = parsed as Record<string, unknown>;
         }
       }
       if (!route.handler)
@@ -138,6 +195,8 @@ export class ControlServer {
         res.end(JSON.stringify(result));
       }
     } catch (err) {
+      // An answer already under way cannot become an error: the connection ends instead.
+      if (res.headersSent) return void res.destroy();
       const e = toColoError(err);
       res.writeHead(statusOf[e.code] ?? 500, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ error: { code: e.code, message: e.message } }));

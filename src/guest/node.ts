@@ -4,7 +4,7 @@
  * memory-checkpoint hook the COLO coordinator drives (`pause`, `save`,
  * `receive`, `load`, `resume`), plus `GET /hash` and `GET /status`.
  */
-import { ColoError } from '../errors.js';
+import { ColoError, toColoError } from '../errors.js';
 import { ControlServer, controlRaw, type Route } from '../checkpoint/control.js';
 import { NbdClient } from '../net/client.js';
 import type { Logger } from '../net/server.js';
@@ -143,7 +143,19 @@ export function guestRoutes(state: GuestState, server: GuestServer): Route[] {
         return {};
       },
     },
-    { method: 'POST', path: '/mem/receive', raw: async (_q, body) => state.receive(body) },
+    {
+      method: 'POST',
+      path: '/mem/receive',
+      raw: async (_q, body) => {
+        try {
+          return state.receive(body);
+        } catch (err) {
+          // Bytes that are not a memory checkpoint are the caller's mistake (400), not this guest's.
+          const e = toColoError(err);
+          throw e.code === 'EPROTO' ? new ColoError('EINVAL', e.message) : e;
+        }
+      },
+    },
     {
       method: 'POST',
       path: '/mem/send',

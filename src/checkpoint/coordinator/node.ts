@@ -13,7 +13,7 @@ import type { Mode } from '../../net/comparer/comparer.js';
 import type { SessionLimits } from '../../net/comparer/session.js';
 import type { Logger } from '../../net/server.js';
 import { parseHostPort, type Endpoint } from '../../util/address.js';
-import { ControlServer, type Route } from '../control.js';
+import { ControlServer, numberParam, type Route } from '../control.js';
 import { renderPrometheus } from '../metrics.js';
 import { Coordinator, type CoordinatorOptions } from './coordinator.js';
 import { DiskPair } from './disk.js';
@@ -121,12 +121,20 @@ export function coloRoutes(co: Coordinator, cmp: Comparer, timeoutMs: number): R
     {
       method: 'GET',
       path: '/status',
-      handler: async (q) => ({ ...co.status(), comparer: cmp.status(Number(q.get('limit') ?? 20)) }),
+      handler: async (q) => ({
+        ...co.status(),
+        comparer: cmp.status(
+          numberParam(q, {}, 'limit', { min: 0, max: 100_000, integer: true, fallback: 20 }),
+        ),
+      }),
     },
     {
       method: 'GET',
       path: '/checkpoints',
-      handler: async (q) => ({ checkpoints: co.records.slice(-Number(q.get('limit') ?? 100)) }),
+      handler: async (q) => {
+        const limit = numberParam(q, {}, 'limit', { min: 0, max: 100_000, integer: true, fallback: 100 });
+        return { checkpoints: limit === 0 ? [] : co.records.slice(-limit) };
+      },
     },
     { method: 'POST', path: '/checkpoint', handler: async () => co.checkpointNow() },
     {

@@ -25,7 +25,7 @@ import type { Logger } from '../../net/server.js';
 import { sleep, type Clock, type TimerHandle } from '../../sys/clock.js';
 import type { Env } from '../../sys/env.js';
 import { parseHostPort, type Endpoint } from '../../util/address.js';
-import type { Route } from '../control.js';
+import { EPOCH, INSPECT_LIMIT, numberParam, type Route } from '../control.js';
 import { inspectJournal } from '../format/inspect.js';
 import { PrimaryLink, type HeartbeatOptions } from '../link/primary-link.js';
 import { resyncPlan, type PeerState } from './core.js';
@@ -742,17 +742,17 @@ export class PrimaryReplica {
   }
 }
 
+/** A wait for the secondary (`timeoutMs`): up to an hour. */
+const TIMEOUT = { min: 1, max: 3_600_000, fallback: 10_000 };
+
 /** The control routes of a primary (a promoted secondary that re-protects serves them too). */
 export function primaryRoutes(p: PrimaryReplica): Route[] {
   const epochParam = (q: URLSearchParams, b: Record<string, unknown>) => {
-    const v = b.epoch ?? q.get('epoch');
-    const n = Number(v);
-    if (v === undefined || v === null || !Number.isSafeInteger(n) || n < 1)
-      throw new ColoError('EINVAL', `a positive integer 'epoch' is required (got ${v})`);
+    const n = numberParam(q, b, 'epoch', EPOCH);
+    if (n === undefined) throw new ColoError('EINVAL', `a positive integer 'epoch' is required`);
     return n;
   };
-  const timeout = (q: URLSearchParams, b: Record<string, unknown>) =>
-    Number(b.timeoutMs ?? q.get('timeoutMs') ?? 10_000);
+  const timeout = (q: URLSearchParams, b: Record<string, unknown>) => numberParam(q, b, 'timeoutMs', TIMEOUT);
   return [
     {
       method: 'POST' as const,
@@ -787,7 +787,7 @@ export function primaryRoutes(p: PrimaryReplica): Route[] {
       method: 'GET' as const,
       path: '/inspect',
       handler: async (q: URLSearchParams) =>
-        p.inspect(q.get('epoch') ? Number(q.get('epoch')) : undefined, Number(q.get('limit') ?? 10_000)),
+        p.inspect(numberParam(q, {}, 'epoch', EPOCH), numberParam(q, {}, 'limit', INSPECT_LIMIT)),
     },
     { method: 'GET' as const, path: '/metrics', handler: async () => p.prometheus(), text: true },
   ];

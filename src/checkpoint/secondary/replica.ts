@@ -15,7 +15,7 @@ import { History } from '../../failover/history.js';
 import type { Logger } from '../../net/server.js';
 import type { Env } from '../../sys/env.js';
 import { parseHostPort } from '../../util/address.js';
-import type { Route } from '../control.js';
+import { EPOCH, INSPECT_LIMIT, numberParam, type Route } from '../control.js';
 import { finishPromotedStore } from '../../failover/finish-promoted.js';
 import { inspectJournal } from '../format/inspect.js';
 import { epochJournal } from '../format/records.js';
@@ -381,10 +381,7 @@ export function secondaryRoutes(node: SecondaryReplica): Route[] {
       handler: async (q, b) =>
         primaryOr(
           async () =>
-            node.inspect(
-              q.get('epoch') ? Number(q.get('epoch')) : undefined,
-              Number(q.get('limit') ?? 10_000),
-            ),
+            node.inspect(numberParam(q, {}, 'epoch', EPOCH), numberParam(q, {}, 'limit', INSPECT_LIMIT)),
           '/inspect',
         )(q, b),
     },
@@ -413,10 +410,7 @@ export function secondaryRoutes(node: SecondaryReplica): Route[] {
       method: 'POST',
       path: '/failover',
       handler: async (q, b) => {
-        const v = b.commit ?? q.get('commit');
-        const commit = v === undefined || v === null ? undefined : Number(v);
-        if (commit !== undefined && !(Number.isSafeInteger(commit) && commit >= 0))
-          throw new ColoError('EINVAL', `'commit' must be an epoch number (got ${v})`);
+        const commit = numberParam(q, b, 'commit', { ...EPOCH, min: 0 });
         const force = b.force === true || q.get('force') === '1' || q.get('force') === 'true';
         return node.promote(
           String(b.reason ?? `operator request (colo-blk failover${force ? ' --force' : ''})`),
