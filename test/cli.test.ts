@@ -51,6 +51,16 @@ describe('colo-blk CLI', () => {
         /cannot parse size 'wide'/,
       ],
       [['secondary', '--export', 'd=x.img', '--state', 's', '--window', '1K'], /--window 1K is too small/],
+      // The disk nodes take waits of up to a day: a longer phase timeout would fail every checkpoint.
+      [
+        [
+          'colo',
+          ...['--pvm', '127.0.0.1:1', '--pvm-control', '127.0.0.1:1', '--svm', '127.0.0.1:1'],
+          ...['--svm-control', '127.0.0.1:1', '--primary-control', '127.0.0.1:1'],
+          ...['--secondary-control', '127.0.0.1:1', '--timeout', '99999999999'],
+        ],
+        /--timeout must be a number of milliseconds \(at least 100, at most 86400000\)/,
+      ],
     ] as const) {
       const r = await cli([...args]);
       expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);

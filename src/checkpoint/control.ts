@@ -73,6 +73,8 @@ export function numberParam<F extends number | undefined>(
 
 /** An epoch number a route takes (optional unless the route says so). */
 export const EPOCH = { min: 1, max: Number.MAX_SAFE_INTEGER, integer: true, fallback: undefined };
+/** The longest wait a route takes (`timeoutMs`): a day. */
+export const MAX_TIMEOUT_MS = 86_400_000;
 /** How many records `/inspect` lists. */
 export const INSPECT_LIMIT = { min: 0, max: 1_000_000, integer: true, fallback: 10_000 };
 

@@ -5,6 +5,7 @@ import {
   type CheckpointRecord,
   type FailoverRecord,
 } from '../checkpoint/coordinator/coordinator.js';
+import { MAX_TIMEOUT_MS } from '../checkpoint/control.js';
 import { COLO_DEFAULTS, ColoNode } from '../checkpoint/coordinator/node.js';
 import type { Mode } from '../net/comparer/comparer.js';
 import { parseHostPort } from '../util/address.js';
@@ -34,13 +35,15 @@ export interface ColoCliOptions {
   quiet?: boolean;
 }
 
-function ms(text: string, what: string, min = 0): number {
+function ms(text: string, what: string, min = 0, max = Infinity): number {
   const n = Number(text);
-  if (!(Number.isFinite(n) && n >= min))
+  if (!(Number.isFinite(n) && n >= min && n <= max)) {
+    const bounds = [min ? `at least ${min}` : '', max < Infinity ? `at most ${max}` : ''].filter(Boolean);
     throw new ColoError(
       'EUSAGE',
-      `${what} must be a number of milliseconds${min ? ` (at least ${min})` : ''}, not '${text}'`,
+      `${what} must be a number of milliseconds${bounds.length ? ` (${bounds.join(', ')})` : ''}, not '${text}'`,
     );
+  }
   return n;
 }
 
@@ -92,7 +95,8 @@ export async function coloCommand(opts: ColoCliOptions): Promise<void> {
     maxPendingBytes: parseSize(opts.maxPending),
     heartbeatMs: ms(opts.heartbeat, '--heartbeat', 10),
     failoverAfterMs: ms(opts.failoverAfter, '--failover-after', 10),
-    phaseTimeoutMs: ms(opts.timeout, '--timeout', 100),
+    // The disk nodes take waits of up to MAX_TIMEOUT_MS.
+    phaseTimeoutMs: ms(opts.timeout, '--timeout', 100, MAX_TIMEOUT_MS),
     verify: opts.verify === true,
     earlyResume: opts.earlyResume !== false,
     logger,

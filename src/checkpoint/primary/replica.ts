@@ -25,7 +25,7 @@ import type { Logger } from '../../net/server.js';
 import { sleep, type Clock, type TimerHandle } from '../../sys/clock.js';
 import type { Env } from '../../sys/env.js';
 import { parseHostPort, type Endpoint } from '../../util/address.js';
-import { EPOCH, INSPECT_LIMIT, numberParam, type Route } from '../control.js';
+import { EPOCH, INSPECT_LIMIT, MAX_TIMEOUT_MS, numberParam, type Route } from '../control.js';
 import { inspectJournal } from '../format/inspect.js';
 import { PrimaryLink, type HeartbeatOptions } from '../link/primary-link.js';
 import { resyncPlan, type PeerState } from './core.js';
@@ -742,8 +742,8 @@ export class PrimaryReplica {
   }
 }
 
-/** A wait for the secondary (`timeoutMs`): up to an hour. */
-const TIMEOUT = { min: 1, max: 3_600_000, fallback: 10_000 };
+/** A wait for the secondary (`timeoutMs`). */
+const TIMEOUT = { min: 1, max: MAX_TIMEOUT_MS, fallback: 10_000 };
 
 /** The control routes of a primary (a promoted secondary that re-protects serves them too). */
 export function primaryRoutes(p: PrimaryReplica): Route[] {
