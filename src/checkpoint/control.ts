@@ -75,8 +75,13 @@ export function numberParam<F extends number | undefined>(
 export const EPOCH = { min: 1, max: Number.MAX_SAFE_INTEGER, integer: true, fallback: undefined };
 /** The longest wait a route takes (`timeoutMs`): a day. */
 export const MAX_TIMEOUT_MS = 86_400_000;
-/** How many records `/inspect` lists. */
-export const INSPECT_LIMIT = { min: 0, max: 1_000_000, integer: true, fallback: 10_000 };
+/** `/inspect`'s query, the same on a primary and a secondary: which epoch (all if absent), how many records. */
+export function inspectQuery(q: URLSearchParams): [epoch: number | undefined, limit: number] {
+  return [
+    numberParam(q, {}, 'epoch', EPOCH),
+    numberParam(q, {}, 'limit', { min: 0, max: 1_000_000, integer: true, fallback: 10_000 }),
+  ];
+}
 
 /** A request's target as a URL, or null where the URL parser refuses it. */
 function parseTarget(target: string | undefined): URL | null {

@@ -25,7 +25,7 @@ import type { Logger } from '../../net/server.js';
 import { sleep, type Clock, type TimerHandle } from '../../sys/clock.js';
 import type { Env } from '../../sys/env.js';
 import { parseHostPort, type Endpoint } from '../../util/address.js';
-import { EPOCH, INSPECT_LIMIT, MAX_TIMEOUT_MS, numberParam, type Route } from '../control.js';
+import { EPOCH, inspectQuery, MAX_TIMEOUT_MS, numberParam, type Route } from '../control.js';
 import { inspectJournal } from '../format/inspect.js';
 import { PrimaryLink, type HeartbeatOptions } from '../link/primary-link.js';
 import { resyncPlan, type PeerState } from './core.js';
@@ -786,8 +786,7 @@ export function primaryRoutes(p: PrimaryReplica): Route[] {
     {
       method: 'GET' as const,
       path: '/inspect',
-      handler: async (q: URLSearchParams) =>
-        p.inspect(numberParam(q, {}, 'epoch', EPOCH), numberParam(q, {}, 'limit', INSPECT_LIMIT)),
+      handler: async (q: URLSearchParams) => p.inspect(...inspectQuery(q)),
     },
     { method: 'GET' as const, path: '/metrics', handler: async () => p.prometheus(), text: true },
   ];

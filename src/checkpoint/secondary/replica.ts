@@ -15,7 +15,7 @@ import { History } from '../../failover/history.js';
 import type { Logger } from '../../net/server.js';
 import type { Env } from '../../sys/env.js';
 import { parseHostPort } from '../../util/address.js';
-import { EPOCH, INSPECT_LIMIT, numberParam, type Route } from '../control.js';
+import { EPOCH, inspectQuery, numberParam, type Route } from '../control.js';
 import { finishPromotedStore } from '../../failover/finish-promoted.js';
 import { inspectJournal } from '../format/inspect.js';
 import { epochJournal } from '../format/records.js';
@@ -378,12 +378,7 @@ export function secondaryRoutes(node: SecondaryReplica): Route[] {
     {
       method: 'GET',
       path: '/inspect',
-      handler: async (q, b) =>
-        primaryOr(
-          async () =>
-            node.inspect(numberParam(q, {}, 'epoch', EPOCH), numberParam(q, {}, 'limit', INSPECT_LIMIT)),
-          '/inspect',
-        )(q, b),
+      handler: async (q, b) => primaryOr(async () => node.inspect(...inspectQuery(q)), '/inspect')(q, b),
     },
     {
       method: 'GET',
