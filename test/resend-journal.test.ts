@@ -158,27 +158,33 @@ describe('resend journal', () => {
     c.close();
   });
 
-  it('holds the chunk under a frame taken whole for sending (holdFrame) until its releaser runs', () => {
+  it('places consecutive frames one after another in one chunk (chunk, at), held by the sender until released', () => {
     const dir = fresh();
     const memory = new ResendMemory(2 * CHUNK_BYTES);
     const a = new ResendJournal(nodeStorage, path.join(dir, '1.journal'), memory);
     const meta = { t: 'w', o: 0, s: 1, e: 1 };
     const data = Buffer.alloc(4096, 3);
     const r1 = a.append(meta, data);
-    const v1 = a.holdFrame(r1)!;
-    expect(v1.equals(Buffer.concat(encodeFrame(meta, data)))).toBe(true);
     const r2 = a.append({ ...meta, s: 2 }, data);
-    const v2 = a.holdFrame(r2)!;
-    expect(a.releaserOf(v1)).toBe(a.releaserOf(v2)); // one function per chunk, not one per frame
-    // A frame across two chunks is not one view: the sender takes viewsAt.
+    expect(r1.chunk).not.toBeNull();
+    expect(r2.chunk).toBe(r1.chunk);
+    expect(r2.at).toBe(r1.at + r1.bytes); // a run of the chunk's bytes: what the link sends as one view
+    const run = r1.chunk!.subarray(r1.at, r2.at + r2.bytes);
+    expect(
+      run.equals(Buffer.concat([...encodeFrame(meta, data), ...encodeFrame({ ...meta, s: 2 }, data)])),
+    ).toBe(true);
+    a.hold(run);
+    expect(a.releaserOf(r1.parts[0])).toBe(a.releaserOf(run)); // one function per chunk, not one per frame
+    // A frame across two chunks is not in one: the sender takes viewsAt.
     const big = a.append({ ...meta, s: 3 }, Buffer.alloc(CHUNK_BYTES, 4));
-    expect(a.holdFrame(big)).toBeNull();
+    expect(big.inMemory).toBe(true);
+    expect(big.chunk).toBeNull();
     a.close();
-    expect(memory.usedBytes).toBe(CHUNK_BYTES); // the epoch is gone; the two queued frames hold their chunk
-    a.releaserOf(v1)();
-    expect(memory.usedBytes).toBe(CHUNK_BYTES);
-    expect(v2.equals(Buffer.concat(encodeFrame({ ...meta, s: 2 }, data)))).toBe(true);
-    a.releaserOf(v2)();
+    expect(memory.usedBytes).toBe(CHUNK_BYTES); // the epoch is gone; the queued run holds its chunk
+    expect(
+      run.equals(Buffer.concat([...encodeFrame(meta, data), ...encodeFrame({ ...meta, s: 2 }, data)])),
+    ).toBe(true);
+    a.releaserOf(run)();
     expect(memory.usedBytes).toBe(0);
   });
 

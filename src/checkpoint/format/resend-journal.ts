@@ -99,6 +99,13 @@ export class ResendMemory {
 export interface ResendAppend extends AppendResult {
   /** The frame went to memory (the sender can take it with `viewsAt`), not to the file. */
   inMemory: boolean;
+  /**
+   * The chunk the frame lies in whole, and where in it (the usual append):
+   * frames appended one after another in one chunk are one run of its bytes,
+   * which the live sender writes as one view (PrimaryLink.queueRun).
+   */
+  chunk: Buffer | null;
+  at: number;
 }
 
 export class ResendJournal {
@@ -135,7 +142,7 @@ export class ResendJournal {
     const dataPos = offset + encoded[0].length;
     if (!this.file) {
       const held = this.toMemory(encoded, bytes);
-      if (held) return { offset, dataPos, bytes, parts: held, inMemory: true };
+      if (held) return { offset, dataPos, bytes, parts: held, inMemory: true, chunk: null, at: 0 };
     }
     // The file writer keeps what it is given until its next flush (a later turn): the
     // header it made, and a copy of the data, not the caller's buffers.
@@ -143,7 +150,7 @@ export class ResendJournal {
       encoded.length > 1 ? [encoded[0], Buffer.concat(encoded.slice(1), bytes - encoded[0].length)] : encoded;
     this.file ??= JournalWriter.open(this.storage, this.path, 0);
     this.file.appendEncoded(parts);
-    return { offset, dataPos, bytes, parts, inMemory: false };
+    return { offset, dataPos, bytes, parts, inMemory: false, chunk: null, at: 0 };
   }
 
   /**
@@ -171,7 +178,7 @@ export class ResendJournal {
     this.inMemory += bytes;
     const frame = chunk.subarray(into, into + bytes);
     const dataPos = offset + FRAME_HEADER_BYTES + 2 + frame.readUInt16BE(FRAME_HEADER_BYTES);
-    return { offset, dataPos, bytes, parts: [frame], inMemory: true };
+    return { offset, dataPos, bytes, parts: [frame], inMemory: true, chunk, at: into };
   }
 
   /**
@@ -222,20 +229,12 @@ export class ResendJournal {
     if (done < buf.length) this.file!.read(buf.subarray(done), pos + done - this.inMemory);
   }
 
-  /**
-   * The frame `r` (this journal's last append) when it lies whole in one
-   * chunk: its bytes there (`r.parts[0]`), the chunk held until
-   * `releaserOf(view)` is called; null otherwise (viewsAt). The sender's
-   * usual path: no array and no closure per frame.
-   */
-  holdFrame(r: ResendAppend): Buffer | null {
-    if (!r.inMemory || r.parts.length !== 1) return null;
-    const view = r.parts[0];
+  /** One hold on the chunk `view` lies in (released by `releaserOf(view)`). */
+  hold(view: Buffer): void {
     this.memory.hold(view);
-    return view;
   }
 
-  /** The release for a view holdFrame returned (one function per chunk). */
+  /** The release of one hold on the chunk `view` lies in (one function per chunk). */
   releaserOf(view: Buffer): () => void {
     return this.memory.releaserOf(view);
   }

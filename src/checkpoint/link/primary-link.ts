@@ -46,7 +46,7 @@ import {
   type SyncMark,
   type ToPrimary,
 } from './messages.js';
-import { FrameReader, send } from './transport.js';
+import { FrameReader, send, writable } from './transport.js';
 
 export { LINK_PROTOCOL } from './messages.js';
 export { DEFAULT_HEARTBEAT, type HeartbeatOptions } from '../primary/core.js';
@@ -95,6 +95,9 @@ export class PrimaryLink extends EventEmitter {
   private reader: FrameReader<ToPrimary> | null = null;
   private blocked = false;
   private corked = false;
+  /** Live frames queued this turn, one after another in one resend chunk (queueRun). */
+  private run: { socket: Conn; journal: ResendJournal; chunk: Buffer; start: number; end: number } | null =
+    null;
   private streaming = false;
   private cursor = { epoch: 0, offset: 0 };
   /**
@@ -250,7 +253,7 @@ export class PrimaryLink extends EventEmitter {
         return;
       case 'hello':
         if (a.conn === this.conn && this.socket)
-          send(this.socket, {
+          this.sendControl({
             t: 'hello',
             proto: LINK_PROTOCOL,
             size: this.opts.size,
@@ -263,7 +266,7 @@ export class PrimaryLink extends EventEmitter {
       case 'beat':
         // Beats go between frames only; while a resend streams, the data itself shows life.
         if (a.conn === this.conn && this.socket && !this.blocked && this.atFrameBoundary())
-          send(this.socket, { t: 'beat' });
+          this.sendControl({ t: 'beat' });
         return;
       case 'linkUp': {
         if (a.conn !== this.conn) return;
@@ -284,7 +287,7 @@ export class PrimaryLink extends EventEmitter {
       case 'commit':
         if (a.conn === this.conn && this.socket) {
           const req: CommitRequest = { t: 'commit', e: a.epoch, sync: a.sync };
-          send(this.socket, req);
+          this.sendControl(req);
         }
         return;
       case 'resolve':
@@ -410,8 +413,7 @@ export class PrimaryLink extends EventEmitter {
     if (this.cursor.epoch === epoch && this.cursor.offset + bytes === journal.size) {
       // The resend buffer's own bytes: one chunk's view (the usual frame), views across
       // chunks, or, past its memory, the copy it made for its file (never the PVM's buffers).
-      const one = journal.holdFrame(r);
-      if (one) this.write(one, journal.releaserOf(one));
+      if (r.chunk) this.queueRun(journal, r.chunk, r.at, bytes);
       else if (r.inMemory) this.writeHeld(journal.viewsAt(this.cursor.offset, bytes)!);
       else for (const p of r.parts) this.write(p);
       this.cursor.offset += bytes;
@@ -443,18 +445,59 @@ export class PrimaryLink extends EventEmitter {
     return !e?.journal || this.cursor.offset === e.journal.size;
   }
 
+  /**
+   * A live frame that lies whole in a resend chunk. Frames appended one after
+   * another in the same chunk are one run of its bytes, written as one view
+   * when something else is written, or at the end of the turn: one socket
+   * write, one iovec and one hold on the chunk for the turn's frames, where
+   * each frame had its own. The window is counted per frame as before.
+   */
+  private queueRun(journal: ResendJournal, chunk: Buffer, at: number, bytes: number): void {
+    const socket = this.socket!;
+    if (this.run && this.run.chunk === chunk && this.run.end === at && this.run.socket === socket) {
+      this.run.end += bytes;
+      return;
+    }
+    this.flushRun();
+    this.cork(socket);
+    journal.hold(chunk);
+    this.run = { socket, journal, chunk, start: at, end: at + bytes };
+  }
+
+  /** Write the pending run (queueRun), before anything else goes on the socket. */
+  private flushRun(): void {
+    const run = this.run;
+    if (!run) return;
+    this.run = null;
+    const release = run.journal.releaserOf(run.chunk);
+    // The connection it was meant for is gone: its frames are resent from the log on the next.
+    if (run.socket !== this.socket || !writable(run.socket)) return release();
+    if (!run.socket.write(run.chunk.subarray(run.start, run.end), release)) this.blocked = true;
+  }
+
   /** Frames produced in one turn of the event loop leave in one writev. */
+  private cork(socket: Conn): void {
+    if (this.corked) return;
+    this.corked = true;
+    socket.cork();
+    setImmediate(() => {
+      this.flushRun();
+      this.corked = false;
+      socket.uncork();
+    });
+  }
+
   private write(buf: Buffer, done?: () => void): void {
     const socket = this.socket!;
-    if (!this.corked) {
-      this.corked = true;
-      socket.cork();
-      setImmediate(() => {
-        this.corked = false;
-        socket.uncork();
-      });
-    }
+    this.flushRun();
+    this.cork(socket);
     if (!socket.write(buf, done)) this.blocked = true;
+  }
+
+  /** A control frame: after the frames queued before it. */
+  private sendControl(meta: object): void {
+    this.flushRun();
+    send(this.socket!, meta);
   }
 
   /**
@@ -506,7 +549,7 @@ export class PrimaryLink extends EventEmitter {
   /** Send the parked hash requests whose preceding records have all been sent, in order. */
   private releaseHashes(): void {
     while (this.parkedHashes.length && this.socket && this.bytesSent >= this.parkedHashes[0].at)
-      send(this.socket, this.parkedHashes.shift()!.frame);
+      this.sendControl(this.parkedHashes.shift()!.frame);
   }
 
   private pumpFrames(): void {
@@ -644,7 +687,7 @@ export class PrimaryLink extends EventEmitter {
     // every record logged before it; while some of those are unsent (the socket pushed back,
     // or a resend is under way), it waits for them instead of overtaking them.
     const at = this.bytesSent + this.unsentBytes;
-    if (this.parkedHashes.length === 0 && this.bytesSent >= at) send(this.socket, frame);
+    if (this.parkedHashes.length === 0 && this.bytesSent >= at) this.sendControl(frame);
     else this.parkedHashes.push({ at, frame });
     return p;
   }
