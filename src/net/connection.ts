@@ -671,7 +671,7 @@ export class Connection {
     try {
       if (this.shuttingDown) throw new RequestError(NbdErrno.ESHUTDOWN, 'server is shutting down');
       this.validate(req, payload ? payloadLength : null, exp);
-      const done = this.writeNow(req, payload, payloadLength, exp);
+      const done = this.writeNow(req, payload, payloadLength, exp) ?? this.readNow(req, exp);
       if (done) return this.complete(done, bytes, payloadBuffer);
       work = this.execute(req, payload, payloadLength, exp);
     } catch (err) {
@@ -850,6 +850,30 @@ export class Connection {
       }
     }
     return done ? this.ack(req) : null;
+  }
+
+  /**
+   * A READ the device does on this thread anyway (BlockDevice.preadNow: a
+   * small read of a file, a memory disk), done here as writeNow does writes:
+   * its reply, or null when `execute` must do it (nothing done, the buffer
+   * given back). Only below FILE_REPLY_MIN_BYTES: larger replies may be sent
+   * from the file. It throws as `execute` rejects.
+   */
+  private readNow(req: Request, exp: ServedExport): Buffer | null {
+    const dev = exp.device;
+    if (req.type !== Cmd.READ || req.length === 0 || req.length >= FILE_REPLY_MIN_BYTES || !dev.preadNow)
+      return null;
+    const { buf, dataOffset } = allocReadReply(this.mode, req, req.length, this.server.replyBuffers.take);
+    let done = true; // a read that throws was tried, and counts as execute counts it
+    try {
+      done = dev.preadNow(buf.subarray(dataOffset), req.offset);
+    } finally {
+      if (done) {
+        exp.stats.reads++;
+        exp.stats.bytesRead += req.length;
+      } else this.server.replyBuffers.give(buf);
+    }
+    return done ? buf : null;
   }
 
   /**

@@ -93,6 +93,11 @@ export class ReplicatingDevice implements BlockDevice {
     return this.local.pread(buf, offset);
   }
 
+  /** Reads are the local disk's, done on this thread where it does them so (its preadNow). */
+  preadNow(buf: Buffer, offset: number): boolean {
+    return this.local.preadNow?.(buf, offset) ?? false;
+  }
+
   /** Reads are the local disk's: so is the file they may be sent from. */
   fileRange(offset: number, length: number): FileRange | null {
     return this.local.fileRange?.(offset, length) ?? null;
