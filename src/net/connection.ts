@@ -671,9 +671,15 @@ export class Connection {
     try {
       if (this.shuttingDown) throw new RequestError(NbdErrno.ESHUTDOWN, 'server is shutting down');
       this.validate(req, payload ? payloadLength : null, exp);
-      const done = this.writeNow(req, payload, payloadLength, exp) ?? this.readNow(req, exp);
-      if (done) return this.complete(done, bytes, payloadBuffer);
-      work = this.execute(req, payload, payloadLength, exp);
+      if (req.type === Cmd.READ) {
+        const reply = this.read(req, exp);
+        if (!(reply instanceof Promise)) return this.complete(reply, bytes, payloadBuffer);
+        work = reply;
+      } else {
+        const done = this.writeNow(req, payload, payloadLength, exp);
+        if (done) return this.complete(done, bytes, payloadBuffer);
+        work = this.execute(req, payload, payloadLength, exp);
+      }
     } catch (err) {
       work = Promise.reject(err);
     }
@@ -780,15 +786,6 @@ export class Connection {
     const stats = exp.stats;
     const fua = (req.flags & CmdFlag.FUA) !== 0;
     switch (req.type) {
-      case Cmd.READ: {
-        stats.reads++;
-        stats.bytesRead += req.length;
-        if (req.length === 0) return encodeStatusReply(this.mode, req, 0);
-        if (req.length >= FILE_REPLY_MIN_BYTES && this.sendReadFromFile(req, dev)) return null;
-        const { buf, dataOffset } = allocReadReply(this.mode, req, req.length, this.server.replyBuffers.take);
-        await dev.pread(buf.subarray(dataOffset), req.offset);
-        return buf;
-      }
       case Cmd.WRITE:
         stats.writes++;
         if (payload && payloadLength > 0) {
@@ -853,27 +850,23 @@ export class Connection {
   }
 
   /**
-   * A READ the device does on this thread anyway (BlockDevice.preadNow: a
-   * small read of a file, a memory disk), done here as writeNow does writes:
-   * its reply, or null when `execute` must do it (nothing done, the buffer
-   * given back). Only below FILE_REPLY_MIN_BYTES: larger replies may be sent
-   * from the file. It throws as `execute` rejects.
+   * A READ's reply: sent from the file already (null), or read into a reply
+   * buffer, on this thread where the device reads there anyway
+   * (BlockDevice.preadNow: a small read of a file in `--io auto`, any in
+   * `sync`, a memory disk), with no async frame and no promise, as writeNow
+   * does writes; else a promise of it (its pread). It throws as the promise
+   * rejects.
    */
-  private readNow(req: Request, exp: ServedExport): Buffer | null {
+  private read(req: Request, exp: ServedExport): Buffer | null | Promise<Buffer> {
     const dev = exp.device;
-    if (req.type !== Cmd.READ || req.length === 0 || req.length >= FILE_REPLY_MIN_BYTES || !dev.preadNow)
-      return null;
+    exp.stats.reads++;
+    exp.stats.bytesRead += req.length;
+    if (req.length === 0) return encodeStatusReply(this.mode, req, 0);
+    if (req.length >= FILE_REPLY_MIN_BYTES && this.sendReadFromFile(req, dev)) return null;
     const { buf, dataOffset } = allocReadReply(this.mode, req, req.length, this.server.replyBuffers.take);
-    let done = true; // a read that throws was tried, and counts as execute counts it
-    try {
-      done = dev.preadNow(buf.subarray(dataOffset), req.offset);
-    } finally {
-      if (done) {
-        exp.stats.reads++;
-        exp.stats.bytesRead += req.length;
-      } else this.server.replyBuffers.give(buf);
-    }
-    return done ? buf : null;
+    const data = buf.subarray(dataOffset);
+    if (dev.preadNow?.(data, req.offset)) return buf;
+    return dev.pread(data, req.offset).then(() => buf);
   }
 
   /**
