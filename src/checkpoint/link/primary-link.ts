@@ -22,7 +22,8 @@ import { ColoError } from '../../errors.js';
 import type { Generation } from '../../failover/history.js';
 import type { HashAlg } from '../../failover/reprotect/hash-pool.js';
 import { defaultTunables } from '../../limits.js';
-import { realClock, type Clock, type TimerHandle } from '../../sys/clock.js';
+import { realClock, type Clock } from '../../sys/clock.js';
+import { DeadlineTimer } from './deadline-timer.js';
 import { tcpNet, type Conn, type Net } from '../../sys/net.js';
 import { FRAME_HEADER_BYTES, peekFrameBytes } from '../format/frame.js';
 import type { ResendAppend, ResendJournal } from '../format/resend-journal.js';
@@ -122,8 +123,8 @@ export class PrimaryLink extends EventEmitter {
     }
   >();
   private nextWait = 1;
-  private timer: TimerHandle | null = null;
-  private timerAt = Infinity;
+  /** One timer, at the core's next deadline. */
+  private readonly timer: DeadlineTimer;
   /** PVM writes waiting for the backlog to shrink (flow control). */
   private roomWaiters: (() => void)[] = [];
   /** Times flow control made PVM writes wait. */
@@ -147,6 +148,7 @@ export class PrimaryLink extends EventEmitter {
   ) {
     super();
     this.clock = opts.clock ?? realClock;
+    this.timer = new DeadlineTimer(this.clock, (now) => this.dispatch({ t: 'tick', now }));
     this.net = opts.net ?? tcpNet;
     this.core = new PrimaryCore({
       size: opts.size,
@@ -222,26 +224,8 @@ export class PrimaryLink extends EventEmitter {
     this.arm();
   }
 
-  /** One timer, at the core's next deadline. */
   private arm(): void {
-    const at = this.core.nextDeadline();
-    if (at === null) {
-      this.timer?.clear();
-      this.timer = null;
-      this.timerAt = Infinity;
-      return;
-    }
-    if (this.timer && at >= this.timerAt) return;
-    this.timer?.clear();
-    this.timerAt = at;
-    this.timer = this.clock.setTimeout(
-      () => {
-        this.timer = null;
-        this.timerAt = Infinity;
-        this.dispatch({ t: 'tick', now: this.clock.mono() });
-      },
-      Math.max(0, at - this.clock.mono()),
-    );
+    this.timer.arm(this.core.nextDeadline());
   }
 
   private apply(a: PrimaryAction): void {
@@ -694,8 +678,7 @@ export class PrimaryLink extends EventEmitter {
 
   close(): void {
     this.dispatch({ t: 'close', now: this.clock.mono() });
-    this.timer?.clear();
-    this.timer = null;
+    this.timer.clear();
     this.socket?.destroy();
   }
 }

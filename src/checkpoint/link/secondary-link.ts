@@ -10,7 +10,8 @@ import { toColoError, type ErrorCode } from '../../errors.js';
 import { ReplyBuffers } from '../../net/reply-buffers.js';
 import type { Decision } from '../../failover/history.js';
 import type { Range } from '../../failover/activity.js';
-import { realClock, type Clock, type TimerHandle } from '../../sys/clock.js';
+import { realClock, type Clock } from '../../sys/clock.js';
+import { DeadlineTimer } from './deadline-timer.js';
 import { tcpNet, type Conn, type Listener, type Net } from '../../sys/net.js';
 import { encodeFrameBuffer, FrameError } from '../format/frame.js';
 import { isMutation, mutationLength } from '../format/records.js';
@@ -64,8 +65,8 @@ export class SecondaryLink extends EventEmitter {
   bytesReceived = 0;
   records = 0;
   duplicates = 0;
-  private timer: TimerHandle | null = null;
-  private timerAt = Infinity;
+  /** One timer, at the core's next deadline. */
+  private readonly timer: DeadlineTimer;
 
   private readonly clock: Clock;
   private readonly net: Net;
@@ -76,6 +77,7 @@ export class SecondaryLink extends EventEmitter {
   ) {
     super();
     this.clock = opts.clock ?? realClock;
+    this.timer = new DeadlineTimer(this.clock, (now) => this.dispatch({ t: 'tick', now }));
     this.net = opts.net ?? tcpNet;
     this.core = new SecondaryCore(
       {
@@ -141,24 +143,7 @@ export class SecondaryLink extends EventEmitter {
   }
 
   private arm(): void {
-    const at = this.core.nextDeadline();
-    if (at === null) {
-      this.timer?.clear();
-      this.timer = null;
-      this.timerAt = Infinity;
-      return;
-    }
-    if (this.timer && at >= this.timerAt) return;
-    this.timer?.clear();
-    this.timerAt = at;
-    this.timer = this.clock.setTimeout(
-      () => {
-        this.timer = null;
-        this.timerAt = Infinity;
-        this.dispatch({ t: 'tick', now: this.clock.mono() });
-      },
-      Math.max(0, at - this.clock.mono()),
-    );
+    this.timer.arm(this.core.nextDeadline());
   }
 
   private apply(a: SecondaryAction): Promise<void> | void {
@@ -404,8 +389,7 @@ export class SecondaryLink extends EventEmitter {
 
   async close(): Promise<void> {
     this.dispatch({ t: 'close', now: this.clock.mono() });
-    this.timer?.clear();
-    this.timer = null;
+    this.timer.clear();
     for (const { socket } of this.sockets.values()) socket.destroy();
     await this.server?.close();
   }
