@@ -5,7 +5,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { NbdClient } from '../src/net/client.js';
-import { CLI, killAll, rmDir, run, startCliServer, tmpDir } from './helpers.js';
+import { CLI, killAll, rmDir, ROOT, run, startCliServer, tmpDir } from './helpers.js';
 
 const dir = tmpDir();
 afterAll(async () => {
@@ -65,6 +65,20 @@ describe('colo-blk CLI', () => {
       const r = await cli([...args]);
       expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(2);
       expect(r.stderr).toMatch(msg);
+    }
+  });
+
+  it("the developers' tools (fuzz runner, connection flood) answer --help and refuse an unknown option with exit 2", async () => {
+    for (const tool of [path.join('tools', 'fuzz', 'run.mjs'), path.join('tools', 'loris.mjs')]) {
+      const script = path.join(ROOT, tool);
+      const help = await run(process.execPath, [script, '--help'], { timeoutMs: 20_000 });
+      expect(help.code, `${tool} --help: ${help.stderr}`).toBe(0);
+      expect(help.stdout).toMatch(/^usage: /);
+      const bad = await run(process.execPath, [script, '--frobnicate'], { timeoutMs: 20_000 });
+      expect(bad.code, tool).toBe(2);
+      expect(bad.stderr).toMatch(/Unknown option '--frobnicate'/);
+      expect(bad.stderr).toMatch(/usage: /);
+      expect(bad.stderr, 'no stack trace').not.toMatch(/\n\s+at /);
     }
   });
 

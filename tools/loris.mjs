@@ -16,20 +16,46 @@
 import net from 'node:net';
 import { parseArgs } from 'node:util';
 
-const { values: o } = parseArgs({
-  options: {
-    host: { type: 'string', default: '127.0.0.1' },
-    port: { type: 'string' },
-    count: { type: 'string', default: '10000' },
-    from: { type: 'string' },
-    mode: { type: 'string', default: 'slow' },
-    'drip-ms': { type: 'string', default: '1000' },
-    batch: { type: 'string', default: '500' },
-    duration: { type: 'string', default: '0' },
-    'settle-ms': { type: 'string', default: '30000' },
-    json: { type: 'boolean', default: false },
-  },
-});
+const usage = `usage: node tools/loris.mjs --port PORT [options]
+
+  --host H         the server (default 127.0.0.1)
+  --port P         its NBD port (required)
+  --count N        connections to open (default 10000)
+  --from ADDR      the source address to connect from (e.g. 127.0.0.2)
+  --mode M         idle (read the greeting, say nothing) or slow (drip a handshake; default)
+  --drip-ms MS     a slow connection's byte every MS (default 1000)
+  --batch N        connections opened at a time (default 500)
+  --duration MS    stop after MS milliseconds (default 0: on SIGINT/SIGTERM)
+  --settle-ms MS   longest wait for every connection's answer before "ready" (default 30000)
+  --json           JSON lines instead of text`;
+
+function parse() {
+  try {
+    return parseArgs({
+      options: {
+        help: { type: 'boolean', short: 'h', default: false },
+        host: { type: 'string', default: '127.0.0.1' },
+        port: { type: 'string' },
+        count: { type: 'string', default: '10000' },
+        from: { type: 'string' },
+        mode: { type: 'string', default: 'slow' },
+        'drip-ms': { type: 'string', default: '1000' },
+        batch: { type: 'string', default: '500' },
+        duration: { type: 'string', default: '0' },
+        'settle-ms': { type: 'string', default: '30000' },
+        json: { type: 'boolean', default: false },
+      },
+    }).values;
+  } catch (err) {
+    process.stderr.write(`loris: ${err.message}\n\n${usage}\n`);
+    process.exit(2);
+  }
+}
+const o = parse();
+if (o.help) {
+  process.stdout.write(`${usage}\n`);
+  process.exit(0);
+}
 
 function fail(msg) {
   process.stderr.write(`loris: ${msg}\n`);

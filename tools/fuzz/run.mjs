@@ -18,15 +18,36 @@ import { jazzerEnv } from './jazzer-compat.mjs';
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const TARGETS = ['nbd-server', 'link-frames'];
 
-const { values: o } = parseArgs({
-  options: {
-    target: { type: 'string', default: 'all' },
-    seconds: { type: 'string', default: '60' },
-    seed: { type: 'string', default: '0' },
-    keep: { type: 'string' },
-    json: { type: 'boolean', default: false },
-  },
-});
+const usage = `usage: npm run fuzz -- [options]
+
+  --target T     nbd-server, link-frames or all (default all)
+  --seconds N    how long each target runs (default 60)
+  --seed S       libFuzzer's seed, to repeat a run (default 0: libFuzzer picks one)
+  --keep DIR     keep the grown corpora in DIR/<target>
+  --json         one JSON line per target instead of text
+
+Exits 1 on a crash (its reproducer is kept and named), 2 on a usage error.`;
+
+let o;
+try {
+  ({ values: o } = parseArgs({
+    options: {
+      target: { type: 'string', default: 'all' },
+      seconds: { type: 'string', default: '60' },
+      seed: { type: 'string', default: '0' },
+      keep: { type: 'string' },
+      json: { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+  }));
+} catch (err) {
+  process.stderr.write(`fuzz: ${err.message}\n\n${usage}\n`);
+  process.exit(2);
+}
+if (o.help) {
+  process.stdout.write(`${usage}\n`);
+  process.exit(0);
+}
 const targets = o.target === 'all' ? TARGETS : [o.target];
 const seconds = Number(o.seconds);
 if (!targets.every((t) => TARGETS.includes(t))) {
