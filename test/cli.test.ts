@@ -68,8 +68,12 @@ describe('colo-blk CLI', () => {
     }
   });
 
-  it("the developers' tools (fuzz runner, connection flood) answer --help and refuse an unknown option with exit 2", async () => {
-    for (const tool of [path.join('tools', 'fuzz', 'run.mjs'), path.join('tools', 'loris.mjs')]) {
+  it("the developers' tools (fuzz runner, connection flood, guest builder) answer --help and refuse an unknown option with exit 2", async () => {
+    for (const tool of [
+      path.join('tools', 'fuzz', 'run.mjs'),
+      path.join('tools', 'loris.mjs'),
+      path.join('tools', 'vm', 'build-guest.mjs'),
+    ]) {
       const script = path.join(ROOT, tool);
       const help = await run(process.execPath, [script, '--help'], { timeoutMs: 20_000 });
       expect(help.code, `${tool} --help: ${help.stderr}`).toBe(0);

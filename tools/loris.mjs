@@ -14,7 +14,7 @@
 // (closed by the server before a greeting), dropped (closed after one),
 // failed (could not connect).
 import net from 'node:net';
-import { parseArgs } from 'node:util';
+import { toolArgs } from './cli-args.mjs';
 
 const usage = `usage: node tools/loris.mjs --port PORT [options]
 
@@ -29,33 +29,18 @@ const usage = `usage: node tools/loris.mjs --port PORT [options]
   --settle-ms MS   longest wait for every connection's answer before "ready" (default 30000)
   --json           JSON lines instead of text`;
 
-function parse() {
-  try {
-    return parseArgs({
-      options: {
-        help: { type: 'boolean', short: 'h', default: false },
-        host: { type: 'string', default: '127.0.0.1' },
-        port: { type: 'string' },
-        count: { type: 'string', default: '10000' },
-        from: { type: 'string' },
-        mode: { type: 'string', default: 'slow' },
-        'drip-ms': { type: 'string', default: '1000' },
-        batch: { type: 'string', default: '500' },
-        duration: { type: 'string', default: '0' },
-        'settle-ms': { type: 'string', default: '30000' },
-        json: { type: 'boolean', default: false },
-      },
-    }).values;
-  } catch (err) {
-    process.stderr.write(`loris: ${err.message}\n\n${usage}\n`);
-    process.exit(2);
-  }
-}
-const o = parse();
-if (o.help) {
-  process.stdout.write(`${usage}\n`);
-  process.exit(0);
-}
+const o = toolArgs('loris', usage, {
+  host: { type: 'string', default: '127.0.0.1' },
+  port: { type: 'string' },
+  count: { type: 'string', default: '10000' },
+  from: { type: 'string' },
+  mode: { type: 'string', default: 'slow' },
+  'drip-ms': { type: 'string', default: '1000' },
+  batch: { type: 'string', default: '500' },
+  duration: { type: 'string', default: '0' },
+  'settle-ms': { type: 'string', default: '30000' },
+  json: { type: 'boolean', default: false },
+});
 
 function fail(msg) {
   process.stderr.write(`loris: ${msg}\n`);

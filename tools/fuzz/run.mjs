@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
+import { toolArgs } from '../cli-args.mjs';
 import { jazzerEnv } from './jazzer-compat.mjs';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -28,26 +28,13 @@ const usage = `usage: npm run fuzz -- [options]
 
 Exits 1 on a crash (its reproducer is kept and named), 2 on a usage error.`;
 
-let o;
-try {
-  ({ values: o } = parseArgs({
-    options: {
-      target: { type: 'string', default: 'all' },
-      seconds: { type: 'string', default: '60' },
-      seed: { type: 'string', default: '0' },
-      keep: { type: 'string' },
-      json: { type: 'boolean', default: false },
-      help: { type: 'boolean', short: 'h', default: false },
-    },
-  }));
-} catch (err) {
-  process.stderr.write(`fuzz: ${err.message}\n\n${usage}\n`);
-  process.exit(2);
-}
-if (o.help) {
-  process.stdout.write(`${usage}\n`);
-  process.exit(0);
-}
+const o = toolArgs('fuzz', usage, {
+  target: { type: 'string', default: 'all' },
+  seconds: { type: 'string', default: '60' },
+  seed: { type: 'string', default: '0' },
+  keep: { type: 'string' },
+  json: { type: 'boolean', default: false },
+});
 const targets = o.target === 'all' ? TARGETS : [o.target];
 const seconds = Number(o.seconds);
 if (!targets.every((t) => TARGETS.includes(t))) {

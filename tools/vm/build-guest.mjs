@@ -24,11 +24,16 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
+import { toolArgs } from '../cli-args.mjs';
 
-const { values: o } = parseArgs({
-  options: { out: { type: 'string' }, json: { type: 'boolean', default: false } },
-});
+const o = toolArgs(
+  'build-guest',
+  `usage: node tools/vm/build-guest.mjs [--out DIR] [--json]
+
+  --out DIR   where the guest goes (default $COLO_BLK_GUEST_DIR, else ~/.cache/colo-blk/guest)
+  --json      one JSON line with what was built, instead of progress on stderr`,
+  { out: { type: 'string' }, json: { type: 'boolean', default: false } },
+);
 const out = path.resolve(
   o.out ?? process.env.COLO_BLK_GUEST_DIR ?? path.join(os.homedir(), '.cache', 'colo-blk', 'guest'),
 );
