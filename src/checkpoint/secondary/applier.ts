@@ -24,6 +24,7 @@
  */
 import { crashArmed, crashPoint } from '../../crash.js';
 import { limits } from '../../limits.js';
+import type { Extent } from '../format/extent-map.js';
 import type { Layer } from '../format/layers.js';
 import type { StoreImage } from './store.js';
 
@@ -111,7 +112,7 @@ export class Applier {
     // frames (in image order a batch held every other frame of a random-write epoch, and
     // read them one pread each).
     const extents = [...layer.index.extents()];
-    const data = extents.filter((x) => x.kind === 'data').sort((a, b) => a.pos - b.pos);
+    const data = inJournalOrder(extents.filter((x) => x.kind === 'data'));
     const rest = extents.filter((x) => x.kind !== 'data');
     const total = extents.reduce((a, x) => a + (x.end - x.start), 0);
     let done = 0;
@@ -197,4 +198,28 @@ export class Applier {
       }
     }
   }
+}
+
+/**
+ * Data extents sorted by journal position (ties keep their order). The sort
+ * is of numbers, not of objects through a comparator: each key is the
+ * position scaled by a power of two ≥ the count, plus the extent's index, so
+ * a typed array's own numeric sort orders them and the low bits say which
+ * extent each key is. Where a key would pass 2^53 (a journal beyond 2^53 /
+ * count bytes) it is the comparator sort. (That sort of a random-write
+ * epoch's few thousand extents was 3 % of the secondary's CPU.)
+ */
+export function inJournalOrder(xs: Extent[]): Extent[] {
+  const n = xs.length;
+  if (n < 2) return xs;
+  let maxPos = 0;
+  for (let i = 0; i < n; i++) if (xs[i].pos > maxPos) maxPos = xs[i].pos;
+  const scale = 2 ** Math.ceil(Math.log2(n));
+  if ((maxPos + 1) * scale > Number.MAX_SAFE_INTEGER) return xs.sort((a, b) => a.pos - b.pos);
+  const keys = new Float64Array(n);
+  for (let i = 0; i < n; i++) keys[i] = xs[i].pos * scale + i;
+  keys.sort();
+  const out = new Array<Extent>(n);
+  for (let i = 0; i < n; i++) out[i] = xs[keys[i] % scale];
+  return out;
 }
