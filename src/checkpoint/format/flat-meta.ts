@@ -82,6 +82,10 @@ export function packFlat(meta: object): Buffer | null {
   return scratch.subarray(0, p);
 }
 
+/** The keys and values of the map being unpacked (a map of more entries is left to msgpackr). */
+const KEYS: string[] = new Array<string>(64).fill('');
+const VALS: unknown[] = new Array<unknown>(64).fill(0);
+
 /** The fixstr of `len` ASCII bytes at `p`, or undefined if a byte is not ASCII. */
 function readStr(b: Buffer, p: number, len: number): string | undefined {
   let s = '';
@@ -111,7 +115,7 @@ export function unpackFlat(b: Buffer, start: number, end: number): Record<string
     n = h & 0x0f;
     p += 1;
   } else return undefined;
-  const out: Record<string, unknown> = {};
+  if (n > KEYS.length) return undefined;
   for (let i = 0; i < n; i++) {
     if (p >= end) return undefined;
     const kh = b[p];
@@ -152,7 +156,15 @@ export function unpackFlat(b: Buffer, start: number, end: number): Record<string
       v = b.readDoubleBE(p + 1);
       p += 9;
     } else return undefined;
-    out[key] = v;
+    KEYS[i] = key;
+    VALS[i] = v;
   }
-  return p === end ? out : undefined;
+  if (p !== end) return undefined;
+  // A write record, the frame of nearly every 4 KiB write: made as a literal, of one shape from
+  // its creation. (Stored key by key, the stores went megamorphic: 2 % of a secondary's CPU.)
+  if (n === 4 && KEYS[0] === 't' && KEYS[1] === 'o' && KEYS[2] === 'e' && KEYS[3] === 's')
+    return { t: VALS[0], o: VALS[1], e: VALS[2], s: VALS[3] };
+  const out: Record<string, unknown> = {};
+  for (let i = 0; i < n; i++) out[KEYS[i]] = VALS[i];
+  return out;
 }
