@@ -1,4 +1,5 @@
 /** Creating the benchmark's image files. */
+import { Buffer } from 'node:buffer';
 import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
 

@@ -17,6 +17,7 @@
  * one CPU with taskset, as if they were another host, the primary side to
  * the other; wrk is not pinned.
  */
+import process from 'node:process';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';

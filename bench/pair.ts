@@ -3,6 +3,7 @@
  * real processes (the CLI, `--json`), each stopped by its own PID. Used by the
  * `colo-blk-replicated` server and by the checkpoint and memory scenarios.
  */
+import process from 'node:process';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';

@@ -6,6 +6,8 @@
  * Every process is addressed by its own PID; nothing here signals by name or
  * process group.
  */
+import { Buffer } from 'node:buffer';
+import process from 'node:process';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';

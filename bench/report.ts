@@ -2,6 +2,7 @@
  * Turning results into text: the machine description, the tables printed to
  * stdout, and docs/BENCHMARKS.md (whose Analysis section is kept across runs).
  */
+import process from 'node:process';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';

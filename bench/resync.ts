@@ -9,6 +9,8 @@
  *              disks (hashes only)
  *   recovery — `colo-blk recover` on a secondary killed while applying 1 GiB
  */
+import { Buffer } from 'node:buffer';
+import process from 'node:process';
 import { createHash, randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';

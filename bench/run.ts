@@ -10,6 +10,7 @@
  * scenarios.ts; this file only crosses the lists, records failures as results
  * and writes the report.
  */
+import process from 'node:process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';

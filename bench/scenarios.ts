@@ -10,6 +10,8 @@
  *   resync, recovery — in resync.ts
  *   loop-modes, loop-scale, loop-checkpoint, loop-failover — the COLO loop, in loop.ts
  */
+import { Buffer } from 'node:buffer';
+import process from 'node:process';
 import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';

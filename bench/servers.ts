@@ -3,6 +3,7 @@
  * 127.0.0.1:port; run.ts starts them one at a time and verifies each with
  * nbdinfo before measuring.
  */
+import process from 'node:process';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';

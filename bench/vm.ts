@@ -4,6 +4,7 @@
  * guest dirtying memory, and failover from the kill of the primary side to
  * the guest running (and answering) on the standby.
  */
+import process from 'node:process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';

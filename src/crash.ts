@@ -8,6 +8,7 @@
  * closed list: a misspelt one is refused when armed, so it cannot silently
  * never fire.
  */
+import process from 'node:process';
 import { ColoError } from './errors.js';
 
 export const CRASH_POINTS = [

@@ -19,6 +19,7 @@
  *   mirror suite (test/mirror.test.ts), which checks that every mutating NBD
  *   command (net/protocol.ts COMMANDS) is replicated.
  */
+import { Buffer } from 'node:buffer';
 import { internal } from '../errors.js';
 
 export type Support = 'none' | 'emulate' | 'native';

@@ -20,6 +20,8 @@
  *   SEEK_DATA / SEEK_HOLE — all through the optional native helpers, with
  *   portable fallbacks when the addon or the filesystem lacks them.
  */
+import { Buffer } from 'node:buffer';
+import { performance } from 'node:perf_hooks';
 import fs from 'node:fs';
 import { ColoError, toColoError } from '../errors.js';
 import { limits } from '../limits.js';

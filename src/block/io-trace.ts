@@ -24,6 +24,7 @@
  *   some module kept after tracing stopped records nothing.
  * - Test-only seam: nothing in the service depends on it.
  */
+import { Buffer } from 'node:buffer';
 import fs from 'node:fs';
 
 export type IoEvent =

@@ -8,6 +8,7 @@
  * a memory device has no durability to offer, and says so by being 'native'
  * (the operation completes with its full meaning, which is "nothing to do").
  */
+import { Buffer } from 'node:buffer';
 import { ColoError } from '../errors.js';
 import { limits } from '../limits.js';
 import {

@@ -4,6 +4,7 @@
  * missing, `native` is null and the file device falls back to portable code:
  * trims become no-ops (allowed by NBD), zeroes are written, every byte is data.
  */
+import process from 'node:process';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';

@@ -15,6 +15,7 @@
  * - `/metrics` may be left open for a scraper (`--metrics-open`); nothing
  *   else is.
  */
+import { Buffer } from 'node:buffer';
 import { timingSafeEqual } from 'node:crypto';
 import fs from 'node:fs';
 import { ColoError } from '../errors.js';

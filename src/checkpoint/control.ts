@@ -7,6 +7,7 @@
  * from the error code, so a script can tell a usage error from a failed
  * checkpoint from an unreachable peer.
  */
+import { Buffer } from 'node:buffer';
 import http from 'node:http';
 import type net from 'node:net';
 import { ColoError, toColoError, type ErrorCode } from '../errors.js';

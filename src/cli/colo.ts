@@ -1,4 +1,5 @@
 /** `colo-blk colo`: the comparer and the checkpoint coordinator (src/checkpoint/coordinator/). */
+import process from 'node:process';
 import { ColoError } from '../errors.js';
 import {
   verdict,

@@ -1,4 +1,5 @@
 /** `colo-blk guest`: the stand-in VM (src/guest/). */
+import process from 'node:process';
 import { ColoError } from '../errors.js';
 import { GuestNode } from '../guest/node.js';
 import { parseHostPort } from '../util/address.js';

@@ -1,3 +1,4 @@
+import process from 'node:process';
 import type { Logger } from '../net/server.js';
 
 export type LogLevel = 'quiet' | 'info' | 'debug';

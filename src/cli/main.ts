@@ -3,6 +3,7 @@
  * wires them to commander and turns errors into messages and exit codes
  * (0 ok, 1 operation failed, 2 usage, 3 cannot connect).
  */
+import process from 'node:process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';

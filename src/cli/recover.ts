@@ -10,6 +10,7 @@
  * cut; epochs the secondary had not acknowledged are listed.
  * Running it twice equals running it once: the second run finds nothing to do.
  */
+import process from 'node:process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ColoError, toColoError } from '../errors.js';

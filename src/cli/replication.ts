@@ -2,6 +2,8 @@
  * CLI commands of the replication pair: `primary`, `secondary`, `checkpoint`,
  * `status` and `inspect`. Every command that reports has --json.
  */
+import { performance } from 'node:perf_hooks';
+import process from 'node:process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ClassicLevel } from 'classic-level';

@@ -1,4 +1,5 @@
 /** `colo-blk serve`: a plain NBD server (no replication). */
+import process from 'node:process';
 import { ColoError } from '../errors.js';
 import type { IoMode } from '../block/file.js';
 import { NbdServer } from '../net/server.js';

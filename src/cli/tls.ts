@@ -2,6 +2,7 @@
  * TLS on the command line: the NBD port's flags (modelled on qemu-nbd and
  * nbdkit), the replication link's, and `colo-blk tls-psk` to make a PSK file.
  */
+import process from 'node:process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { Option, type Command } from 'commander';

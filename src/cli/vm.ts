@@ -3,6 +3,7 @@
  * real QEMU VM (src/checkpoint/qemu/agent.ts), as the coordinator drives it
  * (`colo-blk colo --mode remus --pvm-control … --svm-control …`).
  */
+import process from 'node:process';
 import path from 'node:path';
 import { ControlServer } from '../checkpoint/control.js';
 import { QemuAgent } from '../checkpoint/qemu/agent.js';

@@ -11,6 +11,7 @@
  * or 411 and the connection closed): chunked request bodies, HTTP/0.9,
  * header blocks over 16 KiB, bodies over the guest's maximum.
  */
+import { Buffer } from 'node:buffer';
 
 export interface HttpRequest {
   method: string;

@@ -23,6 +23,7 @@
  *   global operation counter (different when concurrent requests are taken in
  *   another order); `--jitter` delays answers by a random few milliseconds.
  */
+import { Buffer } from 'node:buffer';
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { toColoError } from '../errors.js';

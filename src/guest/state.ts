@@ -19,6 +19,7 @@
  *   generator so both sides decide alike, then made of real time and
  *   randomness).
  */
+import { Buffer } from 'node:buffer';
 import { createHash, randomBytes } from 'node:crypto';
 import { crc32 } from 'node:zlib';
 import { ColoError } from '../errors.js';

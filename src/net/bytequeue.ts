@@ -7,6 +7,8 @@
  * arrives in many chunks is therefore assembled with one copy, never by
  * repeated concatenation.
  */
+import { Buffer } from 'node:buffer';
+
 export class ByteQueue {
   private chunks: Buffer[] = [];
   private head = 0; // read position in chunks[0]

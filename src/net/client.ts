@@ -12,6 +12,7 @@
  * - A server error becomes an NbdRequestError carrying the NBD errno and its
  *   name, plus the server's message when it sent one.
  */
+import { Buffer } from 'node:buffer';
 import net from 'node:net';
 import tls from 'node:tls';
 import { ColoError, nbdErrnoName } from '../errors.js';

@@ -13,6 +13,7 @@
  * - Encoders that sit on the request path write into caller-provided buffers
  *   (`write*Header`), so a READ reply is one allocation: header + data.
  */
+import { Buffer } from 'node:buffer';
 import {
   EXTENDED_REPLY_HEADER_BYTES,
   EXTENDED_REPLY_MAGIC,

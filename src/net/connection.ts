@@ -18,6 +18,7 @@
  *   writev; the socket is uncorked from setImmediate, which runs right after
  *   the I/O poll phase, so batching adds no timer latency.
  */
+import { Buffer } from 'node:buffer';
 import type net from 'node:net';
 import tls from 'node:tls';
 import { nbdErrnoName, nbdErrnoOf, NbdErrno, toColoError } from '../errors.js';

@@ -24,6 +24,8 @@
  * in between was, for the client, concurrent with its read (the read had not
  * completed), and NBD orders no overlapping requests in flight.
  */
+import { Buffer } from 'node:buffer';
+import process from 'node:process';
 import fs from 'node:fs';
 import type net from 'node:net';
 import type { BlockDevice } from '../block/device.js';

@@ -21,6 +21,7 @@
  * - Only buffers this pool made are taken back, each once (a second give of
  *   the same buffer is ignored), so no two requests ever share one.
  */
+import { Buffer } from 'node:buffer';
 import { KiB, MiB } from '../limits.js';
 
 const UNIT = 64 * KiB;

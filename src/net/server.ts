@@ -21,6 +21,8 @@
  * - `close()` stops accepting, lets in-flight requests finish (answering new
  *   ones with ESHUTDOWN), then drops what is left after a grace period.
  */
+import { Buffer } from 'node:buffer';
+import { performance } from 'node:perf_hooks';
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import tls from 'node:tls';

@@ -12,6 +12,7 @@
  * - Turn-of-the-event-loop deferral (setImmediate) is not here: with no real
  *   I/O and no real timers, its order is already deterministic.
  */
+import { performance } from 'node:perf_hooks';
 import { randomBytes } from 'node:crypto';
 
 export interface TimerHandle {

@@ -31,6 +31,8 @@
  * is resumed and read the usual way. TLS sockets are never re-homed: TLS
  * reads its own socket's handle.
  */
+import { Buffer } from 'node:buffer';
+import process from 'node:process';
 import net from 'node:net';
 import tls from 'node:tls';
 

@@ -16,6 +16,7 @@
  * - Disk images are block devices (block/file.ts), not files of this
  *   interface: they have their own I/O paths (thread pool, fallocate).
  */
+import { Buffer } from 'node:buffer';
 import fs from 'node:fs';
 import nodePath from 'node:path';
 import { ioTracer } from '../block/io-trace.js';

@@ -42,6 +42,7 @@
  *   unprotected (the PVM's output passes through), and a pairing is tried
  *   again when it answers.
  */
+import { performance } from 'node:perf_hooks';
 import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { ColoError, toColoError } from '../../errors.js';

@@ -14,6 +14,7 @@
  * makes `packFlat` return null and `unpackFlat` undefined: the caller then
  * uses msgpackr, which also gives the errors for malformed metadata.
  */
+import { Buffer } from 'node:buffer';
 
 /** One-character strings by code, so a decoded key is not a new string each time. */
 const CHARS = Array.from({ length: 128 }, (_, i) => String.fromCharCode(i));

@@ -21,6 +21,7 @@
  *   null; bad magic, a CRC mismatch or an oversized length throws FrameError
  *   (on the link: drop the connection; on disk: a torn tail or corruption).
  */
+import { Buffer } from 'node:buffer';
 import { crc32 } from 'node:zlib';
 import { Packr } from 'msgpackr';
 import { native } from '../../block/native.js';

@@ -2,6 +2,7 @@
  * Pending write sets, as an operator reads them: per epoch, its records as
  * logged (offset, length, checksum) and merged (the final state of each range).
  */
+import { Buffer } from 'node:buffer';
 import { crc32 } from 'node:zlib';
 import { ExtentMap } from './extent-map.js';
 import { scanJournal, type JournalBounds } from './journal.js';

@@ -32,6 +32,7 @@
  *   its own, or anything after its last, ends the scan (`leftover`), and a
  *   damaged frame is corruption only if a frame of its own follows it.
  */
+import { Buffer } from 'node:buffer';
 import { crashPoint } from '../../crash.js';
 import { ColoError, toColoError } from '../../errors.js';
 import { readFully, type Storage, type StorageFile } from '../../sys/storage.js';

@@ -18,6 +18,7 @@
  * A chunk goes back to the pool when its epoch is dropped and no socket
  * write queued from it is still waiting (ResendMemory's references).
  */
+import { Buffer } from 'node:buffer';
 import { encodeFrame, encodeFrameInto, FRAME_HEADER_BYTES } from './frame.js';
 import { JournalWriter, type AppendResult } from './journal.js';
 import type { Storage, StorageFile } from '../../sys/storage.js';

@@ -17,6 +17,7 @@
  * - Every decision (when to connect, beats and loss, what a hello or an
  *   error means, waits and their timeouts) is the core's.
  */
+import { Buffer } from 'node:buffer';
 import { EventEmitter } from 'node:events';
 import { ColoError } from '../../errors.js';
 import type { Generation } from '../../failover/history.js';

@@ -4,6 +4,7 @@
  * (messages.ts) and hands them in order to an async handler (the socket is
  * paused while one is handled), and a writer for small control frames.
  */
+import { Buffer } from 'node:buffer';
 import type net from 'node:net';
 import { ByteQueue } from '../../net/bytequeue.js';
 import type { ReplyBuffers } from '../../net/reply-buffers.js';

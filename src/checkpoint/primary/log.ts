@@ -22,6 +22,7 @@
  *   `budgetBytes`, the log stops holding data, and the peer is marked out of
  *   sync (a resync is then required; checkpoints fail until it is done).
  */
+import { Buffer } from 'node:buffer';
 import path from 'node:path';
 import { internal } from '../../errors.js';
 import { defaultTunables } from '../../limits.js';

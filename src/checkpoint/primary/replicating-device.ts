@@ -18,6 +18,7 @@
  * - `seal()` writes the seal marker and opens epoch N+1 at once; mutations
  *   still running are logged in N+1 (none of them was acknowledged yet).
  */
+import { Buffer } from 'node:buffer';
 import { ColoError } from '../../errors.js';
 import {
   assertRange,

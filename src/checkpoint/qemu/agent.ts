@@ -20,6 +20,8 @@
  * says so in /status (`standby: true`), and the coordinator pairs it in
  * remus mode only, holding the PVM's output until each commit.
  */
+import { Buffer } from 'node:buffer';
+import { performance } from 'node:perf_hooks';
 import crypto from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';

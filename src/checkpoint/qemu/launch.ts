@@ -4,6 +4,8 @@
  * standby's committed RAM image, `-incoming defer` so that it waits for the
  * committed device state, and a QMP socket of ours.
  */
+import { performance } from 'node:perf_hooks';
+import process from 'node:process';
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import { ColoError } from '../../errors.js';

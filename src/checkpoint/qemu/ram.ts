@@ -27,6 +27,8 @@
  *   find the pages without comparing them, but needs CONFIG_MEM_SOFT_DIRTY,
  *   which this machine's kernel lacks; the compare works everywhere.
  */
+import { Buffer } from 'node:buffer';
+import { performance } from 'node:perf_hooks';
 import fs from 'node:fs';
 import os from 'node:os';
 import { native } from '../../block/native.js';

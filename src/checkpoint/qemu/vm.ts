@@ -14,6 +14,8 @@
  * image as its memory-backend-file and `-incoming defer` is given the device
  * state by `migrate-incoming` and continued.
  */
+import { Buffer } from 'node:buffer';
+import { performance } from 'node:perf_hooks';
 import fs from 'node:fs';
 import net from 'node:net';
 import { ColoError } from '../../errors.js';

@@ -12,6 +12,7 @@
  * The sender passes the pages as views of its checkpoint copy (no copy is
  * made); the receiver checks every length and bound before it keeps anything.
  */
+import { Buffer } from 'node:buffer';
 import { pack, unpack } from 'msgpackr';
 import { ColoError } from '../../errors.js';
 import { PAGE_BYTES } from './ram.js';

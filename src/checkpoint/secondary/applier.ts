@@ -22,6 +22,7 @@
  * - A failure stops the applier (the store reports it); close interrupts it
  *   between chunks.
  */
+import { Buffer } from 'node:buffer';
 import { crashArmed, crashPoint } from '../../crash.js';
 import { limits } from '../../limits.js';
 import type { Extent } from '../format/extent-map.js';

@@ -33,6 +33,8 @@
  *   costs more than the hash. A pool of size 0 hashes everything inline (the
  *   simulator's: worker threads would make its runs depend on real time).
  */
+import { Buffer } from 'node:buffer';
+import process from 'node:process';
 import { createHash } from 'node:crypto';
 import { createRequire } from 'node:module';
 import os from 'node:os';

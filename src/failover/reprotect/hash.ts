@@ -12,6 +12,7 @@
  * compare at the speed of their extent maps, and a block of any size works,
  * which lets the resync ask for one hash of a whole gigabyte of hole.
  */
+import { Buffer } from 'node:buffer';
 import fs from 'node:fs';
 import { ExtentFlag, type BlockDevice, type FileRange } from '../../block/device.js';
 import type { Range } from '../activity.js';

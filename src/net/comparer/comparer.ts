@@ -13,6 +13,7 @@
  * all of the PVM's output until the next checkpoint; `none` passes the
  * PVM's output through (the baseline, on the same code path).
  */
+import { performance } from 'node:perf_hooks';
 import net from 'node:net';
 import { ColoError } from '../../errors.js';
 import type { Logger } from '../server.js';

@@ -4,6 +4,8 @@
  * chunks are kept as they came (Node never reuses them) from `start` to
  * `end`; the comparer drops what it has released or discarded.
  */
+import { Buffer } from 'node:buffer';
+
 export class StreamBuffer {
   private chunks: Buffer[] = [];
   /** Read offset in chunks[0]. */

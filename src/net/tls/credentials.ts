@@ -21,6 +21,7 @@
  * - TLS 1.2 is the floor; TLS 1.3 is preferred, PSK included. For a TLS 1.2
  *   peer, PSK is offered with ephemeral (EC)DHE suites first, then plain PSK.
  */
+import { Buffer } from 'node:buffer';
 import fs from 'node:fs';
 import path from 'node:path';
 import type tls from 'node:tls';
