@@ -31,6 +31,7 @@
  *   count, CRC32 of header and bitmap) and the bitmap. A torn write breaks
  *   one slot's CRC; the other slot is the previous durable state.
  */
+import { Buffer } from 'node:buffer';
 import { crashPoint } from '../crash.js';
 import { defaultTunables } from '../limits.js';
 import type { Storage, StorageFile } from '../sys/storage.js';
@@ -107,18 +108,16 @@ class SparseBitmap {
   private static readonly PAGE_BITS = 1 << 15;
   private readonly pages = new Map<number, Uint8Array>();
   constructor(readonly bits: number) {}
-  get(i: number): boolean {
-    const page = this.pages.get(Math.floor(i / SparseBitmap.PAGE_BITS));
-    if (!page) return false;
-    const j = i % SparseBitmap.PAGE_BITS;
-    return (page[j >> 3] & (1 << (j & 7))) !== 0;
-  }
-  set(i: number): void {
+  /** Set bit `i`; true if it was clear (one lookup of its page: this runs on every write). */
+  add(i: number): boolean {
     const k = Math.floor(i / SparseBitmap.PAGE_BITS);
     let page = this.pages.get(k);
     if (!page) this.pages.set(k, (page = new Uint8Array(SparseBitmap.PAGE_BITS / 8)));
     const j = i % SparseBitmap.PAGE_BITS;
-    page[j >> 3] |= 1 << (j & 7);
+    const bit = 1 << (j & 7);
+    if (page[j >> 3] & bit) return false;
+    page[j >> 3] |= bit;
+    return true;
   }
   clearAll(): void {
     this.pages.clear();
@@ -277,12 +276,10 @@ export class ActivityLog {
     if (length <= 0) return false;
     const b0 = Math.floor(offset / this.blockBytes);
     const b1 = Math.ceil((offset + length) / this.blockBytes);
-    for (let b = b0; b < b1; b++)
-      if (!this.exact.get(b)) {
-        this.exact.set(b);
-        this.exactCount++;
-      }
-    const [x0, x1] = this.extentRange(offset, length);
+    for (let b = b0; b < b1; b++) if (this.exact.add(b)) this.exactCount++;
+    // The extents, as extentRange gives them, without its array: this runs on every write.
+    const x0 = Math.floor(offset / this.extentBytes);
+    const x1 = Math.ceil((offset + length) / this.extentBytes);
     let needSync = false;
     for (let x = x0; x < x1; x++) {
       if (this.lastEpoch[x] < epoch) this.lastEpoch[x] = epoch;
