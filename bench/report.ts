@@ -59,6 +59,11 @@ export interface OverheadRow {
   replicated: number | null;
   plain: number | null;
   ratio: number | null;
+  /**
+   * The ratio of each pass (the pair's run ÷ the baseline's run of the same pass over the servers), when
+   * both ran every pass: the spread of the machine between the two, which the best-of ratio hides.
+   */
+  passRatios?: number[];
   /** Why there is no ratio, when there is none. */
   missing?: string;
   /** Set when replication broke during the workload: the figure is not that of a replicating pair. */
@@ -162,6 +167,8 @@ export function replicationOverhead(
         plain: b?.ok ? b.value : null,
         ratio: a?.ok && b?.ok ? a.value / b.value : null,
       };
+      const passes = passRatios(a, b);
+      if (passes) row.passRatios = passes;
       const problem = replicationProblem(a);
       if (problem) row.problem = problem;
       const t = a?.ok ? (a.detail?.server as Record<string, unknown> | undefined) : undefined;
@@ -173,6 +180,21 @@ export function replicationOverhead(
           : `${plain}: ${b ? (b as { error: string }).error : 'not run'}`;
       return row;
     });
+}
+
+/** Pass by pass, a's run ÷ b's (higher is better); null unless both have a figure for every pass, and more than one. */
+export function passRatios(a: Outcome | undefined, b: Outcome | undefined): number[] | null {
+  const ra = a?.ok ? a.detail?.runs : undefined;
+  const rb = b?.ok ? b.detail?.runs : undefined;
+  if (!Array.isArray(ra) || !Array.isArray(rb) || ra.length !== rb.length || ra.length < 2) return null;
+  const out: number[] = [];
+  for (let i = 0; i < ra.length; i++) {
+    const x: unknown = ra[i];
+    const y: unknown = rb[i];
+    if (typeof x !== 'number' || typeof y !== 'number' || y <= 0) return null;
+    out.push(x / y);
+  }
+  return out;
 }
 
 /** CPU-seconds per GiB of one process during a workload: its CPU tally ÷ (fio's byte rate × the tally's wall time). */
@@ -233,6 +255,7 @@ export function overheadTargets(rows: OverheadRow[], relay?: RelayCeiling): Targ
           row.ratio === null
             ? null
             : formatRatio(row.ratio) +
+              (row.passRatios ? ` (pass by pass: ${row.passRatios.map(formatRatio).join(', ')})` : '') +
               (row.problem ? ` but replication broke: ${row.problem}` : '') +
               (relayed ? `; a C relay here: ${formatRatio(relayed.ratio)}` : ''),
         pass: overheadPass(row),
@@ -408,6 +431,7 @@ export function textTables(r: BenchResult): string {
             ? `not measured (${row.missing})`
             : `${formatValue(row.replicated!, row.unit)} ÷ ${formatValue(row.plain!, row.unit)} ${row.unit} = ` +
               `${formatRatio(row.ratio)}   ${verdict(overheadPass(row))}` +
+              (row.passRatios ? `  (pass by pass: ${row.passRatios.map(formatRatio).join(', ')})` : '') +
               (row.problem ? `  (replication broke: ${row.problem})` : '')),
       );
     out.push('');
@@ -583,7 +607,7 @@ export function markdownReport(r: BenchResult, analysis: string | null): string 
           'Unit',
           'Replicated',
           'Alone',
-          'Ratio',
+          'Ratio (pass by pass)',
           'CPU s/GiB: primary, secondary (alone)',
           'Verdict',
         ],
@@ -594,7 +618,10 @@ export function markdownReport(r: BenchResult, analysis: string | null): string 
           row.unit,
           row.replicated === null ? '—' : formatValue(row.replicated, row.unit),
           row.plain === null ? '—' : formatValue(row.plain, row.unit),
-          row.ratio === null ? `— (${row.missing})` : formatRatio(row.ratio),
+          row.ratio === null
+            ? `— (${row.missing})`
+            : formatRatio(row.ratio) +
+              (row.passRatios ? ` (${row.passRatios.map(formatRatio).join(', ')})` : ''),
           row.cpuPerGiB
             ? [row.cpuPerGiB.primary, row.cpuPerGiB.secondary]
                 .map((x) => (x === null ? '?' : x.toFixed(2)))
