@@ -215,7 +215,8 @@ export function inJournalOrder(xs: Extent[]): Extent[] {
   if (n < 2) return xs;
   let maxPos = 0;
   for (let i = 0; i < n; i++) if (xs[i].pos > maxPos) maxPos = xs[i].pos;
-  const scale = 2 ** Math.ceil(Math.log2(n));
+  let scale = 1;
+  while (scale < n) scale *= 2;
   if ((maxPos + 1) * scale > Number.MAX_SAFE_INTEGER) return xs.sort((a, b) => a.pos - b.pos);
   const keys = new Float64Array(n);
   for (let i = 0; i < n; i++) keys[i] = xs[i].pos * scale + i;
