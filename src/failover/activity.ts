@@ -254,17 +254,20 @@ export class ActivityLog {
     }
   }
 
-  private extentRange(offset: number, length: number): [number, number] {
-    return [
-      Math.floor(offset / this.extentBytes),
-      Math.ceil((offset + Math.max(length, 1)) / this.extentBytes),
-    ];
+  /** The first extent of a range starting at `offset`. (Two numbers, not a pair: this runs on every write.) */
+  private firstExtent(offset: number): number {
+    return Math.floor(offset / this.extentBytes);
+  }
+
+  /** The extent after the last one of the range (an empty range counts as one byte). */
+  private endExtent(offset: number, length: number): number {
+    return Math.ceil((offset + Math.max(length, 1)) / this.extentBytes);
   }
 
   /** Whether every extent of the range is hot on disk already (a write there needs no sync first). */
   hotOnDisk(offset: number, length: number): boolean {
-    const [x0, x1] = this.extentRange(offset, length);
-    for (let x = x0; x < x1; x++) if (!this.durable.get(x)) return false;
+    for (let x = this.firstExtent(offset), x1 = this.endExtent(offset, length); x < x1; x++)
+      if (!this.durable.get(x)) return false;
     return true;
   }
 
@@ -277,11 +280,8 @@ export class ActivityLog {
     const b0 = Math.floor(offset / this.blockBytes);
     const b1 = Math.ceil((offset + length) / this.blockBytes);
     for (let b = b0; b < b1; b++) if (this.exact.add(b)) this.exactCount++;
-    // The extents, as extentRange gives them, without its array: this runs on every write.
-    const x0 = Math.floor(offset / this.extentBytes);
-    const x1 = Math.ceil((offset + length) / this.extentBytes);
     let needSync = false;
-    for (let x = x0; x < x1; x++) {
+    for (let x = this.firstExtent(offset), x1 = this.endExtent(offset, length); x < x1; x++) {
       if (this.lastEpoch[x] < epoch) this.lastEpoch[x] = epoch;
       if (!this.hot.get(x)) {
         this.hot.set(x);
@@ -297,8 +297,7 @@ export class ActivityLog {
    * whatever is committed meanwhile, until `release`.
    */
   hold(offset: number, length: number): void {
-    const [x0, x1] = this.extentRange(offset, length);
-    for (let x = x0; x < x1; x++) this.busy[x]++;
+    for (let x = this.firstExtent(offset), x1 = this.endExtent(offset, length); x < x1; x++) this.busy[x]++;
   }
 
   /**
@@ -306,8 +305,7 @@ export class ActivityLog {
    * than `epoch`: its extents cool once that epoch is committed.
    */
   release(offset: number, length: number, epoch: number): void {
-    const [x0, x1] = this.extentRange(offset, length);
-    for (let x = x0; x < x1; x++) {
+    for (let x = this.firstExtent(offset), x1 = this.endExtent(offset, length); x < x1; x++) {
       this.busy[x]--;
       if (this.lastEpoch[x] < epoch) this.lastEpoch[x] = epoch;
     }
