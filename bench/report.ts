@@ -255,7 +255,7 @@ export function overheadTargets(rows: OverheadRow[], relay?: RelayCeiling): Targ
           row.ratio === null
             ? null
             : formatRatio(row.ratio) +
-              (row.passRatios ? ` (pass by pass: ${row.passRatios.map(formatRatio).join(', ')})` : '') +
+              (row.passRatios ? ` (pass by pass: ${passesText(row.passRatios)})` : '') +
               (row.problem ? ` but replication broke: ${row.problem}` : '') +
               (relayed ? `; a C relay here: ${formatRatio(relayed.ratio)}` : ''),
         pass: overheadPass(row),
@@ -389,6 +389,9 @@ export function formatValue(value: number, unit: Unit): string {
 
 export const formatRatio = (r: number) => `${r.toFixed(2)}×`;
 
+/** Each pass's ratio, in pass order. */
+const passesText = (ratios: number[]) => ratios.map(formatRatio).join(', ');
+
 function failureText(o: Outcome, max: number): string {
   if (o.ok) return '';
   const text = `failed: ${o.error}`;
@@ -431,7 +434,7 @@ export function textTables(r: BenchResult): string {
             ? `not measured (${row.missing})`
             : `${formatValue(row.replicated!, row.unit)} ÷ ${formatValue(row.plain!, row.unit)} ${row.unit} = ` +
               `${formatRatio(row.ratio)}   ${verdict(overheadPass(row))}` +
-              (row.passRatios ? `  (pass by pass: ${row.passRatios.map(formatRatio).join(', ')})` : '') +
+              (row.passRatios ? `  (pass by pass: ${passesText(row.passRatios)})` : '') +
               (row.problem ? `  (replication broke: ${row.problem})` : '')),
       );
     out.push('');
@@ -620,8 +623,7 @@ export function markdownReport(r: BenchResult, analysis: string | null): string 
           row.plain === null ? '—' : formatValue(row.plain, row.unit),
           row.ratio === null
             ? `— (${row.missing})`
-            : formatRatio(row.ratio) +
-              (row.passRatios ? ` (${row.passRatios.map(formatRatio).join(', ')})` : ''),
+            : formatRatio(row.ratio) + (row.passRatios ? ` (${passesText(row.passRatios)})` : ''),
           row.cpuPerGiB
             ? [row.cpuPerGiB.primary, row.cpuPerGiB.secondary]
                 .map((x) => (x === null ? '?' : x.toFixed(2)))
